@@ -1,6 +1,6 @@
 module vtpm
 
-go 1.26
+go 1.26.0
 
 require (
 	github.com/google/go-tpm v0.9.8 // indirect
