@@ -1,4 +1,36 @@
-// Command vtpm is a virtual TPM 2.0 for virtual machines.
+// Command vtpm is a virtual TPM 2.0 for virtual machines. Invoked as "swtpm"
+// it is a drop-in for swtpm's socket interface.
 package main
 
-func main() {}
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/spf13/cobra"
+)
+
+// version is set at build time with -ldflags "-X main.version=…".
+var version = "dev"
+
+func main() {
+	if filepath.Base(os.Args[0]) == "swtpm" {
+		os.Exit(runSwtpm(os.Args[1:], os.Stdout, os.Stderr))
+	}
+	if err := rootCmd().Execute(); err != nil {
+		fmt.Fprintln(os.Stderr, "vtpm:", err)
+		os.Exit(1)
+	}
+}
+
+func rootCmd() *cobra.Command {
+	root := &cobra.Command{
+		Use:           "vtpm",
+		Short:         "A virtual TPM 2.0 for virtual machines",
+		Version:       version,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.AddCommand(swtpmCmd())
+	return root
+}

@@ -1,0 +1,235 @@
+package instance
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/user"
+	"strconv"
+	"syscall"
+
+	"vtpm/internal/swtpm"
+)
+
+// listen creates the listening sockets before privileges are dropped.
+func (in *Instance) listen() error {
+	var err error
+	if c := in.cfg.Ctrl; c != nil && c.ClientFD < 0 {
+		if in.ctrlLn, err = in.listenEndpoint("--ctrl", c); err != nil {
+			return err
+		}
+	}
+	// --server type=tcp,fd=N is an already connected socket (swtpm_setup
+	// passes a socketpair end); only the other forms listen.
+	if s := in.cfg.Server; s != nil && !(s.Type == "tcp" && s.FD >= 0) {
+		if in.dataLn, err = in.listenEndpoint("--server", s); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (in *Instance) listenEndpoint(opt string, e *swtpm.Endpoint) (net.Listener, error) {
+	if e.FD >= 0 {
+		ln, err := net.FileListener(os.NewFile(uintptr(e.FD), opt))
+		if err != nil {
+			return nil, fmt.Errorf("%s fd=%d is not a listening socket: %w", opt, e.FD, err)
+		}
+		return ln, nil
+	}
+	if e.Type == "tcp" {
+		addr := net.JoinHostPort(e.BindAddr, strconv.Itoa(e.Port))
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			return nil, fmt.Errorf("%s: listen on %s: %w", opt, addr, err)
+		}
+		return ln, nil
+	}
+	os.Remove(e.Path) // swtpm unlinks a stale socket before bind
+	ln, err := net.Listen("unix", e.Path)
+	if err != nil {
+		return nil, fmt.Errorf("%s: listen on %s: %w", opt, e.Path, err)
+	}
+	ln.(*net.UnixListener).SetUnlinkOnClose(false)
+	in.unlink = append(in.unlink, e.Path)
+	if err := os.Chmod(e.Path, e.Mode); err != nil {
+		return nil, fmt.Errorf("%s: chmod %s: %w", opt, e.Path, err)
+	}
+	if e.UID >= 0 || e.GID >= 0 {
+		if err := os.Chown(e.Path, e.UID, e.GID); err != nil {
+			return nil, fmt.Errorf("%s: chown %s: %w", opt, e.Path, err)
+		}
+	}
+	return ln, nil
+}
+
+func fdConn(fd int, what string) (net.Conn, error) {
+	f := os.NewFile(uintptr(fd), what)
+	c, err := net.FileConn(f)
+	f.Close() // FileConn dups the descriptor
+	if err != nil {
+		return nil, fmt.Errorf("%s fd=%d is not a connected socket: %w", what, fd, err)
+	}
+	return c, nil
+}
+
+func (in *Instance) startCtrl() error {
+	c := in.cfg.Ctrl
+	if c.ClientFD >= 0 {
+		conn, err := fdConn(c.ClientFD, "--ctrl clientfd")
+		if err != nil {
+			return err
+		}
+		go func() {
+			in.serveCtrl(conn)
+			// The one client that will ever exist has gone.
+			in.finish(nil)
+		}()
+		return nil
+	}
+	go func() {
+		for {
+			conn, err := in.ctrlLn.Accept()
+			if err != nil {
+				select {
+				case <-in.done:
+				default:
+					in.finish(fmt.Errorf("control channel: %w", err))
+				}
+				return
+			}
+			// One client at a time, as swtpm: the next waits in the backlog.
+			in.serveCtrl(conn)
+		}
+	}()
+	return nil
+}
+
+func (in *Instance) startData() error {
+	switch {
+	case in.cfg.DataFD >= 0:
+		conn, err := fdConn(in.cfg.DataFD, "--fd")
+		if err != nil {
+			return err
+		}
+		in.setData(conn)
+		go in.serveData(conn, false, true)
+	case in.cfg.Server != nil && in.dataLn == nil: // tcp,fd=N: connected
+		conn, err := fdConn(in.cfg.Server.FD, "--server fd")
+		if err != nil {
+			return err
+		}
+		in.setData(conn)
+		go in.serveData(conn, in.cfg.Server.Disconnect, true)
+	case in.dataLn != nil:
+		go func() {
+			for {
+				conn, err := in.dataLn.Accept()
+				if err != nil {
+					select {
+					case <-in.done:
+					default:
+						in.finish(fmt.Errorf("data channel: %w", err))
+					}
+					return
+				}
+				in.setData(conn)
+				in.serveData(conn, in.cfg.Server.Disconnect, in.cfg.Terminate)
+			}
+		}()
+	}
+	return nil
+}
+
+func (in *Instance) setData(c net.Conn) {
+	in.mu.Lock()
+	in.dataConn = c
+	in.mu.Unlock()
+}
+
+// serveData answers TPM commands on one data connection until it closes.
+func (in *Instance) serveData(conn net.Conn, disconnect, terminate bool) {
+	defer func() {
+		conn.Close()
+		in.mu.Lock()
+		if in.dataConn == conn {
+			in.dataConn = nil
+		}
+		in.mu.Unlock()
+		if terminate {
+			in.log.Info("data connection closed; terminating")
+			in.finish(nil)
+		}
+	}()
+	r := swtpm.NewDataReader(conn)
+	for {
+		req, err := r.Read()
+		if err != nil {
+			if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
+				in.log.Debug("data channel read", "err", err)
+			}
+			return
+		}
+		rsp := in.process(req)
+		if req.Prefixed {
+			rsp = swtpm.WrapResponse(rsp)
+		}
+		if _, err := conn.Write(rsp); err != nil {
+			in.log.Debug("data channel write", "err", err)
+			return
+		}
+		if disconnect {
+			return
+		}
+	}
+}
+
+// serveCtrl answers control commands from one client until it disconnects.
+func (in *Instance) serveCtrl(nc net.Conn) {
+	c := swtpm.NewConn(nc)
+	defer c.Close()
+	for {
+		req, err := c.ReadRequest()
+		if err != nil {
+			if !errors.Is(err, io.EOF) {
+				in.log.Debug("control channel read", "err", err)
+			}
+			return
+		}
+		rsp, after := in.handleCtrl(req)
+		if err := c.Write(rsp); err != nil {
+			in.log.Debug("control channel write", "err", err)
+			return
+		}
+		if after != nil {
+			after()
+		}
+		if req.Drop {
+			return
+		}
+	}
+}
+
+// dropPrivileges switches to user (name or uid) after the sockets exist.
+func dropPrivileges(name string) error {
+	u, err := user.Lookup(name)
+	if err != nil {
+		if u, err = user.LookupId(name); err != nil {
+			return fmt.Errorf("--runas %s: no such user", name)
+		}
+	}
+	uid, _ := strconv.Atoi(u.Uid)
+	gid, _ := strconv.Atoi(u.Gid)
+	if err := syscall.Setgroups([]int{gid}); err != nil {
+		return fmt.Errorf("--runas %s: setgroups: %w (run as root to change user)", name, err)
+	}
+	if err := syscall.Setgid(gid); err != nil {
+		return fmt.Errorf("--runas %s: setgid: %w", name, err)
+	}
+	if err := syscall.Setuid(uid); err != nil {
+		return fmt.Errorf("--runas %s: setuid: %w", name, err)
+	}
+	return nil
+}
