@@ -38,7 +38,7 @@ func lockDir(dir string, mode os.FileMode) (*dirLock, error) {
 	defer lockedMu.Unlock()
 	if st, err := os.Stat(path); err == nil {
 		if locked[idOf(st)] {
-			return nil, fmt.Errorf("%w: state directory %s is already open in this process", ErrLocked, dir)
+			return nil, errf(ErrLocked, "state directory %s is already open in this process", dir)
 		}
 	}
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW, mode)
@@ -54,7 +54,7 @@ func lockDir(dir string, mode os.FileMode) (*dirLock, error) {
 			if syscall.FcntlFlock(f.Fd(), syscall.F_GETLK, &probe) == nil && probe.Type != syscall.F_UNLCK && probe.Pid > 0 {
 				who = fmt.Sprintf(" (pid %d)", probe.Pid)
 			}
-			return nil, fmt.Errorf("%w: state directory %s is in use by another TPM process%s; stop it first", ErrLocked, dir, who)
+			return nil, errf(ErrLocked, "state directory %s is in use by another TPM process%s; stop it first", dir, who)
 		}
 		return nil, fmt.Errorf("lock %s: %w", path, err)
 	}
