@@ -20,6 +20,7 @@ type memStorage struct {
 	loads   map[string]int
 	stores  map[string]int
 	loadErr map[string]error // injected Load failures
+	initErr error            // injected Init failure
 	panicOn string           // name whose Load panics
 }
 
@@ -32,7 +33,7 @@ func newMemStorage() *memStorage {
 	}
 }
 
-func (m *memStorage) Init() error { return nil }
+func (m *memStorage) Init() error { return m.initErr }
 
 func (m *memStorage) Load(name string) ([]byte, error) {
 	m.mu.Lock()
@@ -532,6 +533,90 @@ func TestLoadFailureFailsInit(t *testing.T) {
 			// Unreadable state must never be replaced by a fresh TPM.
 			if _, stores := s.counts("permall"); stores != 0 {
 				t.Errorf("permall stored %d times after a failed load", stores)
+			}
+			tpm.Close()
+		})
+	}
+}
+
+func TestStorageInitFailureFailsInit(t *testing.T) {
+	s := newMemStorage()
+	s.initErr = fmt.Errorf("locking state: %w", ResultIOError)
+	tpm := openTPM(t, s)
+	if err := tpm.Init(); !errors.Is(err, ResultIOError) {
+		t.Errorf("Init: err = %v, want ResultIOError", err)
+	}
+}
+
+func TestGetStateWhileStoppedReadsStorage(t *testing.T) {
+	s := newMemStorage()
+	tpm := openTPM(t, s)
+	if _, err := tpm.GetState(Permanent); !errors.Is(err, ResultRetry) {
+		t.Errorf("GetState with nothing stored: err = %v, want ResultRetry", err)
+	}
+	if err := tpm.Init(); err != nil {
+		t.Fatalf("Init: %v", err)
+	}
+	startup(t, tpm)
+	tpm.Terminate()
+	got, err := tpm.GetState(Permanent)
+	if err != nil {
+		t.Fatalf("GetState(Permanent) while stopped: %v", err)
+	}
+	if want := s.blob("permall"); !bytes.Equal(got, want) {
+		t.Errorf("GetState(Permanent) = %d bytes, want the stored %d bytes", len(got), len(want))
+	}
+}
+
+// withNVIndex returns a permanent state blob holding one NV index.
+func withNVIndex(t *testing.T, index tpm2.TPMHandle) []byte {
+	t.Helper()
+	tpm := startTPM(t, newMemStorage())
+	if _, err := nvIndexDef(index, 4).Execute(tpm); err != nil {
+		t.Fatalf("TPM2_NV_DefineSpace: %v", err)
+	}
+	perm, err := tpm.GetState(Permanent)
+	if err != nil {
+		t.Fatalf("GetState(Permanent): %v", err)
+	}
+	tpm.Close()
+	return perm
+}
+
+func TestClearingCachedStateManufacturesFresh(t *testing.T) {
+	const index = tpm2.TPMHandle(0x01500002)
+	perm := withNVIndex(t, index)
+	for _, tc := range []struct {
+		name  string
+		clear func(*TPM) *TPM
+	}{
+		{"SetState nil", func(tpm *TPM) *TPM {
+			if err := tpm.SetState(Permanent, nil); err != nil {
+				t.Fatalf("SetState(Permanent, nil): %v", err)
+			}
+			return tpm
+		}},
+		{"Close", func(tpm *TPM) *TPM {
+			tpm.Close()
+			return openTPM(t, newMemStorage())
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := newMemStorage()
+			tpm := openTPM(t, s)
+			if err := tpm.SetState(Permanent, perm); err != nil {
+				t.Fatalf("SetState(Permanent): %v", err)
+			}
+			tpm = tc.clear(tpm)
+			if err := tpm.Init(); err != nil {
+				t.Fatalf("Init: %v", err)
+			}
+			startup(t, tpm)
+			if _, err := (tpm2.NVReadPublic{NVIndex: index}).Execute(tpm); err == nil {
+				t.Error("NV index from the dropped blob exists: the cached state was used")
+			}
+			if _, err := (tpm2.GetRandom{BytesRequested: 4}).Execute(tpm); err != nil {
+				t.Errorf("fresh TPM does not work: %v", err)
 			}
 			tpm.Close()
 		})
