@@ -1,0 +1,39 @@
+GO ?= go
+BIN := bin
+
+.PHONY: all build test vet fuzz demo bench clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN)/vtpm ./cmd/vtpm
+	ln -sf vtpm $(BIN)/swtpm
+
+vet:
+	$(GO) vet ./...
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt: files above need formatting"; exit 1; }
+
+# The whole suite: unit, compatibility (swtpm_ioctl, tpm2-tools, real swtpm),
+# QEMU guests, crash and tamper tests, then each fuzz target briefly.
+test: vet
+	$(GO) test -count=1 -timeout 30m ./...
+	$(MAKE) fuzz FUZZTIME=15s
+
+FUZZTIME ?= 30s
+fuzz:
+	@set -e; grep -rl --include='*_test.go' '^func Fuzz' . | while read -r f; do \
+		pkg=./$$(dirname $$f | sed 's|^\./||'); \
+		for fn in $$(grep -o '^func Fuzz[A-Za-z0-9_]*' $$f | sed 's/^func //'); do \
+			echo "fuzz $$pkg $$fn ($(FUZZTIME))"; \
+			$(GO) test -run='^$$' -fuzz="^$$fn$$" -fuzztime=$(FUZZTIME) $$pkg; \
+		done; \
+	done
+
+demo: build
+	./scripts/demo.sh
+
+bench: build
+	$(GO) run ./cmd/vtpm-bench
+
+clean:
+	rm -rf $(BIN)
