@@ -363,14 +363,24 @@ func (s *Store) prepareWrite(name string, data []byte) ([]writeStep, uint64, err
 	tmp, prevTmp := cur+tmpExt, prev+tmpExt
 	steps := []writeStep{{"write temporary file", func() error { return writeSynced(tmp, sealed, s.mode) }}}
 	if rotate {
+		linked := false
 		steps = append(steps,
 			writeStep{"link current copy as previous", func() error {
 				if err := os.Remove(prevTmp); err != nil && !errors.Is(err, fs.ErrNotExist) {
 					return err
 				}
+				if _, err := os.Lstat(cur); errors.Is(err, fs.ErrNotExist) {
+					return nil // removed behind our back: nothing to keep
+				}
+				linked = true
 				return linkOrCopy(cur, prevTmp, s.mode)
 			}},
-			writeStep{"replace previous copy", func() error { return os.Rename(prevTmp, prev) }},
+			writeStep{"replace previous copy", func() error {
+				if !linked {
+					return nil
+				}
+				return os.Rename(prevTmp, prev)
+			}},
 		)
 	}
 	steps = append(steps,

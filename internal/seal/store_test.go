@@ -509,8 +509,12 @@ func TestCrashDuringWrite(t *testing.T) {
 					renamed = renamed || st.what == "replace current copy"
 					assertVerifiableCopy(t, e.dir, s)
 				}
-				// The crash: the process dies here, without recording the generation.
+				// The crash: the process dies here, without recording the
+				// generation, possibly with a torn temporary file.
 				s.Close()
+				if b, err := os.ReadFile(cur + ".tmp"); err == nil {
+					os.WriteFile(cur+".tmp", b[:len(b)/2], 0o600)
+				}
 
 				want := tt.wantBefore
 				if renamed {
@@ -600,6 +604,22 @@ func TestClosedStore(t *testing.T) {
 	}
 	if err := s.Store("permall", []byte("x")); err == nil {
 		t.Error("Store on a closed store succeeded")
+	}
+}
+
+func TestStoreAfterCurrentRemoved(t *testing.T) {
+	e := newEnv(t)
+	s := e.open(t, nil)
+	mustStore(t, s, "savestate", "one")
+	mustStore(t, s, "savestate", "two")
+	os.Remove(filepath.Join(e.dir, "savestate.sealed"))
+	mustStore(t, s, "savestate", "three")
+	if got, err := s.Load("savestate"); err != nil || string(got) != "three" {
+		t.Fatalf("Load = %q, %v; want \"three\"", got, err)
+	}
+	prev, _ := os.ReadFile(filepath.Join(e.dir, "savestate.sealed.prev"))
+	if p, _, err := Unseal(testKey, s.UUID(), "savestate", prev); err != nil || string(p) != "one" {
+		t.Errorf("previous copy = %q, %v; want \"one\" kept", p, err)
 	}
 }
 
