@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -63,11 +64,14 @@ func freePort(t *testing.T) int {
 func startSwtpm(t *testing.T, dir string, initTPM bool, extra ...string) *realSwtpm {
 	t.Helper()
 	s := &realSwtpm{dir: dir, port: freePort(t), done: make(chan error, 1), log: &bytes.Buffer{}}
-	args := []string{"socket", "--tpm2",
-		"--tpmstate", "dir=" + dir,
-		"--ctrl", "type=unixio,path=" + s.ctrl(),
-		"--server", "type=tcp,bindaddr=127.0.0.1,port=" + strconv.Itoa(s.port),
+	args := []string{"socket", "--tpm2"}
+	if !slices.Contains(extra, "--tpmstate") {
+		args = append(args, "--tpmstate", "dir="+dir)
 	}
+	args = append(args,
+		"--ctrl", "type=unixio,path="+s.ctrl(),
+		"--server", "type=tcp,bindaddr=127.0.0.1,port="+strconv.Itoa(s.port),
+	)
 	if initTPM {
 		args = append(args, "--flags", "not-need-init,startup-clear")
 	}
