@@ -1,0 +1,395 @@
+package keystore
+
+import (
+	"bytes"
+	"crypto/aes"
+	"crypto/cipher"
+	"crypto/hkdf"
+	"crypto/rand"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+)
+
+// Sentinel errors. The errors returned by this package wrap one of them
+// (match with errors.Is) and carry a message naming the cause and the fix.
+var (
+	// ErrCorrupt: a record or the master key file is damaged or does not
+	// decrypt under this keystore's master key.
+	ErrCorrupt = errors.New("keystore is corrupt")
+	// ErrHostTPMChanged: the master key is sealed to a TPM other than the
+	// one reachable now (the host TPM was cleared or replaced).
+	ErrHostTPMChanged = errors.New("host TPM changed")
+	// ErrHostTPMMissing: the master key is sealed to a host TPM (or a TPM
+	// was explicitly configured) and no TPM is reachable.
+	ErrHostTPMMissing = errors.New("host TPM missing")
+	// ErrPermission: the keystore (or the host TPM) cannot be accessed, or
+	// the keystore directory is accessible to other users.
+	ErrPermission = errors.New("keystore permission problem")
+)
+
+// Error is the detailed error type of this package. It matches its
+// sentinel and, when there is one, the underlying cause with errors.Is.
+type Error struct {
+	Msg   string
+	Kind  error // one of the sentinels
+	Cause error // may be nil
+}
+
+func (e *Error) Error() string { return e.Msg }
+
+// Unwrap returns the sentinel and the cause.
+func (e *Error) Unwrap() []error {
+	if e.Cause == nil {
+		return []error{e.Kind}
+	}
+	return []error{e.Kind, e.Cause}
+}
+
+func errf(kind, cause error, format string, args ...any) error {
+	return &Error{Msg: fmt.Sprintf(format, args...), Kind: kind, Cause: cause}
+}
+
+// Options configures Open.
+type Options struct {
+	// HostTPM selects the master key's protection when the keystore is
+	// created: "" = auto (/dev/tpmrm0 if it opens, else file), "none" =
+	// file, "device:/dev/tpmrm0", "tcp:127.0.0.1:2321" (a swtpm-style raw
+	// TPM command port). When an existing keystore is sealed to a TPM, ""
+	// means the TPM it was sealed through. The CLI reads it from
+	// $VTPM_HOST_TPM; this package does not.
+	HostTPM string
+	// Logger receives creation notices and warnings; nil means slog.Default().
+	Logger *slog.Logger
+}
+
+// Protection says how the master key is protected.
+type Protection struct {
+	Kind   string // "tpm" or "file"
+	Detail string // human-readable, for `vtpm doctor`
+}
+
+const (
+	masterKeyLen  = 32
+	masterFile    = "master.key"
+	masterTPMFile = "master.tpm"
+	lockFile      = ".lock"
+	genKind       = "generations"
+
+	recMagic   = "VTKS"
+	recVersion = 1
+	recHeader  = 5
+	nonceLen   = 12
+	recLabel   = "vtpm keystore record v1"
+)
+
+var (
+	kindRE = regexp.MustCompile(`^[a-z][a-z0-9-]{0,63}$`)
+	nameRE = regexp.MustCompile(`^[A-Za-z0-9_@+-][A-Za-z0-9._@+-]{0,199}$`)
+	// geteuid is a seam for tests that check ownership as another user.
+	geteuid = os.Geteuid
+)
+
+// Keystore is an open keystore. Its methods are safe for concurrent use,
+// and several processes may open the same keystore at once.
+type Keystore struct {
+	dir  string
+	aead cipher.AEAD
+	prot Protection
+	log  *slog.Logger
+
+	mu     sync.Mutex // serialises writers in this process; guards lock, closed
+	lock   *os.File   // dir/.lock, opened on first write
+	closed bool
+}
+
+// Open opens the keystore in dir (normally <data root>/keystore), creating
+// it with mode 0700 and a fresh master key on first use.
+func Open(dir string, opts Options) (*Keystore, error) {
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	dir = filepath.Clean(dir)
+	if err := prepareDir(dir); err != nil {
+		return nil, err
+	}
+	master, prot, err := loadMaster(dir, opts, log)
+	if errors.Is(err, fs.ErrNotExist) {
+		master, prot, err = createMaster(dir, opts, log)
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer clear(master)
+	aead, err := recordAEAD(master)
+	if err != nil {
+		return nil, err
+	}
+	return &Keystore{dir: dir, aead: aead, prot: prot, log: log}, nil
+}
+
+// prepareDir creates dir (0700) if needed and refuses one that is not a
+// private directory of the current user.
+func prepareDir(dir string) error {
+	st, err := os.Lstat(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		if err := os.MkdirAll(filepath.Dir(dir), 0o700); err != nil {
+			return permOr(err, "create the data root %s for the keystore: %v; create it (mode 0700) or set VTPM_HOME to a writable directory", filepath.Dir(dir), err)
+		}
+		if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+			return permOr(err, "create keystore directory %s: %v; make %s writable by this user, or set VTPM_HOME to a writable directory", dir, err, filepath.Dir(dir))
+		}
+		if err := syncDir(filepath.Dir(dir)); err != nil {
+			return err
+		}
+		st, err = os.Lstat(dir)
+	}
+	if err != nil {
+		return permOr(err, "inspect keystore directory %s: %v; run vtpm as the user owning it (usually root: sudo), or set VTPM_HOME to your own data root", dir, err)
+	}
+	if st.Mode()&fs.ModeSymlink != 0 || !st.IsDir() {
+		return errf(ErrPermission, nil, "keystore %s is not a directory (%s); move it aside so vtpm can create the keystore, or restore the directory from backup", dir, st.Mode().Type())
+	}
+	if s, ok := st.Sys().(*syscall.Stat_t); ok && int(s.Uid) != geteuid() {
+		return errf(ErrPermission, nil, "keystore directory %s is owned by uid %d, but vtpm runs as uid %d; run vtpm as that user (for a root-owned keystore: sudo), or set VTPM_HOME to your own data root", dir, s.Uid, geteuid())
+	}
+	if perm := st.Mode().Perm(); perm&0o077 != 0 {
+		return errf(ErrPermission, nil, "keystore directory %s has mode %04o, so other users can reach the keys in it; run `chmod 700 %s` (and check nobody copied its files)", dir, perm, dir)
+	}
+	return nil
+}
+
+// permOr classifies an OS error as ErrPermission when it is one.
+func permOr(err error, format string, args ...any) error {
+	kind := error(ErrPermission)
+	if !errors.Is(err, fs.ErrPermission) {
+		kind = errGeneric
+	}
+	return errf(kind, err, format, args...)
+}
+
+// errGeneric marks I/O failures that are neither permissions nor
+// corruption (disk full, I/O error).
+var errGeneric = errors.New("keystore I/O error")
+
+func recordAEAD(master []byte) (cipher.AEAD, error) {
+	key, err := hkdf.Key(sha256.New, master, nil, recLabel, 32)
+	if err != nil {
+		return nil, fmt.Errorf("derive keystore record key: %w", err)
+	}
+	defer clear(key)
+	block, err := aes.NewCipher(key)
+	if err != nil {
+		return nil, fmt.Errorf("create AES cipher: %w", err)
+	}
+	return cipher.NewGCM(block)
+}
+
+// Protection reports how the master key is protected.
+func (k *Keystore) Protection() Protection { return k.prot }
+
+// Dir returns the keystore directory.
+func (k *Keystore) Dir() string { return k.dir }
+
+func checkKindName(kind, name string) error {
+	if !kindRE.MatchString(kind) {
+		return fmt.Errorf("keystore record kind %q is invalid: use 1-64 characters a-z, 0-9 and '-', starting with a letter", kind)
+	}
+	if !nameRE.MatchString(name) {
+		return fmt.Errorf("keystore record name %q is invalid: use 1-200 characters A-Z, a-z, 0-9 and ._@+- , not starting with '.'", name)
+	}
+	return nil
+}
+
+func (k *Keystore) path(kind, name string) string {
+	return filepath.Join(k.dir, kind, name)
+}
+
+func additionalData(kind, name string) []byte {
+	ad := make([]byte, 0, recHeader+len(kind)+1+len(name))
+	ad = append(ad, recMagic...)
+	ad = append(ad, recVersion)
+	ad = append(ad, kind...)
+	ad = append(ad, 0)
+	return append(ad, name...)
+}
+
+func (k *Keystore) seal(kind, name string, data []byte) ([]byte, error) {
+	out := make([]byte, recHeader+nonceLen, recHeader+nonceLen+len(data)+k.aead.Overhead())
+	copy(out, recMagic)
+	out[4] = recVersion
+	if _, err := rand.Read(out[recHeader:]); err != nil {
+		return nil, fmt.Errorf("generate nonce: %w", err)
+	}
+	return k.aead.Seal(out, out[recHeader:], data, additionalData(kind, name)), nil
+}
+
+func (k *Keystore) open(kind, name string, file []byte) ([]byte, error) {
+	p := k.path(kind, name)
+	fix := "restore it from backup, or delete it and re-create what it held"
+	if kind == "guardian" || strings.HasPrefix(kind, "guardian") {
+		fix = "restore it from backup, or delete it and recover the guardian from an export with `vtpm guardian import`"
+	}
+	switch {
+	case len(file) < recHeader+nonceLen+k.aead.Overhead():
+		return nil, errf(ErrCorrupt, nil, "keystore record %s is truncated (%d bytes); %s", p, len(file), fix)
+	case string(file[:4]) != recMagic:
+		return nil, errf(ErrCorrupt, nil, "keystore record %s is not a keystore record (bad magic %q); %s", p, file[:4], fix)
+	case file[4] != recVersion:
+		return nil, errf(ErrCorrupt, nil, "keystore record %s has unsupported format version %d (this vtpm reads version %d); use a newer vtpm, or %s", p, file[4], recVersion, fix)
+	}
+	nonce := file[recHeader : recHeader+nonceLen]
+	data, err := k.aead.Open(nil, nonce, file[recHeader+nonceLen:], additionalData(kind, name))
+	if err != nil {
+		return nil, errf(ErrCorrupt, nil, "keystore record %s does not decrypt (it was modified, renamed, or written under another master key); %s", p, fix)
+	}
+	return data, nil
+}
+
+// Put stores data as record kind/name, replacing any previous one. The
+// write is crash-safe: readers see the old or the new record, never a mix.
+func (k *Keystore) Put(kind, name string, data []byte) error {
+	if err := checkKindName(kind, name); err != nil {
+		return err
+	}
+	return k.withLock(func() error { return k.put(kind, name, data) })
+}
+
+// put writes a record; the caller holds the lock.
+func (k *Keystore) put(kind, name string, data []byte) error {
+	file, err := k.seal(kind, name, data)
+	if err != nil {
+		return err
+	}
+	kdir := filepath.Join(k.dir, kind)
+	if err := os.Mkdir(kdir, 0o700); err == nil {
+		if err := syncDir(k.dir); err != nil {
+			return err
+		}
+	} else if !errors.Is(err, fs.ErrExist) {
+		return permOr(err, "create keystore directory %s: %v; check the owner and mode of %s (it must be 0700 and owned by this user)", kdir, err, k.dir)
+	}
+	if err := writeFileAtomic(kdir, name, file); err != nil {
+		return fmt.Errorf("store keystore record %s/%s: %w", kind, name, err)
+	}
+	return nil
+}
+
+// Get returns record kind/name. An absent record gives an error wrapping
+// fs.ErrNotExist; one that fails to decrypt gives ErrCorrupt naming the file.
+func (k *Keystore) Get(kind, name string) ([]byte, error) {
+	if err := checkKindName(kind, name); err != nil {
+		return nil, err
+	}
+	p := k.path(kind, name)
+	file, err := readFileNoFollow(p)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("keystore has no %s record %q (%s): %w", kind, name, p, fs.ErrNotExist)
+	}
+	if err != nil {
+		return nil, permOr(err, "read keystore record %s: %v; run vtpm as the keystore's owner (usually root), and check the file is mode 0600", p, err)
+	}
+	return k.open(kind, name, file)
+}
+
+// Delete removes record kind/name. An absent record gives an error
+// wrapping fs.ErrNotExist.
+func (k *Keystore) Delete(kind, name string) error {
+	if err := checkKindName(kind, name); err != nil {
+		return err
+	}
+	return k.withLock(func() error {
+		p := k.path(kind, name)
+		if err := os.Remove(p); err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return fmt.Errorf("keystore has no %s record %q (%s): %w", kind, name, p, fs.ErrNotExist)
+			}
+			return permOr(err, "delete keystore record %s: %v; run vtpm as the keystore's owner (usually root)", p, err)
+		}
+		return syncDir(filepath.Dir(p))
+	})
+}
+
+// List returns the names of the records of a kind, sorted. A kind with no
+// records gives an empty list.
+func (k *Keystore) List(kind string) ([]string, error) {
+	if !kindRE.MatchString(kind) {
+		return nil, checkKindName(kind, "x")
+	}
+	kdir := filepath.Join(k.dir, kind)
+	ents, err := os.ReadDir(kdir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, permOr(err, "list keystore directory %s: %v; run vtpm as the keystore's owner (usually root)", kdir, err)
+	}
+	var names []string
+	for _, e := range ents {
+		if e.Type().IsRegular() && nameRE.MatchString(e.Name()) {
+			names = append(names, e.Name())
+		}
+	}
+	slices.Sort(names)
+	return names, nil
+}
+
+// Close releases the keystore's lock file. The Keystore must not be used
+// afterwards.
+func (k *Keystore) Close() error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.closed = true
+	if k.lock == nil {
+		return nil
+	}
+	err := k.lock.Close()
+	k.lock = nil
+	return err
+}
+
+var errClosed = errors.New("keystore is closed")
+
+// withLock runs fn holding the in-process mutex and the cross-process flock.
+func (k *Keystore) withLock(fn func() error) error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.closed {
+		return errClosed
+	}
+	if k.lock == nil {
+		f, err := openLock(k.dir)
+		if err != nil {
+			return err
+		}
+		k.lock = f
+	}
+	if err := flock(k.lock, k.dir); err != nil {
+		return err
+	}
+	defer funlock(k.lock)
+	return fn()
+}
+
+func readFileNoFollow(p string) ([]byte, error) {
+	f, err := os.OpenFile(p, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var buf bytes.Buffer
+	if _, err := buf.ReadFrom(f); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
+}
