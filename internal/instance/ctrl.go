@@ -244,6 +244,13 @@ func (in *Instance) setStateBlob(flags, typ uint32, blob []byte) []byte {
 		return swtpm.Result(swtpm.ResFail)
 	}
 	if len(blob) == 0 {
+		if st == libtpms.SaveState {
+			// swtpm clears only the savestate slot, which TPM 2 never
+			// reads; SetState(nil) would drop every cached blob, losing
+			// the permanent and volatile state loaded just before (as
+			// swtpm_ioctl --load of all three saved types does).
+			return swtpm.Result(0)
+		}
 		return swtpm.Result(resultOf(in.tpm.SetState(st, nil)))
 	}
 	plain, err := statefile.DecodeMigration(blob, flags, in.fileKey, in.migKey)
@@ -266,8 +273,10 @@ func (in *Instance) setDataFD(req *swtpm.Request) []byte {
 		}
 		return swtpm.Result(swtpm.ResBadOrdinal)
 	}
+	// As swtpm, a data channel from --server or --fd counts as set even
+	// while no client is connected.
 	in.mu.Lock()
-	busy := in.dataConn != nil
+	busy := in.dataConn != nil || in.cfg.Server != nil || in.cfg.DataFD >= 0
 	in.mu.Unlock()
 	if busy {
 		if req.FD != nil {
