@@ -68,7 +68,12 @@ nvwrite)
 nvread)
 	index=$1
 	[ -n "$index" ] || usage
-	tpm2_nvread -C o "$index"
+	# Without -s tpm2_nvread warns on stderr; keep the output the bare data.
+	if ! tpm2_nvread -C o -o "$work/nv" "$index" 2>"$work/err"; then
+		cat "$work/err" >&2
+		exit 1
+	fi
+	cat "$work/nv"
 	;;
 pcr)
 	index=$1
