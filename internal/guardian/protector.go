@@ -1,0 +1,448 @@
+package guardian
+
+import (
+	"bytes"
+	"crypto/ecdsa"
+	"crypto/hkdf"
+	"crypto/hpke"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/subtle"
+	"crypto/x509"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+
+	"github.com/google/uuid"
+)
+
+// ProtectorFormat is the version of the key protector format written by
+// Marshal.
+const ProtectorFormat = 1
+
+// DEKSize is the size of a data key in bytes.
+const DEKSize = 32
+
+const (
+	wrapLabel     = "vtpm protector wrap v1"
+	keyCheckLabel = "vtpm protector key check v1"
+	signedLabel   = "vtpm protector v1"
+	migrationInfo = "vtpm migration key v1"
+)
+
+var (
+	// ErrNotOwner is returned by Grant and Revoke when the guardian given as
+	// owner is not the protector's owner or lacks its private key.
+	ErrNotOwner = errors.New("guardian: not the protector's owner")
+
+	// ErrWrongDEK is returned by Grant when the data key does not match the
+	// protector's key check value.
+	ErrWrongDEK = errors.New("guardian: data key does not belong to this protector")
+
+	// ErrTampered is returned by ParseProtector when the protector's
+	// signature or structure does not verify.
+	ErrTampered = errors.New("guardian: key protector was modified outside vtpm")
+)
+
+// A Protector holds a TPM's data key (DEK) wrapped with HPKE to each guardian
+// allowed to open it, signed by the owner guardian. See the package
+// documentation for the format.
+//
+// A Protector is not safe for concurrent modification.
+type Protector struct {
+	tpm      uuid.UUID
+	owner    *Guardian // public
+	keyCheck []byte
+	rows     []row
+	sig      []byte
+}
+
+type row struct {
+	g    *Guardian // public
+	wrap []byte    // hpke.Seal output: enc || ciphertext
+}
+
+// A Row describes one guardian allowed to open a protector.
+type Row struct {
+	Name        string
+	Subject     string
+	Fingerprint string
+	KEM         KEM
+	Guardian    *Guardian // public only
+}
+
+// NoGuardianError is returned by Open when none of the given guardians holds
+// a row of the protector. Rows lists who could open it.
+type NoGuardianError struct {
+	TPM  uuid.UUID
+	Rows []Row
+}
+
+func (e *NoGuardianError) Error() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "guardian: no guardian held here can open the key protector of TPM %s; it can be opened by", e.TPM)
+	for i, r := range e.Rows {
+		if i > 0 {
+			b.WriteString(",")
+		}
+		fmt.Fprintf(&b, " %s (%s)", r.Name, r.Fingerprint)
+	}
+	b.WriteString("; import one of them (its PKCS#12), or have its holder grant a guardian of this host")
+	return b.String()
+}
+
+// NewProtector wraps dek for owner and the other guardians and signs the
+// result with owner's signing key, which it must hold. The others need only
+// be public.
+func NewProtector(tpm uuid.UUID, dek []byte, owner *Guardian, others ...*Guardian) (*Protector, error) {
+	if len(dek) != DEKSize {
+		return nil, fmt.Errorf("guardian: data key is %d bytes, want %d", len(dek), DEKSize)
+	}
+	if !owner.HasPrivate() {
+		return nil, fmt.Errorf("%w: %v is public only; create the protector on a host holding its private key", ErrNotOwner, owner)
+	}
+	p := &Protector{tpm: tpm, owner: owner.Public(), keyCheck: keyCheck(tpm, dek)}
+	for _, g := range append([]*Guardian{owner}, others...) {
+		if p.index(g.fp) >= 0 {
+			continue
+		}
+		if err := p.add(dek, g); err != nil {
+			return nil, err
+		}
+	}
+	if err := p.sign(owner); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+func keyCheck(tpm uuid.UUID, dek []byte) []byte {
+	k, err := hkdf.Key(sha256.New, dek, tpm[:], keyCheckLabel, 32)
+	if err != nil {
+		panic(err) // only for invalid lengths
+	}
+	return k
+}
+
+// wrapInfo is the HPKE info of a row: it binds the wrap to the format
+// version, the TPM, the owner and the row's guardian.
+func (p *Protector) wrapInfo(fp string) []byte {
+	b := append([]byte(wrapLabel), 0)
+	b = binary.BigEndian.AppendUint16(b, ProtectorFormat)
+	b = append(b, p.tpm[:]...)
+	b = appendFingerprint(b, p.owner.fp)
+	return appendFingerprint(b, fp)
+}
+
+func appendFingerprint(b []byte, fp string) []byte {
+	raw, err := hex.DecodeString(fp)
+	if err != nil || len(raw) != sha256.Size {
+		panic("guardian: malformed fingerprint " + fp)
+	}
+	return append(b, raw...)
+}
+
+// suite returns the HPKE KDF and AEAD of every row; the KEM is the
+// guardian's.
+func suite() (hpke.KDF, hpke.AEAD) { return hpke.HKDFSHA256(), hpke.AES256GCM() }
+
+func (p *Protector) add(dek []byte, g *Guardian) error {
+	kdf, aead := suite()
+	wrap, err := hpke.Seal(g.encPub, kdf, aead, p.wrapInfo(g.fp), dek)
+	if err != nil {
+		return fmt.Errorf("guardian: wrapping data key to %v: %w", g, err)
+	}
+	p.rows = append(p.rows, row{g: g.Public(), wrap: wrap})
+	return nil
+}
+
+func (p *Protector) index(fp string) int {
+	return slices.IndexFunc(p.rows, func(r row) bool { return r.g.fp == fp })
+}
+
+func (p *Protector) checkOwner(owner *Guardian) error {
+	if owner == nil || owner.fp != p.owner.fp {
+		name := "<nil>"
+		if owner != nil {
+			name = owner.String()
+		}
+		return fmt.Errorf("%w: the owner is %v, not %s; run this on a host holding the owner guardian", ErrNotOwner, p.owner, name)
+	}
+	if !owner.HasPrivate() {
+		return fmt.Errorf("%w: %v is public only here; run this on a host holding its private key", ErrNotOwner, owner)
+	}
+	return nil
+}
+
+// Grant adds a row wrapping dek to g and re-signs the protector. g may be
+// public (e.g. from ParseCertificates); owner must be the protector's owner
+// with its private key. dek must be the protector's data key (open it first).
+func (p *Protector) Grant(dek []byte, g *Guardian, owner *Guardian) error {
+	if err := p.checkOwner(owner); err != nil {
+		return err
+	}
+	if len(dek) != DEKSize || subtle.ConstantTimeCompare(keyCheck(p.tpm, dek), p.keyCheck) != 1 {
+		return fmt.Errorf("%w (TPM %s); open the protector and pass the key it returns", ErrWrongDEK, p.tpm)
+	}
+	if p.index(g.fp) >= 0 {
+		return fmt.Errorf("guardian: %v already holds a row in the protector of TPM %s", g, p.tpm)
+	}
+	saved := p.rows
+	p.rows = slices.Clip(p.rows)
+	if err := p.add(dek, g); err != nil {
+		p.rows = saved
+		return err
+	}
+	if err := p.sign(owner); err != nil {
+		p.rows = saved
+		return err
+	}
+	return nil
+}
+
+// Revoke removes the row of the guardian with the given fingerprint and
+// re-signs the protector. The owner's own row cannot be revoked.
+//
+// Revoking stops the guardian from opening this protector. It does not
+// change the data key: a revoked guardian that opened it before may know it.
+// Re-key the TPM state to shut it out entirely.
+func (p *Protector) Revoke(fingerprint string, owner *Guardian) error {
+	if err := p.checkOwner(owner); err != nil {
+		return err
+	}
+	i := p.index(strings.ToLower(fingerprint))
+	if i < 0 {
+		return fmt.Errorf("guardian: no row for guardian %s in the protector of TPM %s; see Rows for who holds one", fingerprint, p.tpm)
+	}
+	if p.rows[i].g.fp == p.owner.fp {
+		return fmt.Errorf("guardian: cannot revoke the owner %v from its own protector", p.owner)
+	}
+	saved := p.rows
+	p.rows = slices.Delete(slices.Clone(p.rows), i, i+1)
+	if err := p.sign(owner); err != nil {
+		p.rows = saved
+		return err
+	}
+	return nil
+}
+
+// Open unwraps the data key with the first of gs (private guardians) that
+// holds a row, and returns it with that guardian. If none holds a row it
+// returns a *NoGuardianError listing the rows.
+func (p *Protector) Open(gs []*Guardian) (dek []byte, by *Guardian, err error) {
+	var errs []error
+	for _, r := range p.rows {
+		for _, g := range gs {
+			if g == nil || g.fp != r.g.fp || !g.HasPrivate() {
+				continue
+			}
+			kdf, aead := suite()
+			dek, err := hpke.Open(g.encKey, kdf, aead, p.wrapInfo(g.fp), r.wrap)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("guardian: the row of %v does not open: %w", g, err))
+				continue
+			}
+			if len(dek) != DEKSize || subtle.ConstantTimeCompare(keyCheck(p.tpm, dek), p.keyCheck) != 1 {
+				errs = append(errs, fmt.Errorf("guardian: the row of %v holds a key that fails the protector's key check", g))
+				continue
+			}
+			return dek, g, nil
+		}
+	}
+	if len(errs) > 0 {
+		return nil, nil, fmt.Errorf("guardian: opening the key protector of TPM %s: %w", p.tpm, errors.Join(errs...))
+	}
+	return nil, nil, &NoGuardianError{TPM: p.tpm, Rows: p.Rows()}
+}
+
+// TPM returns the UUID of the TPM whose data key p protects.
+func (p *Protector) TPM() uuid.UUID { return p.tpm }
+
+// Owner returns the (public) owner guardian. ParseProtector only proves that
+// the owner signed the protector; a caller that knows which owner to expect
+// compares its fingerprint.
+func (p *Protector) Owner() *Guardian { return p.owner }
+
+// Rows returns the guardians allowed to open p, in order.
+func (p *Protector) Rows() []Row {
+	rs := make([]Row, len(p.rows))
+	for i, r := range p.rows {
+		rs[i] = Row{Name: r.g.name, Subject: r.g.Subject(), Fingerprint: r.g.fp, KEM: r.g.kem, Guardian: r.g}
+	}
+	return rs
+}
+
+// signedBytes is the canonical encoding covered by the owner's signature.
+func (p *Protector) signedBytes() []byte {
+	b := append([]byte(signedLabel), 0)
+	b = binary.BigEndian.AppendUint16(b, ProtectorFormat)
+	b = append(b, p.tpm[:]...)
+	b = appendBytes(b, p.owner.signCert.Raw)
+	b = appendBytes(b, p.keyCheck)
+	b = binary.BigEndian.AppendUint32(b, uint32(len(p.rows)))
+	for _, r := range p.rows {
+		b = appendBytes(b, r.g.signCert.Raw)
+		b = appendBytes(b, r.g.encCert.Raw)
+		b = appendBytes(b, r.wrap)
+	}
+	return b
+}
+
+func appendBytes(b, v []byte) []byte {
+	b = binary.BigEndian.AppendUint32(b, uint32(len(v)))
+	return append(b, v...)
+}
+
+func (p *Protector) sign(owner *Guardian) error {
+	h := sha256.Sum256(p.signedBytes())
+	sig, err := ecdsa.SignASN1(rand.Reader, owner.signKey, h[:])
+	if err != nil {
+		return fmt.Errorf("guardian: signing key protector with %v: %w", owner, err)
+	}
+	p.sig = sig
+	return nil
+}
+
+// protectorJSON is the stored form of a Protector.
+type protectorJSON struct {
+	Format    int       `json:"format"`
+	TPM       uuid.UUID `json:"tpm"`
+	Owner     ownerJSON `json:"owner"`
+	KeyCheck  []byte    `json:"key_check"`
+	Rows      []rowJSON `json:"rows"`
+	Signature []byte    `json:"signature"`
+}
+
+type ownerJSON struct {
+	Name        string `json:"name"`
+	Fingerprint string `json:"fingerprint"`
+	Cert        []byte `json:"cert"`
+}
+
+type rowJSON struct {
+	Name        string `json:"name"`
+	Subject     string `json:"subject"`
+	Fingerprint string `json:"fingerprint"`
+	KEM         uint16 `json:"kem"`
+	SignCert    []byte `json:"sign_cert"`
+	EncCert     []byte `json:"enc_cert"`
+	Wrap        []byte `json:"wrap"`
+}
+
+// Marshal encodes p as indented JSON.
+func (p *Protector) Marshal() []byte {
+	j := protectorJSON{
+		Format:    ProtectorFormat,
+		TPM:       p.tpm,
+		Owner:     ownerJSON{Name: p.owner.name, Fingerprint: p.owner.fp, Cert: p.owner.signCert.Raw},
+		KeyCheck:  p.keyCheck,
+		Signature: p.sig,
+	}
+	for _, r := range p.rows {
+		j.Rows = append(j.Rows, rowJSON{
+			Name:        r.g.name,
+			Subject:     r.g.Subject(),
+			Fingerprint: r.g.fp,
+			KEM:         uint16(r.g.kem),
+			SignCert:    r.g.signCert.Raw,
+			EncCert:     r.g.encCert.Raw,
+			Wrap:        r.wrap,
+		})
+	}
+	b, err := json.MarshalIndent(j, "", "\t")
+	if err != nil {
+		panic(err) // all fields are plain data
+	}
+	return append(b, '\n')
+}
+
+// ParseProtector decodes a protector written by Marshal and verifies it: the
+// certificates of every row, the consistency of the descriptive fields with
+// them, and the owner's signature over the whole. Any change made outside
+// vtpm yields an error wrapping ErrTampered.
+func ParseProtector(b []byte) (*Protector, error) {
+	var j protectorJSON
+	d := json.NewDecoder(bytes.NewReader(b))
+	d.DisallowUnknownFields()
+	if err := d.Decode(&j); err != nil {
+		return nil, fmt.Errorf("guardian: key protector is not valid JSON (truncated or edited?): %w", err)
+	}
+	if d.More() {
+		return nil, errors.New("guardian: trailing data after the key protector")
+	}
+	if j.Format != ProtectorFormat {
+		return nil, fmt.Errorf("guardian: key protector format %d is not supported (this vtpm reads format %d); upgrade vtpm", j.Format, ProtectorFormat)
+	}
+	tampered := func(format string, args ...any) error {
+		return fmt.Errorf("%w (TPM %s): %s", ErrTampered, j.TPM, fmt.Sprintf(format, args...))
+	}
+	ownerCert, err := x509.ParseCertificate(j.Owner.Cert)
+	if err != nil {
+		return nil, tampered("owner certificate: %v", err)
+	}
+	p := &Protector{tpm: j.TPM, keyCheck: j.KeyCheck, sig: j.Signature}
+	sum := sha256.Sum256(ownerCert.Raw)
+	if fp := hex.EncodeToString(sum[:]); fp != j.Owner.Fingerprint {
+		return nil, tampered("owner fingerprint %s does not match the owner certificate (%s)", j.Owner.Fingerprint, fp)
+	}
+	ownerPub, ok := ownerCert.PublicKey.(*ecdsa.PublicKey)
+	if !ok {
+		return nil, tampered("owner certificate does not hold an ECDSA key")
+	}
+	if len(j.KeyCheck) != 32 {
+		return nil, tampered("key check is %d bytes, want 32", len(j.KeyCheck))
+	}
+	if len(j.Rows) == 0 {
+		return nil, tampered("no rows")
+	}
+	for i, rj := range j.Rows {
+		sc, err := x509.ParseCertificate(rj.SignCert)
+		if err != nil {
+			return nil, tampered("row %d signing certificate: %v", i+1, err)
+		}
+		ec, err := x509.ParseCertificate(rj.EncCert)
+		if err != nil {
+			return nil, tampered("row %d encryption certificate: %v", i+1, err)
+		}
+		g, err := fromCertificates(sc, ec)
+		if err != nil {
+			return nil, tampered("row %d: %v", i+1, err)
+		}
+		if g.name != rj.Name || g.Subject() != rj.Subject || g.fp != rj.Fingerprint || uint16(g.kem) != rj.KEM {
+			return nil, tampered("row %d names %s (%s) but its certificates are those of %v", i+1, rj.Name, rj.Fingerprint, g)
+		}
+		if p.index(g.fp) >= 0 {
+			return nil, tampered("guardian %v has two rows", g)
+		}
+		if g.fp == j.Owner.Fingerprint {
+			p.owner = g
+		}
+		p.rows = append(p.rows, row{g: g, wrap: rj.Wrap})
+	}
+	if p.owner == nil {
+		return nil, tampered("the owner %s (%s) has no row", j.Owner.Name, j.Owner.Fingerprint)
+	}
+	if p.owner.name != j.Owner.Name {
+		return nil, tampered("owner name %q does not match the owner certificate (%q)", j.Owner.Name, p.owner.name)
+	}
+	h := sha256.Sum256(p.signedBytes())
+	if !ecdsa.VerifyASN1(ownerPub, h[:], j.Signature) {
+		return nil, tampered("the owner's signature (%v) does not verify; restore the protector from a copy, or have the owner re-grant", p.owner)
+	}
+	return p, nil
+}
+
+// MigrationKey derives the key that protects a TPM's state in a migration
+// stream from its data key: HKDF-SHA256 with info "vtpm migration key v1",
+// 32 bytes.
+func MigrationKey(dek []byte) []byte {
+	k, err := hkdf.Key(sha256.New, dek, nil, migrationInfo, 32)
+	if err != nil {
+		panic(err) // only for invalid lengths
+	}
+	return k
+}
