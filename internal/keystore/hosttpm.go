@@ -196,6 +196,14 @@ func sealToTPM(t transport.TPM, key []byte) (*sealedKey, error) {
 // another TPM; the caller words the full message.
 var errTPMChanged = errors.New("sealed to another TPM")
 
+// shortName abbreviates a TPM name (hash algorithm and digest) for messages.
+func shortName(n []byte) string {
+	if len(n) > 10 {
+		return fmt.Sprintf("%x…", n[:10])
+	}
+	return fmt.Sprintf("%x", n)
+}
+
 // unsealFromTPM recovers the key sealed in sk. The returned bool says
 // whether the persistent SRK was used.
 func unsealFromTPM(t transport.TPM, sk *sealedKey) ([]byte, bool, error) {
@@ -205,7 +213,7 @@ func unsealFromTPM(t transport.TPM, sk *sealedKey) ([]byte, bool, error) {
 	}
 	defer s.flush(t)
 	if !bytes.Equal(s.name.Buffer, sk.srkName) {
-		return nil, false, fmt.Errorf("%w: the storage root key is %x, the master key was sealed under %x", errTPMChanged, s.name.Buffer, sk.srkName)
+		return nil, false, fmt.Errorf("%w: its storage root key is now %s, the key was sealed under %s", errTPMChanged, shortName(s.name.Buffer), shortName(sk.srkName))
 	}
 	pub, err := tpm2.Unmarshal[tpm2.TPM2BPublic](sk.public)
 	if err != nil {
@@ -222,7 +230,7 @@ func unsealFromTPM(t transport.TPM, sk *sealedKey) ([]byte, bool, error) {
 	}.Execute(t)
 	if err != nil {
 		if errors.Is(err, tpm2.TPMRCIntegrity) {
-			return nil, false, fmt.Errorf("%w: TPM2_Load: %v", errTPMChanged, err)
+			return nil, false, fmt.Errorf("%w: loading the sealed key failed its integrity check: %w", errTPMChanged, err)
 		}
 		if isParamError(err) {
 			return nil, false, fmt.Errorf("%w: the TPM rejected the sealed object: %v", ErrCorrupt, err)
@@ -249,4 +257,3 @@ func isParamError(err error) bool {
 // closeTPM closes a host TPM connection, ignoring errors: nothing was
 // written that a failed close could lose.
 func closeTPM(t transport.TPMCloser) { _ = t.Close() }
-

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 )
 
@@ -124,7 +125,7 @@ func unsealMaster(p string, data []byte, opts Options, log *slog.Logger) ([]byte
 	key, persistent, err := unsealFromTPM(t, &sealedKey{public: m.Public, private: m.Private, srkName: m.SRKName})
 	switch {
 	case errors.Is(err, errTPMChanged):
-		return nil, Protection{}, errf(ErrHostTPMChanged, err, "the keystore's master key (%s) is sealed to a different TPM than the one at %s (the host TPM was cleared or replaced; %v): %s", p, spec, err, fixChangedTPM)
+		return nil, Protection{}, errf(ErrHostTPMChanged, err, "the keystore's master key (%s) is sealed to a different TPM (the host TPM at %s was cleared or replaced; %s): %s", p, spec, strings.TrimPrefix(err.Error(), errTPMChanged.Error()+": "), fixChangedTPM)
 	case errors.Is(err, ErrCorrupt):
 		return nil, Protection{}, errf(ErrCorrupt, err, "sealed master key %s is damaged (%v); restore it from backup, or move the keystore aside and recover this host's guardians from an export with `vtpm guardian import`", p, err)
 	case err != nil:
