@@ -49,4 +49,26 @@
 // flock on dir/.lock, so read-modify-write updates such as
 // Generations.Record are serialised across processes; readers need no lock
 // because a record is only ever replaced by rename.
+//
+// # Errors
+//
+// Every failure to create, open or write the keystore is one error naming
+// the cause and the fix, matching one of ErrPermission (wrong owner or
+// mode, unreadable files, a host TPM the user may not open), ErrCorrupt
+// (a damaged record or master key file), ErrHostTPMChanged (the master key
+// is sealed to a TPM that has since been cleared or replaced: the SRK's
+// name differs, or TPM2_Load fails its integrity check) or
+// ErrHostTPMMissing (sealed to a TPM that is not reachable, or an
+// explicitly configured TPM that does not answer; an explicit setting
+// never falls back to file protection).
+//
+// # Cost
+//
+// Opening a file-protected keystore takes about 20 µs. Opening one sealed
+// to a local swtpm over TCP takes about 2 ms (CreatePrimary 0.6 ms, salted
+// session and Unseal 0.6 ms, the rest Load, Flush and the connection), and
+// about 1.3 ms with a persistent SRK. A discrete hardware TPM is much
+// slower at key derivation and ECDH (tens of milliseconds), so a process
+// that must start quickly should be handed keys by one that opened the
+// keystore, rather than open it itself.
 package keystore

@@ -279,6 +279,13 @@ func (k *Keystore) put(kind, name string, data []byte) error {
 	} else if !errors.Is(err, fs.ErrExist) {
 		return permOr(err, "create keystore directory %s: %v; check the owner and mode of %s (it must be 0700 and owned by this user)", kdir, err, k.dir)
 	}
+	// Writers hold the lock, so any temp file of this record is left over
+	// from a crash.
+	if stale, _ := filepath.Glob(filepath.Join(kdir, "."+name+".tmp-*")); len(stale) > 0 {
+		for _, f := range stale {
+			os.Remove(f)
+		}
+	}
 	if err := writeFileAtomic(kdir, name, file); err != nil {
 		return fmt.Errorf("store keystore record %s/%s: %w", kind, name, err)
 	}

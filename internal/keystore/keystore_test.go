@@ -7,8 +7,10 @@ import (
 	"io/fs"
 	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -355,5 +357,65 @@ func TestClosed(t *testing.T) {
 	k.Close()
 	if err := k.Put("guardian", "x", nil); err == nil {
 		t.Error("Put after Close succeeded")
+	}
+}
+
+const nonRootEnv = "VTPM_KEYSTORE_TEST_NONROOT"
+
+// TestNonRootHelper opens the keystore named in its environment; it runs
+// as an unprivileged user for TestNonRootOnRootKeystore.
+func TestNonRootHelper(t *testing.T) {
+	dir := os.Getenv(nonRootEnv)
+	if dir == "" {
+		t.Skip("helper process only")
+	}
+	_, err := Open(dir, quietOpts("none"))
+	if !errors.Is(err, ErrPermission) {
+		t.Fatalf("Open as uid %d: %v, want ErrPermission", os.Geteuid(), err)
+	}
+	os.Stdout.WriteString("ERROR: " + err.Error() + "\n")
+}
+
+// TestNonRootOnRootKeystore runs Open as the unprivileged user "nobody"
+// against a root-owned keystore: one clear ErrPermission, no crash.
+func TestNonRootOnRootKeystore(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to switch to an unprivileged user")
+	}
+	const nobody = 65534
+	// A world-traversable place for the test binary and the keystore's
+	// parent; the keystore itself is 0700 root.
+	pub, err := os.MkdirTemp("", "vtpm-keystore-nonroot-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(pub) })
+	os.Chmod(pub, 0o755)
+	dir := filepath.Join(pub, "keystore")
+	k, err := Open(dir, quietOpts("none"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	k.Close()
+	self, err := os.ReadFile(os.Args[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(pub, "keystore.test")
+	if err := os.WriteFile(bin, self, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "-test.run=^TestNonRootHelper$", "-test.count=1", "-test.v")
+	cmd.Env = append(os.Environ(), nonRootEnv+"="+dir)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: nobody, Gid: nobody}}
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("helper as uid %d: %v\n%s", nobody, err, out)
+	}
+	t.Logf("as uid %d: %s", nobody, out)
+	for _, want := range []string{dir, "owned by uid 0", "sudo", "VTPM_HOME"} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("helper output lacks %q:\n%s", want, out)
+		}
 	}
 }
