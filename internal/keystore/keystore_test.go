@@ -256,6 +256,10 @@ func TestCorruptMaster(t *testing.T) {
 	}{
 		{"master key truncated", func(dir string) { os.Truncate(filepath.Join(dir, masterFile), 16) }, ErrCorrupt},
 		{"master key missing but records exist", func(dir string) { os.Remove(filepath.Join(dir, masterFile)) }, ErrCorrupt},
+		{"sealed master key damaged", func(dir string) {
+			os.Remove(filepath.Join(dir, masterFile))
+			os.WriteFile(filepath.Join(dir, masterTPMFile), []byte(`{"format":1,"srk_name":"AAs="`), 0o600)
+		}, ErrCorrupt},
 		{"master key replaced", func(dir string) {
 			os.WriteFile(filepath.Join(dir, masterFile), bytes.Repeat([]byte{7}, masterKeyLen), 0o600)
 		}, nil}, // opens; the records then fail with ErrCorrupt
@@ -417,5 +421,29 @@ func TestNonRootOnRootKeystore(t *testing.T) {
 		if !strings.Contains(string(out), want) {
 			t.Errorf("helper output lacks %q:\n%s", want, out)
 		}
+	}
+}
+
+func TestStaleTempFiles(t *testing.T) {
+	k := openFile(t, filepath.Join(t.TempDir(), "ks"))
+	if err := k.Put("guardian", "local", []byte("v1")); err != nil {
+		t.Fatal(err)
+	}
+	// A crash between creating and renaming a temp file leaves this behind.
+	stale := filepath.Join(k.Dir(), "guardian", ".local.tmp-12345")
+	if err := os.WriteFile(stale, []byte("torn"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if names, _ := k.List("guardian"); len(names) != 1 || names[0] != "local" {
+		t.Errorf("List = %v, want [local]: temp files are not records", names)
+	}
+	if err := k.Put("guardian", "local", []byte("v2")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(stale); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("stale temp file survived the next Put: %v", err)
+	}
+	if got, err := k.Get("guardian", "local"); err != nil || string(got) != "v2" {
+		t.Errorf("Get = %q, %v; want v2", got, err)
 	}
 }
