@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
 	"os"
@@ -54,8 +55,13 @@ func readPrivate(p string) ([]byte, error) {
 	for {
 		n, err := f.Read(buf)
 		data = append(data, buf[:n]...)
-		if err != nil {
+		if errors.Is(err, io.EOF) {
 			break
+		}
+		if err != nil {
+			clear(buf)
+			clear(data)
+			return nil, errf(errGeneric, err, "read %s: %v; check the disk for errors", p, err)
 		}
 	}
 	clear(buf)
