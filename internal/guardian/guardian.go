@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"math/big"
+	"sync"
 	"time"
 )
 
@@ -204,9 +205,80 @@ func deriveHPKEKey(signKey *ecdsa.PrivateKey, kem KEM) (hpke.PrivateKey, error) 
 	return priv, nil
 }
 
+// verified caches the public guardians fromCertificates has checked, keyed
+// by the SHA-256 of both certificates: a host loading many protectors sees
+// the same few guardians in all of them, and each check costs two ECDSA
+// verifications.
+var verified struct {
+	sync.Mutex
+	m map[[sha256.Size]byte]*Guardian
+}
+
+const maxVerified = 1024
+
+func cacheKey(signDER, encDER []byte) [sha256.Size]byte {
+	h := sha256.New()
+	h.Write(binary.BigEndian.AppendUint32(nil, uint32(len(signDER))))
+	h.Write(signDER)
+	h.Write(encDER)
+	var key [sha256.Size]byte
+	h.Sum(key[:0])
+	return key
+}
+
+func cached(key [sha256.Size]byte) *Guardian {
+	verified.Lock()
+	defer verified.Unlock()
+	return verified.m[key]
+}
+
+func remember(key [sha256.Size]byte, g *Guardian) {
+	verified.Lock()
+	defer verified.Unlock()
+	if len(verified.m) >= maxVerified || verified.m == nil {
+		verified.m = make(map[[sha256.Size]byte]*Guardian)
+	}
+	verified.m[key] = g
+}
+
 // fromCertificates builds a public guardian from its signing and encryption
 // certificates, checking that they belong together.
 func fromCertificates(signCert, encCert *x509.Certificate) (*Guardian, error) {
+	key := cacheKey(signCert.Raw, encCert.Raw)
+	if g := cached(key); g != nil {
+		return g, nil
+	}
+	g, err := checkCertificates(signCert, encCert)
+	if err != nil {
+		return nil, err
+	}
+	remember(key, g)
+	return g, nil
+}
+
+// fromDER is fromCertificates for DER certificates.
+func fromDER(signDER, encDER []byte) (*Guardian, error) {
+	key := cacheKey(signDER, encDER)
+	if g := cached(key); g != nil {
+		return g, nil
+	}
+	signCert, err := x509.ParseCertificate(signDER)
+	if err != nil {
+		return nil, fmt.Errorf("signing certificate: %w", err)
+	}
+	encCert, err := x509.ParseCertificate(encDER)
+	if err != nil {
+		return nil, fmt.Errorf("encryption certificate: %w", err)
+	}
+	g, err := checkCertificates(signCert, encCert)
+	if err != nil {
+		return nil, err
+	}
+	remember(key, g)
+	return g, nil
+}
+
+func checkCertificates(signCert, encCert *x509.Certificate) (*Guardian, error) {
 	name := signCert.Subject.CommonName
 	pub, ok := signCert.PublicKey.(*ecdsa.PublicKey)
 	if !ok || pub.Curve != elliptic.P256() {

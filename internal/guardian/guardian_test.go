@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"os"
 	"os/exec"
@@ -268,11 +269,11 @@ func TestRevoke(t *testing.T) {
 func tamper(t *testing.T, b []byte, edit func(*protectorJSON)) []byte {
 	t.Helper()
 	var j protectorJSON
-	if err := jsonUnmarshal(b, &j); err != nil {
+	if err := json.Unmarshal(b, &j); err != nil {
 		t.Fatal(err)
 	}
 	edit(&j)
-	out, err := jsonMarshal(j)
+	out, err := json.MarshalIndent(j, "", "\t")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -298,7 +299,7 @@ func TestParseProtectorRejectsEdits(t *testing.T) {
 		t.Fatal(err)
 	}
 	var mj protectorJSON
-	if err := jsonUnmarshal(mp.Marshal(), &mj); err != nil {
+	if err := json.Unmarshal(mp.Marshal(), &mj); err != nil {
 		t.Fatal(err)
 	}
 

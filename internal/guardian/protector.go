@@ -8,7 +8,6 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/subtle"
-	"crypto/x509"
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
@@ -243,11 +242,11 @@ func (p *Protector) Open(gs []*Guardian) (dek []byte, by *Guardian, err error) {
 			kdf, aead := suite()
 			dek, err := hpke.Open(g.encKey, kdf, aead, p.wrapInfo(g.fp), r.wrap)
 			if err != nil {
-				errs = append(errs, fmt.Errorf("guardian: the row of %v does not open: %w", g, err))
+				errs = append(errs, fmt.Errorf("the row of %v does not open: %w", g, err))
 				continue
 			}
 			if len(dek) != DEKSize || subtle.ConstantTimeCompare(keyCheck(p.tpm, dek), p.keyCheck) != 1 {
-				errs = append(errs, fmt.Errorf("guardian: the row of %v holds a key that fails the protector's key check", g))
+				errs = append(errs, fmt.Errorf("the row of %v holds a key that fails the protector's key check", g))
 				continue
 			}
 			return dek, g, nil
@@ -380,19 +379,7 @@ func ParseProtector(b []byte) (*Protector, error) {
 	tampered := func(format string, args ...any) error {
 		return fmt.Errorf("%w (TPM %s): %s", ErrTampered, j.TPM, fmt.Sprintf(format, args...))
 	}
-	ownerCert, err := x509.ParseCertificate(j.Owner.Cert)
-	if err != nil {
-		return nil, tampered("owner certificate: %v", err)
-	}
 	p := &Protector{tpm: j.TPM, keyCheck: j.KeyCheck, sig: j.Signature}
-	sum := sha256.Sum256(ownerCert.Raw)
-	if fp := hex.EncodeToString(sum[:]); fp != j.Owner.Fingerprint {
-		return nil, tampered("owner fingerprint %s does not match the owner certificate (%s)", j.Owner.Fingerprint, fp)
-	}
-	ownerPub, ok := ownerCert.PublicKey.(*ecdsa.PublicKey)
-	if !ok {
-		return nil, tampered("owner certificate does not hold an ECDSA key")
-	}
 	if len(j.KeyCheck) != 32 {
 		return nil, tampered("key check is %d bytes, want 32", len(j.KeyCheck))
 	}
@@ -400,15 +387,7 @@ func ParseProtector(b []byte) (*Protector, error) {
 		return nil, tampered("no rows")
 	}
 	for i, rj := range j.Rows {
-		sc, err := x509.ParseCertificate(rj.SignCert)
-		if err != nil {
-			return nil, tampered("row %d signing certificate: %v", i+1, err)
-		}
-		ec, err := x509.ParseCertificate(rj.EncCert)
-		if err != nil {
-			return nil, tampered("row %d encryption certificate: %v", i+1, err)
-		}
-		g, err := fromCertificates(sc, ec)
+		g, err := fromDER(rj.SignCert, rj.EncCert)
 		if err != nil {
 			return nil, tampered("row %d: %v", i+1, err)
 		}
@@ -418,19 +397,21 @@ func ParseProtector(b []byte) (*Protector, error) {
 		if p.index(g.fp) >= 0 {
 			return nil, tampered("guardian %v has two rows", g)
 		}
-		if g.fp == j.Owner.Fingerprint {
+		if bytes.Equal(rj.SignCert, j.Owner.Cert) {
 			p.owner = g
 		}
 		p.rows = append(p.rows, row{g: g, wrap: rj.Wrap})
 	}
 	if p.owner == nil {
+		// The owner always holds a row: NewProtector adds it and Revoke
+		// refuses to remove it.
 		return nil, tampered("the owner %s (%s) has no row", j.Owner.Name, j.Owner.Fingerprint)
 	}
-	if p.owner.name != j.Owner.Name {
-		return nil, tampered("owner name %q does not match the owner certificate (%q)", j.Owner.Name, p.owner.name)
+	if p.owner.fp != j.Owner.Fingerprint || p.owner.name != j.Owner.Name {
+		return nil, tampered("owner %s (%s) does not match the owner certificate, which is that of %v", j.Owner.Name, j.Owner.Fingerprint, p.owner)
 	}
 	h := sha256.Sum256(p.signedBytes())
-	if !ecdsa.VerifyASN1(ownerPub, h[:], j.Signature) {
+	if !ecdsa.VerifyASN1(p.owner.signCert.PublicKey.(*ecdsa.PublicKey), h[:], j.Signature) {
 		return nil, tampered("the owner's signature (%v) does not verify; restore the protector from a copy, or have the owner re-grant", p.owner)
 	}
 	return p, nil
