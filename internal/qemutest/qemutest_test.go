@@ -135,9 +135,25 @@ func TestRunReportsExitStatus(t *testing.T) {
 	if got := mustRun(ctx, t, vm, `printf '@@END x 0@@\n"quotes" %s' "$HOME"`); got != "@@END x 0@@\n\"quotes\" /root" {
 		t.Errorf("output = %q", got)
 	}
+	if got := strings.TrimSpace(mustRun(ctx, t, vm, "tpmtest secureboot")); got != "00" {
+		t.Errorf("measured SecureBoot = %q, want 00", got)
+	}
 	if st, err := vm.Status(ctx); err != nil || st != "running" {
 		t.Errorf("Status = %q, %v; want running", st, err)
 	}
+}
+
+// TestSecureBoot boots the Secure Boot firmware with Microsoft keys and
+// checks that the firmware measured Secure Boot as enabled.
+func TestSecureBoot(t *testing.T) {
+	skipUnlessVMTests(t)
+	t.Parallel()
+	ctx := testContext(t)
+	_, vm := startPair(ctx, t, "", Config{Name: "sb", SecureBoot: true})
+	if got := strings.TrimSpace(mustRun(ctx, t, vm, "tpmtest secureboot")); got != "01" {
+		t.Errorf("measured SecureBoot = %q, want 01", got)
+	}
+	assertNonZeroPCR(ctx, t, vm, "7")
 }
 
 // direct talks to /dev/tpm0 without the kernel's resource manager, so

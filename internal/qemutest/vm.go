@@ -407,6 +407,9 @@ func (vm *VM) QMP(ctx context.Context, cmd string, args any) (json.RawMessage, e
 // WaitEvent waits for a QMP event with the given name, including events
 // that arrived before the call.
 func (vm *VM) WaitEvent(ctx context.Context, name string) (Event, error) {
+	if vm.qmp == nil {
+		return Event{}, errors.New("qmp: not connected")
+	}
 	ev, _, err := vm.qmp.waitEvent(ctx, name, 0)
 	return ev, err
 }

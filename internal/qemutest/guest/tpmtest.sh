@@ -5,6 +5,7 @@
 #   tpmtest nvwrite <index> <data>              (re)define an NV index and write data
 #   tpmtest nvread <index>                      print the NV index's data
 #   tpmtest pcr <index>                         print the sha256 PCR value as hex
+#   tpmtest secureboot                          print the measured SecureBoot value (01 or 00)
 set -e
 
 DEFAULT_SECRET="vtpm-test-secret"
@@ -12,7 +13,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 usage() {
-	sed -n '2,8p' "$0" >&2
+	sed -n '2,9p' "$0" >&2
 	exit 2
 }
 
@@ -81,6 +82,13 @@ pcr)
 	tpm2_pcrread -Q -o "$work/pcr.bin" "sha256:$index"
 	od -An -tx1 -v "$work/pcr.bin" | tr -d ' \n'
 	echo
+	;;
+secureboot)
+	# The firmware measures the SecureBoot variable into PCR 7.
+	tpm2_eventlog /sys/kernel/security/tpm0/binary_bios_measurements >"$work/log"
+	value=$(grep -A1 'UnicodeName: SecureBoot$' "$work/log" | sed -n 's/.*VariableData: "\(..\)".*/\1/p' | head -n1)
+	[ -n "$value" ] || { echo "no SecureBoot measurement in the event log" >&2; exit 1; }
+	echo "$value"
 	;;
 *)
 	usage
