@@ -35,6 +35,12 @@
 // the whole guardian. Every load re-derives the HPKE key and checks it against
 // the encryption certificate.
 //
+// A guardian whose keys live in a TPM or HSM (NewExternal) has a DHKEM(P-256)
+// encryption key of its own, used through ecdh.KeyExchanger, and signs
+// through crypto.Signer. Its keys never leave the device: Marshal and
+// ExportPKCS12 refuse it; its certificates are stored instead and the keys
+// re-attached with Attach.
+//
 // # Certificate extension
 //
 // The extension's OID is 1.3.6.1.4.1.99999.1.1 ("vtpm guardian HPKE public

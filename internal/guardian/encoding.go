@@ -29,8 +29,11 @@ func (g *Guardian) Marshal() ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	if g.signKey == nil {
+	if g.signer == nil {
 		return b, nil
+	}
+	if g.signKey == nil {
+		return nil, fmt.Errorf("guardian: the private keys of %v are held outside this process (TPM or HSM) and cannot be written; store its certificates (ExportCertificates) and re-attach the keys with Attach", g)
 	}
 	der, err := x509.MarshalPKCS8PrivateKey(g.signKey)
 	if err != nil {
@@ -160,6 +163,9 @@ func hasHPKEExtension(c *x509.Certificate) bool {
 // Use a high-entropy password: PKCS#12 key derivation is weak against
 // guessing.
 func (g *Guardian) ExportPKCS12(password string) ([]byte, error) {
+	if g.signer != nil && g.signKey == nil {
+		return nil, fmt.Errorf("guardian: the private keys of %v are held outside this process (TPM or HSM) and cannot be exported; export its certificates with ExportCertificates", g)
+	}
 	if g.signKey == nil {
 		return nil, fmt.Errorf("guardian: %v is public only (certificates, no private key); export it with ExportCertificates, or export from the host that holds it", g)
 	}

@@ -1,6 +1,7 @@
 package guardian
 
 import (
+	"crypto"
 	"crypto/ecdh"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -92,7 +93,8 @@ type Guardian struct {
 	encPub   hpke.PublicKey
 	fp       string
 
-	signKey *ecdsa.PrivateKey // nil for a public guardian
+	signer  crypto.Signer     // nil for a public guardian
+	signKey *ecdsa.PrivateKey // software key, exportable; nil if external
 	encKey  hpke.PrivateKey   // nil for a public guardian
 }
 
@@ -115,7 +117,53 @@ func New(name string, kem KEM) (*Guardian, error) {
 	if err != nil {
 		return nil, err
 	}
+	g, err := create(name, kem, signKey, encKey.PublicKey())
+	if err != nil {
+		return nil, err
+	}
+	return g.withPrivate(signKey)
+}
 
+// NewExternal creates a DHKEM(P-256) guardian whose private keys live
+// outside the process, e.g. in a TPM or HSM: signer must hold an ECDSA P-256
+// key and kx a P-256 ECDH key. Such a guardian cannot be written with Marshal
+// or ExportPKCS12; keep its certificates (ExportCertificates) and re-attach
+// the keys after ParseCertificates with Attach.
+func NewExternal(name string, signer crypto.Signer, kx ecdh.KeyExchanger) (*Guardian, error) {
+	if name == "" {
+		return nil, errors.New("guardian: empty name; name the guardian, e.g. \"host:\" + hostname")
+	}
+	if signer == nil {
+		return nil, errors.New("guardian: no external signing key")
+	}
+	encKey, err := externalHPKEKey(kx)
+	if err != nil {
+		return nil, err
+	}
+	g, err := create(name, DHKEMP256, signer, encKey.PublicKey())
+	if err != nil {
+		return nil, err
+	}
+	return g.Attach(signer, kx)
+}
+
+func externalHPKEKey(kx ecdh.KeyExchanger) (hpke.PrivateKey, error) {
+	if kx == nil || kx.Curve() != ecdh.P256() {
+		return nil, errors.New("guardian: external encryption key must be a P-256 ECDH key (DHKEM(P-256))")
+	}
+	encKey, err := hpke.NewDHKEMPrivateKey(kx)
+	if err != nil {
+		return nil, fmt.Errorf("guardian: external encryption key: %w", err)
+	}
+	return encKey, nil
+}
+
+// create issues the signing and encryption certificates of a new guardian.
+func create(name string, kem KEM, signer crypto.Signer, encPub hpke.PublicKey) (*Guardian, error) {
+	signPub, ok := signer.Public().(*ecdsa.PublicKey)
+	if !ok || signPub.Curve != elliptic.P256() {
+		return nil, fmt.Errorf("guardian: signing key is %T, want an ECDSA P-256 key", signer.Public())
+	}
 	now := time.Now().Add(-time.Hour).UTC().Truncate(time.Second)
 	signTmpl := &x509.Certificate{
 		SerialNumber:          randomSerial(),
@@ -127,7 +175,7 @@ func New(name string, kem KEM) (*Guardian, error) {
 		IsCA:                  true,
 		MaxPathLenZero:        true,
 	}
-	signDER, err := x509.CreateCertificate(rand.Reader, signTmpl, signTmpl, &signKey.PublicKey, signKey)
+	signDER, err := x509.CreateCertificate(rand.Reader, signTmpl, signTmpl, signPub, signer)
 	if err != nil {
 		return nil, fmt.Errorf("guardian: creating signing certificate: %w", err)
 	}
@@ -136,7 +184,6 @@ func New(name string, kem KEM) (*Guardian, error) {
 		return nil, fmt.Errorf("guardian: parsing new signing certificate: %w", err)
 	}
 
-	encPub := encKey.PublicKey()
 	ext, err := asn1.Marshal(hpkeKeyExtension{KEM: int(kem), PublicKey: encPub.Bytes()})
 	if err != nil {
 		return nil, fmt.Errorf("guardian: encoding HPKE key extension: %w", err)
@@ -144,7 +191,7 @@ func New(name string, kem KEM) (*Guardian, error) {
 	// The SubjectPublicKeyInfo carries the real key for DHKEM(P-256). X.509
 	// has no encoding Go can write for the hybrid KEM, so there it holds the
 	// signing key as a placeholder; the critical extension is authoritative.
-	var spki any = &signKey.PublicKey
+	var spki any = signPub
 	if kem == DHKEMP256 {
 		spki, err = ecdh.P256().NewPublicKey(encPub.Bytes())
 		if err != nil {
@@ -160,7 +207,7 @@ func New(name string, kem KEM) (*Guardian, error) {
 		BasicConstraintsValid: true,
 		ExtraExtensions:       []pkix.Extension{{Id: oidHPKEPublicKey, Critical: true, Value: ext}},
 	}
-	encDER, err := x509.CreateCertificate(rand.Reader, encTmpl, signCert, spki, signKey)
+	encDER, err := x509.CreateCertificate(rand.Reader, encTmpl, signCert, spki, signer)
 	if err != nil {
 		return nil, fmt.Errorf("guardian: creating encryption certificate: %w", err)
 	}
@@ -168,11 +215,7 @@ func New(name string, kem KEM) (*Guardian, error) {
 	if err != nil {
 		return nil, fmt.Errorf("guardian: parsing new encryption certificate: %w", err)
 	}
-	g, err := fromCertificates(signCert, encCert)
-	if err != nil {
-		return nil, err
-	}
-	return g.withPrivate(signKey)
+	return fromCertificates(signCert, encCert)
 }
 
 func randomSerial() *big.Int {
@@ -358,7 +401,32 @@ func (g *Guardian) withPrivate(signKey *ecdsa.PrivateKey) (*Guardian, error) {
 		return nil, fmt.Errorf("guardian: HPKE key derived from the private key does not match the encryption certificate of %q (fingerprint %s)", g.name, g.fp)
 	}
 	c := *g
+	c.signer = signKey
 	c.signKey = signKey
+	c.encKey = encKey
+	return &c, nil
+}
+
+// Attach returns a copy of public guardian g holding private keys kept
+// outside the process (see NewExternal), after checking that they match its
+// certificates.
+func (g *Guardian) Attach(signer crypto.Signer, kx ecdh.KeyExchanger) (*Guardian, error) {
+	if g.kem != DHKEMP256 {
+		return nil, fmt.Errorf("guardian: %v uses %v; only DHKEM(P-256) guardians can hold external keys", g, g.kem)
+	}
+	if signer == nil || !g.signCert.PublicKey.(*ecdsa.PublicKey).Equal(signer.Public()) {
+		return nil, fmt.Errorf("guardian: signing key does not match the signing certificate of %v", g)
+	}
+	encKey, err := externalHPKEKey(kx)
+	if err != nil {
+		return nil, err
+	}
+	if !bytesEqual(encKey.PublicKey().Bytes(), g.encPub.Bytes()) {
+		return nil, fmt.Errorf("guardian: encryption key does not match the encryption certificate of %v", g)
+	}
+	c := *g
+	c.signer = signer
+	c.signKey = nil
 	c.encKey = encKey
 	return &c, nil
 }
@@ -378,11 +446,12 @@ func (g *Guardian) Fingerprint() string { return g.fp }
 func (g *Guardian) KEM() KEM { return g.kem }
 
 // HasPrivate reports whether g holds its private keys.
-func (g *Guardian) HasPrivate() bool { return g.signKey != nil }
+func (g *Guardian) HasPrivate() bool { return g.signer != nil }
 
 // Public returns g without its private keys.
 func (g *Guardian) Public() *Guardian {
 	c := *g
+	c.signer = nil
 	c.signKey = nil
 	c.encKey = nil
 	return &c

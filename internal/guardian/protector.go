@@ -2,6 +2,7 @@ package guardian
 
 import (
 	"bytes"
+	"crypto"
 	"crypto/ecdsa"
 	"crypto/hkdf"
 	"crypto/hpke"
@@ -298,7 +299,7 @@ func appendBytes(b, v []byte) []byte {
 
 func (p *Protector) sign(owner *Guardian) error {
 	h := sha256.Sum256(p.signedBytes())
-	sig, err := ecdsa.SignASN1(rand.Reader, owner.signKey, h[:])
+	sig, err := owner.signer.Sign(rand.Reader, h[:], crypto.SHA256)
 	if err != nil {
 		return fmt.Errorf("guardian: signing key protector with %v: %w", owner, err)
 	}
