@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -92,22 +93,33 @@ func (s *serialConn) waitFor(ctx context.Context, from int, abort <-chan struct{
 		case <-ch:
 		case <-s.done:
 		case <-abort:
-			return 0, fmt.Errorf("qemu exited")
+			return 0, errors.New("qemu exited or stopped")
 		case <-ctx.Done():
 			return 0, ctx.Err()
 		}
 	}
 }
 
+// kernelPanic is how a guest that cannot run /init shows up on the console.
+const kernelPanic = "Kernel panic - not syncing"
+
 func (s *serialConn) waitReady(ctx context.Context, abort <-chan struct{}) error {
+	panicked := false
 	_, err := s.waitFor(ctx, 0, abort, func(b []byte) int {
 		if i := bytes.Index(b, []byte(readyMarker)); i >= 0 {
 			return i + len(readyMarker)
+		}
+		if bytes.Contains(b, []byte(kernelPanic)) {
+			panicked = true
+			return len(b)
 		}
 		return -1
 	})
 	if err != nil {
 		return fmt.Errorf("wait for guest command loop: %w", err)
+	}
+	if panicked {
+		return errors.New("guest kernel panicked during boot (see the serial log)")
 	}
 	return nil
 }

@@ -277,7 +277,24 @@ func Start(ctx context.Context, t testing.TB, cfg Config) (*VM, error) {
 
 	bctx, cancel := context.WithTimeout(ctx, cfg.BootTimeout)
 	defer cancel()
-	if err := vm.serial.waitReady(bctx, vm.exited); err != nil {
+	// A guest that stops while booting (e.g. a KVM emulation failure puts
+	// QEMU in internal-error) would otherwise only show up as a timeout.
+	abort := make(chan struct{})
+	go func() {
+		defer close(abort)
+		select {
+		case <-vm.exited:
+		case <-bctx.Done():
+		default:
+			if ev, _, err := qmp.waitEvent(bctx, "STOP", 0); err == nil {
+				vm.log.Warn("guest stopped during boot", "event", ev.Name)
+			}
+		}
+	}()
+	if err := vm.serial.waitReady(bctx, abort); err != nil {
+		if st, serr := vm.Status(ctx); serr == nil && st != "running" {
+			err = fmt.Errorf("%w (qemu status %q)", err, st)
+		}
 		return fail(err)
 	}
 	vm.BootTime = time.Since(began)
