@@ -28,11 +28,15 @@ const (
 	FormatSwtpm  Format = "swtpm"
 )
 
-// chooseFormat keeps an existing swtpm state in swtpm's format (so a libvirt VM
-// keeps its TPM), uses it too when --key asks for swtpm's encryption, and
-// otherwise seals.
+// chooseFormat keeps existing sealed state sealed (even when --key is given,
+// as libvirt keeps passing it after `vtpm state import`), keeps an existing
+// swtpm state in swtpm's format (so a libvirt VM keeps its TPM), uses swtpm's
+// format too when --key asks for its encryption, and otherwise seals.
 func chooseFormat(cfg *swtpm.Config) Format {
-	if cfg.Key != "" || (cfg.StateDir != "" && statefile.HasState(cfg.StateDir) && !seal.Exists(cfg.StateDir)) {
+	switch {
+	case cfg.StateDir != "" && seal.Exists(cfg.StateDir):
+		return FormatSealed
+	case cfg.Key != "" || (cfg.StateDir != "" && statefile.HasState(cfg.StateDir)):
 		return FormatSwtpm
 	}
 	return FormatSealed
@@ -59,6 +63,9 @@ func openStore(cfg *swtpm.Config, fileKey *statefile.Key, log *slog.Logger) (sto
 			return nil, "", err
 		}
 		return d, format, nil
+	}
+	if cfg.Key != "" {
+		log.Warn("the state directory holds vtpm sealed state: --key does not apply to it; it is sealed with the data key", "state", cfg.StateDir)
 	}
 	key, err := hostkey.DataKey(cfg.DataKey)
 	if err != nil {
