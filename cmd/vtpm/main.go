@@ -32,5 +32,6 @@ func rootCmd() *cobra.Command {
 		SilenceErrors: true,
 	}
 	root.AddCommand(swtpmCmd())
+	root.AddCommand(stateCmd())
 	return root
 }
