@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 
@@ -198,5 +200,77 @@ func TestStateBlobRoundTripWithSwtpm(t *testing.T) {
 				dst.shutdown(t)
 			})
 		}
+	}
+}
+
+// TestGetConfigReportsKeys: swtpm_ioctl -g shows which of --key (bit 0)
+// and --migration-key (bit 1) are set, the same for vtpm and swtpm.
+func TestGetConfigReportsKeys(t *testing.T) {
+	t.Parallel()
+	needTools(t)
+	tests := []struct {
+		name     string
+		file     *migKey
+		mig      *migKey
+		wantFlag string
+	}{
+		{"none", nil, nil, "0x0"},
+		{"key", secretA, nil, "0x1"},
+		{"migration-key", nil, secretB, "0x2"},
+		{"both", hexKey, secretA, "0x3"},
+	}
+	for _, tc := range tests {
+		for _, im := range impls {
+			t.Run(tc.name+"/"+string(im), func(t *testing.T) {
+				t.Parallel()
+				keys := shortDir(t)
+				args := append(tc.file.args(t, keys, "--key"), tc.mig.args(t, keys, "--migration-key")...)
+				p := startTPM(t, im, tpmConfig{transport: unixBoth, args: args})
+				if got, want := p.mustIoctl(t, "-g"), "ptm configuration flags: "+tc.wantFlag+"\n"; got != want {
+					t.Errorf("swtpm_ioctl -g: %q, want %q", got, want)
+				}
+				p.shutdown(t)
+			})
+		}
+	}
+}
+
+// TestPrintCapabilitiesMatchesSwtpm compares `swtpm socket --tpm2
+// --print-capabilities`: vtpm lists swtpm's features in swtpm's order,
+// except where it deliberately differs: it is a TPM 2.0 only (no
+// "tpm-1.2") and has no file:// state backend (no "nvram-backend-file").
+func TestPrintCapabilitiesMatchesSwtpm(t *testing.T) {
+	t.Parallel()
+	needTools(t)
+	type caps struct {
+		Type     string   `json:"type"`
+		Features []string `json:"features"`
+		Version  string   `json:"version"`
+	}
+	got := map[impl]caps{}
+	for _, im := range impls {
+		args := []string{"socket", "--tpm2", "--print-capabilities"}
+		if im == ourVtpm {
+			args = append([]string{"swtpm"}, args...)
+		}
+		out := testutil.Run(t, nil, im.exe(t), args...)
+		var c caps
+		if err := json.Unmarshal([]byte(out), &c); err != nil {
+			t.Fatalf("%s --print-capabilities: %v\n%s", im, err, out)
+		}
+		if strings.Count(out, "\n") != 1 {
+			t.Errorf("%s --print-capabilities is not one line: %q", im, out)
+		}
+		got[im] = c
+	}
+	sw, vt := got[realSwtpm], got[ourVtpm]
+	want := slices.DeleteFunc(slices.Clone(sw.Features), func(f string) bool {
+		return f == "tpm-1.2" || f == "nvram-backend-file"
+	})
+	if !slices.Equal(vt.Features, want) {
+		t.Errorf("vtpm features %q\nwant %q (swtpm's %q without tpm-1.2 and nvram-backend-file)", vt.Features, want, sw.Features)
+	}
+	if vt.Type != sw.Type || vt.Version != sw.Version {
+		t.Errorf("vtpm reports type %q version %q; swtpm %q %q", vt.Type, vt.Version, sw.Type, sw.Version)
 	}
 }
