@@ -32,6 +32,6 @@ func rootCmd() *cobra.Command {
 		SilenceErrors: true,
 	}
 	root.AddCommand(swtpmCmd())
-	root.AddCommand(stateCmd())
+	root.AddCommand(stateCmd(), guardianCmd(), protectorCmd(), keyCmd(), tpmCmd())
 	return root
 }

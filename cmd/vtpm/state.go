@@ -7,9 +7,9 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"vtpm/internal/hostkey"
 	"vtpm/internal/stateimport"
 	"vtpm/internal/swtpm/statefile"
+	"vtpm/internal/tpmkeys"
 )
 
 func stateCmd() *cobra.Command {
@@ -33,7 +33,8 @@ same keys, NV indices and seeds.
 If swtpm encrypted its state, give the same --key it ran with, in swtpm's
 syntax: file=PATH|pwdfile=PATH|fd=N|pwdfd=N[,mode=aes-128-cbc|aes-256-cbc]
 [,format=hex|binary][,kdf=pbkdf2|sha512]. The sealed state is encrypted with
-the key from --data-key, or the host key.
+the key from --data-key, or a new data key under a key protector owned by
+this host's guardian.
 
 By default the sealed state is written into DIR itself and the swtpm files
 are then moved into DIR/swtpm-backup-<timestamp>/; with --dest it goes to
@@ -53,17 +54,29 @@ TPM process may use DIR while it is imported.`,
 				}
 				defer clear(fileKey.Bytes)
 			}
-			dk, err := hostkey.DataKey(dataKey)
+			host, err := openHost()
 			if err != nil {
 				return err
 			}
-			defer clear(dk)
+			defer host.Close()
+			// The new TPM gets its key and protector, owned by this host's
+			// guardian, in the staging directory they are moved in from.
+			key := func(staging string) ([]byte, error) {
+				if dataKey != "" {
+					return tpmkeys.ParseDataKey(dataKey)
+				}
+				o, err := host.OpenTPM(staging)
+				if err != nil {
+					return nil, err
+				}
+				return o.DEK, nil
+			}
 			res, err := stateimport.Import(stateimport.Options{
 				Source:      args[0],
 				Dest:        dest,
 				FileKey:     fileKey,
-				DataKey:     dk,
-				Generations: hostkey.Generations(),
+				DataKey:     key,
+				Generations: host.Generations(),
 				Logger:      slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: slog.LevelWarn})),
 			})
 			if res != nil {
@@ -83,6 +96,6 @@ TPM process may use DIR while it is imported.`,
 	f := cmd.Flags()
 	f.StringVar(&dest, "dest", "", "write the sealed state into this directory instead of DIR (DIR stays untouched)")
 	f.StringVar(&key, "key", "", "swtpm's --key for encrypted state, in swtpm's syntax (file=|pwdfile=|fd=|pwdfd=,mode=…)")
-	f.StringVar(&dataKey, "data-key", "", "key for the sealed state: file=PATH|fd=N[,format=hex|binary] (default: the host key)")
+	f.StringVar(&dataKey, "data-key", "", "key for the sealed state: file=PATH|fd=N[,format=hex|binary] (default: a new key under a protector owned by this host)")
 	return cmd
 }

@@ -13,7 +13,9 @@ import (
 	"strconv"
 	"sync"
 
+	"vtpm/internal/guardian"
 	"vtpm/internal/libtpms"
+	"vtpm/internal/seal"
 	"vtpm/internal/swtpm"
 	"vtpm/internal/swtpm/statefile"
 )
@@ -27,6 +29,7 @@ type Instance struct {
 	format  Format
 	fileKey *statefile.Key
 	migKey  *statefile.Key
+	sealing *sealingKey // sealed format only
 
 	ctrlLn net.Listener // nil when the ctrl channel is a connected fd
 	dataLn net.Listener
@@ -67,6 +70,16 @@ func New(cfg *swtpm.Config, log *slog.Logger) (_ *Instance, err error) {
 			return nil, fmt.Errorf("--migration-key: %w", err)
 		}
 	}
+	// Keys first: a TPM this host cannot open fails before any socket exists.
+	if in.format = chooseFormat(cfg); in.format == FormatSealed {
+		if in.sealing, err = unlockSealed(cfg, log); err != nil {
+			return nil, err
+		}
+		if in.migKey == nil {
+			// Only a host that can open this TPM's key can read its migration stream.
+			in.migKey = &statefile.Key{Bytes: guardian.MigrationKey(in.sealing.dek)}
+		}
+	}
 	if err = in.listen(); err != nil {
 		return nil, err
 	}
@@ -75,7 +88,7 @@ func New(cfg *swtpm.Config, log *slog.Logger) (_ *Instance, err error) {
 			return nil, err
 		}
 	}
-	if in.store, in.format, err = openStore(cfg, in.fileKey, log); err != nil {
+	if in.store, err = openStore(cfg, in.format, in.fileKey, in.sealing, log); err != nil {
 		return nil, err
 	}
 	if in.tpm, err = libtpms.Open(in.store); err != nil {
@@ -86,27 +99,42 @@ func New(cfg *swtpm.Config, log *slog.Logger) (_ *Instance, err error) {
 }
 
 // PrintStates lists the stored state blobs as swtpm --print-states does.
+// Sealed state is listed without its key.
 func PrintStates(cfg *swtpm.Config, log *slog.Logger, w io.Writer) error {
-	var fileKey *statefile.Key
-	if cfg.Key != "" {
-		var err error
-		if fileKey, err = statefile.ParseKeyOption(cfg.Key); err != nil {
-			return fmt.Errorf("--key: %w", err)
-		}
-	}
 	if _, err := os.Stat(cfg.StateDir); err != nil {
 		return fmt.Errorf("TPM state directory: %w", err)
 	}
-	s, _, err := openStore(cfg, fileKey, log)
-	if err != nil {
-		return err
+	var st []swtpm.StateInfo
+	if chooseFormat(cfg) == FormatSealed {
+		list, err := seal.ListStates(cfg.StateDir)
+		if err != nil {
+			return err
+		}
+		for _, x := range list {
+			st = append(st, swtpm.StateInfo{Name: x.Name, Size: x.Size})
+		}
+	} else {
+		var fileKey *statefile.Key
+		if cfg.Key != "" {
+			var err error
+			if fileKey, err = statefile.ParseKeyOption(cfg.Key); err != nil {
+				return fmt.Errorf("--key: %w", err)
+			}
+		}
+		s, err := openStore(cfg, FormatSwtpm, fileKey, nil, log)
+		if err != nil {
+			return err
+		}
+		defer s.Close()
+		list, err := s.(*statefile.Dir).States()
+		if err != nil {
+			return err
+		}
+		for _, x := range list {
+			st = append(st, swtpm.StateInfo{Name: x.Name, Size: x.Size})
+		}
 	}
-	defer s.Close()
-	st, err := states(s)
-	if err != nil {
-		return err
-	}
-	_, err = fmt.Fprintln(w, swtpm.StatesJSON(st))
+	_, err := fmt.Fprintln(w, swtpm.StatesJSON(st))
 	return err
 }
 
@@ -160,6 +188,7 @@ func (in *Instance) cleanup() {
 	if in.store != nil {
 		in.store.Close()
 	}
+	in.sealing.close()
 	for _, ln := range []net.Listener{in.ctrlLn, in.dataLn} {
 		if ln != nil {
 			ln.Close()

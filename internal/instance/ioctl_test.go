@@ -326,7 +326,7 @@ func notRunning(what string) string { return "TPM result from PTM_" + what + ": 
 var ioctlSequence = []ioctlStep{
 	// Stopped: what works without a running TPM.
 	{args: []string{"-c"}, want: "ptm capability is 0xffff\n"},
-	{args: []string{"-g"}, want: "ptm configuration flags: 0x0\n"},
+	{args: []string{"-g"}, want: "ptm configuration flags: 0x2\n"}, // both run with --migration-key
 	{args: []string{"-e"}, want: notRunning("GET_TPMESTABLISHED"), rc: 1},
 	{args: []string{"-b", "0"}, want: buffersize(4096)},
 	{args: []string{"-b", "3000"}, want: buffersize(3000)},
@@ -386,9 +386,12 @@ var ioctlSequence = []ioctlStep{
 func TestSwtpmIoctlMatchesSwtpm(t *testing.T) {
 	t.Parallel()
 	needTools(t)
+	// The same explicit migration key on both: a sealed vtpm otherwise
+	// derives one from its data key, and swtpm has none.
+	migArgs := hexKey.args(t, shortDir(t), "--migration-key")
 	procs := make([]*tpmProc, len(impls))
 	for i, im := range impls {
-		procs[i] = startTPM(t, im, tpmConfig{transport: tcpDataUnixCtrl})
+		procs[i] = startTPM(t, im, tpmConfig{transport: tcpDataUnixCtrl, args: migArgs})
 	}
 	for n, step := range ioctlSequence {
 		for _, p := range procs {
@@ -438,7 +441,10 @@ func TestSwtpmIoctlSaveLoad(t *testing.T) {
 	for _, im := range impls {
 		t.Run(string(im), func(t *testing.T) {
 			t.Parallel()
-			src := startTPM(t, im, tpmConfig{transport: tcpDataUnixCtrl})
+			// Two TPMs share state only through a shared migration key (a
+			// sealed vtpm's own is derived from its data key).
+			migArgs := hexKey.args(t, shortDir(t), "--migration-key")
+			src := startTPM(t, im, tpmConfig{transport: tcpDataUnixCtrl, args: migArgs})
 			src.mustIoctl(t, "-i")
 			src.writeMarks(t, nv, digest)
 			if got := src.readPCR(t); got != wantPCR {
@@ -451,7 +457,7 @@ func TestSwtpmIoctlSaveLoad(t *testing.T) {
 			}
 			src.shutdown(t)
 
-			dst := startTPM(t, im, tpmConfig{transport: tcpDataUnixCtrl})
+			dst := startTPM(t, im, tpmConfig{transport: tcpDataUnixCtrl, args: migArgs})
 			// Loading needs a stopped TPM, so a running one refuses.
 			dst.mustIoctl(t, "-i")
 			if out, rc := dst.ioctl(t, "--load", "permanent", blobs["permanent"]); rc != 1 || out != notRunning("SET_STATEBLOB") {
@@ -595,7 +601,12 @@ func TestCtrlWireBytes(t *testing.T) {
 			probe := unhex("00000001")
 			capReply := unhex("00000000 0000ffff")
 			for _, s := range wireSequence {
-				exchange(s.name, unhex(s.req), s.want)
+				want := s.want
+				if s.name == "GET_CONFIG" && im == ourVtpm {
+					// Sealed state has a migration key derived from its data key.
+					want = unhex("00000000 00000002")
+				}
+				exchange(s.name, unhex(s.req), want)
 				exchange(s.name+": following GET_CAPABILITY", probe, capReply)
 			}
 			exchange("SHUTDOWN", unhex("00000003"), unhex("00000000"))

@@ -7,11 +7,13 @@ import (
 	"log/slog"
 	"os"
 
-	"vtpm/internal/hostkey"
+	"vtpm/internal/keystore"
 	"vtpm/internal/libtpms"
+	"vtpm/internal/paths"
 	"vtpm/internal/seal"
 	"vtpm/internal/swtpm"
 	"vtpm/internal/swtpm/statefile"
+	"vtpm/internal/tpmkeys"
 )
 
 // store is where libtpms' blobs live: vtpm's sealed format or swtpm's files.
@@ -42,79 +44,100 @@ func chooseFormat(cfg *swtpm.Config) Format {
 	return FormatSealed
 }
 
-// openStore opens the state directory in its format and proves, before any
-// client is served, that the existing state can be read.
-func openStore(cfg *swtpm.Config, fileKey *statefile.Key, log *slog.Logger) (store, Format, error) {
-	if cfg.StateFile != "" {
-		return nil, "", fmt.Errorf("--tpmstate backend-uri=file://%s: the linear file backend is not supported; use dir://", cfg.StateFile)
+// sealingKey is what opens sealed state: the data key and where this host
+// records generations.
+type sealingKey struct {
+	dek  []byte
+	gens seal.Generations
+	host *tpmkeys.Host // keeps the keystore open for generation records
+}
+
+func (k *sealingKey) close() {
+	if k == nil {
+		return
 	}
-	format := chooseFormat(cfg)
-	switch format {
-	case FormatSwtpm:
+	clear(k.dek)
+	if k.host != nil {
+		k.host.Close()
+	}
+}
+
+// unlockSealed opens this host's keystore and the TPM's data key: from
+// --data-key when given, else from the TPM's key protector. A new state
+// directory gets a fresh key and a protector owned by this host's guardian.
+func unlockSealed(cfg *swtpm.Config, log *slog.Logger) (*sealingKey, error) {
+	host, err := tpmkeys.Open(paths.DataRoot(), keystore.Options{HostTPM: os.Getenv("VTPM_HOST_TPM"), Logger: log})
+	if err != nil {
+		return nil, err
+	}
+	k := &sealingKey{host: host, gens: host.Generations()}
+	if cfg.DataKey != "" {
+		k.dek, err = tpmkeys.ParseDataKey(cfg.DataKey)
+	} else {
+		var o *tpmkeys.Opened
+		if o, err = host.OpenTPM(cfg.StateDir); err == nil {
+			k.dek = o.DEK
+			if o.Backup != "" {
+				fmt.Fprintf(os.Stderr, "vtpm: WARNING: the key of the TPM in %s is gone; as its policy says, a FRESH TPM was provisioned. The old state is kept in %s.\n", cfg.StateDir, o.Backup)
+			}
+			log.Info("opened the TPM's data key", "tpm", o.TPM, "by", o.By, "new", o.Created)
+		}
+	}
+	if err != nil {
+		host.Close()
+		return nil, err
+	}
+	return k, nil
+}
+
+// openStore opens the state directory in its format and proves, before any
+// client is served, that the existing state can be read. key is nil for swtpm's format.
+func openStore(cfg *swtpm.Config, format Format, fileKey *statefile.Key, key *sealingKey, log *slog.Logger) (store, error) {
+	if cfg.StateFile != "" {
+		return nil, fmt.Errorf("--tpmstate backend-uri=file://%s: the linear file backend is not supported; use dir://", cfg.StateFile)
+	}
+	if format == FormatSwtpm {
 		if err := os.MkdirAll(cfg.StateDir, 0o750); err != nil {
-			return nil, "", fmt.Errorf("create state directory: %w", err)
+			return nil, fmt.Errorf("create state directory: %w", err)
 		}
 		d, err := statefile.OpenDir(cfg.StateDir, fileKey, cfg.StateMode)
 		if err != nil {
-			return nil, "", err
+			return nil, err
 		}
 		if err := d.Init(); err != nil {
 			d.Close()
-			return nil, "", err
+			return nil, err
 		}
-		return d, format, nil
+		return d, nil
 	}
 	if cfg.Key != "" {
 		log.Warn("the state directory holds vtpm sealed state: --key does not apply to it; it is sealed with the data key", "state", cfg.StateDir)
-	}
-	key, err := hostkey.DataKey(cfg.DataKey)
-	if err != nil {
-		return nil, "", err
 	}
 	mode := os.FileMode(0o600)
 	if cfg.StateModeSet {
 		mode = cfg.StateMode
 	}
+	gens := key.gens
+	if cfg.RunAs != "" {
+		// The keystore is not writable after dropping privileges.
+		log.Warn("--runas: generations are not recorded, so rollback of this TPM's state is not detected", "state", cfg.StateDir)
+		gens = nil
+	}
 	s, err := seal.Open(cfg.StateDir, seal.Options{
-		Key:           key,
-		Generations:   hostkey.Generations(),
+		Key:           key.dek,
+		Generations:   gens,
 		AllowRollback: cfg.AllowRollback,
 		FileMode:      mode,
 		Logger:        log,
 	})
-	clear(key)
 	if err != nil {
-		return nil, "", err
+		return nil, err
 	}
 	for _, name := range []string{"permall", "volatilestate"} {
 		if _, err := s.Load(name); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			s.Close()
-			return nil, "", fmt.Errorf("TPM state in %s cannot be opened; nothing was changed: %w", cfg.StateDir, err)
+			return nil, fmt.Errorf("TPM state in %s cannot be opened; nothing was changed: %w", cfg.StateDir, err)
 		}
 	}
-	return s, format, nil
-}
-
-// states lists the stored blobs for --print-states.
-func states(s store) ([]swtpm.StateInfo, error) {
-	var out []swtpm.StateInfo
-	switch s := s.(type) {
-	case *seal.Store:
-		st, err := s.States()
-		if err != nil {
-			return nil, err
-		}
-		for _, x := range st {
-			out = append(out, swtpm.StateInfo{Name: x.Name, Size: x.Size})
-		}
-	case *statefile.Dir:
-		st, err := s.States()
-		if err != nil {
-			return nil, err
-		}
-		for _, x := range st {
-			out = append(out, swtpm.StateInfo{Name: x.Name, Size: x.Size})
-		}
-	}
-	return out, nil
+	return s, nil
 }

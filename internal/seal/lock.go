@@ -82,3 +82,14 @@ func idOf(st os.FileInfo) fileID {
 	}
 	return fileID{}
 }
+
+// Lock takes the state directory's lock without opening its state, for
+// operations that move state aside (reprovisioning). Call the returned
+// function to release it.
+func Lock(dir string) (unlock func() error, err error) {
+	l, err := lockDir(dir, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	return l.unlock, nil
+}

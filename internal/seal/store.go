@@ -104,6 +104,28 @@ func Open(dir string, opts Options) (*Store, error) {
 	}, nil
 }
 
+// Identify returns the UUID of the TPM whose state is in dir, giving a new
+// directory one (and creating it). Key protectors are bound to this UUID, so
+// it is needed before the state can be opened.
+func Identify(dir string) (uuid.UUID, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return uuid.Nil, fmt.Errorf("create state directory: %w", err)
+	}
+	return loadOrCreateStateFile(dir, 0o600)
+}
+
+// HasBlobs reports whether dir holds any sealed blob (current or previous copy).
+func HasBlobs(dir string) bool {
+	for _, n := range Names {
+		for _, p := range []string{sealedPath(dir, n), sealedPath(dir, n) + prevExt} {
+			if _, err := os.Lstat(p); err == nil {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 func loadOrCreateStateFile(dir string, mode os.FileMode) (uuid.UUID, error) {
 	path := filepath.Join(dir, StateFileName)
 	data, err := os.ReadFile(path)
@@ -436,9 +458,15 @@ func (s *Store) States() ([]StateInfo, error) {
 	if err := s.checkOpen(); err != nil {
 		return nil, err
 	}
+	return ListStates(s.dir)
+}
+
+// ListStates lists the blobs stored in dir without opening them (no key is
+// needed): what swtpm's --print-states reports.
+func ListStates(dir string) ([]StateInfo, error) {
 	var out []StateInfo
 	for _, n := range Names {
-		cur := sealedPath(s.dir, n)
+		cur := sealedPath(dir, n)
 		st, err := os.Stat(cur)
 		if errors.Is(err, fs.ErrNotExist) {
 			st, err = os.Stat(cur + prevExt)
@@ -447,7 +475,7 @@ func (s *Store) States() ([]StateInfo, error) {
 			continue
 		}
 		if err != nil {
-			return nil, fmt.Errorf("list states in %s: %w", s.dir, err)
+			return nil, fmt.Errorf("list states in %s: %w", dir, err)
 		}
 		out = append(out, StateInfo{Name: n, Size: max(st.Size()-Overhead, 0)})
 	}

@@ -38,7 +38,10 @@ type Options struct {
 	Source      string           // swtpm state directory
 	Dest        string           // where the sealed state goes; "" = Source (in place)
 	FileKey     *statefile.Key   // swtpm's --key; nil for plain state
-	DataKey     []byte           // 32-byte sealing key
+	// DataKey returns the 32-byte sealing key for the new state. It is called
+	// with the staging directory, into which it may write files that belong
+	// beside the sealed state (the key protector); they are moved in with it.
+	DataKey     func(staging string) ([]byte, error)
 	Generations seal.Generations // the host's generation records; may be nil
 	FileMode    os.FileMode      // of the sealed files; 0 = 0600
 	Now         func() time.Time // names the backup; nil = time.Now
@@ -76,8 +79,8 @@ func Import(opts Options) (*Result, error) {
 	if opts.Source == "" {
 		return nil, errors.New("no swtpm state directory given")
 	}
-	if len(opts.DataKey) != 32 {
-		return nil, fmt.Errorf("data key is %d bytes, want 32", len(opts.DataKey))
+	if opts.DataKey == nil {
+		return nil, errors.New("no data key source")
 	}
 	src, err := filepath.Abs(opts.Source)
 	if err != nil {
@@ -296,8 +299,16 @@ func stageAndMove(dest string, states map[string][]byte, opts Options, owner own
 		return uuid.Nil, fmt.Errorf("create staging directory in %s: %w", dest, err)
 	}
 	defer os.RemoveAll(staging)
+	key, err := opts.DataKey(staging)
+	if err != nil {
+		return uuid.Nil, err
+	}
+	if len(key) != 32 {
+		return uuid.Nil, fmt.Errorf("data key is %d bytes, want 32", len(key))
+	}
+	defer clear(key)
 	s, err := seal.Open(staging, seal.Options{
-		Key:         opts.DataKey,
+		Key:         key,
 		Generations: opts.Generations,
 		FileMode:    opts.FileMode,
 		Logger:      opts.Logger,

@@ -150,7 +150,7 @@ func TestImport(t *testing.T) {
 			states := writeSwtpm(t, src, tc.key, tc.names...)
 			before := tree(t, src)
 			gens := seal.NewFileGenerations(t.TempDir())
-			opts := Options{Source: src, FileKey: tc.key, DataKey: dataKey, Generations: gens, Now: func() time.Time { return now }}
+			opts := Options{Source: src, FileKey: tc.key, DataKey: fixedKey(dataKey), Generations: gens, Now: func() time.Time { return now }}
 			dest := src
 			if tc.toDest {
 				dest = filepath.Join(t.TempDir(), "new", "sealed")
@@ -330,7 +330,7 @@ func TestImportRefuses(t *testing.T) {
 			if tc.inPlace {
 				d = ""
 			}
-			res, err := Import(Options{Source: src, Dest: d, FileKey: tc.key, DataKey: dk, Now: func() time.Time { return now }})
+			res, err := Import(Options{Source: src, Dest: d, FileKey: tc.key, DataKey: fixedKey(dk), Now: func() time.Time { return now }})
 			if err == nil {
 				t.Fatalf("Import succeeded: %+v", res)
 			}
@@ -355,7 +355,7 @@ func TestImportRefuses(t *testing.T) {
 
 func TestImportMissingSource(t *testing.T) {
 	t.Parallel()
-	_, err := Import(Options{Source: filepath.Join(t.TempDir(), "absent"), DataKey: dataKey})
+	_, err := Import(Options{Source: filepath.Join(t.TempDir(), "absent"), DataKey: fixedKey(dataKey)})
 	if !errors.Is(err, fs.ErrNotExist) {
 		t.Fatalf("Import of a missing directory: %v, want fs.ErrNotExist", err)
 	}
@@ -378,7 +378,7 @@ func TestImportKeepsOwner(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		opts := Options{Source: src, DataKey: dataKey}
+		opts := Options{Source: src, DataKey: fixedKey(dataKey)}
 		if toDest {
 			opts.Dest = filepath.Join(t.TempDir(), "sealed")
 		}
@@ -403,4 +403,9 @@ func TestImportKeepsOwner(t *testing.T) {
 			}
 		}
 	}
+}
+
+// fixedKey returns a DataKey source that hands out a copy of k.
+func fixedKey(k []byte) func(string) ([]byte, error) {
+	return func(string) ([]byte, error) { return bytes.Clone(k), nil }
 }

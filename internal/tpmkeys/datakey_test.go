@@ -1,4 +1,4 @@
-package hostkey
+package tpmkeys
 
 import (
 	"bytes"
@@ -13,7 +13,7 @@ import (
 
 var key32 = bytes.Repeat([]byte{0xA5, 0x01, 0x7E, 0xFF}, 8)
 
-func TestDataKey(t *testing.T) {
+func TestParseDataKey(t *testing.T) {
 	t.Parallel()
 	hexKey := hex.EncodeToString(key32)
 	tests := []struct {
@@ -39,7 +39,7 @@ func TestDataKey(t *testing.T) {
 			if err := os.WriteFile(p, tc.content, 0o600); err != nil {
 				t.Fatal(err)
 			}
-			got, err := DataKey("file=" + p + tc.opts)
+			got, err := ParseDataKey("file=" + p + tc.opts)
 			if tc.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 					t.Fatalf("DataKey: %v, want an error containing %q", err, tc.wantErr)
@@ -53,16 +53,16 @@ func TestDataKey(t *testing.T) {
 	}
 }
 
-func TestDataKeyMissingSource(t *testing.T) {
+func TestParseDataKeyMissingSource(t *testing.T) {
 	t.Parallel()
 	for _, opt := range []string{"format=hex", "file=" + filepath.Join(t.TempDir(), "absent")} {
-		if _, err := DataKey(opt); err == nil || !strings.Contains(err.Error(), "--data-key") {
-			t.Errorf("DataKey(%q) = %v, want a --data-key error", opt, err)
+		if _, err := ParseDataKey(opt); err == nil || !strings.Contains(err.Error(), "--data-key") {
+			t.Errorf("ParseDataKey(%q) = %v, want a --data-key error", opt, err)
 		}
 	}
 }
 
-func TestDataKeyFD(t *testing.T) {
+func TestParseDataKeyFD(t *testing.T) {
 	t.Parallel()
 	r, w, err := os.Pipe()
 	if err != nil {
@@ -76,53 +76,8 @@ func TestDataKeyFD(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got, err := DataKey("fd=" + strconv.Itoa(fd))
+	got, err := ParseDataKey("fd=" + strconv.Itoa(fd))
 	if err != nil || !bytes.Equal(got, key32) {
-		t.Fatalf("DataKey(fd) = %x, %v; want %x", got, err, key32)
-	}
-}
-
-func TestHostKeyCreatedOnceAndKept(t *testing.T) {
-	t.Parallel()
-	path := filepath.Join(t.TempDir(), "root", "host.key")
-	k1, err := Load(path)
-	if err != nil || len(k1) != 32 {
-		t.Fatalf("first Load = %x, %v; want a new 32-byte key", k1, err)
-	}
-	fi, err := os.Stat(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if fi.Mode().Perm() != 0o600 {
-		t.Errorf("host key mode %o, want 600", fi.Mode().Perm())
-	}
-	k2, err := Load(path)
-	if err != nil || !bytes.Equal(k1, k2) {
-		t.Fatalf("second Load = %x, %v; want the first key %x", k2, err, k1)
-	}
-	if err := os.WriteFile(path, []byte("garbage\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := Load(path); err == nil || !strings.Contains(err.Error(), "is damaged") {
-		t.Fatalf("Load of a damaged key: %v, want 'is damaged'", err)
-	}
-}
-
-func TestDataKeyDefaultsToHostKey(t *testing.T) {
-	root := t.TempDir()
-	t.Setenv("VTPM_HOME", root)
-	if got, want := Path(), filepath.Join(root, "host.key"); got != want {
-		t.Fatalf("Path() = %s, want %s", got, want)
-	}
-	k, err := DataKey("")
-	if err != nil {
-		t.Fatal(err)
-	}
-	raw, err := os.ReadFile(filepath.Join(root, "host.key"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if strings.TrimSpace(string(raw)) != hex.EncodeToString(k) {
-		t.Fatalf("DataKey(\"\") = %x, host.key holds %q", k, raw)
+		t.Fatalf("ParseDataKey(fd) = %x, %v; want %x", got, err, key32)
 	}
 }

@@ -1,0 +1,444 @@
+// Package tpmkeys opens a TPM's data key on this host: it keeps the host's
+// guardians in the keystore, reads and writes key protectors beside sealed
+// state, and applies a TPM's policy when its key is gone.
+package tpmkeys
+
+import (
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+
+	"vtpm/internal/guardian"
+	"vtpm/internal/keystore"
+	"vtpm/internal/seal"
+)
+
+// Files beside the sealed state.
+const (
+	ProtectorFile = "protector.json"
+	PolicyFile    = "policy.json"
+)
+
+// Keystore record kinds.
+const (
+	kindGuardian = "guardian" // name: fingerprint; data: guardian.Marshal with private key
+	kindHost     = "host"     // name "local": fingerprint of this host's own guardian
+	kindTPMKey   = "tpm-key"  // name: TPM UUID; data: an imported DEK
+)
+
+// ErrConflict reports an import of something this host already holds.
+var ErrConflict = errors.New("already present")
+
+// Host is this host's key material: its keystore and the guardians in it.
+type Host struct {
+	ks  *keystore.Keystore
+	log *slog.Logger
+}
+
+// Open opens the host keystore under dataRoot, creating it on first use.
+func Open(dataRoot string, opts keystore.Options) (*Host, error) {
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	ks, err := keystore.Open(filepath.Join(dataRoot, "keystore"), opts)
+	if err != nil {
+		return nil, err
+	}
+	return &Host{ks: ks, log: opts.Logger}, nil
+}
+
+// Close closes the keystore.
+func (h *Host) Close() error { return h.ks.Close() }
+
+// Keystore returns the underlying keystore.
+func (h *Host) Keystore() *keystore.Keystore { return h.ks }
+
+// Generations is where this host remembers the newest state generation of
+// every TPM it has opened (rollback protection).
+func (h *Host) Generations() seal.Generations { return h.ks.Generations() }
+
+// Local returns this host's own guardian, creating it on first use.
+func (h *Host) Local() (*guardian.Guardian, error) {
+	fp, err := h.ks.Get(kindHost, "local")
+	if err == nil {
+		return h.guardian(string(fp))
+	}
+	if !errors.Is(err, fs.ErrNotExist) {
+		return nil, err
+	}
+	name, _ := os.Hostname()
+	if name == "" {
+		name = "localhost"
+	}
+	g, err := guardian.New("host:"+name, guardian.MLKEM768X25519)
+	if err != nil {
+		return nil, fmt.Errorf("create this host's guardian: %w", err)
+	}
+	if err := h.put(g); err != nil {
+		return nil, err
+	}
+	if err := h.ks.Put(kindHost, "local", []byte(g.Fingerprint())); err != nil {
+		return nil, err
+	}
+	h.log.Info("created this host's guardian", "name", g.Name(), "fingerprint", g.Fingerprint())
+	return g, nil
+}
+
+func (h *Host) put(g *guardian.Guardian) error {
+	b, err := g.Marshal()
+	if err != nil {
+		return fmt.Errorf("store guardian %s: %w", g.Name(), err)
+	}
+	return h.ks.Put(kindGuardian, g.Fingerprint(), b)
+}
+
+func (h *Host) guardian(fp string) (*guardian.Guardian, error) {
+	b, err := h.ks.Get(kindGuardian, fp)
+	if err != nil {
+		return nil, err
+	}
+	g, err := guardian.Parse(b)
+	if err != nil {
+		return nil, fmt.Errorf("guardian %s in the keystore is damaged: %w", fp, err)
+	}
+	return g, nil
+}
+
+// Guardians returns every guardian this host holds, its own first.
+func (h *Host) Guardians() ([]*guardian.Guardian, error) {
+	local, err := h.Local()
+	if err != nil {
+		return nil, err
+	}
+	fps, err := h.ks.List(kindGuardian)
+	if err != nil {
+		return nil, err
+	}
+	gs := []*guardian.Guardian{local}
+	for _, fp := range fps {
+		if fp == local.Fingerprint() {
+			continue
+		}
+		g, err := h.guardian(fp)
+		if err != nil {
+			return nil, err
+		}
+		gs = append(gs, g)
+	}
+	return gs, nil
+}
+
+// Find returns the held guardian whose name or fingerprint (or a prefix of
+// at least 8 hex digits of it) is ref.
+func (h *Host) Find(ref string) (*guardian.Guardian, error) {
+	gs, err := h.Guardians()
+	if err != nil {
+		return nil, err
+	}
+	var found []*guardian.Guardian
+	for _, g := range gs {
+		if g.Name() == ref || g.Fingerprint() == ref || (len(ref) >= 8 && strings.HasPrefix(g.Fingerprint(), ref)) {
+			found = append(found, g)
+		}
+	}
+	switch len(found) {
+	case 0:
+		return nil, fmt.Errorf("no guardian %q on this host; `vtpm guardian list` shows the ones it holds", ref)
+	case 1:
+		return found[0], nil
+	}
+	return nil, fmt.Errorf("%q names %d guardians; give a fingerprint instead", ref, len(found))
+}
+
+// Import adds a guardian (with its private key) to this host. A guardian
+// already present is a conflict unless replace is set.
+func (h *Host) Import(g *guardian.Guardian, replace bool) error {
+	if !g.HasPrivate() {
+		return fmt.Errorf("guardian %s has no private key: a host can only hold guardians it can open protectors with; grant a certificate-only guardian with `vtpm protector grant` instead", g.Name())
+	}
+	if _, err := h.ks.Get(kindGuardian, g.Fingerprint()); err == nil && !replace {
+		return fmt.Errorf("guardian %s (%s) is %w on this host; pass --replace to overwrite it", g.Name(), g.Fingerprint(), ErrConflict)
+	}
+	return h.put(g)
+}
+
+// Remove deletes a guardian from this host. The host's own guardian cannot be removed.
+func (h *Host) Remove(ref string) (*guardian.Guardian, error) {
+	g, err := h.Find(ref)
+	if err != nil {
+		return nil, err
+	}
+	local, err := h.Local()
+	if err != nil {
+		return nil, err
+	}
+	if g.Fingerprint() == local.Fingerprint() {
+		return nil, fmt.Errorf("guardian %s is this host's own guardian and cannot be removed", g.Name())
+	}
+	return g, h.ks.Delete(kindGuardian, g.Fingerprint())
+}
+
+// ImportKey stores a TPM's data key, exported from another host, so that
+// this host can open that TPM. A different key already held for the same TPM
+// is a conflict unless replace is set.
+func (h *Host) ImportKey(id uuid.UUID, dek []byte, replace bool) error {
+	if old, err := h.ks.Get(kindTPMKey, id.String()); err == nil && !replace {
+		same := string(old) == string(dek)
+		clear(old)
+		if same {
+			return nil
+		}
+		return fmt.Errorf("a different key for TPM %s is %w on this host; pass --replace to overwrite it", id, ErrConflict)
+	}
+	return h.ks.Put(kindTPMKey, id.String(), dek)
+}
+
+// Policy is a TPM's key policy, stored beside its state.
+type Policy struct {
+	// OnMissingKey is "fail" (default) or "reprovision".
+	OnMissingKey string `json:"on_missing_key"`
+}
+
+// ReadPolicy reads dir's policy; a missing file is the default policy.
+func ReadPolicy(dir string) (Policy, error) {
+	p := Policy{OnMissingKey: "fail"}
+	b, err := os.ReadFile(filepath.Join(dir, PolicyFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return p, nil
+	}
+	if err != nil {
+		return p, err
+	}
+	if err := json.Unmarshal(b, &p); err != nil {
+		return p, fmt.Errorf("%s is damaged: %w", filepath.Join(dir, PolicyFile), err)
+	}
+	return p, p.validate()
+}
+
+func (p Policy) validate() error {
+	switch p.OnMissingKey {
+	case "fail", "reprovision":
+		return nil
+	}
+	return fmt.Errorf("on-missing-key %q: want fail or reprovision", p.OnMissingKey)
+}
+
+// WritePolicy stores dir's policy.
+func WritePolicy(dir string, p Policy) error {
+	if err := p.validate(); err != nil {
+		return err
+	}
+	b, _ := json.MarshalIndent(p, "", "  ")
+	return writeFile(filepath.Join(dir, PolicyFile), append(b, '\n'))
+}
+
+// Opened is the outcome of opening a TPM's key.
+type Opened struct {
+	TPM uuid.UUID
+	DEK []byte
+	// By names what opened it: a guardian, or "imported key".
+	By string
+	// Created is set when the TPM is new and got its first protector.
+	Created bool
+	// Backup is where the old state went when the TPM was reprovisioned.
+	Backup string
+}
+
+// OpenTPM returns the data key of the TPM whose state is in dir. A new
+// directory gets a fresh key and a protector owned by this host's guardian.
+func (h *Host) OpenTPM(dir string) (*Opened, error) {
+	id, err := seal.Identify(dir)
+	if err != nil {
+		return nil, err
+	}
+	p, err := ReadProtector(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		if dek, ok := h.importedKey(id); ok {
+			return &Opened{TPM: id, DEK: dek, By: "imported key"}, nil
+		}
+		if seal.HasBlobs(dir) {
+			return nil, fmt.Errorf("TPM %s in %s has sealed state but no key protector (%s): restore %s from a backup, or import the TPM's key with `vtpm key import`", id, dir, ProtectorFile, ProtectorFile)
+		}
+		return h.create(dir, id)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if p.TPM() != id {
+		return nil, fmt.Errorf("%s belongs to TPM %s, but %s holds TPM %s: the files were mixed up; restore the right %s", filepath.Join(dir, ProtectorFile), p.TPM(), dir, id, ProtectorFile)
+	}
+	gs, err := h.Guardians()
+	if err != nil {
+		return nil, err
+	}
+	dek, by, err := p.Open(gs)
+	if err == nil {
+		return &Opened{TPM: id, DEK: dek, By: by.Name()}, nil
+	}
+	var none *guardian.NoGuardianError
+	if !errors.As(err, &none) {
+		return nil, fmt.Errorf("open key protector of TPM %s: %w", id, err)
+	}
+	if dek, ok := h.importedKey(id); ok {
+		return &Opened{TPM: id, DEK: dek, By: "imported key"}, nil
+	}
+	pol, perr := ReadPolicy(dir)
+	if perr != nil {
+		return nil, perr
+	}
+	if pol.OnMissingKey == "reprovision" {
+		return h.reprovision(dir, id, none)
+	}
+	return nil, &MissingKeyError{Dir: dir, TPM: id, Rows: none.Rows, Held: gs}
+}
+
+func (h *Host) importedKey(id uuid.UUID) ([]byte, bool) {
+	dek, err := h.ks.Get(kindTPMKey, id.String())
+	return dek, err == nil && len(dek) == 32
+}
+
+func (h *Host) create(dir string, id uuid.UUID) (*Opened, error) {
+	local, err := h.Local()
+	if err != nil {
+		return nil, err
+	}
+	dek := make([]byte, 32)
+	rand.Read(dek)
+	p, err := guardian.NewProtector(id, dek, local)
+	if err != nil {
+		return nil, err
+	}
+	if err := WriteProtector(dir, p); err != nil {
+		return nil, err
+	}
+	h.log.Info("new TPM: created its data key and key protector", "tpm", id, "owner", local.Name())
+	return &Opened{TPM: id, DEK: dek, By: local.Name(), Created: true}, nil
+}
+
+// reprovision moves the unopenable state into a timestamped backup directory
+// beside it and starts a fresh TPM. Nothing is deleted.
+func (h *Host) reprovision(dir string, old uuid.UUID, why *guardian.NoGuardianError) (*Opened, error) {
+	unlock, err := seal.Lock(dir)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	backup := filepath.Join(dir, "backup-"+time.Now().UTC().Format("20060102T150405Z"))
+	if err := os.Mkdir(backup, 0o700); err != nil {
+		return nil, fmt.Errorf("reprovision: create backup directory: %w", err)
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	for _, e := range entries {
+		n := e.Name()
+		if n == seal.LockName || n == PolicyFile || strings.HasPrefix(n, "backup-") || e.Type()&fs.ModeSocket != 0 {
+			continue
+		}
+		if err := os.Rename(filepath.Join(dir, n), filepath.Join(backup, n)); err != nil {
+			return nil, fmt.Errorf("reprovision: move %s to %s: %w (the state is partly moved; nothing was deleted)", n, backup, err)
+		}
+	}
+	syncDir(dir)
+	id, err := seal.Identify(dir)
+	if err != nil {
+		return nil, err
+	}
+	o, err := h.create(dir, id)
+	if err != nil {
+		return nil, err
+	}
+	o.Backup = backup
+	h.log.Warn("REPROVISIONED: the TPM's key is gone and its policy is on-missing-key=reprovision; "+
+		"a fresh TPM replaces it (BitLocker and other sealed secrets will ask for recovery)",
+		"old_tpm", old, "new_tpm", id, "backup", backup, "guardians_that_could_open_it", len(why.Rows))
+	return o, nil
+}
+
+// ReadProtector reads and verifies dir's key protector.
+func ReadProtector(dir string) (*guardian.Protector, error) {
+	path := filepath.Join(dir, ProtectorFile)
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	p, err := guardian.ParseProtector(b)
+	if err != nil {
+		return nil, fmt.Errorf("%s is rejected: %w (it was changed outside vtpm; restore it from a backup)", path, err)
+	}
+	return p, nil
+}
+
+// WriteProtector stores dir's key protector crash-safely.
+func WriteProtector(dir string, p *guardian.Protector) error {
+	return writeFile(filepath.Join(dir, ProtectorFile), p.Marshal())
+}
+
+func writeFile(path string, data []byte) error {
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	syncDir(filepath.Dir(path))
+	return nil
+}
+
+func syncDir(dir string) {
+	if d, err := os.Open(dir); err == nil {
+		d.Sync()
+		d.Close()
+	}
+}
+
+// MissingKeyError says that no guardian on this host can open a TPM, who
+// could, and the ways out.
+type MissingKeyError struct {
+	Dir  string
+	TPM  uuid.UUID
+	Rows []guardian.Row
+	Held []*guardian.Guardian
+}
+
+func (e *MissingKeyError) Error() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "TPM %s (%s) cannot be opened on this host: no guardian here can unwrap its data key.\n", e.TPM, e.Dir)
+	b.WriteString("Its key protector admits:\n")
+	for _, r := range e.Rows {
+		fmt.Fprintf(&b, "  - %s (fingerprint %s)\n", r.Name, r.Fingerprint)
+	}
+	b.WriteString("This host holds:\n")
+	for _, g := range e.Held {
+		fmt.Fprintf(&b, "  - %s (fingerprint %s)\n", g.Name(), g.Fingerprint())
+	}
+	b.WriteString("Ways out:\n")
+	b.WriteString("  - import one of the admitted guardians: `vtpm guardian export NAME -o G.p12` where it lives, then `vtpm guardian import G.p12` here\n")
+	b.WriteString("  - grant this host from a host that can open the TPM: `vtpm guardian export --certs-only -o host.pem` here, then `vtpm protector grant DIR host.pem` there\n")
+	b.WriteString("  - import the TPM's key exported with `vtpm key export`: `vtpm key import FILE`\n")
+	fmt.Fprintf(&b, "  - or give up the old state and start a fresh TPM (kept as a backup): `vtpm tpm policy %s --on-missing-key reprovision`", e.Dir)
+	return b.String()
+}
