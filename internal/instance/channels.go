@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"os/user"
+	"runtime"
 	"strconv"
 	"syscall"
 
@@ -163,7 +164,9 @@ func (in *Instance) serveData(conn net.Conn, disconnect, terminate bool) {
 			in.finish(nil)
 		}
 	}()
-	r := swtpm.NewDataReader(conn)
+	rw, closeRW := blockingIO(conn)
+	defer closeRW()
+	r := swtpm.NewDataReader(rw)
 	for {
 		req, err := r.Read()
 		if err != nil {
@@ -176,7 +179,7 @@ func (in *Instance) serveData(conn net.Conn, disconnect, terminate bool) {
 		if req.Prefixed {
 			rsp = swtpm.WrapResponse(rsp)
 		}
-		if _, err := conn.Write(rsp); err != nil {
+		if _, err := rw.Write(rsp); err != nil {
 			in.log.Debug("data channel write", "err", err)
 			return
 		}
@@ -232,4 +235,70 @@ func dropPrivileges(name string) error {
 		return fmt.Errorf("--runas %s: setuid: %w", name, err)
 	}
 	return nil
+}
+
+// fdIO reads and writes a socket with plain blocking system calls.
+type fdIO int
+
+func (f fdIO) Read(p []byte) (int, error) {
+	for {
+		n, err := syscall.Read(int(f), p)
+		switch {
+		case err == syscall.EINTR:
+			continue
+		case err != nil:
+			return 0, err
+		case n == 0 && len(p) > 0:
+			return 0, io.EOF
+		}
+		return n, nil
+	}
+}
+
+func (f fdIO) Write(p []byte) (int, error) {
+	for {
+		n, err := syscall.Write(int(f), p)
+		if err == syscall.EINTR {
+			continue
+		}
+		if err == nil && n < len(p) {
+			return n, io.ErrShortWrite
+		}
+		return n, err
+	}
+}
+
+// blockingIO returns blocking I/O on a copy of conn's socket, for use on a
+// goroutine locked to its thread. The data channel is strictly request and
+// response: a blocking read wakes straight into the next command, where the
+// netpoller's try-park-wake cycle adds system calls and a thread hand-off to
+// every round trip. It falls back to conn itself.
+func blockingIO(conn net.Conn) (io.ReadWriter, func()) {
+	sc, ok := conn.(syscall.Conn)
+	if !ok {
+		return conn, func() {}
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return conn, func() {}
+	}
+	fd := -1
+	raw.Control(func(s uintptr) {
+		if d, err := syscall.Dup(int(s)); err == nil {
+			fd = d
+		}
+	})
+	if fd < 0 {
+		return conn, func() {}
+	}
+	syscall.CloseOnExec(fd)
+	if err := syscall.SetNonblock(fd, false); err != nil {
+		syscall.Close(fd)
+		return conn, func() {}
+	}
+	runtime.LockOSThread()
+	return fdIO(fd), func() {
+		syscall.Close(fd)
+		runtime.UnlockOSThread()
+	}
 }

@@ -13,7 +13,6 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -93,8 +92,10 @@ const (
 )
 
 var (
-	kindRE = regexp.MustCompile(`^[a-z][a-z0-9-]{0,63}$`)
-	nameRE = regexp.MustCompile(`^[A-Za-z0-9_@+-][A-Za-z0-9._@+-]{0,199}$`)
+	// Record kinds and names are checked by hand: compiling regexps at
+	// package init costs every vTPM process start about a millisecond.
+	kindRE = charsetMatcher{first: "abcdefghijklmnopqrstuvwxyz", rest: "abcdefghijklmnopqrstuvwxyz0123456789-", max: 64}
+	nameRE = charsetMatcher{first: alnum + "_@+-", rest: alnum + "._@+-", max: 200}
 	// geteuid is a seam for tests that check ownership as another user.
 	geteuid = os.Geteuid
 )
@@ -399,4 +400,24 @@ func readFileNoFollow(p string) ([]byte, error) {
 		return nil, err
 	}
 	return buf.Bytes(), nil
+}
+
+const alnum = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+
+// charsetMatcher accepts 1..max bytes: the first from first, the rest from rest.
+type charsetMatcher struct {
+	first, rest string
+	max         int
+}
+
+func (m charsetMatcher) MatchString(s string) bool {
+	if len(s) == 0 || len(s) > m.max || !strings.ContainsRune(m.first, rune(s[0])) {
+		return false
+	}
+	for i := 1; i < len(s); i++ {
+		if !strings.ContainsRune(m.rest, rune(s[i])) {
+			return false
+		}
+	}
+	return true
 }
