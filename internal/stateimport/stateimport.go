@@ -35,9 +35,9 @@ import (
 
 // Options configure Import.
 type Options struct {
-	Source      string           // swtpm state directory
-	Dest        string           // where the sealed state goes; "" = Source (in place)
-	FileKey     *statefile.Key   // swtpm's --key; nil for plain state
+	Source  string         // swtpm state directory
+	Dest    string         // where the sealed state goes; "" = Source (in place)
+	FileKey *statefile.Key // swtpm's --key; nil for plain state
 	// DataKey returns the 32-byte sealing key for the new state. It is called
 	// with the staging directory, into which it may write files that belong
 	// beside the sealed state (the key protector); they are moved in with it.
