@@ -1,0 +1,422 @@
+package instance_test
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"io/fs"
+	"maps"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+)
+
+// tamperFixture is manufactured state shared by the tamper cases: TPM A
+// (counter 1, then 2) with a copy of its permall files from when the counter
+// was 1; TPM B, another TPM sealed under A's data key (--data-key); and TPM C,
+// another TPM with its own key from its own key protector.
+type tamperFixture struct {
+	home             string            // data root: keystore with keys and generation records
+	dirA, dirB, dirC string            // state directories
+	old              map[string][]byte // A's permall.sealed and .prev at counter 1
+	uuidA            string
+	uuidB            string
+	uuidC            string
+}
+
+func manufactureTamperFixture(t *testing.T) *tamperFixture {
+	t.Helper()
+	base := t.TempDir()
+	f := &tamperFixture{
+		home: filepath.Join(base, "home"),
+		dirA: filepath.Join(base, "a"),
+		dirB: filepath.Join(base, "b"),
+		dirC: filepath.Join(base, "c"),
+		old:  map[string][]byte{},
+	}
+	// Each run: start, (define,) write the counter, STORE_VOLATILE, shut down.
+	run := func(dir string, define bool, value uint64, args ...string) {
+		p := startVTPM(t, f.home, dir, args...)
+		tpm, err := p.dial(t)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if define {
+			if err := defineCounter(tpm); err != nil {
+				t.Fatalf("NV_DefineSpace: %v", err)
+			}
+		}
+		if err := writeCounter(tpm, value); err != nil {
+			t.Fatalf("NV_Write: %v", err)
+		}
+		p.shutdown(t)
+	}
+	run(f.dirA, true, 1)
+	for _, n := range []string{"permall.sealed", "permall.sealed.prev"} {
+		f.old[n] = mustReadFile(t, filepath.Join(f.dirA, n))
+	}
+	run(f.dirA, false, 2)
+	dek, _ := tpmKeys(t, f.home, f.dirA)
+	keyA := filepath.Join(base, "a.key")
+	mustWriteFile(t, keyA, []byte(hex.EncodeToString(dek)))
+	run(f.dirB, true, 99, "--data-key", "file="+keyA)
+	run(f.dirC, true, 98)
+	f.uuidA, f.uuidB, f.uuidC = tpmUUID(t, f.dirA).String(), tpmUUID(t, f.dirB).String(), tpmUUID(t, f.dirC).String()
+	return f
+}
+
+func mustReadFile(t testing.TB, path string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func mustWriteFile(t testing.TB, path string, b []byte) {
+	t.Helper()
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// copyTree copies the regular files and directories under src to dst.
+func copyTree(t testing.TB, src, dst string) {
+	t.Helper()
+	err := filepath.WalkDir(src, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(src, p)
+		to := filepath.Join(dst, rel)
+		info, err := d.Info()
+		if err != nil {
+			return err
+		}
+		if d.IsDir() {
+			return os.MkdirAll(to, info.Mode().Perm())
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return err
+		}
+		return os.WriteFile(to, b, info.Mode().Perm())
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+type fileSnap struct {
+	mode    fs.FileMode
+	content string
+}
+
+// snapshotTree records every file and directory under root.
+func snapshotTree(t testing.TB, root string) map[string]fileSnap {
+	t.Helper()
+	snap := map[string]fileSnap{}
+	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(root, p)
+		info, err := d.Info()
+		if err != nil {
+			return err
+		}
+		s := fileSnap{mode: info.Mode()}
+		if info.Mode().IsRegular() {
+			b, err := os.ReadFile(p)
+			if err != nil {
+				return err
+			}
+			s.content = string(b)
+		}
+		snap[rel] = s
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return snap
+}
+
+// diffSnapshots describes how after differs from before, or returns "".
+func diffSnapshots(before, after map[string]fileSnap) string {
+	var d []string
+	for _, name := range slices.Sorted(maps.Keys(before)) {
+		a, ok := after[name]
+		switch {
+		case !ok:
+			d = append(d, name+" was deleted")
+		case a.mode != before[name].mode:
+			d = append(d, name+" changed mode from "+before[name].mode.String()+" to "+a.mode.String())
+		case a.content != before[name].content:
+			d = append(d, name+" was modified")
+		}
+	}
+	for _, name := range slices.Sorted(maps.Keys(after)) {
+		if _, ok := before[name]; !ok {
+			d = append(d, name+" was created")
+		}
+	}
+	return strings.Join(d, "; ")
+}
+
+func flipByte(t testing.TB, path string, off int) {
+	t.Helper()
+	b := mustReadFile(t, path)
+	if off < 0 {
+		off += len(b)
+	}
+	b[off] ^= 0x40
+	mustWriteFile(t, path, b)
+}
+
+func truncateFile(t testing.TB, path string, n int64) {
+	t.Helper()
+	if err := os.Truncate(path, n); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func swapFiles(t testing.TB, a, b string) {
+	t.Helper()
+	x, y := mustReadFile(t, a), mustReadFile(t, b)
+	mustWriteFile(t, a, y)
+	mustWriteFile(t, b, x)
+}
+
+// TestTamperedStateRefusesToStart damages, swaps or rolls back sealed state
+// and checks that vtpm refuses to start with an error naming the file and the
+// reason, and that it leaves every file exactly as it found it.
+func TestTamperedStateRefusesToStart(t *testing.T) {
+	f := manufactureTamperFixture(t)
+	const (
+		permall  = "permall.sealed"
+		permPrev = "permall.sealed.prev"
+		volatile = "volatilestate.sealed"
+		volPrev  = "volatilestate.sealed.prev"
+	)
+	wrongKey := filepath.Join(t.TempDir(), "wrong.key")
+	k := make([]byte, 32)
+	rand.Read(k)
+	mustWriteFile(t, wrongKey, []byte(hex.EncodeToString(k)))
+
+	tests := []struct {
+		name   string
+		tamper func(t *testing.T, dir string)
+		args   []string
+		want   []string // substrings of the error output
+	}{
+		{
+			name: "flipped ciphertext byte in permall.sealed and .prev",
+			tamper: func(t *testing.T, dir string) {
+				flipByte(t, filepath.Join(dir, permall), -100)
+				flipByte(t, filepath.Join(dir, permPrev), -100)
+			},
+			want: []string{"no copy verifies", permall + ": authentication failed", permPrev + ": authentication failed"},
+		},
+		{
+			name: "flipped magic in permall.sealed and .prev",
+			tamper: func(t *testing.T, dir string) {
+				flipByte(t, filepath.Join(dir, permall), 0)
+				flipByte(t, filepath.Join(dir, permPrev), 0)
+			},
+			want: []string{permall + ": not a vtpm sealed file (bad magic)", permPrev + ": not a vtpm sealed file"},
+		},
+		{
+			name: "flipped generation in the header of permall.sealed and .prev",
+			tamper: func(t *testing.T, dir string) {
+				flipByte(t, filepath.Join(dir, permall), 19)
+				flipByte(t, filepath.Join(dir, permPrev), 19)
+			},
+			want: []string{permall + ": authentication failed", permPrev + ": authentication failed"},
+		},
+		{
+			name: "truncated permall.sealed and .prev",
+			tamper: func(t *testing.T, dir string) {
+				truncateFile(t, filepath.Join(dir, permall), 100)
+				truncateFile(t, filepath.Join(dir, permPrev), 20)
+			},
+			want: []string{
+				permall + ": truncated (100 bytes, the header announces",
+				permPrev + ": truncated (20 bytes, shorter than the 52-byte header)",
+			},
+		},
+		{
+			name: "truncated volatilestate.sealed and .prev",
+			tamper: func(t *testing.T, dir string) {
+				truncateFile(t, filepath.Join(dir, volatile), 2000)
+				truncateFile(t, filepath.Join(dir, volPrev), 0)
+			},
+			want: []string{"load volatilestate", volatile + ": truncated (2000 bytes", volPrev + ": truncated (0 bytes"},
+		},
+		{
+			name: "permall of another TPM under the same data key",
+			tamper: func(t *testing.T, dir string) {
+				for _, n := range []string{permall, permPrev} {
+					mustWriteFile(t, filepath.Join(dir, n), mustReadFile(t, filepath.Join(f.dirB, n)))
+				}
+			},
+			want: []string{permall + ": holds state of TPM " + f.uuidB + ", this is TPM " + f.uuidA, permPrev + ": holds state of TPM " + f.uuidB},
+		},
+		{
+			name: "permall of another TPM under its own key",
+			tamper: func(t *testing.T, dir string) {
+				for _, n := range []string{permall, permPrev} {
+					mustWriteFile(t, filepath.Join(dir, n), mustReadFile(t, filepath.Join(f.dirC, n)))
+				}
+			},
+			want: []string{permall + ": authentication failed", "its header names TPM " + f.uuidC + ", this is TPM " + f.uuidA},
+		},
+		{
+			name: "permall and volatilestate swapped",
+			tamper: func(t *testing.T, dir string) {
+				swapFiles(t, filepath.Join(dir, permall), filepath.Join(dir, volatile))
+				swapFiles(t, filepath.Join(dir, permPrev), filepath.Join(dir, volPrev))
+			},
+			want: []string{permall + ": holds volatile state, expected permanent state", permPrev + ": holds volatile state"},
+		},
+		{
+			name: "older generation put back",
+			tamper: func(t *testing.T, dir string) {
+				for n, b := range f.old {
+					mustWriteFile(t, filepath.Join(dir, n), b)
+				}
+			},
+			want: []string{permall + " is generation", "was seen last", "rollback", "--allow-rollback"},
+		},
+		{
+			name: "permall deleted",
+			tamper: func(t *testing.T, dir string) {
+				for _, n := range []string{permall, permPrev} {
+					if err := os.Remove(filepath.Join(dir, n)); err != nil {
+						t.Fatal(err)
+					}
+				}
+			},
+			want: []string{permall + " and " + permPrev + " are missing", "--allow-rollback"},
+		},
+		{
+			name: "vtpm-state.json deleted",
+			tamper: func(t *testing.T, dir string) {
+				if err := os.Remove(filepath.Join(dir, "vtpm-state.json")); err != nil {
+					t.Fatal(err)
+				}
+			},
+			want: []string{"vtpm-state.json is missing", "names TPM " + f.uuidA, "restore vtpm-state.json from backup"},
+		},
+		{
+			name:   "wrong data key",
+			tamper: func(*testing.T, string) {},
+			args:   []string{"--data-key", "file=" + wrongKey},
+			want:   []string{permall + ": authentication failed (wrong data key", permPrev + ": authentication failed"},
+		},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			home, dir := filepath.Join(t.TempDir(), "home"), filepath.Join(t.TempDir(), "a")
+			copyTree(t, f.home, home)
+			copyTree(t, f.dirA, dir)
+			tc.tamper(t, dir)
+			beforeDir, beforeHome := snapshotTree(t, dir), snapshotTree(t, home)
+
+			p := startVTPM(t, home, dir, tc.args...)
+			code, out := p.wait(t)
+			if code <= 0 {
+				t.Errorf("vtpm exited with %d, want a failure exit code; output:\n%s", code, out)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(out, w) {
+					t.Errorf("output lacks %q:\n%s", w, out)
+				}
+			}
+			if d := diffSnapshots(beforeDir, snapshotTree(t, dir)); d != "" {
+				t.Errorf("refusing to start changed the state directory: %s", d)
+			}
+			if d := diffSnapshots(beforeHome, snapshotTree(t, home)); d != "" {
+				t.Errorf("refusing to start changed the data root: %s", d)
+			}
+		})
+	}
+}
+
+// TestTamperedStateRecovers covers the tampering vtpm may survive: a damaged
+// newest copy with a good previous one, and an older generation restored
+// deliberately with --allow-rollback.
+func TestTamperedStateRecovers(t *testing.T) {
+	f := manufactureTamperFixture(t)
+	tests := []struct {
+		name   string
+		tamper func(t *testing.T, home, dir string)
+		args   []string
+		want   uint64   // counter value served
+		warn   []string // substrings of the warnings printed
+	}{
+		{
+			name: "corrupt newest copy falls back to .prev",
+			tamper: func(t *testing.T, home, dir string) {
+				// Make the newest copy hold counter 3 and .prev counter 2:
+				// write 3 and die before anything else is stored.
+				p := startVTPM(t, home, dir)
+				tpm, err := p.dial(t)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := writeCounter(tpm, 3); err != nil {
+					t.Fatalf("NV_Write: %v", err)
+				}
+				p.cmd.Process.Signal(syscall.SIGKILL)
+				p.wait(t)
+				flipByte(t, filepath.Join(dir, "permall.sealed"), -100)
+			},
+			want: 2,
+			warn: []string{"newest TPM state copy does not verify; using the previous copy", "authentication failed"},
+		},
+		{
+			name: "older generation with --allow-rollback",
+			tamper: func(t *testing.T, home, dir string) {
+				for n, b := range f.old {
+					mustWriteFile(t, filepath.Join(dir, n), b)
+				}
+			},
+			args: []string{"--allow-rollback"},
+			want: 1,
+			warn: []string{"loading an older generation of TPM state (--allow-rollback)"},
+		},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			home, dir := filepath.Join(t.TempDir(), "home"), filepath.Join(t.TempDir(), "a")
+			copyTree(t, f.home, home)
+			copyTree(t, f.dirA, dir)
+			tc.tamper(t, home, dir)
+
+			p := startVTPM(t, home, dir, tc.args...)
+			tpm, err := p.dial(t)
+			if err != nil {
+				t.Fatal(err)
+			}
+			v, err := readCounter(tpm)
+			if err != nil {
+				p.cmd.Process.Kill()
+				_, out := p.wait(t)
+				t.Fatalf("reading the counter: %v; output:\n%s", err, out)
+			}
+			out := p.shutdown(t)
+			if v != tc.want {
+				t.Errorf("counter = %d, want %d", v, tc.want)
+			}
+			for _, w := range tc.warn {
+				if !strings.Contains(out, w) {
+					t.Errorf("output lacks %q:\n%s", w, out)
+				}
+			}
+		})
+	}
+}
