@@ -222,7 +222,7 @@ func (c *Conn) ReadRequest() (*Request, error) {
 	case CmdHashData:
 		l := binary.BigEndian.Uint32(req.Body)
 		if l > maxHashData {
-			req.Malformed = true
+			req.Malformed, req.Drop = true, true // the payload cannot be skipped safely
 			return req, nil
 		}
 		req.Blob, err = c.stream(extra, int(l))

@@ -144,7 +144,7 @@ func Parse(args []string, getenv func(string) string) (*Config, error) {
 		if c.Server != nil {
 			return nil, usagef("--port and --server cannot be combined")
 		}
-		c.Server = &Endpoint{Type: "tcp", Port: port, FD: -1, ClientFD: -1, UID: -1, GID: -1, Disconnect: true}
+		c.Server = &Endpoint{Type: "tcp", Port: port, BindAddr: "127.0.0.1", FD: -1, ClientFD: -1, UID: -1, GID: -1, Disconnect: true}
 	}
 	if fd >= 0 {
 		if fd <= 2 {
