@@ -83,9 +83,13 @@ func runSwtpm(args []string, stdout, stderr io.Writer) int {
 	if cfg.Daemon && os.Getenv(daemonEnv) == "" {
 		return daemonize(stderr)
 	}
+	// Errors go to stderr, and also to the log when it is a separate file.
+	logToo := (cfg.Log.File != "" && cfg.Log.File != "-") || cfg.Log.FD >= 0
 	in, err := instance.New(cfg, log)
 	if err != nil {
-		log.Error("cannot start the vTPM", "err", err)
+		if logToo {
+			log.Error("cannot start the vTPM", "err", err)
+		}
 		fmt.Fprintf(stderr, "swtpm: %v\n", err)
 		return 1
 	}
@@ -93,7 +97,9 @@ func runSwtpm(args []string, stdout, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	if err := in.Run(ctx); err != nil {
-		log.Error("vTPM stopped with an error", "err", err)
+		if logToo {
+			log.Error("vTPM stopped with an error", "err", err)
+		}
 		fmt.Fprintf(stderr, "swtpm: %v\n", err)
 		return 1
 	}

@@ -67,6 +67,9 @@ func (d *DataReader) Read() (*DataRequest, error) {
 	// what arrived and let the TPM reject it, as swtpm does.
 	if size >= tpmHeaderSize && off+size <= len(b) && n < off+size {
 		if _, err := io.ReadFull(d.r, b[n:off+size]); err != nil {
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF // cut off inside a command, not a clean close
+			}
 			return nil, err
 		}
 		n = off + size

@@ -140,7 +140,10 @@ func Parse(args []string, getenv func(string) string) (*Config, error) {
 			return nil, err
 		}
 	}
-	if port >= 0 {
+	if fs.Changed("port") {
+		if port < 0 || port > 65535 {
+			return nil, usagef("--port %d is not a port number", port)
+		}
 		if c.Server != nil {
 			return nil, usagef("--port and --server cannot be combined")
 		}
@@ -243,6 +246,9 @@ func parseEndpoint(opt, v string, isCtrl bool) (*Endpoint, error) {
 		return nil, usagef("%s: %v", opt, err)
 	}
 	e := &Endpoint{Type: o["type"], Port: -1, FD: -1, ClientFD: -1, UID: -1, GID: -1, Mode: 0o770, BindAddr: "127.0.0.1"}
+	if e.Type == "" && !isCtrl {
+		e.Type = "tcp" // swtpm's --server default
+	}
 	switch e.Type {
 	case "unixio", "tcp":
 	case "":
@@ -252,6 +258,9 @@ func parseEndpoint(opt, v string, isCtrl bool) (*Endpoint, error) {
 	}
 	e.Path = o["path"]
 	if b, ok := o["bindaddr"]; ok {
+		if b == "" {
+			return nil, usagef("%s: bindaddr= is empty; give an address such as 127.0.0.1", opt)
+		}
 		e.BindAddr = b
 	}
 	if p, ok := o["port"]; ok {
@@ -259,7 +268,11 @@ func parseEndpoint(opt, v string, isCtrl bool) (*Endpoint, error) {
 			return nil, err
 		}
 	}
-	for name, dst := range map[string]*int{"fd": &e.FD, "clientfd": &e.ClientFD, "uid": &e.UID, "gid": &e.GID} {
+	for _, f := range []struct {
+		name string
+		dst  *int
+	}{{"fd", &e.FD}, {"clientfd", &e.ClientFD}, {"uid", &e.UID}, {"gid", &e.GID}} {
+		name, dst := f.name, f.dst
 		if s, ok := o[name]; ok {
 			n, err := strconv.Atoi(s)
 			if err != nil || n < 0 {
@@ -367,7 +380,7 @@ func (c *Config) parseFlags(v string) error {
 				return usagef("--flags: startup-%s and startup-%s exclude each other", c.Startup, s)
 			}
 			c.Startup = s
-			c.NotNeedInit = true
+			c.NotNeedInit = c.NotNeedInit || s != "none"
 		}
 	}
 	return nil
