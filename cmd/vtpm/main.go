@@ -17,6 +17,9 @@ func main() {
 	if filepath.Base(os.Args[0]) == "swtpm" {
 		os.Exit(runSwtpm(os.Args[1:], os.Stdout, os.Stderr))
 	}
+	if filepath.Base(os.Args[0]) == "swtpm_setup" {
+		os.Exit(runSwtpmSetup(os.Args[1:], os.Stdout, os.Stderr))
+	}
 	if err := rootCmd().Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "vtpm:", err)
 		os.Exit(1)
@@ -31,7 +34,7 @@ func rootCmd() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(swtpmCmd())
+	root.AddCommand(swtpmCmd(), swtpmSetupCmd(), caCmd())
 	root.AddCommand(stateCmd(), guardianCmd(), protectorCmd(), keyCmd(), tpmCmd())
 	return root
 }

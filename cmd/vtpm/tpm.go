@@ -37,5 +37,6 @@ to the old TPM (BitLocker, LUKS) will need their recovery keys.`,
 	}
 	policy.Flags().StringVar(&onMissing, "on-missing-key", "fail", "fail or reprovision")
 	cmd.AddCommand(policy)
+	cmd.AddCommand(tpmManufactureCmds()...)
 	return cmd
 }

@@ -26,6 +26,7 @@ const (
 	HandleEKRSA      tpm2.TPMHandle = 0x81010001
 	HandleEKECC256   tpm2.TPMHandle = 0x81010002
 	HandleEKECC384   tpm2.TPMHandle = 0x81010016
+	HandleSPK        tpm2.TPMHandle = 0x81000001
 	IndexEKCertRSA   tpm2.TPMHandle = 0x01c00002
 	IndexEKCert256   tpm2.TPMHandle = 0x01c0000a
 	IndexEKCert384   tpm2.TPMHandle = 0x01c00016
@@ -65,6 +66,9 @@ type Options struct {
 	EKCerts      bool  // EK certificates in NV (needs CA)
 	PlatformCert bool  // platform certificate at 0x01c08000 (needs CA and an EK)
 	Lock         bool  // NV_WriteLock the certificate indices
+	// SPK creates a storage primary key at 0x81000001 (swtpm_setup
+	// --create-spk): "rsa" (RSA-2048) or "ecc" (P-256); "" creates none.
+	SPK string
 	// PCRBanks are the banks to leave active ("sha1", "sha256", …); nil
 	// leaves the TPM's banks as they are.
 	PCRBanks []string
@@ -106,6 +110,9 @@ func (o *Options) Validate() error {
 			return fmt.Errorf("PCR bank %q: want one of sha1, sha256, sha384, sha512", b)
 		}
 	}
+	if o.SPK != "" && o.SPK != "rsa" && o.SPK != "ecc" {
+		return fmt.Errorf("storage primary key %q: want rsa or ecc", o.SPK)
+	}
 	if o.PCRBanks != nil && len(o.PCRBanks) == 0 {
 		return errors.New("no PCR banks selected; give at least one (e.g. sha256)")
 	}
@@ -128,6 +135,15 @@ func Provision(t transport.TPM, o Options) (*Report, error) {
 		return nil, err
 	}
 	rep := &Report{}
+	if o.SPK != "" {
+		tmpl := tpm2.RSASRKTemplate
+		if o.SPK == "ecc" {
+			tmpl = tpm2.ECCSRKTemplate
+		}
+		if _, err := createPersistent(t, tpm2.TPMRHOwner, tmpl, HandleSPK); err != nil {
+			return nil, fmt.Errorf("create the storage primary key: %w", err)
+		}
+	}
 	type ekSpec struct {
 		name      string
 		tmpl      tpm2.TPMTPublic
@@ -145,7 +161,7 @@ func Provision(t transport.TPM, o Options) (*Report, error) {
 		specs = append(specs, ekSpec{"ECC P-384", ECCP384EKTemplate, HandleEKECC384, IndexEKCert384})
 	}
 	for _, s := range specs {
-		pub, err := createEK(t, s.tmpl, s.handle)
+		pub, err := createPersistent(t, tpm2.TPMRHEndorsement, s.tmpl, s.handle)
 		if err != nil {
 			return nil, fmt.Errorf("create the %s EK: %w", s.name, err)
 		}
@@ -204,9 +220,10 @@ var ECCP384EKTemplate = tpm2.TPMTPublic{
 	Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgECC, &tpm2.TPMSECCPoint{}),
 }
 
-func createEK(t transport.TPM, tmpl tpm2.TPMTPublic, handle tpm2.TPMHandle) (crypto.PublicKey, error) {
+// createPersistent creates a primary key in hierarchy and makes it persistent at handle.
+func createPersistent(t transport.TPM, hierarchy tpm2.TPMHandle, tmpl tpm2.TPMTPublic, handle tpm2.TPMHandle) (crypto.PublicKey, error) {
 	cp, err := tpm2.CreatePrimary{
-		PrimaryHandle: tpm2.TPMRHEndorsement,
+		PrimaryHandle: hierarchy,
 		InPublic:      tpm2.New2B(tmpl),
 	}.Execute(t)
 	if err != nil {
@@ -441,4 +458,10 @@ func pcrAllocate(t transport.TPM, sel tpm2.TPMLPCRSelection) (bool, error) {
 		return false, fmt.Errorf("TPM2_PCR_Allocate: short response (%d bytes)", len(rsp))
 	}
 	return rsp[14] != 0, nil // after the header and parameterSize: allocationSuccess
+}
+
+// KnownBank reports whether name is a PCR bank this package can allocate.
+func KnownBank(name string) bool {
+	_, ok := bankAlgs[name]
+	return ok
 }
