@@ -259,6 +259,12 @@ func (p *Protector) Open(gs []*Guardian) (dek []byte, by *Guardian, err error) {
 	return nil, nil, &NoGuardianError{TPM: p.tpm, Rows: p.Rows()}
 }
 
+// Holds reports whether dek is the data key p protects (it passes p's key
+// check), for a key obtained some other way, such as an imported key file.
+func (p *Protector) Holds(dek []byte) bool {
+	return len(dek) == DEKSize && subtle.ConstantTimeCompare(keyCheck(p.tpm, dek), p.keyCheck) == 1
+}
+
 // TPM returns the UUID of the TPM whose data key p protects.
 func (p *Protector) TPM() uuid.UUID { return p.tpm }
 

@@ -256,6 +256,33 @@ type Opened struct {
 // OpenTPM returns the data key of the TPM whose state is in dir. A new
 // directory gets a fresh key and a protector owned by this host's guardian.
 func (h *Host) OpenTPM(dir string) (*Opened, error) {
+	o, err := h.openTPM(dir, false)
+	if !errors.Is(err, errNeedLock) {
+		return o, err
+	}
+	// Creating the TPM's identity or key, or reprovisioning it, happens
+	// under the directory's lock and on what is there once it is held, so
+	// that processes starting the same TPM at once agree on one identity and
+	// one key, and none seals state with a key its protector does not hold.
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("create state directory: %w", err)
+	}
+	unlock, err := seal.Lock(dir)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	return h.openTPM(dir, true)
+}
+
+// errNeedLock: openTPM must change dir, so it has to run under dir's lock.
+var errNeedLock = errors.New("the state directory's lock is needed")
+
+// openTPM is OpenTPM; locked says whether the caller holds dir's lock.
+func (h *Host) openTPM(dir string, locked bool) (*Opened, error) {
+	if !locked && !seal.Exists(dir) {
+		return nil, errNeedLock // Identify would create vtpm-state.json
+	}
 	id, err := seal.Identify(dir)
 	if err != nil {
 		return nil, err
@@ -267,6 +294,9 @@ func (h *Host) OpenTPM(dir string) (*Opened, error) {
 		}
 		if seal.HasBlobs(dir) {
 			return nil, fmt.Errorf("TPM %s in %s has sealed state but no key protector (%s): restore %s from a backup, or import the TPM's key with `vtpm key import`", id, dir, ProtectorFile, ProtectorFile)
+		}
+		if !locked {
+			return nil, errNeedLock
 		}
 		return h.create(dir, id)
 	}
@@ -288,17 +318,27 @@ func (h *Host) OpenTPM(dir string) (*Opened, error) {
 	if !errors.As(err, &none) {
 		return nil, fmt.Errorf("open key protector of TPM %s: %w", id, err)
 	}
+	wrongImport := false
 	if dek, ok := h.importedKey(id); ok {
-		return &Opened{TPM: id, DEK: dek, By: "imported key"}, nil
+		if p.Holds(dek) {
+			return &Opened{TPM: id, DEK: dek, By: "imported key"}, nil
+		}
+		// Imported from another copy of the TPM, or for a TPM since
+		// reprovisioned elsewhere: it would not decrypt the state.
+		clear(dek)
+		wrongImport = true
 	}
 	pol, perr := ReadPolicy(dir)
 	if perr != nil {
 		return nil, perr
 	}
 	if pol.OnMissingKey == "reprovision" {
+		if !locked {
+			return nil, errNeedLock
+		}
 		return h.reprovision(dir, id, none)
 	}
-	return nil, &MissingKeyError{Dir: dir, TPM: id, Rows: none.Rows, Held: gs}
+	return nil, &MissingKeyError{Dir: dir, TPM: id, Rows: none.Rows, Held: gs, WrongImportedKey: wrongImport}
 }
 
 func (h *Host) importedKey(id uuid.UUID) ([]byte, bool) {
@@ -326,12 +366,8 @@ func (h *Host) create(dir string, id uuid.UUID) (*Opened, error) {
 
 // reprovision moves the unopenable state into a timestamped backup directory
 // beside it and starts a fresh TPM. Nothing is deleted.
+// The caller holds dir's lock.
 func (h *Host) reprovision(dir string, old uuid.UUID, why *guardian.NoGuardianError) (*Opened, error) {
-	unlock, err := seal.Lock(dir)
-	if err != nil {
-		return nil, err
-	}
-	defer unlock()
 	backup := filepath.Join(dir, "backup-"+time.Now().UTC().Format("20060102T150405Z"))
 	if err := os.Mkdir(backup, 0o700); err != nil {
 		return nil, fmt.Errorf("reprovision: create backup directory: %w", err)
@@ -422,6 +458,9 @@ type MissingKeyError struct {
 	TPM  uuid.UUID
 	Rows []guardian.Row
 	Held []*guardian.Guardian
+	// WrongImportedKey is set when this host holds an imported key for the
+	// TPM that does not open its protector.
+	WrongImportedKey bool
 }
 
 func (e *MissingKeyError) Error() string {
@@ -434,6 +473,9 @@ func (e *MissingKeyError) Error() string {
 	b.WriteString("This host holds:\n")
 	for _, g := range e.Held {
 		fmt.Fprintf(&b, "  - %s (fingerprint %s)\n", g.Name(), g.Fingerprint())
+	}
+	if e.WrongImportedKey {
+		b.WriteString("The key this host imported for the TPM (`vtpm key import`) is not its key: it fails the protector's key check (exported from another copy of the TPM?); import the right one with `vtpm key import FILE --replace`.\n")
 	}
 	b.WriteString("Ways out:\n")
 	b.WriteString("  - import one of the admitted guardians: `vtpm guardian export NAME -o G.p12` where it lives, then `vtpm guardian import G.p12` here\n")
