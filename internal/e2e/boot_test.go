@@ -15,11 +15,11 @@ import (
 // vtpmTPM starts a vtpm instance as QEMU's TPM on stateDir.
 func vtpmTPM(ctx context.Context, t *testing.T, home, stateDir string, extra ...string) *qemutest.TPM {
 	t.Helper()
-	t.Setenv("VTPM_HOME", home)
 	tpm, err := qemutest.StartTPM(ctx, t, qemutest.TPMConfig{
 		Command:   []string{testutil.Binary(t), "swtpm"},
 		StateDir:  stateDir,
 		ExtraArgs: extra,
+		Env:       []string{"VTPM_HOME=" + home},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -36,6 +36,7 @@ func TestGuestSealSurvivesRestart(t *testing.T) {
 	qemutest.SkipIfUnavailable(t)
 	for _, dev := range []string{"tpm-crb", "tpm-tis"} {
 		t.Run(dev, func(t *testing.T) {
+			t.Parallel()
 			ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 			defer cancel()
 			dir := qemutest.ShortTempDir(t)

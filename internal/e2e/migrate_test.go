@@ -45,6 +45,7 @@ func TestLiveMigration(t *testing.T) {
 		{"other-key", keyB, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
 			ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 			defer cancel()
 			dir := qemutest.ShortTempDir(t)

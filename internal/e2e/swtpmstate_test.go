@@ -25,6 +25,7 @@ func TestSwtpmStateUnsealsUnderVtpm(t *testing.T) {
 		key  bool
 	}{{"plain", false}, {"key-encrypted", true}} {
 		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 			defer cancel()
 			dir := qemutest.ShortTempDir(t)
@@ -40,8 +41,7 @@ func TestSwtpmStateUnsealsUnderVtpm(t *testing.T) {
 			}
 			boot := func(name string, cmd []string, args []string) (*qemutest.TPM, *qemutest.VM) {
 				t.Helper()
-				t.Setenv("VTPM_HOME", home)
-				tpm, err := qemutest.StartTPM(ctx, t, qemutest.TPMConfig{Command: cmd, StateDir: state, ExtraArgs: args})
+				tpm, err := qemutest.StartTPM(ctx, t, qemutest.TPMConfig{Command: cmd, StateDir: state, ExtraArgs: args, Env: []string{"VTPM_HOME=" + home}})
 				if err != nil {
 					t.Fatal(err)
 				}

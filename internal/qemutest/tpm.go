@@ -27,6 +27,9 @@ type TPMConfig struct {
 	Socket string
 	// ExtraArgs are appended after the standard arguments.
 	ExtraArgs []string
+	// Env is added to the process's environment (e.g. VTPM_HOME=…), so
+	// parallel tests need not change their own.
+	Env []string
 }
 
 // TPM is a running software TPM process.
@@ -91,6 +94,9 @@ func StartTPM(ctx context.Context, t testing.TB, cfg TPMConfig) (*TPM, error) {
 	)
 	args = append(args, cfg.ExtraArgs...)
 	p.cmd = exec.Command(cfg.Command[0], args...)
+	if len(cfg.Env) > 0 {
+		p.cmd.Env = append(os.Environ(), cfg.Env...)
+	}
 	out, err := os.Create(p.LogFile + ".out")
 	if err != nil {
 		return nil, fmt.Errorf("create tpm output log: %w", err)
