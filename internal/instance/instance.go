@@ -101,8 +101,10 @@ func New(cfg *swtpm.Config, log *slog.Logger) (_ *Instance, err error) {
 // PrintStates lists the stored state blobs as swtpm --print-states does.
 // Sealed state is listed without its key.
 func PrintStates(cfg *swtpm.Config, log *slog.Logger, w io.Writer) error {
-	if _, err := os.Stat(cfg.StateDir); err != nil {
-		return fmt.Errorf("TPM state directory: %w", err)
+	if cfg.StateDir != "" {
+		if _, err := os.Stat(cfg.StateDir); err != nil {
+			return fmt.Errorf("TPM state directory: %w", err)
+		}
 	}
 	var st []swtpm.StateInfo
 	if chooseFormat(cfg) == FormatSealed {
@@ -126,7 +128,7 @@ func PrintStates(cfg *swtpm.Config, log *slog.Logger, w io.Writer) error {
 			return err
 		}
 		defer s.Close()
-		list, err := s.(*statefile.Dir).States()
+		list, err := s.(statefile.Storage).States()
 		if err != nil {
 			return err
 		}

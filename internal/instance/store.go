@@ -36,6 +36,8 @@ const (
 // format too when --key asks for its encryption, and otherwise seals.
 func chooseFormat(cfg *swtpm.Config) Format {
 	switch {
+	case cfg.StateFile != "":
+		return FormatSwtpm // swtpm's linear file backend; sealed state needs a directory
 	case cfg.StateDir != "" && seal.Exists(cfg.StateDir):
 		return FormatSealed
 	case cfg.Key != "" || (cfg.StateDir != "" && statefile.HasState(cfg.StateDir)):
@@ -93,22 +95,25 @@ func unlockSealed(cfg *swtpm.Config, log *slog.Logger) (*sealingKey, error) {
 // openStore opens the state directory in its format and proves, before any
 // client is served, that the existing state can be read. key is nil for swtpm's format.
 func openStore(cfg *swtpm.Config, format Format, fileKey *statefile.Key, key *sealingKey, log *slog.Logger) (store, error) {
-	if cfg.StateFile != "" {
-		return nil, fmt.Errorf("--tpmstate backend-uri=file://%s: the linear file backend is not supported; use dir://", cfg.StateFile)
-	}
 	if format == FormatSwtpm {
-		if err := os.MkdirAll(cfg.StateDir, 0o750); err != nil {
-			return nil, fmt.Errorf("create state directory: %w", err)
+		var st statefile.Storage
+		var err error
+		if cfg.StateFile != "" {
+			st, err = statefile.OpenLinear(cfg.StateFile, fileKey, cfg.StateMode)
+		} else {
+			if err := os.MkdirAll(cfg.StateDir, 0o750); err != nil {
+				return nil, fmt.Errorf("create state directory: %w", err)
+			}
+			st, err = statefile.OpenDir(cfg.StateDir, fileKey, cfg.StateMode)
 		}
-		d, err := statefile.OpenDir(cfg.StateDir, fileKey, cfg.StateMode)
 		if err != nil {
 			return nil, err
 		}
-		if err := d.Init(); err != nil {
-			d.Close()
+		if err := st.Init(); err != nil {
+			st.Close()
 			return nil, err
 		}
-		return d, nil
+		return st, nil
 	}
 	if cfg.Key != "" {
 		log.Warn("the state directory holds vtpm sealed state: --key does not apply to it; it is sealed with the data key", "state", cfg.StateDir)

@@ -412,7 +412,7 @@ func IsUsage(err error) bool {
 // matched by libvirt and swtpm_setup. Features vtpm does not implement (such
 // as cmdarg-migration) are not claimed.
 func CapabilitiesJSON() string {
-	return `{ "type": "swtpm", "features": [ "tpm-2.0", "tpm-send-command-header", "flags-opt-startup", "cmdarg-seccomp", "cmdarg-key-fd", "cmdarg-pwd-fd", "cmdarg-print-states", "nvram-backend-dir", "rsa-keysize-1024", "rsa-keysize-2048", "rsa-keysize-3072" ], "version": "` + Version + `" }`
+	return `{ "type": "swtpm", "features": [ "tpm-2.0", "tpm-send-command-header", "flags-opt-startup", "cmdarg-seccomp", "cmdarg-key-fd", "cmdarg-pwd-fd", "cmdarg-print-states", "nvram-backend-dir", "nvram-backend-file", "rsa-keysize-1024", "rsa-keysize-2048", "rsa-keysize-3072" ], "version": "` + Version + `" }`
 }
 
 // StateInfo is one entry of --print-states.
