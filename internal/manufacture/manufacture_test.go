@@ -279,3 +279,27 @@ func TestValidate(t *testing.T) {
 		})
 	}
 }
+
+func TestRemoveStateKeepsOtherFiles(t *testing.T) {
+	dir := t.TempDir()
+	state := []string{"permall.sealed", "permall.sealed.prev", "permall.a.sealed", "volatilestate.b.sealed", "tpm2-00.permall", "tpm2-00.volatilestate", "vtpm-state.json", "protector.json"}
+	other := []string{"policy.json", ".lock", "notes.txt", "backup-20260101T000000Z"}
+	for _, n := range append(slices.Clone(state), other...) {
+		if err := os.WriteFile(filepath.Join(dir, n), []byte("x"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := RemoveState(dir); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range state {
+		if _, err := os.Stat(filepath.Join(dir, n)); err == nil {
+			t.Errorf("%s was not removed", n)
+		}
+	}
+	for _, n := range other {
+		if _, err := os.Stat(filepath.Join(dir, n)); err != nil {
+			t.Errorf("%s was removed: %v", n, err)
+		}
+	}
+}

@@ -49,17 +49,36 @@ func HasState(dir string) bool { return seal.HasBlobs(dir) || statefile.HasState
 // state's identity and key protector, so that the next manufacture makes a
 // new TPM (new UUID, new key). The directory and its other files stay.
 func RemoveState(dir string) error {
-	var names []string
-	for _, n := range seal.Names {
-		names = append(names, n+".sealed", n+".sealed.prev", "tpm2-00."+n)
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
 	}
-	names = append(names, seal.StateFileName, tpmkeys.ProtectorFile)
-	for _, n := range names {
-		if err := os.Remove(filepath.Join(dir, n)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return fmt.Errorf("remove old TPM state %s: %w", n, err)
+	if err != nil {
+		return fmt.Errorf("read state directory: %w", err)
+	}
+	for _, e := range entries {
+		if n := e.Name(); e.Type().IsRegular() && isStateFile(n) {
+			if err := os.Remove(filepath.Join(dir, n)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				return fmt.Errorf("remove old TPM state %s: %w", n, err)
+			}
 		}
 	}
 	return nil
+}
+
+// isStateFile reports whether a file name is TPM state: a sealed blob in any
+// of its copies (<blob>[.<copy>].sealed[.…]), an swtpm state file, or the
+// sealed state's identity and key protector.
+func isStateFile(name string) bool {
+	if name == seal.StateFileName || name == tpmkeys.ProtectorFile {
+		return true
+	}
+	for _, n := range seal.Names {
+		if name == "tpm2-00."+n || (strings.HasPrefix(name, n+".") && strings.Contains(name, ".sealed")) {
+			return true
+		}
+	}
+	return false
 }
 
 // Storage is a state directory opened for libtpms.
