@@ -16,6 +16,7 @@ import (
 	"vtpm/internal/keyfile"
 	"vtpm/internal/keystore"
 	"vtpm/internal/paths"
+	"vtpm/internal/seal"
 	"vtpm/internal/tpmkeys"
 )
 
@@ -299,15 +300,19 @@ func protectorCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			fp := ""
+			var fps []string
 			for _, r := range p.Rows() {
 				if r.Name == args[1] || r.Fingerprint == args[1] || (len(args[1]) >= 8 && strings.HasPrefix(r.Fingerprint, args[1])) {
-					fp = r.Fingerprint
+					fps = append(fps, r.Fingerprint)
 				}
 			}
-			if fp == "" {
+			if len(fps) == 0 {
 				return fmt.Errorf("no guardian %q in the protector of %s; `vtpm protector show %s` lists them", args[1], dir, args[0])
 			}
+			if len(fps) > 1 {
+				return fmt.Errorf("%q names %d guardians in the protector of %s; give a fingerprint (`vtpm protector show %s` lists them)", args[1], len(fps), dir, args[0])
+			}
+			fp := fps[0]
 			return changeProtector(dir, func(p *guardian.Protector, _ []byte, owner *guardian.Guardian) error {
 				return p.Revoke(fp, owner)
 			}, cmd.OutOrStdout(), "revoked "+args[1])
@@ -358,8 +363,13 @@ func keyCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			dir := tpmDir(args[0])
+			if !seal.Exists(dir) {
+				// OpenTPM would provision a new TPM there and export its key.
+				return fmt.Errorf("%s holds no vtpm TPM state (no %s); nothing was exported", dir, seal.StateFileName)
+			}
 			return withHost(func(h *tpmkeys.Host) error {
-				o, err := h.OpenTPM(tpmDir(args[0]))
+				o, err := h.OpenTPM(dir)
 				if err != nil {
 					return err
 				}
