@@ -50,10 +50,11 @@ timeout 300 qemu-system-x86_64 -nodefaults -no-user-config -display none -machin
 	-kernel "$KERNEL" -initrd "$INITRD" \
 	-append "console=ttyS0 quiet vtpm.run=$(printf '%s' "$guest_script" | base64 -w0)" \
 	-chardev socket,id=chrtpm,path="$work/tpm.sock" -tpmdev emulator,id=tpm0,chardev=chrtpm \
-	-device tpm-crb,tpmdev=tpm0 -serial stdio </dev/null | tr -d '\r' >"$work/console.log" || true
+	-device tpm-crb,tpmdev=tpm0 -serial stdio </dev/null |
+	tr -d '\r' | sed -e 's/\x1b\[[0-9;=?]*[A-Za-z]//g' >"$work/console.log" || true
 
 echo "==> what the guest's TPM reports"
-grep -v -E '^\[|^$|EKCERT:|\x1b' "$work/console.log" | sed -n '/^TPM version/,$p'
+sed -n '/^TPM version/,$p' "$work/console.log" | grep -v -E '^\[ *[0-9]|^$|EKCERT:'
 if cert=$(grep -o 'EKCERT:[A-Za-z0-9+/=]*' "$work/console.log" | head -1); then
 	echo "${cert#EKCERT:}" | base64 -d >"$work/ek.der"
 	echo "EK certificate: $(openssl x509 -inform der -in "$work/ek.der" -noout -subject -issuer | tr '\n' ' ')"
