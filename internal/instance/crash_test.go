@@ -329,7 +329,7 @@ func TestCrashSafety(t *testing.T) {
 	var (
 		acked    uint64 // the last value whose NV_Write was answered
 		inFlight uint64 // the last value sent (acked or acked+1)
-		newest   uint64 // generation of permall.sealed after the last kill
+		newest   uint64 // newest generation of permall on disk after the last kill
 		reads    int    // restarts whose value was checked
 		writes   int    // NV_Writes acknowledged while waiting to be killed
 	)
@@ -425,42 +425,57 @@ func TestCrashSafety(t *testing.T) {
 	p.shutdown(t)
 }
 
-// checkSealedAfterKill asserts what a killed vtpm must leave behind:
-// permall.sealed verifies (a rename cannot be torn by a process crash), and
-// so does permall.sealed.prev when present; there is always at least one
-// verifiable copy; the generation never goes back, and the record of the last
-// generation seen never runs ahead of what is on disk (which would make the
-// next start report a rollback). It returns permall.sealed's generation.
+// permallSlots are the two files vtpm writes permall into, alternately and
+// in place.
+var permallSlots = []string{"permall.a.sealed", "permall.b.sealed"}
+
+// checkSealedAfterKill asserts what a killed vtpm must leave behind: at
+// least one permall slot verifies; at most one does not (the slot being
+// written when the kill came, which holds a torn copy); two verifiable
+// slots hold different generations; the newest generation never goes back;
+// and the record of the last generation seen never runs ahead of what is on
+// disk (which would make the next start report a rollback). It returns the
+// newest generation on disk.
 func checkSealedAfterKill(t *testing.T, what, dir string, key []byte, id uuid.UUID, gens seal.Generations, before uint64) uint64 {
 	t.Helper()
-	cur := filepath.Join(dir, "permall.sealed")
-	prev := cur + ".prev"
-	curGen, curErr := unsealFile(key, id, "permall", cur)
-	prevGen, prevErr := unsealFile(key, id, "permall", prev)
-	if curErr != nil && prevErr != nil {
-		t.Fatalf("%s: no verifiable copy of permall is left: %s: %v; %s: %v", what, filepath.Base(cur), curErr, filepath.Base(prev), prevErr)
+	var (
+		newest, verified uint64
+		gensOK           []uint64
+		failures         []string
+	)
+	for _, n := range permallSlots {
+		gen, err := unsealFile(key, id, "permall", filepath.Join(dir, n))
+		switch {
+		case errors.Is(err, os.ErrNotExist) && before > 1:
+			// Two writes create both slots, and nothing removes them.
+			t.Fatalf("%s: %s is missing", what, n)
+		case errors.Is(err, os.ErrNotExist):
+		case err != nil:
+			failures = append(failures, fmt.Sprintf("%s: %v", n, err))
+		default:
+			gensOK = append(gensOK, gen)
+			newest = max(newest, gen)
+			verified++
+		}
 	}
-	if curErr != nil {
-		t.Fatalf("%s: %s does not verify: %v (the .prev copy does)", what, filepath.Base(cur), curErr)
+	if verified == 0 {
+		t.Fatalf("%s: no verifiable copy of permall is left: %v", what, failures)
 	}
-	switch {
-	case errors.Is(prevErr, os.ErrNotExist):
-	case prevErr != nil:
-		t.Fatalf("%s: %s does not verify: %v", what, filepath.Base(prev), prevErr)
-	case prevGen > curGen:
-		// Equal is legitimate: killed between rotating the current copy
-		// to .prev and renaming the new one into place.
-		t.Fatalf("%s: %s is generation %d, newer than %s's %d", what, filepath.Base(prev), prevGen, filepath.Base(cur), curGen)
+	if len(failures) > 1 {
+		t.Fatalf("%s: more than one slot is torn: %v", what, failures)
 	}
-	if curGen < before {
-		t.Fatalf("%s: permall went back from generation %d to %d", what, before, curGen)
+	if len(gensOK) == 2 && gensOK[0] == gensOK[1] {
+		t.Fatalf("%s: both slots hold generation %d; a write must go to the slot without the newest copy", what, gensOK[0])
+	}
+	if newest < before {
+		t.Fatalf("%s: permall went back from generation %d to %d", what, before, newest)
 	}
 	last, err := gens.Last(id, "permall")
 	if err != nil {
 		t.Fatalf("%s: %v", what, err)
 	}
-	if last > curGen {
-		t.Fatalf("%s: generation %d is recorded as seen, but the newest copy on disk is %d", what, last, curGen)
+	if last > newest {
+		t.Fatalf("%s: generation %d is recorded as seen, but the newest copy on disk is %d", what, last, newest)
 	}
-	return curGen
+	return newest
 }

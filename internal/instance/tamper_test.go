@@ -20,7 +20,7 @@ import (
 type tamperFixture struct {
 	home             string            // data root: keystore with keys and generation records
 	dirA, dirB, dirC string            // state directories
-	old              map[string][]byte // A's permall.sealed and .prev at counter 1
+	old              map[string][]byte // A's permall slots at counter 1
 	uuidA            string
 	uuidB            string
 	uuidC            string
@@ -54,7 +54,7 @@ func manufactureTamperFixture(t *testing.T) *tamperFixture {
 		p.shutdown(t)
 	}
 	run(f.dirA, true, 1)
-	for _, n := range []string{"permall.sealed", "permall.sealed.prev"} {
+	for _, n := range permallSlots {
 		f.old[n] = mustReadFile(t, filepath.Join(f.dirA, n))
 	}
 	run(f.dirA, false, 2)
@@ -196,11 +196,12 @@ func swapFiles(t testing.TB, a, b string) {
 // reason, and that it leaves every file exactly as it found it.
 func TestTamperedStateRefusesToStart(t *testing.T) {
 	f := manufactureTamperFixture(t)
+	// Both slots of each blob exist: the fixture wrote each at least twice.
 	const (
-		permall  = "permall.sealed"
-		permPrev = "permall.sealed.prev"
-		volatile = "volatilestate.sealed"
-		volPrev  = "volatilestate.sealed.prev"
+		permA = "permall.a.sealed"
+		permB = "permall.b.sealed"
+		volA  = "volatilestate.a.sealed"
+		volB  = "volatilestate.b.sealed"
 	)
 	wrongKey := filepath.Join(t.TempDir(), "wrong.key")
 	k := make([]byte, 32)
@@ -214,73 +215,73 @@ func TestTamperedStateRefusesToStart(t *testing.T) {
 		want   []string // substrings of the error output
 	}{
 		{
-			name: "flipped ciphertext byte in permall.sealed and .prev",
+			name: "flipped ciphertext byte in both permall slots",
 			tamper: func(t *testing.T, dir string) {
-				flipByte(t, filepath.Join(dir, permall), -100)
-				flipByte(t, filepath.Join(dir, permPrev), -100)
+				flipByte(t, filepath.Join(dir, permA), -100)
+				flipByte(t, filepath.Join(dir, permB), -100)
 			},
-			want: []string{"no copy verifies", permall + ": authentication failed", permPrev + ": authentication failed"},
+			want: []string{"no copy verifies", permA + ": authentication failed", permB + ": authentication failed"},
 		},
 		{
-			name: "flipped magic in permall.sealed and .prev",
+			name: "flipped magic in both permall slots",
 			tamper: func(t *testing.T, dir string) {
-				flipByte(t, filepath.Join(dir, permall), 0)
-				flipByte(t, filepath.Join(dir, permPrev), 0)
+				flipByte(t, filepath.Join(dir, permA), 0)
+				flipByte(t, filepath.Join(dir, permB), 0)
 			},
-			want: []string{permall + ": not a vtpm sealed file (bad magic)", permPrev + ": not a vtpm sealed file"},
+			want: []string{permA + ": not a vtpm sealed file (bad magic)", permB + ": not a vtpm sealed file"},
 		},
 		{
-			name: "flipped generation in the header of permall.sealed and .prev",
+			name: "flipped generation in the header of both permall slots",
 			tamper: func(t *testing.T, dir string) {
-				flipByte(t, filepath.Join(dir, permall), 19)
-				flipByte(t, filepath.Join(dir, permPrev), 19)
+				flipByte(t, filepath.Join(dir, permA), 19)
+				flipByte(t, filepath.Join(dir, permB), 19)
 			},
-			want: []string{permall + ": authentication failed", permPrev + ": authentication failed"},
+			want: []string{permA + ": authentication failed", permB + ": authentication failed"},
 		},
 		{
-			name: "truncated permall.sealed and .prev",
+			name: "truncated permall slots",
 			tamper: func(t *testing.T, dir string) {
-				truncateFile(t, filepath.Join(dir, permall), 100)
-				truncateFile(t, filepath.Join(dir, permPrev), 20)
+				truncateFile(t, filepath.Join(dir, permA), 100)
+				truncateFile(t, filepath.Join(dir, permB), 20)
 			},
 			want: []string{
-				permall + ": truncated (100 bytes, the header announces",
-				permPrev + ": truncated (20 bytes, shorter than the 52-byte header)",
+				permA + ": truncated (100 bytes, the header announces",
+				permB + ": truncated (20 bytes, shorter than the 52-byte header)",
 			},
 		},
 		{
-			name: "truncated volatilestate.sealed and .prev",
+			name: "truncated volatilestate slots",
 			tamper: func(t *testing.T, dir string) {
-				truncateFile(t, filepath.Join(dir, volatile), 2000)
-				truncateFile(t, filepath.Join(dir, volPrev), 0)
+				truncateFile(t, filepath.Join(dir, volA), 2000)
+				truncateFile(t, filepath.Join(dir, volB), 0)
 			},
-			want: []string{"load volatilestate", volatile + ": truncated (2000 bytes", volPrev + ": truncated (0 bytes"},
+			want: []string{"load volatilestate", volA + ": truncated (2000 bytes", volB + ": truncated (0 bytes"},
 		},
 		{
 			name: "permall of another TPM under the same data key",
 			tamper: func(t *testing.T, dir string) {
-				for _, n := range []string{permall, permPrev} {
+				for _, n := range []string{permA, permB} {
 					mustWriteFile(t, filepath.Join(dir, n), mustReadFile(t, filepath.Join(f.dirB, n)))
 				}
 			},
-			want: []string{permall + ": holds state of TPM " + f.uuidB + ", this is TPM " + f.uuidA, permPrev + ": holds state of TPM " + f.uuidB},
+			want: []string{permA + ": holds state of TPM " + f.uuidB + ", this is TPM " + f.uuidA, permB + ": holds state of TPM " + f.uuidB},
 		},
 		{
 			name: "permall of another TPM under its own key",
 			tamper: func(t *testing.T, dir string) {
-				for _, n := range []string{permall, permPrev} {
+				for _, n := range []string{permA, permB} {
 					mustWriteFile(t, filepath.Join(dir, n), mustReadFile(t, filepath.Join(f.dirC, n)))
 				}
 			},
-			want: []string{permall + ": authentication failed", "its header names TPM " + f.uuidC + ", this is TPM " + f.uuidA},
+			want: []string{permA + ": authentication failed", "its header names TPM " + f.uuidC + ", this is TPM " + f.uuidA},
 		},
 		{
 			name: "permall and volatilestate swapped",
 			tamper: func(t *testing.T, dir string) {
-				swapFiles(t, filepath.Join(dir, permall), filepath.Join(dir, volatile))
-				swapFiles(t, filepath.Join(dir, permPrev), filepath.Join(dir, volPrev))
+				swapFiles(t, filepath.Join(dir, permA), filepath.Join(dir, volA))
+				swapFiles(t, filepath.Join(dir, permB), filepath.Join(dir, volB))
 			},
-			want: []string{permall + ": holds volatile state, expected permanent state", permPrev + ": holds volatile state"},
+			want: []string{permA + ": holds volatile state, expected permanent state", permB + ": holds volatile state"},
 		},
 		{
 			name: "older generation put back",
@@ -289,18 +290,18 @@ func TestTamperedStateRefusesToStart(t *testing.T) {
 					mustWriteFile(t, filepath.Join(dir, n), b)
 				}
 			},
-			want: []string{permall + " is generation", "was seen last", "rollback", "--allow-rollback"},
+			want: []string{".sealed is generation", "was seen last", "rollback", "--allow-rollback"},
 		},
 		{
 			name: "permall deleted",
 			tamper: func(t *testing.T, dir string) {
-				for _, n := range []string{permall, permPrev} {
+				for _, n := range []string{permA, permB} {
 					if err := os.Remove(filepath.Join(dir, n)); err != nil {
 						t.Fatal(err)
 					}
 				}
 			},
-			want: []string{permall + " and " + permPrev + " are missing", "--allow-rollback"},
+			want: []string{permA + " and " + permB + " are missing", "--allow-rollback"},
 		},
 		{
 			name: "vtpm-state.json deleted",
@@ -315,7 +316,7 @@ func TestTamperedStateRefusesToStart(t *testing.T) {
 			name:   "wrong data key",
 			tamper: func(*testing.T, string) {},
 			args:   []string{"--data-key", "file=" + wrongKey},
-			want:   []string{permall + ": authentication failed (wrong data key", permPrev + ": authentication failed"},
+			want:   []string{permA + ": authentication failed (wrong data key", permB + ": authentication failed"},
 		},
 	}
 	for _, tc := range tests {
@@ -353,16 +354,16 @@ func TestTamperedStateRecovers(t *testing.T) {
 	f := manufactureTamperFixture(t)
 	tests := []struct {
 		name   string
-		tamper func(t *testing.T, home, dir string)
+		tamper func(t *testing.T, home, dir string) (warn []string) // also expected in the warnings
 		args   []string
 		want   uint64   // counter value served
 		warn   []string // substrings of the warnings printed
 	}{
 		{
-			name: "corrupt newest copy falls back to .prev",
-			tamper: func(t *testing.T, home, dir string) {
-				// Make the newest copy hold counter 3 and .prev counter 2:
-				// write 3 and die before anything else is stored.
+			name: "corrupt newest copy falls back to the other slot",
+			tamper: func(t *testing.T, home, dir string) []string {
+				// Make the newest slot hold counter 3 and the other counter
+				// 2: write 3 and die before anything else is stored.
 				p := startVTPM(t, home, dir)
 				tpm, err := p.dial(t)
 				if err != nil {
@@ -373,17 +374,20 @@ func TestTamperedStateRecovers(t *testing.T) {
 				}
 				p.cmd.Process.Signal(syscall.SIGKILL)
 				p.wait(t)
-				flipByte(t, filepath.Join(dir, "permall.sealed"), -100)
+				newest := newestSlot(t, home, dir)
+				flipByte(t, filepath.Join(dir, newest), -100)
+				return []string{newest + ": authentication failed"}
 			},
 			want: 2,
-			warn: []string{"newest TPM state copy does not verify; using the previous copy", "authentication failed"},
+			warn: []string{"a copy of TPM state does not verify"},
 		},
 		{
 			name: "older generation with --allow-rollback",
-			tamper: func(t *testing.T, home, dir string) {
+			tamper: func(t *testing.T, home, dir string) []string {
 				for n, b := range f.old {
 					mustWriteFile(t, filepath.Join(dir, n), b)
 				}
+				return nil
 			},
 			args: []string{"--allow-rollback"},
 			want: 1,
@@ -395,7 +399,7 @@ func TestTamperedStateRecovers(t *testing.T) {
 			home, dir := filepath.Join(t.TempDir(), "home"), filepath.Join(t.TempDir(), "a")
 			copyTree(t, f.home, home)
 			copyTree(t, f.dirA, dir)
-			tc.tamper(t, home, dir)
+			warn := append(tc.tamper(t, home, dir), tc.warn...)
 
 			p := startVTPM(t, home, dir, tc.args...)
 			tpm, err := p.dial(t)
@@ -412,11 +416,28 @@ func TestTamperedStateRecovers(t *testing.T) {
 			if v != tc.want {
 				t.Errorf("counter = %d, want %d", v, tc.want)
 			}
-			for _, w := range tc.warn {
+			for _, w := range warn {
 				if !strings.Contains(out, w) {
 					t.Errorf("output lacks %q:\n%s", w, out)
 				}
 			}
 		})
 	}
+}
+
+// newestSlot returns the permall slot holding the newest generation.
+func newestSlot(t *testing.T, home, dir string) string {
+	t.Helper()
+	key, _ := tpmKeys(t, home, dir)
+	id := tpmUUID(t, dir)
+	best, bestGen := "", uint64(0)
+	for _, n := range permallSlots {
+		if gen, err := unsealFile(key, id, "permall", filepath.Join(dir, n)); err == nil && gen > bestGen {
+			best, bestGen = n, gen
+		}
+	}
+	if best == "" {
+		t.Fatalf("no permall slot in %s verifies", dir)
+	}
+	return best
 }

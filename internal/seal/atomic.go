@@ -1,15 +1,17 @@
 package seal
 
 import (
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"syscall"
 )
 
-// syncDir makes renames and creations in dir durable.
-func syncDir(dir string) error {
+// syncDir makes renames, creations and removals in dir durable. It is a
+// variable so tests can count directory fsyncs.
+var syncDir = syncDirectory
+
+func syncDirectory(dir string) error {
 	d, err := os.Open(dir)
 	if err != nil {
 		return fmt.Errorf("open directory %s to fsync it: %w", dir, err)
@@ -60,19 +62,36 @@ func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
 	return syncDir(filepath.Dir(path))
 }
 
-// linkOrCopy makes dst a second name for src's content. dst must not
-// exist. File systems without hard links get a synced copy instead.
-func linkOrCopy(src, dst string, mode os.FileMode) error {
-	err := os.Link(src, dst)
-	if err == nil {
-		return nil
+// fdatasync makes f's data durable, and its size, but not metadata a read
+// does not need (timestamps): one device flush for an in-place write.
+func fdatasync(f *os.File) error {
+	sc, err := f.SyscallConn()
+	if err != nil {
+		return err
 	}
-	if errors.Is(err, os.ErrNotExist) || errors.Is(err, os.ErrExist) {
-		return fmt.Errorf("link %s to %s: %w", src, dst, err)
+	var serr error
+	if err := sc.Control(func(fd uintptr) {
+		for {
+			serr = syscall.Fdatasync(int(fd))
+			if serr != syscall.EINTR {
+				return
+			}
+		}
+	}); err != nil {
+		return err
 	}
-	data, rerr := os.ReadFile(src)
-	if rerr != nil {
-		return fmt.Errorf("link %s to %s failed (%v), and copying it failed: %w", src, dst, err, rerr)
+	return serr
+}
+
+// syncFile fsyncs the file at path.
+func syncFile(path string) error {
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		return fmt.Errorf("open %s to fsync it: %w", path, err)
 	}
-	return writeSynced(dst, data, mode)
+	defer f.Close()
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("fsync %s: %w", path, err)
+	}
+	return nil
 }

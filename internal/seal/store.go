@@ -19,17 +19,15 @@ import (
 // StateFileName holds the TPM's UUID; its presence marks a vtpm state directory.
 const StateFileName = "vtpm-state.json"
 
-const (
-	sealedExt = ".sealed"
-	prevExt   = ".prev"
-	tmpExt    = ".tmp"
-	stateFmt  = 1
-)
+const stateFmt = 1
 
 // Options configure Open.
 type Options struct {
-	Key           []byte      // 32-byte DEK
-	Generations   Generations // may be nil: no rollback tracking
+	Key []byte // 32-byte DEK
+	// Generations may be nil: no rollback tracking. It is called from a
+	// background goroutine as well as from the Store's methods, so it must
+	// be safe for concurrent use.
+	Generations   Generations
 	AllowRollback bool        // load copies older than the last generation seen
 	FileMode      os.FileMode // of files written; default 0600
 	Logger        *slog.Logger
@@ -54,9 +52,17 @@ type Store struct {
 	log           *slog.Logger
 
 	mu    sync.Mutex
-	lock  *dirLock // nil once closed
-	known map[string]uint64
-	curOK map[string]bool // the current copy is known to verify
+	lock  *dirLock  // nil once closed
+	rec   *recorder // nil without Generations
+	blobs map[string]*blobState
+}
+
+// blobState is what a Store knows about one blob's copies on disk.
+type blobState struct {
+	scanned  bool   // newest is known (read from disk, or written since)
+	newest   int    // slot holding the newest verified copy, -1 if none
+	gen      uint64 // the highest generation seen: on disk, recorded or written
+	migrated bool   // no legacy copy is left to rename into a slot
 }
 
 type stateFile struct {
@@ -97,11 +103,15 @@ func Open(dir string, opts Options) (*Store, error) {
 		lock.unlock()
 		return nil, err
 	}
-	return &Store{
+	s := &Store{
 		dir: dir, id: id, aead: aead, gens: opts.Generations,
 		allowRollback: opts.AllowRollback, mode: mode, log: log.With("tpm", id.String()),
-		lock: lock, known: map[string]uint64{}, curOK: map[string]bool{},
-	}, nil
+		lock: lock, blobs: map[string]*blobState{},
+	}
+	if s.gens != nil {
+		s.rec = startRecorder(s.gens, id, s.log)
+	}
+	return s, nil
 }
 
 // Identify returns the UUID of the TPM whose state is in dir, giving a new
@@ -114,10 +124,11 @@ func Identify(dir string) (uuid.UUID, error) {
 	return loadOrCreateStateFile(dir, 0o600)
 }
 
-// HasBlobs reports whether dir holds any sealed blob (current or previous copy).
+// HasBlobs reports whether dir holds any sealed blob (a copy in either slot,
+// or in the legacy layout).
 func HasBlobs(dir string) bool {
 	for _, n := range Names {
-		for _, p := range []string{sealedPath(dir, n), sealedPath(dir, n) + prevExt} {
+		for _, p := range copyPaths(dir, n) {
 			if _, err := os.Lstat(p); err == nil {
 				return true
 			}
@@ -148,7 +159,7 @@ func loadOrCreateStateFile(dir string, mode os.FileMode) (uuid.UUID, error) {
 	}
 	// A fresh UUID would orphan existing blobs, which are bound to the old one.
 	for _, n := range Names {
-		for _, p := range []string{sealedPath(dir, n), sealedPath(dir, n) + prevExt} {
+		for _, p := range copyPaths(dir, n) {
 			if b, err := readHead(p); err == nil {
 				hint := ""
 				if len(b) >= 36 && string(b[:len(Magic)]) == Magic {
@@ -186,8 +197,6 @@ func readHead(path string) ([]byte, error) {
 	return b[:n], nil
 }
 
-func sealedPath(dir, name string) string { return filepath.Join(dir, name+sealedExt) }
-
 // UUID returns the TPM's UUID, which every sealed blob is bound to.
 func (s *Store) UUID() uuid.UUID { return s.id }
 
@@ -204,7 +213,9 @@ func (s *Store) checkOpen() error {
 	return nil
 }
 
-func (s *Store) last(name string) (uint64, error) {
+// lastSeen returns the last generation of name seen: recorded, or handed
+// to the recorder and not yet recorded.
+func (s *Store) lastSeen(name string) (uint64, error) {
 	if s.gens == nil {
 		return 0, nil
 	}
@@ -212,14 +223,16 @@ func (s *Store) last(name string) (uint64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("look up the last generation of %s: %w", name, err)
 	}
-	return g, nil
+	return max(g, s.rec.last(name)), nil
 }
 
-func (s *Store) record(name string, gen uint64) error {
-	if s.gens == nil {
-		return nil
+func (s *Store) blob(name string) *blobState {
+	b, ok := s.blobs[name]
+	if !ok {
+		b = &blobState{newest: -1}
+		s.blobs[name] = b
 	}
-	return s.gens.Record(s.id, name, gen)
+	return b
 }
 
 // readSealed reads and verifies one file; errors start with the file name.
@@ -253,8 +266,11 @@ func (s *Store) rollbackErr(file string, gen, last uint64) error {
 		file, gen, last, s.id)
 }
 
-// Load returns the newest copy of blob name that verifies. It never deletes
-// or rewrites anything.
+// Load returns the newest copy of blob name that verifies, looking at both
+// slots (and at a legacy layout not yet migrated). A copy that exists but
+// does not verify is logged: after a crash during a write it is the slot
+// that was being written, and the other slot holds the previous copy. Load
+// never deletes or rewrites anything.
 func (s *Store) Load(name string) ([]byte, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -264,66 +280,65 @@ func (s *Store) Load(name string) ([]byte, error) {
 	if _, err := typeOf(name); err != nil {
 		return nil, fmt.Errorf("load: %w", err)
 	}
-	last, err := s.last(name)
+	last, err := s.lastSeen(name)
 	if err != nil {
 		return nil, err
 	}
-	cur := sealedPath(s.dir, name)
-	prev := cur + prevExt
-
-	plain, gen, curErr := s.readSealed(cur, name)
-	if curErr == nil {
-		if gen < last {
-			if !s.allowRollback {
-				clear(plain)
-				return nil, s.rollbackErr(filepath.Base(cur), gen, last)
+	sc := s.scanCopies(name)
+	best := sc.best
+	if best == nil {
+		if !sc.present() {
+			if name == "permall" && last > 0 && !s.allowRollback {
+				return nil, errf(ErrRollback, "%s and %s are missing, but generation %d of TPM %s was seen: the TPM state was deleted or an older copy of %s was put back; pass --allow-rollback to start without it deliberately",
+					filepath.Base(slotPath(s.dir, name, 0)), filepath.Base(slotPath(s.dir, name, 1)), last, s.id, s.dir)
 			}
-			s.log.Warn("loading an older generation of TPM state (--allow-rollback)", "file", cur, "generation", gen, "last_seen", last)
+			return nil, fmt.Errorf("load %s from %s: %w", name, s.dir, fs.ErrNotExist)
 		}
-		return s.loaded(name, plain, gen, last, true)
+		return nil, fmt.Errorf("load %s of TPM %s: no copy verifies (restore the state directory from backup): %w", name, s.id, sc.errs())
 	}
-
-	plain, gen, prevErr := s.readSealed(prev, name)
-	if errors.Is(curErr, fs.ErrNotExist) && errors.Is(prevErr, fs.ErrNotExist) {
-		if name == "permall" && last > 0 && !s.allowRollback {
-			return nil, errf(ErrRollback, "%s and %s are missing, but generation %d of TPM %s was seen: the TPM state was deleted or an older copy of %s was put back; pass --allow-rollback to start without it deliberately",
-				filepath.Base(cur), filepath.Base(prev), last, s.id, s.dir)
-		}
-		return nil, fmt.Errorf("load %s from %s: %w", name, s.dir, fs.ErrNotExist)
-	}
-	if prevErr != nil {
-		if errors.Is(prevErr, fs.ErrNotExist) {
-			return nil, fmt.Errorf("load %s of TPM %s: %w (no previous copy to fall back to)", name, s.id, curErr)
-		}
-		return nil, fmt.Errorf("load %s of TPM %s: no copy verifies: %w; %w", name, s.id, curErr, prevErr)
-	}
-	// One generation back is the price of surviving a damaged newest copy.
-	if gen+1 < last {
-		if !s.allowRollback {
-			clear(plain)
-			return nil, fmt.Errorf("%w (and %w)", s.rollbackErr(filepath.Base(prev), gen, last), curErr)
-		}
-		s.log.Warn("loading an older generation of TPM state (--allow-rollback)", "file", prev, "generation", gen, "last_seen", last)
-	}
-	s.log.Warn("newest TPM state copy does not verify; using the previous copy", "file", cur, "reason", curErr.Error(), "previous", prev, "generation", gen)
-	return s.loaded(name, plain, gen, last, false)
-}
-
-func (s *Store) loaded(name string, plain []byte, gen, last uint64, curOK bool) ([]byte, error) {
-	s.known[name] = max(gen, last, s.known[name])
-	s.curOK[name] = curOK
-	if gen > last {
-		// A crash between writing a blob and recording it leaves last behind.
-		if err := s.record(name, gen); err != nil {
-			clear(plain)
+	damaged := sc.damaged()
+	if best.gen < last {
+		// One generation back is the price of surviving a damaged newest
+		// copy: keeping the previous copy is the point of the second slot.
+		fallback := len(damaged) > 0 && best.gen+1 == last
+		switch {
+		case s.allowRollback && !fallback:
+			s.log.Warn("loading an older generation of TPM state (--allow-rollback)", "file", best.path, "generation", best.gen, "last_seen", last)
+		case !fallback:
+			sc.wipe(nil)
+			err := s.rollbackErr(filepath.Base(best.path), best.gen, last)
+			if len(damaged) > 0 {
+				err = fmt.Errorf("%w (and %w)", err, sc.errs())
+			}
 			return nil, err
 		}
 	}
-	return plain, nil
+	for _, c := range damaged {
+		s.log.Warn("a copy of TPM state does not verify (normal after a crash during a write); using the newest copy that does",
+			"file", c.path, "reason", c.err.Error(), "using", best.path, "generation", best.gen)
+	}
+	sc.wipe(best)
+	b := s.blob(name)
+	b.scanned, b.newest = true, sc.slotNewest()
+	b.gen = max(b.gen, best.gen, last)
+	if best.gen > last && s.rec != nil {
+		// Written but not recorded: a crash came between the two. Record
+		// it only once it is durable (the write may not have reached its
+		// fdatasync), or a power loss could make it look like a rollback.
+		if err := syncFile(best.path); err != nil {
+			s.log.Warn("cannot make the newest TPM state copy durable; not recording its generation", "file", best.path, "err", err)
+		} else {
+			s.rec.add(name, best.gen)
+		}
+	}
+	return best.plain, nil
 }
 
-// Store seals data as the next generation of blob name and writes it
-// crash-safely (see the package documentation), then records the generation.
+// Store seals data as the next generation of blob name and writes it into
+// the slot that does not hold the newest verified copy, in place, with one
+// fdatasync (see the package documentation). When it returns nil the new
+// generation is durable; recording it in Generations happens in the
+// background.
 func (s *Store) Store(name string, data []byte) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -333,95 +348,90 @@ func (s *Store) Store(name string, data []byte) error {
 	if _, err := typeOf(name); err != nil {
 		return fmt.Errorf("store: %w", err)
 	}
-	steps, gen, err := s.prepareWrite(name, data)
+	plan, err := s.prepareWrite(name, data)
 	if err != nil {
 		return err
 	}
-	for _, st := range steps {
+	b := s.blob(name)
+	for i, st := range plan.steps {
 		if err := st.run(); err != nil {
-			s.cleanupTemps(name)
+			if cerr := plan.w.close(); cerr != nil {
+				s.log.Warn("cleaning up after a failed write", "err", cerr)
+			}
+			if i < plan.firstSlotStep {
+				b.scanned = false // a migration step failed: look again
+			}
+			// Otherwise b.newest still names the other slot, which this
+			// write never touched: the next write retries the same slot.
 			return fmt.Errorf("store %s of TPM %s: %s: %w", name, s.id, st.what, err)
 		}
 	}
-	s.known[name] = gen
-	s.curOK[name] = true
-	if err := s.record(name, gen); err != nil {
-		return fmt.Errorf("store %s of TPM %s: written, but %w", name, s.id, err)
+	if err := plan.w.close(); err != nil {
+		return fmt.Errorf("store %s of TPM %s: %w", name, s.id, err)
+	}
+	b.scanned, b.migrated, b.newest, b.gen = true, true, plan.slot, plan.gen
+	if s.rec != nil {
+		s.rec.add(name, plan.gen)
 	}
 	return nil
 }
 
-type writeStep struct {
-	what string
-	run  func() error
+// writePlan is one write: migration steps (first write of a legacy blob
+// only), then the slot write's steps.
+type writePlan struct {
+	steps         []writeStep
+	firstSlotStep int
+	gen           uint64
+	slot          int
+	w             *slotWrite
 }
 
-// prepareWrite seals data and returns the write steps, split out so tests
-// can stop after each one as a crash would.
-func (s *Store) prepareWrite(name string, data []byte) ([]writeStep, uint64, error) {
-	last, err := s.last(name)
-	if err != nil {
-		return nil, 0, err
+// prepareWrite seals data and plans its write, split out so tests can stop
+// after each step as a crash would.
+func (s *Store) prepareWrite(name string, data []byte) (*writePlan, error) {
+	b := s.blob(name)
+	var steps []writeStep
+	if !b.migrated {
+		steps = s.migrateSteps(name)
+		b.migrated = len(steps) == 0
 	}
-	cur := sealedPath(s.dir, name)
-	prev := cur + prevExt
-	base, ok := s.known[name]
-	rotate := s.curOK[name]
-	if !ok {
-		// First write in this session: find the newest verifiable copy.
-		if p, g, err := s.readSealed(cur, name); err == nil {
-			clear(p)
-			base, rotate = g, true
-		} else if p, g, err := s.readSealed(prev, name); err == nil {
-			clear(p)
-			base = g
+	if !b.scanned || len(steps) > 0 {
+		last, err := s.lastSeen(name)
+		if err != nil {
+			return nil, err
 		}
+		sc := s.scanCopies(name)
+		sc.wipe(nil)
+		if len(steps) > 0 {
+			// Where the copies will be once the migration steps ran.
+			for slot := range nSlots {
+				if sc.copies[slot].missing() {
+					sc.copies[slot], sc.copies[nSlots+slot] = sc.copies[nSlots+slot], sc.copies[slot]
+					sc.copies[slot].slot, sc.copies[nSlots+slot].slot = slot, -1
+				}
+			}
+		}
+		b.newest = sc.slotNewest()
+		b.gen = max(b.gen, last)
+		if sc.best != nil {
+			b.gen = max(b.gen, sc.best.gen)
+		}
+		b.scanned = true
 	}
-	gen := max(base, last) + 1
+	gen := b.gen + 1
 	sealed, err := sealWith(s.aead, s.id, name, gen, data)
 	if err != nil {
-		return nil, 0, fmt.Errorf("store %s: %w", name, err)
+		return nil, fmt.Errorf("store %s: %w", name, err)
 	}
-	tmp, prevTmp := cur+tmpExt, prev+tmpExt
-	steps := []writeStep{{"write temporary file", func() error { return writeSynced(tmp, sealed, s.mode) }}}
-	if rotate {
-		linked := false
-		steps = append(steps,
-			writeStep{"link current copy as previous", func() error {
-				if err := os.Remove(prevTmp); err != nil && !errors.Is(err, fs.ErrNotExist) {
-					return err
-				}
-				if _, err := os.Lstat(cur); errors.Is(err, fs.ErrNotExist) {
-					return nil // removed behind our back: nothing to keep
-				}
-				linked = true
-				return linkOrCopy(cur, prevTmp, s.mode)
-			}},
-			writeStep{"replace previous copy", func() error {
-				if !linked {
-					return nil
-				}
-				return os.Rename(prevTmp, prev)
-			}},
-		)
+	slot := 0
+	if b.newest == 0 {
+		slot = 1
 	}
-	steps = append(steps,
-		writeStep{"replace current copy", func() error { return os.Rename(tmp, cur) }},
-		writeStep{"fsync directory", func() error { return syncDir(s.dir) }},
-	)
-	return steps, gen, nil
+	w := newSlotWrite(slotPath(s.dir, name, slot), sealed, s.mode)
+	return &writePlan{steps: append(steps, w.steps()...), firstSlotStep: len(steps), gen: gen, slot: slot, w: w}, nil
 }
 
-func (s *Store) cleanupTemps(name string) {
-	cur := sealedPath(s.dir, name)
-	for _, p := range []string{cur + tmpExt, cur + prevExt + tmpExt} {
-		if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			s.log.Warn("cannot remove temporary file", "file", p, "err", err)
-		}
-	}
-}
-
-// Delete removes blob name, both its current and previous copy. A missing
+// Delete removes blob name: both slots, and any legacy copies. A missing
 // blob is an error only if mustExist.
 func (s *Store) Delete(name string, mustExist bool) error {
 	s.mu.Lock()
@@ -432,22 +442,30 @@ func (s *Store) Delete(name string, mustExist bool) error {
 	if _, err := typeOf(name); err != nil {
 		return fmt.Errorf("delete: %w", err)
 	}
-	cur := sealedPath(s.dir, name)
-	removed := false
-	for _, p := range []string{cur, cur + prevExt, cur + tmpExt, cur + prevExt + tmpExt} {
+	b := s.blob(name)
+	copies := copyPaths(s.dir, name)
+	removed, changed := false, false
+	for i, p := range append(copies, tempFiles(s.dir, name)...) {
 		err := os.Remove(p)
 		switch {
 		case err == nil:
-			removed = removed || p == cur || p == cur+prevExt
+			changed = true
+			removed = removed || i < len(copies)
 		case !errors.Is(err, fs.ErrNotExist):
+			b.scanned = false
 			return fmt.Errorf("delete %s: %w", p, err)
 		}
 	}
-	s.curOK[name] = false
+	b.scanned, b.newest, b.migrated = true, -1, true // b.gen stays: the next copy outgrows it
+	if changed {
+		if err := syncDir(s.dir); err != nil {
+			return fmt.Errorf("delete %s: %w", name, err)
+		}
+	}
 	if !removed && mustExist {
 		return fmt.Errorf("delete %s from %s: %w", name, s.dir, fs.ErrNotExist)
 	}
-	return syncDir(s.dir)
+	return nil
 }
 
 // States lists the blobs present, with their plaintext sizes, without
@@ -462,22 +480,40 @@ func (s *Store) States() ([]StateInfo, error) {
 }
 
 // ListStates lists the blobs stored in dir without opening them (no key is
-// needed): what swtpm's --print-states reports.
+// needed): what swtpm's --print-states reports. Of a blob's copies it
+// reports the one whose (unauthenticated) header claims the newest
+// generation and matches the file's size; failing that, any copy.
 func ListStates(dir string) ([]StateInfo, error) {
 	var out []StateInfo
 	for _, n := range Names {
-		cur := sealedPath(dir, n)
-		st, err := os.Stat(cur)
-		if errors.Is(err, fs.ErrNotExist) {
-			st, err = os.Stat(cur + prevExt)
+		var (
+			found   bool
+			size    int64
+			bestGen uint64
+		)
+		for _, p := range copyPaths(dir, n) {
+			st, err := os.Lstat(p)
+			if errors.Is(err, fs.ErrNotExist) {
+				continue
+			}
+			if err != nil {
+				return nil, fmt.Errorf("list states in %s: %w", dir, err)
+			}
+			gen := uint64(0)
+			if head, err := readHead(p); err == nil {
+				if h, err := parseHeader(head); err == nil || errors.Is(err, ErrTruncated) {
+					if uint64(st.Size()) == sealedSize(h.length) {
+						gen = h.gen
+					}
+				}
+			}
+			if !found || gen > bestGen {
+				found, size, bestGen = true, st.Size(), gen
+			}
 		}
-		if errors.Is(err, fs.ErrNotExist) {
-			continue
+		if found {
+			out = append(out, StateInfo{Name: n, Size: max(size-Overhead, 0)})
 		}
-		if err != nil {
-			return nil, fmt.Errorf("list states in %s: %w", dir, err)
-		}
-		out = append(out, StateInfo{Name: n, Size: max(st.Size()-Overhead, 0)})
 	}
 	return out, nil
 }
@@ -493,34 +529,34 @@ func (s *Store) Generation(name string) (uint64, error) {
 	if _, err := typeOf(name); err != nil {
 		return 0, err
 	}
-	cur := sealedPath(s.dir, name)
-	p, g, curErr := s.readSealed(cur, name)
-	if curErr == nil {
-		clear(p)
-		return g, nil
-	}
-	p, g, prevErr := s.readSealed(cur+prevExt, name)
-	if prevErr == nil {
-		clear(p)
-		return g, nil
-	}
-	if errors.Is(curErr, fs.ErrNotExist) && errors.Is(prevErr, fs.ErrNotExist) {
+	sc := s.scanCopies(name)
+	sc.wipe(nil)
+	switch {
+	case sc.best != nil:
+		return sc.best.gen, nil
+	case !sc.present():
 		return 0, fmt.Errorf("generation of %s in %s: %w", name, s.dir, fs.ErrNotExist)
 	}
-	return 0, fmt.Errorf("generation of %s: no copy verifies: %w; %w", name, curErr, prevErr)
+	return 0, fmt.Errorf("generation of %s: no copy verifies: %w", name, sc.errs())
 }
 
-// Close releases the directory lock. It is safe to call more than once.
+// Close records the generations still pending and releases the directory
+// lock. It is safe to call more than once.
 func (s *Store) Close() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.lock == nil {
 		return nil
 	}
-	err := s.lock.unlock()
-	s.lock = nil
-	if err != nil {
-		return fmt.Errorf("release lock on %s: %w", s.dir, err)
+	var errs []error
+	if s.rec != nil {
+		if err := s.rec.close(); err != nil {
+			errs = append(errs, fmt.Errorf("close sealed state of TPM %s: the state is written, but recording its generation failed, so a rollback to it would go unnoticed: %w", s.id, err))
+		}
 	}
-	return nil
+	if err := s.lock.unlock(); err != nil {
+		errs = append(errs, fmt.Errorf("release lock on %s: %w", s.dir, err))
+	}
+	s.lock = nil
+	return errors.Join(errs...)
 }

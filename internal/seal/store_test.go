@@ -8,9 +8,13 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
+
+	"github.com/google/uuid"
 )
 
 type syncBuffer struct {
@@ -97,6 +101,31 @@ func equalSnapshots(a, b map[string]string) bool {
 	return true
 }
 
+// slotFile names slot 0 or 1 of blob name.
+func slotFile(name string, slot int) string {
+	return name + "." + slotLetters[slot] + ".sealed"
+}
+
+// readCopy unseals one file in the state directory.
+func readCopy(t *testing.T, e *env, id uuid.UUID, name, file string) (string, uint64, error) {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(e.dir, file))
+	if err != nil {
+		return "", 0, err
+	}
+	p, g, err := Unseal(testKey, id, name, b)
+	return string(p), g, err
+}
+
+func inode(t *testing.T, path string) uint64 {
+	t.Helper()
+	st, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st.Sys().(*syscall.Stat_t).Ino
+}
+
 func TestStoreRoundTrip(t *testing.T) {
 	e := newEnv(t)
 	s := e.open(t, nil)
@@ -125,17 +154,17 @@ func TestStoreRoundTrip(t *testing.T) {
 	if len(states) != len(want) || states[0] != want[0] || states[1] != want[1] {
 		t.Fatalf("States = %v, want %v", states, want)
 	}
-	if last, _ := e.gens.Last(s.UUID(), "permall"); last != 3 {
-		t.Errorf("recorded generation = %d, want 3", last)
+	// Generations 1 and 3 went to slot a, 2 to slot b.
+	for _, c := range []struct {
+		file string
+		data string
+		gen  uint64
+	}{{"permall.a.sealed", "three", 3}, {"permall.b.sealed", "two", 2}} {
+		if p, g, err := readCopy(t, e, s.UUID(), "permall", c.file); err != nil || g != c.gen || p != c.data {
+			t.Errorf("%s = (%q, %d, %v), want generation %d %q", c.file, p, g, err, c.gen, c.data)
+		}
 	}
-	prev, err := os.ReadFile(filepath.Join(e.dir, "permall.sealed.prev"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if p, g, err := Unseal(testKey, s.UUID(), "permall", prev); err != nil || g != 2 || string(p) != "two" {
-		t.Errorf("permall.sealed.prev = (%q, %d, %v), want generation 2 \"two\"", p, g, err)
-	}
-	for _, f := range []string{StateFileName, "permall.sealed", "permall.sealed.prev"} {
+	for _, f := range []string{StateFileName, "permall.a.sealed", "permall.b.sealed"} {
 		st, err := os.Stat(filepath.Join(e.dir, f))
 		if err != nil {
 			t.Fatal(err)
@@ -150,9 +179,16 @@ func TestStoreRoundTrip(t *testing.T) {
 		t.Errorf("%s = %s (%v), want format 1 and uuid %s", StateFileName, b, err, s.UUID())
 	}
 
-	// Reopening keeps the UUID and the state, and generations keep growing.
+	// Close records the newest generation written.
 	id := s.UUID()
-	s.Close()
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if last, _ := e.gens.Last(id, "permall"); last != 3 {
+		t.Errorf("recorded generation after Close = %d, want 3", last)
+	}
+
+	// Reopening keeps the UUID and the state, and generations keep growing.
 	s2 := e.open(t, func(o *Options) { o.FileMode = 0o640 })
 	if s2.UUID() != id {
 		t.Fatalf("UUID changed across Open: %s -> %s", id, s2.UUID())
@@ -161,8 +197,87 @@ func TestStoreRoundTrip(t *testing.T) {
 	if g, _ := s2.Generation("permall"); g != 4 {
 		t.Errorf("generation after reopen = %d, want 4", g)
 	}
-	if st, _ := os.Stat(filepath.Join(e.dir, "permall.sealed")); st.Mode().Perm() != 0o640 {
+	if p, g, err := readCopy(t, e, id, "permall", "permall.b.sealed"); err != nil || g != 4 || p != "four" {
+		t.Errorf("permall.b.sealed after reopen = (%q, %d, %v), want generation 4", p, g, err)
+	}
+	if st, _ := os.Stat(filepath.Join(e.dir, "permall.b.sealed")); st.Mode().Perm() != 0o640 {
 		t.Errorf("mode with FileMode 0640 = %v", st.Mode().Perm())
+	}
+}
+
+// TestWritesInPlace checks the write pattern: slots alternate, each is
+// rewritten in place (same inode, nothing else appears in the directory),
+// a shorter record truncates the slot, and a write never touches the slot
+// holding the newest copy.
+func TestWritesInPlace(t *testing.T) {
+	e := newEnv(t)
+	s := e.open(t, nil)
+	data := []string{"a long first record", "two", "3", "four, longer again", "five"}
+	inodes := map[string]uint64{}
+	for i, d := range data {
+		slot := i % 2
+		other := filepath.Join(e.dir, slotFile("permall", 1-slot))
+		otherBefore, _ := os.ReadFile(other)
+		mustStore(t, s, "permall", d)
+		path := filepath.Join(e.dir, slotFile("permall", slot))
+		if ino, ok := inodes[path]; ok && ino != inode(t, path) {
+			t.Errorf("write %d replaced %s (new inode) instead of writing it in place", i+1, filepath.Base(path))
+		}
+		inodes[path] = inode(t, path)
+		if p, g, err := readCopy(t, e, s.UUID(), "permall", filepath.Base(path)); err != nil || g != uint64(i+1) || p != d {
+			t.Errorf("write %d: %s = (%q, %d, %v), want generation %d %q", i+1, filepath.Base(path), p, g, err, i+1, d)
+		}
+		if otherAfter, _ := os.ReadFile(other); !bytes.Equal(otherBefore, otherAfter) {
+			t.Errorf("write %d changed %s, which held the newest copy", i+1, filepath.Base(other))
+		}
+	}
+	entries, _ := os.ReadDir(e.dir)
+	var names []string
+	for _, en := range entries {
+		names = append(names, en.Name())
+	}
+	wantNames := []string{LockName, "permall.a.sealed", "permall.b.sealed", StateFileName}
+	if !slices.Equal(names, wantNames) {
+		t.Errorf("directory holds %v, want %v", names, wantNames)
+	}
+}
+
+// countDirSyncs counts syncDir calls until the test ends. Stores under
+// test must have no Generations: its recorder would fsync concurrently.
+func countDirSyncs(t *testing.T) *int {
+	t.Helper()
+	n := new(int)
+	orig := syncDir
+	syncDir = func(dir string) error { *n++; return orig(dir) }
+	t.Cleanup(func() { syncDir = orig })
+	return n
+}
+
+func TestDirectoryFsyncs(t *testing.T) {
+	e := newEnv(t)
+	s := e.open(t, func(o *Options) { o.Generations = nil })
+	syncs := countDirSyncs(t)
+	steps := []struct {
+		what string
+		do   func() error
+		want int // directory fsyncs
+	}{
+		{"first write creates slot a", func() error { return s.Store("permall", []byte("1")) }, 1},
+		{"second write creates slot b", func() error { return s.Store("permall", []byte("2")) }, 1},
+		{"third write is in place", func() error { return s.Store("permall", []byte("3")) }, 0},
+		{"fourth write is in place", func() error { return s.Store("permall", []byte("4")) }, 0},
+		{"deleting a missing blob removes nothing", func() error { return s.Delete("savestate", false) }, 0},
+		{"deleting a blob", func() error { return s.Delete("permall", true) }, 1},
+		{"deleting it again removes nothing", func() error { return s.Delete("permall", false) }, 0},
+	}
+	for _, st := range steps {
+		*syncs = 0
+		if err := st.do(); err != nil {
+			t.Fatalf("%s: %v", st.what, err)
+		}
+		if *syncs != st.want {
+			t.Errorf("%s: %d directory fsyncs, want %d", st.what, *syncs, st.want)
+		}
 	}
 }
 
@@ -171,10 +286,13 @@ func TestDelete(t *testing.T) {
 	s := e.open(t, nil)
 	mustStore(t, s, "volatilestate", "a")
 	mustStore(t, s, "volatilestate", "b")
+	for _, f := range []string{"volatilestate.sealed", "volatilestate.sealed.prev", "volatilestate.sealed.tmp"} {
+		os.WriteFile(filepath.Join(e.dir, f), []byte("legacy"), 0o600)
+	}
 	if err := s.Delete("volatilestate", true); err != nil {
 		t.Fatal(err)
 	}
-	for _, f := range []string{"volatilestate.sealed", "volatilestate.sealed.prev"} {
+	for _, f := range []string{"volatilestate.a.sealed", "volatilestate.b.sealed", "volatilestate.sealed", "volatilestate.sealed.prev", "volatilestate.sealed.tmp"} {
 		if _, err := os.Stat(filepath.Join(e.dir, f)); !errors.Is(err, fs.ErrNotExist) {
 			t.Errorf("%s still exists after Delete", f)
 		}
@@ -188,7 +306,7 @@ func TestDelete(t *testing.T) {
 	if err := s.Delete("volatilestate", true); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("Delete(mustExist=true) of a missing blob = %v, want fs.ErrNotExist", err)
 	}
-	// A new copy after a delete still outgrows the recorded generation.
+	// A new copy after a delete still outgrows the generations seen.
 	mustStore(t, s, "volatilestate", "c")
 	if g, _ := s.Generation("volatilestate"); g != 3 {
 		t.Errorf("generation after delete and store = %d, want 3", g)
@@ -198,8 +316,7 @@ func TestDelete(t *testing.T) {
 func TestLoadTamper(t *testing.T) {
 	type setup struct {
 		e    *env
-		s    *Store
-		path string // permall.sealed
+		path string // permall.b.sealed, the newest copy
 	}
 	copyFrom := func(t *testing.T, src, dst string) {
 		b, err := os.ReadFile(src)
@@ -232,25 +349,25 @@ func TestLoadTamper(t *testing.T) {
 			name:    "flipped header byte",
 			tamper:  flipAt(func(int) int { return 15 }),
 			want:    ErrAuth,
-			message: []string{"permall.sealed: authentication failed (wrong data key, or the file was modified)"},
+			message: []string{"no copy verifies", "permall.b.sealed: authentication failed (wrong data key, or the file was modified)"},
 		},
 		{
 			name:    "flipped ciphertext byte",
 			tamper:  flipAt(func(int) int { return headerLen }),
 			want:    ErrAuth,
-			message: []string{"permall.sealed: authentication failed"},
+			message: []string{"permall.b.sealed: authentication failed"},
 		},
 		{
 			name:    "flipped tag byte",
 			tamper:  flipAt(func(n int) int { return n - 3 }),
 			want:    ErrAuth,
-			message: []string{"permall.sealed: authentication failed"},
+			message: []string{"permall.b.sealed: authentication failed"},
 		},
 		{
 			name:    "truncated",
 			tamper:  modify(func(b []byte) []byte { return b[:len(b)-10] }),
 			want:    ErrTruncated,
-			message: []string{"permall.sealed: truncated"},
+			message: []string{"permall.b.sealed: truncated"},
 		},
 		{
 			name: "blob from another TPM",
@@ -258,18 +375,19 @@ func TestLoadTamper(t *testing.T) {
 				other := &env{dir: filepath.Join(t.TempDir(), "other"), gens: st.e.gens, logs: st.e.logs}
 				o := other.open(t, nil)
 				mustStore(t, o, "permall", "other TPM's state")
-				copyFrom(t, filepath.Join(other.dir, "permall.sealed"), st.path)
+				o.Close() // its generation is recorded before the snapshot
+				copyFrom(t, filepath.Join(other.dir, "permall.a.sealed"), st.path)
 			},
 			want:    ErrWrongTPM,
-			message: []string{"permall.sealed: holds state of TPM ", ", this is TPM "},
+			message: []string{"permall.b.sealed: holds state of TPM ", ", this is TPM "},
 		},
 		{
 			name: "volatilestate put in place of permall",
 			tamper: func(t *testing.T, st setup) {
-				copyFrom(t, filepath.Join(st.e.dir, "volatilestate.sealed"), st.path)
+				copyFrom(t, filepath.Join(st.e.dir, "volatilestate.a.sealed"), st.path)
 			},
 			want:    ErrWrongType,
-			message: []string{"permall.sealed: holds volatile state, expected permanent state"},
+			message: []string{"permall.b.sealed: holds volatile state, expected permanent state"},
 		},
 		{
 			name: "older generation put back",
@@ -277,14 +395,14 @@ func TestLoadTamper(t *testing.T) {
 				copyFrom(t, filepath.Join(st.e.dir, "old-permall"), st.path)
 			},
 			want:    ErrRollback,
-			message: []string{"permall.sealed is generation 1, but generation 2", "pass --allow-rollback to restore an older copy deliberately"},
+			message: []string{"permall.b.sealed is generation 1, but generation 2", "pass --allow-rollback to restore an older copy deliberately"},
 		},
 		{
 			name:    "wrong key",
 			tamper:  func(*testing.T, setup) {},
 			opts:    func(o *Options) { o.Key = otherKey },
 			want:    ErrAuth,
-			message: []string{"permall.sealed: authentication failed (wrong data key"},
+			message: []string{"permall.b.sealed: authentication failed (wrong data key"},
 		},
 	}
 	for _, tt := range tests {
@@ -292,14 +410,14 @@ func TestLoadTamper(t *testing.T) {
 			e := newEnv(t)
 			s := e.open(t, nil)
 			mustStore(t, s, "permall", "generation one")
-			b, _ := os.ReadFile(filepath.Join(e.dir, "permall.sealed"))
+			b, _ := os.ReadFile(filepath.Join(e.dir, "permall.a.sealed"))
 			os.WriteFile(filepath.Join(e.dir, "old-permall"), b, 0o600)
 			mustStore(t, s, "permall", "generation two")
 			mustStore(t, s, "volatilestate", "volatile")
 			s.Close()
-			// Without a previous copy the failure cannot be papered over.
-			os.Remove(filepath.Join(e.dir, "permall.sealed.prev"))
-			tt.tamper(t, setup{e: e, s: s, path: filepath.Join(e.dir, "permall.sealed")})
+			// Without the older slot the failure cannot be papered over.
+			os.Remove(filepath.Join(e.dir, "permall.a.sealed"))
+			tt.tamper(t, setup{e: e, path: filepath.Join(e.dir, "permall.b.sealed")})
 
 			before := snapshot(t, filepath.Dir(e.dir))
 			s2 := e.open(t, tt.opts)
@@ -329,14 +447,20 @@ func TestRollbackAllowed(t *testing.T) {
 	e := newEnv(t)
 	s := e.open(t, nil)
 	mustStore(t, s, "permall", "one")
-	old, _ := os.ReadFile(filepath.Join(e.dir, "permall.sealed"))
+	old, _ := os.ReadFile(filepath.Join(e.dir, "permall.a.sealed"))
 	mustStore(t, s, "permall", "two")
 	mustStore(t, s, "permall", "three")
 	s.Close()
-	os.WriteFile(filepath.Join(e.dir, "permall.sealed"), old, 0o600)
+	os.WriteFile(filepath.Join(e.dir, "permall.a.sealed"), old, 0o600)
+	os.Remove(filepath.Join(e.dir, "permall.b.sealed"))
 
-	s2 := e.open(t, func(o *Options) { o.AllowRollback = true })
-	got, err := s2.Load("permall")
+	s2 := e.open(t, nil)
+	if _, err := s2.Load("permall"); !errors.Is(err, ErrRollback) {
+		t.Fatalf("Load without AllowRollback = %v, want ErrRollback", err)
+	}
+	s2.Close()
+	s3 := e.open(t, func(o *Options) { o.AllowRollback = true })
+	got, err := s3.Load("permall")
 	if err != nil || string(got) != "one" {
 		t.Fatalf("Load with AllowRollback = %q, %v; want \"one\"", got, err)
 	}
@@ -344,8 +468,8 @@ func TestRollbackAllowed(t *testing.T) {
 		t.Errorf("no warning logged for a deliberate rollback: %s", e.logs)
 	}
 	// The next write must still outgrow everything seen.
-	mustStore(t, s2, "permall", "four")
-	if g, _ := s2.Generation("permall"); g != 4 {
+	mustStore(t, s3, "permall", "four")
+	if g, _ := s3.Generation("permall"); g != 4 {
 		t.Errorf("generation after rollback and store = %d, want 4", g)
 	}
 }
@@ -354,13 +478,17 @@ func TestMissingPermallWithHistory(t *testing.T) {
 	e := newEnv(t)
 	s := e.open(t, nil)
 	mustStore(t, s, "permall", "one")
+	mustStore(t, s, "permall", "two")
 	s.Close()
-	os.Remove(filepath.Join(e.dir, "permall.sealed"))
-	os.Remove(filepath.Join(e.dir, "permall.sealed.prev"))
+	os.Remove(filepath.Join(e.dir, "permall.a.sealed"))
+	os.Remove(filepath.Join(e.dir, "permall.b.sealed"))
 
 	s2 := e.open(t, nil)
-	if _, err := s2.Load("permall"); !errors.Is(err, ErrRollback) || errors.Is(err, fs.ErrNotExist) {
+	_, err := s2.Load("permall")
+	if !errors.Is(err, ErrRollback) || errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("Load of deleted permall = %v, want ErrRollback (not fs.ErrNotExist)", err)
+	} else if !strings.Contains(err.Error(), "permall.a.sealed and permall.b.sealed are missing") {
+		t.Errorf("error %q does not name the missing slots", err)
 	}
 	s2.Close()
 	s3 := e.open(t, func(o *Options) { o.AllowRollback = true })
@@ -369,23 +497,37 @@ func TestMissingPermallWithHistory(t *testing.T) {
 	}
 }
 
-func TestFallbackToPrevious(t *testing.T) {
+// TestDamagedSlot covers the second slot's purpose: a newest copy that does
+// not verify falls back one generation, with a warning naming it; an older
+// copy that does not verify is named too, never silently skipped.
+func TestDamagedSlot(t *testing.T) {
 	corrupt := func(b []byte) []byte { b[len(b)-1] ^= 1; return b }
 	truncate := func(b []byte) []byte { return b[:len(b)/2] }
+	// After "one", "two", "three": slot a holds 3 (newest), slot b holds 2.
 	tests := []struct {
 		name       string
-		cur, prev  func([]byte) []byte // nil: leave alone
-		removeCur  bool
+		a, b       func([]byte) []byte // nil: leave alone
+		removeA    bool
 		want       string // loaded content; "" means an error
-		wantErr    []string
-		wantWarn   bool
+		wantErr    error
+		errText    []string
+		warnFile   string // a warning must name this file
 		storeAfter bool
 	}{
-		{name: "corrupt newest", cur: corrupt, want: "two", wantWarn: true, storeAfter: true},
-		{name: "truncated newest", cur: truncate, want: "two", wantWarn: true},
-		{name: "missing newest", removeCur: true, want: "two", wantWarn: true},
-		{name: "both corrupt", cur: corrupt, prev: truncate, wantErr: []string{
-			"permall.sealed: authentication failed", "permall.sealed.prev: truncated"}},
+		{name: "corrupt newest", a: corrupt, want: "two", warnFile: "permall.a.sealed", storeAfter: true},
+		{name: "torn newest", a: truncate, want: "two", warnFile: "permall.a.sealed", storeAfter: true},
+		{name: "corrupt older", b: corrupt, want: "three", warnFile: "permall.b.sealed"},
+		{name: "torn older", b: truncate, want: "three", warnFile: "permall.b.sealed"},
+		{
+			// A missing slot is no crash state a write can leave once
+			// the blob has history: both slots exist after two writes.
+			name: "missing newest", removeA: true, wantErr: ErrRollback,
+			errText: []string{"permall.b.sealed is generation 2, but generation 3"},
+		},
+		{
+			name: "both damaged", a: corrupt, b: truncate, wantErr: ErrAuth,
+			errText: []string{"no copy verifies", "permall.a.sealed: authentication failed", "permall.b.sealed: truncated"},
+		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -395,27 +537,27 @@ func TestFallbackToPrevious(t *testing.T) {
 				mustStore(t, s, "permall", d)
 			}
 			s.Close()
-			cur := filepath.Join(e.dir, "permall.sealed")
+			a, b := filepath.Join(e.dir, "permall.a.sealed"), filepath.Join(e.dir, "permall.b.sealed")
 			for _, c := range []struct {
 				path string
 				f    func([]byte) []byte
-			}{{cur, tt.cur}, {cur + ".prev", tt.prev}} {
+			}{{a, tt.a}, {b, tt.b}} {
 				if c.f != nil {
-					b, _ := os.ReadFile(c.path)
-					os.WriteFile(c.path, c.f(b), 0o600)
+					data, _ := os.ReadFile(c.path)
+					os.WriteFile(c.path, c.f(data), 0o600)
 				}
 			}
-			if tt.removeCur {
-				os.Remove(cur)
+			if tt.removeA {
+				os.Remove(a)
 			}
 			before := snapshot(t, filepath.Dir(e.dir))
 			s2 := e.open(t, nil)
 			got, err := s2.Load("permall")
 			if tt.want == "" {
-				if err == nil {
-					t.Fatalf("Load = %q, want an error", got)
+				if !errors.Is(err, tt.wantErr) {
+					t.Fatalf("Load = (%q, %v), want %v", got, err, tt.wantErr)
 				}
-				for _, m := range tt.wantErr {
+				for _, m := range tt.errText {
 					if !strings.Contains(err.Error(), m) {
 						t.Errorf("error %q does not mention %q", err, m)
 					}
@@ -429,20 +571,19 @@ func TestFallbackToPrevious(t *testing.T) {
 				t.Fatalf("Load = %q, %v; want %q", got, err, tt.want)
 			}
 			logs := e.logs.String()
-			if tt.wantWarn && (!strings.Contains(logs, "level=WARN") || !strings.Contains(logs, "permall.sealed")) {
-				t.Errorf("no warning naming permall.sealed was logged: %s", logs)
+			if !strings.Contains(logs, "level=WARN") || !strings.Contains(logs, tt.warnFile) {
+				t.Errorf("no warning naming %s was logged: %s", tt.warnFile, logs)
 			}
 			if !tt.storeAfter {
 				return
 			}
-			// The damaged newest copy is replaced, the good previous copy kept.
+			// The damaged newest copy is overwritten, the good one kept.
 			mustStore(t, s2, "permall", "four")
-			prev, _ := os.ReadFile(cur + ".prev")
-			if p, g, err := Unseal(testKey, s2.UUID(), "permall", prev); err != nil || string(p) != "two" || g != 2 {
-				t.Errorf("previous copy after store = (%q, %d, %v), want generation 2 \"two\"", p, g, err)
+			if p, g, err := readCopy(t, e, s2.UUID(), "permall", "permall.b.sealed"); err != nil || p != "two" || g != 2 {
+				t.Errorf("permall.b.sealed after store = (%q, %d, %v), want generation 2 \"two\" kept", p, g, err)
 			}
-			if g, _ := s2.Generation("permall"); g != 4 {
-				t.Errorf("generation after store = %d, want 4", g)
+			if p, g, err := readCopy(t, e, s2.UUID(), "permall", "permall.a.sealed"); err != nil || p != "four" || g != 4 {
+				t.Errorf("permall.a.sealed after store = (%q, %d, %v), want generation 4 \"four\"", p, g, err)
 			}
 		})
 	}
@@ -451,103 +592,179 @@ func TestFallbackToPrevious(t *testing.T) {
 func TestOldPairPutBackIsRollback(t *testing.T) {
 	e := newEnv(t)
 	s := e.open(t, nil)
-	var files [][]byte
-	for _, d := range []string{"one", "two", "three", "four"} {
+	files := map[uint64][]byte{}
+	for i, d := range []string{"one", "two", "three", "four"} {
 		mustStore(t, s, "permall", d)
-		b, _ := os.ReadFile(filepath.Join(e.dir, "permall.sealed"))
-		files = append(files, b)
+		files[uint64(i+1)], _ = os.ReadFile(filepath.Join(e.dir, slotFile("permall", i%2)))
 	}
 	s.Close()
-	// A damaged newest copy must not unlock a previous copy more than one generation back.
-	os.WriteFile(filepath.Join(e.dir, "permall.sealed"), []byte("garbage"), 0o600)
-	os.WriteFile(filepath.Join(e.dir, "permall.sealed.prev"), files[1], 0o600)
-	s2 := e.open(t, nil)
-	if _, err := s2.Load("permall"); !errors.Is(err, ErrRollback) {
-		t.Errorf("Load = %v, want ErrRollback", err)
-	}
-}
-
-func TestCrashDuringWrite(t *testing.T) {
 	tests := []struct {
-		name       string
-		corruptCur bool
-		wantBefore string
+		name string
+		a, b []byte
 	}{
-		{name: "rotating a good copy", wantBefore: "two"},
-		{name: "replacing a damaged copy", corruptCur: true, wantBefore: "one"},
+		// A damaged slot must not unlock a copy more than one generation back.
+		{"garbage beside generation 2", []byte("garbage"), files[2]},
+		// Two genuine copies, one generation back: no damage explains it.
+		{"intact generations 3 and 2", files[3], files[2]},
+		{"intact generations 1 and 2", files[1], files[2]},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			for stop := 0; ; stop++ {
-				e := newEnv(t)
-				s := e.open(t, nil)
-				mustStore(t, s, "permall", "one")
-				mustStore(t, s, "permall", "two")
-				cur := filepath.Join(e.dir, "permall.sealed")
-				if tt.corruptCur {
-					os.WriteFile(cur, []byte("VTPMSEAL torn"), 0o600)
-					if got, err := s.Load("permall"); err != nil || string(got) != "one" {
-						t.Fatalf("fallback Load = %q, %v", got, err)
-					}
-				}
-				steps, gen, err := s.prepareWrite("permall", []byte("three"))
-				if err != nil {
-					t.Fatal(err)
-				}
-				if gen != 3 {
-					t.Fatalf("next generation = %d, want 3", gen)
-				}
-				if stop > len(steps) {
-					s.Close()
-					break
-				}
-				renamed := false
-				for i, st := range steps[:stop] {
-					if err := st.run(); err != nil {
-						t.Fatalf("step %d (%s): %v", i, st.what, err)
-					}
-					renamed = renamed || st.what == "replace current copy"
-					assertVerifiableCopy(t, e.dir, s)
-				}
-				// The crash: the process dies here, without recording the
-				// generation, possibly with a torn temporary file.
-				s.Close()
-				if b, err := os.ReadFile(cur + ".tmp"); err == nil {
-					os.WriteFile(cur+".tmp", b[:len(b)/2], 0o600)
-				}
-
-				want := tt.wantBefore
-				if renamed {
-					want = "three"
-				}
-				s2 := e.open(t, nil)
-				got, err := s2.Load("permall")
-				if err != nil || string(got) != want {
-					t.Fatalf("after stopping before step %d: Load = %q, %v; want %q", stop, got, err, want)
-				}
-				mustStore(t, s2, "permall", "four")
-				if got, err := s2.Load("permall"); err != nil || string(got) != "four" {
-					t.Fatalf("write after recovery: Load = %q, %v", got, err)
-				}
-				s2.Close()
+			os.WriteFile(filepath.Join(e.dir, "permall.a.sealed"), tt.a, 0o600)
+			os.WriteFile(filepath.Join(e.dir, "permall.b.sealed"), tt.b, 0o600)
+			s2 := e.open(t, nil)
+			defer s2.Close()
+			if _, err := s2.Load("permall"); !errors.Is(err, ErrRollback) {
+				t.Errorf("Load = %v, want ErrRollback", err)
 			}
 		})
 	}
 }
 
-// assertVerifiableCopy checks that the current or previous file verifies.
-func assertVerifiableCopy(t *testing.T, dir string, s *Store) {
+// legacyEnv makes a state directory in the layout before slots:
+// permall.sealed at generation 2 (data "two"), permall.sealed.prev at 1
+// ("one"), and a leftover temporary file. Generation 2 is recorded.
+func legacyEnv(t *testing.T) (*env, uuid.UUID) {
 	t.Helper()
-	for _, f := range []string{"permall.sealed", "permall.sealed.prev"} {
-		b, err := os.ReadFile(filepath.Join(dir, f))
+	e := newEnv(t)
+	s := e.open(t, nil)
+	id := s.UUID()
+	s.Close()
+	for _, f := range []struct {
+		file string
+		gen  uint64
+		data string
+	}{{"permall.sealed", 2, "two"}, {"permall.sealed.prev", 1, "one"}, {"permall.sealed.tmp", 3, "unfinished"}} {
+		b, err := Seal(testKey, id, "permall", f.gen, []byte(f.data))
 		if err != nil {
-			continue
+			t.Fatal(err)
 		}
-		if _, _, err := Unseal(testKey, s.UUID(), "permall", b); err == nil {
-			return
+		if f.file == "permall.sealed.tmp" {
+			b = b[:len(b)/2]
+		}
+		if err := os.WriteFile(filepath.Join(e.dir, f.file), b, 0o600); err != nil {
+			t.Fatal(err)
 		}
 	}
-	t.Fatalf("no verifiable copy of permall on disk")
+	if err := e.gens.Record(id, "permall", 2); err != nil {
+		t.Fatal(err)
+	}
+	return e, id
+}
+
+func TestLegacyLayout(t *testing.T) {
+	t.Run("read without changes, migrate on first write", func(t *testing.T) {
+		e, id := legacyEnv(t)
+		if !HasBlobs(e.dir) {
+			t.Error("HasBlobs = false for a legacy layout")
+		}
+		if st, err := ListStates(e.dir); err != nil || len(st) != 1 || st[0] != (StateInfo{"permall", 3}) {
+			t.Errorf("ListStates = %v, %v; want permall of 3 bytes", st, err)
+		}
+		before := snapshot(t, filepath.Dir(e.dir))
+		s := e.open(t, nil)
+		got, err := s.Load("permall")
+		if err != nil || string(got) != "two" {
+			t.Fatalf("Load = %q, %v; want \"two\"", got, err)
+		}
+		if after := snapshot(t, filepath.Dir(e.dir)); !equalSnapshots(before, after) {
+			t.Errorf("Load changed files on disk")
+		}
+		mustStore(t, s, "permall", "three")
+		entries, _ := os.ReadDir(e.dir)
+		for _, en := range entries {
+			if strings.HasPrefix(en.Name(), "permall.sealed") {
+				t.Errorf("%s is left after the first write", en.Name())
+			}
+		}
+		// The legacy newest copy became slot a; slot b (the legacy previous
+		// copy) took the new generation.
+		for _, c := range []struct {
+			file, data string
+			gen        uint64
+		}{{"permall.a.sealed", "two", 2}, {"permall.b.sealed", "three", 3}} {
+			if p, g, err := readCopy(t, e, id, "permall", c.file); err != nil || p != c.data || g != c.gen {
+				t.Errorf("%s = (%q, %d, %v), want generation %d %q", c.file, p, g, err, c.gen, c.data)
+			}
+		}
+		mustStore(t, s, "permall", "four")
+		if got, err := s.Load("permall"); err != nil || string(got) != "four" {
+			t.Errorf("Load after two writes = %q, %v; want \"four\"", got, err)
+		}
+	})
+	t.Run("damaged newest falls back to .prev", func(t *testing.T) {
+		e, _ := legacyEnv(t)
+		cur := filepath.Join(e.dir, "permall.sealed")
+		b, _ := os.ReadFile(cur)
+		os.WriteFile(cur, b[:40], 0o600)
+		s := e.open(t, nil)
+		got, err := s.Load("permall")
+		if err != nil || string(got) != "one" {
+			t.Fatalf("Load = %q, %v; want \"one\"", got, err)
+		}
+		if !strings.Contains(e.logs.String(), "permall.sealed: truncated") {
+			t.Errorf("no warning naming the damaged permall.sealed: %s", e.logs)
+		}
+		mustStore(t, s, "permall", "three")
+		if got, err := s.Load("permall"); err != nil || string(got) != "three" {
+			t.Errorf("Load after the first write = %q, %v; want \"three\"", got, err)
+		}
+	})
+}
+
+func TestStoreAfterSlotRemoved(t *testing.T) {
+	e := newEnv(t)
+	s := e.open(t, nil)
+	mustStore(t, s, "savestate", "one")
+	mustStore(t, s, "savestate", "two")
+	// Removed behind the store's back, under its lock: outside the crash
+	// model, but a write must still succeed and be what is read.
+	os.Remove(filepath.Join(e.dir, "savestate.b.sealed"))
+	mustStore(t, s, "savestate", "three")
+	if got, err := s.Load("savestate"); err != nil || string(got) != "three" {
+		t.Fatalf("Load = %q, %v; want \"three\"", got, err)
+	}
+}
+
+func TestListStates(t *testing.T) {
+	e := newEnv(t)
+	s := e.open(t, nil)
+	mustStore(t, s, "permall", "a longer first copy")
+	mustStore(t, s, "permall", "short")
+	mustStore(t, s, "savestate", "saved")
+	mustStore(t, s, "savestate", "saved again")
+	s.Close()
+	os.WriteFile(filepath.Join(e.dir, "savestate.b.sealed"), []byte("VTPMSEAL torn"), 0o600)
+	got, err := ListStates(e.dir)
+	want := []StateInfo{{"permall", 5}, {"savestate", 5}}
+	if err != nil || !slices.Equal(got, want) {
+		t.Errorf("ListStates = %v, %v; want %v (the newest copy's size, a torn copy ignored)", got, err, want)
+	}
+}
+
+func TestIsBlobFile(t *testing.T) {
+	tests := []struct {
+		name string
+		want bool
+	}{
+		{"permall.a.sealed", true},
+		{"volatilestate.b.sealed", true},
+		{"savestate.a.sealed", true},
+		{"permall.sealed", true},
+		{"permall.sealed.prev", true},
+		{"permall.sealed.tmp", true},
+		{"permall.sealed.prev.tmp", true},
+		{"permall.c.sealed", false},
+		{"permall.sealedx", false},
+		{"tpm2-00.permall", false},
+		{StateFileName, false},
+		{LockName, false},
+	}
+	for _, tt := range tests {
+		if got := IsBlobFile(tt.name); got != tt.want {
+			t.Errorf("IsBlobFile(%q) = %v, want %v", tt.name, got, tt.want)
+		}
+	}
 }
 
 func TestOpenErrors(t *testing.T) {
@@ -567,6 +784,11 @@ func TestOpenErrors(t *testing.T) {
 			os.WriteFile(filepath.Join(dir, StateFileName), []byte(`{"format":2,"uuid":"`+testUUID.String()+`"}`), 0o600)
 		}, testKey, "has format 2"},
 		{"sealed blobs without state file", func(t *testing.T, dir string) {
+			os.MkdirAll(dir, 0o700)
+			b, _ := Seal(testKey, testUUID, "permall", 1, []byte("x"))
+			os.WriteFile(filepath.Join(dir, "permall.b.sealed"), b, 0o600)
+		}, testKey, "permall.b.sealed names TPM " + testUUID.String()},
+		{"legacy sealed blobs without state file", func(t *testing.T, dir string) {
 			os.MkdirAll(dir, 0o700)
 			b, _ := Seal(testKey, testUUID, "permall", 1, []byte("x"))
 			os.WriteFile(filepath.Join(dir, "permall.sealed"), b, 0o600)
@@ -604,22 +826,6 @@ func TestClosedStore(t *testing.T) {
 	}
 	if err := s.Store("permall", []byte("x")); err == nil {
 		t.Error("Store on a closed store succeeded")
-	}
-}
-
-func TestStoreAfterCurrentRemoved(t *testing.T) {
-	e := newEnv(t)
-	s := e.open(t, nil)
-	mustStore(t, s, "savestate", "one")
-	mustStore(t, s, "savestate", "two")
-	os.Remove(filepath.Join(e.dir, "savestate.sealed"))
-	mustStore(t, s, "savestate", "three")
-	if got, err := s.Load("savestate"); err != nil || string(got) != "three" {
-		t.Fatalf("Load = %q, %v; want \"three\"", got, err)
-	}
-	prev, _ := os.ReadFile(filepath.Join(e.dir, "savestate.sealed.prev"))
-	if p, _, err := Unseal(testKey, s.UUID(), "savestate", prev); err != nil || string(p) != "one" {
-		t.Errorf("previous copy = %q, %v; want \"one\" kept", p, err)
 	}
 }
 

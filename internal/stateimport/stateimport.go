@@ -21,7 +21,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -201,10 +200,8 @@ func checkNoSealed(dir string) error {
 		return fmt.Errorf("read %s: %w", dir, err)
 	}
 	for _, e := range entries {
-		for _, n := range seal.Names {
-			if strings.HasPrefix(e.Name(), n+".sealed") {
-				return fmt.Errorf("%s holds sealed blob %s without %s (an interrupted import or a damaged vtpm state?); import never overwrites it: move it away first", dir, e.Name(), seal.StateFileName)
-			}
+		if seal.IsBlobFile(e.Name()) {
+			return fmt.Errorf("%s holds sealed blob %s without %s (an interrupted import or a damaged vtpm state?); import never overwrites it: move it away first", dir, e.Name(), seal.StateFileName)
 		}
 	}
 	return nil

@@ -302,6 +302,14 @@ func TestImportRefuses(t *testing.T) {
 			wantErr: []string{"holds sealed blob permall.sealed.prev", "never overwrites"},
 		},
 		{
+			name: "destination holds a sealed slot without its state file",
+			setup: func(t *testing.T, src, dest string) {
+				writeSwtpm(t, src, nil, "permall")
+				os.WriteFile(filepath.Join(dest, "volatilestate.b.sealed"), []byte("old"), 0o600)
+			},
+			wantErr: []string{"holds sealed blob volatilestate.b.sealed", "never overwrites"},
+		},
+		{
 			name: "destination holds another swtpm state",
 			setup: func(t *testing.T, src, dest string) {
 				writeSwtpm(t, src, nil, "permall")
@@ -386,7 +394,7 @@ func TestImportKeepsOwner(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		check := []string{seal.StateFileName, "permall.sealed", "volatilestate.sealed"}
+		check := []string{seal.StateFileName, "permall.a.sealed", "volatilestate.a.sealed"}
 		if toDest {
 			check = append(check, ".", seal.LockName)
 		} else {
