@@ -1,7 +1,8 @@
 // Package seal stores libtpms state blobs ("permall", "volatilestate",
 // "savestate") encrypted and authenticated with AES-256-GCM under a per-TPM
-// 32-byte data key (DEK), with crash-safe writes, a previous copy of every
-// blob, rollback detection and swtpm-compatible directory locking.
+// 32-byte data key (DEK), in two slot files per blob written alternately in
+// place (one fdatasync per write, a complete copy at every instant), with
+// rollback detection and swtpm-compatible directory locking.
 //
 // # Sealed file format (version 1)
 //
@@ -31,42 +32,92 @@
 //
 // # Directory layout
 //
-//	D/.lock                   POSIX fcntl write lock, shared with swtpm
-//	D/vtpm-state.json         {"format":1,"uuid":"..."}, created on first use
-//	D/<name>.sealed           newest copy
-//	D/<name>.sealed.prev      previous generation
-//	D/<name>.sealed.tmp       new copy being written (never read)
-//	D/<name>.sealed.prev.tmp  link to the newest copy being made the previous one
+//	D/.lock                    POSIX fcntl write lock, shared with swtpm
+//	D/vtpm-state.json          {"format":1,"uuid":"..."}, created on first use
+//	D/<name>.a.sealed          slot a: one copy of the blob
+//	D/<name>.b.sealed          slot b: the other copy
+//	D/<name>.[ab].sealed.tmp   a slot being created (never read)
+//
+// The two slots are peers: neither name means "newest". Which one holds
+// the newest copy is decided by the generation in the files, so the names
+// say only that there are two copies and that both are sealed files.
+//
+// # Writing
+//
+// A write of generation g+1 goes into the slot that does not hold the
+// newest verified copy (generation g): the other slot holds g-1, or
+// nothing, or a copy that does not verify. If that slot exists, the write
+// is, on the same file:
+//
+//  1. pwrite the whole sealed record at offset 0;
+//  2. ftruncate the file to the record's length;
+//  3. fdatasync it.
+//
+// If the slot does not exist yet (the first two writes of a blob, and the
+// first after Delete), it is created whole instead: write
+// <slot>.tmp and fsync it, rename it to the slot's name, fsync the
+// directory. A slot file therefore never holds a partial first copy, and
+// once it exists its directory entry and inode are durable, so the
+// fdatasync of step 3 (which flushes the data and the file's size, not
+// its timestamps) is all an in-place write needs.
+//
+// Store returns after step 3 (or the directory fsync): the new generation
+// is durable. It then hands the generation to the Store's recorder, a
+// goroutine that calls Generations.Record with the newest generation
+// handed over per blob, coalescing those that arrived while it was busy
+// (Record is monotonic). Close records whatever is still pending.
+//
+// A write that fails leaves the Store's choice of slot as it was, so the
+// next write retries the same slot and never the one holding the newest
+// copy, even if the failed write's data looks complete in the page cache.
+// Delete removes both slots (and any legacy files) and fsyncs the
+// directory only if it removed something.
 //
 // # Crash safety
 //
-// A write of generation g+1 over a verifiable current copy g runs these steps:
+// The slot holding generation g is not written while g is the newest, so
+// whatever a crash does to the slot being written, the other slot still
+// holds a complete copy of g, durable since its own write returned. A
+// crash during steps 1–3 can leave the written slot with the new record,
+// the old one, or any mix of their blocks and sizes; a mix fails GCM
+// authentication (or the header's length check), and a read takes the
+// other slot. A crash during a slot's creation leaves at most an unread
+// .tmp file, or (power loss before the directory fsync) no slot. So at
+// every instant at least one slot verifies, and a read returns g or, if
+// the write completed, g+1.
 //
-//  1. write <name>.sealed.tmp and fsync it;
-//  2. hard-link <name>.sealed to <name>.sealed.prev.tmp (or copy and fsync it
-//     where the file system has no hard links);
-//  3. rename <name>.sealed.prev.tmp over <name>.sealed.prev;
-//  4. rename <name>.sealed.tmp over <name>.sealed;
-//  5. fsync the directory;
-//  6. record g+1 as the last generation seen (Generations.Record).
+// A read verifies every copy and takes the newest generation. A copy that
+// exists and does not verify is logged as a warning naming the file: it
+// is expected after a crash in mid-write, but it is also what damage
+// looks like, so it is never skipped silently. The next write goes into
+// it, keeping the good copy.
 //
-// <name>.sealed is never absent and never partial: before step 4 it is copy g,
-// after it copy g+1, and rename is atomic. Step 1's fsync makes the data of
-// g+1 durable before any rename can expose it, and steps 2–3 only add names
-// for the durable copy g, so whatever subset of renames reaches the disk
-// before a crash, <name>.sealed holds g or g+1 and <name>.sealed.prev holds a
-// complete older copy. Step 6 comes after step 5, so the recorded generation
-// never exceeds one that is durable on disk, and a crash never makes a valid
-// newest copy look like a rollback.
+// A crash loses the generations handed to the recorder and not yet
+// recorded. The record then lags the disk, which only weakens rollback
+// detection by the generations written since the last record. It never
+// makes genuine state look like a rollback: a generation is handed over
+// only once it is durable. A Load that finds a generation newer than the
+// record fsyncs that file (the crash may have come before its fdatasync)
+// and then records it.
 //
-// If the current copy does not verify, steps 2–3 are skipped: the previous
-// copy, the last good one, is kept rather than replaced by a damaged file.
+// # Layout before slots
+//
+// Earlier builds kept <name>.sealed (newest, replaced by rename) and
+// <name>.sealed.prev (the copy it replaced), with .tmp files while
+// writing. Reads look at those files too, as further copies. The first
+// write of a blob in a Store migrates them: <name>.sealed is renamed to
+// slot a and <name>.sealed.prev to slot b (each only if the slot does not
+// exist), the .tmp files are removed and the directory fsynced, before the
+// write itself. A crash between these renames loses nothing, because a
+// rename is atomic and reads look at both names.
 //
 // # Rollback
 //
 // The last generation seen per TPM and blob type is kept outside the state
 // directory (Generations). Loading a copy older than that fails with
-// ErrRollback unless Options.AllowRollback is set. Falling back to the
-// previous copy because the newest does not verify is allowed one generation
-// back, with a warning: keeping that copy is the point of the .prev file.
+// ErrRollback unless Options.AllowRollback is set. One generation back is
+// allowed, with a warning, when another copy exists and does not verify:
+// that is a damaged newest copy, and surviving it is the point of keeping
+// two. A slot that is missing is no such case (both exist once a blob has
+// been written twice), nor are two intact copies older than the record.
 package seal

@@ -294,7 +294,7 @@ func (s *Store) Load(name string) ([]byte, error) {
 			}
 			return nil, fmt.Errorf("load %s from %s: %w", name, s.dir, fs.ErrNotExist)
 		}
-		return nil, fmt.Errorf("load %s of TPM %s: no copy verifies (restore the state directory from backup): %w", name, s.id, sc.errs())
+		return nil, fmt.Errorf("load %s of TPM %s: no copy verifies (check the data key, or restore the state directory from backup): %w", name, s.id, sc.errs())
 	}
 	damaged := sc.damaged()
 	if best.gen < last {

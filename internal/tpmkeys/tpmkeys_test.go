@@ -568,7 +568,7 @@ func TestOpenTPMRefusesInconsistentFiles(t *testing.T) {
 				// Only consulted when no guardian opens the TPM: make that so.
 				other := newHost(t)
 				src, _ := newTPM(t, other)
-				for _, n := range []string{ProtectorFile, seal.StateFileName, "permall.sealed"} {
+				for _, n := range []string{ProtectorFile, seal.StateFileName, "permall.a.sealed"} {
 					b, err := os.ReadFile(filepath.Join(src, n))
 					if err != nil {
 						t.Fatal(err)
@@ -577,7 +577,7 @@ func TestOpenTPMRefusesInconsistentFiles(t *testing.T) {
 						t.Fatal(err)
 					}
 				}
-				os.Remove(filepath.Join(dir, "permall.sealed.prev"))
+				os.Remove(filepath.Join(dir, "permall.b.sealed"))
 				if err := os.WriteFile(filepath.Join(dir, PolicyFile), []byte(`{"on_missing_key": "wipe"}`), 0o600); err != nil {
 					t.Fatal(err)
 				}
