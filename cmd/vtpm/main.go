@@ -36,5 +36,7 @@ func rootCmd() *cobra.Command {
 	}
 	root.AddCommand(swtpmCmd(), swtpmSetupCmd(), caCmd())
 	root.AddCommand(stateCmd(), guardianCmd(), protectorCmd(), keyCmd(), tpmCmd())
+	root.AddCommand(doctorCmd())
+	root.AddCommand(vmCmd())
 	return root
 }

@@ -38,5 +38,6 @@ to the old TPM (BitLocker, LUKS) will need their recovery keys.`,
 	policy.Flags().StringVar(&onMissing, "on-missing-key", "fail", "fail or reprovision")
 	cmd.AddCommand(policy)
 	cmd.AddCommand(tpmManufactureCmds()...)
+	cmd.AddCommand(tpmVMCmds()...)
 	return cmd
 }

@@ -1,0 +1,507 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"vtpm/internal/paths"
+	"vtpm/internal/vm"
+)
+
+// vmHost is this host's VMs, under the data root.
+func vmHost() *vm.Host {
+	h := vm.NewHost(paths.DataRoot(), openHost)
+	h.Log = warnLogger()
+	return h
+}
+
+func vmCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "vm",
+		Short: "Create, start, clone and template VMs with vTPMs",
+		Long: `A VM is a bundle directory: vm.json (name, UUID, OS profile, firmware, Secure
+Boot, disks, TPM), its UEFI variable store, its disk and tpm/ (the vTPM's sealed
+state). Bundles are made under <data root>/vms, or anywhere with --path, and
+listed in the data root's registry; VMs are named by name or UUID.`,
+	}
+	cmd.AddCommand(vmCreateCmd(), vmListCmd(), vmShowCmd(), vmRegisterCmd(), vmUnregisterCmd(), vmDeleteCmd(),
+		vmStartCmd(), vmStopCmd(), vmCloneCmd(), vmTemplateCmd(), vmDeployCmd())
+	return cmd
+}
+
+func printNotes(w io.Writer, notes []string) {
+	for _, n := range notes {
+		fmt.Fprintln(w, n)
+	}
+}
+
+func vmCreateCmd() *cobra.Command {
+	var (
+		o                vm.CreateOptions
+		osName, firmware string
+		tpm, asJSON      bool
+	)
+	cmd := &cobra.Command{
+		Use:   "create NAME --os windows11|windows10|windows-server|linux|other",
+		Short: "Create a VM bundle (UEFI variable store, disk, and a vTPM when asked or required)",
+		Long: `Create a VM bundle under the data root (or --path) and register it.
+
+--os windows11 gets UEFI, Secure Boot and a manufactured vTPM; asking for it
+with BIOS firmware or without a TPM is refused. --tpm gives other profiles a
+vTPM, which turns Secure Boot on (OVMF's Secure Boot firmware, with Microsoft's
+keys enrolled in the variable store). A TPM needs UEFI, and a VM booting from a
+passthrough disk or physical partition cannot have one.
+
+The disk is a new qcow2 image of --disk-size (20G), or an existing image or
+block device (--disk; a block device is a passthrough disk). --kernel/--initrd
+boot a kernel directly through the firmware (measured and Secure Boot still
+apply).`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			o.Name = args[0]
+			var err error
+			if osName != "" {
+				if o.OS, err = vm.ParseOS(osName); err != nil {
+					return err
+				}
+			}
+			if firmware != "" {
+				if o.Firmware, err = vm.ParseFirmware(firmware); err != nil {
+					return err
+				}
+			}
+			if cmd.Flags().Changed("tpm") {
+				o.TPM = &tpm
+			}
+			if o.Disk != "" && (o.DiskSize != "" || o.NoDisk) {
+				return fmt.Errorf("give one of --disk PATH, --disk-size SIZE or --no-disk")
+			}
+			res, err := vmHost().Create(o)
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				return printJSON(cmd.OutOrStdout(), vmInfo(vmHost(), res.VM))
+			}
+			c := res.VM.Config
+			fmt.Fprintf(cmd.OutOrStdout(), "created VM %s (%s) in %s: %s, %s, Secure Boot %s, TPM %s\n",
+				c.Name, c.UUID, res.VM.Dir, c.OS, c.Firmware, onOff(c.SecureBoot), tpmStatus(c))
+			printNotes(cmd.OutOrStdout(), res.Notes)
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&osName, "os", "", "guest OS profile: windows11, windows10, windows-server, linux or other")
+	f.StringVar(&firmware, "firmware", "", "uefi (default) or bios")
+	f.BoolVar(&tpm, "tpm", false, "give the VM a manufactured vTPM (default: only for windows11)")
+	f.StringVar(&o.Disk, "disk", "", "existing disk image or block device to boot from")
+	f.StringVar(&o.DiskSize, "disk-size", "", "size of a new qcow2 disk (default 20G)")
+	f.BoolVar(&o.NoDisk, "no-disk", false, "no disk (e.g. with --kernel and --initrd)")
+	f.StringArrayVar(&o.Passthrough, "passthrough-disk", nil, "host block device handed to the guest as is (repeatable)")
+	f.StringVar(&o.Memory, "memory", "", "guest RAM, QEMU syntax (default 4G for Windows, 1G otherwise)")
+	f.IntVar(&o.CPUs, "cpus", 0, "virtual CPUs (default 2 for Windows, 1 otherwise)")
+	f.StringVar(&o.Kernel, "kernel", "", "kernel for direct boot")
+	f.StringVar(&o.Initrd, "initrd", "", "initramfs for direct boot")
+	f.StringVar(&o.Append, "append", "", "kernel command line (console=ttyS0 is added)")
+	f.StringVar(&o.Isolation, "isolation", "", "isolation the vTPM process must have: preferred or required")
+	f.StringVar(&o.Path, "path", "", "bundle directory (default <data root>/vms/NAME)")
+	f.BoolVar(&asJSON, "json", false, "print JSON")
+	return cmd
+}
+
+func onOff(b bool) string {
+	if b {
+		return "on"
+	}
+	return "off"
+}
+
+func tpmStatus(c *vm.Config) string {
+	switch {
+	case c.Template && c.TPMRequired:
+		return "required"
+	case c.TPM == nil:
+		return "none"
+	case c.TPM.Enabled:
+		return "enabled"
+	}
+	return "disabled"
+}
+
+type vmJSON struct {
+	Name       string `json:"name"`
+	UUID       string `json:"uuid"`
+	Path       string `json:"path"`
+	State      string `json:"state"`
+	OS         string `json:"os,omitempty"`
+	Firmware   string `json:"firmware,omitempty"`
+	SecureBoot bool   `json:"secure_boot"`
+	TPM        string `json:"tpm"`
+	Template   bool   `json:"template,omitempty"`
+	QEMUPid    int    `json:"qemu_pid,omitempty"`
+	TPMPid     int    `json:"tpm_pid,omitempty"`
+	Error      string `json:"error,omitempty"`
+}
+
+func vmInfo(h *vm.Host, v *vm.VM) vmJSON {
+	c := v.Config
+	j := vmJSON{Name: c.Name, UUID: c.UUID.String(), Path: v.Dir, OS: string(c.OS), Firmware: string(c.Firmware),
+		SecureBoot: c.SecureBoot, TPM: tpmStatus(c), Template: c.Template}
+	st := h.State(v)
+	j.State, j.QEMUPid, j.TPMPid = st.String(), st.QEMU, st.TPM
+	if c.Template {
+		j.State = "template"
+	}
+	return j
+}
+
+func vmListCmd() *cobra.Command {
+	var all, asJSON bool
+	cmd := &cobra.Command{
+		Use:   "list [-a]",
+		Short: "List running VMs (-a: all registered VMs and templates) with state, firmware, Secure Boot and TPM",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			h := vmHost()
+			entries, err := h.Entries()
+			if err != nil {
+				return err
+			}
+			rows := []vmJSON{}
+			for _, e := range entries {
+				v, err := h.Open(e.UUID.String())
+				if err != nil {
+					if all {
+						rows = append(rows, vmJSON{Name: e.Name, UUID: e.UUID.String(), Path: e.Path, State: "broken", TPM: "?", Error: err.Error()})
+					}
+					continue
+				}
+				j := vmInfo(h, v)
+				if all || j.State == "running" || j.State == "tpm-only" {
+					rows = append(rows, j)
+				}
+			}
+			if asJSON {
+				return printJSON(cmd.OutOrStdout(), rows)
+			}
+			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "NAME\tUUID\tSTATE\tFIRMWARE\tSECURE BOOT\tTPM")
+			for _, r := range rows {
+				fw, sb := r.Firmware, onOff(r.SecureBoot)
+				if r.State == "broken" {
+					fw, sb = "?", "?"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", r.Name, r.UUID, r.State, fw, sb, r.TPM)
+			}
+			if err := tw.Flush(); err != nil {
+				return err
+			}
+			for _, r := range rows {
+				if r.Error != "" {
+					fmt.Fprintf(cmd.ErrOrStderr(), "%s: %s\n", r.Name, r.Error)
+				}
+			}
+			return nil
+		},
+	}
+	cmd.Flags().BoolVarP(&all, "all", "a", false, "include stopped VMs, templates and broken bundles")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	return cmd
+}
+
+func vmShowCmd() *cobra.Command {
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "show VM",
+		Short: "Show a VM's bundle, settings and state",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			h := vmHost()
+			v, err := h.Open(args[0])
+			if err != nil {
+				return err
+			}
+			j := vmInfo(h, v)
+			if asJSON {
+				return printJSON(cmd.OutOrStdout(), map[string]any{"vm": j, "config": v.Config})
+			}
+			c := v.Config
+			w := cmd.OutOrStdout()
+			fmt.Fprintf(w, "name:        %s\nuuid:        %s\nbundle:      %s\nstate:       %s\nos:          %s\nfirmware:    %s\nsecure boot: %s\ntpm:         %s\nmemory:      %s\ncpus:        %d\n",
+				c.Name, c.UUID, v.Dir, j.State, c.OS, c.Firmware, onOff(c.SecureBoot), tpmStatus(c), c.Memory, c.CPUs)
+			for _, d := range c.Disks {
+				kind := d.Format
+				if d.Passthrough {
+					kind = "passthrough"
+				}
+				fmt.Fprintf(w, "disk:        %s (%s)\n", d.Path, kind)
+			}
+			if c.Kernel != "" {
+				fmt.Fprintf(w, "kernel:      %s\ninitrd:      %s\nappend:      %s\n", c.Kernel, c.Initrd, c.Append)
+			}
+			if c.Isolation != "" {
+				fmt.Fprintf(w, "isolation:   %s\n", c.Isolation)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	return cmd
+}
+
+func vmRegisterCmd() *cobra.Command {
+	var name string
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "register PATH [--name NAME]",
+		Short: "Register a bundle copied in from elsewhere",
+		Long: `Register the bundle at PATH (copied from another host, or restored) on this
+host. Its TPM opens only if one of its key protector's guardians is held here;
+` + "`vtpm vm start`" + ` says which guardians could open it and how to import one.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			h := vmHost()
+			v, err := h.Register(args[0], name)
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				return printJSON(cmd.OutOrStdout(), vmInfo(h, v))
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "registered VM %s (%s) at %s\n", v.Name(), v.Config.UUID, v.Dir)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&name, "name", "", "register under this name (renames the VM)")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	return cmd
+}
+
+func vmUnregisterCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "unregister VM",
+		Short: "Forget a VM on this host; its bundle stays where it is",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			h := vmHost()
+			if v, err := h.Open(args[0]); err == nil && h.State(v).Running() {
+				return fmt.Errorf("VM %s is running; stop it with `vtpm vm stop %s` first", v.Name(), v.Name())
+			}
+			e, err := h.Unregister(args[0])
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "unregistered VM %s; its bundle is still at %s\n", e.Name, e.Path)
+			return nil
+		},
+	}
+}
+
+func vmDeleteCmd() *cobra.Command {
+	var deleteTPM bool
+	cmd := &cobra.Command{
+		Use:   "delete VM [--delete-tpm]",
+		Short: "Delete a stopped VM's bundle, keeping a backup of its TPM state unless --delete-tpm",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			h := vmHost()
+			v, err := h.Open(args[0])
+			if err != nil {
+				return err
+			}
+			backup, err := h.Delete(v, deleteTPM)
+			if err != nil {
+				return err
+			}
+			w := cmd.OutOrStdout()
+			fmt.Fprintf(w, "deleted VM %s (%s)\n", v.Name(), v.Dir)
+			if backup != "" {
+				fmt.Fprintf(w, "its TPM state is kept in %s (with its key protector: it opens only with this host's or another admitted guardian)\n", backup)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&deleteTPM, "delete-tpm", false, "delete the TPM state too: secrets sealed to it (BitLocker, LUKS) are gone for good")
+	return cmd
+}
+
+func vmStartCmd() *cobra.Command {
+	var o vm.StartOptions
+	cmd := &cobra.Command{
+		Use:   "start VM [--console] [--serial-socket PATH]",
+		Short: "Start a VM: pre-flight checks, its vTPM instance, then QEMU (headless)",
+		Long: `Check everything first — the TPM's key opens on this host, the isolation the
+VM's policy requires is available, firmware, variable store, kernel and disks
+exist — and explain every failure; then start the vTPM instance on the bundle's
+sealed state and QEMU with OVMF (Secure Boot firmware when the VM has it) and
+tpm-crb or tpm-tis. KVM is used when /dev/kvm works, else software emulation
+(--accel or $VTPM_ACCEL chooses).
+
+Headless by default: the serial console goes to logs/serial.log in the bundle,
+and to a unix socket with --serial-socket. --console puts it on this terminal
+and returns when the VM stops (Ctrl-C stops the VM).`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			h := vmHost()
+			v, err := h.Open(args[0])
+			if err != nil {
+				return err
+			}
+			o.Stdin, o.Stdout, o.Stderr = os.Stdin, cmd.OutOrStdout(), cmd.ErrOrStderr()
+			res, err := h.Start(cmd.Context(), v, o)
+			if err != nil {
+				return err
+			}
+			if o.Console {
+				fmt.Fprintf(cmd.ErrOrStderr(), "VM %s stopped\n", v.Name())
+				return nil
+			}
+			tpm := "no TPM"
+			if res.TPMPid != 0 {
+				tpm = fmt.Sprintf("vTPM pid %d", res.TPMPid)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "started VM %s (QEMU pid %d, %s, %s); serial console: %s\n",
+				v.Name(), res.QEMUPid, tpm, res.Accel, res.SerialLog)
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&o.Console, "console", false, "serial console on this terminal; wait until the VM stops")
+	cmd.Flags().StringVar(&o.SerialSocket, "serial-socket", "", "also expose the serial console on this unix socket")
+	cmd.Flags().StringVar(&o.Accel, "accel", "", "kvm or tcg (default: kvm when usable)")
+	return cmd
+}
+
+func vmStopCmd() *cobra.Command {
+	var timeout time.Duration
+	cmd := &cobra.Command{
+		Use:   "stop VM [--timeout 60s]",
+		Short: "Shut a VM down (ACPI power button, then quit after --timeout); its vTPM persists its state and exits",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			h := vmHost()
+			v, err := h.Open(args[0])
+			if err != nil {
+				return err
+			}
+			res, err := h.Stop(cmd.Context(), v, timeout)
+			if err != nil {
+				return err
+			}
+			how := "powered off"
+			if !res.PoweredOff {
+				how = "quit"
+				if timeout > 0 {
+					how = fmt.Sprintf("quit (the guest did not power off within %v)", timeout)
+				}
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "stopped VM %s: %s; TPM state persisted\n", v.Name(), how)
+			return nil
+		},
+	}
+	cmd.Flags().DurationVar(&timeout, "timeout", 60*time.Second, "how long the guest gets to power off before QEMU quits (0: quit at once)")
+	return cmd
+}
+
+func vmCloneCmd() *cobra.Command {
+	var mode, path string
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "clone SRC NEW [--tpm new|copy|none]",
+		Short: "Copy a stopped VM under a new name and UUID, with a new, copied or no TPM",
+		Long: `--tpm new (default) manufactures a fresh vTPM: a new identity, EK and
+certificates. --tpm copy keeps the TPM's contents (so secrets sealed in the
+source unseal in the clone) under a new data key and TPM UUID, and the two VMs
+then share one EK. --tpm none leaves the clone without a TPM.`,
+		Args: cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			m, err := vm.ParseTPMMode(mode)
+			if err != nil {
+				return err
+			}
+			h := vmHost()
+			src, err := h.Open(args[0])
+			if err != nil {
+				return err
+			}
+			res, err := h.Clone(src, args[1], m, path)
+			return printCreated(cmd, h, res, err, "cloned "+src.Name()+" into", asJSON)
+		},
+	}
+	cmd.Flags().StringVar(&mode, "tpm", "new", "the clone's TPM: new, copy or none")
+	cmd.Flags().StringVar(&path, "path", "", "bundle directory (default <data root>/vms/NEW)")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	return cmd
+}
+
+func printCreated(cmd *cobra.Command, h *vm.Host, res *vm.Created, err error, verb string, asJSON bool) error {
+	if err != nil {
+		return err
+	}
+	if asJSON {
+		j := struct {
+			vmJSON
+			Notes []string `json:"notes"`
+		}{vmInfo(h, res.VM), res.Notes}
+		return printJSON(cmd.OutOrStdout(), j)
+	}
+	c := res.VM.Config
+	fmt.Fprintf(cmd.OutOrStdout(), "%s %s (%s) in %s; TPM %s\n", verb, c.Name, c.UUID, res.VM.Dir, tpmStatus(c))
+	for _, n := range res.Notes {
+		if strings.HasPrefix(n, "WARNING") {
+			fmt.Fprintln(cmd.ErrOrStderr(), n)
+		} else {
+			fmt.Fprintln(cmd.OutOrStdout(), n)
+		}
+	}
+	return nil
+}
+
+func vmTemplateCmd() *cobra.Command {
+	var path string
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "template SRC NAME",
+		Short: "Make a template of a stopped VM: its bundle without TPM secrets, marked \"TPM required\" if it had one",
+		Args:  cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			h := vmHost()
+			src, err := h.Open(args[0])
+			if err != nil {
+				return err
+			}
+			res, err := h.Template(src, args[1], path)
+			return printCreated(cmd, h, res, err, "made template", asJSON)
+		},
+	}
+	cmd.Flags().StringVar(&path, "path", "", "bundle directory (default <data root>/vms/NAME)")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	return cmd
+}
+
+func vmDeployCmd() *cobra.Command {
+	var path string
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "deploy TEMPLATE NEW",
+		Short: "Create a VM from a template, with a freshly manufactured vTPM when the template requires one",
+		Args:  cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			h := vmHost()
+			tmpl, err := h.Open(args[0])
+			if err != nil {
+				return err
+			}
+			res, err := h.Deploy(tmpl, args[1], path)
+			return printCreated(cmd, h, res, err, "deployed", asJSON)
+		},
+	}
+	cmd.Flags().StringVar(&path, "path", "", "bundle directory (default <data root>/vms/NEW)")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	return cmd
+}

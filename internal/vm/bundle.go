@@ -1,0 +1,484 @@
+package vm
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+)
+
+// CreateOptions describe a new VM.
+type CreateOptions struct {
+	Name     string
+	OS       OS
+	Firmware Firmware // "" is UEFI
+	// TPM asks for a vTPM; nil is the profile's default (windows11: yes).
+	TPM *bool
+	// Disk is an existing disk image or block device to boot from; a block
+	// device is a passthrough disk. Empty makes a new qcow2 image of
+	// DiskSize (default 20G) unless NoDisk is set.
+	Disk     string
+	DiskSize string
+	NoDisk   bool
+	// Passthrough are host block devices handed to the guest as they are.
+	Passthrough []string
+	Memory      string
+	CPUs        int
+	Kernel      string
+	Initrd      string
+	Append      string
+	Isolation   string
+	// Path is the bundle directory; default <data root>/vms/<name>.
+	Path string
+}
+
+// Created is what Create made.
+type Created struct {
+	VM    *VM
+	Notes []string
+}
+
+// newConfig applies the profile's defaults and rules.
+func newConfig(o CreateOptions) (*Config, error) {
+	if err := validName(o.Name); err != nil {
+		return nil, err
+	}
+	if o.OS == "" {
+		return nil, errors.New("give the guest OS with --os (windows11, windows10, windows-server, linux or other): it chooses the firmware, Secure Boot and TPM rules")
+	}
+	if _, err := ParseOS(string(o.OS)); err != nil {
+		return nil, err
+	}
+	c := &Config{
+		Name: o.Name, UUID: uuid.New(), OS: o.OS, Firmware: o.Firmware,
+		Memory: o.Memory, CPUs: o.CPUs, Kernel: o.Kernel, Initrd: o.Initrd, Append: o.Append,
+		Isolation: o.Isolation, Created: time.Now().UTC().Truncate(time.Second),
+	}
+	if c.Firmware == "" {
+		c.Firmware = UEFI
+	}
+	if c.Memory == "" {
+		c.Memory = map[bool]string{true: "4G", false: "1G"}[c.OS.Windows()]
+	}
+	if c.CPUs == 0 {
+		c.CPUs = map[bool]int{true: 2, false: 1}[c.OS.Windows()]
+	}
+	switch c.Isolation {
+	case IsolationNone, IsolationPreferred, IsolationRequired:
+	default:
+		return nil, fmt.Errorf("isolation %q: want preferred or required", c.Isolation)
+	}
+	if (c.Kernel == "") != (c.Initrd == "") && c.Initrd != "" {
+		return nil, errors.New("--initrd needs --kernel")
+	}
+	if o.Disk != "" {
+		d, err := diskFor(o.Disk)
+		if err != nil {
+			return nil, err
+		}
+		c.Disks = append(c.Disks, d)
+	}
+	for _, p := range o.Passthrough {
+		abs, err := filepath.Abs(p)
+		if err != nil {
+			return nil, err
+		}
+		c.Disks = append(c.Disks, Disk{Path: abs, Format: "raw", Passthrough: true})
+	}
+	wantTPM := c.OS == Windows11
+	if o.TPM != nil {
+		wantTPM = *o.TPM
+	}
+	if c.OS == Windows11 && c.Firmware == UEFI {
+		c.SecureBoot = true
+	}
+	if wantTPM {
+		if err := CanHaveTPM(c); err != nil && c.OS != Windows11 {
+			return nil, err
+		}
+		c.TPM = &TPM{Enabled: true, Device: DefaultTPMDevice}
+		c.SecureBoot = c.Firmware == UEFI
+	}
+	if err := checkProfile(c); err != nil {
+		return nil, err
+	}
+	if c.TPM != nil {
+		if err := CanHaveTPM(c); err != nil {
+			return nil, err
+		}
+	}
+	return c, nil
+}
+
+// diskFor describes an existing disk given with --disk.
+func diskFor(path string) (Disk, error) {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return Disk{}, err
+	}
+	st, err := os.Stat(abs)
+	if err != nil {
+		return Disk{}, fmt.Errorf("disk %s: %w (give an existing image or device, or --disk-size SIZE for a new image)", path, err)
+	}
+	if st.Mode()&fs.ModeDevice != 0 {
+		// A raw physical disk or partition.
+		return Disk{Path: abs, Format: "raw", Passthrough: true}, nil
+	}
+	f := "raw"
+	if strings.HasSuffix(abs, ".qcow2") {
+		f = "qcow2"
+	}
+	return Disk{Path: abs, Format: f}, nil
+}
+
+// Create makes a bundle, registers it, and manufactures its vTPM when it
+// gets one. On failure nothing is left behind.
+func (h *Host) Create(o CreateOptions) (_ *Created, err error) {
+	c, err := newConfig(o)
+	if err != nil {
+		return nil, err
+	}
+	if e, err := h.Find(c.Name); err == nil {
+		return nil, fmt.Errorf("a VM named %s is %w on this host (%s); pick another name", c.Name, ErrConflict, e.Path)
+	}
+	dir := o.Path
+	if dir == "" {
+		dir = filepath.Join(h.VMsDir(), c.Name)
+	}
+	if dir, err = filepath.Abs(dir); err != nil {
+		return nil, err
+	}
+	if err := makeBundleDir(dir); err != nil {
+		return nil, err
+	}
+	v := &VM{Dir: dir, Config: c, host: h}
+	registered := false
+	defer func() {
+		if err != nil {
+			if registered {
+				h.Unregister(c.UUID.String())
+			}
+			os.RemoveAll(dir)
+		}
+	}()
+	if c.Firmware == UEFI {
+		_, tmpl := firmwareFiles(c)
+		if err := copyFile(tmpl, filepath.Join(dir, VarsFile), 0o600); err != nil {
+			return nil, fmt.Errorf("copy the UEFI variable store %s (is the ovmf package installed?): %w", tmpl, err)
+		}
+	}
+	if o.Disk == "" && !o.NoDisk && len(o.Passthrough) == 0 {
+		size := o.DiskSize
+		if size == "" {
+			size = "20G"
+		}
+		out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", filepath.Join(dir, diskName), size).CombinedOutput()
+		if err != nil {
+			return nil, fmt.Errorf("create a %s disk with qemu-img (install qemu-utils, or give --disk PATH): %v: %s", size, err, strings.TrimSpace(string(out)))
+		}
+		c.Disks = append([]Disk{{Path: diskName, Format: "qcow2"}}, c.Disks...)
+	}
+	if err := os.MkdirAll(filepath.Join(dir, LogDir), 0o700); err != nil {
+		return nil, err
+	}
+	if err := v.Save(); err != nil {
+		return nil, err
+	}
+	if err := h.update(func(r *registry) error { return r.add(Entry{Name: c.Name, UUID: c.UUID, Path: dir}) }); err != nil {
+		return nil, err
+	}
+	registered = true
+	res := &Created{VM: v}
+	if c.TPM != nil {
+		if _, err := h.manufactureTPM(v); err != nil {
+			return nil, err
+		}
+		res.Notes = append(res.Notes, fmt.Sprintf("%s has a manufactured vTPM (EK certificates from this host's CA) and Secure Boot on", c.Name))
+	}
+	return res, nil
+}
+
+// makeBundleDir creates dir, which must not exist or be empty.
+func makeBundleDir(dir string) error {
+	if entries, err := os.ReadDir(dir); err == nil && len(entries) > 0 {
+		return fmt.Errorf("%s already exists and is not empty; give another --path or remove it", dir)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("create bundle directory: %w", err)
+	}
+	return nil
+}
+
+// Delete removes a stopped VM's bundle and unregisters it. The TPM state is
+// moved to a backup under the data root (its path is returned) unless
+// deleteTPM is set. Disks outside the bundle are left alone.
+func (h *Host) Delete(v *VM, deleteTPM bool) (backup string, err error) {
+	if err := h.requireStopped(v, "delete it"); err != nil {
+		return "", err
+	}
+	if !deleteTPM {
+		if backup, err = h.backupTPM(v); err != nil {
+			return "", err
+		}
+	}
+	if _, err := h.Unregister(v.Config.UUID.String()); err != nil {
+		return backup, err
+	}
+	if err := os.RemoveAll(v.Dir); err != nil {
+		return backup, fmt.Errorf("VM %s is unregistered, but removing %s failed: %w", v.Name(), v.Dir, err)
+	}
+	os.RemoveAll(h.runDir(v))
+	return backup, nil
+}
+
+// TPMMode says what a clone's TPM is.
+type TPMMode string
+
+// Clone TPM modes.
+const (
+	TPMNew  TPMMode = "new"  // a freshly manufactured TPM: new identity and certificates
+	TPMCopy TPMMode = "copy" // the same TPM contents under a new data key; the EK is shared
+	TPMNone TPMMode = "none" // no TPM
+)
+
+// ParseTPMMode checks a --tpm value.
+func ParseTPMMode(s string) (TPMMode, error) {
+	switch m := TPMMode(s); m {
+	case TPMNew, TPMCopy, TPMNone:
+		return m, nil
+	}
+	return "", fmt.Errorf("--tpm %q: want new, copy or none", s)
+}
+
+// copyBundle copies src's bundle into the new directory dir without TPM
+// state, logs or backups, with disks outside the bundle copied in, and
+// returns the new VM (not yet saved or registered) with a new UUID.
+func (h *Host) copyBundle(src *VM, name, dir string) (*VM, error) {
+	if err := validName(name); err != nil {
+		return nil, err
+	}
+	if e, err := h.Find(name); err == nil {
+		return nil, fmt.Errorf("a VM named %s is %w on this host (%s); pick another name", name, ErrConflict, e.Path)
+	}
+	for _, d := range src.Config.Disks {
+		if d.Passthrough {
+			return nil, fmt.Errorf("VM %s uses the passthrough disk %s, which two VMs cannot share; copy it into an image "+
+				"(`qemu-img convert -O qcow2 %s disk.qcow2`) and recreate the VM with --disk first", src.Name(), d.Path, d.Path)
+		}
+	}
+	if dir == "" {
+		dir = filepath.Join(h.VMsDir(), name)
+	}
+	dir, err := filepath.Abs(dir)
+	if err != nil {
+		return nil, err
+	}
+	if err := makeBundleDir(dir); err != nil {
+		return nil, err
+	}
+	skip := func(rel string) bool {
+		top := strings.Split(rel, string(filepath.Separator))[0]
+		return top == TPMDir || top == LogDir || top == ConfigFile || strings.HasSuffix(top, ".tmp") || strings.HasPrefix(top, VarsFile+".")
+	}
+	if err := copyTree(src.Dir, dir, skip); err != nil {
+		os.RemoveAll(dir)
+		return nil, fmt.Errorf("copy bundle %s: %w", src.Dir, err)
+	}
+	os.MkdirAll(filepath.Join(dir, LogDir), 0o700)
+	c := *src.Config
+	c.Name, c.UUID, c.Created = name, uuid.New(), time.Now().UTC().Truncate(time.Second)
+	c.Disks = nil
+	for i, d := range src.Config.Disks {
+		if filepath.IsAbs(d.Path) {
+			base := fmt.Sprintf("disk%d-%s", i, filepath.Base(d.Path))
+			if err := copyFile(d.Path, filepath.Join(dir, base), 0o600); err != nil {
+				os.RemoveAll(dir)
+				return nil, fmt.Errorf("copy disk %s: %w", d.Path, err)
+			}
+			d.Path = base
+		}
+		c.Disks = append(c.Disks, d)
+	}
+	if src.Config.TPM != nil {
+		t := *src.Config.TPM
+		c.TPM = &t
+	}
+	return &VM{Dir: dir, Config: &c, host: h}, nil
+}
+
+// finish saves and registers a new bundle made by copyBundle, then runs
+// tpm (if not nil) to give it its TPM; on failure the bundle is removed.
+func (h *Host) finish(v *VM, tpm func() error) (err error) {
+	registered := false
+	defer func() {
+		if err != nil {
+			if registered {
+				h.Unregister(v.Config.UUID.String())
+			}
+			os.RemoveAll(v.Dir)
+		}
+	}()
+	if err := v.Save(); err != nil {
+		return err
+	}
+	if err := h.update(func(r *registry) error { return r.add(Entry{Name: v.Name(), UUID: v.Config.UUID, Path: v.Dir}) }); err != nil {
+		return err
+	}
+	registered = true
+	if tpm != nil {
+		return tpm()
+	}
+	return nil
+}
+
+// Clone copies a stopped VM into a new VM with its own UUID. Its TPM is new
+// (fresh identity), a copy (same contents under a new key), or none.
+func (h *Host) Clone(src *VM, name string, mode TPMMode, dir string) (*Created, error) {
+	if src.Config.Template {
+		return nil, fmt.Errorf("%s is a template; make VMs from it with `vtpm vm deploy %s %s`", src.Name(), src.Name(), name)
+	}
+	if mode == TPMCopy && !src.Config.HasTPM() {
+		return nil, fmt.Errorf("VM %s has no TPM to copy; clone it with --tpm none", src.Name())
+	}
+	if err := h.requireStopped(src, "clone it (its disk and TPM state change while it runs)"); err != nil {
+		return nil, err
+	}
+	v, err := h.copyBundle(src, name, dir)
+	if err != nil {
+		return nil, err
+	}
+	res := &Created{VM: v}
+	var tpm func() error
+	switch {
+	case !src.Config.HasTPM():
+	case mode == TPMNone:
+		v.Config.TPM = nil
+		res.Notes = append(res.Notes, fmt.Sprintf("%s has no TPM (--tpm none); add one with `vtpm tpm add %s`", name, name))
+	case mode == TPMNew:
+		tpm = func() error { _, err := h.manufactureTPM(v); return err }
+		res.Notes = append(res.Notes, fmt.Sprintf("%s has a new vTPM: its own EK and certificates; secrets sealed to %s's TPM do not open in it", name, src.Name()))
+	case mode == TPMCopy:
+		tpm = func() error { return h.copyTPM(src.TPMDir(), v.TPMDir()) }
+		res.Notes = append(res.Notes, fmt.Sprintf("WARNING: %s and %s now share one EK (the TPM was copied): attestation cannot tell them apart, "+
+			"and whatever trusts that EK trusts both. Use --tpm new unless the copy replaces the original", name, src.Name()))
+	}
+	return res, h.finish(v, tpm)
+}
+
+// Template makes a template from a stopped VM: the bundle without any TPM
+// state, marked "TPM required" when the VM had a TPM.
+func (h *Host) Template(src *VM, name, dir string) (*Created, error) {
+	if err := h.requireStopped(src, "make a template of it"); err != nil {
+		return nil, err
+	}
+	v, err := h.copyBundle(src, name, dir)
+	if err != nil {
+		return nil, err
+	}
+	v.Config.Template = true
+	v.Config.TPMRequired = src.Config.HasTPM() || src.Config.TPMRequired
+	v.Config.TPM = nil
+	res := &Created{VM: v}
+	if v.Config.TPMRequired {
+		res.Notes = append(res.Notes, fmt.Sprintf("template %s holds no TPM secrets and is marked \"TPM required\": each VM deployed from it gets a freshly manufactured vTPM", name))
+	}
+	return res, h.finish(v, nil)
+}
+
+// Deploy creates a VM from a template; a template marked "TPM required"
+// gives it a freshly manufactured vTPM.
+func (h *Host) Deploy(tmpl *VM, name, dir string) (*Created, error) {
+	if !tmpl.Config.Template {
+		return nil, fmt.Errorf("%s is not a template; make one with `vtpm vm template %s NAME`, or copy the VM with `vtpm vm clone`", tmpl.Name(), tmpl.Name())
+	}
+	v, err := h.copyBundle(tmpl, name, dir)
+	if err != nil {
+		return nil, err
+	}
+	v.Config.Template, v.Config.TPMRequired = false, false
+	res := &Created{VM: v}
+	var tpm func() error
+	if tmpl.Config.TPMRequired {
+		v.Config.TPM = &TPM{Enabled: true, Device: DefaultTPMDevice}
+		if err := CanHaveTPM(v.Config); err != nil {
+			os.RemoveAll(v.Dir)
+			return nil, err
+		}
+		tpm = func() error { _, err := h.manufactureTPM(v); return err }
+		res.Notes = append(res.Notes, fmt.Sprintf("%s has a freshly manufactured vTPM", name))
+	}
+	return res, h.finish(v, tpm)
+}
+
+func copyFile(src, dst string, mode os.FileMode) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_WRONLY|os.O_CREATE|os.O_EXCL, mode)
+	if err != nil {
+		return err
+	}
+	// io.Copy uses copy_file_range, which keeps sparse images sparse on
+	// most file systems.
+	_, err = io.Copy(out, in)
+	if err == nil {
+		err = out.Sync()
+	}
+	if cerr := out.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(dst)
+	}
+	return err
+}
+
+// copyTree copies the regular files, directories and symlinks under src to
+// dst; skip (given paths relative to src) leaves entries out.
+func copyTree(src, dst string, skip func(rel string) bool) error {
+	return filepath.WalkDir(src, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, err := filepath.Rel(src, path)
+		if err != nil {
+			return err
+		}
+		if rel == "." {
+			return os.MkdirAll(dst, 0o700)
+		}
+		if skip != nil && skip(rel) {
+			if d.IsDir() {
+				return filepath.SkipDir
+			}
+			return nil
+		}
+		target := filepath.Join(dst, rel)
+		info, err := d.Info()
+		if err != nil {
+			return err
+		}
+		switch {
+		case d.IsDir():
+			return os.MkdirAll(target, info.Mode().Perm())
+		case d.Type()&fs.ModeSymlink != 0:
+			l, err := os.Readlink(path)
+			if err != nil {
+				return err
+			}
+			return os.Symlink(l, target)
+		case d.Type().IsRegular():
+			return copyFile(path, target, info.Mode().Perm())
+		}
+		return nil // sockets, pipes: run-time leftovers
+	})
+}

@@ -1,0 +1,232 @@
+package vm
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+)
+
+// ConfigFile is the bundle's description, at its root.
+const ConfigFile = "vm.json"
+
+// Bundle layout, relative to the bundle directory.
+const (
+	VarsFile = "OVMF_VARS.fd" // the VM's UEFI variable store
+	TPMDir   = "tpm"          // sealed TPM state and key protector
+	LogDir   = "logs"         // serial.log, qemu.log, tpm.log
+	diskName = "disk.qcow2"   // a disk made by --disk-size
+)
+
+const configFormat = 1
+
+// OS is a guest OS profile: it chooses defaults and the rules that apply.
+type OS string
+
+// Guest OS profiles.
+const (
+	Windows11     OS = "windows11"
+	Windows10     OS = "windows10"
+	WindowsServer OS = "windows-server"
+	Linux         OS = "linux"
+	Other         OS = "other"
+)
+
+// OSes lists the profiles in the order help texts show them.
+var OSes = []OS{Windows11, Windows10, WindowsServer, Linux, Other}
+
+// Windows reports whether the profile is a Windows guest.
+func (o OS) Windows() bool { return strings.HasPrefix(string(o), "windows") }
+
+// ParseOS checks an --os value.
+func ParseOS(s string) (OS, error) {
+	if i := slices.Index(OSes, OS(s)); i >= 0 {
+		return OSes[i], nil
+	}
+	names := make([]string, len(OSes))
+	for i, o := range OSes {
+		names[i] = string(o)
+	}
+	return "", fmt.Errorf("unknown OS %q: want one of %s", s, strings.Join(names, ", "))
+}
+
+// Firmware is the VM's firmware type.
+type Firmware string
+
+// Firmware types.
+const (
+	UEFI Firmware = "uefi"
+	BIOS Firmware = "bios"
+)
+
+// ParseFirmware checks a --firmware value.
+func ParseFirmware(s string) (Firmware, error) {
+	switch Firmware(strings.ToLower(s)) {
+	case UEFI:
+		return UEFI, nil
+	case BIOS:
+		return BIOS, nil
+	}
+	return "", fmt.Errorf("unknown firmware %q: want uefi or bios", s)
+}
+
+// Disk is one disk of a VM.
+type Disk struct {
+	// Path is absolute, or relative to the bundle for disks inside it.
+	Path   string `json:"path"`
+	Format string `json:"format"` // qcow2 or raw
+	// Passthrough marks a host block device or raw physical partition
+	// handed to the guest as is.
+	Passthrough bool `json:"passthrough,omitempty"`
+}
+
+// TPM is a VM's vTPM.
+type TPM struct {
+	// Enabled attaches the TPM when the VM starts; a disabled TPM keeps its
+	// state and keys, detached.
+	Enabled bool `json:"enabled"`
+	// Device is QEMU's TPM frontend: tpm-crb (default) or tpm-tis.
+	Device string `json:"device"`
+}
+
+// Isolation levels of the vTPM process a VM's policy asks for.
+const (
+	IsolationNone      = ""
+	IsolationPreferred = "preferred"
+	IsolationRequired  = "required"
+)
+
+// Config is a VM bundle's vm.json.
+type Config struct {
+	Format   int       `json:"format"`
+	Name     string    `json:"name"`
+	UUID     uuid.UUID `json:"uuid"`
+	OS       OS        `json:"os"`
+	Firmware Firmware  `json:"firmware"`
+	// SecureBoot selects OVMF's Secure Boot build with a variable store
+	// that has Microsoft's keys enrolled.
+	SecureBoot bool   `json:"secure_boot"`
+	Memory     string `json:"memory"`
+	CPUs       int    `json:"cpus"`
+	Disks      []Disk `json:"disks,omitempty"`
+	// Kernel, Initrd and Append boot a kernel directly (through the
+	// firmware, so measured and Secure Boot still apply).
+	Kernel string `json:"kernel,omitempty"`
+	Initrd string `json:"initrd,omitempty"`
+	Append string `json:"append,omitempty"`
+	// TPM is nil for a VM without a TPM.
+	TPM *TPM `json:"tpm,omitempty"`
+	// Isolation is what the VM's policy asks of its vTPM process:
+	// "" (nothing), "preferred" or "required".
+	Isolation string `json:"isolation,omitempty"`
+	// Template marks a template: it is never started, only deployed.
+	Template bool `json:"template,omitempty"`
+	// TPMRequired: VMs deployed from this template get a fresh vTPM.
+	TPMRequired bool      `json:"tpm_required,omitempty"`
+	Created     time.Time `json:"created"`
+}
+
+// HasTPM reports whether the VM has a TPM, enabled or not.
+func (c *Config) HasTPM() bool { return c.TPM != nil }
+
+// TPMEnabled reports whether the VM starts with its TPM attached.
+func (c *Config) TPMEnabled() bool { return c.TPM != nil && c.TPM.Enabled }
+
+// Passthrough returns the VM's first passthrough disk, or "".
+func (c *Config) Passthrough() string {
+	for _, d := range c.Disks {
+		if d.Passthrough {
+			return d.Path
+		}
+	}
+	return ""
+}
+
+// ReadConfig reads dir/vm.json.
+func ReadConfig(dir string) (*Config, error) {
+	path := filepath.Join(dir, ConfigFile)
+	b, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("%s is not a VM bundle: it has no %s", dir, ConfigFile)
+	}
+	if err != nil {
+		return nil, err
+	}
+	var c Config
+	if err := json.Unmarshal(b, &c); err != nil {
+		return nil, fmt.Errorf("%s is damaged: %w (restore it from a backup)", path, err)
+	}
+	if c.Format != configFormat {
+		return nil, fmt.Errorf("%s has format %d; this vtpm reads format %d", path, c.Format, configFormat)
+	}
+	if c.Name == "" || c.UUID == uuid.Nil {
+		return nil, fmt.Errorf("%s is damaged: it has no name or UUID", path)
+	}
+	return &c, nil
+}
+
+// WriteConfig writes dir/vm.json crash-safely.
+func WriteConfig(dir string, c *Config) error {
+	c.Format = configFormat
+	b, err := json.MarshalIndent(c, "", "  ")
+	if err != nil {
+		return err
+	}
+	return writeFileAtomic(filepath.Join(dir, ConfigFile), append(b, '\n'), 0o644)
+}
+
+func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, mode)
+	if err != nil {
+		return err
+	}
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if d, err := os.Open(filepath.Dir(path)); err == nil {
+		d.Sync()
+		d.Close()
+	}
+	return nil
+}
+
+// validName: names become directory names and appear in commands.
+func validName(name string) error {
+	if name == "" {
+		return errors.New("a VM needs a name")
+	}
+	if len(name) > 64 {
+		return fmt.Errorf("VM name %q is longer than 64 characters", name)
+	}
+	for _, r := range name {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.') {
+			return fmt.Errorf("VM name %q: use letters, digits, '-', '_' and '.' only", name)
+		}
+	}
+	if name[0] == '.' || name[0] == '-' {
+		return fmt.Errorf("VM name %q must start with a letter or digit", name)
+	}
+	if _, err := uuid.Parse(name); err == nil {
+		return fmt.Errorf("VM name %q looks like a UUID; VMs are found by name or UUID, so pick another name", name)
+	}
+	return nil
+}

@@ -1,0 +1,235 @@
+package vm
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+
+	"github.com/google/uuid"
+
+	"vtpm/internal/tpmkeys"
+)
+
+// ErrConflict reports a name or UUID that is already registered.
+var ErrConflict = errors.New("already registered")
+
+// ErrNotFound reports a VM that is not registered on this host.
+var ErrNotFound = errors.New("no such VM")
+
+// Host is the VMs of one data root: bundles created under <root>/vms and
+// bundles registered from elsewhere, all listed in <root>/vms.json.
+type Host struct {
+	Root string
+	// Keys opens this host's keystore (for TPM keys and the local CA).
+	Keys func() (*tpmkeys.Host, error)
+	// Exe is the vtpm executable that runs vTPM instances; default the
+	// running executable.
+	Exe string
+	// Log receives warnings; default slog.Default().
+	Log *slog.Logger
+}
+
+// NewHost returns the VMs under dataRoot; keys opens its keystore.
+func NewHost(dataRoot string, keys func() (*tpmkeys.Host, error)) *Host {
+	return &Host{Root: dataRoot, Keys: keys}
+}
+
+func (h *Host) log() *slog.Logger {
+	if h.Log != nil {
+		return h.Log
+	}
+	return slog.Default()
+}
+
+// VMsDir is where new bundles go unless a path is given.
+func (h *Host) VMsDir() string { return filepath.Join(h.Root, "vms") }
+
+// BackupsDir is where the TPM state of removed TPMs and deleted VMs is kept.
+func (h *Host) BackupsDir() string { return filepath.Join(h.Root, "backups") }
+
+func (h *Host) registryPath() string { return filepath.Join(h.Root, "vms.json") }
+
+// Entry is one registered bundle.
+type Entry struct {
+	Name string    `json:"name"`
+	UUID uuid.UUID `json:"uuid"`
+	Path string    `json:"path"`
+}
+
+type registry struct {
+	Format int     `json:"format"`
+	VMs    []Entry `json:"vms"`
+}
+
+// Entries returns the registered bundles, sorted by name.
+func (h *Host) Entries() ([]Entry, error) {
+	r, err := h.read()
+	if err != nil {
+		return nil, err
+	}
+	return r.VMs, nil
+}
+
+func (h *Host) read() (*registry, error) {
+	r := &registry{Format: 1}
+	b, err := os.ReadFile(h.registryPath())
+	if errors.Is(err, fs.ErrNotExist) {
+		return r, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := json.Unmarshal(b, r); err != nil {
+		return nil, fmt.Errorf("%s is damaged: %w (restore it, or re-register the bundles with `vtpm vm register PATH`)", h.registryPath(), err)
+	}
+	return r, nil
+}
+
+// update runs f on the registry under an exclusive lock and writes it back
+// when f succeeds.
+func (h *Host) update(f func(r *registry) error) error {
+	if err := os.MkdirAll(h.Root, 0o700); err != nil {
+		return fmt.Errorf("create data root: %w", err)
+	}
+	lf, err := os.OpenFile(filepath.Join(h.Root, "vms.lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return err
+	}
+	defer lf.Close()
+	if err := syscall.Flock(int(lf.Fd()), syscall.LOCK_EX); err != nil {
+		return fmt.Errorf("lock the VM registry: %w", err)
+	}
+	r, err := h.read()
+	if err != nil {
+		return err
+	}
+	if err := f(r); err != nil {
+		return err
+	}
+	slices.SortFunc(r.VMs, func(a, b Entry) int { return strings.Compare(a.Name, b.Name) })
+	b, _ := json.MarshalIndent(r, "", "  ")
+	return writeFileAtomic(h.registryPath(), append(b, '\n'), 0o600)
+}
+
+// Find returns the registered bundle whose name or UUID is ref.
+func (h *Host) Find(ref string) (Entry, error) {
+	r, err := h.read()
+	if err != nil {
+		return Entry{}, err
+	}
+	for _, e := range r.VMs {
+		if e.Name == ref || e.UUID.String() == strings.ToLower(ref) {
+			return e, nil
+		}
+	}
+	return Entry{}, fmt.Errorf("%w %q on this host (data root %s); `vtpm vm list -a` shows the registered VMs, `vtpm vm register PATH` adds a bundle", ErrNotFound, ref, h.Root)
+}
+
+// VM is an opened bundle.
+type VM struct {
+	Dir    string
+	Config *Config
+	host   *Host
+}
+
+// Open finds and reads a registered VM.
+func (h *Host) Open(ref string) (*VM, error) {
+	e, err := h.Find(ref)
+	if err != nil {
+		return nil, err
+	}
+	return h.openEntry(e)
+}
+
+func (h *Host) openEntry(e Entry) (*VM, error) {
+	c, err := ReadConfig(e.Path)
+	if err != nil {
+		return nil, fmt.Errorf("VM %s: %w", e.Name, err)
+	}
+	if c.UUID != e.UUID {
+		return nil, fmt.Errorf("VM %s: the bundle at %s now holds VM %s (%s), not the registered %s; `vtpm vm unregister %s` and register the bundle again",
+			e.Name, e.Path, c.Name, c.UUID, e.UUID, e.Name)
+	}
+	return &VM{Dir: e.Path, Config: c, host: h}, nil
+}
+
+// Save writes the VM's vm.json.
+func (v *VM) Save() error { return WriteConfig(v.Dir, v.Config) }
+
+// Name is the VM's name.
+func (v *VM) Name() string { return v.Config.Name }
+
+// TPMDir is the VM's TPM state directory.
+func (v *VM) TPMDir() string { return filepath.Join(v.Dir, TPMDir) }
+
+// Register adds the bundle at path to this host, under name when it is not
+// empty (the bundle's vm.json is renamed to match).
+func (h *Host) Register(path, name string) (*VM, error) {
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return nil, err
+	}
+	c, err := ReadConfig(abs)
+	if err != nil {
+		return nil, err
+	}
+	if name != "" && name != c.Name {
+		if err := validName(name); err != nil {
+			return nil, err
+		}
+		c.Name = name
+	}
+	err = h.update(func(r *registry) error {
+		return r.add(Entry{Name: c.Name, UUID: c.UUID, Path: abs})
+	})
+	if err != nil {
+		return nil, err
+	}
+	v := &VM{Dir: abs, Config: c, host: h}
+	if name != "" {
+		if err := v.Save(); err != nil {
+			return nil, err
+		}
+	}
+	return v, nil
+}
+
+func (r *registry) add(e Entry) error {
+	for _, o := range r.VMs {
+		switch {
+		case o.UUID == e.UUID && o.Path == e.Path:
+			return fmt.Errorf("%s is %w as VM %s", e.Path, ErrConflict, o.Name)
+		case o.UUID == e.UUID:
+			return fmt.Errorf("a VM with UUID %s is %w on this host: %s at %s. A copied bundle keeps its UUID; "+
+				"make a copy with its own identity with `vtpm vm clone %s NEW`, or unregister the other one first",
+				e.UUID, ErrConflict, o.Name, o.Path, o.Name)
+		case o.Name == e.Name:
+			return fmt.Errorf("the name %s is %w on this host (%s at %s); give another with --name", e.Name, ErrConflict, o.UUID, o.Path)
+		}
+	}
+	r.VMs = append(r.VMs, e)
+	return nil
+}
+
+// Unregister removes a VM from this host's registry; its files stay.
+func (h *Host) Unregister(ref string) (Entry, error) {
+	var gone Entry
+	err := h.update(func(r *registry) error {
+		for i, e := range r.VMs {
+			if e.Name == ref || e.UUID.String() == strings.ToLower(ref) {
+				gone = e
+				r.VMs = slices.Delete(r.VMs, i, i+1)
+				return nil
+			}
+		}
+		return fmt.Errorf("%w %q on this host", ErrNotFound, ref)
+	})
+	return gone, err
+}

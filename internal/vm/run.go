@@ -1,0 +1,542 @@
+package vm
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"vtpm/internal/seal"
+	"vtpm/internal/swtpm"
+	"vtpm/internal/swtpm/statefile"
+)
+
+// QEMU is the emulator binary.
+var QEMU = "qemu-system-x86_64"
+
+// runPaths are a VM's run-time files. They live outside the bundle, so a
+// copied bundle never carries another VM's pids or sockets, and in a short
+// directory, as unix socket paths are limited to 108 bytes.
+type runPaths struct {
+	Dir, QMP, TPMSock, QEMUPid, TPMPid string
+}
+
+func runBase() string {
+	if d := os.Getenv("XDG_RUNTIME_DIR"); d != "" {
+		return filepath.Join(d, "vtpm")
+	}
+	if os.Geteuid() == 0 {
+		return "/run/vtpm"
+	}
+	return filepath.Join(os.TempDir(), fmt.Sprintf("vtpm-%d", os.Getuid()))
+}
+
+func (h *Host) runDir(v *VM) string {
+	sum := sha256.Sum256([]byte(v.Dir))
+	return filepath.Join(runBase(), hex.EncodeToString(sum[:8]))
+}
+
+func (h *Host) run(v *VM) runPaths {
+	d := h.runDir(v)
+	return runPaths{Dir: d, QMP: filepath.Join(d, "qmp.sock"), TPMSock: filepath.Join(d, "tpm.sock"),
+		QEMUPid: filepath.Join(d, "qemu.pid"), TPMPid: filepath.Join(d, "tpm.pid")}
+}
+
+// RunState is what is running for a VM.
+type RunState struct {
+	QEMU int // pid, 0 if not running
+	TPM  int // pid of the vTPM instance, 0 if not running
+}
+
+// Running reports whether the VM's QEMU runs.
+func (s RunState) Running() bool { return s.QEMU != 0 }
+
+// String is the state as `vm list` shows it.
+func (s RunState) String() string {
+	switch {
+	case s.QEMU != 0:
+		return "running"
+	case s.TPM != 0:
+		return "tpm-only"
+	}
+	return "stopped"
+}
+
+// State derives a VM's run state from its live processes: a pid counts
+// only while /proc shows that process using the VM's run directory, so
+// stale pid files and reused pids do not.
+func (h *Host) State(v *VM) RunState {
+	r := h.run(v)
+	return RunState{QEMU: livePid(r.QEMUPid, r.Dir), TPM: livePid(r.TPMPid, r.Dir)}
+}
+
+func livePid(pidFile, mark string) int {
+	b, err := os.ReadFile(pidFile)
+	if err != nil {
+		return 0
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid <= 0 {
+		return 0
+	}
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil || !bytes.Contains(cmdline, []byte(mark)) {
+		return 0
+	}
+	return pid
+}
+
+func (h *Host) requireStopped(v *VM, what string) error {
+	if st := h.State(v); st.Running() || st.TPM != 0 {
+		return fmt.Errorf("VM %s is running; stop it with `vtpm vm stop %s` to %s", v.Name(), v.Name(), what)
+	}
+	return nil
+}
+
+// StartOptions control how a VM starts.
+type StartOptions struct {
+	// Console runs QEMU in the foreground with the serial console on
+	// Stdin/Stdout; Start returns when the VM stops.
+	Console        bool
+	Stdin          io.Reader
+	Stdout, Stderr io.Writer
+	// SerialSocket exposes the serial console on a unix socket (QEMU is the
+	// server; a client may connect at any time).
+	SerialSocket string
+	// Accel is "kvm", "tcg" or "" (KVM when /dev/kvm is usable, else
+	// $VTPM_ACCEL, else TCG).
+	Accel string
+}
+
+// PreflightError lists every reason a VM cannot start; nothing was started.
+type PreflightError struct {
+	VM       string
+	Problems []error
+}
+
+func (e *PreflightError) Error() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "VM %s cannot start (nothing was started):", e.VM)
+	for _, p := range e.Problems {
+		b.WriteString("\n  - ")
+		b.WriteString(strings.ReplaceAll(p.Error(), "\n", "\n    "))
+	}
+	return b.String()
+}
+
+func (e *PreflightError) Unwrap() []error { return e.Problems }
+
+// IsolationSupported reports whether this vtpm's instances take --isolation.
+func IsolationSupported() bool { return strings.Contains(swtpm.Usage, "--isolation") }
+
+// Preflight checks everything a start needs, without starting anything:
+// the emulator, firmware files, variable store, kernel, disks, the TPM's
+// key (a guardian error here means this host may not open the TPM) and the
+// isolation the VM's policy requires.
+func (h *Host) Preflight(v *VM) error {
+	c := v.Config
+	var probs []error
+	add := func(format string, a ...any) { probs = append(probs, fmt.Errorf(format, a...)) }
+	if c.Template {
+		return &PreflightError{VM: c.Name, Problems: []error{fmt.Errorf("%s is a template and never runs; make a VM from it with `vtpm vm deploy %s NEW`", c.Name, c.Name)}}
+	}
+	if _, err := exec.LookPath(QEMU); err != nil {
+		add("%s is not installed (apt-get install qemu-system-x86)", QEMU)
+	}
+	if c.Firmware == UEFI {
+		code, tmpl := firmwareFiles(c)
+		if _, err := os.Stat(code); err != nil {
+			add("UEFI firmware %s is missing (apt-get install ovmf): %v", code, err)
+		}
+		if _, err := os.Stat(filepath.Join(v.Dir, VarsFile)); err != nil {
+			add("the VM's UEFI variable store is missing: %v; restore it from a backup, or start over with a blank one: `cp %s %s`", err, tmpl, filepath.Join(v.Dir, VarsFile))
+		}
+	}
+	for _, f := range []struct{ what, path string }{{"kernel", c.Kernel}, {"initrd", c.Initrd}} {
+		if f.path == "" {
+			continue
+		}
+		if _, err := os.Stat(f.path); err != nil {
+			add("the %s for direct boot is missing: %v", f.what, err)
+		}
+	}
+	for _, d := range c.Disks {
+		p := d.Path
+		if !filepath.IsAbs(p) {
+			p = filepath.Join(v.Dir, p)
+		}
+		if f, err := os.OpenFile(p, os.O_RDWR, 0); err != nil {
+			add("disk %s cannot be opened for writing: %v", p, err)
+		} else {
+			f.Close()
+		}
+	}
+	if c.TPMEnabled() {
+		if err := CanHaveTPM(c); err != nil {
+			probs = append(probs, err)
+		} else if err := h.checkTPMKey(v); err != nil {
+			probs = append(probs, err)
+		}
+		if c.Isolation == IsolationRequired && !IsolationSupported() {
+			add("the VM's policy requires an isolated vTPM process, and this vtpm cannot isolate it: " +
+				"install a vtpm with process isolation, or relax the policy (`vtpm vm create … --isolation preferred`)")
+		}
+	}
+	if len(probs) > 0 {
+		return &PreflightError{VM: c.Name, Problems: probs}
+	}
+	return nil
+}
+
+func (h *Host) checkTPMKey(v *VM) error {
+	dir := v.TPMDir()
+	switch {
+	case seal.Exists(dir):
+	case statefile.HasState(dir):
+		return nil // swtpm's format: its key, if any, is an --key option
+	default:
+		return fmt.Errorf("the TPM state of %s is missing from %s: restore it from a backup (under %s), or give the VM a new TPM with `vtpm tpm remove %s && vtpm tpm add %s`",
+			v.Name(), dir, h.BackupsDir(), v.Name(), v.Name())
+	}
+	k, err := h.keys()
+	if err != nil {
+		return fmt.Errorf("open this host's keystore: %w", err)
+	}
+	defer k.Close()
+	o, err := k.OpenTPM(dir)
+	if err != nil {
+		return err
+	}
+	clear(o.DEK)
+	return nil
+}
+
+// kvmUsable reports whether /dev/kvm can create a VM.
+func kvmUsable() bool {
+	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	const kvmGetAPIVersion, kvmCreateVM = 0xAE00, 0xAE01
+	v, _, errno := syscall.Syscall(syscall.SYS_IOCTL, f.Fd(), kvmGetAPIVersion, 0)
+	if errno != 0 || v != 12 {
+		return false
+	}
+	fd, _, errno := syscall.Syscall(syscall.SYS_IOCTL, f.Fd(), kvmCreateVM, 0)
+	if errno != 0 {
+		return false
+	}
+	syscall.Close(int(fd))
+	return true
+}
+
+// Accel returns the accelerator a start with accel ("", "kvm", "tcg") uses.
+func Accel(accel string) (string, error) {
+	if accel == "" {
+		accel = os.Getenv("VTPM_ACCEL")
+	}
+	switch accel {
+	case "kvm", "tcg":
+		return accel, nil
+	case "":
+		if kvmUsable() {
+			return "kvm", nil
+		}
+		return "tcg", nil
+	}
+	return "", fmt.Errorf("accelerator %q: want kvm or tcg", accel)
+}
+
+// qemuArgs is QEMU's command line for v; serial is the -chardev of the
+// console ("ser0").
+func qemuArgs(v *VM, r runPaths, accel, serial string) []string {
+	c := v.Config
+	machine := "q35"
+	if c.SecureBoot {
+		machine = "q35,smm=on"
+	}
+	args := []string{
+		"-name", "guest=" + c.Name, "-uuid", c.UUID.String(),
+		"-nodefaults", "-no-user-config", "-display", "none",
+		"-machine", machine, "-accel", accel,
+	}
+	if accel == "kvm" {
+		args = append(args, "-cpu", "host")
+	}
+	args = append(args, "-m", c.Memory, "-smp", strconv.Itoa(c.CPUs))
+	if c.Firmware == UEFI {
+		code, _ := firmwareFiles(c)
+		args = append(args,
+			"-drive", "if=pflash,format=raw,unit=0,readonly=on,file="+code,
+			"-drive", "if=pflash,format=raw,unit=1,file="+filepath.Join(v.Dir, VarsFile))
+		if c.SecureBoot {
+			args = append(args, "-global", "driver=cfi.pflash01,property=secure,value=on")
+		}
+	}
+	if c.Kernel != "" {
+		args = append(args, "-kernel", c.Kernel)
+		if c.Initrd != "" {
+			args = append(args, "-initrd", c.Initrd)
+		}
+		args = append(args, "-append", strings.TrimSpace("console=ttyS0 "+c.Append))
+	} else {
+		args = append(args, "-vga", "std")
+	}
+	for i, d := range c.Disks {
+		p := d.Path
+		if !filepath.IsAbs(p) {
+			p = filepath.Join(v.Dir, p)
+		}
+		opt := fmt.Sprintf("if=virtio,index=%d,format=%s,file=%s", i, d.Format, p)
+		if d.Passthrough {
+			opt += ",cache=none"
+		}
+		args = append(args, "-drive", opt)
+	}
+	nic := "virtio-net-pci"
+	if c.OS.Windows() {
+		nic = "e1000e"
+	}
+	args = append(args, "-nic", "user,model="+nic)
+	args = append(args,
+		"-chardev", serial, "-serial", "chardev:ser0",
+		"-qmp", "unix:"+r.QMP+",server=on,wait=off",
+		"-pidfile", r.QEMUPid)
+	if c.TPMEnabled() {
+		dev := c.TPM.Device
+		if dev == "" {
+			dev = DefaultTPMDevice
+		}
+		args = append(args,
+			"-chardev", "socket,id=chrtpm,path="+r.TPMSock,
+			"-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
+			"-device", dev+",tpmdev=tpm0")
+	}
+	return args
+}
+
+// tpmArgs is the vTPM instance's command line (after the executable).
+func (h *Host) tpmArgs(v *VM, r runPaths) []string {
+	args := []string{"swtpm", "socket", "--tpm2",
+		"--tpmstate", "dir=" + v.TPMDir(),
+		"--ctrl", "type=unixio,path=" + r.TPMSock,
+		"--log", "file=" + filepath.Join(v.Dir, LogDir, "tpm.log") + ",level=1",
+		"--pid", "file=" + r.TPMPid,
+		"--terminate", "--daemon"}
+	if iso := v.Config.Isolation; iso != "" && IsolationSupported() {
+		args = append(args, "--isolation", iso)
+	}
+	return args
+}
+
+// Started is the outcome of Start.
+type Started struct {
+	Accel     string
+	SerialLog string
+	QEMUPid   int
+	TPMPid    int
+}
+
+// Start runs the pre-flight checks, then the vTPM instance (when the VM has
+// an enabled TPM), then QEMU. Headless, it returns once QEMU runs; with
+// Console it returns when the VM has stopped.
+func (h *Host) Start(ctx context.Context, v *VM, o StartOptions) (*Started, error) {
+	if st := h.State(v); st.Running() {
+		return nil, fmt.Errorf("VM %s is already running (QEMU pid %d)", v.Name(), st.QEMU)
+	} else if st.TPM != 0 {
+		return nil, fmt.Errorf("VM %s is not running, but its vTPM instance is (pid %d); stop it with `vtpm vm stop %s`", v.Name(), st.TPM, v.Name())
+	}
+	accel, err := Accel(o.Accel)
+	if err != nil {
+		return nil, err
+	}
+	if err := h.Preflight(v); err != nil {
+		return nil, err
+	}
+	r := h.run(v)
+	os.RemoveAll(r.Dir)
+	if err := os.MkdirAll(r.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("create run directory: %w", err)
+	}
+	logDir := filepath.Join(v.Dir, LogDir)
+	if err := os.MkdirAll(logDir, 0o700); err != nil {
+		return nil, err
+	}
+	res := &Started{Accel: accel, SerialLog: filepath.Join(logDir, "serial.log")}
+	if v.Config.TPMEnabled() {
+		if err := h.startTPM(ctx, v, r); err != nil {
+			os.RemoveAll(r.Dir)
+			return nil, err
+		}
+		res.TPMPid = livePid(r.TPMPid, r.Dir)
+	}
+	stopTPM := func() {
+		if pid := livePid(r.TPMPid, r.Dir); pid != 0 {
+			syscall.Kill(pid, syscall.SIGTERM)
+			waitGone(context.Background(), pid, 10*time.Second)
+		}
+		os.RemoveAll(r.Dir)
+	}
+
+	qlog, err := os.OpenFile(filepath.Join(logDir, "qemu.log"), os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		stopTPM()
+		return nil, err
+	}
+	defer qlog.Close()
+	var serial string
+	switch {
+	case o.Console:
+		serial = "stdio,id=ser0,signal=on,logfile=" + res.SerialLog
+	case o.SerialSocket != "":
+		os.Remove(o.SerialSocket)
+		serial = "socket,id=ser0,path=" + o.SerialSocket + ",server=on,wait=off,logfile=" + res.SerialLog
+	default:
+		serial = "file,id=ser0,path=" + res.SerialLog
+	}
+	args := qemuArgs(v, r, accel, serial)
+	if !o.Console {
+		args = append(args, "-daemonize")
+	}
+	fmt.Fprintf(qlog, "+ %s %s\n", QEMU, strings.Join(args, " "))
+	cmd := exec.CommandContext(ctx, QEMU, args...)
+	var errBuf bytes.Buffer
+	cmd.Stderr = io.MultiWriter(qlog, &errBuf)
+	if o.Console {
+		cmd.Stdin, cmd.Stdout = o.Stdin, o.Stdout
+		// Ctrl-C goes to QEMU (signal=on), which stops the VM; this
+		// process stays to see it through.
+		signal.Ignore(syscall.SIGINT)
+		defer signal.Reset(syscall.SIGINT)
+		err = cmd.Run()
+		res.QEMUPid = -1
+		if err != nil && ctx.Err() == nil {
+			if errBuf.Len() > 0 {
+				err = fmt.Errorf("%w: %s", err, strings.TrimSpace(errBuf.String()))
+			}
+		}
+		h.afterQEMU(ctx, v, r)
+		if err != nil {
+			return res, fmt.Errorf("QEMU: %w (see %s)", err, qlog.Name())
+		}
+		return res, nil
+	}
+	cmd.Stdout = qlog
+	if err := cmd.Run(); err != nil {
+		stopTPM()
+		return nil, fmt.Errorf("QEMU did not start: %v: %s (full log: %s)", err, strings.TrimSpace(errBuf.String()), qlog.Name())
+	}
+	res.QEMUPid = livePid(r.QEMUPid, r.Dir)
+	return res, nil
+}
+
+// startTPM starts the vTPM instance from this executable and waits until it
+// serves its control socket.
+func (h *Host) startTPM(ctx context.Context, v *VM, r runPaths) error {
+	exe := h.Exe
+	if exe == "" {
+		var err error
+		if exe, err = os.Executable(); err != nil {
+			return err
+		}
+	}
+	cmd := exec.CommandContext(ctx, exe, h.tpmArgs(v, r)...)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		msg := strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(string(out)), "swtpm: "))
+		return fmt.Errorf("the vTPM of %s did not start: %s (log: %s)", v.Name(), msg, filepath.Join(v.Dir, LogDir, "tpm.log"))
+	}
+	return nil
+}
+
+// afterQEMU waits for the vTPM instance to persist its state and exit
+// (QEMU's exit sends it CMD_SHUTDOWN), then clears the run directory.
+func (h *Host) afterQEMU(ctx context.Context, v *VM, r runPaths) {
+	if pid := livePid(r.TPMPid, r.Dir); pid != 0 {
+		if !waitGone(ctx, pid, 10*time.Second) {
+			syscall.Kill(pid, syscall.SIGTERM)
+			if !waitGone(ctx, pid, 10*time.Second) {
+				h.log().Warn("the vTPM instance did not exit; killed it (its state is crash-safe)", "vm", v.Name(), "pid", pid)
+				syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+	}
+	os.RemoveAll(r.Dir)
+}
+
+// waitGone waits until pid has exited.
+func waitGone(ctx context.Context, pid int, d time.Duration) bool {
+	deadline := time.Now().Add(d)
+	for {
+		if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) {
+			return true
+		}
+		if st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil {
+			// A zombie has exited; its parent reaps it.
+			if f := strings.Fields(string(st)); len(f) > 2 && f[2] == "Z" {
+				return true
+			}
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return false
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// Stopped is the outcome of Stop.
+type Stopped struct {
+	// PoweredOff: the guest shut down by itself after the ACPI power
+	// button; otherwise QEMU was told to quit after the timeout.
+	PoweredOff bool
+}
+
+// Stop shuts a VM down: the ACPI power button, then QEMU's quit after
+// timeout (0 quits at once). QEMU's exit makes the vTPM persist its state
+// and exit; Stop waits for that.
+func (h *Host) Stop(ctx context.Context, v *VM, timeout time.Duration) (*Stopped, error) {
+	r := h.run(v)
+	st := h.State(v)
+	res := &Stopped{}
+	if !st.Running() {
+		if st.TPM == 0 {
+			return nil, fmt.Errorf("VM %s is not running", v.Name())
+		}
+		h.afterQEMU(ctx, v, r)
+		return res, nil
+	}
+	q, err := dialQMP(ctx, r.QMP)
+	if err != nil {
+		return nil, fmt.Errorf("VM %s: %w", v.Name(), err)
+	}
+	defer q.Close()
+	if timeout > 0 {
+		if err := q.execute("system_powerdown"); err != nil {
+			return nil, fmt.Errorf("VM %s: power button: %w", v.Name(), err)
+		}
+		res.PoweredOff = waitGone(ctx, st.QEMU, timeout)
+	}
+	if !res.PoweredOff {
+		if err := q.execute("quit"); err != nil && !errors.Is(err, io.EOF) {
+			h.log().Warn("qmp quit", "vm", v.Name(), "err", err)
+		}
+		if !waitGone(ctx, st.QEMU, 30*time.Second) {
+			syscall.Kill(st.QEMU, syscall.SIGKILL)
+			waitGone(ctx, st.QEMU, 5*time.Second)
+		}
+	}
+	h.afterQEMU(ctx, v, r)
+	return res, nil
+}

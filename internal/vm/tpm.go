@@ -1,0 +1,300 @@
+package vm
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"time"
+
+	"vtpm/internal/manufacture"
+	"vtpm/internal/seal"
+	"vtpm/internal/swtpm/statefile"
+	"vtpm/internal/tpmkeys"
+)
+
+// FirmwareDir holds Debian's ovmf package files.
+var FirmwareDir = "/usr/share/OVMF"
+
+// Firmware files (Debian's ovmf package).
+const (
+	ovmfCode       = "OVMF_CODE_4M.fd"
+	ovmfVars       = "OVMF_VARS_4M.fd"
+	ovmfCodeSecure = "OVMF_CODE_4M.secboot.fd"
+	ovmfVarsMS     = "OVMF_VARS_4M.ms.fd" // Microsoft's keys enrolled
+)
+
+// firmwareFiles returns the code and variable-store template for c.
+func firmwareFiles(c *Config) (code, vars string) {
+	if c.SecureBoot {
+		return filepath.Join(FirmwareDir, ovmfCodeSecure), filepath.Join(FirmwareDir, ovmfVarsMS)
+	}
+	return filepath.Join(FirmwareDir, ovmfCode), filepath.Join(FirmwareDir, ovmfVars)
+}
+
+// DefaultTPMDevice is QEMU's TPM frontend for new TPMs.
+const DefaultTPMDevice = "tpm-crb"
+
+// manufactureTPM makes a fresh TPM in v's tpm directory: new UUID, new data
+// key and key protector owned by this host, EKs and certificates from this
+// host's CA.
+func (h *Host) manufactureTPM(v *VM) (*manufacture.Report, error) {
+	dir := v.TPMDir()
+	if manufacture.HasState(dir) {
+		return nil, fmt.Errorf("%s already holds TPM state; nothing was changed", dir)
+	}
+	// A leftover identity or protector (no blobs) would give the TPM an old
+	// UUID; start clean.
+	if err := manufacture.RemoveState(dir); err != nil {
+		return nil, err
+	}
+	k, err := h.keys()
+	if err != nil {
+		return nil, err
+	}
+	defer k.Close()
+	ca, err := manufacture.LoadCA(k.Keystore())
+	if err != nil {
+		return nil, err
+	}
+	st, err := manufacture.OpenSealed(k, dir, h.log())
+	if err != nil {
+		return nil, err
+	}
+	defer st.Storage.Close()
+	rep, err := manufacture.Manufacture(st.Storage, manufacture.Options{
+		RSA: true, ECC: manufacture.P256, EKCerts: true, PlatformCert: true, Lock: true,
+		PCRBanks: []string{"sha256"},
+		Identity: manufacture.Identity{
+			TPM: st.TPM, VM: v.Name(),
+			PlatformManufacturer: manufacture.DefaultPlatformManufacturer,
+			PlatformModel:        manufacture.DefaultPlatformModel,
+			PlatformVersion:      manufacture.DefaultPlatformVersion,
+		},
+		CA: ca,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("manufacture the vTPM of %s: %w", v.Name(), err)
+	}
+	return rep, nil
+}
+
+func (h *Host) keys() (*tpmkeys.Host, error) {
+	if h.Keys == nil {
+		return nil, errors.New("no keystore opener configured")
+	}
+	return h.Keys()
+}
+
+// AddTPM gives a stopped VM a freshly manufactured vTPM and turns Secure
+// Boot on. It returns notes to show the user.
+func (h *Host) AddTPM(v *VM) ([]string, error) {
+	c := v.Config
+	if c.HasTPM() {
+		if !c.TPM.Enabled {
+			return nil, fmt.Errorf("VM %s already has a TPM, disabled; reattach it with `vtpm tpm enable %s`", c.Name, c.Name)
+		}
+		return nil, fmt.Errorf("VM %s already has a TPM", c.Name)
+	}
+	if err := CanHaveTPM(c); err != nil {
+		return nil, err
+	}
+	if err := h.requireStopped(v, "add a TPM to it"); err != nil {
+		return nil, err
+	}
+	if _, err := h.manufactureTPM(v); err != nil {
+		os.RemoveAll(v.TPMDir())
+		return nil, err
+	}
+	c.TPM = &TPM{Enabled: true, Device: DefaultTPMDevice}
+	var notes []string
+	if !c.SecureBoot {
+		note, err := v.enableSecureBoot()
+		if err != nil {
+			return nil, err
+		}
+		notes = append(notes, note)
+	}
+	if err := v.Save(); err != nil {
+		return nil, err
+	}
+	return notes, nil
+}
+
+// enableSecureBoot switches c to OVMF's Secure Boot build and replaces the
+// variable store with one that has Microsoft's keys enrolled; the old store
+// is kept beside it.
+func (v *VM) enableSecureBoot() (string, error) {
+	c := v.Config
+	c.SecureBoot = true
+	_, tmpl := firmwareFiles(c)
+	vars := filepath.Join(v.Dir, VarsFile)
+	old := vars + ".before-secureboot"
+	if err := os.Rename(vars, old); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return "", fmt.Errorf("keep the old UEFI variable store: %w", err)
+	}
+	if err := copyFile(tmpl, vars, 0o600); err != nil {
+		return "", fmt.Errorf("install the Secure Boot variable store %s (is the ovmf package installed?): %w", tmpl, err)
+	}
+	return fmt.Sprintf("Secure Boot is now on for %s (a TPM comes with it): OVMF's Secure Boot firmware, with a UEFI variable store "+
+		"that has Microsoft's keys enrolled; the old store is kept as %s, and the firmware recreates its boot entries", c.Name, old), nil
+}
+
+// RemoveTPM detaches and removes a stopped VM's TPM, moving its state into
+// a backup under the data root. It returns the backup's path.
+func (h *Host) RemoveTPM(v *VM) (string, error) {
+	c := v.Config
+	if !c.HasTPM() {
+		return "", fmt.Errorf("VM %s has no TPM", c.Name)
+	}
+	if err := h.requireStopped(v, "remove its TPM"); err != nil {
+		return "", err
+	}
+	backup, err := h.backupTPM(v)
+	if err != nil {
+		return "", err
+	}
+	c.TPM = nil
+	return backup, v.Save()
+}
+
+// backupTPM moves v's tpm directory to <root>/backups/<name>-<uuid>-<time>/tpm.
+func (h *Host) backupTPM(v *VM) (string, error) {
+	src := v.TPMDir()
+	if _, err := os.Stat(src); errors.Is(err, fs.ErrNotExist) {
+		return "", nil
+	}
+	dst := filepath.Join(h.BackupsDir(), fmt.Sprintf("%s-%s-%s", v.Name(), v.Config.UUID, time.Now().UTC().Format("20060102T150405Z")))
+	if err := os.MkdirAll(dst, 0o700); err != nil {
+		return "", fmt.Errorf("create TPM backup directory: %w", err)
+	}
+	dst = filepath.Join(dst, TPMDir)
+	if err := os.Rename(src, dst); err != nil {
+		// Another file system: copy, then remove.
+		if err := copyTree(src, dst, nil); err != nil {
+			return "", fmt.Errorf("back up TPM state to %s: %w (nothing was removed)", dst, err)
+		}
+		if err := os.RemoveAll(src); err != nil {
+			return "", err
+		}
+	}
+	if err := WriteConfig(filepath.Dir(dst), v.Config); err != nil {
+		return "", err
+	}
+	return dst, nil
+}
+
+// SetTPMEnabled attaches (on) or detaches (off) a VM's TPM without touching
+// its state or keys. A running VM sees the change at its next start; the
+// returned note says so.
+func (h *Host) SetTPMEnabled(v *VM, on bool) (string, error) {
+	c := v.Config
+	if !c.HasTPM() {
+		if on {
+			return "", fmt.Errorf("VM %s has no TPM to enable; add one with `vtpm tpm add %s`", c.Name, c.Name)
+		}
+		return "", fmt.Errorf("VM %s has no TPM to disable", c.Name)
+	}
+	if on {
+		if err := CanHaveTPM(c); err != nil {
+			return "", err
+		}
+		dir := v.TPMDir()
+		if !seal.HasBlobs(dir) && !statefile.HasState(dir) {
+			return "", fmt.Errorf("VM %s's TPM state is missing from %s: restore it from a backup (under %s), or remove the TPM with `vtpm tpm remove %s` and add a new one",
+				c.Name, dir, h.BackupsDir(), c.Name)
+		}
+	}
+	note := ""
+	if c.TPM.Enabled == on {
+		note = "already " + map[bool]string{true: "enabled", false: "disabled"}[on]
+	} else {
+		c.TPM.Enabled = on
+		if err := v.Save(); err != nil {
+			return "", err
+		}
+	}
+	if h.State(v).Running() {
+		note = join(note, "takes effect at the next start")
+	}
+	return note, nil
+}
+
+func join(a, b string) string {
+	if a == "" {
+		return b
+	}
+	return a + "; " + b
+}
+
+// copyTPM copies the sealed TPM state of src into the empty directory dst
+// under a new identity: a new TPM UUID, a new data key and a key protector
+// owned by this host. Every blob is unsealed with the source's key and
+// sealed again for the copy, so the TPM's contents (seeds, EKs, NV, sealed
+// objects) are the same and the two state directories share nothing.
+func (h *Host) copyTPM(src, dst string) error {
+	if statefile.HasState(src) && !seal.Exists(src) {
+		return fmt.Errorf("%s holds swtpm-format state; convert it with `vtpm state import %s` before copying it", src, src)
+	}
+	k, err := h.keys()
+	if err != nil {
+		return err
+	}
+	defer k.Close()
+	so, err := k.OpenTPM(src)
+	if err != nil {
+		return err
+	}
+	defer clear(so.DEK)
+	in, err := seal.Open(src, seal.Options{Key: so.DEK, Generations: k.Generations(), Logger: h.log()})
+	if errors.Is(err, seal.ErrLocked) {
+		return fmt.Errorf("the TPM in %s is in use: stop its VM first: %w", src, err)
+	}
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	do, err := k.OpenTPM(dst)
+	if err != nil {
+		return err
+	}
+	defer clear(do.DEK)
+	out, err := seal.Open(dst, seal.Options{Key: do.DEK, Generations: k.Generations(), Logger: h.log()})
+	if err != nil {
+		return err
+	}
+	defer out.Close()
+	if out.UUID() == in.UUID() {
+		return fmt.Errorf("the copy of TPM %s kept its UUID; it must get its own", in.UUID())
+	}
+	n := 0
+	for _, name := range seal.Names {
+		b, err := in.Load(name)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("read %s of TPM %s: %w", name, in.UUID(), err)
+		}
+		err = out.Store(name, b)
+		clear(b)
+		if err != nil {
+			return fmt.Errorf("write %s of the copy: %w", name, err)
+		}
+		n++
+	}
+	if n == 0 {
+		return fmt.Errorf("TPM %s in %s has no state to copy", in.UUID(), src)
+	}
+	if _, err := os.Stat(filepath.Join(src, tpmkeys.PolicyFile)); err == nil {
+		p, err := tpmkeys.ReadPolicy(src)
+		if err != nil {
+			return err
+		}
+		if err := tpmkeys.WritePolicy(dst, p); err != nil {
+			return err
+		}
+	}
+	return out.Close()
+}
