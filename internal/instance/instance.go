@@ -15,6 +15,8 @@ import (
 
 	"vtpm/internal/guardian"
 	"vtpm/internal/libtpms"
+	"vtpm/internal/paths"
+	"vtpm/internal/sandbox"
 	"vtpm/internal/seal"
 	"vtpm/internal/swtpm"
 	"vtpm/internal/swtpm/statefile"
@@ -30,6 +32,7 @@ type Instance struct {
 	fileKey *statefile.Key
 	migKey  *statefile.Key
 	sealing *sealingKey // sealed format only
+	sandbox *sandbox.Sandbox
 
 	ctrlLn net.Listener // nil when the ctrl channel is a connected fd
 	dataLn net.Listener
@@ -60,6 +63,11 @@ func New(cfg *swtpm.Config, log *slog.Logger) (_ *Instance, err error) {
 			in.cleanup()
 		}
 	}()
+	// Sandbox, step 1 (internal/sandbox): re-executes this process confined
+	// to writing its own state, so it comes before anything is read or bound.
+	if in.sandbox, err = sandbox.Enter(sandbox.ForInstance(cfg, paths.DataRoot()), log); err != nil {
+		return nil, err
+	}
 	if cfg.Key != "" {
 		if in.fileKey, err = statefile.ParseKeyOption(cfg.Key); err != nil {
 			return nil, fmt.Errorf("--key: %w", err)
@@ -73,6 +81,9 @@ func New(cfg *swtpm.Config, log *slog.Logger) (_ *Instance, err error) {
 	// Keys first: a TPM this host cannot open fails before any socket exists.
 	if in.format = chooseFormat(cfg); in.format == FormatSealed {
 		if in.sealing, err = unlockSealed(cfg, log); err != nil {
+			return nil, err
+		}
+		if in.sealing.dek, err = in.sandbox.Keep(in.sealing.dek); err != nil { // sandbox: locked memory
 			return nil, err
 		}
 		if in.migKey == nil {
@@ -155,6 +166,10 @@ func (in *Instance) Run(ctx context.Context) error {
 	if err := in.writePid(); err != nil {
 		return err
 	}
+	// Sandbox, step 2: the seccomp allow-list, before any client is served.
+	if err := in.sandbox.Seal(); err != nil {
+		return err
+	}
 	if in.cfg.Ctrl != nil {
 		if err := in.startCtrl(); err != nil {
 			return err
@@ -202,6 +217,7 @@ func (in *Instance) cleanup() {
 	if in.cfg.PidFile != "" {
 		os.Remove(in.cfg.PidFile)
 	}
+	in.sandbox.Close() // wipes the locked key material
 }
 
 // stopTPM shuts the TPM down orderly (unless the OS already did) and terminates it.

@@ -63,6 +63,7 @@ type Config struct {
 	DataKey       string // vtpm: the sealed-state data key (file= or fd=)
 	RunAs         string
 	Seccomp       string // none, kill, log
+	Isolation     string // vtpm: required, preferred (""), none; see internal/sandbox
 	PrintCaps     bool
 	PrintStates   bool
 	ShowVersion   bool
@@ -106,6 +107,7 @@ func Parse(args []string, getenv func(string) string) (*Config, error) {
 	fs.StringVarP(&c.RunAs, "runas", "r", "", "")
 	fs.BoolVar(&c.TPM2, "tpm2", false, "")
 	fs.StringVar(&seccomp, "seccomp", "", "")
+	fs.StringVar(&c.Isolation, "isolation", "", "")
 	fs.BoolVar(&c.PrintCaps, "print-capabilities", false, "")
 	fs.BoolVar(&c.PrintStates, "print-states", false, "")
 	fs.BoolVarP(&c.ShowVersion, "version", "v", false, "")
@@ -465,6 +467,8 @@ The following options are supported:
 --flags not-need-init,startup-clear|startup-state|startup-deactivated|startup-none
 -r|--runas <user>       : drop privileges to this user after set-up
 --seccomp action=none|kill|log
+--isolation required|preferred
+                        : sandbox the process; required refuses to start without every part
 --print-capabilities    : print the supported features as JSON and exit
 --print-states          : print the stored states as JSON and exit
 -v|--version            : print the version and exit

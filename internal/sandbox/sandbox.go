@@ -1,0 +1,311 @@
+package sandbox
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"os/user"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"vtpm/internal/swtpm"
+	"vtpm/internal/swtpm/statefile"
+)
+
+// Isolation policies (--isolation).
+const (
+	Required  = "required"  // every part or the instance does not start
+	Preferred = "preferred" // what the host offers; warnings for the rest (the swtpm drop-in's default)
+	None      = "none"      // no sandbox: debugging only
+)
+
+// Policy is what an instance may do once confined.
+type Policy struct {
+	Isolation string // Required, Preferred (""), None
+	Seccomp   string // SeccompKill (""), SeccompLog, SeccompNone
+
+	// WriteDirs may be written beneath: files and directories created,
+	// written, renamed and removed. They are created (0700) if missing.
+	WriteDirs []string
+	// DirOwner, if set, owns the WriteDirs Enter creates (--runas: they are
+	// created before privileges are dropped).
+	DirOwner *[2]int
+	// RuntimeDirs may get sockets and regular files (the pid file) and have
+	// files removed, nothing else.
+	RuntimeDirs []string
+	// WriteFiles are existing files that may be opened for writing: the log
+	// file, the host TPM device, /dev/null.
+	WriteFiles []string
+	// BindTCP are the TCP ports the instance may listen on.
+	BindTCP []uint16
+}
+
+// ForInstance is the policy of the instance that cfg describes, whose data
+// root (host keystore, generation records) is dataRoot. `vtpm doctor
+// --probe-sandbox` builds its policy here too, so what it proves holds for
+// instances.
+func ForInstance(cfg *swtpm.Config, dataRoot string) *Policy {
+	p := &Policy{Isolation: cfg.Isolation, Seccomp: cfg.Seccomp}
+	abs := func(path string) string {
+		if a, err := filepath.Abs(path); err == nil {
+			return a
+		}
+		return path
+	}
+	addDir := func(list *[]string, dir string) {
+		if dir = abs(dir); !slices.Contains(*list, dir) {
+			*list = append(*list, dir)
+		}
+	}
+	if cfg.StateDir != "" {
+		addDir(&p.WriteDirs, cfg.StateDir)
+	}
+	if dataRoot != "" {
+		addDir(&p.WriteDirs, dataRoot)
+	}
+	if cfg.RunAs != "" {
+		if uid, gid, err := lookupUser(cfg.RunAs); err == nil {
+			p.DirOwner = &[2]int{uid, gid}
+		}
+	}
+	for _, e := range []*swtpm.Endpoint{cfg.Ctrl, cfg.Server} {
+		switch {
+		case e == nil || e.FD >= 0 || e.ClientFD >= 0:
+		case e.Type == "unixio" && e.Path != "":
+			addDir(&p.RuntimeDirs, filepath.Dir(e.Path))
+		case e.Type == "tcp" && e.Port > 0 && e.Port <= 65535:
+			p.BindTCP = append(p.BindTCP, uint16(e.Port))
+		}
+	}
+	if cfg.PidFile != "" {
+		addDir(&p.RuntimeDirs, filepath.Dir(cfg.PidFile))
+	}
+	// --key file=…,remove deletes the key file once read.
+	for _, k := range []string{cfg.Key, cfg.MigrationKey} {
+		if o, err := statefile.ParseSubOptions(k, "file", "fd", "pwdfile", "pwdfd", "mode", "format", "remove", "kdf"); err == nil {
+			if r, ok := o["remove"]; ok && r != "false" {
+				for _, src := range []string{o["file"], o["pwdfile"]} {
+					if src != "" {
+						addDir(&p.RuntimeDirs, filepath.Dir(src))
+					}
+				}
+			}
+		}
+	}
+	if cfg.Log.File != "" && cfg.Log.File != "-" {
+		p.WriteFiles = append(p.WriteFiles, abs(cfg.Log.File))
+	}
+	// The host keystore may be sealed to this host's TPM.
+	devs := []string{os.DevNull, "/dev/tpmrm0", "/dev/tpm0"}
+	if d, ok := strings.CutPrefix(os.Getenv("VTPM_HOST_TPM"), "device:"); ok {
+		devs = append(devs, d)
+	}
+	for _, d := range devs {
+		if _, err := os.Stat(d); err == nil && !slices.Contains(p.WriteFiles, d) {
+			p.WriteFiles = append(p.WriteFiles, d)
+		}
+	}
+	return p
+}
+
+func lookupUser(name string) (uid, gid int, err error) {
+	u, err := user.Lookup(name)
+	if err != nil {
+		if u, err = user.LookupId(name); err != nil {
+			return 0, 0, err
+		}
+	}
+	uid, _ = strconv.Atoi(u.Uid)
+	gid, _ = strconv.Atoi(u.Gid)
+	return uid, gid, nil
+}
+
+// stageEnv tells the re-executed image that it was born in the Landlock
+// domain; its value is the Landlock ABI applied.
+const stageEnv = "VTPM_SANDBOX_LANDLOCK"
+
+// Sandbox is the confinement of this process.
+type Sandbox struct {
+	policy   *Policy
+	log      *slog.Logger
+	landlock int      // Landlock ABI the process runs under; 0 = none
+	missing  []string // parts the host could not provide, each with its fix
+	keys     []*Locked
+	sealed   bool
+}
+
+// MissingError is returned when the policy requires isolation and part of
+// it is missing. Its message names each missing part and its fix.
+type MissingError struct{ Missing []string }
+
+func (e *MissingError) Error() string {
+	return "isolation is required, but the host cannot provide: " + strings.Join(e.Missing, "; ") +
+		" (run `vtpm doctor` for the host's state, or start with --isolation preferred to run without)"
+}
+
+// Enter confines the process to p's file system rules, re-executing the
+// program (same arguments, same inherited descriptors, same pid) from a
+// thread restricted by Landlock, so it must be called before anything that
+// the new image could not repeat: nothing read from passed descriptors, no
+// sockets bound. On the first call in a process it does not return unless
+// confining failed; in the re-executed image it returns the Sandbox, with
+// the process also made non-dumpable and no_new_privs set.
+//
+// With Isolation Required, a part the host does not provide is an error
+// (*MissingError); with Preferred it is logged as a warning.
+func Enter(p *Policy, log *slog.Logger) (*Sandbox, error) {
+	s := &Sandbox{policy: p, log: log}
+	switch p.Isolation {
+	case "", Preferred, Required:
+	case None:
+		return s, nil
+	default:
+		return nil, fmt.Errorf("--isolation %s: want required, preferred or none", p.Isolation)
+	}
+	if p.Seccomp == SeccompNone {
+		s.missing = append(s.missing, "seccomp is turned off by --seccomp action=none; drop that option")
+	} else if _, _, err := seccompActions(p.Seccomp); err != nil {
+		return nil, err
+	} else if err := SeccompAvailable(); err != nil {
+		s.missing = append(s.missing, "seccomp: "+err.Error())
+	}
+	if v := os.Getenv(stageEnv); v != "" {
+		os.Unsetenv(stageEnv)
+		s.landlock, _ = strconv.Atoi(v)
+	} else if abi, err := LandlockABI(); err != nil {
+		s.missing = append(s.missing, "Landlock: "+err.Error()+"; upgrade to Linux 5.13 or newer with landlock in lsm=")
+	} else if err := s.reexec(abi); err != nil {
+		s.missing = append(s.missing, "Landlock: "+err.Error())
+	}
+	// In the new image, or without Landlock: set what execve reset.
+	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+		s.missing = append(s.missing, fmt.Sprintf("no_new_privs: prctl: %v", err))
+	}
+	if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
+		s.missing = append(s.missing, fmt.Sprintf("not dumpable: prctl: %v", err))
+	}
+	if err := s.check(); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// check applies the policy to what is missing so far.
+func (s *Sandbox) check() error {
+	if len(s.missing) == 0 {
+		return nil
+	}
+	if s.policy.Isolation == Required {
+		return &MissingError{Missing: s.missing}
+	}
+	for _, m := range s.missing {
+		s.log.Warn("running with less isolation than vtpm can provide", "missing", m)
+	}
+	s.missing = nil
+	return nil
+}
+
+// reexec restricts one locked thread with Landlock and executes the program
+// again from it. It returns only on failure.
+func (s *Sandbox) reexec(abi int) error {
+	p := s.policy
+	for _, d := range p.WriteDirs {
+		_, err := os.Stat(d)
+		created := errors.Is(err, fs.ErrNotExist)
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return fmt.Errorf("create %s before confining the process: %w", d, err)
+		}
+		if created && p.DirOwner != nil {
+			// Created here, before --runas drops privileges: the user needs it.
+			if err := os.Chown(d, p.DirOwner[0], p.DirOwner[1]); err != nil {
+				return fmt.Errorf("hand %s to the --runas user: %w", d, err)
+			}
+		}
+	}
+	// /proc/self/exe is this very image, even if the file was replaced since.
+	exe := "/proc/self/exe"
+	if _, err := os.Stat(exe); err != nil {
+		if exe, err = os.Executable(); err != nil {
+			return fmt.Errorf("find this program to re-execute it: %w", err)
+		}
+	}
+	env := append(os.Environ(), stageEnv+"="+strconv.Itoa(abi))
+	errc := make(chan error, 1)
+	go func() {
+		// This thread is restricted for good: it is never unlocked, so if
+		// execve fails the Go runtime ends the thread with the goroutine.
+		runtime.LockOSThread()
+		if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+			errc <- fmt.Errorf("no_new_privs: %w", err)
+			return
+		}
+		if err := restrictThread(p, abi); err != nil {
+			errc <- err
+			return
+		}
+		err := syscall.Exec(exe, os.Args, env)
+		errc <- fmt.Errorf("re-execute %s inside the Landlock domain: %w", exe, err)
+	}()
+	return <-errc
+}
+
+// Seal installs the seccomp filter on every thread. Call it once the
+// instance has done everything that needs more: its sockets listen, its
+// state is open, its pid file is written.
+func (s *Sandbox) Seal() error {
+	if s == nil || s.sealed || s.policy.Isolation == None {
+		return nil
+	}
+	s.sealed = true
+	if s.policy.Seccomp != SeccompNone && SeccompAvailable() == nil {
+		if err := installSeccomp(s.policy.Seccomp); err != nil {
+			s.missing = append(s.missing, "seccomp: "+err.Error())
+		}
+	}
+	return s.check()
+}
+
+// Keep moves key material into locked memory: it returns a locked copy of
+// key and wipes key. Close wipes the copy. When memory cannot be locked,
+// Required fails and Preferred keeps key where it is (with a warning).
+func (s *Sandbox) Keep(key []byte) ([]byte, error) {
+	if s == nil || s.policy.Isolation == None || len(key) == 0 {
+		return key, nil
+	}
+	l, err := LockedBytes(len(key))
+	if err != nil {
+		s.missing = append(s.missing, "key material in locked memory: "+err.Error())
+		return key, s.check()
+	}
+	copy(l.Bytes(), key)
+	clear(key)
+	s.keys = append(s.keys, l)
+	return l.Bytes(), nil
+}
+
+// Close wipes the key material Keep holds. Nothing may use it afterwards.
+func (s *Sandbox) Close() {
+	if s == nil {
+		return
+	}
+	for _, l := range s.keys {
+		l.Wipe()
+	}
+	s.keys = nil
+}
+
+// Landlock is the Landlock ABI version the process is confined with, 0 if none.
+func (s *Sandbox) Landlock() int {
+	if s == nil {
+		return 0
+	}
+	return s.landlock
+}
