@@ -772,3 +772,44 @@ func TestHostsRollback(t *testing.T) {
 		})
 	}
 }
+
+// TestHostsRecoverFromReplacedHostTPM follows the advice a host prints when
+// its keystore is sealed to a host TPM that was replaced: "recover this
+// host's guardians from an export with `vtpm guardian import`". With the
+// guardian exported beforehand, that must bring its TPMs back.
+func TestHostsRecoverFromReplacedHostTPM(t *testing.T) {
+	t.Parallel()
+	if os.Getenv("VTPM_TEST_KNOWN_BUGS") == "" {
+		// vtpm guardian import opens the keystore first, and fails with the
+		// very error whose advice it is; nothing says to move the keystore
+		// aside. Fix the advice (or let import start a new keystore).
+		t.Skip("known bug: the advised `vtpm guardian import` cannot open the keystore either; set VTPM_TEST_KNOWN_BUGS=1 to run")
+	}
+	testutil.Need(t, "swtpm")
+	hw := &standInTPM{port: testutil.FreePorts(t, 2), state: t.TempDir()}
+	hw.start(t)
+	h := newVHost(t, "c", "VTPM_HOST_TPM="+hw.spec())
+	const written = "before the host TPM was replaced"
+	dir := newHostTPM(t, h, written)
+	files := t.TempDir()
+	pw := writeText(t, files, "pw", "backup password\n")
+	p12 := filepath.Join(files, "c.p12")
+	h.vtpm(t, "guardian", "export", "-o", p12, "--password-file", pw)
+
+	hw.proc.Kill()
+	if err := os.RemoveAll(hw.state); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(hw.state, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	hw.start(t)
+	mustContain(t, "the refusal", h.refuse(t, dir), "vtpm guardian import")
+
+	h.vtpm(t, "guardian", "import", p12, "--password-file", pw)
+	p := h.start(t, dir)
+	if got := p.nvRead(t); !bytes.Equal(got, nvValue(written)) {
+		t.Errorf("NV after recovery = %q; want %q", got, written)
+	}
+	p.stop(t)
+}
