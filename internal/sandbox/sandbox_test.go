@@ -1,0 +1,316 @@
+package sandbox
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"reflect"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"vtpm/internal/swtpm"
+)
+
+// childEnv makes the test binary a child that installs the filter and tries
+// one operation (see TestMain).
+const childEnv = "VTPM_SANDBOX_TEST_CHILD"
+
+func TestMain(m *testing.M) {
+	if v := os.Getenv(childEnv); v != "" {
+		action, op, _ := strings.Cut(v, ":")
+		fmt.Print(filterChild(action, op))
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// filterChild installs the filter with action, runs op and returns "ok" or
+// the error; a killed child returns nothing.
+func filterChild(action, op string) string {
+	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+		return "prctl: " + err.Error()
+	}
+	if err := installSeccomp(action); err != nil {
+		return "install: " + err.Error()
+	}
+	var err error
+	switch op {
+	case "socket inet":
+		var fd int
+		if fd, err = unix.Socket(unix.AF_INET, unix.SOCK_STREAM, 0); err == nil {
+			unix.Close(fd)
+		}
+	case "socket unix":
+		var fd int
+		if fd, err = unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM, 0); err == nil {
+			unix.Close(fd)
+		}
+	case "mmap exec":
+		var b []byte
+		if b, err = unix.Mmap(-1, 0, 4096, unix.PROT_READ|unix.PROT_EXEC, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS); err == nil {
+			unix.Munmap(b)
+		}
+	case "mmap rw":
+		var b []byte
+		if b, err = unix.Mmap(-1, 0, 4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS); err == nil {
+			unix.Munmap(b)
+		}
+	case "fork":
+		// clone without CLONE_THREAD makes a process. Were it allowed, the
+		// child would leave at once.
+		r, _, errno := unix.RawSyscall6(unix.SYS_CLONE, uintptr(unix.SIGCHLD), 0, 0, 0, 0, 0)
+		if errno != 0 {
+			err = errno
+		} else if r == 0 {
+			unix.RawSyscall(unix.SYS_EXIT_GROUP, 0, 0, 0)
+		}
+	case "clone3":
+		_, _, errno := unix.Syscall(unix.SYS_CLONE3, 0, 0, 0)
+		if errno != 0 {
+			err = errno
+		}
+	case "execve":
+		err = syscall.Exec("/bin/true", []string{"true"}, nil)
+	case "ptrace":
+		_, _, errno := unix.Syscall(unix.SYS_PTRACE, unix.PTRACE_TRACEME, 0, 0)
+		if errno != 0 {
+			err = errno
+		}
+	case "threads and files":
+		// New OS threads (each goroutine keeps its own), files written,
+		// synced, renamed and removed, locked memory.
+		dir, derr := os.MkdirTemp("", "vtpm-filter-")
+		if derr != nil {
+			return derr.Error()
+		}
+		var wg sync.WaitGroup
+		errs := make(chan error, 8)
+		for i := range 8 {
+			wg.Go(func() {
+				runtime.LockOSThread() // never unlocked: the thread is used once
+				p := filepath.Join(dir, fmt.Sprint(i))
+				if err := os.WriteFile(p+".tmp", []byte("x"), 0o600); err != nil {
+					errs <- err
+					return
+				}
+				if err := os.Rename(p+".tmp", p); err != nil {
+					errs <- err
+				}
+			})
+		}
+		wg.Wait()
+		close(errs)
+		err = <-errs
+		if err == nil {
+			var l *Locked
+			if l, err = LockedBytes(64); err == nil {
+				l.Wipe()
+			}
+		}
+		if err == nil {
+			err = os.RemoveAll(dir)
+		}
+	default:
+		return "unknown op " + op
+	}
+	if err != nil {
+		return err.Error()
+	}
+	return "ok"
+}
+
+// TestFilter installs the seccomp filter in a child process and checks what
+// each operation does under it.
+func TestFilter(t *testing.T) {
+	if err := SeccompAvailable(); err != nil {
+		t.Skip(err)
+	}
+	const killed = "killed by SIGSYS"
+	eperm, enosys := unix.EPERM.Error(), unix.ENOSYS.Error()
+	tests := []struct {
+		action, op string
+		want       string // "ok", an error ending, or killed
+	}{
+		{SeccompKill, "socket inet", eperm},
+		{SeccompKill, "socket unix", eperm},
+		{SeccompKill, "mmap exec", eperm},
+		{SeccompKill, "mmap rw", "ok"},
+		{SeccompKill, "fork", eperm},
+		{SeccompKill, "clone3", enosys},
+		{SeccompKill, "execve", killed},
+		{SeccompKill, "ptrace", killed},
+		{SeccompKill, "threads and files", "ok"},
+		{SeccompLog, "socket inet", "ok"},
+		{SeccompLog, "ptrace", "ok"},
+		{"", "execve", killed}, // the default is kill, as swtpm's
+	}
+	for _, tc := range tests {
+		t.Run(tc.action+" "+tc.op, func(t *testing.T) {
+			t.Parallel()
+			cmd := exec.Command(os.Args[0], "-test.run=^$")
+			cmd.Env = append(os.Environ(), childEnv+"="+tc.action+":"+tc.op)
+			out, err := cmd.Output()
+			got := string(out)
+			var ee *exec.ExitError
+			if errors.As(err, &ee) && ee.Sys().(syscall.WaitStatus).Signal() == syscall.SIGSYS {
+				got = killed
+			} else if err != nil {
+				t.Fatalf("child: %v: %s", err, out)
+			}
+			if got != tc.want && !(tc.want != "ok" && tc.want != killed && strings.HasSuffix(got, tc.want)) {
+				t.Errorf("%s under action %q: %q, want %q", tc.op, tc.action, got, tc.want)
+			}
+		})
+	}
+}
+
+func TestSeccompActions(t *testing.T) {
+	for _, a := range []string{"", SeccompKill, SeccompLog} {
+		if _, _, err := seccompActions(a); err != nil {
+			t.Errorf("action %q: %v", a, err)
+		}
+	}
+	if _, _, err := seccompActions("trap"); err == nil || !strings.Contains(err.Error(), "want kill, log or none") {
+		t.Errorf("action trap: %v, want an error naming the choices", err)
+	}
+}
+
+func TestForInstance(t *testing.T) {
+	dir := t.TempDir()
+	keyFile := filepath.Join(dir, "keys", "k")
+	logFile := filepath.Join(dir, "log")
+	if err := os.WriteFile(logFile, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("VTPM_HOST_TPM", "")
+	devs := []string{os.DevNull}
+	for _, d := range []string{"/dev/tpmrm0", "/dev/tpm0"} {
+		if _, err := os.Stat(d); err == nil {
+			devs = append(devs, d)
+		}
+	}
+	tests := []struct {
+		name string
+		cfg  swtpm.Config
+		want Policy
+	}{
+		{
+			name: "libvirt: unix ctrl, pid file, log file, --key remove",
+			cfg: swtpm.Config{
+				StateDir: filepath.Join(dir, "state"), Seccomp: "log", Isolation: "required",
+				Ctrl:    &swtpm.Endpoint{Type: "unixio", Path: filepath.Join(dir, "run", "ctrl.sock"), FD: -1, ClientFD: -1},
+				PidFile: filepath.Join(dir, "run", "vm.pid"),
+				Log:     swtpm.Log{File: logFile},
+				Key:     "file=" + keyFile + ",remove=true",
+			},
+			want: Policy{
+				Isolation: "required", Seccomp: "log",
+				WriteDirs:   []string{filepath.Join(dir, "state"), filepath.Join(dir, "root")},
+				RuntimeDirs: []string{filepath.Join(dir, "run"), filepath.Join(dir, "keys")},
+				WriteFiles:  append([]string{logFile}, devs...),
+			},
+		},
+		{
+			name: "tcp data and ctrl, passed fds",
+			cfg: swtpm.Config{
+				StateDir: filepath.Join(dir, "state"),
+				Ctrl:     &swtpm.Endpoint{Type: "tcp", Port: 2322, FD: -1, ClientFD: -1},
+				Server:   &swtpm.Endpoint{Type: "tcp", Port: 2321, FD: -1, ClientFD: -1},
+				Log:      swtpm.Log{File: "-"},
+			},
+			want: Policy{
+				WriteDirs:  []string{filepath.Join(dir, "state"), filepath.Join(dir, "root")},
+				WriteFiles: devs,
+				BindTCP:    []uint16{2322, 2321},
+			},
+		},
+		{
+			name: "QEMU: ctrl passed as a connected fd",
+			cfg: swtpm.Config{
+				StateDir: filepath.Join(dir, "state"),
+				Ctrl:     &swtpm.Endpoint{Type: "unixio", FD: -1, ClientFD: 5},
+			},
+			want: Policy{
+				WriteDirs:  []string{filepath.Join(dir, "state"), filepath.Join(dir, "root")},
+				WriteFiles: devs,
+			},
+		},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got := ForInstance(&tc.cfg, filepath.Join(dir, "root"))
+			if !reflect.DeepEqual(*got, tc.want) {
+				t.Errorf("ForInstance:\n got %+v\nwant %+v", *got, tc.want)
+			}
+		})
+	}
+}
+
+func vmLck(t *testing.T) string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmLck:"); ok {
+			return strings.TrimSpace(v)
+		}
+	}
+	return ""
+}
+
+func TestLockedBytes(t *testing.T) {
+	before := vmLck(t)
+	l, err := LockedBytes(32)
+	if err != nil {
+		t.Skipf("cannot lock memory here: %v", err)
+	}
+	if len(l.Bytes()) != 32 {
+		t.Fatalf("len %d, want 32", len(l.Bytes()))
+	}
+	if during := vmLck(t); during == before {
+		t.Errorf("VmLck stays %s with a locked page", during)
+	}
+	copy(l.Bytes(), "key material")
+	l.Wipe()
+	if l.Bytes() != nil {
+		t.Error("Bytes after Wipe is not nil")
+	}
+	if after := vmLck(t); after != before {
+		t.Errorf("VmLck %s after Wipe, want %s", after, before)
+	}
+	l.Wipe() // twice is harmless
+	var nilLocked *Locked
+	nilLocked.Wipe()
+}
+
+// TestKeep moves a key into locked memory and wipes the original.
+func TestKeep(t *testing.T) {
+	s := &Sandbox{policy: &Policy{Isolation: Preferred}}
+	key := []byte("0123456789abcdef0123456789abcdef")
+	kept, err := s.Keep(key)
+	if err != nil {
+		t.Skipf("cannot lock memory here: %v", err)
+	}
+	if string(kept) != "0123456789abcdef0123456789abcdef" {
+		t.Errorf("kept %q", kept)
+	}
+	if string(key) != string(make([]byte, 32)) {
+		t.Errorf("the original is not wiped: %q", key)
+	}
+	if &kept[0] == &key[0] {
+		t.Error("Keep returned the original memory")
+	}
+	s.Close()
+	if len(s.keys) != 0 {
+		t.Error("Close left locked keys")
+	}
+}
