@@ -492,7 +492,8 @@ func TestReadProtectorRejectsEdits(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			data := []byte(nil)
+			var data []byte
+			var err error
 			if tc.raw != nil {
 				data = tc.raw()
 			} else {
@@ -513,7 +514,7 @@ func TestReadProtectorRejectsEdits(t *testing.T) {
 			if err := os.WriteFile(path, data, 0o600); err != nil {
 				t.Fatal(err)
 			}
-			_, err := ReadProtector(edited)
+			_, err = ReadProtector(edited)
 			if err == nil || !strings.Contains(err.Error(), path) || !strings.Contains(err.Error(), "rejected") {
 				t.Fatalf("ReadProtector(edited) = %v; want an error rejecting %s", err, path)
 			}
