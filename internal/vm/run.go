@@ -222,24 +222,21 @@ func (h *Host) checkTPMKey(v *VM) error {
 	return nil
 }
 
-// kvmUsable reports whether /dev/kvm can create a VM.
+// kvmUsable reports whether QEMU can run a VM under KVM here. A /dev/kvm
+// that opens is not enough (nested setups may fail on the first register
+// writes), so QEMU is asked to set up a paused machine and quit.
 func kvmUsable() bool {
 	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
 	if err != nil {
 		return false
 	}
-	defer f.Close()
-	const kvmGetAPIVersion, kvmCreateVM = 0xAE00, 0xAE01
-	v, _, errno := syscall.Syscall(syscall.SYS_IOCTL, f.Fd(), kvmGetAPIVersion, 0)
-	if errno != 0 || v != 12 {
-		return false
-	}
-	fd, _, errno := syscall.Syscall(syscall.SYS_IOCTL, f.Fd(), kvmCreateVM, 0)
-	if errno != 0 {
-		return false
-	}
-	syscall.Close(int(fd))
-	return true
+	f.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, QEMU, "-nodefaults", "-no-user-config", "-display", "none",
+		"-machine", "q35", "-accel", "kvm", "-cpu", "host", "-m", "64M", "-S", "-qmp", "stdio")
+	cmd.Stdin = strings.NewReader(`{"execute":"qmp_capabilities"}` + "\n" + `{"execute":"quit"}` + "\n")
+	return cmd.Run() == nil
 }
 
 // Accel returns the accelerator a start with accel ("", "kvm", "tcg") uses.
