@@ -1,0 +1,280 @@
+package vm
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"vtpm/internal/keystore"
+	"vtpm/internal/seal"
+	"vtpm/internal/tpmkeys"
+)
+
+// testHost is a Host on a temporary data root with its own keystore.
+func testHost(t *testing.T) *Host {
+	t.Helper()
+	if _, err := os.Stat(filepath.Join(FirmwareDir, ovmfVarsMS)); err != nil {
+		t.Skipf("OVMF is not installed: %v", err)
+	}
+	root := t.TempDir()
+	return NewHost(root, func() (*tpmkeys.Host, error) {
+		return tpmkeys.Open(root, keystore.Options{HostTPM: "none"})
+	})
+}
+
+func yes() *bool { b := true; return &b }
+func no() *bool  { b := false; return &b }
+
+func TestCreateRules(t *testing.T) {
+	h := testHost(t)
+	for _, tc := range []struct {
+		name     string
+		o        CreateOptions
+		rule     string // refusal expected
+		sb, tpm  bool
+		firmware Firmware
+	}{
+		{name: "windows11 defaults", o: CreateOptions{OS: Windows11}, sb: true, tpm: true, firmware: UEFI},
+		{name: "windows11 BIOS", o: CreateOptions{OS: Windows11, Firmware: BIOS}, rule: "windows11-needs-uefi"},
+		{name: "windows11 without TPM", o: CreateOptions{OS: Windows11, TPM: no()}, rule: "windows11-needs-tpm"},
+		{name: "windows11 passthrough boot disk", o: CreateOptions{OS: Windows11, Passthrough: []string{"/dev/null"}}, rule: "windows11-needs-tpm"},
+		{name: "linux plain", o: CreateOptions{OS: Linux}, firmware: UEFI},
+		{name: "linux with TPM gets Secure Boot", o: CreateOptions{OS: Linux, TPM: yes()}, sb: true, tpm: true, firmware: UEFI},
+		{name: "linux BIOS with TPM", o: CreateOptions{OS: Linux, Firmware: BIOS, TPM: yes()}, rule: "tpm-needs-uefi"},
+		{name: "windows10 BIOS", o: CreateOptions{OS: Windows10, Firmware: BIOS}, firmware: BIOS},
+		{name: "passthrough with TPM", o: CreateOptions{OS: Other, Passthrough: []string{"/dev/null"}, TPM: yes()}, rule: "tpm-passthrough"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tc.o.Name = strings.NewReplacer(" ", "-").Replace(tc.name)
+			tc.o.NoDisk = true
+			res, err := h.Create(tc.o)
+			if tc.rule != "" {
+				if !IsRule(err, tc.rule) {
+					t.Fatalf("Create: %v; want a refusal by rule %s", err, tc.rule)
+				}
+				if _, err := h.Find(tc.o.Name); !errors.Is(err, ErrNotFound) {
+					t.Errorf("refused VM is registered: %v", err)
+				}
+				if _, err := os.Stat(filepath.Join(h.VMsDir(), tc.o.Name)); err == nil {
+					t.Error("refused VM left its bundle directory")
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			c := res.VM.Config
+			if c.SecureBoot != tc.sb || c.TPMEnabled() != tc.tpm || c.Firmware != tc.firmware {
+				t.Errorf("Secure Boot %v, TPM %v, firmware %s; want %v, %v, %s", c.SecureBoot, c.TPMEnabled(), c.Firmware, tc.sb, tc.tpm, tc.firmware)
+			}
+			if got := seal.HasBlobs(res.VM.TPMDir()); got != tc.tpm {
+				t.Errorf("manufactured TPM state present: %v, want %v", got, tc.tpm)
+			}
+			vars, err := os.ReadFile(filepath.Join(res.VM.Dir, VarsFile))
+			if c.Firmware == UEFI {
+				_, tmpl := firmwareFiles(c)
+				want, _ := os.ReadFile(tmpl)
+				if err != nil || !bytes.Equal(vars, want) {
+					t.Errorf("variable store is not a copy of %s: %v", tmpl, err)
+				}
+			} else if err == nil {
+				t.Error("a BIOS VM has a UEFI variable store")
+			}
+		})
+	}
+}
+
+func TestAddTPMTurnsSecureBootOn(t *testing.T) {
+	h := testHost(t)
+	res, err := h.Create(CreateOptions{Name: "plain", OS: Linux, NoDisk: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	notes, err := h.AddTPM(res.VM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(notes) != 1 || !strings.Contains(notes[0], "Secure Boot is now on") {
+		t.Errorf("notes %q: want one saying Secure Boot is now on", notes)
+	}
+	v, err := h.Open("plain")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !v.Config.SecureBoot || !v.Config.TPMEnabled() {
+		t.Errorf("after AddTPM: Secure Boot %v, TPM %v", v.Config.SecureBoot, v.Config.TPMEnabled())
+	}
+	vars, _ := os.ReadFile(filepath.Join(v.Dir, VarsFile))
+	ms, _ := os.ReadFile(filepath.Join(FirmwareDir, ovmfVarsMS))
+	if !bytes.Equal(vars, ms) {
+		t.Error("the variable store is not the one with Microsoft's keys")
+	}
+	if _, err := os.Stat(filepath.Join(v.Dir, VarsFile+".before-secureboot")); err != nil {
+		t.Errorf("old variable store not kept: %v", err)
+	}
+}
+
+func TestQEMUArgs(t *testing.T) {
+	r := runPaths{Dir: "/run/x", QMP: "/run/x/qmp.sock", TPMSock: "/run/x/tpm.sock", QEMUPid: "/run/x/qemu.pid"}
+	base := Config{Name: "v", OS: Linux, Firmware: UEFI, Memory: "1G", CPUs: 1, Disks: []Disk{{Path: "disk.qcow2", Format: "qcow2"}}}
+	for _, tc := range []struct {
+		name      string
+		change    func(c *Config)
+		accel     string
+		want, not []string
+	}{
+		{"uefi", func(c *Config) {}, "tcg",
+			[]string{"if=pflash,format=raw,unit=0,readonly=on,file=" + filepath.Join(FirmwareDir, ovmfCode), "file=/b/v/disk.qcow2", "-accel tcg"},
+			[]string{"smm=on", "-tpmdev", "secboot", "-cpu host"}},
+		{"secure boot with TPM", func(c *Config) { c.SecureBoot = true; c.TPM = &TPM{Enabled: true, Device: "tpm-crb"} }, "kvm",
+			[]string{"q35,smm=on", ovmfCodeSecure, "property=secure,value=on", "-tpmdev emulator,id=tpm0,chardev=chrtpm", "-device tpm-crb,tpmdev=tpm0", "path=/run/x/tpm.sock", "-cpu host"},
+			nil},
+		{"tpm-tis", func(c *Config) { c.SecureBoot = true; c.TPM = &TPM{Enabled: true, Device: "tpm-tis"} }, "tcg",
+			[]string{"-device tpm-tis,tpmdev=tpm0"}, nil},
+		{"disabled TPM is detached", func(c *Config) { c.SecureBoot = true; c.TPM = &TPM{Enabled: false, Device: "tpm-crb"} }, "tcg",
+			[]string{ovmfCodeSecure}, []string{"-tpmdev", "tpm.sock"}},
+		{"bios", func(c *Config) { c.Firmware = BIOS }, "tcg", nil, []string{"pflash"}},
+		{"direct kernel boot", func(c *Config) { c.Kernel, c.Initrd, c.Append = "/k", "/i", "quiet" }, "tcg",
+			[]string{"-kernel /k", "-initrd /i", "-append console=ttyS0 quiet"}, []string{"-vga"}},
+		{"passthrough", func(c *Config) { c.Disks = []Disk{{Path: "/dev/sdz", Format: "raw", Passthrough: true}} }, "tcg",
+			[]string{"format=raw,file=/dev/sdz,cache=none"}, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := base
+			tc.change(&c)
+			line := strings.Join(qemuArgs(&VM{Dir: "/b/v", Config: &c}, r, tc.accel, "file,id=ser0,path=/b/v/logs/serial.log"), " ")
+			for _, w := range tc.want {
+				if !strings.Contains(line, w) {
+					t.Errorf("QEMU command line lacks %q:\n%s", w, line)
+				}
+			}
+			for _, n := range tc.not {
+				if strings.Contains(line, n) {
+					t.Errorf("QEMU command line has %q:\n%s", n, line)
+				}
+			}
+		})
+	}
+}
+
+func TestRegister(t *testing.T) {
+	h := testHost(t)
+	res, err := h.Create(CreateOptions{Name: "orig", OS: Linux, NoDisk: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	copied := filepath.Join(t.TempDir(), "copied")
+	if out, err := exec.Command("cp", "-a", res.VM.Dir, copied).CombinedOutput(); err != nil {
+		t.Fatalf("cp: %v\n%s", err, out)
+	}
+	if _, err := h.Register(copied, "other"); !errors.Is(err, ErrConflict) || !strings.Contains(err.Error(), "vtpm vm clone") {
+		t.Errorf("registering a copy with the same UUID: %v; want a conflict that points to vm clone", err)
+	}
+	other := NewHost(t.TempDir(), h.Keys)
+	v, err := other.Register(copied, "renamed")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c, _ := ReadConfig(copied); c.Name != "renamed" || v.Config.UUID != res.VM.Config.UUID {
+		t.Errorf("registered as %q with UUID %s; want renamed, %s", c.Name, v.Config.UUID, res.VM.Config.UUID)
+	}
+	if _, err := other.Register(copied, ""); !errors.Is(err, ErrConflict) {
+		t.Errorf("registering the same bundle twice: %v; want a conflict", err)
+	}
+	if _, err := other.Unregister("renamed"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(copied, ConfigFile)); err != nil {
+		t.Errorf("unregister removed the bundle: %v", err)
+	}
+}
+
+// TestCloneCopyRekeys: a --tpm copy clone holds the same TPM blobs under a
+// new TPM UUID and a new data key; the source's key does not open them.
+func TestCloneCopyRekeys(t *testing.T) {
+	h := testHost(t)
+	res, err := h.Create(CreateOptions{Name: "src", OS: Linux, TPM: yes(), NoDisk: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl, err := h.Clone(res.VM, "dst", TPMCopy, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.ContainsFunc(cl.Notes, func(n string) bool { return strings.Contains(n, "share one EK") }) {
+		t.Errorf("notes %q do not warn about the shared EK", cl.Notes)
+	}
+	k, err := h.Keys()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer k.Close()
+	load := func(dir string) (*tpmkeys.Opened, []byte) {
+		t.Helper()
+		o, err := k.OpenTPM(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := seal.Open(dir, seal.Options{Key: o.DEK})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		b, err := s.Load("permall")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return o, b
+	}
+	so, sb := load(res.VM.TPMDir())
+	do, db := load(cl.VM.TPMDir())
+	if so.TPM == do.TPM {
+		t.Errorf("the copy kept TPM UUID %s", so.TPM)
+	}
+	if bytes.Equal(so.DEK, do.DEK) {
+		t.Error("the copy kept the source's data key")
+	}
+	if !bytes.Equal(sb, db) {
+		t.Error("the copy's permanent state differs from the source's")
+	}
+	if s, err := seal.Open(cl.VM.TPMDir(), seal.Options{Key: so.DEK}); err == nil {
+		_, err = s.Load("permall")
+		s.Close()
+		if err == nil {
+			t.Error("the source's data key opens the copy's state")
+		}
+	}
+}
+
+func TestDeleteKeepsTPMBackup(t *testing.T) {
+	h := testHost(t)
+	for _, tc := range []struct {
+		name      string
+		deleteTPM bool
+	}{{"keep", false}, {"drop", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			res, err := h.Create(CreateOptions{Name: tc.name, OS: Linux, TPM: yes(), NoDisk: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			backup, err := h.Delete(res.VM, tc.deleteTPM)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := os.Stat(res.VM.Dir); err == nil {
+				t.Error("bundle still there")
+			}
+			if _, err := h.Find(tc.name); !errors.Is(err, ErrNotFound) {
+				t.Errorf("still registered: %v", err)
+			}
+			if got := backup != "" && seal.HasBlobs(backup); got == tc.deleteTPM {
+				t.Errorf("TPM backup at %q with state: %v; want %v", backup, got, !tc.deleteTPM)
+			}
+		})
+	}
+}
