@@ -17,6 +17,7 @@ import (
 	"syscall"
 	"time"
 
+	"vtpm/internal/sandbox"
 	"vtpm/internal/seal"
 	"vtpm/internal/swtpm"
 	"vtpm/internal/swtpm/statefile"
@@ -137,6 +138,23 @@ func (e *PreflightError) Error() string {
 
 func (e *PreflightError) Unwrap() []error { return e.Problems }
 
+// isolationProblems says what the host lacks for an isolated vTPM process
+// (the instance itself refuses to start without every part).
+func isolationProblems() []error {
+	const how = "run `vtpm doctor` for the host's state, or relax the VM's policy to --isolation preferred"
+	if !IsolationSupported() {
+		return []error{fmt.Errorf("the VM's policy requires an isolated vTPM process, and this vtpm cannot isolate it; install one that can, or %s", how)}
+	}
+	var probs []error
+	if _, err := sandbox.LandlockABI(); err != nil {
+		probs = append(probs, fmt.Errorf("the VM's policy requires an isolated vTPM process, and Landlock is missing: %v; %s", err, how))
+	}
+	if err := sandbox.SeccompAvailable(); err != nil {
+		probs = append(probs, fmt.Errorf("the VM's policy requires an isolated vTPM process, and seccomp is missing: %v; %s", err, how))
+	}
+	return probs
+}
+
 // IsolationSupported reports whether this vtpm's instances take --isolation.
 func IsolationSupported() bool { return strings.Contains(swtpm.Usage, "--isolation") }
 
@@ -188,9 +206,8 @@ func (h *Host) Preflight(v *VM) error {
 		} else if err := h.checkTPMKey(v); err != nil {
 			probs = append(probs, err)
 		}
-		if c.Isolation == IsolationRequired && !IsolationSupported() {
-			add("the VM's policy requires an isolated vTPM process, and this vtpm cannot isolate it: " +
-				"install a vtpm with process isolation, or relax the policy (`vtpm vm create … --isolation preferred`)")
+		if c.Isolation == IsolationRequired {
+			probs = append(probs, isolationProblems()...)
 		}
 	}
 	if len(probs) > 0 {
