@@ -432,8 +432,9 @@ func (h *Host) Start(ctx context.Context, v *VM, o StartOptions) (*Started, erro
 		cmd.Stdin, cmd.Stdout = o.Stdin, o.Stdout
 		// Ctrl-C goes to QEMU (signal=on), which stops the VM; this
 		// process stays to see it through.
-		signal.Ignore(syscall.SIGINT)
-		defer signal.Reset(syscall.SIGINT)
+		sigs := make(chan os.Signal, 1)
+		signal.Notify(sigs, syscall.SIGINT)
+		defer signal.Stop(sigs)
 		err = cmd.Run()
 		res.QEMUPid = -1
 		if err != nil && ctx.Err() == nil {
