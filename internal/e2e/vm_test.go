@@ -102,7 +102,7 @@ func guestImage(ctx context.Context, t *testing.T) *qemutest.Image {
 // createArgs is `vm create NAME --os OS` booting the test guest.
 func createArgs(img *qemutest.Image, name, osName string, extra ...string) []string {
 	return append([]string{"vm", "create", name, "--os", osName, "--kernel", img.Kernel, "--initrd", img.Initrd,
-		"--append", "quiet rdinit=/init", "--memory", "512M", "--cpus", "1", "--no-disk"}, extra...)
+		"--append", "quiet rdinit=/init no_timer_check", "--memory", "512M", "--cpus", "1", "--no-disk"}, extra...)
 }
 
 // bootedVM is a VM started with `vtpm vm start` and its serial command channel.
