@@ -779,12 +779,6 @@ func TestHostsRollback(t *testing.T) {
 // guardian exported beforehand, that must bring its TPMs back.
 func TestHostsRecoverFromReplacedHostTPM(t *testing.T) {
 	t.Parallel()
-	if os.Getenv("VTPM_TEST_KNOWN_BUGS") == "" {
-		// vtpm guardian import opens the keystore first, and fails with the
-		// very error whose advice it is; nothing says to move the keystore
-		// aside. Fix the advice (or let import start a new keystore).
-		t.Skip("known bug: the advised `vtpm guardian import` cannot open the keystore either; set VTPM_TEST_KNOWN_BUGS=1 to run")
-	}
 	testutil.Need(t, "swtpm")
 	hw := &standInTPM{port: testutil.FreePorts(t, 2), state: t.TempDir()}
 	hw.start(t)
@@ -804,8 +798,13 @@ func TestHostsRecoverFromReplacedHostTPM(t *testing.T) {
 		t.Fatal(err)
 	}
 	hw.start(t)
-	mustContain(t, "the refusal", h.refuse(t, dir), "vtpm guardian import")
+	ks := filepath.Join(h.home, "keystore")
+	mustContain(t, "the refusal", h.refuse(t, dir), "vtpm guardian import", "mv "+ks+" "+ks+".old")
 
+	// As the advice says: move the keystore aside, then import the guardian.
+	if err := os.Rename(ks, ks+".old"); err != nil {
+		t.Fatal(err)
+	}
 	h.vtpm(t, "guardian", "import", p12, "--password-file", pw)
 	p := h.start(t, dir)
 	if got := p.nvRead(t); !bytes.Equal(got, nvValue(written)) {

@@ -144,7 +144,7 @@ func TestTPMSealed(t *testing.T) {
 	if !errors.Is(err, ErrHostTPMChanged) {
 		t.Fatalf("Open after the host TPM was replaced: %v, want ErrHostTPMChanged", err)
 	}
-	for _, want := range []string{"sealed to a different TPM", "cleared or replaced", "restore the TPM state", "vtpm guardian import", masterTPMFile} {
+	for _, want := range []string{"sealed to a different TPM", "cleared or replaced", "restore the host TPM's state", "vtpm guardian import", masterTPMFile} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q lacks %q", err, want)
 		}

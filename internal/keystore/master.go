@@ -15,7 +15,7 @@ import (
 )
 
 // fixChangedTPM is the advice for a keystore sealed to another TPM.
-const fixChangedTPM = "restore the TPM state, or recover this host's guardians from an export with `vtpm guardian import`"
+const fixChangedTPM = "restore the host TPM's state; or move the keystore aside (mv KEYSTORE KEYSTORE.old — a new keystore and host guardian are created on next use) and recover the guardians you need from their exports with `vtpm guardian import`"
 
 // masterTPM is the JSON content of master.tpm.
 type masterTPM struct {
@@ -131,7 +131,7 @@ func unsealMaster(p string, data []byte, opts Options, log *slog.Logger) ([]byte
 	key, persistent, err := unsealFromTPM(t, &sealedKey{public: m.Public, private: m.Private, srkName: m.SRKName})
 	switch {
 	case errors.Is(err, errTPMChanged):
-		return nil, Protection{}, errf(ErrHostTPMChanged, err, "the keystore's master key (%s) is sealed to a different TPM (the host TPM at %s was cleared or replaced; %s): %s", p, spec, strings.TrimPrefix(err.Error(), errTPMChanged.Error()+": "), fixChangedTPM)
+		return nil, Protection{}, errf(ErrHostTPMChanged, err, "the keystore's master key (%s) is sealed to a different TPM (the host TPM at %s was cleared or replaced; %s): %s", p, spec, strings.TrimPrefix(err.Error(), errTPMChanged.Error()+": "), strings.ReplaceAll(fixChangedTPM, "KEYSTORE", filepath.Dir(p)))
 	case errors.Is(err, ErrCorrupt):
 		return nil, Protection{}, errf(ErrCorrupt, err, "sealed master key %s is damaged (%v); restore it from backup, or move the keystore aside and recover this host's guardians from an export with `vtpm guardian import`", p, err)
 	case err != nil:

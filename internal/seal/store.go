@@ -177,7 +177,21 @@ func loadOrCreateStateFile(dir string, mode os.FileMode) (uuid.UUID, error) {
 	if err != nil {
 		return uuid.Nil, fmt.Errorf("encode %s: %w", path, err)
 	}
-	if err := writeFileAtomic(path, append(data, '\n'), mode); err != nil {
+	// Publish with link, which fails if another process created the file
+	// first: its UUID then wins, and every process agrees on one identity.
+	tmp := path + ".new-" + id.String()
+	if err := writeFileAtomic(tmp, append(data, '\n'), mode); err != nil {
+		return uuid.Nil, fmt.Errorf("create %s: %w", path, err)
+	}
+	err = os.Link(tmp, path)
+	os.Remove(tmp)
+	if errors.Is(err, fs.ErrExist) {
+		return loadOrCreateStateFile(dir, mode)
+	}
+	if err != nil {
+		return uuid.Nil, fmt.Errorf("create %s: %w", path, err)
+	}
+	if err := syncDir(dir); err != nil {
 		return uuid.Nil, fmt.Errorf("create %s: %w", path, err)
 	}
 	return id, nil
