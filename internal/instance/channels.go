@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"os/user"
+	"path/filepath"
 	"runtime"
 	"strconv"
 	"syscall"
@@ -215,8 +216,10 @@ func (in *Instance) serveCtrl(nc net.Conn) {
 	}
 }
 
-// dropPrivileges switches to user (name or uid) after the sockets exist.
-func dropPrivileges(name string) error {
+// dropPrivileges switches to user (name or uid) after the sockets exist,
+// first handing it stateDir and the files in it (a new TPM's identity,
+// protector and lock file were just created as root).
+func dropPrivileges(name, stateDir string) error {
 	u, err := user.Lookup(name)
 	if err != nil {
 		if u, err = user.LookupId(name); err != nil {
@@ -225,6 +228,11 @@ func dropPrivileges(name string) error {
 	}
 	uid, _ := strconv.Atoi(u.Uid)
 	gid, _ := strconv.Atoi(u.Gid)
+	if stateDir != "" {
+		if err := chownTree(stateDir, uid, gid); err != nil {
+			return fmt.Errorf("--runas %s: give it the state directory: %w", name, err)
+		}
+	}
 	if err := syscall.Setgroups([]int{gid}); err != nil {
 		return fmt.Errorf("--runas %s: setgroups: %w (run as root to change user)", name, err)
 	}
@@ -301,4 +309,24 @@ func blockingIO(conn net.Conn) (io.ReadWriter, func()) {
 		syscall.Close(fd)
 		runtime.UnlockOSThread()
 	}
+}
+
+// chownTree gives dir and its top-level entries to uid:gid (state
+// directories are flat; backups below them keep their owner).
+func chownTree(dir string, uid, gid int) error {
+	if err := os.Lchown(dir, uid, gid); err != nil {
+		return err
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		if e.Type().IsRegular() {
+			if err := os.Lchown(filepath.Join(dir, e.Name()), uid, gid); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }

@@ -95,7 +95,7 @@ func New(cfg *swtpm.Config, log *slog.Logger) (_ *Instance, err error) {
 		return nil, err
 	}
 	if cfg.RunAs != "" {
-		if err = dropPrivileges(cfg.RunAs); err != nil {
+		if err = dropPrivileges(cfg.RunAs, cfg.StateDir); err != nil {
 			return nil, err
 		}
 	}
