@@ -31,7 +31,8 @@ func run() error {
 		swtpmPath = flag.String("swtpm", "swtpm", "the swtpm binary (run as: swtpm socket …)")
 		out       = flag.String("out", "BENCHMARKS.md", "report to rewrite (- for standard output)")
 		dir       = flag.String("dir", os.TempDir(), "where to create state directories (its file system decides what fsync costs)")
-		only      = flag.String("only", "1,2,3,4,5,6", "measurements to run (comma-separated numbers)")
+		setupPath = flag.String("swtpm-setup", "swtpm_setup", "swtpm's swtpm_setup, for measurement 7 (skipped if not found)")
+		only      = flag.String("only", "1,2,3,4,5,6,7,8", "measurements to run (comma-separated numbers)")
 		cfg       config
 	)
 	flag.IntVar(&cfg.rtt, "rtt", 5000, "GetRandom and PCR_Extend round trips per implementation")
@@ -44,6 +45,12 @@ func run() error {
 	flag.IntVar(&cfg.many, "many", 100, "instances started at once")
 	flag.IntVar(&cfg.manyRounds, "many-rounds", 3, "rounds of -many instances per implementation")
 	flag.DurationVar(&cfg.poll, "poll", 200*time.Microsecond, "interval between connection attempts to a starting TPM's control socket (×10 with -many)")
+	flag.IntVar(&cfg.setups, "setups", 20, "full manufactures (swtpm_setup) per implementation")
+	flag.IntVar(&cfg.keyOps, "key-ops", 200, "in-process key operations (open a TPM, grant) of each kind")
+	flag.IntVar(&cfg.cliGrants, "cli-grants", 30, "`vtpm protector grant` runs")
+	flag.IntVar(&cfg.rewraps, "rewraps", 3, "rounds of re-wrapping -rewrap-n protectors")
+	flag.IntVar(&cfg.rewrapN, "rewrap-n", 1000, "protectors re-wrapped per round")
+	flag.IntVar(&cfg.keyStarts, "key-starts", 40, "vtpm starts with a key protector and with --data-key, each")
 	flag.DurationVar(&cfg.settle, "settle", 500*time.Millisecond, "idle time before reading an instance's memory use")
 	flag.Parse()
 	if flag.NArg() != 0 {
@@ -70,15 +77,20 @@ func run() error {
 		return fmt.Errorf("create work directory: %w", err)
 	}
 	defer os.RemoveAll(base)
+	setup, err := exec.LookPath(*setupPath)
+	if err != nil {
+		setup = "" // measurement 7 says it was skipped
+	}
 	env := []string{"VTPM_HOME=" + filepath.Join(base, "vtpm-home")}
 	b := &bench{
 		impls: [2]*impl{
 			{name: "swtpm", argv: []string{sw, "socket"}, env: env},
 			{name: "vtpm", argv: []string{vt, "swtpm", "socket"}, env: env},
 		},
-		base: base,
-		cfg:  cfg,
-		log:  os.Stderr,
+		swtpmSetup: setup,
+		base:       base,
+		cfg:        cfg,
+		log:        os.Stderr,
 	}
 
 	start := time.Now()
@@ -95,6 +107,7 @@ func run() error {
 	}{
 		{"1", b.latency}, {"2", b.nvWrites}, {"3", b.createPrimaries},
 		{"4", b.startup}, {"5", b.memory}, {"6", b.many},
+		{"7", b.setup}, {"8", b.keyManagement},
 	} {
 		if !which[m.id] {
 			continue

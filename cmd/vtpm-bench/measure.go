@@ -25,6 +25,12 @@ type config struct {
 	many, manyRounds  int // instances started at once, and how often
 	poll              time.Duration
 	settle            time.Duration // idle time before reading smaps_rollup
+	setups            int           // full manufactures per implementation
+	keyOps            int           // in-process key operations of each kind
+	cliGrants         int           // `vtpm protector grant` runs
+	rewraps           int           // rounds of re-wrapping rewrapN protectors
+	rewrapN           int           // protectors re-wrapped per round
+	keyStarts         int           // process starts with each kind of key
 }
 
 // row is one line of the results table. Index 0 of the samples is swtpm,
@@ -37,6 +43,14 @@ type row struct {
 	target  float64 // the largest passing ratio vtpm/swtpm; 0: reported only
 	note    string
 
+	// vtpmOnly rows have no swtpm equivalent: their samples are in s[1],
+	// and limit (in unit; 0: reported only) is the largest passing median.
+	vtpmOnly bool
+	limit    float64
+	// skip, when set, says why the section was not measured; such a row
+	// has no samples.
+	skip string
+
 	// Set by judge.
 	sum    [2]summary
 	ratio  float64 // median(vtpm) / median(swtpm)
@@ -47,11 +61,12 @@ type row struct {
 
 // bench runs the measurements; impls[0] is swtpm, impls[1] vtpm.
 type bench struct {
-	impls  [2]*impl
-	base   string
-	cfg    config
-	golden *golden
-	log    io.Writer
+	impls      [2]*impl
+	swtpmSetup string // swtpm's swtpm_setup; "" if not found
+	base       string
+	cfg        config
+	golden     *golden
+	log        io.Writer
 }
 
 // order alternates which implementation goes first, so that neither always

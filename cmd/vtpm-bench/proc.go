@@ -26,8 +26,9 @@ type impl struct {
 // procOpts are the options given to both implementations.
 type procOpts struct {
 	stateDir string
-	ctrlPath string // --ctrl type=unixio,path=
-	dataPort int    // --server type=tcp,port= on 127.0.0.1; 0 for none (as QEMU runs it)
+	ctrlPath string   // --ctrl type=unixio,path=
+	dataPort int      // --server type=tcp,port= on 127.0.0.1; 0 for none (as QEMU runs it)
+	extra    []string // further options, for one implementation only
 }
 
 func (o procOpts) args() []string {
@@ -39,7 +40,7 @@ func (o procOpts) args() []string {
 	if o.dataPort != 0 {
 		a = append(a, "--server", "type=tcp,port="+strconv.Itoa(o.dataPort)+",bindaddr=127.0.0.1")
 	}
-	return a
+	return append(a, o.extra...)
 }
 
 // proc is a running TPM process and its control connection.
