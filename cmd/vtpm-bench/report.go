@@ -1,9 +1,11 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"math"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
@@ -44,7 +46,7 @@ func describeEnv(b *bench, dir string) *environment {
 	e.vtpm = output(e.vtpmPath, "--version")
 	e.libtpms = libtpmsVersion(e.swtpmPath, e.vtpmPath)
 	if b.swtpmSetup != "" {
-		e.swtpmSetup = fmt.Sprintf("%s — `%s`", orUnknown(output(b.swtpmSetup, "--version")), b.swtpmSetup)
+		e.swtpmSetup = fmt.Sprintf("%s — `%s`", orUnknown(versionLine(b.swtpmSetup)), b.swtpmSetup)
 	}
 	if bi, ok := debug.ReadBuildInfo(); ok {
 		for _, d := range bi.Deps {
@@ -60,6 +62,16 @@ func describeEnv(b *bench, dir string) *environment {
 		}
 	}
 	return e
+}
+
+// versionLine is the first line bin --version prints, whatever its exit
+// status (swtpm_setup 0.7.1 exits with 1).
+func versionLine(bin string) string {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	out, _ := exec.CommandContext(ctx, bin, "--version").CombinedOutput()
+	line, _, _ := strings.Cut(strings.TrimSpace(string(out)), "\n")
+	return line
 }
 
 func firstLine(path string) string {
