@@ -27,7 +27,7 @@
 //	dir/master.tpm         sealed master key (TPM protection), 0600
 //	dir/master.key         raw master key (file protection), 0600
 //	dir/<kind>/<name>      one encrypted record, 0600
-//	dir/generations/<uuid> last generation seen per blob of one TPM (a record)
+//	dir/generations/<uuid> last generation seen per blob of one TPM (two slots)
 //
 // # Record format (version 1)
 //
@@ -42,13 +42,44 @@
 // by kind, a zero byte and name, so a record moved to another kind or name
 // does not decrypt.
 //
+// # Generation records
+//
+// A TPM's generation record is updated in place, so that a vTPM process
+// can keep recording after it has dropped the privileges the keystore
+// needs (Generations.Pin keeps the file open). The file holds two slots of
+// 1024 bytes; each slot is
+//
+//	offset size field
+//	     0    4 magic "VTGN"
+//	     4    1 format version (1)
+//	     5   12 GCM nonce (random)
+//	    17  991 ciphertext: sequence number (8, big-endian), count (2), per
+//	            blob name length (1), name, generation (8); zero padding
+//	  1008   16 GCM tag
+//
+// under AES-256-GCM with a key of that record alone:
+// HKDF-SHA256(HKDF-SHA256(master, "vtpm keystore generations v1"),
+// "vtpm generation record v1 " + UUID). The additional data is magic,
+// version, "generations", 0, the UUID, 0 and the slot index, so a slot
+// moved to another slot or another TPM's record does not decrypt. The
+// newest valid slot (highest sequence number) is the record. A write reads
+// it, raises it, and puts it with the next sequence number into the other
+// slot (pwrite, fdatasync): the slot being written never holds the newest
+// copy, so a crash mid-write leaves a torn slot that is ignored (and
+// logged) and the previous record. The file is created whole by rename,
+// so it always has a valid slot; one with none is ErrCorrupt, never read
+// as "nothing recorded".
+//
 // # Concurrency
 //
-// Many vTPM processes may use one keystore at once. Every write (a temp
-// file, fsync, rename, fsync of the directory) happens under an exclusive
-// flock on dir/.lock, so read-modify-write updates such as
-// Generations.Record are serialised across processes; readers need no lock
-// because a record is only ever replaced by rename.
+// Many vTPM processes may use one keystore at once. Every replacement of a
+// record (a temp file, fsync, rename, fsync of the directory) and the
+// creation of a generation record happen under an exclusive flock on
+// dir/.lock; readers need no lock because such a record is only ever
+// replaced by rename. Generation records are read under a shared and
+// updated under an exclusive flock on the record file itself, which a
+// pinned record can take without access to the directory, so
+// Generations.Record and Pinned.Record are serialised across processes.
 //
 // # Errors
 //

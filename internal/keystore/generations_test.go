@@ -65,32 +65,6 @@ func TestGenerationsRecord(t *testing.T) {
 	}
 }
 
-func TestGenerationsCorrupt(t *testing.T) {
-	dir := filepath.Join(t.TempDir(), "ks")
-	k := openFile(t, dir)
-	g := k.Generations()
-	id := uuid.New()
-	if err := g.Record(id, "permall", 5); err != nil {
-		t.Fatal(err)
-	}
-	p := filepath.Join(dir, genKind, id.String())
-	b, _ := os.ReadFile(p)
-	b[len(b)-1] ^= 1
-	os.WriteFile(p, b, 0o600)
-
-	// A damaged record must never read as "nothing seen yet", and Record
-	// must not paper over it.
-	if _, err := g.Last(id, "permall"); !errors.Is(err, ErrCorrupt) {
-		t.Errorf("Last on a damaged record: %v, want ErrCorrupt", err)
-	}
-	if err := g.Record(id, "permall", 6); !errors.Is(err, ErrCorrupt) {
-		t.Errorf("Record on a damaged record: %v, want ErrCorrupt", err)
-	}
-	if after, _ := os.ReadFile(p); !bytes.Equal(after, b) {
-		t.Error("Record rewrote a damaged generation record")
-	}
-}
-
 // TestGenerationsWithSeal checks the keystore as seal's rollback memory:
 // restoring an old copy of a state directory is refused.
 func TestGenerationsWithSeal(t *testing.T) {

@@ -105,7 +105,9 @@ var (
 type Keystore struct {
 	dir  string
 	aead cipher.AEAD
-	prot Protection
+	// genSecret derives the key of each TPM's generation record; cleared by Close.
+	genSecret []byte
+	prot      Protection
 	log  *slog.Logger
 
 	mu     sync.Mutex // serialises writers in this process; guards lock, closed
@@ -136,7 +138,11 @@ func Open(dir string, opts Options) (*Keystore, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Keystore{dir: dir, aead: aead, prot: prot, log: log}, nil
+	genSecret, err := hkdf.Key(sha256.New, master, nil, genSecretInfo, 32)
+	if err != nil {
+		return nil, fmt.Errorf("derive keystore generation key: %w", err)
+	}
+	return &Keystore{dir: dir, aead: aead, genSecret: genSecret, prot: prot, log: log}, nil
 }
 
 // prepareDir creates dir (0700) if needed and refuses one that is not a
@@ -272,25 +278,39 @@ func (k *Keystore) put(kind, name string, data []byte) error {
 	if err != nil {
 		return err
 	}
+	kdir, err := k.kindDir(kind)
+	if err != nil {
+		return err
+	}
+	k.removeStaleTemps(kdir, name)
+	if err := writeFileAtomic(kdir, name, file); err != nil {
+		return fmt.Errorf("store keystore record %s/%s: %w", kind, name, err)
+	}
+	return nil
+}
+
+// kindDir creates the directory of a record kind if needed; the caller
+// holds the lock.
+func (k *Keystore) kindDir(kind string) (string, error) {
 	kdir := filepath.Join(k.dir, kind)
 	if err := os.Mkdir(kdir, 0o700); err == nil {
 		if err := syncDir(k.dir); err != nil {
-			return err
+			return "", err
 		}
 	} else if !errors.Is(err, fs.ErrExist) {
-		return permOr(err, "create keystore directory %s: %v; check the owner and mode of %s (it must be 0700 and owned by this user)", kdir, err, k.dir)
+		return "", permOr(err, "create keystore directory %s: %v; check the owner and mode of %s (it must be 0700 and owned by this user)", kdir, err, k.dir)
 	}
-	// Writers hold the lock, so any temp file of this record is left over
-	// from a crash.
+	return kdir, nil
+}
+
+// removeStaleTemps removes temp files of record name in kdir. Writers hold
+// the lock, so any such file is left over from a crash.
+func (k *Keystore) removeStaleTemps(kdir, name string) {
 	if stale, _ := filepath.Glob(filepath.Join(kdir, "."+name+".tmp-*")); len(stale) > 0 {
 		for _, f := range stale {
 			os.Remove(f)
 		}
 	}
-	if err := writeFileAtomic(kdir, name, file); err != nil {
-		return fmt.Errorf("store keystore record %s/%s: %w", kind, name, err)
-	}
-	return nil
 }
 
 // Get returns record kind/name. An absent record gives an error wrapping
@@ -358,6 +378,7 @@ func (k *Keystore) Close() error {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	k.closed = true
+	clear(k.genSecret)
 	if k.lock == nil {
 		return nil
 	}
