@@ -108,7 +108,7 @@ type Keystore struct {
 	// genSecret derives the key of each TPM's generation record; cleared by Close.
 	genSecret []byte
 	prot      Protection
-	log  *slog.Logger
+	log       *slog.Logger
 
 	mu     sync.Mutex // serialises writers in this process; guards lock, closed
 	lock   *os.File   // dir/.lock, opened on first write
