@@ -95,6 +95,12 @@ func New(cfg *swtpm.Config, log *slog.Logger) (_ *Instance, err error) {
 		return nil, err
 	}
 	if cfg.RunAs != "" {
+		if in.sealing != nil {
+			// The keystore is root's: keep this TPM's generation record open.
+			if err = in.sealing.pinGenerations(cfg.StateDir); err != nil {
+				return nil, err
+			}
+		}
 		if err = dropPrivileges(cfg.RunAs, cfg.StateDir); err != nil {
 			return nil, err
 		}

@@ -7,6 +7,8 @@ import (
 	"log/slog"
 	"os"
 
+	"github.com/google/uuid"
+
 	"vtpm/internal/keystore"
 	"vtpm/internal/libtpms"
 	"vtpm/internal/paths"
@@ -49,9 +51,11 @@ func chooseFormat(cfg *swtpm.Config) Format {
 // sealingKey is what opens sealed state: the data key and where this host
 // records generations.
 type sealingKey struct {
-	dek  []byte
-	gens seal.Generations
-	host *tpmkeys.Host // keeps the keystore open for generation records
+	dek    []byte
+	tpm    uuid.UUID // the TPM's UUID when known (from its key protector)
+	gens   seal.Generations
+	host   *tpmkeys.Host    // keeps the keystore open for generation records; nil once pinned
+	pinned *keystore.Pinned // this TPM's generation record, kept open across --runas
 }
 
 func (k *sealingKey) close() {
@@ -62,6 +66,32 @@ func (k *sealingKey) close() {
 	if k.host != nil {
 		k.host.Close()
 	}
+	if k.pinned != nil {
+		k.pinned.Close()
+	}
+}
+
+// pinGenerations opens this TPM's generation record while the process can
+// still reach the root-only keystore, so that it keeps recording (and
+// rollback keeps being detected) after --runas drops privileges. The
+// keystore is closed: the unprivileged process keeps only that record's
+// file descriptor and key.
+func (k *sealingKey) pinGenerations(stateDir string) error {
+	id := k.tpm
+	if id == uuid.Nil { // --data-key: no protector was read
+		var err error
+		if id, err = seal.Identify(stateDir); err != nil {
+			return err
+		}
+	}
+	p, err := k.host.Keystore().Generations().Pin(id)
+	if err != nil {
+		return fmt.Errorf("--runas: open the generation record of TPM %s before dropping privileges (it detects rollback of the TPM's state): %w", id, err)
+	}
+	k.pinned, k.gens = p, p
+	k.host.Close()
+	k.host = nil
+	return nil
 }
 
 // unlockSealed opens this host's keystore and the TPM's data key: from
@@ -78,7 +108,7 @@ func unlockSealed(cfg *swtpm.Config, log *slog.Logger) (*sealingKey, error) {
 	} else {
 		var o *tpmkeys.Opened
 		if o, err = host.OpenTPM(cfg.StateDir); err == nil {
-			k.dek = o.DEK
+			k.dek, k.tpm = o.DEK, o.TPM
 			if o.Backup != "" {
 				fmt.Fprintf(os.Stderr, "vtpm: WARNING: the key of the TPM in %s is gone; as its policy says, a FRESH TPM was provisioned. The old state is kept in %s.\n", cfg.StateDir, o.Backup)
 			}
@@ -122,15 +152,9 @@ func openStore(cfg *swtpm.Config, format Format, fileKey *statefile.Key, key *se
 	if cfg.StateModeSet {
 		mode = cfg.StateMode
 	}
-	gens := key.gens
-	if cfg.RunAs != "" {
-		// The keystore is not writable after dropping privileges.
-		log.Warn("--runas: generations are not recorded, so rollback of this TPM's state is not detected", "state", cfg.StateDir)
-		gens = nil
-	}
 	s, err := seal.Open(cfg.StateDir, seal.Options{
 		Key:           key.dek,
-		Generations:   gens,
+		Generations:   key.gens, // with --runas, the record pinned before dropping privileges
 		AllowRollback: cfg.AllowRollback,
 		FileMode:      mode,
 		Logger:        log,
