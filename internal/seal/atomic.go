@@ -1,6 +1,8 @@
 package seal
 
 import (
+	"vtpm/internal/atomicfile"
+
 	"fmt"
 	"os"
 	"path/filepath"
@@ -9,19 +11,7 @@ import (
 
 // syncDir makes renames, creations and removals in dir durable. It is a
 // variable so tests can count directory fsyncs.
-var syncDir = syncDirectory
-
-func syncDirectory(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("open directory %s to fsync it: %w", dir, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("fsync directory %s: %w", dir, err)
-	}
-	return nil
-}
+var syncDir = atomicfile.SyncDir
 
 // writeSynced creates (or truncates) path with exactly mode, writes data
 // and fsyncs it. It refuses to follow a symlink planted at path.

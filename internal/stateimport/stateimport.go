@@ -27,6 +27,7 @@ import (
 
 	"github.com/google/uuid"
 
+	"vtpm/internal/atomicfile"
 	"vtpm/internal/libtpms"
 	"vtpm/internal/seal"
 	"vtpm/internal/swtpm/statefile"
@@ -355,7 +356,7 @@ func stageAndMove(dest string, states map[string][]byte, opts Options, owner own
 			return uuid.Nil, fmt.Errorf("move sealed state into %s: %w", dest, err)
 		}
 	}
-	if err := syncDir(dest); err != nil {
+	if err := atomicfile.SyncDir(dest); err != nil {
 		return uuid.Nil, err
 	}
 	return id, nil
@@ -373,22 +374,10 @@ func backup(dir string, names []string, now time.Time, owner owner) (string, err
 			return b, fmt.Errorf("move %s into %s: %w", swtpmFile(n), b, err)
 		}
 	}
-	if err := syncDir(b); err != nil {
+	if err := atomicfile.SyncDir(b); err != nil {
 		return b, err
 	}
-	return b, syncDir(dir)
-}
-
-func syncDir(dir string) error {
-	f, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("open %s to sync it: %w", dir, err)
-	}
-	defer f.Close()
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("sync directory %s: %w", dir, err)
-	}
-	return nil
+	return b, atomicfile.SyncDir(dir)
 }
 
 // owner is who owns the swtpm state (libvirt runs swtpm as tss), so that

@@ -17,6 +17,7 @@ import (
 
 	"github.com/google/uuid"
 
+	"vtpm/internal/atomicfile"
 	"vtpm/internal/guardian"
 	"vtpm/internal/keystore"
 	"vtpm/internal/seal"
@@ -238,7 +239,7 @@ func WritePolicy(dir string, p Policy) error {
 		return err
 	}
 	b, _ := json.MarshalIndent(p, "", "  ")
-	return writeFile(filepath.Join(dir, PolicyFile), append(b, '\n'))
+	return atomicfile.Write(filepath.Join(dir, PolicyFile), append(b, '\n'), 0o600)
 }
 
 // Opened is the outcome of opening a TPM's key.
@@ -385,7 +386,7 @@ func (h *Host) reprovision(dir string, old uuid.UUID, why *guardian.NoGuardianEr
 			return nil, fmt.Errorf("reprovision: move %s to %s: %w (the state is partly moved; nothing was deleted)", n, backup, err)
 		}
 	}
-	syncDir(dir)
+	atomicfile.SyncDir(dir)
 	id, err := seal.Identify(dir)
 	if err != nil {
 		return nil, err
@@ -417,38 +418,7 @@ func ReadProtector(dir string) (*guardian.Protector, error) {
 
 // WriteProtector stores dir's key protector crash-safely.
 func WriteProtector(dir string, p *guardian.Protector) error {
-	return writeFile(filepath.Join(dir, ProtectorFile), p.Marshal())
-}
-
-func writeFile(path string, data []byte) error {
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	syncDir(filepath.Dir(path))
-	return nil
-}
-
-func syncDir(dir string) {
-	if d, err := os.Open(dir); err == nil {
-		d.Sync()
-		d.Close()
-	}
+	return atomicfile.Write(filepath.Join(dir, ProtectorFile), p.Marshal(), 0o600)
 }
 
 // MissingKeyError says that no guardian on this host can open a TPM, who

@@ -15,6 +15,8 @@ import (
 	"github.com/google/uuid"
 
 	"vtpm/internal/tpmkeys"
+
+	"vtpm/internal/atomicfile"
 )
 
 // ErrConflict reports a name or UUID that is already registered.
@@ -115,7 +117,7 @@ func (h *Host) update(f func(r *registry) error) error {
 	}
 	slices.SortFunc(r.VMs, func(a, b Entry) int { return strings.Compare(a.Name, b.Name) })
 	b, _ := json.MarshalIndent(r, "", "  ")
-	return writeFileAtomic(h.registryPath(), append(b, '\n'), 0o600)
+	return atomicfile.Write(h.registryPath(), append(b, '\n'), 0o600)
 }
 
 // Find returns the registered bundle whose name or UUID is ref.

@@ -1,6 +1,8 @@
 package statefile
 
 import (
+	"vtpm/internal/atomicfile"
+
 	"errors"
 	"fmt"
 	"io"
@@ -175,13 +177,8 @@ func (d *Dir) Store(name string, data []byte) error {
 }
 
 func syncDir(dir string) error {
-	f, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("opening %s to sync it: %w: %w", dir, err, ResultFail)
-	}
-	defer f.Close()
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("syncing directory %s: %w: %w", dir, err, ResultFail)
+	if err := atomicfile.SyncDir(dir); err != nil {
+		return fmt.Errorf("%w: %w", err, ResultFail)
 	}
 	return nil
 }
