@@ -1,12 +1,12 @@
 package seal
 
 import (
-	"vtpm/internal/atomicfile"
-
 	"fmt"
 	"os"
 	"path/filepath"
 	"syscall"
+
+	"vtpm/internal/atomicfile"
 )
 
 // syncDir makes renames, creations and removals in dir durable. It is a

@@ -1,8 +1,6 @@
 package statefile
 
 import (
-	"vtpm/internal/atomicfile"
-
 	"errors"
 	"fmt"
 	"io"
@@ -11,6 +9,8 @@ import (
 	"path/filepath"
 	"sync"
 	"syscall"
+
+	"vtpm/internal/atomicfile"
 )
 
 // DefaultMode is the permission swtpm gives state files without mode=.
