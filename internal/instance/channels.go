@@ -242,6 +242,12 @@ func dropPrivileges(name, stateDir string) error {
 	if err := syscall.Setuid(uid); err != nil {
 		return fmt.Errorf("--runas %s: setuid: %w", name, err)
 	}
+	// The state is opened by path from here on: say why it cannot be.
+	if stateDir != "" {
+		if _, err := os.Stat(stateDir); err != nil {
+			return fmt.Errorf("--runas %s: the user cannot reach the state directory %s (%v); let it search every directory above it (chmod o+x), or keep the state where it can", name, stateDir, err)
+		}
+	}
 	return nil
 }
 

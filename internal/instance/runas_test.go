@@ -104,3 +104,26 @@ func TestRunAsKeepsRollbackProtection(t *testing.T) {
 		t.Fatalf("vtpm --runas --allow-rollback: %v\n%s", err, out)
 	}
 }
+
+// TestRunAsUnreachableState: a state directory the --runas user cannot
+// reach (a parent is 0700 root) fails at start with the cause and the fix.
+func TestRunAsUnreachableState(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("--runas needs root")
+	}
+	private := t.TempDir() // 0700, root's
+	if err := os.Chmod(private, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	state := filepath.Join(private, "state")
+	p := startVTPM(t, filepath.Join(private, "home"), state, "--runas", "nobody")
+	code, out := p.wait(t)
+	if code <= 0 {
+		t.Fatalf("vtpm exited with %d, want a failure; output:\n%s", code, out)
+	}
+	for _, w := range []string{"--runas nobody", "cannot reach the state directory " + state, "chmod o+x"} {
+		if !strings.Contains(out, w) {
+			t.Errorf("output lacks %q:\n%s", w, out)
+		}
+	}
+}
