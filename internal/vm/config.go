@@ -128,6 +128,11 @@ type Config struct {
 	// Isolation is what the VM's policy asks of its vTPM process:
 	// "" (nothing), "preferred" or "required".
 	Isolation string `json:"isolation,omitempty"`
+	// TPMUser is the user the vTPM process runs as when `vm start` runs as
+	// root: "" = tss if that user exists, else nobody (or root, with a
+	// warning, when that user cannot reach the VM's files); "root" keeps it
+	// root. A non-root caller's vTPM runs as the caller.
+	TPMUser string `json:"tpm_user,omitempty"`
 	// Template marks a template: it is never started, only deployed.
 	Template bool `json:"template,omitempty"`
 	// TPMRequired: VMs deployed from this template get a fresh vTPM.

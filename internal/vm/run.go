@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"os/user"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -29,8 +30,13 @@ var QEMU = "qemu-system-x86_64"
 // runPaths are a VM's run-time files. They live outside the bundle, so a
 // copied bundle never carries another VM's pids or sockets, and in a short
 // directory, as unix socket paths are limited to 108 bytes.
+//
+// The vTPM's socket and pid file have a directory of their own, which a
+// vTPM running as an unprivileged user owns (it writes its pid file and
+// removes both after dropping privileges); QEMU's files stay root's.
 type runPaths struct {
-	Dir, QMP, TPMSock, QEMUPid, TPMPid string
+	Dir, QMP, QEMUPid       string
+	TPMRun, TPMSock, TPMPid string
 }
 
 func runBase() string {
@@ -50,8 +56,9 @@ func (h *Host) runDir(v *VM) string {
 
 func (h *Host) run(v *VM) runPaths {
 	d := h.runDir(v)
-	return runPaths{Dir: d, QMP: filepath.Join(d, "qmp.sock"), TPMSock: filepath.Join(d, "tpm.sock"),
-		QEMUPid: filepath.Join(d, "qemu.pid"), TPMPid: filepath.Join(d, "tpm.pid")}
+	t := filepath.Join(d, "tpm")
+	return runPaths{Dir: d, QMP: filepath.Join(d, "qmp.sock"), QEMUPid: filepath.Join(d, "qemu.pid"),
+		TPMRun: t, TPMSock: filepath.Join(t, "tpm.sock"), TPMPid: filepath.Join(t, "tpm.pid")}
 }
 
 // RunState is what is running for a VM.
@@ -341,8 +348,9 @@ func qemuArgs(v *VM, r runPaths, accel, serial string) []string {
 	return args
 }
 
-// tpmArgs is the vTPM instance's command line (after the executable).
-func (h *Host) tpmArgs(v *VM, r runPaths) []string {
+// tpmArgs is the vTPM instance's command line (after the executable);
+// runAs is the user it drops to, "" for none.
+func (h *Host) tpmArgs(v *VM, r runPaths, runAs string) []string {
 	args := []string{"swtpm", "socket", "--tpm2",
 		"--tpmstate", "dir=" + v.TPMDir(),
 		"--ctrl", "type=unixio,path=" + r.TPMSock,
@@ -351,6 +359,9 @@ func (h *Host) tpmArgs(v *VM, r runPaths) []string {
 		"--terminate", "--daemon"}
 	if iso := v.Config.Isolation; iso != "" && IsolationSupported() {
 		args = append(args, "--isolation", iso)
+	}
+	if runAs != "" {
+		args = append(args, "--runas", runAs)
 	}
 	return args
 }
@@ -467,7 +478,25 @@ func (h *Host) startTPM(ctx context.Context, v *VM, r runPaths) error {
 			return err
 		}
 	}
-	cmd := exec.CommandContext(ctx, exe, h.tpmArgs(v, r)...)
+	runAs, err := tpmUser(v.Config.TPMUser)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(r.TPMRun, 0o700); err != nil {
+		return fmt.Errorf("create the vTPM's run directory: %w", err)
+	}
+	if runAs != "" {
+		if err := h.prepareRunAs(v, r, runAs); err != nil {
+			if v.Config.TPMUser != "" {
+				return err
+			}
+			// Only the default: keep VMs whose files lie out of the
+			// user's reach running, and say how to confine them.
+			h.log().Warn("the vTPM keeps running as root", "vm", v.Name(), "reason", err)
+			runAs = ""
+		}
+	}
+	cmd := exec.CommandContext(ctx, exe, h.tpmArgs(v, r, runAs)...)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		msg := strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(string(out)), "swtpm: "))
@@ -554,4 +583,115 @@ func (h *Host) Stop(ctx context.Context, v *VM, timeout time.Duration) (*Stopped
 	}
 	h.afterQEMU(ctx, v, r)
 	return res, nil
+}
+
+// lookupUser finds a user by name or uid.
+func lookupUser(name string) (*user.User, error) {
+	u, err := user.Lookup(name)
+	if err != nil {
+		if u, err2 := user.LookupId(name); err2 == nil {
+			return u, nil
+		}
+	}
+	return u, err
+}
+
+// DefaultTPMUsers are tried in order when vm.json names no tpm_user.
+var DefaultTPMUsers = []string{"tss", "nobody"}
+
+// tpmUser returns the user a vTPM instance started by this process drops
+// to, from vm.json's tpm_user: "" when this process is not root or the VM
+// asks to keep root, else the named user or the first of DefaultTPMUsers
+// that exists.
+func tpmUser(configured string) (string, error) {
+	if os.Geteuid() != 0 || configured == "root" || configured == "0" {
+		return "", nil
+	}
+	if configured != "" {
+		if _, err := lookupUser(configured); err != nil {
+			return "", fmt.Errorf("tpm_user %q in %s: no such user; create it, or set tpm_user to another user (\"\" picks tss or nobody, \"root\" keeps the vTPM root)", configured, ConfigFile)
+		}
+		return configured, nil
+	}
+	for _, name := range DefaultTPMUsers {
+		if _, err := lookupUser(name); err == nil {
+			return name, nil
+		}
+	}
+	return "", fmt.Errorf("none of the users %v exists to run the vTPM as; create one (e.g. `useradd --system tss`), or set tpm_user in %s (\"root\" keeps the vTPM root)", DefaultTPMUsers, ConfigFile)
+}
+
+// prepareRunAs lets the vTPM, once it runs as name, reach its state
+// directory and write its run directory: the vTPM's run directory becomes
+// name's; the VM's own directories (bundle, run directory) become
+// searchable by name's group, the shared ones vtpm made (data root, VM
+// directory, run base) by everyone (they hold nothing readable by others).
+// Any other directory on the way that name cannot search is an error, and
+// then nothing is changed. The state directory itself is handed over by
+// the instance (--runas).
+func (h *Host) prepareRunAs(v *VM, r runPaths, name string) error {
+	u, err := lookupUser(name)
+	if err != nil {
+		return fmt.Errorf("vTPM user %s: %w", name, err)
+	}
+	uid, _ := strconv.Atoi(u.Uid)
+	gid, _ := strconv.Atoi(u.Gid)
+	own := map[string]bool{abs(v.Dir): true, abs(r.Dir): true}
+	shared := map[string]bool{abs(h.Root): true, abs(h.VMsDir()): true, abs(runBase()): true}
+	var fixes []func() error
+	seen := map[string]bool{}
+	for _, target := range []string{v.TPMDir(), r.TPMRun} {
+		for d := filepath.Dir(abs(target)); !seen[d]; d = filepath.Dir(d) {
+			seen[d] = true
+			fix, err := searchable(d, uid, gid, own[d], shared[d], name)
+			if err != nil {
+				return err
+			}
+			if fix != nil {
+				fixes = append(fixes, fix)
+			}
+		}
+	}
+	fixes = append(fixes, func() error { return os.Chown(r.TPMRun, uid, gid) })
+	for _, fix := range fixes {
+		if err := fix(); err != nil {
+			return fmt.Errorf("prepare the VM's directories for the vTPM user %s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+func abs(p string) string {
+	if a, err := filepath.Abs(p); err == nil {
+		return a
+	}
+	return p
+}
+
+// searchable checks that user uid (primary group gid, its only group after
+// --runas) can search dir, or returns how to let it: by group for a VM's
+// own directory, by others for a shared one.
+func searchable(dir string, uid, gid int, own, shared bool, name string) (func() error, error) {
+	st, err := os.Stat(dir)
+	if err != nil {
+		return nil, err
+	}
+	s := st.Sys().(*syscall.Stat_t)
+	mode := st.Mode().Perm()
+	switch {
+	case int(s.Uid) == uid && mode&0o100 != 0,
+		int(s.Uid) != uid && int(s.Gid) == gid && mode&0o010 != 0,
+		int(s.Uid) != uid && int(s.Gid) != gid && mode&0o001 != 0:
+		return nil, nil
+	case own && int(s.Uid) != uid:
+		return func() error {
+			if err := os.Chown(dir, -1, gid); err != nil {
+				return err
+			}
+			return os.Chmod(dir, mode|0o010)
+		}, nil
+	case shared && int(s.Uid) != uid && int(s.Gid) != gid:
+		return func() error { return os.Chmod(dir, mode|0o001) }, nil
+	}
+	return nil, fmt.Errorf("the vTPM runs as %s, who cannot reach its files through %s (mode %04o, uid %d, gid %d); run `chmod o+x %s`, move the VM's bundle, or set tpm_user to \"root\" in %s", name, dir, mode, s.Uid, s.Gid, dir, ConfigFile)
 }
