@@ -242,7 +242,7 @@ func protectorCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "protector", Short: "Show and change which guardians may open a TPM"}
 	var asJSON bool
 	show := &cobra.Command{
-		Use: "show TPM-DIR", Short: "Show a TPM's key protector", Args: cobra.ExactArgs(1),
+		Use: "show VM|TPM-DIR", Short: "Show a TPM's key protector", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			p, err := tpmkeys.ReadProtector(tpmDir(args[0]))
 			if err != nil {
@@ -273,7 +273,7 @@ func protectorCmd() *cobra.Command {
 	show.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 
 	grant := &cobra.Command{
-		Use:   "grant TPM-DIR CERTS.pem",
+		Use:   "grant VM|TPM-DIR CERTS.pem",
 		Short: "Allow a guardian, given by its public certificates, to open a TPM (needs the owner's key)",
 		Args:  cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -291,7 +291,7 @@ func protectorCmd() *cobra.Command {
 		},
 	}
 	revoke := &cobra.Command{
-		Use:   "revoke TPM-DIR NAME|FINGERPRINT",
+		Use:   "revoke VM|TPM-DIR NAME|FINGERPRINT",
 		Short: "Stop a guardian from opening a TPM (needs the owner's key)",
 		Args:  cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -354,7 +354,7 @@ func keyCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "key", Short: "Export and import a TPM's data key as a passphrase-protected file"}
 	var out, ppFile string
 	export := &cobra.Command{
-		Use: "export TPM-DIR -o FILE", Short: "Export a TPM's data key (Argon2id + AES-GCM)", Args: cobra.ExactArgs(1),
+		Use: "export VM|TPM-DIR -o FILE", Short: "Export a TPM's data key (Argon2id + AES-GCM)", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if out == "" {
 				return errors.New("give -o FILE")
@@ -421,5 +421,17 @@ func keyCmd() *cobra.Command {
 	return cmd
 }
 
-// tpmDir resolves a TPM argument to its state directory.
-func tpmDir(arg string) string { return arg }
+// tpmDir resolves a TPM argument to its state directory: a path to one, or
+// the name or UUID of a registered VM (its bundle's tpm/).
+func tpmDir(arg string) string {
+	if strings.ContainsRune(arg, os.PathSeparator) || arg == "." || arg == ".." {
+		return arg
+	}
+	if st, err := os.Stat(arg); err == nil && st.IsDir() {
+		return arg
+	}
+	if v, err := vmHost().Open(arg); err == nil {
+		return v.TPMDir()
+	}
+	return arg
+}

@@ -12,7 +12,7 @@ func tpmCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "tpm", Short: "Manage vTPMs"}
 	var onMissing string
 	policy := &cobra.Command{
-		Use:   "policy TPM-DIR [--on-missing-key fail|reprovision]",
+		Use:   "policy VM|TPM-DIR [--on-missing-key fail|reprovision]",
 		Short: "Show or set what happens when no guardian can open a TPM's key",
 		Long: `on-missing-key=fail (the default) refuses to start a TPM whose key cannot be
 opened and explains the ways out. on-missing-key=reprovision moves the old state
