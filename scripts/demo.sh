@@ -6,7 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-export VTPM_HOME=${VTPM_HOME:-$PWD/.cache/demo/home}
+if [ -z "${VTPM_HOME:-}" ]; then
+	# A data root of the demo's own; its parent must be searchable by the
+	# unprivileged user the vTPM runs as.
+	export VTPM_HOME=$PWD/.cache/demo/home
+	mkdir -p "$PWD/.cache/demo" && chmod 755 "$PWD/.cache" "$PWD/.cache/demo"
+fi
 vtpm=bin/vtpm
 work=$(mktemp -d "${TMPDIR:-/tmp}/vtpm-demo.XXXXXX")
 trap 'rm -rf "$work"' EXIT
