@@ -109,7 +109,7 @@ apply).`,
 	f.StringVar(&o.Kernel, "kernel", "", "kernel for direct boot")
 	f.StringVar(&o.Initrd, "initrd", "", "initramfs for direct boot")
 	f.StringVar(&o.Append, "append", "", "kernel command line (console=ttyS0 is added)")
-	f.StringVar(&o.Isolation, "isolation", "", "isolation the vTPM process must have: preferred or required")
+	f.StringVar(&o.Isolation, "isolation", "", "isolation the vTPM process must have: required (default: refuse to start without it) or preferred")
 	f.StringVar(&o.Path, "path", "", "bundle directory (default <data root>/vms/NAME)")
 	f.BoolVar(&asJSON, "json", false, "print JSON")
 	return cmd
@@ -245,9 +245,7 @@ func vmShowCmd() *cobra.Command {
 			if c.Kernel != "" {
 				fmt.Fprintf(w, "kernel:      %s\ninitrd:      %s\nappend:      %s\n", c.Kernel, c.Initrd, c.Append)
 			}
-			if c.Isolation != "" {
-				fmt.Fprintf(w, "isolation:   %s\n", c.Isolation)
-			}
+			fmt.Fprintf(w, "isolation:   %s\n", c.IsolationPolicy())
 			return nil
 		},
 	}

@@ -71,7 +71,7 @@ func newConfig(o CreateOptions) (*Config, error) {
 		c.CPUs = map[bool]int{true: 2, false: 1}[c.OS.Windows()]
 	}
 	switch c.Isolation {
-	case IsolationNone, IsolationPreferred, IsolationRequired:
+	case IsolationDefault, IsolationPreferred, IsolationRequired:
 	default:
 		return nil, fmt.Errorf("isolation %q: want preferred or required", c.Isolation)
 	}

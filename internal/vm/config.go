@@ -98,9 +98,10 @@ type TPM struct {
 	Device string `json:"device"`
 }
 
-// Isolation levels of the vTPM process a VM's policy asks for.
+// Isolation levels of the vTPM process a VM's policy asks for; the empty
+// policy is the default, required.
 const (
-	IsolationNone      = ""
+	IsolationDefault   = ""
 	IsolationPreferred = "preferred"
 	IsolationRequired  = "required"
 )
@@ -126,7 +127,7 @@ type Config struct {
 	// TPM is nil for a VM without a TPM.
 	TPM *TPM `json:"tpm,omitempty"`
 	// Isolation is what the VM's policy asks of its vTPM process:
-	// "" (nothing), "preferred" or "required".
+	// "required" (also when empty) or "preferred"; see IsolationPolicy.
 	Isolation string `json:"isolation,omitempty"`
 	// TPMUser is the user the vTPM process runs as when `vm start` runs as
 	// root: "" = tss if that user exists, else nobody (or root, with a
@@ -209,4 +210,13 @@ func validName(name string) error {
 		return fmt.Errorf("VM name %q looks like a UUID; VMs are found by name or UUID, so pick another name", name)
 	}
 	return nil
+}
+
+// IsolationPolicy is the VM's effective isolation policy: required unless
+// the VM asks for preferred.
+func (c *Config) IsolationPolicy() string {
+	if c.Isolation == IsolationDefault {
+		return IsolationRequired
+	}
+	return c.Isolation
 }

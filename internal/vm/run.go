@@ -20,7 +20,6 @@ import (
 
 	"vtpm/internal/sandbox"
 	"vtpm/internal/seal"
-	"vtpm/internal/swtpm"
 	"vtpm/internal/swtpm/statefile"
 )
 
@@ -149,9 +148,6 @@ func (e *PreflightError) Unwrap() []error { return e.Problems }
 // (the instance itself refuses to start without every part).
 func isolationProblems() []error {
 	const how = "run `vtpm doctor` for the host's state, or relax the VM's policy to --isolation preferred"
-	if !IsolationSupported() {
-		return []error{fmt.Errorf("the VM's policy requires an isolated vTPM process, and this vtpm cannot isolate it; install one that can, or %s", how)}
-	}
 	var probs []error
 	if _, err := sandbox.LandlockABI(); err != nil {
 		probs = append(probs, fmt.Errorf("the VM's policy requires an isolated vTPM process, and Landlock is missing: %v; %s", err, how))
@@ -162,8 +158,6 @@ func isolationProblems() []error {
 	return probs
 }
 
-// IsolationSupported reports whether this vtpm's instances take --isolation.
-func IsolationSupported() bool { return strings.Contains(swtpm.Usage, "--isolation") }
 
 // Preflight checks everything a start needs, without starting anything:
 // the emulator, firmware files, variable store, kernel, disks, the TPM's
@@ -213,7 +207,7 @@ func (h *Host) Preflight(v *VM) error {
 		} else if err := h.checkTPMKey(v); err != nil {
 			probs = append(probs, err)
 		}
-		if c.Isolation == IsolationRequired {
+		if c.IsolationPolicy() == IsolationRequired {
 			probs = append(probs, isolationProblems()...)
 		}
 	}
@@ -356,10 +350,7 @@ func (h *Host) tpmArgs(v *VM, r runPaths, runAs string) []string {
 		"--ctrl", "type=unixio,path=" + r.TPMSock,
 		"--log", "file=" + filepath.Join(v.Dir, LogDir, "tpm.log") + ",level=1",
 		"--pid", "file=" + r.TPMPid,
-		"--terminate", "--daemon"}
-	if iso := v.Config.Isolation; iso != "" && IsolationSupported() {
-		args = append(args, "--isolation", iso)
-	}
+		"--terminate", "--daemon", "--isolation", v.Config.IsolationPolicy()}
 	if runAs != "" {
 		args = append(args, "--runas", runAs)
 	}
