@@ -158,7 +158,6 @@ func isolationProblems() []error {
 	return probs
 }
 
-
 // Preflight checks everything a start needs, without starting anything:
 // the emulator, firmware files, variable store, kernel, disks, the TPM's
 // key (a guardian error here means this host may not open the TPM) and the
