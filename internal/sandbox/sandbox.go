@@ -17,7 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"vtpm/internal/swtpm"
-	"vtpm/internal/swtpm/statefile"
+	"vtpm/internal/swtpm/subopt"
 )
 
 // Isolation policies (--isolation).
@@ -90,7 +90,7 @@ func ForInstance(cfg *swtpm.Config, dataRoot string) *Policy {
 	}
 	// --key file=…,remove deletes the key file once read.
 	for _, k := range []string{cfg.Key, cfg.MigrationKey} {
-		if o, err := statefile.ParseSubOptions(k, "file", "fd", "pwdfile", "pwdfd", "mode", "format", "remove", "kdf"); err == nil {
+		if o, err := subopt.Parse(k, "file", "fd", "pwdfile", "pwdfd", "mode", "format", "remove", "kdf"); err == nil {
 			if r, ok := o["remove"]; ok && r != "false" {
 				for _, src := range []string{o["file"], o["pwdfile"]} {
 					if src != "" {

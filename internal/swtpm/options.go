@@ -10,7 +10,7 @@ import (
 
 	"github.com/spf13/pflag"
 
-	"vtpm/internal/swtpm/statefile"
+	"vtpm/internal/swtpm/subopt"
 )
 
 // Version is the swtpm release whose interface vtpm implements. Tools such as
@@ -182,7 +182,7 @@ func Parse(args []string, getenv func(string) string) (*Config, error) {
 		return nil, err
 	}
 	if seccomp != "" {
-		o, err := statefile.ParseSubOptions(seccomp, "action")
+		o, err := subopt.Parse(seccomp, "action")
 		if err != nil {
 			return nil, usagef("--seccomp: %v", err)
 		}
@@ -205,7 +205,7 @@ func (c *Config) parseState(v, tpmPath string) error {
 		c.StateMode = 0o640
 		return nil
 	}
-	o, err := statefile.ParseSubOptions(v, "dir", "mode", "backend-uri")
+	o, err := subopt.Parse(v, "dir", "mode", "backend-uri")
 	if err != nil {
 		return usagef("--tpmstate: %v", err)
 	}
@@ -243,7 +243,7 @@ func parseEndpoint(opt, v string, isCtrl bool) (*Endpoint, error) {
 	} else {
 		allowed = append(allowed, "disconnect")
 	}
-	o, err := statefile.ParseSubOptions(v, allowed...)
+	o, err := subopt.Parse(v, allowed...)
 	if err != nil {
 		return nil, usagef("%s: %v", opt, err)
 	}
@@ -289,7 +289,7 @@ func parseEndpoint(opt, v string, isCtrl bool) (*Endpoint, error) {
 		}
 	}
 	if d, ok := o["disconnect"]; ok {
-		if e.Disconnect, err = statefile.ParseBool("disconnect", d); err != nil {
+		if e.Disconnect, err = subopt.Bool("disconnect", d); err != nil {
 			return nil, usagef("%s: %v", opt, err)
 		}
 	}
@@ -308,7 +308,7 @@ func (c *Config) parsePid(v string) error {
 	if v == "" {
 		return nil
 	}
-	o, err := statefile.ParseSubOptions(v, "file", "fd")
+	o, err := subopt.Parse(v, "file", "fd")
 	if err != nil {
 		return usagef("--pid: %v", err)
 	}
@@ -328,7 +328,7 @@ func (c *Config) parseLog(v string) error {
 	if v == "" {
 		return nil
 	}
-	o, err := statefile.ParseSubOptions(v, "file", "fd", "level", "prefix", "truncate")
+	o, err := subopt.Parse(v, "file", "fd", "level", "prefix", "truncate")
 	if err != nil {
 		return usagef("--log: %v", err)
 	}
@@ -347,7 +347,7 @@ func (c *Config) parseLog(v string) error {
 		}
 	}
 	if t, ok := o["truncate"]; ok {
-		if c.Log.Truncate, err = statefile.ParseBool("truncate", t); err != nil {
+		if c.Log.Truncate, err = subopt.Bool("truncate", t); err != nil {
 			return usagef("--log: %v", err)
 		}
 	}
@@ -358,7 +358,7 @@ func (c *Config) parseLocality(v string) error {
 	if v == "" {
 		return nil
 	}
-	o, err := statefile.ParseSubOptions(v, "reject-locality-4", "allow-set-locality")
+	o, err := subopt.Parse(v, "reject-locality-4", "allow-set-locality")
 	if err != nil {
 		return usagef("--locality: %v", err)
 	}
@@ -371,7 +371,7 @@ func (c *Config) parseFlags(v string) error {
 	if v == "" {
 		return nil
 	}
-	o, err := statefile.ParseSubOptions(v, "not-need-init", "startup-clear", "startup-state", "startup-deactivated", "startup-none", "disable-auto-shutdown")
+	o, err := subopt.Parse(v, "not-need-init", "startup-clear", "startup-state", "startup-deactivated", "startup-none", "disable-auto-shutdown")
 	if err != nil {
 		return usagef("--flags: %v", err)
 	}

@@ -9,14 +9,14 @@ import (
 	"strconv"
 	"strings"
 
-	"vtpm/internal/swtpm/statefile"
+	"vtpm/internal/swtpm/subopt"
 )
 
 // ParseDataKey returns the 32-byte data key that a --data-key value names
 // (file=PATH or fd=N, with format=hex, the default, or binary). It bypasses
 // key protectors: for scripts and tests that manage keys themselves.
 func ParseDataKey(opt string) ([]byte, error) {
-	o, err := statefile.ParseSubOptions(opt, "file", "fd", "format")
+	o, err := subopt.Parse(opt, "file", "fd", "format")
 	if err != nil {
 		return nil, fmt.Errorf("--data-key: %w", err)
 	}

@@ -9,6 +9,8 @@ import (
 	"os"
 	"strconv"
 	"strings"
+
+	"vtpm/internal/swtpm/subopt"
 )
 
 // Key is an AES key for state or migration encryption: 16 bytes
@@ -46,7 +48,7 @@ const (
 // from the process's own descriptor table and closed after reading; files in
 // extraFiles stay open and belong to the caller.
 func ParseKeyOption(s string, extraFiles ...*os.File) (*Key, error) {
-	opts, err := ParseSubOptions(s, "file", "fd", "pwdfile", "pwdfd", "mode", "format", "remove", "kdf")
+	opts, err := subopt.Parse(s, "file", "fd", "pwdfile", "pwdfd", "mode", "format", "remove", "kdf")
 	if err != nil {
 		return nil, err
 	}
@@ -80,7 +82,7 @@ func ParseKeyOption(s string, extraFiles ...*os.File) (*Key, error) {
 
 	remove := false
 	if v, ok := opts["remove"]; ok {
-		if remove, err = ParseBool("remove", v); err != nil {
+		if remove, err = subopt.Bool("remove", v); err != nil {
 			return nil, err
 		}
 	}

@@ -1,4 +1,6 @@
-package statefile
+// Package subopt parses swtpm's sub-option syntax: comma separated
+// name=value pairs, where a bare name means "true".
+package subopt
 
 import (
 	"fmt"
@@ -6,11 +8,11 @@ import (
 	"strings"
 )
 
-// ParseSubOptions parses swtpm's sub-option syntax, as used by --key,
+// Parse parses swtpm's sub-option syntax, as used by --key,
 // --tpmstate, --ctrl, --server, --log, --pid, --flags and --locality:
 // comma separated name=value pairs, where a bare name means "true". Commas
 // cannot be escaped. A name not in allowed, or given twice, is an error.
-func ParseSubOptions(s string, allowed ...string) (map[string]string, error) {
+func Parse(s string, allowed ...string) (map[string]string, error) {
 	opts := make(map[string]string)
 	for field := range strings.SplitSeq(s, ",") {
 		if field == "" {
@@ -34,8 +36,8 @@ func ParseSubOptions(s string, allowed ...string) (map[string]string, error) {
 	return opts, nil
 }
 
-// ParseBool interprets a boolean sub-option value the way swtpm does.
-func ParseBool(name, value string) (bool, error) {
+// Bool interprets a boolean sub-option value the way swtpm does.
+func Bool(name, value string) (bool, error) {
 	switch value {
 	case "true":
 		return true, nil

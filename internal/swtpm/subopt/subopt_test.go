@@ -1,4 +1,4 @@
-package statefile
+package subopt
 
 import (
 	"maps"
@@ -6,7 +6,7 @@ import (
 	"testing"
 )
 
-func TestParseSubOptions(t *testing.T) {
+func TestParse(t *testing.T) {
 	allowed := []string{"dir", "mode", "remove", "path"}
 	tests := []struct {
 		in      string
@@ -26,24 +26,24 @@ func TestParseSubOptions(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.in, func(t *testing.T) {
-			got, err := ParseSubOptions(tt.in, allowed...)
+			got, err := Parse(tt.in, allowed...)
 			if tt.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
-					t.Fatalf("ParseSubOptions(%q) error = %v, want it to contain %q", tt.in, err, tt.wantErr)
+					t.Fatalf("Parse(%q) error = %v, want it to contain %q", tt.in, err, tt.wantErr)
 				}
 				return
 			}
 			if err != nil {
-				t.Fatalf("ParseSubOptions(%q): %v", tt.in, err)
+				t.Fatalf("Parse(%q): %v", tt.in, err)
 			}
 			if !maps.Equal(got, tt.want) {
-				t.Fatalf("ParseSubOptions(%q) = %v, want %v", tt.in, got, tt.want)
+				t.Fatalf("Parse(%q) = %v, want %v", tt.in, got, tt.want)
 			}
 		})
 	}
 }
 
-func TestParseBool(t *testing.T) {
+func TestBool(t *testing.T) {
 	tests := []struct {
 		in      string
 		want    bool
@@ -55,9 +55,9 @@ func TestParseBool(t *testing.T) {
 		{"", false, true},
 	}
 	for _, tt := range tests {
-		got, err := ParseBool("remove", tt.in)
+		got, err := Bool("remove", tt.in)
 		if (err != nil) != tt.wantErr || got != tt.want {
-			t.Errorf("ParseBool(%q) = %v, %v; want %v, error %v", tt.in, got, err, tt.want, tt.wantErr)
+			t.Errorf("Bool(%q) = %v, %v; want %v, error %v", tt.in, got, err, tt.want, tt.wantErr)
 		}
 	}
 }
