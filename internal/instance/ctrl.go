@@ -29,10 +29,13 @@ func (in *Instance) handleCtrl(req *swtpm.Request) (rsp []byte, after func()) {
 		req.FD.Close()
 		req.FD = nil
 	}
+	running := in.tpm.Running()
 	if req.Malformed {
+		if swtpm.NeedsRunning(req.Cmd) && !running {
+			return swtpm.Result(swtpm.ResBadOrdinal), nil
+		}
 		return swtpm.Result(swtpm.ResBadParameter), nil
 	}
-	running := in.tpm.Running()
 	needRunning := func() []byte {
 		if !running {
 			return swtpm.Result(swtpm.ResBadOrdinal)

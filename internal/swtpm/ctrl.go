@@ -102,23 +102,45 @@ type Request struct {
 	Drop bool
 }
 
-// bodySize gives the minimum body a command needs and whether it must be exact.
-func bodySize(c Command) (n int, exact bool) {
+// bodyRule is how swtpm 0.7.1 checks a command's body (observed against it):
+// the fixed body size; whether more bytes in the first read are an error; and
+// whether a short body is answered at once rather than waited for.
+type bodyRule struct {
+	n            int
+	exact        bool
+	shortIsError bool // a short first read is answered with TPM_BAD_PARAMETER, not waited on
+}
+
+func bodySize(c Command) bodyRule {
 	switch c {
-	case CmdInit, CmdSetBufferSize:
-		return 4, c == CmdInit
-	case CmdShutdown:
-		return 0, true
+	case CmdInit:
+		return bodyRule{n: 4, exact: true}
+	case CmdShutdown, CmdGetTPMEstablished, CmdHashStart, CmdHashEnd,
+		CmdCancelTPMCmd, CmdStoreVolatile, CmdStop, CmdGetConfig:
+		return bodyRule{exact: true}
 	case CmdSetLocality, CmdResetTPMEstablished:
-		return 1, false
+		return bodyRule{n: 1}
 	case CmdHashData:
-		return 4, false
+		return bodyRule{n: 4}
 	case CmdGetStateBlob, CmdSetStateBlob:
-		return 12, false
+		return bodyRule{n: 12}
+	case CmdSetBufferSize:
+		return bodyRule{n: 4, shortIsError: true}
 	case CmdGetInfo:
-		return 16, false
+		return bodyRule{n: 16, shortIsError: true}
 	}
-	return 0, false
+	return bodyRule{}
+}
+
+// NeedsRunning reports whether a command is refused (TPM_BAD_ORDINAL)
+// while the TPM is not running; swtpm checks that before the body's size.
+func NeedsRunning(c Command) bool {
+	switch c {
+	case CmdGetTPMEstablished, CmdHashStart, CmdHashData, CmdHashEnd, CmdCancelTPMCmd,
+		CmdStoreVolatile, CmdResetTPMEstablished, CmdGetStateBlob:
+		return true
+	}
+	return false
 }
 
 // Conn reads control commands from one client connection.
@@ -204,7 +226,12 @@ func (c *Conn) ReadRequest() (*Request, error) {
 		n = 4
 	}
 	req := &Request{Cmd: Command(binary.BigEndian.Uint32(c.buf)), FD: fd}
-	need, exact := bodySize(req.Cmd)
+	rule := bodySize(req.Cmd)
+	need := rule.n
+	if rule.shortIsError && n < 4+need {
+		req.Malformed = true
+		return req, nil
+	}
 	if err := c.fill(n, 4+need); err != nil {
 		req.closeFD()
 		return nil, err
@@ -212,7 +239,7 @@ func (c *Conn) ReadRequest() (*Request, error) {
 	if n < 4+need {
 		n = 4 + need
 	}
-	if exact && n != 4+need {
+	if rule.exact && n != 4+need {
 		req.Malformed = true
 	}
 	req.Body = append([]byte(nil), c.buf[4:4+need]...)
