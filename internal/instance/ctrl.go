@@ -247,11 +247,26 @@ func (in *Instance) setStateBlob(flags, typ uint32, blob []byte) []byte {
 		return swtpm.Result(swtpm.ResFail)
 	}
 	if len(blob) == 0 {
-		if st == libtpms.SaveState {
+		switch st {
+		case libtpms.SaveState:
 			// swtpm clears only the savestate slot, which TPM 2 never
 			// reads; SetState(nil) would drop every cached blob, losing
 			// the permanent and volatile state loaded just before (as
 			// swtpm_ioctl --load of all three saved types does).
+			return swtpm.Result(0)
+		case libtpms.Volatile:
+			// swtpm forgets only the volatile blob. libtpms can only drop
+			// every cached blob, so the permanent one (cached, or read
+			// from the store) is put back.
+			perm, perr := in.tpm.GetState(libtpms.Permanent)
+			if err := in.tpm.SetState(st, nil); err != nil {
+				return swtpm.Result(code(err))
+			}
+			if perr == nil && len(perm) > 0 {
+				err := in.tpm.SetState(libtpms.Permanent, perm)
+				clear(perm)
+				return swtpm.Result(resultOf(err))
+			}
 			return swtpm.Result(0)
 		}
 		return swtpm.Result(resultOf(in.tpm.SetState(st, nil)))
