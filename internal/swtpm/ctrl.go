@@ -230,6 +230,8 @@ func (c *Conn) ReadRequest() (*Request, error) {
 	need := rule.n
 	if rule.shortIsError && n < 4+need {
 		req.Malformed = true
+		req.Body = make([]byte, need) // the fixed size, as for every request
+		copy(req.Body, c.buf[4:n])
 		return req, nil
 	}
 	if err := c.fill(n, 4+need); err != nil {
