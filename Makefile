@@ -21,13 +21,7 @@ test: vet
 
 FUZZTIME ?= 30s
 fuzz:
-	@set -e; grep -rl --include='*_test.go' '^func Fuzz' . | while read -r f; do \
-		pkg=./$$(dirname $$f | sed 's|^\./||'); \
-		for fn in $$(grep -o '^func Fuzz[A-Za-z0-9_]*' $$f | sed 's/^func //'); do \
-			echo "fuzz $$pkg $$fn ($(FUZZTIME))"; \
-			$(GO) test -run='^$$' -fuzz="^$$fn$$" -fuzztime=$(FUZZTIME) $$pkg; \
-		done; \
-	done
+	./scripts/fuzz.sh $(FUZZTIME)
 
 demo: build
 	./scripts/demo.sh
