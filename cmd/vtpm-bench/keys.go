@@ -17,7 +17,7 @@ import (
 	"vtpm/internal/guardian"
 	"vtpm/internal/keystore"
 	"vtpm/internal/seal"
-	"vtpm/internal/tpmkeys"
+	"vtpm/internal/keybroker"
 )
 
 const (
@@ -45,7 +45,7 @@ type keys struct {
 // keyManagement is measurement 8.
 func (b *bench) keyManagement() ([]row, error) {
 	k := &keys{b: b, root: filepath.Join(b.base, "keys-home"), opts: keystore.Options{HostTPM: "none", Logger: quiet()}}
-	h, err := tpmkeys.Open(k.root, k.opts)
+	h, err := keybroker.Open(k.root, k.opts)
 	if err != nil {
 		return nil, err
 	}
@@ -79,7 +79,7 @@ func (k *keys) env() []string {
 // newTPM creates a TPM under a protector owned by this host in a fresh
 // directory, with a sealed permanent state of permallSize bytes.
 func (k *keys) newTPM(name string) (string, error) {
-	h, err := tpmkeys.Open(k.root, k.opts)
+	h, err := keybroker.Open(k.root, k.opts)
 	if err != nil {
 		return "", err
 	}
@@ -149,7 +149,7 @@ func (k *keys) open() ([]row, error) {
 	if err != nil {
 		return nil, err
 	}
-	h, err := tpmkeys.Open(k.root, k.opts)
+	h, err := keybroker.Open(k.root, k.opts)
 	if err != nil {
 		return nil, err
 	}
@@ -159,7 +159,7 @@ func (k *keys) open() ([]row, error) {
 		return nil, err
 	}
 	whole := &timed{op: func() error {
-		h, err := tpmkeys.Open(k.root, k.opts)
+		h, err := keybroker.Open(k.root, k.opts)
 		if err != nil {
 			return err
 		}
@@ -171,7 +171,7 @@ func (k *keys) open() ([]row, error) {
 		return loadState(dir, o.DEK, h.Generations())
 	}}
 	ks := &timed{op: func() error {
-		h, err := tpmkeys.Open(k.root, k.opts)
+		h, err := keybroker.Open(k.root, k.opts)
 		if err != nil {
 			return err
 		}
@@ -188,7 +188,7 @@ func (k *keys) open() ([]row, error) {
 	}
 	return []row{
 		vtpmRow("open a TPM in process: keystore + protector + sealed state", "ms", whole.s, openLimit,
-			"tpmkeys.Open (file-protected master key), Host.OpenTPM (read the protector, verify its certificates and the owner's signature, HPKE-unwrap the data key), seal.Open + Load of a 4 KiB permall with generation check"),
+			"keybroker.Open (file-protected master key), Host.OpenTPM (read the protector, verify its certificates and the owner's signature, HPKE-unwrap the data key), seal.Open + Load of a 4 KiB permall with generation check"),
 		vtpmRow("… of which: open the host keystore", "ms", ks.s, 0, ""),
 		vtpmRow("… of which: open the protector (verify + unwrap)", "ms", prot.s, 0, ""),
 		vtpmRow("… of which: open and decrypt the sealed state", "ms", state.s, 0, ""),
@@ -203,7 +203,7 @@ func (k *keys) grant() ([]row, error) {
 	if err != nil {
 		return nil, err
 	}
-	path := filepath.Join(dir, tpmkeys.ProtectorFile)
+	path := filepath.Join(dir, keybroker.ProtectorFile)
 	orig, err := os.ReadFile(path)
 	if err != nil {
 		return nil, err
@@ -218,14 +218,14 @@ func (k *keys) grant() ([]row, error) {
 		return nil, err
 	}
 
-	h, err := tpmkeys.Open(k.root, k.opts)
+	h, err := keybroker.Open(k.root, k.opts)
 	if err != nil {
 		return nil, err
 	}
 	defer h.Close()
 	// As `vtpm protector grant` does, with the keystore already open.
 	inProc := &timed{before: restore, op: func() error {
-		p, err := tpmkeys.ReadProtector(dir)
+		p, err := keybroker.ReadProtector(dir)
 		if err != nil {
 			return err
 		}
@@ -241,7 +241,7 @@ func (k *keys) grant() ([]row, error) {
 		if err := p.Grant(o.DEK, k.other, owner); err != nil {
 			return err
 		}
-		return tpmkeys.WriteProtector(dir, p)
+		return keybroker.WriteProtector(dir, p)
 	}}
 	k.b.progress("grant a guardian in process: %d", k.b.cfg.keyOps)
 	if err := k.b.interleaveOps(k.b.cfg.keyOps, inProc); err != nil {
@@ -273,7 +273,7 @@ func (k *keys) grant() ([]row, error) {
 // every TPM of a host gets a row for a fleet's guardian: for each, parse and
 // verify, open with the owner, grant, re-sign and marshal.
 func (k *keys) rewrap() ([]row, error) {
-	h, err := tpmkeys.Open(k.root, k.opts)
+	h, err := keybroker.Open(k.root, k.opts)
 	if err != nil {
 		return nil, err
 	}
@@ -353,7 +353,7 @@ func (k *keys) starts() ([]row, error) {
 		}
 		opts[i] = o
 	}
-	if _, err := os.Stat(filepath.Join(opts[0].stateDir, tpmkeys.ProtectorFile)); err != nil {
+	if _, err := os.Stat(filepath.Join(opts[0].stateDir, keybroker.ProtectorFile)); err != nil {
 		return nil, fmt.Errorf("the TPM started without --data-key has no protector: %w", err)
 	}
 	k.b.progress("vtpm start with a protector and with --data-key: %d × 2", k.b.cfg.keyStarts)

@@ -397,7 +397,7 @@ func (r *report) markdown(notes string) string {
 	w("  creates its keystore then). CPU time is the process's and its waited-for children's (wait4 rusage).\n")
 	w("- Section 8 is vtpm's alone (swtpm has no key protectors); its target is absolute: opening a TPM's key\n")
 	w("  adds under %g ms to instance start. All of it uses one file-protected keystore (VTPM_HOST_TPM=none).\n", openLimit)
-	w("  \"Open a TPM\" calls, in this process, what a vTPM does before libtpms starts: `tpmkeys.Open`,\n")
+	w("  \"Open a TPM\" calls, in this process, what a vTPM does before libtpms starts: `keybroker.Open`,\n")
 	w("  `Host.OpenTPM` and `seal.Open` + `Load` of a %d KiB permanent state; the parts are timed\n", permallSize>>10)
 	w("  separately too, interleaved round by round. Granting restores the original protector before each\n")
 	w("  run (not timed). Re-wrapping works on %d protectors marshalled in memory (%d round(s) after one\n", c.rewrapN, c.rewraps)

@@ -28,7 +28,7 @@ import (
 	"vtpm/internal/paths"
 	"vtpm/internal/sandbox"
 	"vtpm/internal/swtpm"
-	"vtpm/internal/tpmkeys"
+	"vtpm/internal/keybroker"
 )
 
 // Check statuses.
@@ -435,7 +435,7 @@ func keystoreCheck() check {
 		return check{Name: "keystore", Status: statusWarning, Detail: fmt.Sprintf("no keystore in %s yet; it is created by the first vTPM, sealed to /dev/tpmrm0 if it opens, else in a file", root),
 			Fix: "on a host with a TPM, check that /dev/tpmrm0 opens for this user before starting the first vTPM"}
 	}
-	host, err := tpmkeys.Open(root, keystore.Options{HostTPM: os.Getenv("VTPM_HOST_TPM"), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	host, err := keybroker.Open(root, keystore.Options{HostTPM: os.Getenv("VTPM_HOST_TPM"), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		return check{Name: "keystore", Status: statusMissing, Detail: err.Error(), Fix: "see the error above; VTPM_HOST_TPM selects the host TPM"}
 	}

@@ -17,20 +17,20 @@ import (
 	"vtpm/internal/keystore"
 	"vtpm/internal/paths"
 	"vtpm/internal/seal"
-	"vtpm/internal/tpmkeys"
+	"vtpm/internal/keybroker"
 )
 
-// openHost opens this host's keystore with the configured host TPM.
-func openHost() (*tpmkeys.Host, error) {
-	return tpmkeys.Open(paths.DataRoot(), keystore.Options{
+// openBroker opens this host's keystore with the configured host TPM.
+func openBroker() (*keybroker.Broker, error) {
+	return keybroker.Open(paths.DataRoot(), keystore.Options{
 		HostTPM: os.Getenv("VTPM_HOST_TPM"),
 		Logger:  slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
 	})
 }
 
 // withHost runs f with this host's keystore open.
-func withHost(f func(h *tpmkeys.Host) error) error {
-	h, err := openHost()
+func withHost(f func(h *keybroker.Broker) error) error {
+	h, err := openBroker()
 	if err != nil {
 		return err
 	}
@@ -98,7 +98,7 @@ func guardianCmd() *cobra.Command {
 	list := &cobra.Command{
 		Use: "list", Short: "List this host's guardians", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return withHost(func(h *tpmkeys.Host) error {
+			return withHost(func(h *keybroker.Broker) error {
 				gs, err := h.Guardians()
 				if err != nil {
 					return err
@@ -126,7 +126,7 @@ func guardianCmd() *cobra.Command {
 	show := &cobra.Command{
 		Use: "show [NAME|FINGERPRINT]", Short: "Show a guardian (default: this host's)", Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return withHost(func(h *tpmkeys.Host) error {
+			return withHost(func(h *keybroker.Broker) error {
 				g, local, err := pick(h, args)
 				if err != nil {
 					return err
@@ -150,7 +150,7 @@ func guardianCmd() *cobra.Command {
 		Short: "Export a guardian as password-protected PKCS#12 (private key included), or its certificates only",
 		Args:  cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return withHost(func(h *tpmkeys.Host) error {
+			return withHost(func(h *keybroker.Broker) error {
 				g, _, err := pick(h, args)
 				if err != nil {
 					return err
@@ -197,7 +197,7 @@ func guardianCmd() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("import %s: %w", args[0], err)
 			}
-			return withHost(func(h *tpmkeys.Host) error {
+			return withHost(func(h *keybroker.Broker) error {
 				if err := h.Import(g, replace); err != nil {
 					return err
 				}
@@ -212,7 +212,7 @@ func guardianCmd() *cobra.Command {
 	remove := &cobra.Command{
 		Use: "remove NAME|FINGERPRINT", Short: "Remove a guardian from this host", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return withHost(func(h *tpmkeys.Host) error {
+			return withHost(func(h *keybroker.Broker) error {
 				g, err := h.Remove(args[0])
 				if err != nil {
 					return err
@@ -226,7 +226,7 @@ func guardianCmd() *cobra.Command {
 	return cmd
 }
 
-func pick(h *tpmkeys.Host, args []string) (*guardian.Guardian, bool, error) {
+func pick(h *keybroker.Broker, args []string) (*guardian.Guardian, bool, error) {
 	local, err := h.Local()
 	if err != nil || len(args) == 0 {
 		return local, true, err
@@ -244,7 +244,7 @@ func protectorCmd() *cobra.Command {
 	show := &cobra.Command{
 		Use: "show VM|TPM-DIR", Short: "Show a TPM's key protector", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			p, err := tpmkeys.ReadProtector(tpmDir(args[0]))
+			p, err := keybroker.ReadProtector(tpmDir(args[0]))
 			if err != nil {
 				return err
 			}
@@ -296,7 +296,7 @@ func protectorCmd() *cobra.Command {
 		Args:  cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			dir := tpmDir(args[0])
-			p, err := tpmkeys.ReadProtector(dir)
+			p, err := keybroker.ReadProtector(dir)
 			if err != nil {
 				return err
 			}
@@ -325,8 +325,8 @@ func protectorCmd() *cobra.Command {
 // changeProtector opens dir's TPM, checks this host holds the owner's key,
 // applies change and writes the protector back.
 func changeProtector(dir string, change func(*guardian.Protector, []byte, *guardian.Guardian) error, w io.Writer, done string) error {
-	return withHost(func(h *tpmkeys.Host) error {
-		p, err := tpmkeys.ReadProtector(dir)
+	return withHost(func(h *keybroker.Broker) error {
+		p, err := keybroker.ReadProtector(dir)
 		if err != nil {
 			return err
 		}
@@ -342,7 +342,7 @@ func changeProtector(dir string, change func(*guardian.Protector, []byte, *guard
 		if err := change(p, o.DEK, owner); err != nil {
 			return err
 		}
-		if err := tpmkeys.WriteProtector(dir, p); err != nil {
+		if err := keybroker.WriteProtector(dir, p); err != nil {
 			return err
 		}
 		fmt.Fprintf(w, "%s for TPM %s\n", done, p.TPM())
@@ -368,7 +368,7 @@ func keyCmd() *cobra.Command {
 				// OpenTPM would provision a new TPM there and export its key.
 				return fmt.Errorf("%s holds no vtpm TPM state (no %s); nothing was exported", dir, seal.StateFileName)
 			}
-			return withHost(func(h *tpmkeys.Host) error {
+			return withHost(func(h *keybroker.Broker) error {
 				o, err := h.OpenTPM(dir)
 				if err != nil {
 					return err
@@ -406,7 +406,7 @@ func keyCmd() *cobra.Command {
 				return fmt.Errorf("%s: %w", args[0], err)
 			}
 			defer clear(k.DEK)
-			return withHost(func(h *tpmkeys.Host) error {
+			return withHost(func(h *keybroker.Broker) error {
 				if err := h.ImportKey(k.TPM, k.DEK, replace); err != nil {
 					return err
 				}
@@ -430,7 +430,7 @@ func tpmDir(arg string) string {
 	if st, err := os.Stat(arg); err == nil && st.IsDir() {
 		return arg
 	}
-	if v, err := vmHost().Open(arg); err == nil {
+	if v, err := vmRegistry().Open(arg); err == nil {
 		return v.TPMDir()
 	}
 	return arg

@@ -20,7 +20,7 @@ import (
 	"vtpm/internal/manufacture"
 	"vtpm/internal/seal"
 	"vtpm/internal/swtpm/statefile"
-	"vtpm/internal/tpmkeys"
+	"vtpm/internal/keybroker"
 )
 
 // mfgRequest is one manufacture (or PCR reconfiguration) of a state directory.
@@ -38,7 +38,7 @@ type mfgResult struct {
 }
 
 // openState opens dir in the format `vtpm swtpm socket` will serve it in.
-func openState(h *tpmkeys.Host, dir, swtpmKey string, log *slog.Logger) (*manufacture.Opened, error) {
+func openState(h *keybroker.Broker, dir, swtpmKey string, log *slog.Logger) (*manufacture.Opened, error) {
 	if manufacture.ChooseFormat(dir, swtpmKey != "") == manufacture.Swtpm {
 		var key *statefile.Key
 		if swtpmKey != "" {
@@ -55,7 +55,7 @@ func openState(h *tpmkeys.Host, dir, swtpmKey string, log *slog.Logger) (*manufa
 
 // runManufacture manufactures the TPM in r.dir in-process, with this host's CA.
 func runManufacture(r mfgRequest) (*mfgResult, error) {
-	h, err := openHost()
+	h, err := openBroker()
 	if err != nil {
 		return nil, err
 	}
@@ -234,7 +234,7 @@ func tpmShowCmd() *cobra.Command {
 			}
 			out := map[string]any{"dir": dir}
 			var info *manufacture.Info
-			err := withHost(func(h *tpmkeys.Host) error {
+			err := withHost(func(h *keybroker.Broker) error {
 				st, err := openState(h, dir, key, warnLogger())
 				if err != nil {
 					return err
@@ -273,7 +273,7 @@ func tpmShowCmd() *cobra.Command {
 				Owner       bool   `json:"owner"`
 			}
 			var rows []row
-			if p, err := tpmkeys.ReadProtector(dir); err == nil {
+			if p, err := keybroker.ReadProtector(dir); err == nil {
 				for _, r := range p.Rows() {
 					rows = append(rows, row{r.Name, r.Fingerprint, r.Fingerprint == p.Owner().Fingerprint()})
 				}
@@ -333,7 +333,7 @@ func caCmd() *cobra.Command {
 		Short: "Show the local CA (created on first use), or print its certificate as PEM for openssl verify -CAfile",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return withHost(func(h *tpmkeys.Host) error {
+			return withHost(func(h *keybroker.Broker) error {
 				ca, err := manufacture.LoadCA(h.Keystore())
 				if err != nil {
 					return err

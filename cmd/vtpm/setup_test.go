@@ -13,7 +13,7 @@ import (
 	"vtpm/internal/manufacture"
 	"vtpm/internal/seal"
 	"vtpm/internal/swtpm/statefile"
-	"vtpm/internal/tpmkeys"
+	"vtpm/internal/keybroker"
 )
 
 // setupEnv gives a test its own data root and returns a fresh state directory.
@@ -59,7 +59,7 @@ func dirHashes(t *testing.T, dir string) map[string][32]byte {
 func inspect(t *testing.T, dir, key string) *manufacture.Info {
 	t.Helper()
 	var info *manufacture.Info
-	err := withHost(func(h *tpmkeys.Host) error {
+	err := withHost(func(h *keybroker.Broker) error {
 		st, err := openState(h, dir, key, warnLogger())
 		if err != nil {
 			return err
@@ -249,7 +249,7 @@ func TestSwtpmSetupEncryptedSwtpmState(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The wrong cipher does not open the state.
-	err := withHost(func(h *tpmkeys.Host) error {
+	err := withHost(func(h *keybroker.Broker) error {
 		st, err := openState(h, dir, "pwdfile="+pwd+",mode=aes-128-cbc", warnLogger())
 		if err != nil {
 			return err

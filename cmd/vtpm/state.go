@@ -9,7 +9,7 @@ import (
 
 	"vtpm/internal/stateimport"
 	"vtpm/internal/swtpm/statefile"
-	"vtpm/internal/tpmkeys"
+	"vtpm/internal/keybroker"
 )
 
 func stateCmd() *cobra.Command {
@@ -54,7 +54,7 @@ TPM process may use DIR while it is imported.`,
 				}
 				defer clear(fileKey.Bytes)
 			}
-			host, err := openHost()
+			host, err := openBroker()
 			if err != nil {
 				return err
 			}
@@ -63,7 +63,7 @@ TPM process may use DIR while it is imported.`,
 			// guardian, in the staging directory they are moved in from.
 			key := func(staging string) ([]byte, error) {
 				if dataKey != "" {
-					return tpmkeys.ParseDataKey(dataKey)
+					return keybroker.ParseDataKey(dataKey)
 				}
 				o, err := host.OpenTPM(staging)
 				if err != nil {

@@ -5,7 +5,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"vtpm/internal/tpmkeys"
+	"vtpm/internal/keybroker"
 )
 
 func tpmCmd() *cobra.Command {
@@ -21,13 +21,13 @@ to the old TPM (BitLocker, LUKS) will need their recovery keys.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			dir := tpmDir(args[0])
-			p, err := tpmkeys.ReadPolicy(dir)
+			p, err := keybroker.ReadPolicy(dir)
 			if err != nil {
 				return err
 			}
 			if cmd.Flags().Changed("on-missing-key") {
 				p.OnMissingKey = onMissing
-				if err := tpmkeys.WritePolicy(dir, p); err != nil {
+				if err := keybroker.WritePolicy(dir, p); err != nil {
 					return err
 				}
 			}

@@ -27,7 +27,7 @@ on: OVMF's Secure Boot firmware with a variable store that has Microsoft's keys
 enrolled.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			h := vmHost()
+			h := vmRegistry()
 			v, err := h.Open(args[0])
 			if err != nil {
 				return err
@@ -49,7 +49,7 @@ func tpmRemoveCmd() *cobra.Command {
 		Short: "Remove a stopped VM's vTPM, keeping its state in a backup",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			h := vmHost()
+			h := vmRegistry()
 			v, err := h.Open(args[0])
 			if err != nil {
 				return err
@@ -88,7 +88,7 @@ failed. A running VM sees the change at its next start.`,
 			if all == (len(args) > 0) {
 				return errors.New("name the VMs, or give --all (not both)")
 			}
-			h := vmHost()
+			h := vmRegistry()
 			refs := args
 			if all {
 				entries, err := h.Entries()

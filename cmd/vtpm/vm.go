@@ -14,9 +14,9 @@ import (
 	"vtpm/internal/vm"
 )
 
-// vmHost is this host's VMs, under the data root.
-func vmHost() *vm.Host {
-	h := vm.NewHost(paths.DataRoot(), openHost)
+// vmRegistry is this host's VMs, under the data root.
+func vmRegistry() *vm.Registry {
+	h := vm.NewRegistry(paths.DataRoot(), openBroker)
 	h.Log = warnLogger()
 	return h
 }
@@ -82,12 +82,12 @@ apply).`,
 			if o.Disk != "" && (o.DiskSize != "" || o.NoDisk) {
 				return fmt.Errorf("give one of --disk PATH, --disk-size SIZE or --no-disk")
 			}
-			res, err := vmHost().Create(o)
+			res, err := vmRegistry().Create(o)
 			if err != nil {
 				return err
 			}
 			if asJSON {
-				return printJSON(cmd.OutOrStdout(), vmInfo(vmHost(), res.VM))
+				return printJSON(cmd.OutOrStdout(), vmInfo(vmRegistry(), res.VM))
 			}
 			c := res.VM.Config
 			fmt.Fprintf(cmd.OutOrStdout(), "created VM %s (%s) in %s: %s, %s, Secure Boot %s, TPM %s\n",
@@ -149,7 +149,7 @@ type vmJSON struct {
 	Error      string `json:"error,omitempty"`
 }
 
-func vmInfo(h *vm.Host, v *vm.VM) vmJSON {
+func vmInfo(h *vm.Registry, v *vm.VM) vmJSON {
 	c := v.Config
 	j := vmJSON{Name: c.Name, UUID: c.UUID.String(), Path: v.Dir, OS: string(c.OS), Firmware: string(c.Firmware),
 		SecureBoot: c.SecureBoot, TPM: tpmStatus(c), Template: c.Template}
@@ -168,7 +168,7 @@ func vmListCmd() *cobra.Command {
 		Short: "List running VMs (-a: all registered VMs and templates) with state, firmware, Secure Boot and TPM",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			h := vmHost()
+			h := vmRegistry()
 			entries, err := h.Entries()
 			if err != nil {
 				return err
@@ -222,7 +222,7 @@ func vmShowCmd() *cobra.Command {
 		Short: "Show a VM's bundle, settings and state",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			h := vmHost()
+			h := vmRegistry()
 			v, err := h.Open(args[0])
 			if err != nil {
 				return err
@@ -264,7 +264,7 @@ host. Its TPM opens only if one of its key protector's guardians is held here;
 ` + "`vtpm vm start`" + ` says which guardians could open it and how to import one.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			h := vmHost()
+			h := vmRegistry()
 			v, err := h.Register(args[0], name)
 			if err != nil {
 				return err
@@ -287,7 +287,7 @@ func vmUnregisterCmd() *cobra.Command {
 		Short: "Forget a VM on this host; its bundle stays where it is",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			h := vmHost()
+			h := vmRegistry()
 			if v, err := h.Open(args[0]); err == nil && h.State(v).Running() {
 				return fmt.Errorf("VM %s is running; stop it with `vtpm vm stop %s` first", v.Name(), v.Name())
 			}
@@ -308,7 +308,7 @@ func vmDeleteCmd() *cobra.Command {
 		Short: "Delete a stopped VM's bundle, keeping a backup of its TPM state unless --delete-tpm",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			h := vmHost()
+			h := vmRegistry()
 			v, err := h.Open(args[0])
 			if err != nil {
 				return err
@@ -346,7 +346,7 @@ and to a unix socket with --serial-socket. --console puts it on this terminal
 and returns when the VM stops (Ctrl-C stops the VM).`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			h := vmHost()
+			h := vmRegistry()
 			v, err := h.Open(args[0])
 			if err != nil {
 				return err
@@ -382,7 +382,7 @@ func vmStopCmd() *cobra.Command {
 		Short: "Shut a VM down (ACPI power button, then quit after --timeout); its vTPM persists its state and exits",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			h := vmHost()
+			h := vmRegistry()
 			v, err := h.Open(args[0])
 			if err != nil {
 				return err
@@ -422,7 +422,7 @@ then share one EK. --tpm none leaves the clone without a TPM.`,
 			if err != nil {
 				return err
 			}
-			h := vmHost()
+			h := vmRegistry()
 			src, err := h.Open(args[0])
 			if err != nil {
 				return err
@@ -437,7 +437,7 @@ then share one EK. --tpm none leaves the clone without a TPM.`,
 	return cmd
 }
 
-func printCreated(cmd *cobra.Command, h *vm.Host, res *vm.Created, err error, verb string, asJSON bool) error {
+func printCreated(cmd *cobra.Command, h *vm.Registry, res *vm.Created, err error, verb string, asJSON bool) error {
 	if err != nil {
 		return err
 	}
@@ -468,7 +468,7 @@ func vmTemplateCmd() *cobra.Command {
 		Short: "Make a template of a stopped VM: its bundle without TPM secrets, marked \"TPM required\" if it had one",
 		Args:  cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			h := vmHost()
+			h := vmRegistry()
 			src, err := h.Open(args[0])
 			if err != nil {
 				return err
@@ -490,7 +490,7 @@ func vmDeployCmd() *cobra.Command {
 		Short: "Create a VM from a template, with a freshly manufactured vTPM when the template requires one",
 		Args:  cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			h := vmHost()
+			h := vmRegistry()
 			tmpl, err := h.Open(args[0])
 			if err != nil {
 				return err

@@ -24,7 +24,7 @@ import (
 	"vtpm/internal/keystore"
 	"vtpm/internal/seal"
 	"vtpm/internal/testutil"
-	"vtpm/internal/tpmkeys"
+	"vtpm/internal/keybroker"
 )
 
 // This file holds the crash-safety test and the helpers it shares with
@@ -241,7 +241,7 @@ func readCounter(tpm *tpmConn) (uint64, error) {
 // record of the generations it has seen. Reading them takes no lock.
 func tpmKeys(t testing.TB, home, dir string) ([]byte, seal.Generations) {
 	t.Helper()
-	h, err := tpmkeys.Open(home, keystore.Options{})
+	h, err := keybroker.Open(home, keystore.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

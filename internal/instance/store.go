@@ -15,7 +15,7 @@ import (
 	"vtpm/internal/seal"
 	"vtpm/internal/swtpm"
 	"vtpm/internal/swtpm/statefile"
-	"vtpm/internal/tpmkeys"
+	"vtpm/internal/keybroker"
 )
 
 // store is where libtpms' blobs live: vtpm's sealed format or swtpm's files.
@@ -54,7 +54,7 @@ type sealingKey struct {
 	dek    []byte
 	tpm    uuid.UUID // the TPM's UUID when known (from its key protector)
 	gens   seal.Generations
-	host   *tpmkeys.Host    // keeps the keystore open for generation records; nil once pinned
+	host   *keybroker.Broker    // keeps the keystore open for generation records; nil once pinned
 	pinned *keystore.Pinned // this TPM's generation record, kept open across --runas
 }
 
@@ -98,15 +98,15 @@ func (k *sealingKey) pinGenerations(stateDir string) error {
 // --data-key when given, else from the TPM's key protector. A new state
 // directory gets a fresh key and a protector owned by this host's guardian.
 func unlockSealed(cfg *swtpm.Config, log *slog.Logger) (*sealingKey, error) {
-	host, err := tpmkeys.Open(paths.DataRoot(), keystore.Options{HostTPM: os.Getenv("VTPM_HOST_TPM"), Logger: log})
+	host, err := keybroker.Open(paths.DataRoot(), keystore.Options{HostTPM: os.Getenv("VTPM_HOST_TPM"), Logger: log})
 	if err != nil {
 		return nil, err
 	}
 	k := &sealingKey{host: host, gens: host.Generations()}
 	if cfg.DataKey != "" {
-		k.dek, err = tpmkeys.ParseDataKey(cfg.DataKey)
+		k.dek, err = keybroker.ParseDataKey(cfg.DataKey)
 	} else {
-		var o *tpmkeys.Opened
+		var o *keybroker.Opened
 		if o, err = host.OpenTPM(cfg.StateDir); err == nil {
 			k.dek, k.tpm = o.DEK, o.TPM
 			if o.Backup != "" {

@@ -15,13 +15,13 @@ import (
 
 	"vtpm/internal/keystore"
 	"vtpm/internal/seal"
-	"vtpm/internal/tpmkeys"
+	"vtpm/internal/keybroker"
 )
 
 // testHost opens a host keystore under a temporary data root and its CA.
-func testHost(t *testing.T) (*tpmkeys.Host, *CA) {
+func testHost(t *testing.T) (*keybroker.Broker, *CA) {
 	t.Helper()
-	h, err := tpmkeys.Open(t.TempDir(), keystore.Options{HostTPM: "none"})
+	h, err := keybroker.Open(t.TempDir(), keystore.Options{HostTPM: "none"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -33,7 +33,7 @@ func testHost(t *testing.T) (*tpmkeys.Host, *CA) {
 	return h, ca
 }
 
-func manufactureSealed(t *testing.T, h *tpmkeys.Host, dir string, o Options) *Report {
+func manufactureSealed(t *testing.T, h *keybroker.Broker, dir string, o Options) *Report {
 	t.Helper()
 	st, err := OpenSealed(h, dir, nil)
 	if err != nil {
@@ -48,7 +48,7 @@ func manufactureSealed(t *testing.T, h *tpmkeys.Host, dir string, o Options) *Re
 	return rep
 }
 
-func inspectSealed(t *testing.T, h *tpmkeys.Host, dir string) *Info {
+func inspectSealed(t *testing.T, h *keybroker.Broker, dir string) *Info {
 	t.Helper()
 	st, err := OpenSealed(h, dir, nil)
 	if err != nil {

@@ -16,7 +16,7 @@ import (
 	"vtpm/internal/libtpms"
 	"vtpm/internal/seal"
 	"vtpm/internal/swtpm/statefile"
-	"vtpm/internal/tpmkeys"
+	"vtpm/internal/keybroker"
 )
 
 // Format names a state format.
@@ -70,7 +70,7 @@ func RemoveState(dir string) error {
 // of its copies (<blob>[.<copy>].sealed[.…]), an swtpm state file, or the
 // sealed state's identity and key protector.
 func isStateFile(name string) bool {
-	if name == seal.StateFileName || name == tpmkeys.ProtectorFile {
+	if name == seal.StateFileName || name == keybroker.ProtectorFile {
 		return true
 	}
 	for _, n := range seal.Names {
@@ -98,7 +98,7 @@ type Opened struct {
 
 // OpenSealed opens (creating) sealed state in dir, with the data key from
 // host's key protector for dir (a new dir gets a fresh key and protector).
-func OpenSealed(host *tpmkeys.Host, dir string, log *slog.Logger) (*Opened, error) {
+func OpenSealed(host *keybroker.Broker, dir string, log *slog.Logger) (*Opened, error) {
 	o, err := host.OpenTPM(dir)
 	if err != nil {
 		return nil, err

@@ -140,7 +140,7 @@ func diskFor(path string) (Disk, error) {
 
 // Create makes a bundle, registers it, and manufactures its vTPM when it
 // gets one. On failure nothing is left behind.
-func (h *Host) Create(o CreateOptions) (_ *Created, err error) {
+func (h *Registry) Create(o CreateOptions) (_ *Created, err error) {
 	c, err := newConfig(o)
 	if err != nil {
 		return nil, err
@@ -219,7 +219,7 @@ func makeBundleDir(dir string) error {
 // Delete removes a stopped VM's bundle and unregisters it. The TPM state is
 // moved to a backup under the data root (its path is returned) unless
 // deleteTPM is set. Disks outside the bundle are left alone.
-func (h *Host) Delete(v *VM, deleteTPM bool) (backup string, err error) {
+func (h *Registry) Delete(v *VM, deleteTPM bool) (backup string, err error) {
 	if err := h.requireStopped(v, "delete it"); err != nil {
 		return "", err
 	}
@@ -260,7 +260,7 @@ func ParseTPMMode(s string) (TPMMode, error) {
 // copyBundle copies src's bundle into the new directory dir without TPM
 // state, logs or backups, with disks outside the bundle copied in, and
 // returns the new VM (not yet saved or registered) with a new UUID.
-func (h *Host) copyBundle(src *VM, name, dir string) (*VM, error) {
+func (h *Registry) copyBundle(src *VM, name, dir string) (*VM, error) {
 	if err := validName(name); err != nil {
 		return nil, err
 	}
@@ -315,7 +315,7 @@ func (h *Host) copyBundle(src *VM, name, dir string) (*VM, error) {
 
 // finish saves and registers a new bundle made by copyBundle, then runs
 // tpm (if not nil) to give it its TPM; on failure the bundle is removed.
-func (h *Host) finish(v *VM, tpm func() error) (err error) {
+func (h *Registry) finish(v *VM, tpm func() error) (err error) {
 	registered := false
 	defer func() {
 		if err != nil {
@@ -340,7 +340,7 @@ func (h *Host) finish(v *VM, tpm func() error) (err error) {
 
 // Clone copies a stopped VM into a new VM with its own UUID. Its TPM is new
 // (fresh identity), a copy (same contents under a new key), or none.
-func (h *Host) Clone(src *VM, name string, mode TPMMode, dir string) (*Created, error) {
+func (h *Registry) Clone(src *VM, name string, mode TPMMode, dir string) (*Created, error) {
 	if src.Config.Template {
 		return nil, fmt.Errorf("%s is a template; make VMs from it with `vtpm vm deploy %s %s`", src.Name(), src.Name(), name)
 	}
@@ -374,7 +374,7 @@ func (h *Host) Clone(src *VM, name string, mode TPMMode, dir string) (*Created, 
 
 // Template makes a template from a stopped VM: the bundle without any TPM
 // state, marked "TPM required" when the VM had a TPM.
-func (h *Host) Template(src *VM, name, dir string) (*Created, error) {
+func (h *Registry) Template(src *VM, name, dir string) (*Created, error) {
 	if err := h.requireStopped(src, "make a template of it"); err != nil {
 		return nil, err
 	}
@@ -394,7 +394,7 @@ func (h *Host) Template(src *VM, name, dir string) (*Created, error) {
 
 // Deploy creates a VM from a template; a template marked "TPM required"
 // gives it a freshly manufactured vTPM.
-func (h *Host) Deploy(tmpl *VM, name, dir string) (*Created, error) {
+func (h *Registry) Deploy(tmpl *VM, name, dir string) (*Created, error) {
 	if !tmpl.Config.Template {
 		return nil, fmt.Errorf("%s is not a template; make one with `vtpm vm template %s NAME`, or copy the VM with `vtpm vm clone`", tmpl.Name(), tmpl.Name())
 	}

@@ -17,7 +17,7 @@ func TestIsolationPolicy(t *testing.T) {
 		if got := v.Config.IsolationPolicy(); got != tc.want {
 			t.Errorf("policy %q: effective %q, want %q", tc.set, got, tc.want)
 		}
-		args := (&Host{}).tpmArgs(v, runPaths{TPMSock: "/run/x/tpm.sock", TPMPid: "/run/x/tpm.pid"}, "")
+		args := (&Registry{}).tpmArgs(v, runPaths{TPMSock: "/run/x/tpm.sock", TPMPid: "/run/x/tpm.pid"}, "")
 		i := slices.Index(args, "--isolation")
 		if i < 0 || i+1 >= len(args) || args[i+1] != tc.want {
 			t.Errorf("policy %q: instance arguments %q, want --isolation %s", tc.set, args, tc.want)

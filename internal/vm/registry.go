@@ -14,7 +14,7 @@ import (
 
 	"github.com/google/uuid"
 
-	"vtpm/internal/tpmkeys"
+	"vtpm/internal/keybroker"
 
 	"vtpm/internal/atomicfile"
 )
@@ -25,12 +25,12 @@ var ErrConflict = errors.New("already registered")
 // ErrNotFound reports a VM that is not registered on this host.
 var ErrNotFound = errors.New("no such VM")
 
-// Host is the VMs of one data root: bundles created under <root>/vms and
+// Registry is the VMs of one data root: bundles created under <root>/vms and
 // bundles registered from elsewhere, all listed in <root>/vms.json.
-type Host struct {
+type Registry struct {
 	Root string
 	// Keys opens this host's keystore (for TPM keys and the local CA).
-	Keys func() (*tpmkeys.Host, error)
+	Keys func() (*keybroker.Broker, error)
 	// Exe is the vtpm executable that runs vTPM instances; default the
 	// running executable.
 	Exe string
@@ -38,12 +38,12 @@ type Host struct {
 	Log *slog.Logger
 }
 
-// NewHost returns the VMs under dataRoot; keys opens its keystore.
-func NewHost(dataRoot string, keys func() (*tpmkeys.Host, error)) *Host {
-	return &Host{Root: dataRoot, Keys: keys}
+// NewRegistry returns the VMs under dataRoot; keys opens its keystore.
+func NewRegistry(dataRoot string, keys func() (*keybroker.Broker, error)) *Registry {
+	return &Registry{Root: dataRoot, Keys: keys}
 }
 
-func (h *Host) log() *slog.Logger {
+func (h *Registry) log() *slog.Logger {
 	if h.Log != nil {
 		return h.Log
 	}
@@ -51,12 +51,12 @@ func (h *Host) log() *slog.Logger {
 }
 
 // VMsDir is where new bundles go unless a path is given.
-func (h *Host) VMsDir() string { return filepath.Join(h.Root, "vms") }
+func (h *Registry) VMsDir() string { return filepath.Join(h.Root, "vms") }
 
 // BackupsDir is where the TPM state of removed TPMs and deleted VMs is kept.
-func (h *Host) BackupsDir() string { return filepath.Join(h.Root, "backups") }
+func (h *Registry) BackupsDir() string { return filepath.Join(h.Root, "backups") }
 
-func (h *Host) registryPath() string { return filepath.Join(h.Root, "vms.json") }
+func (h *Registry) registryPath() string { return filepath.Join(h.Root, "vms.json") }
 
 // Entry is one registered bundle.
 type Entry struct {
@@ -71,7 +71,7 @@ type registry struct {
 }
 
 // Entries returns the registered bundles, sorted by name.
-func (h *Host) Entries() ([]Entry, error) {
+func (h *Registry) Entries() ([]Entry, error) {
 	r, err := h.read()
 	if err != nil {
 		return nil, err
@@ -79,7 +79,7 @@ func (h *Host) Entries() ([]Entry, error) {
 	return r.VMs, nil
 }
 
-func (h *Host) read() (*registry, error) {
+func (h *Registry) read() (*registry, error) {
 	r := &registry{Format: 1}
 	b, err := os.ReadFile(h.registryPath())
 	if errors.Is(err, fs.ErrNotExist) {
@@ -96,7 +96,7 @@ func (h *Host) read() (*registry, error) {
 
 // update runs f on the registry under an exclusive lock and writes it back
 // when f succeeds.
-func (h *Host) update(f func(r *registry) error) error {
+func (h *Registry) update(f func(r *registry) error) error {
 	if err := os.MkdirAll(h.Root, 0o700); err != nil {
 		return fmt.Errorf("create data root: %w", err)
 	}
@@ -121,7 +121,7 @@ func (h *Host) update(f func(r *registry) error) error {
 }
 
 // Find returns the registered bundle whose name or UUID is ref.
-func (h *Host) Find(ref string) (Entry, error) {
+func (h *Registry) Find(ref string) (Entry, error) {
 	r, err := h.read()
 	if err != nil {
 		return Entry{}, err
@@ -138,11 +138,11 @@ func (h *Host) Find(ref string) (Entry, error) {
 type VM struct {
 	Dir    string
 	Config *Config
-	host   *Host
+	host   *Registry
 }
 
 // Open finds and reads a registered VM.
-func (h *Host) Open(ref string) (*VM, error) {
+func (h *Registry) Open(ref string) (*VM, error) {
 	e, err := h.Find(ref)
 	if err != nil {
 		return nil, err
@@ -150,7 +150,7 @@ func (h *Host) Open(ref string) (*VM, error) {
 	return h.openEntry(e)
 }
 
-func (h *Host) openEntry(e Entry) (*VM, error) {
+func (h *Registry) openEntry(e Entry) (*VM, error) {
 	c, err := ReadConfig(e.Path)
 	if err != nil {
 		return nil, fmt.Errorf("VM %s: %w", e.Name, err)
@@ -173,7 +173,7 @@ func (v *VM) TPMDir() string { return filepath.Join(v.Dir, TPMDir) }
 
 // Register adds the bundle at path to this host, under name when it is not
 // empty (the bundle's vm.json is renamed to match).
-func (h *Host) Register(path, name string) (*VM, error) {
+func (h *Registry) Register(path, name string) (*VM, error) {
 	abs, err := filepath.Abs(path)
 	if err != nil {
 		return nil, err
@@ -221,7 +221,7 @@ func (r *registry) add(e Entry) error {
 }
 
 // Unregister removes a VM from this host's registry; its files stay.
-func (h *Host) Unregister(ref string) (Entry, error) {
+func (h *Registry) Unregister(ref string) (Entry, error) {
 	var gone Entry
 	err := h.update(func(r *registry) error {
 		for i, e := range r.VMs {

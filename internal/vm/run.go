@@ -48,12 +48,12 @@ func runBase() string {
 	return filepath.Join(os.TempDir(), fmt.Sprintf("vtpm-%d", os.Getuid()))
 }
 
-func (h *Host) runDir(v *VM) string {
+func (h *Registry) runDir(v *VM) string {
 	sum := sha256.Sum256([]byte(v.Dir))
 	return filepath.Join(runBase(), hex.EncodeToString(sum[:8]))
 }
 
-func (h *Host) run(v *VM) runPaths {
+func (h *Registry) run(v *VM) runPaths {
 	d := h.runDir(v)
 	t := filepath.Join(d, "tpm")
 	return runPaths{Dir: d, QMP: filepath.Join(d, "qmp.sock"), QEMUPid: filepath.Join(d, "qemu.pid"),
@@ -83,7 +83,7 @@ func (s RunState) String() string {
 // State derives a VM's run state from its live processes: a pid counts
 // only while /proc shows that process using the VM's run directory, so
 // stale pid files and reused pids do not.
-func (h *Host) State(v *VM) RunState {
+func (h *Registry) State(v *VM) RunState {
 	r := h.run(v)
 	return RunState{QEMU: livePid(r.QEMUPid, r.Dir), TPM: livePid(r.TPMPid, r.Dir)}
 }
@@ -104,7 +104,7 @@ func livePid(pidFile, mark string) int {
 	return pid
 }
 
-func (h *Host) requireStopped(v *VM, what string) error {
+func (h *Registry) requireStopped(v *VM, what string) error {
 	if st := h.State(v); st.Running() || st.TPM != 0 {
 		return fmt.Errorf("VM %s is running; stop it with `vtpm vm stop %s` to %s", v.Name(), v.Name(), what)
 	}
@@ -162,7 +162,7 @@ func isolationProblems() []error {
 // the emulator, firmware files, variable store, kernel, disks, the TPM's
 // key (a guardian error here means this host may not open the TPM) and the
 // isolation the VM's policy requires.
-func (h *Host) Preflight(v *VM) error {
+func (h *Registry) Preflight(v *VM) error {
 	c := v.Config
 	var probs []error
 	add := func(format string, a ...any) { probs = append(probs, fmt.Errorf(format, a...)) }
@@ -216,7 +216,7 @@ func (h *Host) Preflight(v *VM) error {
 	return nil
 }
 
-func (h *Host) checkTPMKey(v *VM) error {
+func (h *Registry) checkTPMKey(v *VM) error {
 	dir := v.TPMDir()
 	switch {
 	case seal.Exists(dir):
@@ -343,7 +343,7 @@ func qemuArgs(v *VM, r runPaths, accel, serial string) []string {
 
 // tpmArgs is the vTPM instance's command line (after the executable);
 // runAs is the user it drops to, "" for none.
-func (h *Host) tpmArgs(v *VM, r runPaths, runAs string) []string {
+func (h *Registry) tpmArgs(v *VM, r runPaths, runAs string) []string {
 	args := []string{"swtpm", "socket", "--tpm2",
 		"--tpmstate", "dir=" + v.TPMDir(),
 		"--ctrl", "type=unixio,path=" + r.TPMSock,
@@ -367,7 +367,7 @@ type Started struct {
 // Start runs the pre-flight checks, then the vTPM instance (when the VM has
 // an enabled TPM), then QEMU. Headless, it returns once QEMU runs; with
 // Console it returns when the VM has stopped.
-func (h *Host) Start(ctx context.Context, v *VM, o StartOptions) (*Started, error) {
+func (h *Registry) Start(ctx context.Context, v *VM, o StartOptions) (*Started, error) {
 	if st := h.State(v); st.Running() {
 		return nil, fmt.Errorf("VM %s is already running (QEMU pid %d)", v.Name(), st.QEMU)
 	} else if st.TPM != 0 {
@@ -460,7 +460,7 @@ func (h *Host) Start(ctx context.Context, v *VM, o StartOptions) (*Started, erro
 
 // startTPM starts the vTPM instance from this executable and waits until it
 // serves its control socket.
-func (h *Host) startTPM(ctx context.Context, v *VM, r runPaths) error {
+func (h *Registry) startTPM(ctx context.Context, v *VM, r runPaths) error {
 	exe := h.Exe
 	if exe == "" {
 		var err error
@@ -497,7 +497,7 @@ func (h *Host) startTPM(ctx context.Context, v *VM, r runPaths) error {
 
 // afterQEMU waits for the vTPM instance to persist its state and exit
 // (QEMU's exit sends it CMD_SHUTDOWN), then clears the run directory.
-func (h *Host) afterQEMU(ctx context.Context, v *VM, r runPaths) {
+func (h *Registry) afterQEMU(ctx context.Context, v *VM, r runPaths) {
 	if pid := livePid(r.TPMPid, r.Dir); pid != 0 {
 		if !waitGone(ctx, pid, 10*time.Second) {
 			syscall.Kill(pid, syscall.SIGTERM)
@@ -540,7 +540,7 @@ type Stopped struct {
 // Stop shuts a VM down: the ACPI power button, then QEMU's quit after
 // timeout (0 quits at once). QEMU's exit makes the vTPM persist its state
 // and exit; Stop waits for that.
-func (h *Host) Stop(ctx context.Context, v *VM, timeout time.Duration) (*Stopped, error) {
+func (h *Registry) Stop(ctx context.Context, v *VM, timeout time.Duration) (*Stopped, error) {
 	r := h.run(v)
 	st := h.State(v)
 	res := &Stopped{}
@@ -619,7 +619,7 @@ func tpmUser(configured string) (string, error) {
 // Any other directory on the way that name cannot search is an error, and
 // then nothing is changed. The state directory itself is handed over by
 // the instance (--runas).
-func (h *Host) prepareRunAs(v *VM, r runPaths, name string) error {
+func (h *Registry) prepareRunAs(v *VM, r runPaths, name string) error {
 	u, err := lookupUser(name)
 	if err != nil {
 		return fmt.Errorf("vTPM user %s: %w", name, err)

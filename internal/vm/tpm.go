@@ -11,7 +11,7 @@ import (
 	"vtpm/internal/manufacture"
 	"vtpm/internal/seal"
 	"vtpm/internal/swtpm/statefile"
-	"vtpm/internal/tpmkeys"
+	"vtpm/internal/keybroker"
 )
 
 // FirmwareDir holds Debian's ovmf package files.
@@ -39,7 +39,7 @@ const DefaultTPMDevice = "tpm-crb"
 // manufactureTPM makes a fresh TPM in v's tpm directory: new UUID, new data
 // key and key protector owned by this host, EKs and certificates from this
 // host's CA.
-func (h *Host) manufactureTPM(v *VM) (*manufacture.Report, error) {
+func (h *Registry) manufactureTPM(v *VM) (*manufacture.Report, error) {
 	dir := v.TPMDir()
 	if manufacture.HasState(dir) {
 		return nil, fmt.Errorf("%s already holds TPM state; nothing was changed", dir)
@@ -80,7 +80,7 @@ func (h *Host) manufactureTPM(v *VM) (*manufacture.Report, error) {
 	return rep, nil
 }
 
-func (h *Host) keys() (*tpmkeys.Host, error) {
+func (h *Registry) keys() (*keybroker.Broker, error) {
 	if h.Keys == nil {
 		return nil, errors.New("no keystore opener configured")
 	}
@@ -89,7 +89,7 @@ func (h *Host) keys() (*tpmkeys.Host, error) {
 
 // AddTPM gives a stopped VM a freshly manufactured vTPM and turns Secure
 // Boot on. It returns notes to show the user.
-func (h *Host) AddTPM(v *VM) ([]string, error) {
+func (h *Registry) AddTPM(v *VM) ([]string, error) {
 	c := v.Config
 	if c.HasTPM() {
 		if !c.TPM.Enabled {
@@ -143,7 +143,7 @@ func (v *VM) enableSecureBoot() (string, error) {
 
 // RemoveTPM detaches and removes a stopped VM's TPM, moving its state into
 // a backup under the data root. It returns the backup's path.
-func (h *Host) RemoveTPM(v *VM) (string, error) {
+func (h *Registry) RemoveTPM(v *VM) (string, error) {
 	c := v.Config
 	if !c.HasTPM() {
 		return "", fmt.Errorf("VM %s has no TPM", c.Name)
@@ -160,7 +160,7 @@ func (h *Host) RemoveTPM(v *VM) (string, error) {
 }
 
 // backupTPM moves v's tpm directory to <root>/backups/<name>-<uuid>-<time>/tpm.
-func (h *Host) backupTPM(v *VM) (string, error) {
+func (h *Registry) backupTPM(v *VM) (string, error) {
 	src := v.TPMDir()
 	if _, err := os.Stat(src); errors.Is(err, fs.ErrNotExist) {
 		return "", nil
@@ -188,7 +188,7 @@ func (h *Host) backupTPM(v *VM) (string, error) {
 // SetTPMEnabled attaches (on) or detaches (off) a VM's TPM without touching
 // its state or keys. A running VM sees the change at its next start; the
 // returned note says so.
-func (h *Host) SetTPMEnabled(v *VM, on bool) (string, error) {
+func (h *Registry) SetTPMEnabled(v *VM, on bool) (string, error) {
 	c := v.Config
 	if !c.HasTPM() {
 		if on {
@@ -233,7 +233,7 @@ func join(a, b string) string {
 // owned by this host. Every blob is unsealed with the source's key and
 // sealed again for the copy, so the TPM's contents (seeds, EKs, NV, sealed
 // objects) are the same and the two state directories share nothing.
-func (h *Host) copyTPM(src, dst string) error {
+func (h *Registry) copyTPM(src, dst string) error {
 	if statefile.HasState(src) && !seal.Exists(src) {
 		return fmt.Errorf("%s holds swtpm-format state; convert it with `vtpm state import %s` before copying it", src, src)
 	}
@@ -287,12 +287,12 @@ func (h *Host) copyTPM(src, dst string) error {
 	if n == 0 {
 		return fmt.Errorf("TPM %s in %s has no state to copy", in.UUID(), src)
 	}
-	if _, err := os.Stat(filepath.Join(src, tpmkeys.PolicyFile)); err == nil {
-		p, err := tpmkeys.ReadPolicy(src)
+	if _, err := os.Stat(filepath.Join(src, keybroker.PolicyFile)); err == nil {
+		p, err := keybroker.ReadPolicy(src)
 		if err != nil {
 			return err
 		}
-		if err := tpmkeys.WritePolicy(dst, p); err != nil {
+		if err := keybroker.WritePolicy(dst, p); err != nil {
 			return err
 		}
 	}

@@ -12,18 +12,18 @@ import (
 
 	"vtpm/internal/keystore"
 	"vtpm/internal/seal"
-	"vtpm/internal/tpmkeys"
+	"vtpm/internal/keybroker"
 )
 
-// testHost is a Host on a temporary data root with its own keystore.
-func testHost(t *testing.T) *Host {
+// testHost is a Registry on a temporary data root with its own keystore.
+func testHost(t *testing.T) *Registry {
 	t.Helper()
 	if _, err := os.Stat(filepath.Join(FirmwareDir, ovmfVarsMS)); err != nil {
 		t.Skipf("OVMF is not installed: %v", err)
 	}
 	root := t.TempDir()
-	return NewHost(root, func() (*tpmkeys.Host, error) {
-		return tpmkeys.Open(root, keystore.Options{HostTPM: "none"})
+	return NewRegistry(root, func() (*keybroker.Broker, error) {
+		return keybroker.Open(root, keystore.Options{HostTPM: "none"})
 	})
 }
 
@@ -175,7 +175,7 @@ func TestRegister(t *testing.T) {
 	if _, err := h.Register(copied, "other"); !errors.Is(err, ErrConflict) || !strings.Contains(err.Error(), "vtpm vm clone") {
 		t.Errorf("registering a copy with the same UUID: %v; want a conflict that points to vm clone", err)
 	}
-	other := NewHost(t.TempDir(), h.Keys)
+	other := NewRegistry(t.TempDir(), h.Keys)
 	v, err := other.Register(copied, "renamed")
 	if err != nil {
 		t.Fatal(err)
@@ -214,7 +214,7 @@ func TestCloneCopyRekeys(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer k.Close()
-	load := func(dir string) (*tpmkeys.Opened, []byte) {
+	load := func(dir string) (*keybroker.Opened, []byte) {
 		t.Helper()
 		o, err := k.OpenTPM(dir)
 		if err != nil {

@@ -1,7 +1,7 @@
-// Package tpmkeys opens a TPM's data key on this host: it keeps the host's
+// Package keybroker opens a TPM's data key on this host: it keeps the host's
 // guardians in the keystore, reads and writes key protectors beside sealed
 // state, and applies a TPM's policy when its key is gone.
-package tpmkeys
+package keybroker
 
 import (
 	"crypto/rand"
@@ -39,14 +39,14 @@ const (
 // ErrConflict reports an import of something this host already holds.
 var ErrConflict = errors.New("already present")
 
-// Host is this host's key material: its keystore and the guardians in it.
-type Host struct {
+// Broker is this host's key material: its keystore and the guardians in it.
+type Broker struct {
 	ks  *keystore.Keystore
 	log *slog.Logger
 }
 
 // Open opens the host keystore under dataRoot, creating it on first use.
-func Open(dataRoot string, opts keystore.Options) (*Host, error) {
+func Open(dataRoot string, opts keystore.Options) (*Broker, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
@@ -54,21 +54,21 @@ func Open(dataRoot string, opts keystore.Options) (*Host, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Host{ks: ks, log: opts.Logger}, nil
+	return &Broker{ks: ks, log: opts.Logger}, nil
 }
 
 // Close closes the keystore.
-func (h *Host) Close() error { return h.ks.Close() }
+func (h *Broker) Close() error { return h.ks.Close() }
 
 // Keystore returns the underlying keystore.
-func (h *Host) Keystore() *keystore.Keystore { return h.ks }
+func (h *Broker) Keystore() *keystore.Keystore { return h.ks }
 
 // Generations is where this host remembers the newest state generation of
 // every TPM it has opened (rollback protection).
-func (h *Host) Generations() seal.Generations { return h.ks.Generations() }
+func (h *Broker) Generations() seal.Generations { return h.ks.Generations() }
 
 // Local returns this host's own guardian, creating it on first use.
-func (h *Host) Local() (*guardian.Guardian, error) {
+func (h *Broker) Local() (*guardian.Guardian, error) {
 	fp, err := h.ks.Get(kindHost, "local")
 	if err == nil {
 		return h.guardian(string(fp))
@@ -94,7 +94,7 @@ func (h *Host) Local() (*guardian.Guardian, error) {
 	return g, nil
 }
 
-func (h *Host) put(g *guardian.Guardian) error {
+func (h *Broker) put(g *guardian.Guardian) error {
 	b, err := g.Marshal()
 	if err != nil {
 		return fmt.Errorf("store guardian %s: %w", g.Name(), err)
@@ -102,7 +102,7 @@ func (h *Host) put(g *guardian.Guardian) error {
 	return h.ks.Put(kindGuardian, g.Fingerprint(), b)
 }
 
-func (h *Host) guardian(fp string) (*guardian.Guardian, error) {
+func (h *Broker) guardian(fp string) (*guardian.Guardian, error) {
 	b, err := h.ks.Get(kindGuardian, fp)
 	if err != nil {
 		return nil, err
@@ -115,7 +115,7 @@ func (h *Host) guardian(fp string) (*guardian.Guardian, error) {
 }
 
 // Guardians returns every guardian this host holds, its own first.
-func (h *Host) Guardians() ([]*guardian.Guardian, error) {
+func (h *Broker) Guardians() ([]*guardian.Guardian, error) {
 	local, err := h.Local()
 	if err != nil {
 		return nil, err
@@ -140,7 +140,7 @@ func (h *Host) Guardians() ([]*guardian.Guardian, error) {
 
 // Find returns the held guardian whose name or fingerprint (or a prefix of
 // at least 8 hex digits of it) is ref.
-func (h *Host) Find(ref string) (*guardian.Guardian, error) {
+func (h *Broker) Find(ref string) (*guardian.Guardian, error) {
 	gs, err := h.Guardians()
 	if err != nil {
 		return nil, err
@@ -162,7 +162,7 @@ func (h *Host) Find(ref string) (*guardian.Guardian, error) {
 
 // Import adds a guardian (with its private key) to this host. A guardian
 // already present is a conflict unless replace is set.
-func (h *Host) Import(g *guardian.Guardian, replace bool) error {
+func (h *Broker) Import(g *guardian.Guardian, replace bool) error {
 	if !g.HasPrivate() {
 		return fmt.Errorf("guardian %s has no private key: a host can only hold guardians it can open protectors with; grant a certificate-only guardian with `vtpm protector grant` instead", g.Name())
 	}
@@ -173,7 +173,7 @@ func (h *Host) Import(g *guardian.Guardian, replace bool) error {
 }
 
 // Remove deletes a guardian from this host. The host's own guardian cannot be removed.
-func (h *Host) Remove(ref string) (*guardian.Guardian, error) {
+func (h *Broker) Remove(ref string) (*guardian.Guardian, error) {
 	g, err := h.Find(ref)
 	if err != nil {
 		return nil, err
@@ -191,7 +191,7 @@ func (h *Host) Remove(ref string) (*guardian.Guardian, error) {
 // ImportKey stores a TPM's data key, exported from another host, so that
 // this host can open that TPM. A different key already held for the same TPM
 // is a conflict unless replace is set.
-func (h *Host) ImportKey(id uuid.UUID, dek []byte, replace bool) error {
+func (h *Broker) ImportKey(id uuid.UUID, dek []byte, replace bool) error {
 	if old, err := h.ks.Get(kindTPMKey, id.String()); err == nil && !replace {
 		same := string(old) == string(dek)
 		clear(old)
@@ -256,7 +256,7 @@ type Opened struct {
 
 // OpenTPM returns the data key of the TPM whose state is in dir. A new
 // directory gets a fresh key and a protector owned by this host's guardian.
-func (h *Host) OpenTPM(dir string) (*Opened, error) {
+func (h *Broker) OpenTPM(dir string) (*Opened, error) {
 	o, err := h.openTPM(dir, false)
 	if !errors.Is(err, errNeedLock) {
 		return o, err
@@ -280,7 +280,7 @@ func (h *Host) OpenTPM(dir string) (*Opened, error) {
 var errNeedLock = errors.New("the state directory's lock is needed")
 
 // openTPM is OpenTPM; locked says whether the caller holds dir's lock.
-func (h *Host) openTPM(dir string, locked bool) (*Opened, error) {
+func (h *Broker) openTPM(dir string, locked bool) (*Opened, error) {
 	if !locked && !seal.Exists(dir) {
 		return nil, errNeedLock // Identify would create vtpm-state.json
 	}
@@ -342,12 +342,12 @@ func (h *Host) openTPM(dir string, locked bool) (*Opened, error) {
 	return nil, &MissingKeyError{Dir: dir, TPM: id, Rows: none.Rows, Held: gs, WrongImportedKey: wrongImport}
 }
 
-func (h *Host) importedKey(id uuid.UUID) ([]byte, bool) {
+func (h *Broker) importedKey(id uuid.UUID) ([]byte, bool) {
 	dek, err := h.ks.Get(kindTPMKey, id.String())
 	return dek, err == nil && len(dek) == 32
 }
 
-func (h *Host) create(dir string, id uuid.UUID) (*Opened, error) {
+func (h *Broker) create(dir string, id uuid.UUID) (*Opened, error) {
 	local, err := h.Local()
 	if err != nil {
 		return nil, err
@@ -368,7 +368,7 @@ func (h *Host) create(dir string, id uuid.UUID) (*Opened, error) {
 // reprovision moves the unopenable state into a timestamped backup directory
 // beside it and starts a fresh TPM. Nothing is deleted.
 // The caller holds dir's lock.
-func (h *Host) reprovision(dir string, old uuid.UUID, why *guardian.NoGuardianError) (*Opened, error) {
+func (h *Broker) reprovision(dir string, old uuid.UUID, why *guardian.NoGuardianError) (*Opened, error) {
 	backup := filepath.Join(dir, "backup-"+time.Now().UTC().Format("20060102T150405Z"))
 	if err := os.Mkdir(backup, 0o700); err != nil {
 		return nil, fmt.Errorf("reprovision: create backup directory: %w", err)

@@ -1,4 +1,4 @@
-package tpmkeys
+package keybroker
 
 import (
 	"crypto/rand"
@@ -17,7 +17,7 @@ import (
 const permallSize = 4 << 10
 
 // benchTPM creates a TPM on h whose state holds a permall blob.
-func benchTPM(b *testing.B, h *Host, dir string) *Opened {
+func benchTPM(b *testing.B, h *Broker, dir string) *Opened {
 	b.Helper()
 	o, err := h.OpenTPM(dir)
 	if err != nil {

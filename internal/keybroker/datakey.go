@@ -1,4 +1,4 @@
-package tpmkeys
+package keybroker
 
 import (
 	"encoding/hex"

@@ -1,4 +1,4 @@
-package tpmkeys
+package keybroker
 
 import (
 	"bytes"
@@ -30,7 +30,7 @@ func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)
 
 // openHost opens (creating on first use) the host whose data root is root,
 // with its master key in a file, and closes it at the end of the test.
-func openHost(t testing.TB, root string) *Host {
+func openHost(t testing.TB, root string) *Broker {
 	t.Helper()
 	h, err := Open(root, keystore.Options{HostTPM: "none", Logger: quiet()})
 	if err != nil {
@@ -40,9 +40,9 @@ func openHost(t testing.TB, root string) *Host {
 	return h
 }
 
-func newHost(t testing.TB) *Host { return openHost(t, t.TempDir()) }
+func newHost(t testing.TB) *Broker { return openHost(t, t.TempDir()) }
 
-func local(t testing.TB, h *Host) *guardian.Guardian {
+func local(t testing.TB, h *Broker) *guardian.Guardian {
 	t.Helper()
 	g, err := h.Local()
 	if err != nil {
@@ -53,7 +53,7 @@ func local(t testing.TB, h *Host) *guardian.Guardian {
 
 // newTPM opens a new TPM in a fresh directory on h and seals a permall blob
 // into it, as a vTPM that ran once leaves it.
-func newTPM(t testing.TB, h *Host) (string, *Opened) {
+func newTPM(t testing.TB, h *Broker) (string, *Opened) {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), "tpm")
 	o, err := h.OpenTPM(dir)
@@ -167,7 +167,7 @@ func TestOpenTPMNewDirectory(t *testing.T) {
 // there after each way of giving B access (or of taking it away).
 func TestOpenTPMOnAnotherHost(t *testing.T) {
 	t.Parallel()
-	grant := func(t *testing.T, a, b *Host, dir string, dek []byte) string {
+	grant := func(t *testing.T, a, b *Broker, dir string, dek []byte) string {
 		p, err := ReadProtector(dir)
 		if err != nil {
 			t.Fatal(err)
@@ -193,25 +193,25 @@ func TestOpenTPMOnAnotherHost(t *testing.T) {
 		name string
 		// give changes A's copy of the TPM in dir or B's keystore; the
 		// protector in dir is then copied to B.
-		give   func(t *testing.T, a, b *Host, dir string, dek []byte)
-		wantBy func(a, b *Host) string // "" when B must not open it
+		give   func(t *testing.T, a, b *Broker, dir string, dek []byte)
+		wantBy func(a, b *Broker) string // "" when B must not open it
 	}{
 		{
 			name: "nothing given",
-			give: func(*testing.T, *Host, *Host, string, []byte) {},
+			give: func(*testing.T, *Broker, *Broker, string, []byte) {},
 		},
 		{
 			name: "A's guardian imported",
-			give: func(t *testing.T, a, b *Host, _ string, _ []byte) {
+			give: func(t *testing.T, a, b *Broker, _ string, _ []byte) {
 				if err := b.Import(local(t, a), false); err != nil {
 					t.Fatal(err)
 				}
 			},
-			wantBy: func(a, _ *Host) string { return local(t, a).Name() },
+			wantBy: func(a, _ *Broker) string { return local(t, a).Name() },
 		},
 		{
 			name: "A's guardian imported, then removed",
-			give: func(t *testing.T, a, b *Host, _ string, _ []byte) {
+			give: func(t *testing.T, a, b *Broker, _ string, _ []byte) {
 				if err := b.Import(local(t, a), false); err != nil {
 					t.Fatal(err)
 				}
@@ -222,14 +222,14 @@ func TestOpenTPMOnAnotherHost(t *testing.T) {
 		},
 		{
 			name: "B granted by its certificates",
-			give: func(t *testing.T, a, b *Host, dir string, dek []byte) {
+			give: func(t *testing.T, a, b *Broker, dir string, dek []byte) {
 				grant(t, a, b, dir, dek)
 			},
-			wantBy: func(_, b *Host) string { return local(t, b).Name() },
+			wantBy: func(_, b *Broker) string { return local(t, b).Name() },
 		},
 		{
 			name: "B granted, then revoked",
-			give: func(t *testing.T, a, b *Host, dir string, dek []byte) {
+			give: func(t *testing.T, a, b *Broker, dir string, dek []byte) {
 				fp := grant(t, a, b, dir, dek)
 				p, err := ReadProtector(dir)
 				if err != nil {
@@ -245,7 +245,7 @@ func TestOpenTPMOnAnotherHost(t *testing.T) {
 		},
 		{
 			name: "the TPM's key imported",
-			give: func(t *testing.T, _, b *Host, dir string, dek []byte) {
+			give: func(t *testing.T, _, b *Broker, dir string, dek []byte) {
 				id, err := seal.Identify(dir)
 				if err != nil {
 					t.Fatal(err)
@@ -254,7 +254,7 @@ func TestOpenTPMOnAnotherHost(t *testing.T) {
 					t.Fatal(err)
 				}
 			},
-			wantBy: func(*Host, *Host) string { return "imported key" },
+			wantBy: func(*Broker, *Broker) string { return "imported key" },
 		},
 	}
 	for _, tc := range tests {
@@ -756,7 +756,7 @@ func TestOpenTPMConcurrentStart(t *testing.T) {
 	t.Parallel()
 	root := t.TempDir()
 	const openers = 4
-	hosts := make([]*Host, openers)
+	hosts := make([]*Broker, openers)
 	for i := range hosts {
 		hosts[i] = openHost(t, root)
 	}
@@ -809,7 +809,7 @@ func TestReprovisionConcurrentStart(t *testing.T) {
 	src, _ := newTPM(t, a)
 	root := t.TempDir()
 	const openers = 4
-	hosts := make([]*Host, openers)
+	hosts := make([]*Broker, openers)
 	for i := range hosts {
 		hosts[i] = openHost(t, root)
 	}
