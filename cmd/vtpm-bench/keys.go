@@ -15,9 +15,9 @@ import (
 	"github.com/google/uuid"
 
 	"vtpm/internal/guardian"
+	"vtpm/internal/keybroker"
 	"vtpm/internal/keystore"
 	"vtpm/internal/seal"
-	"vtpm/internal/keybroker"
 )
 
 const (

@@ -24,11 +24,11 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
 
+	"vtpm/internal/keybroker"
 	"vtpm/internal/keystore"
 	"vtpm/internal/paths"
 	"vtpm/internal/sandbox"
 	"vtpm/internal/swtpm"
-	"vtpm/internal/keybroker"
 )
 
 // Check statuses.

@@ -13,11 +13,11 @@ import (
 	"github.com/spf13/cobra"
 
 	"vtpm/internal/guardian"
+	"vtpm/internal/keybroker"
 	"vtpm/internal/keyfile"
 	"vtpm/internal/keystore"
 	"vtpm/internal/paths"
 	"vtpm/internal/seal"
-	"vtpm/internal/keybroker"
 )
 
 // openBroker opens this host's keystore with the configured host TPM.

@@ -17,10 +17,10 @@ import (
 	"github.com/google/uuid"
 	"github.com/spf13/cobra"
 
+	"vtpm/internal/keybroker"
 	"vtpm/internal/manufacture"
 	"vtpm/internal/seal"
 	"vtpm/internal/swtpm/statefile"
-	"vtpm/internal/keybroker"
 )
 
 // mfgRequest is one manufacture (or PCR reconfiguration) of a state directory.

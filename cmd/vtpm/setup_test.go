@@ -10,10 +10,10 @@ import (
 	"strings"
 	"testing"
 
+	"vtpm/internal/keybroker"
 	"vtpm/internal/manufacture"
 	"vtpm/internal/seal"
 	"vtpm/internal/swtpm/statefile"
-	"vtpm/internal/keybroker"
 )
 
 // setupEnv gives a test its own data root and returns a fresh state directory.

@@ -7,9 +7,9 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"vtpm/internal/keybroker"
 	"vtpm/internal/stateimport"
 	"vtpm/internal/swtpm/statefile"
-	"vtpm/internal/keybroker"
 )
 
 func stateCmd() *cobra.Command {

@@ -21,10 +21,10 @@ import (
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/uuid"
 
+	"vtpm/internal/keybroker"
 	"vtpm/internal/keystore"
 	"vtpm/internal/seal"
 	"vtpm/internal/testutil"
-	"vtpm/internal/keybroker"
 )
 
 // This file holds the crash-safety test and the helpers it shares with

@@ -9,13 +9,13 @@ import (
 
 	"github.com/google/uuid"
 
+	"vtpm/internal/keybroker"
 	"vtpm/internal/keystore"
 	"vtpm/internal/libtpms"
 	"vtpm/internal/paths"
 	"vtpm/internal/seal"
 	"vtpm/internal/swtpm"
 	"vtpm/internal/swtpm/statefile"
-	"vtpm/internal/keybroker"
 )
 
 // store is where libtpms' blobs live: vtpm's sealed format or swtpm's files.
@@ -54,8 +54,8 @@ type sealingKey struct {
 	dek    []byte
 	tpm    uuid.UUID // the TPM's UUID when known (from its key protector)
 	gens   seal.Generations
-	host   *keybroker.Broker    // keeps the keystore open for generation records; nil once pinned
-	pinned *keystore.Pinned // this TPM's generation record, kept open across --runas
+	host   *keybroker.Broker // keeps the keystore open for generation records; nil once pinned
+	pinned *keystore.Pinned  // this TPM's generation record, kept open across --runas
 }
 
 func (k *sealingKey) close() {

@@ -13,9 +13,9 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
+	"vtpm/internal/keybroker"
 	"vtpm/internal/keystore"
 	"vtpm/internal/seal"
-	"vtpm/internal/keybroker"
 )
 
 // testHost opens a host keystore under a temporary data root and its CA.

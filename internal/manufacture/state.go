@@ -13,10 +13,10 @@ import (
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/uuid"
 
+	"vtpm/internal/keybroker"
 	"vtpm/internal/libtpms"
 	"vtpm/internal/seal"
 	"vtpm/internal/swtpm/statefile"
-	"vtpm/internal/keybroker"
 )
 
 // Format names a state format.

@@ -8,10 +8,10 @@ import (
 	"path/filepath"
 	"time"
 
+	"vtpm/internal/keybroker"
 	"vtpm/internal/manufacture"
 	"vtpm/internal/seal"
 	"vtpm/internal/swtpm/statefile"
-	"vtpm/internal/keybroker"
 )
 
 // FirmwareDir holds Debian's ovmf package files.

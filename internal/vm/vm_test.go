@@ -10,9 +10,9 @@ import (
 	"strings"
 	"testing"
 
+	"vtpm/internal/keybroker"
 	"vtpm/internal/keystore"
 	"vtpm/internal/seal"
-	"vtpm/internal/keybroker"
 )
 
 // testHost is a Registry on a temporary data root with its own keystore.
