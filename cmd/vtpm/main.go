@@ -21,7 +21,7 @@ func main() {
 		os.Exit(runSwtpmSetup(os.Args[1:], os.Stdout, os.Stderr))
 	}
 	if err := rootCmd().Execute(); err != nil {
-		fmt.Fprintln(os.Stderr, "vtpm:", err)
+		fmt.Fprintln(os.Stderr, "vtpm:", formatError(err))
 		os.Exit(1)
 	}
 }

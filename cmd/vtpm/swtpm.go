@@ -88,9 +88,9 @@ func runSwtpm(args []string, stdout, stderr io.Writer) int {
 	in, err := instance.New(cfg, log)
 	if err != nil {
 		if logToo {
-			log.Error("cannot start the vTPM", "err", err)
+			log.Error("cannot start the vTPM", "err", formatError(err))
 		}
-		fmt.Fprintf(stderr, "swtpm: %v\n", err)
+		fmt.Fprintf(stderr, "swtpm: %s\n", formatError(err))
 		return 1
 	}
 	in.OnReady = notifyParent
