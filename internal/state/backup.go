@@ -24,7 +24,7 @@ func MoveAside(dir, sub string, names []string) (string, error) {
 	}
 	for _, n := range names {
 		if err := os.Rename(filepath.Join(dir, n), filepath.Join(b, n)); err != nil {
-			return b, fmt.Errorf("move %s into %s: %w", n, b, err)
+			return b, fmt.Errorf("move %s into %s: %w (the files before it are moved; nothing was deleted)", n, b, err)
 		}
 	}
 	if err := atomicfile.SyncDir(b); err != nil {

@@ -5,8 +5,10 @@
 //
 // A directory is in one of two formats. Sealed state (internal/seal) is
 // marked by its identity file, vtpm-state.json, and is opened with the data
-// key the key broker (internal/keybroker) unwraps from the key protector
-// beside it. swtpm's state (internal/swtpm/statefile) is tpm2-00.permall
+// key the key broker (internal/keybroker, through [Keys]) unwraps from the
+// key protector beside it. The key broker sits on this package: it takes
+// the directory's lock to create a TPM's key, and moves the state aside
+// with [MoveAside] when a policy replaces a TPM whose key is gone. swtpm's state (internal/swtpm/statefile) is tpm2-00.permall
 // and its siblings, optionally encrypted with an swtpm --key. Both formats
 // take the same POSIX lock on the directory's .lock file, the one swtpm
 // takes, so any two TPM processes on one directory exclude each other.

@@ -3,7 +3,6 @@ package state
 import (
 	"strings"
 
-	"vtpm/internal/keybroker"
 	"vtpm/internal/seal"
 )
 
@@ -13,10 +12,11 @@ const (
 	LockFile = seal.LockName
 	// IdentityFile holds a sealed TPM's UUID; it marks sealed state.
 	IdentityFile = seal.StateFileName
-	// ProtectorFile holds a sealed TPM's data key, wrapped for guardians.
-	ProtectorFile = keybroker.ProtectorFile
+	// ProtectorFile holds a sealed TPM's data key, wrapped for guardians
+	// (the key broker reads and writes it).
+	ProtectorFile = "protector.json"
 	// PolicyFile holds a TPM's key policy; it is configuration, not state.
-	PolicyFile = keybroker.PolicyFile
+	PolicyFile = "policy.json"
 )
 
 // Blobs names the states libtpms stores, in swtpm's --print-states order.

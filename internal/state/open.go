@@ -9,7 +9,6 @@ import (
 
 	"github.com/google/uuid"
 
-	"vtpm/internal/keybroker"
 	"vtpm/internal/libtpms"
 	"vtpm/internal/seal"
 	"vtpm/internal/swtpm/statefile"
@@ -34,17 +33,28 @@ type Opened struct {
 // Close closes the storage and releases the lock.
 func (o *Opened) Close() error { return o.Storage.Close() }
 
+// Keys hands out the data keys of sealed TPMs: the host's key broker
+// (*keybroker.Broker).
+type Keys interface {
+	// OpenKey returns the data key of the TPM whose state is in dir (a new
+	// dir gets its identity and a fresh key), and the TPM's UUID.
+	OpenKey(dir string) (tpm uuid.UUID, dek []byte, err error)
+	// Generations is where the host records the newest generation it has
+	// seen of each TPM's state.
+	Generations() seal.Generations
+}
+
 // OpenSealed opens (creating) sealed state in dir with the data key keys
 // unwraps from dir's key protector; a new dir gets a fresh key and a
-// protector owned by this host's guardian. Generations are recorded in
-// keys' keystore.
-func OpenSealed(keys *keybroker.Broker, dir string, log *slog.Logger) (*Opened, error) {
-	k, err := keys.OpenTPM(dir)
+// protector owned by this host's guardian. Generations are recorded where
+// keys records them.
+func OpenSealed(keys Keys, dir string, log *slog.Logger) (*Opened, error) {
+	_, dek, err := keys.OpenKey(dir)
 	if err != nil {
 		return nil, err
 	}
-	defer clear(k.DEK)
-	return OpenSealedWith(dir, seal.Options{Key: k.DEK, Generations: keys.Generations(), Logger: log})
+	defer clear(dek)
+	return OpenSealedWith(dir, seal.Options{Key: dek, Generations: keys.Generations(), Logger: log})
 }
 
 // OpenSealedWith opens (creating) sealed state in dir with a data key
