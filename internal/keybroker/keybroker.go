@@ -277,6 +277,9 @@ func (h *Broker) OpenTPM(dir string) (*Opened, error) {
 	return h.openTPM(dir, true)
 }
 
+// A Broker is what opens sealed state (state.OpenSealed).
+var _ state.Keys = (*Broker)(nil)
+
 // OpenKey is OpenTPM for callers that need only the key and the TPM's
 // UUID; it makes a Broker the state.Keys that opens sealed state.
 func (h *Broker) OpenKey(dir string) (uuid.UUID, []byte, error) {
