@@ -20,6 +20,7 @@ import (
 
 	"vtpm/internal/hostcheck"
 	"vtpm/internal/qmp"
+	"vtpm/internal/testutil"
 )
 
 // Event is an asynchronous QMP event.
@@ -96,11 +97,11 @@ func KVMAvailable() bool {
 func SkipIfUnavailable(t testing.TB) {
 	t.Helper()
 	if _, err := hostcheck.FindQEMU(); err != nil {
-		t.Skipf("%v; skipping VM test", err)
+		testutil.Missing(t, "%v; skipping VM test", err)
 	}
 	code, vars := hostcheck.Firmware(false)
 	for _, f := range hostcheck.MissingFirmware(code, vars) {
-		t.Skipf("OVMF firmware %s not installed; skipping VM test", f)
+		testutil.Missing(t, "OVMF firmware %s not installed; skipping VM test", f)
 	}
 	if testing.Short() {
 		t.Skip("VM test skipped in -short mode")

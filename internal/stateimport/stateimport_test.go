@@ -18,6 +18,7 @@ import (
 	"vtpm/internal/libtpms"
 	"vtpm/internal/seal"
 	"vtpm/internal/swtpm/statefile"
+	"vtpm/internal/testutil"
 )
 
 var (
@@ -375,7 +376,7 @@ func TestImportMissingSource(t *testing.T) {
 func TestImportKeepsOwner(t *testing.T) {
 	t.Parallel()
 	if os.Geteuid() != 0 {
-		t.Skip("needs root to hand files to another user")
+		testutil.Missing(t, "needs root to hand files to another user")
 	}
 	const uid, gid = 65534, 65534
 	for _, toDest := range []bool{false, true} {
