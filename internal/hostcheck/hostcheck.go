@@ -55,7 +55,7 @@ type Options struct {
 func Run(ctx context.Context, o Options) []Check {
 	var cs []Check
 	cs = append(cs, SandboxChecks(ctx, o.Exe)...)
-	cs = append(cs, UserCheck(), NamespaceCheck(), MemlockCheck(), KVMCheck(ctx))
+	cs = append(cs, UserCheck(), NamespaceCheck(), MemlockCheck(), KVMCheck())
 	cs = append(cs, QEMUChecks(ctx)...)
 	cs = append(cs, FirmwareCheck(), KeystoreCheck(o.DataRoot, o.HostTPM), DataRootCheck(o.DataRoot))
 	return cs

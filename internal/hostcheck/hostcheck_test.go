@@ -26,6 +26,19 @@ func TestParseQEMUVersion(t *testing.T) {
 	}
 }
 
+func TestQEMUAgreesWithDoctor(t *testing.T) {
+	byName := map[string]Check{}
+	for _, c := range QEMUChecks(t.Context()) {
+		byName[c.Name] = c
+	}
+	if (QEMUUsable() == nil) != (byName["qemu"].Status == OK) {
+		t.Errorf("QEMUUsable = %v, doctor says %+v", QEMUUsable(), byName["qemu"])
+	}
+	if tpm, ok := byName["qemu tpm-emulator"]; ok && (TPMEmulatorUsable() == nil) != (tpm.Status == OK) {
+		t.Errorf("TPMEmulatorUsable = %v, doctor says %+v", TPMEmulatorUsable(), tpm)
+	}
+}
+
 func TestAccel(t *testing.T) {
 	tests := []struct {
 		requested, env, want string
@@ -167,7 +180,7 @@ func TestProbeArgs(t *testing.T) {
 
 // TestKVMCheckAgreesWithTheProbe: doctor and a VM's start never disagree.
 func TestKVMCheckAgreesWithTheProbe(t *testing.T) {
-	c := KVMCheck(t.Context())
+	c := KVMCheck()
 	usable := KVMUsable() == nil
 	if usable != (c.Status == OK) && !strings.Contains(c.Detail, "not installed") {
 		t.Errorf("KVMCheck %+v, but KVMUsable says %v", c, usable)

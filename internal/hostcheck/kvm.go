@@ -134,7 +134,7 @@ func Accel(requested string) (string, error) {
 }
 
 // KVMCheck reports whether VMs run under KVM here.
-func KVMCheck(ctx context.Context) Check {
+func KVMCheck() Check {
 	const name = "kvm"
 	if err := kvmDevice(); err != nil {
 		var v *apiVersionError

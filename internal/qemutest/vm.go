@@ -96,7 +96,7 @@ func KVMAvailable() bool {
 // SkipIfUnavailable skips t when QEMU or the OVMF firmware is missing.
 func SkipIfUnavailable(t testing.TB) {
 	t.Helper()
-	if _, err := hostcheck.FindQEMU(); err != nil {
+	if err := hostcheck.QEMUUsable(); err != nil {
 		testutil.Missing(t, "%v; skipping VM test", err)
 	}
 	code, vars := hostcheck.Firmware(false)

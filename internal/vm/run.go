@@ -192,8 +192,12 @@ func (h *Registry) Preflight(v *VM) error {
 		return &PreflightError{VM: c.Name, Problems: []error{precondition([]errdefs.Remedy{do(errdefs.ActionVMDeploy, "template", c.Name)},
 			"%s is a template and never runs; make a VM from it", c.Name)}}
 	}
-	if _, err := hostcheck.FindQEMU(); err != nil {
+	if err := hostcheck.QEMUUsable(); err != nil {
 		probs = append(probs, err)
+	} else if c.TPMEnabled() {
+		if err := hostcheck.TPMEmulatorUsable(); err != nil {
+			probs = append(probs, err)
+		}
 	}
 	if c.Firmware == UEFI {
 		code, tmpl := firmwareFiles(c)
