@@ -3,6 +3,7 @@ package qmp
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 )
 
@@ -16,7 +17,7 @@ func (q *Conn) SystemPowerdown(ctx context.Context) error {
 // arrives counts as done.
 func (q *Conn) Quit(ctx context.Context) error {
 	_, err := q.Execute(ctx, "quit", nil)
-	if errorsIsClosed(err) {
+	if errors.Is(err, ErrClosed) {
 		return nil
 	}
 	return err

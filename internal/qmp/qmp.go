@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -288,6 +287,3 @@ func (q *Conn) Done() <-chan struct{} { return q.closed }
 
 // Close ends the session.
 func (q *Conn) Close() error { return q.conn.Close() }
-
-// errorsIsClosed reports whether err says the connection is gone.
-func errorsIsClosed(err error) bool { return errors.Is(err, ErrClosed) }
