@@ -46,9 +46,12 @@ type Config struct {
 	StateFile     string // file:// linear backend
 	StateMode     os.FileMode
 	StateModeSet  bool
+	StateFormat   string // vtpm: "sealed" or "swtpm" asked for (--tpmstate format=, VTPM_STATE_FORMAT); "" = by the directory
 	Ctrl          *Endpoint
 	Server        *Endpoint
 	DataFD        int // -f/--fd, or -1
+	Chardev       bool   // swtpm chardev: the data channel carries one command per read (a character device or a socket)
+	Device        string // swtpm chardev -c/--chardev: the character device to open
 	Terminate     bool
 	Daemon        bool
 	PidFile       string
@@ -124,6 +127,9 @@ func Parse(args []string, getenv func(string) string) (*Config, error) {
 	}
 	var err error
 	if err = c.parseState(tpmstate, getenv("TPM_PATH")); err != nil {
+		return nil, err
+	}
+	if err = c.checkStateFormat(getenv); err != nil {
 		return nil, err
 	}
 	if c.PrintStates {
@@ -205,11 +211,11 @@ func (c *Config) parseState(v, tpmPath string) error {
 		c.StateMode = 0o640
 		return nil
 	}
-	o, err := subopt.Parse(v, "dir", "mode", "backend-uri")
+	o, err := subopt.Parse(v, "dir", "mode", "backend-uri", "format")
 	if err != nil {
 		return usagef("--tpmstate: %v", err)
 	}
-	c.StateDir = o["dir"]
+	c.StateDir, c.StateFormat = o["dir"], o["format"]
 	if uri, ok := o["backend-uri"]; ok {
 		if c.StateDir != "" {
 			return usagef("--tpmstate: dir= and backend-uri= cannot be combined")
@@ -453,8 +459,10 @@ The following options are supported:
 --server type=unixio[,path=<path>][,fd=<fd>][,mode=0...][,uid=..][,gid=..]
 --ctrl type=unixio[,path=<path>][,fd=<fd>|clientfd=<fd>][,mode=0...][,uid=..][,gid=..]
 --ctrl type=tcp[,port=<port>][,bindaddr=<addr>][,fd=<fd>]
---tpmstate dir=<dir>[,mode=0...]|backend-uri=dir://<dir>
-                        : where the TPM state lives (or TPM_PATH)
+--tpmstate dir=<dir>[,mode=0...][,format=sealed|swtpm]|backend-uri=dir://<dir>|file://<file>
+                        : where the TPM state lives (or TPM_PATH); format= (or
+                          VTPM_STATE_FORMAT) chooses a new directory's format:
+                          sealed (the default) or swtpm's files
 --key file=<path>|fd=<fd>|pwdfile=<path>|pwdfd=<fd>[,mode=aes-cbc|aes-256-cbc][,format=hex|binary][,remove][,kdf=pbkdf2|sha512]
                         : keep the state in swtpm's encrypted format with this key
 --migration-key ...     : same syntax; encrypts state blobs sent to QEMU for migration
