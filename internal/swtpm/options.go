@@ -49,7 +49,7 @@ type Config struct {
 	StateFormat   string // vtpm: "sealed" or "swtpm" asked for (--tpmstate format=, VTPM_STATE_FORMAT); "" = by the directory
 	Ctrl          *Endpoint
 	Server        *Endpoint
-	DataFD        int // -f/--fd, or -1
+	DataFD        int    // -f/--fd, or -1
 	Chardev       bool   // swtpm chardev: the data channel carries one command per read (a character device or a socket)
 	Device        string // swtpm chardev -c/--chardev: the character device to open
 	Terminate     bool
