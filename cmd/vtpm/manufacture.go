@@ -38,9 +38,18 @@ type mfgResult struct {
 	format state.Format
 }
 
-// openState opens dir in the format `vtpm swtpm socket` will serve it in.
+// openState opens dir in the format `vtpm swtpm socket` will serve it in,
+// the one $VTPM_STATE_FORMAT asks for when set.
 func openState(h *keybroker.Broker, dir, swtpmKey string, log *slog.Logger) (*state.Opened, error) {
-	if state.Choose(dir, swtpmKey != "") == state.Swtpm {
+	want, err := state.FormatFromEnv(os.Getenv)
+	if err != nil {
+		return nil, err
+	}
+	format, err := state.ChooseExplicit(dir, swtpmKey != "", want)
+	if err != nil {
+		return nil, err
+	}
+	if format == state.Swtpm {
 		var key *statefile.Key
 		if swtpmKey != "" {
 			k, err := statefile.ParseKeyOption(swtpmKey)

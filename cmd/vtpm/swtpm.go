@@ -20,8 +20,8 @@ const daemonEnv = "VTPM_DAEMON_NOTIFY_FD"
 
 func swtpmCmd() *cobra.Command {
 	return &cobra.Command{
-		Use:   "swtpm socket [options]",
-		Short: "Run a vTPM with swtpm's command line (drop-in for swtpm socket)",
+		Use:   "swtpm socket|chardev [options]",
+		Short: "Run a vTPM with swtpm's command line (drop-in for swtpm socket and chardev)",
 		Long: `Run one vTPM process that speaks swtpm 0.7.1's control and data protocol, so
 QEMU, libvirt, swtpm_setup, swtpm_ioctl and tpm2-tools use it unchanged. The
 binary behaves the same when invoked under the name "swtpm".`,
@@ -43,22 +43,26 @@ func runSwtpm(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprint(stdout, swtpm.Usage)
 		return 0
 	}
-	if len(args) == 0 || args[0] != "socket" {
+	parse, usage := swtpm.Parse, swtpm.Usage
+	switch {
+	case len(args) > 0 && args[0] == "chardev":
+		parse, usage = swtpm.ParseChardev, swtpm.ChardevUsage
+	case len(args) == 0 || args[0] != "socket":
 		what := "no interface given"
 		if len(args) > 0 {
 			what = fmt.Sprintf("interface %q is not supported", args[0])
 		}
-		fmt.Fprintf(stderr, "swtpm: %s; vtpm implements 'swtpm socket'\n", what)
+		fmt.Fprintf(stderr, "swtpm: %s; vtpm implements 'swtpm socket' and 'swtpm chardev'\n", what)
 		return 1
 	}
-	cfg, err := swtpm.Parse(args[1:], os.Getenv)
+	cfg, err := parse(args[1:], os.Getenv)
 	if err != nil {
-		fmt.Fprintf(stderr, "swtpm: %v\n\n%s", err, swtpm.Usage)
+		fmt.Fprintf(stderr, "swtpm: %v\n\n%s", err, usage)
 		return 1
 	}
 	switch {
 	case cfg.ShowHelp:
-		fmt.Fprint(stdout, swtpm.Usage)
+		fmt.Fprint(stdout, usage)
 		return 0
 	case cfg.ShowVersion:
 		fmt.Fprintf(stdout, "TPM emulator version %s, vtpm %s\n", swtpm.Version, version)

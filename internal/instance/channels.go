@@ -18,6 +18,11 @@ import (
 // listen creates the listening sockets before privileges are dropped.
 func (in *Instance) listen() error {
 	var err error
+	if in.cfg.Chardev {
+		if err = in.openChardev(); err != nil {
+			return err
+		}
+	}
 	if c := in.cfg.Ctrl; c != nil && c.ClientFD < 0 {
 		if in.ctrlLn, err = in.listenEndpoint("--ctrl", c); err != nil {
 			return err
@@ -111,6 +116,8 @@ func (in *Instance) startCtrl() error {
 
 func (in *Instance) startData() error {
 	switch {
+	case in.chardev != nil:
+		go in.serveChardev(in.chardev)
 	case in.cfg.DataFD >= 0:
 		conn, err := fdConn(in.cfg.DataFD, "--fd")
 		if err != nil {
@@ -218,8 +225,10 @@ func (in *Instance) serveCtrl(nc net.Conn) {
 
 // dropPrivileges switches to user (name or uid) after the sockets exist,
 // first handing it stateDir and the files in it (a new TPM's identity,
-// protector and lock file were just created as root).
-func dropPrivileges(name, stateDir string) error {
+// protector and lock file were just created as root), or swtpm's state
+// file when it is a regular file (a block device keeps its owner: it stays
+// open).
+func dropPrivileges(name, stateDir, stateFile string) error {
 	u, err := user.Lookup(name)
 	if err != nil {
 		if u, err = user.LookupId(name); err != nil {
@@ -231,6 +240,11 @@ func dropPrivileges(name, stateDir string) error {
 	if stateDir != "" {
 		if err := chownTree(stateDir, uid, gid); err != nil {
 			return fmt.Errorf("--runas %s: give it the state directory: %w", name, err)
+		}
+	}
+	if fi, err := os.Lstat(stateFile); stateFile != "" && err == nil && fi.Mode().IsRegular() {
+		if err := os.Lchown(stateFile, uid, gid); err != nil {
+			return fmt.Errorf("--runas %s: give it the state file: %w", name, err)
 		}
 	}
 	if err := syscall.Setgroups([]int{gid}); err != nil {

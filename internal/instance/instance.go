@@ -37,6 +37,8 @@ type Instance struct {
 	dataLn net.Listener
 	unlink []string // socket files to remove on exit
 
+	chardev *os.File // swtpm chardev's data channel
+
 	mu       sync.Mutex
 	dataConn net.Conn // the current data connection, if any
 	// lastShutdown records whether the last TPM command was TPM2_Shutdown,
@@ -78,7 +80,10 @@ func New(cfg *swtpm.Config, log *slog.Logger) (_ *Instance, err error) {
 		}
 	}
 	// Keys first: a TPM this host cannot open fails before any socket exists.
-	format := state.Choose(cfg.StateDir, cfg.Key != "")
+	format, err := state.ChooseExplicit(cfg.StateDir, cfg.Key != "", state.Format(cfg.StateFormat))
+	if err != nil {
+		return nil, err
+	}
 	if format == state.Sealed {
 		if in.sealing, err = unlockSealed(cfg, log); err != nil {
 			return nil, err
@@ -94,6 +99,16 @@ func New(cfg *swtpm.Config, log *slog.Logger) (_ *Instance, err error) {
 	if err = in.listen(); err != nil {
 		return nil, err
 	}
+	var opened *state.Opened
+	if cfg.StateFile != "" {
+		// swtpm's file backend may be a block device only root can open
+		// (a loop device, a Proxmox tpmstate volume): it is opened and
+		// locked before privileges are dropped.
+		if opened, err = openStore(cfg, format, in.fileKey, in.sealing, log); err != nil {
+			return nil, err
+		}
+		in.store = opened.Storage
+	}
 	if cfg.RunAs != "" {
 		if in.sealing != nil {
 			// The keystore is root's: keep this TPM's generation record open.
@@ -101,15 +116,16 @@ func New(cfg *swtpm.Config, log *slog.Logger) (_ *Instance, err error) {
 				return nil, err
 			}
 		}
-		if err = dropPrivileges(cfg.RunAs, cfg.StateDir); err != nil {
+		if err = dropPrivileges(cfg.RunAs, cfg.StateDir, cfg.StateFile); err != nil {
 			return nil, err
 		}
 	}
-	opened, err := openStore(cfg, format, in.fileKey, in.sealing, log)
-	if err != nil {
-		return nil, err
+	if opened == nil {
+		if opened, err = openStore(cfg, format, in.fileKey, in.sealing, log); err != nil {
+			return nil, err
+		}
+		in.store = opened.Storage
 	}
-	in.store = opened.Storage
 	if in.tpm, err = libtpms.Open(in.store); err != nil {
 		return nil, err
 	}
@@ -129,7 +145,11 @@ func PrintStates(cfg *swtpm.Config, log *slog.Logger, w io.Writer) error {
 		list []state.StateInfo
 		err  error
 	)
-	if state.Choose(cfg.StateDir, cfg.Key != "") == state.Sealed {
+	format, err := state.ChooseExplicit(cfg.StateDir, cfg.Key != "", state.Format(cfg.StateFormat))
+	if err != nil {
+		return err
+	}
+	if format == state.Sealed {
 		list, err = state.ListSealed(cfg.StateDir)
 	} else {
 		var fileKey *statefile.Key
@@ -211,6 +231,9 @@ func (in *Instance) cleanup() {
 		in.store.Close()
 	}
 	in.sealing.close()
+	if in.chardev != nil {
+		in.chardev.Close()
+	}
 	for _, ln := range []net.Listener{in.ctrlLn, in.dataLn} {
 		if ln != nil {
 			ln.Close()

@@ -72,6 +72,18 @@ func ForInstance(cfg *swtpm.Config, dataRoot string) *Policy {
 	if dataRoot != "" {
 		addDir(&p.WriteDirs, dataRoot)
 	}
+	// swtpm's file backend: an existing file or block device is written in
+	// place; a new file is made beside the others.
+	if cfg.StateFile != "" {
+		if _, err := os.Stat(cfg.StateFile); err == nil {
+			p.WriteFiles = append(p.WriteFiles, abs(cfg.StateFile))
+		} else {
+			addDir(&p.RuntimeDirs, filepath.Dir(cfg.StateFile))
+		}
+	}
+	if cfg.Device != "" { // swtpm chardev --chardev
+		p.WriteFiles = append(p.WriteFiles, abs(cfg.Device))
+	}
 	if cfg.RunAs != "" {
 		if uid, gid, err := lookupUser(cfg.RunAs); err == nil {
 			p.DirOwner = &[2]int{uid, gid}

@@ -1,6 +1,7 @@
 package swtpm
 
 import (
+	"encoding/binary"
 	"io"
 	"strings"
 
@@ -156,3 +157,41 @@ The following options are supported:
 
 The TPM ends when the data channel hangs up. --vtpm-proxy is not supported.
 `
+
+// ChardevReader reads TPM commands as swtpm chardev does: one read is one
+// command (a character device hands over whole messages; so does a socket
+// whose peer writes each command at once), completed only up to the
+// 10-byte header. A command may come wrapped in the TCG simulator's
+// TPM_SEND_COMMAND prefix, as on the other channels.
+type ChardevReader struct {
+	r   io.Reader
+	buf []byte
+}
+
+// NewChardevReader returns a reader over a chardev data channel.
+func NewChardevReader(r io.Reader) *ChardevReader {
+	return &ChardevReader{r: r, buf: make([]byte, maxDataRead)}
+}
+
+// Read returns the next command.
+func (d *ChardevReader) Read() (*DataRequest, error) {
+	n := 0
+	for n < tpmHeaderSize {
+		m, err := d.r.Read(d.buf[n:])
+		n += m
+		if err != nil {
+			if n == 0 || err != io.EOF {
+				return nil, err
+			}
+			return nil, io.ErrUnexpectedEOF
+		}
+	}
+	b := d.buf[:n]
+	req := &DataRequest{}
+	if tag := binary.BigEndian.Uint16(b); tag != 0x8001 && tag != 0x8002 && binary.BigEndian.Uint32(b) == sendCommand {
+		req.Prefixed, req.Locality = true, b[4]
+		b = b[9:]
+	}
+	req.Cmd = append([]byte(nil), b...)
+	return req, nil
+}
