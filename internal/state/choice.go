@@ -95,7 +95,7 @@ func (e *FormatError) Remedies() []errdefs.Remedy {
 	case e.Have == Swtpm:
 		return []errdefs.Remedy{
 			errdefs.Do(errdefs.ActionStateImport, "dir", e.Dir).WithNote("converts swtpm's files into sealed state, keeping the originals"),
-			errdefs.Advise("or ask for format=swtpm (or unset %s) to keep serving swtpm's files", FormatEnv),
+			errdefs.Advise("ask for format=swtpm (or unset %s) to keep serving swtpm's files", FormatEnv),
 		}
 	}
 	return []errdefs.Remedy{errdefs.Advise("ask for format=sealed (or unset %s) to serve the sealed state, or give swtpm's format a new directory", FormatEnv)}
