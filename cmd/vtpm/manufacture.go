@@ -6,7 +6,6 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/pem"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -19,64 +18,7 @@ import (
 
 	"vtpm/internal/keybroker"
 	"vtpm/internal/manufacture"
-	"vtpm/internal/seal"
-	"vtpm/internal/swtpm/statefile"
 )
-
-// mfgRequest is one manufacture (or PCR reconfiguration) of a state directory.
-type mfgRequest struct {
-	dir      string
-	swtpmKey string // swtpm --key option text; selects swtpm's file format
-	opts     manufacture.Options
-	log      *slog.Logger
-}
-
-type mfgResult struct {
-	report *manufacture.Report
-	tpm    string
-	format manufacture.Format
-}
-
-// openState opens dir in the format `vtpm swtpm socket` will serve it in.
-func openState(h *keybroker.Broker, dir, swtpmKey string, log *slog.Logger) (*manufacture.Opened, error) {
-	if manufacture.ChooseFormat(dir, swtpmKey != "") == manufacture.Swtpm {
-		var key *statefile.Key
-		if swtpmKey != "" {
-			k, err := statefile.ParseKeyOption(swtpmKey)
-			if err != nil {
-				return nil, fmt.Errorf("state encryption key: %w", err)
-			}
-			key = k
-		}
-		return manufacture.OpenSwtpm(dir, key, statefile.DefaultMode)
-	}
-	return manufacture.OpenSealed(h, dir, log)
-}
-
-// runManufacture manufactures the TPM in r.dir in-process, with this host's CA.
-func runManufacture(r mfgRequest) (*mfgResult, error) {
-	h, err := openBroker()
-	if err != nil {
-		return nil, err
-	}
-	defer h.Close()
-	if r.opts.EKCerts || r.opts.PlatformCert {
-		if r.opts.CA, err = manufacture.LoadCA(h.Keystore()); err != nil {
-			return nil, err
-		}
-	}
-	st, err := openState(h, r.dir, r.swtpmKey, r.log)
-	if err != nil {
-		return nil, err
-	}
-	defer st.Storage.Close()
-	r.opts.Identity.TPM = st.TPM
-	rep, err := manufacture.Manufacture(st.Storage, r.opts)
-	if err != nil {
-		return nil, err
-	}
-	return &mfgResult{report: rep, tpm: st.TPM.String(), format: st.Format}, nil
-}
 
 func tpmManufactureCmds() []*cobra.Command {
 	return []*cobra.Command{tpmManufactureCmd(), tpmShowCmd()}
@@ -104,14 +46,6 @@ serves it.`,
 			if err != nil {
 				return err
 			}
-			if manufacture.HasState(dir) {
-				if !overwrite {
-					return fmt.Errorf("%s already holds a TPM; nothing was changed (pass --overwrite to replace it with a new TPM, whose secrets are gone)", dir)
-				}
-				if err := manufacture.RemoveState(dir); err != nil {
-					return err
-				}
-			}
 			o := manufacture.Options{
 				RSA: !noRSA, ECC: c, EKCerts: !noCerts, PlatformCert: !noPlatform && !noCerts, Lock: !noLock,
 				Identity: manufacture.Identity{VM: vmName, PlatformManufacturer: platMfr, PlatformModel: platModel, PlatformVersion: platVersion},
@@ -119,26 +53,26 @@ serves it.`,
 			if banks != "-" {
 				o.PCRBanks = strings.Split(banks, ",")
 			}
-			res, err := runManufacture(mfgRequest{dir: dir, opts: o, log: warnLogger()})
+			res, err := manufacture.Make(openBroker, dir, overwrite, o, warnLogger())
 			if err != nil {
-				return fmt.Errorf("manufacture %s: %w", dir, err)
+				return err
 			}
 			if asJSON {
 				return printJSON(cmd.OutOrStdout(), reportJSON(res))
 			}
 			w := cmd.OutOrStdout()
-			fmt.Fprintf(w, "manufactured TPM %s in %s (%s state)\n", res.tpm, dir, res.format)
-			for _, ek := range res.report.EKs {
+			fmt.Fprintf(w, "manufactured TPM %s in %s (%s state)\n", res.TPM, dir, res.Format)
+			for _, ek := range res.Report.EKs {
 				cert := "no certificate"
 				if ek.Cert != nil {
 					cert = fmt.Sprintf("certificate in NV %#x", uint32(ek.CertIndex))
 				}
 				fmt.Fprintf(w, "  EK %-10s %#x  %s\n", ek.Name, uint32(ek.Handle), cert)
 			}
-			if res.report.PlatformCert != nil {
+			if res.Report.PlatformCert != nil {
 				fmt.Fprintf(w, "  platform certificate in NV %#x\n", uint32(manufacture.IndexPlatform))
 			}
-			fmt.Fprintf(w, "  PCR banks: %s\n", strings.Join(res.report.PCRBanks, ","))
+			fmt.Fprintf(w, "  PCR banks: %s\n", strings.Join(res.Report.PCRBanks, ","))
 			return nil
 		},
 	}
@@ -206,9 +140,9 @@ func certInfo(c *x509.Certificate, index uint32, locked bool) *certJSON {
 	return j
 }
 
-func reportJSON(r *mfgResult) map[string]any {
+func reportJSON(r *manufacture.Result) map[string]any {
 	var eks []ekJSON
-	for _, ek := range r.report.EKs {
+	for _, ek := range r.Report.EKs {
 		fp, p := publicKeyInfo(ek.Public)
 		e := ekJSON{Name: ek.Name, Handle: fmt.Sprintf("%#x", uint32(ek.Handle)), Fingerprint: fp, PublicKey: p}
 		if ek.Cert != nil {
@@ -217,7 +151,7 @@ func reportJSON(r *mfgResult) map[string]any {
 		}
 		eks = append(eks, e)
 	}
-	return map[string]any{"tpm": r.tpm, "format": r.format, "eks": eks, "pcr_banks": r.report.PCRBanks, "platform_certificate": r.report.PlatformCert != nil}
+	return map[string]any{"tpm": r.TPM.String(), "format": r.Format, "eks": eks, "pcr_banks": r.Report.PCRBanks, "platform_certificate": r.Report.PlatformCert != nil}
 }
 
 func tpmShowCmd() *cobra.Command {
@@ -233,28 +167,20 @@ func tpmShowCmd() *cobra.Command {
 				return fmt.Errorf("%s holds no TPM state; create one with `vtpm tpm manufacture %s`", dir, args[0])
 			}
 			out := map[string]any{"dir": dir}
-			var info *manufacture.Info
-			err := withHost(func(h *keybroker.Broker) error {
-				st, err := openState(h, dir, key, warnLogger())
-				if err != nil {
-					return err
-				}
-				defer st.Storage.Close()
-				out["format"] = st.Format
-				if st.Store != nil {
-					out["tpm"] = st.TPM.String()
-					if g, err := st.Store.Generation("permall"); err == nil {
-						out["generation"] = g
-					}
-				}
-				info, err = manufacture.Inspect(st.Storage)
+			var info *manufacture.Shown
+			err := withHost(func(h *keybroker.Broker) (err error) {
+				info, err = manufacture.Show(h, dir, key, warnLogger())
 				return err
 			})
-			if errors.Is(err, seal.ErrLocked) {
-				return fmt.Errorf("%s is in use by a running TPM; stop it to inspect it: %w", dir, err)
-			}
 			if err != nil {
 				return err
+			}
+			out["format"] = info.Format
+			if info.Sealed {
+				out["tpm"] = info.TPM.String()
+				if info.Generation != nil {
+					out["generation"] = *info.Generation
+				}
 			}
 			var eks []ekJSON
 			for _, ek := range info.EKs {
