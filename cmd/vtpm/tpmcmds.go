@@ -9,6 +9,8 @@ import (
 
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
+
+	"vtpm/internal/vm"
 )
 
 // tpmVMCmds are the `vtpm tpm` subcommands that act on VMs.
@@ -67,14 +69,6 @@ func tpmRemoveCmd() *cobra.Command {
 	}
 }
 
-// bulkResult is one VM's outcome in a bulk operation.
-type bulkResult struct {
-	VM    string `json:"vm"`
-	OK    bool   `json:"ok"`
-	Error string `json:"error,omitempty"`
-	Note  string `json:"note,omitempty"`
-}
-
 func tpmEnableCmd(on bool) *cobra.Command {
 	verb := map[bool]string{true: "enable", false: "disable"}[on]
 	var all, asJSON bool
@@ -89,43 +83,19 @@ failed. A running VM sees the change at its next start.`,
 				return errors.New("name the VMs, or give --all (not both)")
 			}
 			h := vmRegistry()
-			refs := args
-			if all {
-				entries, err := h.Entries()
-				if err != nil {
-					return err
-				}
-				refs = nil
-				for _, e := range entries {
-					if v, err := h.Open(e.UUID.String()); err == nil && v.Config.Template {
-						continue // templates never have a TPM to switch
-					}
-					refs = append(refs, e.Name)
-				}
+			refs, err := h.Targets(args, all)
+			if err != nil {
+				return err
 			}
 			out := cmd.OutOrStdout()
 			bar := newProgress(out, len(refs), !asJSON && isTerminal(out))
-			results := make([]bulkResult, 0, len(refs))
-			failed := 0
-			for _, ref := range refs {
-				r := bulkResult{VM: ref}
-				v, err := h.Open(ref)
-				if err == nil {
-					r.Note, err = h.SetTPMEnabled(v, on)
-				}
-				if err != nil {
-					r.Error = err.Error()
-					failed++
-				} else {
-					r.OK = true
-				}
-				results = append(results, r)
+			results, failed := h.SetTPMsEnabled(refs, on, func(r vm.BulkResult) {
 				if !asJSON {
 					bar.clear()
 					printBulk(out, r)
 				}
 				bar.step()
-			}
+			})
 			bar.clear()
 			if asJSON {
 				if err := printJSON(out, results); err != nil {
@@ -145,7 +115,7 @@ failed. A running VM sees the change at its next start.`,
 	return cmd
 }
 
-func printBulk(w io.Writer, r bulkResult) {
+func printBulk(w io.Writer, r vm.BulkResult) {
 	switch {
 	case !r.OK:
 		// One line per VM: longer explanations are joined.
