@@ -14,10 +14,8 @@ import (
 
 	"vtpm/internal/guardian"
 	"vtpm/internal/keybroker"
-	"vtpm/internal/keyfile"
 	"vtpm/internal/keystore"
 	"vtpm/internal/paths"
-	"vtpm/internal/seal"
 )
 
 // openBroker opens this host's keystore with the configured host TPM.
@@ -127,7 +125,7 @@ func guardianCmd() *cobra.Command {
 		Use: "show [NAME|FINGERPRINT]", Short: "Show a guardian (default: this host's)", Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return withHost(func(h *keybroker.Broker) error {
-				g, local, err := pick(h, args)
+				g, local, err := h.Pick(argOr(args, 0))
 				if err != nil {
 					return err
 				}
@@ -151,7 +149,7 @@ func guardianCmd() *cobra.Command {
 		Args:  cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return withHost(func(h *keybroker.Broker) error {
-				g, _, err := pick(h, args)
+				g, _, err := h.Pick(argOr(args, 0))
 				if err != nil {
 					return err
 				}
@@ -193,12 +191,9 @@ func guardianCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			g, err := guardian.ImportPKCS12(data, pw)
-			if err != nil {
-				return fmt.Errorf("import %s: %w", args[0], err)
-			}
 			return withHost(func(h *keybroker.Broker) error {
-				if err := h.Import(g, replace); err != nil {
+				g, err := h.ImportPKCS12(args[0], data, pw, replace)
+				if err != nil {
 					return err
 				}
 				fmt.Fprintf(cmd.OutOrStdout(), "imported guardian %s (%s)\n", g.Name(), g.Fingerprint())
@@ -226,16 +221,12 @@ func guardianCmd() *cobra.Command {
 	return cmd
 }
 
-func pick(h *keybroker.Broker, args []string) (*guardian.Guardian, bool, error) {
-	local, err := h.Local()
-	if err != nil || len(args) == 0 {
-		return local, true, err
+// argOr is args[i], or "" when there are fewer arguments.
+func argOr(args []string, i int) string {
+	if i < len(args) {
+		return args[i]
 	}
-	g, err := h.Find(args[0])
-	if err != nil {
-		return nil, false, err
-	}
-	return g, g.Fingerprint() == local.Fingerprint(), nil
+	return ""
 }
 
 func protectorCmd() *cobra.Command {
@@ -285,9 +276,10 @@ func protectorCmd() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("%s: %w", args[1], err)
 			}
-			return changeProtector(tpmDir(args[0]), func(p *guardian.Protector, dek []byte, owner *guardian.Guardian) error {
-				return p.Grant(dek, g, owner)
-			}, cmd.OutOrStdout(), "granted "+g.Name())
+			return withHost(func(h *keybroker.Broker) error {
+				p, err := h.Grant(tpmDir(args[0]), g)
+				return printChanged(cmd.OutOrStdout(), p, err, "granted "+g.Name())
+			})
 		},
 	}
 	revoke := &cobra.Command{
@@ -295,59 +287,21 @@ func protectorCmd() *cobra.Command {
 		Short: "Stop a guardian from opening a TPM (needs the owner's key)",
 		Args:  cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			dir := tpmDir(args[0])
-			p, err := keybroker.ReadProtector(dir)
-			if err != nil {
-				return err
-			}
-			var fps []string
-			for _, r := range p.Rows() {
-				if r.Name == args[1] || r.Fingerprint == args[1] || (len(args[1]) >= 8 && strings.HasPrefix(r.Fingerprint, args[1])) {
-					fps = append(fps, r.Fingerprint)
-				}
-			}
-			if len(fps) == 0 {
-				return fmt.Errorf("no guardian %q in the protector of %s; `vtpm protector show %s` lists them", args[1], dir, args[0])
-			}
-			if len(fps) > 1 {
-				return fmt.Errorf("%q names %d guardians in the protector of %s; give a fingerprint (`vtpm protector show %s` lists them)", args[1], len(fps), dir, args[0])
-			}
-			fp := fps[0]
-			return changeProtector(dir, func(p *guardian.Protector, _ []byte, owner *guardian.Guardian) error {
-				return p.Revoke(fp, owner)
-			}, cmd.OutOrStdout(), "revoked "+args[1])
+			return withHost(func(h *keybroker.Broker) error {
+				p, err := h.Revoke(tpmDir(args[0]), args[1])
+				return printChanged(cmd.OutOrStdout(), p, err, "revoked "+args[1])
+			})
 		},
 	}
 	cmd.AddCommand(show, grant, revoke)
 	return cmd
 }
 
-// changeProtector opens dir's TPM, checks this host holds the owner's key,
-// applies change and writes the protector back.
-func changeProtector(dir string, change func(*guardian.Protector, []byte, *guardian.Guardian) error, w io.Writer, done string) error {
-	return withHost(func(h *keybroker.Broker) error {
-		p, err := keybroker.ReadProtector(dir)
-		if err != nil {
-			return err
-		}
-		owner, err := h.Find(p.Owner().Fingerprint())
-		if err != nil {
-			return fmt.Errorf("only the owner of TPM %s, guardian %s (%s), can change its protector; run this on a host that holds it", p.TPM(), p.Owner().Name(), p.Owner().Fingerprint())
-		}
-		o, err := h.OpenTPM(dir)
-		if err != nil {
-			return err
-		}
-		defer clear(o.DEK)
-		if err := change(p, o.DEK, owner); err != nil {
-			return err
-		}
-		if err := keybroker.WriteProtector(dir, p); err != nil {
-			return err
-		}
+func printChanged(w io.Writer, p *guardian.Protector, err error, done string) error {
+	if err == nil {
 		fmt.Fprintf(w, "%s for TPM %s\n", done, p.TPM())
-		return nil
-	})
+	}
+	return err
 }
 
 func keyCmd() *cobra.Command {
@@ -363,25 +317,15 @@ func keyCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			dir := tpmDir(args[0])
-			if !seal.Exists(dir) {
-				// OpenTPM would provision a new TPM there and export its key.
-				return fmt.Errorf("%s holds no vtpm TPM state (no %s); nothing was exported", dir, seal.StateFileName)
-			}
 			return withHost(func(h *keybroker.Broker) error {
-				o, err := h.OpenTPM(dir)
-				if err != nil {
-					return err
-				}
-				defer clear(o.DEK)
-				b, err := keyfile.Encrypt(keyfile.Key{TPM: o.TPM, DEK: o.DEK, Created: time.Now()}, pp, nil)
+				id, b, err := h.ExportKey(tpmDir(args[0]), pp)
 				if err != nil {
 					return err
 				}
 				if err := writeOut(out, b, 0o600); err != nil {
 					return err
 				}
-				fmt.Fprintf(cmd.OutOrStdout(), "exported the key of TPM %s to %s\n", o.TPM, out)
+				fmt.Fprintf(cmd.OutOrStdout(), "exported the key of TPM %s to %s\n", id, out)
 				return nil
 			})
 		},
@@ -401,16 +345,12 @@ func keyCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			k, err := keyfile.Decrypt(data, pp)
-			if err != nil {
-				return fmt.Errorf("%s: %w", args[0], err)
-			}
-			defer clear(k.DEK)
 			return withHost(func(h *keybroker.Broker) error {
-				if err := h.ImportKey(k.TPM, k.DEK, replace); err != nil {
+				id, err := h.ImportKeyFile(args[0], data, pp, replace)
+				if err != nil {
 					return err
 				}
-				fmt.Fprintf(cmd.OutOrStdout(), "imported the key of TPM %s\n", k.TPM)
+				fmt.Fprintf(cmd.OutOrStdout(), "imported the key of TPM %s\n", id)
 				return nil
 			})
 		},
