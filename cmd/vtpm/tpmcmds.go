@@ -29,8 +29,7 @@ on: OVMF's Secure Boot firmware with a variable store that has Microsoft's keys
 enrolled.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			h := vmRegistry()
-			v, err := h.Open(args[0])
+			h, v, err := openVM(args[0])
 			if err != nil {
 				return err
 			}
@@ -51,8 +50,7 @@ func tpmRemoveCmd() *cobra.Command {
 		Short: "Remove a stopped VM's vTPM, keeping its state in a backup",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			h := vmRegistry()
-			v, err := h.Open(args[0])
+			h, v, err := openVM(args[0])
 			if err != nil {
 				return err
 			}
