@@ -252,11 +252,7 @@ func protectorCmd() *cobra.Command {
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "TPM %s, owner %s (%s)\n", p.TPM(), p.Owner().Name(), p.Owner().Fingerprint())
 			for _, r := range rows {
-				mark := ""
-				if r.Owner {
-					mark = "  (owner)"
-				}
-				fmt.Fprintf(cmd.OutOrStdout(), "  %s  %s%s\n", r.Fingerprint, r.Name, mark)
+				fmt.Fprintf(cmd.OutOrStdout(), "  %s  %s%s\n", r.Fingerprint, r.Name, ownerMark(r.Owner))
 			}
 			return nil
 		},

@@ -1,11 +1,8 @@
 package main
 
 import (
-	"crypto"
 	"crypto/sha256"
-	"crypto/x509"
 	"encoding/hex"
-	"encoding/pem"
 	"fmt"
 	"io"
 	"log/slog"
@@ -13,7 +10,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/google/uuid"
 	"github.com/spf13/cobra"
 
 	"vtpm/internal/keybroker"
@@ -58,7 +54,7 @@ serves it.`,
 				return err
 			}
 			if asJSON {
-				return printJSON(cmd.OutOrStdout(), reportJSON(res))
+				return printJSON(cmd.OutOrStdout(), res.Summary())
 			}
 			w := cmd.OutOrStdout()
 			fmt.Fprintf(w, "manufactured TPM %s in %s (%s state)\n", res.TPM, dir, res.Format)
@@ -96,64 +92,6 @@ func warnLogger() *slog.Logger {
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 }
 
-type certJSON struct {
-	Index     string    `json:"nv_index"`
-	Subject   string    `json:"subject"`
-	Issuer    string    `json:"issuer"`
-	Serial    string    `json:"serial"`
-	NotBefore time.Time `json:"not_before"`
-	NotAfter  time.Time `json:"not_after"`
-	TPM       string    `json:"tpm_uuid,omitempty"`
-	Locked    bool      `json:"write_locked"`
-	PEM       string    `json:"pem"`
-}
-
-type ekJSON struct {
-	Name        string    `json:"name"`
-	Handle      string    `json:"handle"`
-	Fingerprint string    `json:"public_key_sha256"`
-	PublicKey   string    `json:"public_key_pem"`
-	Certificate *certJSON `json:"certificate,omitempty"`
-}
-
-func publicKeyInfo(pub crypto.PublicKey) (fingerprint, pemText string) {
-	der, err := x509.MarshalPKIXPublicKey(pub)
-	if err != nil {
-		return "", ""
-	}
-	sum := sha256.Sum256(der)
-	return hex.EncodeToString(sum[:]), string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}))
-}
-
-func certInfo(c *x509.Certificate, index uint32, locked bool) *certJSON {
-	if c == nil {
-		return nil
-	}
-	j := &certJSON{
-		Index: fmt.Sprintf("%#x", index), Subject: c.Subject.String(), Issuer: c.Issuer.String(),
-		Serial: c.SerialNumber.Text(16), NotBefore: c.NotBefore, NotAfter: c.NotAfter, Locked: locked,
-		PEM: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})),
-	}
-	if id := manufacture.CertUUID(c); id != uuid.Nil {
-		j.TPM = id.String()
-	}
-	return j
-}
-
-func reportJSON(r *manufacture.Result) map[string]any {
-	var eks []ekJSON
-	for _, ek := range r.Report.EKs {
-		fp, p := publicKeyInfo(ek.Public)
-		e := ekJSON{Name: ek.Name, Handle: fmt.Sprintf("%#x", uint32(ek.Handle)), Fingerprint: fp, PublicKey: p}
-		if ek.Cert != nil {
-			c, _ := x509.ParseCertificate(ek.Cert)
-			e.Certificate = certInfo(c, uint32(ek.CertIndex), false)
-		}
-		eks = append(eks, e)
-	}
-	return map[string]any{"tpm": r.TPM.String(), "format": r.Format, "eks": eks, "pcr_banks": r.Report.PCRBanks, "platform_certificate": r.Report.PlatformCert != nil}
-}
-
 func tpmShowCmd() *cobra.Command {
 	var asJSON bool
 	var key string
@@ -166,69 +104,38 @@ func tpmShowCmd() *cobra.Command {
 			if !manufacture.HasState(dir) {
 				return fmt.Errorf("%s holds no TPM state; create one with `vtpm tpm manufacture %s`", dir, args[0])
 			}
-			out := map[string]any{"dir": dir}
-			var info *manufacture.Shown
+			var out *manufacture.Summary
 			err := withHost(func(h *keybroker.Broker) (err error) {
-				info, err = manufacture.Show(h, dir, key, warnLogger())
+				out, err = manufacture.Show(h, dir, key, warnLogger())
 				return err
 			})
 			if err != nil {
 				return err
 			}
-			out["format"] = info.Format
-			if info.Sealed {
-				out["tpm"] = info.TPM.String()
-				if info.Generation != nil {
-					out["generation"] = *info.Generation
-				}
-			}
-			var eks []ekJSON
-			for _, ek := range info.EKs {
-				fp, p := publicKeyInfo(ek.Public)
-				eks = append(eks, ekJSON{ek.Name, fmt.Sprintf("%#x", uint32(ek.Handle)), fp, p, certInfo(ek.Cert, uint32(ek.CertIndex), ek.Locked)})
-			}
-			out["eks"] = eks
-			if info.PlatformCert != nil {
-				out["platform_certificate"] = certInfo(info.PlatformCert, uint32(manufacture.IndexPlatform), false)
-			}
-			out["pcr_banks"] = info.PCRBanks
-			out["pcr_banks_available"] = info.Available
-			type row struct {
-				Name        string `json:"name"`
-				Fingerprint string `json:"fingerprint"`
-				Owner       bool   `json:"owner"`
-			}
-			var rows []row
-			if p, err := keybroker.ReadProtector(dir); err == nil {
-				for _, r := range p.Rows() {
-					rows = append(rows, row{r.Name, r.Fingerprint, r.Fingerprint == p.Owner().Fingerprint()})
-				}
-				out["protector"] = rows
-			}
 			if asJSON {
 				return printJSON(cmd.OutOrStdout(), out)
 			}
 			w := cmd.OutOrStdout()
-			if id, ok := out["tpm"]; ok {
-				fmt.Fprintf(w, "TPM %s in %s (%s state, generation %v)\n", id, dir, out["format"], out["generation"])
+			if out.TPM != "" {
+				var gen any // printed as <nil> when unknown
+				if out.Generation != nil {
+					gen = *out.Generation
+				}
+				fmt.Fprintf(w, "TPM %s in %s (%s state, generation %v)\n", out.TPM, dir, out.Format, gen)
 			} else {
-				fmt.Fprintf(w, "TPM in %s (%s state)\n", dir, out["format"])
+				fmt.Fprintf(w, "TPM in %s (%s state)\n", dir, out.Format)
 			}
-			for _, ek := range eks {
+			for _, ek := range out.EKs {
 				fmt.Fprintf(w, "EK %s at %s, public key sha256 %s\n", ek.Name, ek.Handle, ek.Fingerprint)
 				printCert(w, ek.Certificate)
 			}
-			if c, ok := out["platform_certificate"].(*certJSON); ok {
+			if out.PlatformCert != nil {
 				fmt.Fprintln(w, "platform certificate:")
-				printCert(w, c)
+				printCert(w, out.PlatformCert)
 			}
-			fmt.Fprintf(w, "PCR banks: %s (of %s)\n", strings.Join(info.PCRBanks, ","), strings.Join(info.Available, ","))
-			for _, r := range rows {
-				mark := ""
-				if r.Owner {
-					mark = "  (owner)"
-				}
-				fmt.Fprintf(w, "protector: %s  %s%s\n", r.Fingerprint, r.Name, mark)
+			fmt.Fprintf(w, "PCR banks: %s (of %s)\n", strings.Join(out.PCRBanks, ","), strings.Join(out.Available, ","))
+			for _, r := range out.Protector {
+				fmt.Fprintf(w, "protector: %s  %s%s\n", r.Fingerprint, r.Name, ownerMark(r.Owner))
 			}
 			return nil
 		},
@@ -238,7 +145,7 @@ func tpmShowCmd() *cobra.Command {
 	return cmd
 }
 
-func printCert(w io.Writer, c *certJSON) {
+func printCert(w io.Writer, c *manufacture.CertSummary) {
 	if c == nil {
 		fmt.Fprintln(w, "  no certificate")
 		return
@@ -278,4 +185,12 @@ func caCmd() *cobra.Command {
 	show.Flags().BoolVar(&asPEM, "pem", false, "print the CA certificate in PEM")
 	cmd.AddCommand(show)
 	return cmd
+}
+
+// ownerMark marks a protector's owner in a list of its guardians.
+func ownerMark(owner bool) string {
+	if owner {
+		return "  (owner)"
+	}
+	return ""
 }

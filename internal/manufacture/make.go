@@ -92,20 +92,9 @@ func Make(open OpenBroker, dir string, overwrite bool, o Options, log *slog.Logg
 	return res, nil
 }
 
-// Shown is a TPM read back from its state directory.
-type Shown struct {
-	Format Format
-	// TPM and Generation are the sealed state's (Sealed is false for swtpm
-	// files); Generation is nil when it cannot be read.
-	Sealed     bool
-	TPM        uuid.UUID
-	Generation *uint64
-	*Info
-}
-
-// Show reads the TPM in dir without changing it. swtpmKey opens swtpm files
-// encrypted with a key.
-func Show(h *keybroker.Broker, dir, swtpmKey string, log *slog.Logger) (*Shown, error) {
+// Show describes the TPM in dir without changing it. swtpmKey opens swtpm
+// files encrypted with a key.
+func Show(h *keybroker.Broker, dir, swtpmKey string, log *slog.Logger) (*Summary, error) {
 	s, err := show(h, dir, swtpmKey, log)
 	if errors.Is(err, seal.ErrLocked) {
 		return nil, errdefs.Wrap(errdefs.ErrFailedPrecondition, err, "%s is in use by a running TPM; stop it to inspect it", dir)
@@ -113,21 +102,15 @@ func Show(h *keybroker.Broker, dir, swtpmKey string, log *slog.Logger) (*Shown, 
 	return s, err
 }
 
-func show(h *keybroker.Broker, dir, swtpmKey string, log *slog.Logger) (*Shown, error) {
+func show(h *keybroker.Broker, dir, swtpmKey string, log *slog.Logger) (*Summary, error) {
 	st, err := Open(h, dir, swtpmKey, log)
 	if err != nil {
 		return nil, err
 	}
 	defer st.Storage.Close()
-	s := &Shown{Format: st.Format}
-	if st.Store != nil {
-		s.Sealed, s.TPM = true, st.TPM
-		if g, err := st.Store.Generation("permall"); err == nil {
-			s.Generation = &g
-		}
-	}
-	if s.Info, err = Inspect(st.Storage); err != nil {
+	info, err := Inspect(st.Storage)
+	if err != nil {
 		return nil, err
 	}
-	return s, nil
+	return summarize(dir, st, info), nil
 }
