@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"os"
 	"strings"
 	"time"
@@ -22,7 +21,7 @@ import (
 func openBroker() (*keybroker.Broker, error) {
 	return keybroker.Open(paths.DataRoot(), keystore.Options{
 		HostTPM: os.Getenv("VTPM_HOST_TPM"),
-		Logger:  slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+		Logger:  warnLogger(),
 	})
 }
 
@@ -72,18 +71,6 @@ func writeOut(path string, data []byte, perm os.FileMode) error {
 	return f.Close()
 }
 
-type guardianInfo struct {
-	Name        string `json:"name"`
-	Fingerprint string `json:"fingerprint"`
-	Subject     string `json:"subject"`
-	KEM         string `json:"kem"`
-	Local       bool   `json:"local"`
-}
-
-func infoOf(g *guardian.Guardian, local bool) guardianInfo {
-	return guardianInfo{g.Name(), g.Fingerprint(), g.Subject(), fmt.Sprint(g.KEM()), local}
-}
-
 func printJSON(w io.Writer, v any) error {
 	e := json.NewEncoder(w)
 	e.SetIndent("", "  ")
@@ -97,13 +84,9 @@ func guardianCmd() *cobra.Command {
 		Use: "list", Short: "List this host's guardians", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return withHost(func(h *keybroker.Broker) error {
-				gs, err := h.Guardians()
+				out, err := h.GuardianSummaries()
 				if err != nil {
 					return err
-				}
-				var out []guardianInfo
-				for i, g := range gs {
-					out = append(out, infoOf(g, i == 0))
 				}
 				if asJSON {
 					return printJSON(cmd.OutOrStdout(), out)
@@ -130,7 +113,7 @@ func guardianCmd() *cobra.Command {
 					return err
 				}
 				if asJSON {
-					return printJSON(cmd.OutOrStdout(), infoOf(g, local))
+					return printJSON(cmd.OutOrStdout(), keybroker.Summarize(g, local))
 				}
 				c := g.SigningCertificate()
 				fmt.Fprintf(cmd.OutOrStdout(), "name:        %s\nfingerprint: %s\nsubject:     %s\nkem:         %s\nvalid:       %s to %s\nprivate key: %v\n",
@@ -357,17 +340,5 @@ func keyCmd() *cobra.Command {
 	return cmd
 }
 
-// tpmDir resolves a TPM argument to its state directory: a path to one, or
-// the name or UUID of a registered VM (its bundle's tpm/).
-func tpmDir(arg string) string {
-	if strings.ContainsRune(arg, os.PathSeparator) || arg == "." || arg == ".." {
-		return arg
-	}
-	if st, err := os.Stat(arg); err == nil && st.IsDir() {
-		return arg
-	}
-	if v, err := vmRegistry().Open(arg); err == nil {
-		return v.TPMDir()
-	}
-	return arg
-}
+// tpmDir resolves a TPM argument: a state directory, or a registered VM.
+func tpmDir(arg string) string { return vmRegistry().TPMDir(arg) }

@@ -123,3 +123,20 @@ func (h *Broker) ImportKeyFile(name string, data []byte, passphrase string, repl
 	defer clear(k.DEK)
 	return k.TPM, h.ImportKey(k.TPM, k.DEK, replace)
 }
+
+// KeyFor returns how a TPM whose state is being made in a directory gets
+// its data key: the key a --data-key option (see [ParseDataKey]) names when
+// opt is set, else its own new key under a protector owned by this host's
+// guardian, written into that directory.
+func (h *Broker) KeyFor(opt string) func(dir string) ([]byte, error) {
+	return func(dir string) ([]byte, error) {
+		if opt != "" {
+			return ParseDataKey(opt)
+		}
+		o, err := h.OpenTPM(dir)
+		if err != nil {
+			return nil, err
+		}
+		return o.DEK, nil
+	}
+}

@@ -2,7 +2,9 @@ package keybroker
 
 import (
 	"bytes"
+	"encoding/hex"
 	"errors"
+	"os"
 	"path/filepath"
 	"slices"
 	"testing"
@@ -128,5 +130,28 @@ func TestPickAndImportPKCS12(t *testing.T) {
 		if err != nil || g.Fingerprint() != tc.want || isLocal != tc.local {
 			t.Errorf("Pick(%q) = %v, %v, %v; want %s, %v", tc.ref, g, isLocal, err, tc.want, tc.local)
 		}
+	}
+}
+
+func TestKeyFor(t *testing.T) {
+	h := newHost(t)
+	file := filepath.Join(t.TempDir(), "key")
+	given := bytes.Repeat([]byte{7}, 32)
+	if err := os.WriteFile(file, []byte(hex.EncodeToString(given)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(t.TempDir(), "staging")
+	if k, err := h.KeyFor("file=" + file)(dir); err != nil || !bytes.Equal(k, given) {
+		t.Errorf("KeyFor(file=): %x, %v; want the key in the file", k, err)
+	}
+	if _, err := os.Stat(dir); err == nil {
+		t.Error("KeyFor with a --data-key wrote into the directory")
+	}
+	k, err := h.KeyFor("")(dir)
+	if err != nil || len(k) != 32 {
+		t.Fatalf("KeyFor(\"\"): %v", err)
+	}
+	if o, err := h.OpenTPM(dir); err != nil || !bytes.Equal(o.DEK, k) {
+		t.Errorf("the new key is not the one the directory's protector holds: %v", err)
 	}
 }

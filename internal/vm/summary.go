@@ -1,5 +1,10 @@
 package vm
 
+import (
+	"os"
+	"strings"
+)
+
 // Summary is a VM as lists show it.
 type Summary struct {
 	Name       string `json:"name"`
@@ -66,4 +71,20 @@ func (h *Registry) List(all bool) ([]Summary, error) {
 		}
 	}
 	return list, nil
+}
+
+// TPMDir resolves a TPM argument to its state directory: a path to one, or
+// the name or UUID of a registered VM (its bundle's tpm/). Anything else is
+// taken as a path.
+func (h *Registry) TPMDir(arg string) string {
+	if strings.ContainsRune(arg, os.PathSeparator) || arg == "." || arg == ".." {
+		return arg
+	}
+	if st, err := os.Stat(arg); err == nil && st.IsDir() {
+		return arg
+	}
+	if v, err := h.Open(arg); err == nil {
+		return v.TPMDir()
+	}
+	return arg
 }
