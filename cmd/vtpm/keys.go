@@ -25,6 +25,14 @@ func openBroker() (*keybroker.Broker, error) {
 	})
 }
 
+// onHost is a command's run function that runs with this host's keystore
+// open.
+func onHost(run func(cmd *cobra.Command, h *keybroker.Broker, args []string) error) func(*cobra.Command, []string) error {
+	return func(cmd *cobra.Command, args []string) error {
+		return withHost(func(h *keybroker.Broker) error { return run(cmd, h, args) })
+	}
+}
+
 // withHost runs f with this host's keystore open.
 func withHost(f func(h *keybroker.Broker) error) error {
 	h, err := openBroker()
@@ -82,45 +90,37 @@ func guardianCmd() *cobra.Command {
 	var asJSON bool
 	list := &cobra.Command{
 		Use: "list", Short: "List this host's guardians", Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			return withHost(func(h *keybroker.Broker) error {
-				out, err := h.GuardianSummaries()
-				if err != nil {
-					return err
-				}
-				if asJSON {
-					return printJSON(cmd.OutOrStdout(), out)
-				}
-				for _, g := range out {
-					mark := ""
-					if g.Local {
-						mark = "  (this host)"
-					}
-					fmt.Fprintf(cmd.OutOrStdout(), "%s  %s  %s%s\n", g.Fingerprint[:16], g.KEM, g.Name, mark)
-				}
-				return nil
-			})
-		},
+		RunE: onHost(func(cmd *cobra.Command, h *keybroker.Broker, args []string) error {
+			out, err := h.GuardianSummaries()
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				return printJSON(cmd.OutOrStdout(), out)
+			}
+			for _, g := range out {
+				fmt.Fprintf(cmd.OutOrStdout(), "%s  %s  %s%s\n", g.Fingerprint[:16], g.KEM, g.Name, markIf(g.Local, "  (this host)"))
+			}
+			return nil
+		}),
 	}
 	list.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 
 	show := &cobra.Command{
 		Use: "show [NAME|FINGERPRINT]", Short: "Show a guardian (default: this host's)", Args: cobra.MaximumNArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			return withHost(func(h *keybroker.Broker) error {
-				g, local, err := h.Pick(argOr(args, 0))
-				if err != nil {
-					return err
-				}
-				if asJSON {
-					return printJSON(cmd.OutOrStdout(), keybroker.Summarize(g, local))
-				}
-				c := g.SigningCertificate()
-				fmt.Fprintf(cmd.OutOrStdout(), "name:        %s\nfingerprint: %s\nsubject:     %s\nkem:         %s\nvalid:       %s to %s\nprivate key: %v\n",
-					g.Name(), g.Fingerprint(), g.Subject(), g.KEM(), c.NotBefore.Format(time.DateOnly), c.NotAfter.Format(time.DateOnly), g.HasPrivate())
-				return nil
-			})
-		},
+		RunE: onHost(func(cmd *cobra.Command, h *keybroker.Broker, args []string) error {
+			g, local, err := h.Pick(argOr(args, 0))
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				return printJSON(cmd.OutOrStdout(), keybroker.Summarize(g, local))
+			}
+			c := g.SigningCertificate()
+			fmt.Fprintf(cmd.OutOrStdout(), "name:        %s\nfingerprint: %s\nsubject:     %s\nkem:         %s\nvalid:       %s to %s\nprivate key: %v\n",
+				g.Name(), g.Fingerprint(), g.Subject(), g.KEM(), c.NotBefore.Format(time.DateOnly), c.NotAfter.Format(time.DateOnly), g.HasPrivate())
+			return nil
+		}),
 	}
 	show.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 
@@ -130,33 +130,31 @@ func guardianCmd() *cobra.Command {
 		Use:   "export [NAME|FINGERPRINT] -o FILE",
 		Short: "Export a guardian as password-protected PKCS#12 (private key included), or its certificates only",
 		Args:  cobra.MaximumNArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			return withHost(func(h *keybroker.Broker) error {
-				g, _, err := h.Pick(argOr(args, 0))
+		RunE: onHost(func(cmd *cobra.Command, h *keybroker.Broker, args []string) error {
+			g, _, err := h.Pick(argOr(args, 0))
+			if err != nil {
+				return err
+			}
+			if certsOnly {
+				b, err := g.ExportCertificates()
 				if err != nil {
 					return err
 				}
-				if certsOnly {
-					b, err := g.ExportCertificates()
-					if err != nil {
-						return err
-					}
-					return writeOut(out, b, 0o644)
-				}
-				if out == "" {
-					return errors.New("a PKCS#12 export holds a private key: give -o FILE")
-				}
-				pw, err := readSecret(pwFile, "VTPM_PASSWORD", "password")
-				if err != nil {
-					return err
-				}
-				b, err := g.ExportPKCS12(pw)
-				if err != nil {
-					return err
-				}
-				return writeOut(out, b, 0o600)
-			})
-		},
+				return writeOut(out, b, 0o644)
+			}
+			if out == "" {
+				return errors.New("a PKCS#12 export holds a private key: give -o FILE")
+			}
+			pw, err := readSecret(pwFile, "VTPM_PASSWORD", "password")
+			if err != nil {
+				return err
+			}
+			b, err := g.ExportPKCS12(pw)
+			if err != nil {
+				return err
+			}
+			return writeOut(out, b, 0o600)
+		}),
 	}
 	export.Flags().StringVarP(&out, "output", "o", "", "file to write (certificates only: - for stdout)")
 	export.Flags().StringVar(&pwFile, "password-file", "", "file holding the PKCS#12 password (or set VTPM_PASSWORD)")
@@ -189,16 +187,14 @@ func guardianCmd() *cobra.Command {
 
 	remove := &cobra.Command{
 		Use: "remove NAME|FINGERPRINT", Short: "Remove a guardian from this host", Args: cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			return withHost(func(h *keybroker.Broker) error {
-				g, err := h.Remove(args[0])
-				if err != nil {
-					return err
-				}
-				fmt.Fprintf(cmd.OutOrStdout(), "removed guardian %s (%s)\n", g.Name(), g.Fingerprint())
-				return nil
-			})
-		},
+		RunE: onHost(func(cmd *cobra.Command, h *keybroker.Broker, args []string) error {
+			g, err := h.Remove(args[0])
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "removed guardian %s (%s)\n", g.Name(), g.Fingerprint())
+			return nil
+		}),
 	}
 	cmd.AddCommand(list, show, export, imp, remove)
 	return cmd
@@ -235,7 +231,7 @@ func protectorCmd() *cobra.Command {
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "TPM %s, owner %s (%s)\n", p.TPM(), p.Owner().Name(), p.Owner().Fingerprint())
 			for _, r := range rows {
-				fmt.Fprintf(cmd.OutOrStdout(), "  %s  %s%s\n", r.Fingerprint, r.Name, ownerMark(r.Owner))
+				fmt.Fprintf(cmd.OutOrStdout(), "  %s  %s%s\n", r.Fingerprint, r.Name, markIf(r.Owner, "  (owner)"))
 			}
 			return nil
 		},
@@ -265,12 +261,10 @@ func protectorCmd() *cobra.Command {
 		Use:   "revoke VM|TPM-DIR NAME|FINGERPRINT",
 		Short: "Stop a guardian from opening a TPM (needs the owner's key)",
 		Args:  cobra.ExactArgs(2),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			return withHost(func(h *keybroker.Broker) error {
-				p, err := h.Revoke(tpmDir(args[0]), args[1])
-				return printChanged(cmd.OutOrStdout(), p, err, "revoked "+args[1])
-			})
-		},
+		RunE: onHost(func(cmd *cobra.Command, h *keybroker.Broker, args []string) error {
+			p, err := h.Revoke(tpmDir(args[0]), args[1])
+			return printChanged(cmd.OutOrStdout(), p, err, "revoked "+args[1])
+		}),
 	}
 	cmd.AddCommand(show, grant, revoke)
 	return cmd

@@ -135,7 +135,7 @@ func tpmShowCmd() *cobra.Command {
 			}
 			fmt.Fprintf(w, "PCR banks: %s (of %s)\n", strings.Join(out.PCRBanks, ","), strings.Join(out.Available, ","))
 			for _, r := range out.Protector {
-				fmt.Fprintf(w, "protector: %s  %s%s\n", r.Fingerprint, r.Name, ownerMark(r.Owner))
+				fmt.Fprintf(w, "protector: %s  %s%s\n", r.Fingerprint, r.Name, markIf(r.Owner, "  (owner)"))
 			}
 			return nil
 		},
@@ -165,32 +165,30 @@ func caCmd() *cobra.Command {
 		Use:   "show [--pem]",
 		Short: "Show the local CA (created on first use), or print its certificate as PEM for openssl verify -CAfile",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			return withHost(func(h *keybroker.Broker) error {
-				ca, err := manufacture.LoadCA(h.Keystore())
-				if err != nil {
-					return err
-				}
-				if asPEM {
-					_, err := cmd.OutOrStdout().Write(ca.PEM())
-					return err
-				}
-				sum := sha256.Sum256(ca.Cert.Raw)
-				fmt.Fprintf(cmd.OutOrStdout(), "subject:     %s\nsha256:      %s\nvalid:       %s to %s\n",
-					ca.Cert.Subject, hex.EncodeToString(sum[:]), ca.Cert.NotBefore.Format(time.DateOnly), ca.Cert.NotAfter.Format(time.DateOnly))
-				return nil
-			})
-		},
+		RunE: onHost(func(cmd *cobra.Command, h *keybroker.Broker, args []string) error {
+			ca, err := manufacture.LoadCA(h.Keystore())
+			if err != nil {
+				return err
+			}
+			if asPEM {
+				_, err := cmd.OutOrStdout().Write(ca.PEM())
+				return err
+			}
+			sum := sha256.Sum256(ca.Cert.Raw)
+			fmt.Fprintf(cmd.OutOrStdout(), "subject:     %s\nsha256:      %s\nvalid:       %s to %s\n",
+				ca.Cert.Subject, hex.EncodeToString(sum[:]), ca.Cert.NotBefore.Format(time.DateOnly), ca.Cert.NotAfter.Format(time.DateOnly))
+			return nil
+		}),
 	}
 	show.Flags().BoolVar(&asPEM, "pem", false, "print the CA certificate in PEM")
 	cmd.AddCommand(show)
 	return cmd
 }
 
-// ownerMark marks a protector's owner in a list of its guardians.
-func ownerMark(owner bool) string {
-	if owner {
-		return "  (owner)"
+// markIf is mark when b holds, else nothing.
+func markIf(b bool, mark string) string {
+	if b {
+		return mark
 	}
 	return ""
 }

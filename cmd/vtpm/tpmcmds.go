@@ -28,11 +28,7 @@ booting from a passthrough disk cannot have one. Adding a TPM turns Secure Boot
 on: OVMF's Secure Boot firmware with a variable store that has Microsoft's keys
 enrolled.`,
 		Args: cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			h, v, err := openVM(args[0])
-			if err != nil {
-				return err
-			}
+		RunE: onVM(func(cmd *cobra.Command, h *vm.Registry, v *vm.VM) error {
 			notes, err := h.AddTPM(v)
 			if err != nil {
 				return err
@@ -40,7 +36,7 @@ enrolled.`,
 			fmt.Fprintf(cmd.OutOrStdout(), "added a manufactured vTPM to VM %s (%s)\n", v.Name(), v.TPMDir())
 			printNotes(cmd.OutOrStdout(), notes)
 			return nil
-		},
+		}),
 	}
 }
 
@@ -49,11 +45,7 @@ func tpmRemoveCmd() *cobra.Command {
 		Use:   "remove VM",
 		Short: "Remove a stopped VM's vTPM, keeping its state in a backup",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			h, v, err := openVM(args[0])
-			if err != nil {
-				return err
-			}
+		RunE: onVM(func(cmd *cobra.Command, h *vm.Registry, v *vm.VM) error {
 			backup, err := h.RemoveTPM(v)
 			if err != nil {
 				return err
@@ -63,7 +55,7 @@ func tpmRemoveCmd() *cobra.Command {
 				"(have it ready), and LUKS volumes bound to the TPM need their passphrase. To get the TPM back, stop the VM and move %s back to %s.\n",
 				backup, v.TPMDir())
 			return nil
-		},
+		}),
 	}
 }
 

@@ -129,6 +129,18 @@ func openVM(ref string) (*vm.Registry, *vm.VM, error) {
 	return h, v, err
 }
 
+// onVM is a command's run function that acts on the VM its first argument
+// names.
+func onVM(run func(cmd *cobra.Command, h *vm.Registry, v *vm.VM) error) func(*cobra.Command, []string) error {
+	return func(cmd *cobra.Command, args []string) error {
+		h, v, err := openVM(args[0])
+		if err != nil {
+			return err
+		}
+		return run(cmd, h, v)
+	}
+}
+
 func vmListCmd() *cobra.Command {
 	var all, asJSON bool
 	cmd := &cobra.Command{
@@ -174,11 +186,7 @@ func vmShowCmd() *cobra.Command {
 		Use:   "show VM",
 		Short: "Show a VM's bundle, settings and state",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			h, v, err := openVM(args[0])
-			if err != nil {
-				return err
-			}
+		RunE: onVM(func(cmd *cobra.Command, h *vm.Registry, v *vm.VM) error {
 			j := h.Summary(v)
 			if asJSON {
 				return printJSON(cmd.OutOrStdout(), map[string]any{"vm": j, "config": v.Config})
@@ -199,7 +207,7 @@ func vmShowCmd() *cobra.Command {
 			}
 			fmt.Fprintf(w, "isolation:   %s\n", c.IsolationPolicy())
 			return nil
-		},
+		}),
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	return cmd
@@ -259,11 +267,7 @@ func vmDeleteCmd() *cobra.Command {
 		Use:   "delete VM [--delete-tpm]",
 		Short: "Delete a stopped VM's bundle, keeping a backup of its TPM state unless --delete-tpm",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			h, v, err := openVM(args[0])
-			if err != nil {
-				return err
-			}
+		RunE: onVM(func(cmd *cobra.Command, h *vm.Registry, v *vm.VM) error {
 			backup, err := h.Delete(v, deleteTPM)
 			if err != nil {
 				return err
@@ -274,7 +278,7 @@ func vmDeleteCmd() *cobra.Command {
 				fmt.Fprintf(w, "its TPM state is kept in %s (with its key protector: it opens only with this host's or another admitted guardian)\n", backup)
 			}
 			return nil
-		},
+		}),
 	}
 	cmd.Flags().BoolVar(&deleteTPM, "delete-tpm", false, "delete the TPM state too: secrets sealed to it (BitLocker, LUKS) are gone for good")
 	return cmd
@@ -296,11 +300,7 @@ Headless by default: the serial console goes to logs/serial.log in the bundle,
 and to a unix socket with --serial-socket. --console puts it on this terminal
 and returns when the VM stops (Ctrl-C stops the VM).`,
 		Args: cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			h, v, err := openVM(args[0])
-			if err != nil {
-				return err
-			}
+		RunE: onVM(func(cmd *cobra.Command, h *vm.Registry, v *vm.VM) error {
 			o.Stdin, o.Stdout, o.Stderr = os.Stdin, cmd.OutOrStdout(), cmd.ErrOrStderr()
 			res, err := h.Start(cmd.Context(), v, o)
 			if err != nil {
@@ -317,7 +317,7 @@ and returns when the VM stops (Ctrl-C stops the VM).`,
 			fmt.Fprintf(cmd.OutOrStdout(), "started VM %s (QEMU pid %d, %s, %s); serial console: %s\n",
 				v.Name(), res.QEMUPid, tpm, res.Accel, res.SerialLog)
 			return nil
-		},
+		}),
 	}
 	cmd.Flags().BoolVar(&o.Console, "console", false, "serial console on this terminal; wait until the VM stops")
 	cmd.Flags().StringVar(&o.SerialSocket, "serial-socket", "", "also expose the serial console on this unix socket")
@@ -331,11 +331,7 @@ func vmStopCmd() *cobra.Command {
 		Use:   "stop VM [--timeout 60s]",
 		Short: "Shut a VM down (ACPI power button, then quit after --timeout); its vTPM persists its state and exits",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			h, v, err := openVM(args[0])
-			if err != nil {
-				return err
-			}
+		RunE: onVM(func(cmd *cobra.Command, h *vm.Registry, v *vm.VM) error {
 			res, err := h.Stop(cmd.Context(), v, timeout)
 			if err != nil {
 				return err
@@ -349,7 +345,7 @@ func vmStopCmd() *cobra.Command {
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "stopped VM %s: %s; TPM state persisted\n", v.Name(), how)
 			return nil
-		},
+		}),
 	}
 	cmd.Flags().DurationVar(&timeout, "timeout", 60*time.Second, "how long the guest gets to power off before QEMU quits (0: quit at once)")
 	return cmd
