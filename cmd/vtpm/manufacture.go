@@ -14,6 +14,7 @@ import (
 
 	"vtpm/internal/keybroker"
 	"vtpm/internal/manufacture"
+	"vtpm/internal/state"
 )
 
 func tpmManufactureCmds() []*cobra.Command {
@@ -101,7 +102,7 @@ func tpmShowCmd() *cobra.Command {
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			dir := tpmDir(args[0])
-			if !manufacture.HasState(dir) {
+			if !state.HasState(dir) {
 				return fmt.Errorf("%s holds no TPM state; create one with `vtpm tpm manufacture %s`", dir, args[0])
 			}
 			var out *manufacture.Summary

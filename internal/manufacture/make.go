@@ -10,6 +10,7 @@ import (
 	"vtpm/internal/errdefs"
 	"vtpm/internal/keybroker"
 	"vtpm/internal/seal"
+	"vtpm/internal/state"
 	"vtpm/internal/swtpm/statefile"
 )
 
@@ -19,8 +20,8 @@ type OpenBroker func() (*keybroker.Broker, error)
 
 // Open opens dir in the format the swtpm socket instance will serve it in:
 // swtpmKey (an swtpm --key option) selects swtpm's encrypted files.
-func Open(h *keybroker.Broker, dir, swtpmKey string, log *slog.Logger) (*Opened, error) {
-	if ChooseFormat(dir, swtpmKey != "") == Swtpm {
+func Open(h *keybroker.Broker, dir, swtpmKey string, log *slog.Logger) (*state.Opened, error) {
+	if state.Choose(dir, swtpmKey != "") == state.Swtpm {
 		var key *statefile.Key
 		if swtpmKey != "" {
 			k, err := statefile.ParseKeyOption(swtpmKey)
@@ -29,9 +30,9 @@ func Open(h *keybroker.Broker, dir, swtpmKey string, log *slog.Logger) (*Opened,
 			}
 			key = k
 		}
-		return OpenSwtpm(dir, key, statefile.DefaultMode)
+		return state.OpenSwtpm(dir, key, statefile.DefaultMode)
 	}
-	return OpenSealed(h, dir, log)
+	return state.OpenSealed(h, dir, log)
 }
 
 // Request is one manufacture (or PCR reconfiguration) of a state directory.
@@ -46,7 +47,7 @@ type Request struct {
 type Result struct {
 	Report *Report
 	TPM    uuid.UUID
-	Format Format
+	Format state.Format
 }
 
 // Run manufactures the TPM in r.Dir in-process, with this host's CA.
@@ -77,11 +78,11 @@ func Run(open OpenBroker, r Request) (*Result, error) {
 // Make manufactures a new TPM in dir. A TPM already there is replaced (its
 // secrets gone) only when overwrite is set.
 func Make(open OpenBroker, dir string, overwrite bool, o Options, log *slog.Logger) (*Result, error) {
-	if HasState(dir) {
+	if state.HasState(dir) {
 		if !overwrite {
 			return nil, errdefs.New(errdefs.ErrAlreadyExists, "%s already holds a TPM; nothing was changed (pass --overwrite to replace it with a new TPM, whose secrets are gone)", dir)
 		}
-		if err := RemoveState(dir); err != nil {
+		if err := state.Remove(dir); err != nil {
 			return nil, err
 		}
 	}

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"vtpm/internal/errdefs"
+	"vtpm/internal/state"
 	"vtpm/internal/swtpm"
 )
 
@@ -43,7 +44,7 @@ func Setup(o *swtpm.SetupOptions, open OpenBroker, log *slog.Logger) (*SetupResu
 	if err != nil {
 		return res, err
 	}
-	exists := HasState(dir)
+	exists := state.HasState(dir)
 	switch {
 	case o.Reconfigure && !exists:
 		return res, errdefs.New(errdefs.ErrNotFound, "Cannot reconfigure: no TPM state in %s.", dir)
@@ -58,14 +59,14 @@ func Setup(o *swtpm.SetupOptions, open OpenBroker, log *slog.Logger) (*SetupResu
 	res.Started = time.Now()
 	defer func() { res.Ended = time.Now() }()
 	if exists && !o.Reconfigure {
-		if err := RemoveState(dir); err != nil {
+		if err := state.Remove(dir); err != nil {
 			return res, err
 		}
 	}
 	fail := func(err error) (*SetupResult, error) {
 		res.Failed = true
 		if !o.Reconfigure {
-			RemoveState(dir)
+			state.Remove(dir)
 		}
 		return res, err
 	}

@@ -12,6 +12,7 @@ import (
 	"vtpm/internal/errdefs"
 	"vtpm/internal/keybroker"
 	"vtpm/internal/keystore"
+	"vtpm/internal/state"
 	"vtpm/internal/swtpm"
 )
 
@@ -64,7 +65,7 @@ func TestSetupRefuses(t *testing.T) {
 			if !res.Started.IsZero() || res.Kept || *opened != 0 {
 				t.Errorf("refused request: started %v, kept %v, keystore opened %d times; want none", res.Started, res.Kept, *opened)
 			}
-			if HasState(dir) {
+			if state.HasState(dir) {
 				t.Fatal("a refused setup left TPM state behind")
 			}
 		})
@@ -78,7 +79,7 @@ func TestSetupNoPCRBanks(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "No PCR banks could be allocated") || !res.Failed || res.Started.IsZero() {
 		t.Errorf("Setup: %v, %+v; want a failure after starting", err, res)
 	}
-	if HasState(dir) {
+	if state.HasState(dir) {
 		t.Fatal("a failed setup left TPM state behind")
 	}
 }
@@ -127,7 +128,7 @@ func TestMakeAndShow(t *testing.T) {
 		t.Fatal(err)
 	}
 	m := made.Summary()
-	if m.Format != Sealed || len(m.EKs) != 2 || m.EKs[0].Certificate == nil || m.EKs[0].Certificate.TPM != made.TPM.String() || !m.PlatformCert {
+	if m.Format != state.Sealed || len(m.EKs) != 2 || m.EKs[0].Certificate == nil || m.EKs[0].Certificate.TPM != made.TPM.String() || !m.PlatformCert {
 		t.Errorf("Made: %+v; want sealed, two EKs with certificates naming the TPM, a platform certificate", m)
 	}
 	if _, err := Make(open, dir, false, o, nil); !errors.Is(err, errdefs.ErrAlreadyExists) {
@@ -142,7 +143,7 @@ func TestMakeAndShow(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if s.TPM != made.TPM.String() || s.Generation == nil || s.Format != Sealed || len(s.EKs) != 2 || !s.EKs[0].Certificate.Locked ||
+	if s.TPM != made.TPM.String() || s.Generation == nil || s.Format != state.Sealed || len(s.EKs) != 2 || !s.EKs[0].Certificate.Locked ||
 		s.PlatformCert == nil || len(s.Protector) != 1 || !s.Protector[0].Owner || s.EKs[0].Fingerprint != m.EKs[0].Fingerprint {
 		t.Errorf("Show: %+v; want the TPM just made, its generation, locked certificates and its owner", s)
 	}

@@ -13,6 +13,7 @@ import (
 	"github.com/google/uuid"
 
 	"vtpm/internal/keybroker"
+	"vtpm/internal/state"
 )
 
 // CertSummary is a certificate in NV, for display and JSON.
@@ -47,9 +48,9 @@ type ProtectorRow struct {
 // Summary is a TPM read back from its state directory. (JSON fields are in
 // the order of their names.)
 type Summary struct {
-	Dir    string      `json:"dir"`
-	EKs    []EKSummary `json:"eks"`
-	Format Format      `json:"format"`
+	Dir    string       `json:"dir"`
+	EKs    []EKSummary  `json:"eks"`
+	Format state.Format `json:"format"`
 	// Generation is the sealed state's; nil for swtpm files or when it
 	// cannot be read.
 	Generation   *uint64        `json:"generation,omitempty"`
@@ -62,11 +63,11 @@ type Summary struct {
 
 // Made is what Run or Make manufactured, for display and JSON.
 type Made struct {
-	EKs          []EKSummary `json:"eks"`
-	Format       Format      `json:"format"`
-	PCRBanks     []string    `json:"pcr_banks"`
-	PlatformCert bool        `json:"platform_certificate"`
-	TPM          string      `json:"tpm"`
+	EKs          []EKSummary  `json:"eks"`
+	Format       state.Format `json:"format"`
+	PCRBanks     []string     `json:"pcr_banks"`
+	PlatformCert bool         `json:"platform_certificate"`
+	TPM          string       `json:"tpm"`
 }
 
 // Summary is r for display and JSON.
@@ -85,7 +86,7 @@ func (r *Result) Summary() Made {
 
 // summarize describes the TPM in dir, whose state was opened as st and
 // inspected as info.
-func summarize(dir string, st *Opened, info *Info) *Summary {
+func summarize(dir string, st *state.Opened, info *Info) *Summary {
 	out := &Summary{Dir: dir, Format: st.Format, PCRBanks: info.PCRBanks, Available: info.Available}
 	if st.Store != nil {
 		out.TPM = st.TPM.String()
