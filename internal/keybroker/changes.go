@@ -58,7 +58,7 @@ func (h *Broker) Revoke(dir, ref string) (*guardian.Protector, error) {
 			fps = append(fps, r.Fingerprint)
 		}
 	}
-	show := errdefs.Do(errdefs.ActionProtectorShow, "tpm", dir).WithNote("the protector's guardians")
+	show := errdefs.Do(errdefs.ActionProtectorShow, "tpm", dir).WithNote("list the protector's guardians")
 	switch len(fps) {
 	case 0:
 		return nil, errdefs.New(errdefs.ErrNotFound, "no guardian %q in the protector of %s", ref, dir).With(show)

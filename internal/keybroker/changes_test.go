@@ -44,7 +44,7 @@ func TestGrantRevoke(t *testing.T) {
 	if _, err := b.OpenTPM(dir); err != nil {
 		t.Errorf("the granted host cannot open the TPM: %v", err)
 	}
-	show := errdefs.Do(errdefs.ActionProtectorShow, "tpm", dir).WithNote("the protector's guardians")
+	show := errdefs.Do(errdefs.ActionProtectorShow, "tpm", dir).WithNote("list the protector's guardians")
 	tests := []struct {
 		name string
 		ref  string
