@@ -319,7 +319,10 @@ func keyCmd() *cobra.Command {
 				return err
 			}
 			return withHost(func(h *keybroker.Broker) error {
-				id, err := h.ImportKeyFile(args[0], data, pp, replace)
+				id, err := h.ImportKeyFile(data, pp, replace)
+				if kf := (*keybroker.KeyFileError)(nil); errors.As(err, &kf) {
+					return fmt.Errorf("%s: %w", args[0], kf.Err)
+				}
 				if err != nil {
 					return err
 				}

@@ -88,6 +88,11 @@ failed. A running VM sees the change at its next start.`,
 			})
 			bar.clear()
 			if asJSON {
+				for i, r := range results {
+					if r.Err != nil {
+						results[i].Error = formatError(r.Err) // with its remedies
+					}
+				}
 				if err := printJSON(out, results); err != nil {
 					return err
 				}
@@ -109,7 +114,7 @@ func printBulk(w io.Writer, r vm.BulkResult) {
 	switch {
 	case !r.OK:
 		// One line per VM: longer explanations are joined.
-		fmt.Fprintf(w, "%s: failed: %s\n", r.VM, strings.Join(strings.Fields(r.Error), " "))
+		fmt.Fprintf(w, "%s: failed: %s\n", r.VM, strings.Join(strings.Fields(formatError(r.Err)), " "))
 	case r.Note != "":
 		fmt.Fprintf(w, "%s: ok (%s)\n", r.VM, r.Note)
 	default:

@@ -113,16 +113,24 @@ func (h *Broker) ExportKey(dir, passphrase string) (uuid.UUID, []byte, error) {
 	return o.TPM, b, err
 }
 
-// ImportKeyFile imports the data key in a key file made by
-// [Broker.ExportKey] (name is for messages); see [Broker.ImportKey].
-func (h *Broker) ImportKeyFile(name string, data []byte, passphrase string, replace bool) (uuid.UUID, error) {
+// ImportKeyFile decrypts a key file made by [Broker.ExportKey] with
+// passphrase and stores its key, as ImportKey does. It returns the TPM the
+// key belongs to; a file that does not decrypt is a *KeyFileError.
+func (h *Broker) ImportKeyFile(data []byte, passphrase string, replace bool) (uuid.UUID, error) {
 	k, err := keyfile.Decrypt(data, passphrase)
 	if err != nil {
-		return uuid.Nil, fmt.Errorf("%s: %w", name, err)
+		return uuid.Nil, &KeyFileError{Err: err}
 	}
 	defer clear(k.DEK)
 	return k.TPM, h.ImportKey(k.TPM, k.DEK, replace)
 }
+
+// KeyFileError is a key file that does not decrypt (wrong passphrase, not a
+// key file, damaged).
+type KeyFileError struct{ Err error }
+
+func (e *KeyFileError) Error() string { return e.Err.Error() }
+func (e *KeyFileError) Unwrap() error { return e.Err }
 
 // KeyFor returns how a TPM whose state is being made in a directory gets
 // its data key: the key a --data-key option (see [ParseDataKey]) names when
