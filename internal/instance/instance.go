@@ -5,6 +5,7 @@ package instance
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -13,6 +14,8 @@ import (
 	"strconv"
 	"sync"
 
+	"github.com/google/go-tpm/tpm2"
+
 	"vtpm/internal/guardian"
 	"vtpm/internal/libtpms"
 	"vtpm/internal/paths"
@@ -20,6 +23,7 @@ import (
 	"vtpm/internal/seal"
 	"vtpm/internal/swtpm"
 	"vtpm/internal/swtpm/statefile"
+	"vtpm/internal/tpmrc"
 )
 
 // Instance is one running vTPM.
@@ -235,9 +239,9 @@ func (in *Instance) stopTPM() {
 	orderly := in.lastShutdown
 	in.mu.Unlock()
 	if !orderly {
-		for _, su := range []uint16{1, 0} { // TPM_SU_STATE, then TPM_SU_CLEAR
-			rsp, err := in.tpm.Process(shutdownCmd(su))
-			if err == nil && len(rsp) >= 10 && binary.BigEndian.Uint32(rsp[6:]) == 0 {
+		// Save the state if the TPM can; else an orderly CLEAR shutdown.
+		for _, su := range []tpm2.TPMSU{tpm2.TPMSUState, tpm2.TPMSUClear} {
+			if _, err := (tpm2.Shutdown{ShutdownType: su}).Execute(in.tpm); err == nil {
 				break
 			}
 		}
@@ -245,31 +249,24 @@ func (in *Instance) stopTPM() {
 	in.tpm.Terminate()
 }
 
-func shutdownCmd(su uint16) []byte {
-	b := []byte{0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x45, 0, 0}
-	binary.BigEndian.PutUint16(b[10:], su)
-	return b
-}
-
 // startup sends TPM2_Startup as --flags startup-* asks.
 func (in *Instance) startup() error {
-	var su uint16
+	var su tpm2.TPMSU
 	switch in.cfg.Startup {
 	case "clear":
-		su = 0
+		su = tpm2.TPMSUClear
 	case "state":
-		su = 1
+		su = tpm2.TPMSUState
 	default:
 		return nil
 	}
-	cmd := []byte{0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x44, 0, 0}
-	binary.BigEndian.PutUint16(cmd[10:], su)
-	rsp, err := in.tpm.Process(cmd)
-	if err != nil {
+	_, err := (tpm2.Startup{StartupType: su}).Execute(in.tpm)
+	if err != nil && !errors.Is(err, tpm2.TPMRCInitialize) { // TPM_RC_INITIALIZE: already started
+		var rc tpm2.TPMRC
+		if errors.As(err, &rc) {
+			return fmt.Errorf("TPM2_Startup(%s) failed with TPM response code 0x%x: %w", in.cfg.Startup, uint32(rc), err)
+		}
 		return fmt.Errorf("TPM2_Startup: %w", err)
-	}
-	if rc := binary.BigEndian.Uint32(rsp[6:]); rc != 0 && rc != 0x100 { // 0x100: already started
-		return fmt.Errorf("TPM2_Startup(%s) failed with TPM response code 0x%x", in.cfg.Startup, rc)
 	}
 	return nil
 }
@@ -296,6 +293,28 @@ func (in *Instance) writePid() error {
 	return nil
 }
 
+// tpmHeaderSize is a TPM 2.0 command's or response's header: tag (u16),
+// size (u32), command or response code (u32).
+const tpmHeaderSize = 10
+
+// commandCode returns cmd's command code, or false when cmd is shorter than
+// a header.
+func commandCode(cmd []byte) (tpm2.TPMCC, bool) {
+	if len(cmd) < tpmHeaderSize {
+		return 0, false
+	}
+	return tpm2.TPMCC(binary.BigEndian.Uint32(cmd[6:tpmHeaderSize])), true
+}
+
+// responseCode returns rsp's response code, or false when rsp is shorter
+// than a header.
+func responseCode(rsp []byte) (tpmrc.Code, bool) {
+	if len(rsp) < tpmHeaderSize {
+		return 0, false
+	}
+	return tpmrc.Code(binary.BigEndian.Uint32(rsp[6:tpmHeaderSize])), true
+}
+
 // process runs one TPM command from the data channel.
 func (in *Instance) process(req *swtpm.DataRequest) []byte {
 	if req.Prefixed {
@@ -305,21 +324,23 @@ func (in *Instance) process(req *swtpm.DataRequest) []byte {
 		return swtpm.NotInitialized
 	}
 	cmd := req.Cmd
-	if len(cmd) >= 10 && binary.BigEndian.Uint32(cmd[6:]) == swtpm.CCSetLocality && in.cfg.AllowSetLoc {
-		if len(cmd) < 11 || cmd[10] > 4 {
-			return swtpm.TPMResponse(0x1C4) // TPM_RC_VALUE | parameter 1
+	cc, whole := commandCode(cmd)
+	if whole && cc == swtpm.CCSetLocality && in.cfg.AllowSetLoc {
+		// The locality is the command's one-byte parameter.
+		if len(cmd) < tpmHeaderSize+1 || cmd[tpmHeaderSize] > 4 {
+			return swtpm.TPMResponse(tpmrc.TPMRCValue | tpmrc.TPMRCP | tpmrc.TPMRC1)
 		}
-		in.tpm.SetLocality(cmd[10])
-		return swtpm.TPMResponse(0)
+		in.tpm.SetLocality(cmd[tpmHeaderSize])
+		return swtpm.TPMResponse(tpmrc.TPMRCSuccess)
 	}
 	rsp, err := in.tpm.Process(cmd)
 	if err != nil {
 		in.log.Error("TPM command failed", "err", err)
-		return swtpm.TPMResponse(0x101)
+		return swtpm.TPMResponse(tpmrc.TPMRCFailure)
 	}
+	rc, ok := responseCode(rsp)
 	in.mu.Lock()
-	in.lastShutdown = len(cmd) >= 10 && binary.BigEndian.Uint32(cmd[6:]) == 0x145 &&
-		len(rsp) >= 10 && binary.BigEndian.Uint32(rsp[6:]) == 0
+	in.lastShutdown = whole && cc == tpm2.TPMCCShutdown && ok && rc == tpmrc.TPMRCSuccess
 	in.mu.Unlock()
 	return rsp
 }
