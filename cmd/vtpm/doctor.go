@@ -24,6 +24,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
 
+	"vtpm/internal/instance"
 	"vtpm/internal/keybroker"
 	"vtpm/internal/keystore"
 	"vtpm/internal/paths"
@@ -134,7 +135,7 @@ type probeResult struct {
 }
 
 // runSandboxProbe confines this process with the policy of an instance whose
-// state is in stateDir (sandbox.ForInstance, sandbox.Enter, Sandbox.Seal:
+// state is in stateDir (instance.SandboxPolicy, sandbox.Enter, Sandbox.Seal:
 // the very calls an instance makes), then tries what an instance must and
 // must not be able to do, and prints the outcome as JSON.
 func runSandboxProbe(w io.Writer, stateDir, dataRoot, connect string, tryExec bool) error {
@@ -146,8 +147,8 @@ func runSandboxProbe(w io.Writer, stateDir, dataRoot, connect string, tryExec bo
 	}
 	res := probeResult{Tries: map[string]string{}}
 	report := func() error { return json.NewEncoder(w).Encode(res) }
-	cfg := &swtpm.Config{StateDir: stateDir, Isolation: sandbox.Preferred}
-	sb, err := sandbox.Enter(sandbox.ForInstance(cfg, dataRoot), slog.New(slog.NewTextHandler(io.Discard, nil)))
+	policy := instance.SandboxPolicy(&swtpm.Options{StateDir: stateDir}, sandbox.Preferred, dataRoot)
+	sb, err := sandbox.Enter(policy, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		res.Error = err.Error()
 		return report()

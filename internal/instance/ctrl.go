@@ -70,7 +70,7 @@ func (in *Instance) handleCtrl(req *swtpm.Request) (rsp []byte, after func()) {
 
 	case swtpm.CmdSetLocality:
 		loc := req.Body[0]
-		if loc > 4 || (loc == 4 && in.cfg.RejectLoc4) {
+		if loc > 4 || (loc == 4 && in.opts.RejectLoc4) {
 			return swtpm.Result(tpmrc.TPMBadLocality), nil
 		}
 		in.tpm.SetLocality(loc)
@@ -265,7 +265,7 @@ func (in *Instance) setStateBlob(flags, typ uint32, blob []byte) []byte {
 }
 
 func (in *Instance) setDataFD(req *swtpm.Request) []byte {
-	if in.cfg.Ctrl == nil || in.cfg.Ctrl.Type != "unixio" {
+	if in.opts.Ctrl == nil || in.opts.Ctrl.Type != "unixio" {
 		if req.FD != nil {
 			req.FD.Close()
 		}
@@ -274,7 +274,7 @@ func (in *Instance) setDataFD(req *swtpm.Request) []byte {
 	// As swtpm, a data channel from --server or --fd counts as set even
 	// while no client is connected.
 	in.mu.Lock()
-	busy := in.dataConn != nil || in.cfg.Server != nil || in.cfg.DataFD >= 0
+	busy := in.dataConn != nil || in.opts.Server != nil || in.opts.DataFD >= 0
 	in.mu.Unlock()
 	if busy {
 		if req.FD != nil {
@@ -291,6 +291,6 @@ func (in *Instance) setDataFD(req *swtpm.Request) []byte {
 		return swtpm.Result(tpmrc.TPMBadParameter)
 	}
 	in.setData(conn)
-	go in.serveData(conn, false, in.cfg.Terminate)
+	go in.serveData(conn, false, in.opts.Terminate)
 	return swtpm.Result(tpmrc.TPMSuccess)
 }

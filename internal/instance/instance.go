@@ -28,7 +28,8 @@ import (
 
 // Instance is one running vTPM.
 type Instance struct {
-	cfg     *swtpm.Config
+	opts    *swtpm.Options    // swtpm's command line
+	ext     *swtpm.Extensions // vtpm's own options
 	log     *slog.Logger
 	tpm     *libtpms.TPM
 	store   store
@@ -57,11 +58,11 @@ type Instance struct {
 	OnReady func()
 }
 
-// New prepares an instance from a parsed command line: keys, the state store
-// (verified readable), libtpms, and the listening sockets. Nothing is served
-// until Run.
-func New(cfg *swtpm.Config, log *slog.Logger) (_ *Instance, err error) {
-	in := &Instance{cfg: cfg, log: log, done: make(chan struct{})}
+// New prepares an instance from a parsed command line (swtpm's options and
+// vtpm's extensions): keys, the state store (verified readable), libtpms,
+// and the listening sockets. Nothing is served until Run.
+func New(opts *swtpm.Options, ext *swtpm.Extensions, log *slog.Logger) (_ *Instance, err error) {
+	in := &Instance{opts: opts, ext: ext, log: log, done: make(chan struct{})}
 	defer func() {
 		if err != nil {
 			in.cleanup()
@@ -69,22 +70,22 @@ func New(cfg *swtpm.Config, log *slog.Logger) (_ *Instance, err error) {
 	}()
 	// Sandbox, step 1 (internal/sandbox): re-executes this process confined
 	// to writing its own state, so it comes before anything is read or bound.
-	if in.sandbox, err = sandbox.Enter(sandbox.ForInstance(cfg, paths.DataRoot()), log); err != nil {
+	if in.sandbox, err = sandbox.Enter(SandboxPolicy(opts, ext.Isolation, paths.DataRoot()), log); err != nil {
 		return nil, err
 	}
-	if cfg.Key != "" {
-		if in.fileKey, err = statefile.ParseKeyOption(cfg.Key); err != nil {
+	if opts.Key != "" {
+		if in.fileKey, err = statefile.ParseKeyOption(opts.Key); err != nil {
 			return nil, fmt.Errorf("--key: %w", err)
 		}
 	}
-	if cfg.MigrationKey != "" {
-		if in.migKey, err = statefile.ParseKeyOption(cfg.MigrationKey); err != nil {
+	if opts.MigrationKey != "" {
+		if in.migKey, err = statefile.ParseKeyOption(opts.MigrationKey); err != nil {
 			return nil, fmt.Errorf("--migration-key: %w", err)
 		}
 	}
 	// Keys first: a TPM this host cannot open fails before any socket exists.
-	if in.format = chooseFormat(cfg); in.format == FormatSealed {
-		if in.sealing, err = unlockSealed(cfg, log); err != nil {
+	if in.format = chooseFormat(opts); in.format == FormatSealed {
+		if in.sealing, err = unlockSealed(opts.StateDir, ext.DataKey, log); err != nil {
 			return nil, err
 		}
 		if in.sealing.dek, err = in.sandbox.Keep(in.sealing.dek); err != nil { // sandbox: locked memory
@@ -98,38 +99,38 @@ func New(cfg *swtpm.Config, log *slog.Logger) (_ *Instance, err error) {
 	if err = in.listen(); err != nil {
 		return nil, err
 	}
-	if cfg.RunAs != "" {
+	if opts.RunAs != "" {
 		if in.sealing != nil {
 			// The keystore is root's: keep this TPM's generation record open.
-			if err = in.sealing.pinGenerations(cfg.StateDir); err != nil {
+			if err = in.sealing.pinGenerations(opts.StateDir); err != nil {
 				return nil, err
 			}
 		}
-		if err = dropPrivileges(cfg.RunAs, cfg.StateDir); err != nil {
+		if err = dropPrivileges(opts.RunAs, opts.StateDir); err != nil {
 			return nil, err
 		}
 	}
-	if in.store, err = openStore(cfg, in.format, in.fileKey, in.sealing, log); err != nil {
+	if in.store, err = openStore(opts, in.format, in.fileKey, in.sealing, ext.AllowRollback, log); err != nil {
 		return nil, err
 	}
 	if in.tpm, err = libtpms.Open(in.store); err != nil {
 		return nil, err
 	}
-	log.Info("vTPM ready", "state", cfg.StateDir, "format", in.format)
+	log.Info("vTPM ready", "state", opts.StateDir, "format", in.format)
 	return in, nil
 }
 
 // PrintStates lists the stored state blobs as swtpm --print-states does.
 // Sealed state is listed without its key.
-func PrintStates(cfg *swtpm.Config, log *slog.Logger, w io.Writer) error {
-	if cfg.StateDir != "" {
-		if _, err := os.Stat(cfg.StateDir); err != nil {
+func PrintStates(opts *swtpm.Options, log *slog.Logger, w io.Writer) error {
+	if opts.StateDir != "" {
+		if _, err := os.Stat(opts.StateDir); err != nil {
 			return fmt.Errorf("TPM state directory: %w", err)
 		}
 	}
 	var st []swtpm.StateInfo
-	if chooseFormat(cfg) == FormatSealed {
-		list, err := seal.ListStates(cfg.StateDir)
+	if chooseFormat(opts) == FormatSealed {
+		list, err := seal.ListStates(opts.StateDir)
 		if err != nil {
 			return err
 		}
@@ -138,13 +139,13 @@ func PrintStates(cfg *swtpm.Config, log *slog.Logger, w io.Writer) error {
 		}
 	} else {
 		var fileKey *statefile.Key
-		if cfg.Key != "" {
+		if opts.Key != "" {
 			var err error
-			if fileKey, err = statefile.ParseKeyOption(cfg.Key); err != nil {
+			if fileKey, err = statefile.ParseKeyOption(opts.Key); err != nil {
 				return fmt.Errorf("--key: %w", err)
 			}
 		}
-		s, err := openStore(cfg, FormatSwtpm, fileKey, nil, log)
+		s, err := openStore(opts, FormatSwtpm, fileKey, nil, false, log)
 		if err != nil {
 			return err
 		}
@@ -165,7 +166,7 @@ func PrintStates(cfg *swtpm.Config, log *slog.Logger, w io.Writer) error {
 // ctx is cancelled. It writes the pid file once the TPM is ready.
 func (in *Instance) Run(ctx context.Context) error {
 	defer in.cleanup()
-	if in.cfg.NotNeedInit {
+	if in.opts.NotNeedInit {
 		if err := in.tpm.Init(); err != nil {
 			return fmt.Errorf("start TPM: %w", err)
 		}
@@ -180,7 +181,7 @@ func (in *Instance) Run(ctx context.Context) error {
 	if err := in.sandbox.Seal(); err != nil {
 		return err
 	}
-	if in.cfg.Ctrl != nil {
+	if in.opts.Ctrl != nil {
 		if err := in.startCtrl(); err != nil {
 			return err
 		}
@@ -224,8 +225,8 @@ func (in *Instance) cleanup() {
 	for _, p := range in.unlink {
 		os.Remove(p)
 	}
-	if in.cfg.PidFile != "" {
-		os.Remove(in.cfg.PidFile)
+	if in.opts.PidFile != "" {
+		os.Remove(in.opts.PidFile)
 	}
 	in.sandbox.Close() // wipes the locked key material
 }
@@ -252,7 +253,7 @@ func (in *Instance) stopTPM() {
 // startup sends TPM2_Startup as --flags startup-* asks.
 func (in *Instance) startup() error {
 	var su tpm2.TPMSU
-	switch in.cfg.Startup {
+	switch in.opts.Startup {
 	case "clear":
 		su = tpm2.TPMSUClear
 	case "state":
@@ -264,7 +265,7 @@ func (in *Instance) startup() error {
 	if err != nil && !errors.Is(err, tpm2.TPMRCInitialize) { // TPM_RC_INITIALIZE: already started
 		var rc tpm2.TPMRC
 		if errors.As(err, &rc) {
-			return fmt.Errorf("TPM2_Startup(%s) failed with TPM response code 0x%x: %w", in.cfg.Startup, uint32(rc), err)
+			return fmt.Errorf("TPM2_Startup(%s) failed with TPM response code 0x%x: %w", in.opts.Startup, uint32(rc), err)
 		}
 		return fmt.Errorf("TPM2_Startup: %w", err)
 	}
@@ -273,21 +274,21 @@ func (in *Instance) startup() error {
 
 func (in *Instance) writePid() error {
 	pid := []byte(strconv.Itoa(os.Getpid()))
-	if in.cfg.PidFile != "" {
-		tmp := in.cfg.PidFile + ".tmp"
+	if in.opts.PidFile != "" {
+		tmp := in.opts.PidFile + ".tmp"
 		if err := os.WriteFile(tmp, pid, 0o644); err != nil {
 			return fmt.Errorf("write pid file: %w", err)
 		}
-		if err := os.Rename(tmp, in.cfg.PidFile); err != nil {
+		if err := os.Rename(tmp, in.opts.PidFile); err != nil {
 			return fmt.Errorf("write pid file: %w", err)
 		}
 	}
-	if in.cfg.PidFD >= 0 {
-		f := os.NewFile(uintptr(in.cfg.PidFD), "pid")
+	if in.opts.PidFD >= 0 {
+		f := os.NewFile(uintptr(in.opts.PidFD), "pid")
 		_, err := f.Write(pid)
 		f.Close()
 		if err != nil {
-			return fmt.Errorf("write pid to fd %d: %w", in.cfg.PidFD, err)
+			return fmt.Errorf("write pid to fd %d: %w", in.opts.PidFD, err)
 		}
 	}
 	return nil
@@ -325,7 +326,7 @@ func (in *Instance) process(req *swtpm.DataRequest) []byte {
 	}
 	cmd := req.Cmd
 	cc, whole := commandCode(cmd)
-	if whole && cc == swtpm.CCSetLocality && in.cfg.AllowSetLoc {
+	if whole && cc == swtpm.CCSetLocality && in.opts.AllowSetLoc {
 		// The locality is the command's one-byte parameter.
 		if len(cmd) < tpmHeaderSize+1 || cmd[tpmHeaderSize] > 4 {
 			return swtpm.TPMResponse(tpmrc.TPMRCValue | tpmrc.TPMRCP | tpmrc.TPMRC1)

@@ -36,13 +36,13 @@ const (
 // as libvirt keeps passing it after `vtpm state import`), keeps an existing
 // swtpm state in swtpm's format (so a libvirt VM keeps its TPM), uses swtpm's
 // format too when --key asks for its encryption, and otherwise seals.
-func chooseFormat(cfg *swtpm.Config) Format {
+func chooseFormat(opts *swtpm.Options) Format {
 	switch {
-	case cfg.StateFile != "":
+	case opts.StateFile != "":
 		return FormatSwtpm // swtpm's linear file backend; sealed state needs a directory
-	case cfg.StateDir != "" && seal.Exists(cfg.StateDir):
+	case opts.StateDir != "" && seal.Exists(opts.StateDir):
 		return FormatSealed
-	case cfg.Key != "" || (cfg.StateDir != "" && statefile.HasState(cfg.StateDir)):
+	case opts.Key != "" || (opts.StateDir != "" && statefile.HasState(opts.StateDir)):
 		return FormatSwtpm
 	}
 	return FormatSealed
@@ -97,20 +97,20 @@ func (k *sealingKey) pinGenerations(stateDir string) error {
 // unlockSealed opens this host's keystore and the TPM's data key: from
 // --data-key when given, else from the TPM's key protector. A new state
 // directory gets a fresh key and a protector owned by this host's guardian.
-func unlockSealed(cfg *swtpm.Config, log *slog.Logger) (*sealingKey, error) {
+func unlockSealed(stateDir, dataKey string, log *slog.Logger) (*sealingKey, error) {
 	host, err := keybroker.Open(paths.DataRoot(), keystore.Options{HostTPM: os.Getenv("VTPM_HOST_TPM"), Logger: log})
 	if err != nil {
 		return nil, err
 	}
 	k := &sealingKey{host: host, gens: host.Generations()}
-	if cfg.DataKey != "" {
-		k.dek, err = keybroker.ParseDataKey(cfg.DataKey)
+	if dataKey != "" {
+		k.dek, err = keybroker.ParseDataKey(dataKey)
 	} else {
 		var o *keybroker.Opened
-		if o, err = host.OpenTPM(cfg.StateDir); err == nil {
+		if o, err = host.OpenTPM(stateDir); err == nil {
 			k.dek, k.tpm = o.DEK, o.TPM
 			if o.Backup != "" {
-				fmt.Fprintf(os.Stderr, "vtpm: WARNING: the key of the TPM in %s is gone; as its policy says, a FRESH TPM was provisioned. The old state is kept in %s.\n", cfg.StateDir, o.Backup)
+				fmt.Fprintf(os.Stderr, "vtpm: WARNING: the key of the TPM in %s is gone; as its policy says, a FRESH TPM was provisioned. The old state is kept in %s.\n", stateDir, o.Backup)
 			}
 			log.Info("opened the TPM's data key", "tpm", o.TPM, "by", o.By, "new", o.Created)
 		}
@@ -123,18 +123,19 @@ func unlockSealed(cfg *swtpm.Config, log *slog.Logger) (*sealingKey, error) {
 }
 
 // openStore opens the state directory in its format and proves, before any
-// client is served, that the existing state can be read. key is nil for swtpm's format.
-func openStore(cfg *swtpm.Config, format Format, fileKey *statefile.Key, key *sealingKey, log *slog.Logger) (store, error) {
+// client is served, that the existing state can be read. key is nil for
+// swtpm's format; allowRollback is --allow-rollback, for sealed state.
+func openStore(opts *swtpm.Options, format Format, fileKey *statefile.Key, key *sealingKey, allowRollback bool, log *slog.Logger) (store, error) {
 	if format == FormatSwtpm {
 		var st statefile.Storage
 		var err error
-		if cfg.StateFile != "" {
-			st, err = statefile.OpenLinear(cfg.StateFile, fileKey, cfg.StateMode)
+		if opts.StateFile != "" {
+			st, err = statefile.OpenLinear(opts.StateFile, fileKey, opts.StateMode)
 		} else {
-			if err := os.MkdirAll(cfg.StateDir, 0o750); err != nil {
+			if err := os.MkdirAll(opts.StateDir, 0o750); err != nil {
 				return nil, fmt.Errorf("create state directory: %w", err)
 			}
-			st, err = statefile.OpenDir(cfg.StateDir, fileKey, cfg.StateMode)
+			st, err = statefile.OpenDir(opts.StateDir, fileKey, opts.StateMode)
 		}
 		if err != nil {
 			return nil, err
@@ -145,17 +146,17 @@ func openStore(cfg *swtpm.Config, format Format, fileKey *statefile.Key, key *se
 		}
 		return st, nil
 	}
-	if cfg.Key != "" {
-		log.Warn("the state directory holds vtpm sealed state: --key does not apply to it; it is sealed with the data key", "state", cfg.StateDir)
+	if opts.Key != "" {
+		log.Warn("the state directory holds vtpm sealed state: --key does not apply to it; it is sealed with the data key", "state", opts.StateDir)
 	}
 	mode := os.FileMode(0o600)
-	if cfg.StateModeSet {
-		mode = cfg.StateMode
+	if opts.StateModeSet {
+		mode = opts.StateMode
 	}
-	s, err := seal.Open(cfg.StateDir, seal.Options{
+	s, err := seal.Open(opts.StateDir, seal.Options{
 		Key:           key.dek,
 		Generations:   key.gens, // with --runas, the record pinned before dropping privileges
-		AllowRollback: cfg.AllowRollback,
+		AllowRollback: allowRollback,
 		FileMode:      mode,
 		Logger:        log,
 	})
@@ -165,7 +166,7 @@ func openStore(cfg *swtpm.Config, format Format, fileKey *statefile.Key, key *se
 	for _, name := range []string{"permall", "volatilestate"} {
 		if _, err := s.Load(name); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			s.Close()
-			return nil, fmt.Errorf("TPM state in %s cannot be opened; nothing was changed: %w", cfg.StateDir, err)
+			return nil, fmt.Errorf("TPM state in %s cannot be opened; nothing was changed: %w", opts.StateDir, err)
 		}
 	}
 	return s, nil
