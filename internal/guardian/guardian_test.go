@@ -18,6 +18,7 @@ import (
 	"github.com/google/uuid"
 
 	"vtpm/internal/errdefs"
+	"vtpm/internal/testutil"
 )
 
 var kems = []KEM{MLKEM768X25519, DHKEMP256}
@@ -527,7 +528,7 @@ func TestPKCS12(t *testing.T) {
 func TestPKCS12OpenSSL(t *testing.T) {
 	openssl, err := exec.LookPath("openssl")
 	if err != nil {
-		t.Skip("openssl not installed")
+		testutil.Missing(t, "openssl not installed")
 	}
 	for _, kem := range kems {
 		t.Run(kem.String(), func(t *testing.T) {

@@ -20,7 +20,7 @@ import (
 	"vtpm/internal/libtpms"
 	"vtpm/internal/paths"
 	"vtpm/internal/sandbox"
-	"vtpm/internal/seal"
+	"vtpm/internal/state"
 	"vtpm/internal/swtpm"
 	"vtpm/internal/swtpm/statefile"
 	"vtpm/internal/tpmrc"
@@ -32,8 +32,7 @@ type Instance struct {
 	ext     *swtpm.Extensions // vtpm's own options
 	log     *slog.Logger
 	tpm     *libtpms.TPM
-	store   store
-	format  Format
+	store   state.Storage
 	fileKey *statefile.Key
 	migKey  *statefile.Key
 	sealing *sealingKey // sealed format only
@@ -84,7 +83,8 @@ func New(opts *swtpm.Options, ext *swtpm.Extensions, log *slog.Logger) (_ *Insta
 		}
 	}
 	// Keys first: a TPM this host cannot open fails before any socket exists.
-	if in.format = chooseFormat(opts); in.format == FormatSealed {
+	format := state.Choose(opts.StateDir, opts.Key != "")
+	if format == state.Sealed {
 		if in.sealing, err = unlockSealed(opts.StateDir, ext.DataKey, log); err != nil {
 			return nil, err
 		}
@@ -110,13 +110,15 @@ func New(opts *swtpm.Options, ext *swtpm.Extensions, log *slog.Logger) (_ *Insta
 			return nil, err
 		}
 	}
-	if in.store, err = openStore(opts, in.format, in.fileKey, in.sealing, ext.AllowRollback, log); err != nil {
+	opened, err := openStore(opts, format, in.fileKey, in.sealing, ext.AllowRollback, log)
+	if err != nil {
 		return nil, err
 	}
+	in.store = opened.Storage
 	if in.tpm, err = libtpms.Open(in.store); err != nil {
 		return nil, err
 	}
-	log.Info("vTPM ready", "state", opts.StateDir, "format", in.format)
+	log.Info("vTPM ready", "state", opts.StateDir, "format", format)
 	return in, nil
 }
 
@@ -128,37 +130,34 @@ func PrintStates(opts *swtpm.Options, log *slog.Logger, w io.Writer) error {
 			return fmt.Errorf("TPM state directory: %w", err)
 		}
 	}
-	var st []swtpm.StateInfo
-	if chooseFormat(opts) == FormatSealed {
-		list, err := seal.ListStates(opts.StateDir)
-		if err != nil {
-			return err
-		}
-		for _, x := range list {
-			st = append(st, swtpm.StateInfo{Name: x.Name, Size: x.Size})
-		}
+	var (
+		list []state.StateInfo
+		err  error
+	)
+	if state.Choose(opts.StateDir, opts.Key != "") == state.Sealed {
+		list, err = state.ListSealed(opts.StateDir)
 	} else {
 		var fileKey *statefile.Key
 		if opts.Key != "" {
-			var err error
 			if fileKey, err = statefile.ParseKeyOption(opts.Key); err != nil {
 				return fmt.Errorf("--key: %w", err)
 			}
 		}
-		s, err := openStore(opts, FormatSwtpm, fileKey, nil, false, log)
-		if err != nil {
+		var s *state.Opened
+		if s, err = openStore(opts, state.Swtpm, fileKey, nil, false, log); err != nil {
 			return err
 		}
 		defer s.Close()
-		list, err := s.(statefile.Storage).States()
-		if err != nil {
-			return err
-		}
-		for _, x := range list {
-			st = append(st, swtpm.StateInfo{Name: x.Name, Size: x.Size})
-		}
+		list, err = s.States()
 	}
-	_, err := fmt.Fprintln(w, swtpm.StatesJSON(st))
+	if err != nil {
+		return err
+	}
+	var st []swtpm.StateInfo
+	for _, x := range list {
+		st = append(st, swtpm.StateInfo{Name: x.Name, Size: x.Size})
+	}
+	_, err = fmt.Fprintln(w, swtpm.StatesJSON(st))
 	return err
 }
 

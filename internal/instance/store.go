@@ -1,9 +1,7 @@
 package instance
 
 import (
-	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
 	"os"
 
@@ -11,42 +9,12 @@ import (
 
 	"vtpm/internal/keybroker"
 	"vtpm/internal/keystore"
-	"vtpm/internal/libtpms"
 	"vtpm/internal/paths"
 	"vtpm/internal/seal"
+	"vtpm/internal/state"
 	"vtpm/internal/swtpm"
 	"vtpm/internal/swtpm/statefile"
 )
-
-// store is where libtpms' blobs live: vtpm's sealed format or swtpm's files.
-type store interface {
-	libtpms.Storage
-	Close() error
-}
-
-// Format names a state format.
-type Format string
-
-const (
-	FormatSealed Format = "sealed"
-	FormatSwtpm  Format = "swtpm"
-)
-
-// chooseFormat keeps existing sealed state sealed (even when --key is given,
-// as libvirt keeps passing it after `vtpm state import`), keeps an existing
-// swtpm state in swtpm's format (so a libvirt VM keeps its TPM), uses swtpm's
-// format too when --key asks for its encryption, and otherwise seals.
-func chooseFormat(opts *swtpm.Options) Format {
-	switch {
-	case opts.StateFile != "":
-		return FormatSwtpm // swtpm's linear file backend; sealed state needs a directory
-	case opts.StateDir != "" && seal.Exists(opts.StateDir):
-		return FormatSealed
-	case opts.Key != "" || (opts.StateDir != "" && statefile.HasState(opts.StateDir)):
-		return FormatSwtpm
-	}
-	return FormatSealed
-}
 
 // sealingKey is what opens sealed state: the data key and where this host
 // records generations.
@@ -122,29 +90,15 @@ func unlockSealed(stateDir, dataKey string, log *slog.Logger) (*sealingKey, erro
 	return k, nil
 }
 
-// openStore opens the state directory in its format and proves, before any
-// client is served, that the existing state can be read. key is nil for
-// swtpm's format; allowRollback is --allow-rollback, for sealed state.
-func openStore(opts *swtpm.Options, format Format, fileKey *statefile.Key, key *sealingKey, allowRollback bool, log *slog.Logger) (store, error) {
-	if format == FormatSwtpm {
-		var st statefile.Storage
-		var err error
+// openStore opens the state in its format and proves, before any client is
+// served, that the existing state can be read. key is nil for swtpm's
+// format; allowRollback is --allow-rollback, for sealed state.
+func openStore(opts *swtpm.Options, format state.Format, fileKey *statefile.Key, key *sealingKey, allowRollback bool, log *slog.Logger) (*state.Opened, error) {
+	if format == state.Swtpm {
 		if opts.StateFile != "" {
-			st, err = statefile.OpenLinear(opts.StateFile, fileKey, opts.StateMode)
-		} else {
-			if err := os.MkdirAll(opts.StateDir, 0o750); err != nil {
-				return nil, fmt.Errorf("create state directory: %w", err)
-			}
-			st, err = statefile.OpenDir(opts.StateDir, fileKey, opts.StateMode)
+			return state.OpenSwtpmFile(opts.StateFile, fileKey, opts.StateMode)
 		}
-		if err != nil {
-			return nil, err
-		}
-		if err := st.Init(); err != nil {
-			st.Close()
-			return nil, err
-		}
-		return st, nil
+		return state.OpenSwtpm(opts.StateDir, fileKey, opts.StateMode)
 	}
 	if opts.Key != "" {
 		log.Warn("the state directory holds vtpm sealed state: --key does not apply to it; it is sealed with the data key", "state", opts.StateDir)
@@ -153,7 +107,7 @@ func openStore(opts *swtpm.Options, format Format, fileKey *statefile.Key, key *
 	if opts.StateModeSet {
 		mode = opts.StateMode
 	}
-	s, err := seal.Open(opts.StateDir, seal.Options{
+	o, err := state.OpenSealedWith(opts.StateDir, seal.Options{
 		Key:           key.dek,
 		Generations:   key.gens, // with --runas, the record pinned before dropping privileges
 		AllowRollback: allowRollback,
@@ -163,11 +117,9 @@ func openStore(opts *swtpm.Options, format Format, fileKey *statefile.Key, key *
 	if err != nil {
 		return nil, err
 	}
-	for _, name := range []string{"permall", "volatilestate"} {
-		if _, err := s.Load(name); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			s.Close()
-			return nil, fmt.Errorf("TPM state in %s cannot be opened; nothing was changed: %w", opts.StateDir, err)
-		}
+	if err := o.Check(); err != nil {
+		o.Close()
+		return nil, err
 	}
-	return s, nil
+	return o, nil
 }

@@ -17,6 +17,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"vtpm/internal/testutil"
 )
 
 // Firmware files from Debian's ovmf package.
@@ -133,11 +135,11 @@ func probeKVM() bool {
 func SkipIfUnavailable(t testing.TB) {
 	t.Helper()
 	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
-		t.Skip("qemu-system-x86_64 not installed; skipping VM test")
+		testutil.Missing(t, "qemu-system-x86_64 not installed; skipping VM test")
 	}
 	for _, f := range []string{ovmfCode, ovmfVars} {
 		if _, err := os.Stat(f); err != nil {
-			t.Skipf("OVMF firmware %s not installed; skipping VM test", f)
+			testutil.Missing(t, "OVMF firmware %s not installed; skipping VM test", f)
 		}
 	}
 	if testing.Short() {

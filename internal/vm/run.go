@@ -19,8 +19,7 @@ import (
 	"time"
 
 	"vtpm/internal/sandbox"
-	"vtpm/internal/seal"
-	"vtpm/internal/swtpm/statefile"
+	"vtpm/internal/state"
 )
 
 // QEMU is the emulator binary.
@@ -219,8 +218,8 @@ func (h *Registry) Preflight(v *VM) error {
 func (h *Registry) checkTPMKey(v *VM) error {
 	dir := v.TPMDir()
 	switch {
-	case seal.Exists(dir):
-	case statefile.HasState(dir):
+	case state.IsSealed(dir):
+	case state.IsSwtpm(dir):
 		return nil // swtpm's format: its key, if any, is an --key option
 	default:
 		return fmt.Errorf("the TPM state of %s is missing from %s: restore it from a backup (under %s), or give the VM a new TPM with `vtpm tpm remove %s && vtpm tpm add %s`",

@@ -10,8 +10,7 @@ import (
 
 	"vtpm/internal/keybroker"
 	"vtpm/internal/manufacture"
-	"vtpm/internal/seal"
-	"vtpm/internal/swtpm/statefile"
+	"vtpm/internal/state"
 )
 
 // FirmwareDir holds Debian's ovmf package files.
@@ -41,12 +40,12 @@ const DefaultTPMDevice = "tpm-crb"
 // host's CA.
 func (h *Registry) manufactureTPM(v *VM) (*manufacture.Report, error) {
 	dir := v.TPMDir()
-	if manufacture.HasState(dir) {
+	if state.HasState(dir) {
 		return nil, fmt.Errorf("%s already holds TPM state; nothing was changed", dir)
 	}
 	// A leftover identity or protector (no blobs) would give the TPM an old
 	// UUID; start clean.
-	if err := manufacture.RemoveState(dir); err != nil {
+	if err := state.Remove(dir); err != nil {
 		return nil, err
 	}
 	k, err := h.keys()
@@ -58,7 +57,7 @@ func (h *Registry) manufactureTPM(v *VM) (*manufacture.Report, error) {
 	if err != nil {
 		return nil, err
 	}
-	st, err := manufacture.OpenSealed(k, dir, h.log())
+	st, err := state.OpenSealed(k, dir, h.log())
 	if err != nil {
 		return nil, err
 	}
@@ -165,7 +164,7 @@ func (h *Registry) backupTPM(v *VM) (string, error) {
 	if _, err := os.Stat(src); errors.Is(err, fs.ErrNotExist) {
 		return "", nil
 	}
-	dst := filepath.Join(h.BackupsDir(), fmt.Sprintf("%s-%s-%s", v.Name(), v.Config.UUID, time.Now().UTC().Format("20060102T150405Z")))
+	dst := filepath.Join(h.BackupsDir(), fmt.Sprintf("%s-%s-%s", v.Name(), v.Config.UUID, state.Stamp(time.Now())))
 	if err := os.MkdirAll(dst, 0o700); err != nil {
 		return "", fmt.Errorf("create TPM backup directory: %w", err)
 	}
@@ -201,7 +200,7 @@ func (h *Registry) SetTPMEnabled(v *VM, on bool) (string, error) {
 			return "", err
 		}
 		dir := v.TPMDir()
-		if !seal.HasBlobs(dir) && !statefile.HasState(dir) {
+		if !state.HasState(dir) {
 			return "", fmt.Errorf("VM %s's TPM state is missing from %s: restore it from a backup (under %s), or remove the TPM with `vtpm tpm remove %s` and add a new one",
 				c.Name, dir, h.BackupsDir(), c.Name)
 		}
@@ -234,7 +233,7 @@ func join(a, b string) string {
 // sealed again for the copy, so the TPM's contents (seeds, EKs, NV, sealed
 // objects) are the same and the two state directories share nothing.
 func (h *Registry) copyTPM(src, dst string) error {
-	if statefile.HasState(src) && !seal.Exists(src) {
+	if state.IsSwtpm(src) && !state.IsSealed(src) {
 		return fmt.Errorf("%s holds swtpm-format state; convert it with `vtpm state import %s` before copying it", src, src)
 	}
 	k, err := h.keys()
@@ -242,34 +241,25 @@ func (h *Registry) copyTPM(src, dst string) error {
 		return err
 	}
 	defer k.Close()
-	so, err := k.OpenTPM(src)
-	if err != nil {
-		return err
-	}
-	defer clear(so.DEK)
-	in, err := seal.Open(src, seal.Options{Key: so.DEK, Generations: k.Generations(), Logger: h.log()})
-	if errors.Is(err, seal.ErrLocked) {
+	from, err := state.OpenSealed(k, src, h.log())
+	if errors.Is(err, state.ErrLocked) {
 		return fmt.Errorf("the TPM in %s is in use: stop its VM first: %w", src, err)
 	}
 	if err != nil {
 		return err
 	}
-	defer in.Close()
-	do, err := k.OpenTPM(dst)
+	defer from.Close()
+	to, err := state.OpenSealed(k, dst, h.log())
 	if err != nil {
 		return err
 	}
-	defer clear(do.DEK)
-	out, err := seal.Open(dst, seal.Options{Key: do.DEK, Generations: k.Generations(), Logger: h.log()})
-	if err != nil {
-		return err
-	}
-	defer out.Close()
+	defer to.Close()
+	in, out := from.Store, to.Store
 	if out.UUID() == in.UUID() {
 		return fmt.Errorf("the copy of TPM %s kept its UUID; it must get its own", in.UUID())
 	}
 	n := 0
-	for _, name := range seal.Names {
+	for _, name := range state.Blobs {
 		b, err := in.Load(name)
 		if errors.Is(err, fs.ErrNotExist) {
 			continue

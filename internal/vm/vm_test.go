@@ -13,13 +13,14 @@ import (
 	"vtpm/internal/keybroker"
 	"vtpm/internal/keystore"
 	"vtpm/internal/seal"
+	"vtpm/internal/testutil"
 )
 
 // testHost is a Registry on a temporary data root with its own keystore.
 func testHost(t *testing.T) *Registry {
 	t.Helper()
 	if _, err := os.Stat(filepath.Join(FirmwareDir, ovmfVarsMS)); err != nil {
-		t.Skipf("OVMF is not installed: %v", err)
+		testutil.Missing(t, "OVMF is not installed: %v", err)
 	}
 	root := t.TempDir()
 	return NewRegistry(root, func() (*keybroker.Broker, error) {

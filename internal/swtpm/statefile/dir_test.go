@@ -11,6 +11,7 @@ import (
 	"slices"
 	"testing"
 
+	"vtpm/internal/testutil"
 	"vtpm/internal/tpmrc"
 )
 
@@ -184,7 +185,7 @@ func lockFDs(t *testing.T, p string) int {
 	t.Helper()
 	ents, err := os.ReadDir("/proc/self/fd")
 	if err != nil {
-		t.Skipf("cannot list /proc/self/fd: %v", err)
+		testutil.Missing(t, "cannot list /proc/self/fd: %v", err)
 	}
 	n := 0
 	for _, e := range ents {
