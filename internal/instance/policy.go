@@ -15,8 +15,8 @@ import (
 
 // SandboxPolicy is the sandbox policy of the instance that opts describe,
 // under isolation policy iso, whose data root (host keystore, generation
-// records) is dataRoot. The host's sandbox probe builds its policy here
-// too, so what it proves holds for instances.
+// records) is dataRoot. The sandbox probe (hostcheck.Probe) builds its
+// policy here too, so what it proves holds for instances.
 func SandboxPolicy(opts *swtpm.Options, iso sandbox.Isolation, dataRoot string) *sandbox.Policy {
 	p := &sandbox.Policy{Isolation: iso, Seccomp: opts.Seccomp}
 	abs := func(path string) string {

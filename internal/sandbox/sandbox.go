@@ -12,6 +12,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"vtpm/internal/errdefs"
 )
 
 // Isolation is an isolation policy: what Enter does when the host lacks a
@@ -32,7 +34,7 @@ func ParseIsolation(s string) (Isolation, error) {
 	case Required, Preferred, None:
 		return i, nil
 	}
-	return "", fmt.Errorf("--isolation %s: want required, preferred or none", s)
+	return "", errdefs.New(errdefs.ErrInvalidArgument, "--isolation %s: want required, preferred or none", s)
 }
 
 // Policy is what an instance may do once confined.
@@ -71,12 +73,23 @@ type Sandbox struct {
 }
 
 // MissingError is returned when the policy requires isolation and part of
-// it is missing. Its message names each missing part and its fix.
+// it is missing. Its message names each missing part and its fix; it
+// matches errdefs.ErrFailedPrecondition.
 type MissingError struct{ Missing []string }
 
 func (e *MissingError) Error() string {
-	return "isolation is required, but the host cannot provide: " + strings.Join(e.Missing, "; ") +
-		" (run `vtpm doctor` for the host's state, or start with --isolation preferred to run without)"
+	return "isolation is required, but the host cannot provide: " + strings.Join(e.Missing, "; ")
+}
+
+// Is matches errdefs.ErrFailedPrecondition.
+func (e *MissingError) Is(target error) bool { return target == errdefs.ErrFailedPrecondition }
+
+// Remedies: the host's state, or running with the isolation it has.
+func (e *MissingError) Remedies() []errdefs.Remedy {
+	return []errdefs.Remedy{
+		errdefs.Do(errdefs.ActionDoctor).WithNote("see the host's state"),
+		errdefs.Do(errdefs.ActionIsolationPreferred).WithNote("or start with it to run without"),
+	}
 }
 
 // Enter confines the process to p's file system rules, re-executing the

@@ -8,29 +8,15 @@ import (
 	"path/filepath"
 	"time"
 
+	"vtpm/internal/errdefs"
+	"vtpm/internal/hostcheck"
 	"vtpm/internal/keybroker"
 	"vtpm/internal/manufacture"
 	"vtpm/internal/state"
 )
 
-// FirmwareDir holds Debian's ovmf package files.
-var FirmwareDir = "/usr/share/OVMF"
-
-// Firmware files (Debian's ovmf package).
-const (
-	ovmfCode       = "OVMF_CODE_4M.fd"
-	ovmfVars       = "OVMF_VARS_4M.fd"
-	ovmfCodeSecure = "OVMF_CODE_4M.secboot.fd"
-	ovmfVarsMS     = "OVMF_VARS_4M.ms.fd" // Microsoft's keys enrolled
-)
-
 // firmwareFiles returns the code and variable-store template for c.
-func firmwareFiles(c *Config) (code, vars string) {
-	if c.SecureBoot {
-		return filepath.Join(FirmwareDir, ovmfCodeSecure), filepath.Join(FirmwareDir, ovmfVarsMS)
-	}
-	return filepath.Join(FirmwareDir, ovmfCode), filepath.Join(FirmwareDir, ovmfVars)
-}
+func firmwareFiles(c *Config) (code, vars string) { return hostcheck.Firmware(c.SecureBoot) }
 
 // DefaultTPMDevice is QEMU's TPM frontend for new TPMs.
 const DefaultTPMDevice = "tpm-crb"
@@ -41,7 +27,7 @@ const DefaultTPMDevice = "tpm-crb"
 func (h *Registry) manufactureTPM(v *VM) (*manufacture.Report, error) {
 	dir := v.TPMDir()
 	if state.HasState(dir) {
-		return nil, fmt.Errorf("%s already holds TPM state; nothing was changed", dir)
+		return nil, errdefs.New(errdefs.ErrAlreadyExists, "%s already holds TPM state; nothing was changed", dir)
 	}
 	// A leftover identity or protector (no blobs) would give the TPM an old
 	// UUID; start clean.
@@ -81,7 +67,7 @@ func (h *Registry) manufactureTPM(v *VM) (*manufacture.Report, error) {
 
 func (h *Registry) keys() (*keybroker.Broker, error) {
 	if h.Keys == nil {
-		return nil, errors.New("no keystore opener configured")
+		return nil, errdefs.New(errdefs.ErrInternal, "no keystore opener configured")
 	}
 	return h.Keys()
 }
@@ -92,9 +78,10 @@ func (h *Registry) AddTPM(v *VM) ([]string, error) {
 	c := v.Config
 	if c.HasTPM() {
 		if !c.TPM.Enabled {
-			return nil, fmt.Errorf("VM %s already has a TPM, disabled; reattach it with `vtpm tpm enable %s`", c.Name, c.Name)
+			return nil, errdefs.New(errdefs.ErrAlreadyExists, "VM %s already has a TPM, disabled; reattach it", c.Name).
+				With(do(errdefs.ActionTPMEnable, "vm", c.Name))
 		}
-		return nil, fmt.Errorf("VM %s already has a TPM", c.Name)
+		return nil, errdefs.New(errdefs.ErrAlreadyExists, "VM %s already has a TPM", c.Name)
 	}
 	if err := CanHaveTPM(c); err != nil {
 		return nil, err
@@ -145,7 +132,7 @@ func (v *VM) enableSecureBoot() (string, error) {
 func (h *Registry) RemoveTPM(v *VM) (string, error) {
 	c := v.Config
 	if !c.HasTPM() {
-		return "", fmt.Errorf("VM %s has no TPM", c.Name)
+		return "", errdefs.New(errdefs.ErrNotFound, "VM %s has no TPM", c.Name)
 	}
 	if err := h.requireStopped(v, "remove its TPM"); err != nil {
 		return "", err
@@ -191,9 +178,10 @@ func (h *Registry) SetTPMEnabled(v *VM, on bool) (string, error) {
 	c := v.Config
 	if !c.HasTPM() {
 		if on {
-			return "", fmt.Errorf("VM %s has no TPM to enable; add one with `vtpm tpm add %s`", c.Name, c.Name)
+			return "", errdefs.New(errdefs.ErrNotFound, "VM %s has no TPM to enable; add one", c.Name).
+				With(do(errdefs.ActionTPMAdd, "vm", c.Name))
 		}
-		return "", fmt.Errorf("VM %s has no TPM to disable", c.Name)
+		return "", errdefs.New(errdefs.ErrNotFound, "VM %s has no TPM to disable", c.Name)
 	}
 	if on {
 		if err := CanHaveTPM(c); err != nil {
@@ -201,8 +189,9 @@ func (h *Registry) SetTPMEnabled(v *VM, on bool) (string, error) {
 		}
 		dir := v.TPMDir()
 		if !state.HasState(dir) {
-			return "", fmt.Errorf("VM %s's TPM state is missing from %s: restore it from a backup (under %s), or remove the TPM with `vtpm tpm remove %s` and add a new one",
-				c.Name, dir, h.BackupsDir(), c.Name)
+			return "", errdefs.New(errdefs.ErrDataLoss, "VM %s's TPM state is missing from %s: restore it from a backup (under %s), or remove the TPM and add a new one",
+				c.Name, dir, h.BackupsDir()).
+				With(do(errdefs.ActionTPMRemove, "vm", c.Name), do(errdefs.ActionTPMAdd, "vm", c.Name))
 		}
 	}
 	note := ""
@@ -234,7 +223,8 @@ func join(a, b string) string {
 // objects) are the same and the two state directories share nothing.
 func (h *Registry) copyTPM(src, dst string) error {
 	if state.IsSwtpm(src) && !state.IsSealed(src) {
-		return fmt.Errorf("%s holds swtpm-format state; convert it with `vtpm state import %s` before copying it", src, src)
+		return errdefs.New(errdefs.ErrFailedPrecondition, "%s holds swtpm-format state; convert it to sealed state before copying it", src).
+			With(do(errdefs.ActionStateImport, "dir", src))
 	}
 	k, err := h.keys()
 	if err != nil {
@@ -243,7 +233,7 @@ func (h *Registry) copyTPM(src, dst string) error {
 	defer k.Close()
 	from, err := state.OpenSealed(k, src, h.log())
 	if errors.Is(err, state.ErrLocked) {
-		return fmt.Errorf("the TPM in %s is in use: stop its VM first: %w", src, err)
+		return errdefs.Wrap(errdefs.ErrConflict, err, "the TPM in %s is in use: stop its VM first", src)
 	}
 	if err != nil {
 		return err
