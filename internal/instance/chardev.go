@@ -15,8 +15,8 @@ import (
 // or the descriptor --fd names, which must not be a file, a directory or a
 // block device.
 func (in *Instance) openChardev() error {
-	if in.cfg.Device != "" {
-		f, err := os.OpenFile(in.cfg.Device, os.O_RDWR, 0)
+	if in.opts.Device != "" {
+		f, err := os.OpenFile(in.opts.Device, os.O_RDWR, 0)
 		if err != nil {
 			return fmt.Errorf("--chardev: %w", err)
 		}
@@ -24,14 +24,14 @@ func (in *Instance) openChardev() error {
 		return nil
 	}
 	var st syscall.Stat_t
-	if err := syscall.Fstat(in.cfg.DataFD, &st); err != nil {
-		return fmt.Errorf("--fd %d: %w", in.cfg.DataFD, err)
+	if err := syscall.Fstat(in.opts.DataFD, &st); err != nil {
+		return fmt.Errorf("--fd %d: %w", in.opts.DataFD, err)
 	}
 	switch st.Mode & syscall.S_IFMT {
 	case syscall.S_IFREG, syscall.S_IFDIR, syscall.S_IFBLK, syscall.S_IFLNK:
-		return fmt.Errorf("--fd %d is a file, directory or block device; give a character device or a socket", in.cfg.DataFD)
+		return fmt.Errorf("--fd %d is a file, directory or block device; give a character device or a socket", in.opts.DataFD)
 	}
-	in.chardev = os.NewFile(uintptr(in.cfg.DataFD), "--fd")
+	in.chardev = os.NewFile(uintptr(in.opts.DataFD), "--fd")
 	return nil
 }
 

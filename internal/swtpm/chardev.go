@@ -7,6 +7,7 @@ import (
 
 	"github.com/spf13/pflag"
 
+	"vtpm/internal/sandbox"
 	"vtpm/internal/swtpm/subopt"
 )
 
@@ -17,17 +18,18 @@ import (
 // control channel (--ctrl) and everything about state, keys, logs and
 // privileges are those of `swtpm socket`. Linux's vTPM proxy (--vtpm-proxy)
 // is not supported.
-func ParseChardev(args []string, getenv func(string) string) (*Config, error) {
+func ParseChardev(args []string, getenv func(string) string) (*Options, *Extensions, error) {
 	fs := pflag.NewFlagSet("swtpm chardev", pflag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	fs.SortFlags = false
 	var (
 		fd                                 int
 		tpmstate, ctrl, pid, log, locality string
-		flags, seccomp                     string
+		flags, seccomp, isolation          string
 		vtpmProxy                          bool
 	)
-	c := &Config{DataFD: -1, PidFD: -1, Log: Log{FD: -1}, Chardev: true}
+	c := &Options{DataFD: -1, PidFD: -1, Log: Log{FD: -1}, Chardev: true}
+	x := &Extensions{Isolation: sandbox.Preferred}
 	fs.StringVarP(&c.Device, "chardev", "c", "", "")
 	fs.IntVarP(&fd, "fd", "f", -1, "")
 	fs.BoolVarP(&c.Daemon, "daemon", "d", false, "")
@@ -35,7 +37,7 @@ func ParseChardev(args []string, getenv func(string) string) (*Config, error) {
 	fs.StringVar(&tpmstate, "tpmstate", "", "")
 	fs.StringVar(&c.Key, "key", "", "")
 	fs.StringVar(&c.MigrationKey, "migration-key", "", "")
-	fs.StringVar(&c.DataKey, "data-key", "", "")
+	fs.StringVar(&x.DataKey, "data-key", "", "")
 	fs.StringVar(&log, "log", "", "")
 	fs.StringVar(&pid, "pid", "", "")
 	fs.StringVar(&locality, "locality", "", "")
@@ -44,82 +46,87 @@ func ParseChardev(args []string, getenv func(string) string) (*Config, error) {
 	fs.BoolVar(&vtpmProxy, "vtpm-proxy", false, "")
 	fs.BoolVar(&c.TPM2, "tpm2", false, "")
 	fs.StringVar(&seccomp, "seccomp", "", "")
-	fs.StringVar(&c.Isolation, "isolation", "", "")
+	fs.StringVar(&isolation, "isolation", "", "")
 	fs.BoolVar(&c.PrintCaps, "print-capabilities", false, "")
 	fs.BoolVar(&c.PrintStates, "print-states", false, "")
 	fs.BoolVarP(&c.ShowVersion, "version", "v", false, "")
 	fs.BoolVarP(&c.ShowHelp, "help", "h", false, "")
-	fs.BoolVar(&c.AllowRollback, "allow-rollback", false, "")
+	fs.BoolVar(&x.AllowRollback, "allow-rollback", false, "")
 	if err := fs.Parse(args); err != nil {
-		return nil, usagef("%s", strings.Replace(err.Error(), "unknown flag", "unrecognized option", 1))
+		return nil, nil, usagef("%s", strings.Replace(err.Error(), "unknown flag", "unrecognized option", 1))
 	}
 	if fs.NArg() > 0 {
-		return nil, usagef("Unknown parameter '%s'", fs.Arg(0))
+		return nil, nil, usagef("Unknown parameter '%s'", fs.Arg(0))
 	}
 	if c.ShowHelp || c.ShowVersion || c.PrintCaps {
-		return c, nil
+		return c, x, nil
 	}
 	if vtpmProxy {
-		return nil, usagef("--vtpm-proxy is not supported; give the TPM its channel with --fd or --chardev")
+		return nil, nil, usagef("--vtpm-proxy is not supported; give the TPM its channel with --fd or --chardev")
 	}
-	var err error
-	if err = c.parseState(tpmstate, getenv("TPM_PATH")); err != nil {
-		return nil, err
+	format, err := c.parseState(tpmstate, getenv("TPM_PATH"))
+	if err != nil {
+		return nil, nil, err
 	}
-	if err = c.checkStateFormat(getenv); err != nil {
-		return nil, err
+	if x.StateFormat, err = stateFormat(format, getenv); err != nil {
+		return nil, nil, err
 	}
 	if c.PrintStates {
 		if c.StateDir == "" && c.StateFile == "" {
-			return nil, usagef("--print-states needs --tpmstate or TPM_PATH")
+			return nil, nil, usagef("--print-states needs --tpmstate or TPM_PATH")
 		}
-		return c, nil
+		return c, x, nil
 	}
 	switch {
 	case fs.Changed("fd") && c.Device != "":
-		return nil, usagef("--fd and --chardev exclude each other")
+		return nil, nil, usagef("--fd and --chardev exclude each other")
 	case fs.Changed("fd") && fd < 0:
-		return nil, usagef("--fd %d is not a file descriptor", fd)
+		return nil, nil, usagef("--fd %d is not a file descriptor", fd)
 	case fs.Changed("fd") && fd <= 2:
-		return nil, usagef("--fd %d: file descriptors 0-2 cannot carry the data channel", fd)
+		return nil, nil, usagef("--fd %d: file descriptors 0-2 cannot carry the data channel", fd)
 	case !fs.Changed("fd") && c.Device == "":
-		return nil, usagef("missing character device or file descriptor: give --fd or --chardev")
+		return nil, nil, usagef("missing character device or file descriptor: give --fd or --chardev")
 	}
 	// The TPM ends when its one data channel hangs up, as swtpm chardev.
 	c.DataFD, c.Terminate = fd, true
+	if isolation != "" { // --isolation= keeps the default
+		if x.Isolation, err = sandbox.ParseIsolation(isolation); err != nil {
+			return nil, nil, usagef("%v", err)
+		}
+	}
 	if ctrl != "" {
 		if c.Ctrl, err = parseEndpoint("--ctrl", ctrl, true); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 	}
 	if err = c.parsePid(pid); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if err = c.parseLog(log); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if err = c.parseLocality(locality); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if err = c.parseFlags(flags); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if seccomp != "" {
 		o, err := subopt.Parse(seccomp, "action")
 		if err != nil {
-			return nil, usagef("--seccomp: %v", err)
+			return nil, nil, usagef("--seccomp: %v", err)
 		}
 		switch a := o["action"]; a {
 		case "none", "kill", "log":
 			c.Seccomp = a
 		default:
-			return nil, usagef("--seccomp: action=%q: want none, kill or log", a)
+			return nil, nil, usagef("--seccomp: action=%q: want none, kill or log", a)
 		}
 	}
 	if c.StateDir == "" && c.StateFile == "" {
-		return nil, usagef("no TPM state location: give --tpmstate dir=DIR or set TPM_PATH")
+		return nil, nil, usagef("no TPM state location: give --tpmstate dir=DIR or set TPM_PATH")
 	}
-	return c, nil
+	return c, x, nil
 }
 
 // ChardevUsage is printed for `swtpm chardev --help` and after a
@@ -150,7 +157,7 @@ The following options are supported:
 -r|--runas <user>       : drop privileges to this user after set-up
 --seccomp action=none|kill|log
 --isolation required|preferred
-                        : sandbox the process; required refuses to start without every part
+                        : sandbox the process (default: preferred); required refuses to start without every part
 --print-capabilities    : print the supported features as JSON and exit
 --print-states          : print the stored states as JSON and exit
 -h|--help               : this help

@@ -5,16 +5,17 @@ package swtpm
 // swtpm_setup.
 const StateFormatEnv = "VTPM_STATE_FORMAT"
 
-// checkStateFormat takes the format from the environment when --tpmstate
-// did not give one, and accepts only the formats vtpm has.
-func (c *Config) checkStateFormat(getenv func(string) string) error {
-	what := "--tpmstate format"
-	if c.StateFormat == "" {
-		c.StateFormat, what = getenv(StateFormatEnv), StateFormatEnv
+// stateFormat returns the format asked for: the --tpmstate format=
+// sub-option, else the environment's. Only the formats vtpm has are
+// accepted.
+func stateFormat(option string, getenv func(string) string) (string, error) {
+	format, what := option, "--tpmstate format"
+	if format == "" {
+		format, what = getenv(StateFormatEnv), StateFormatEnv
 	}
-	switch c.StateFormat {
+	switch format {
 	case "", "sealed", "swtpm":
-		return nil
+		return format, nil
 	}
-	return usagef("%s=%q: want sealed or swtpm", what, c.StateFormat)
+	return "", usagef("%s=%q: want sealed or swtpm", what, format)
 }

@@ -30,19 +30,19 @@ func TestParseStateFormat(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			for _, parse := range []struct {
 				iface string
-				fn    func([]string, func(string) string) (*swtpm.Config, error)
+				fn    func([]string, func(string) string) (*swtpm.Options, *swtpm.Extensions, error)
 				extra string
 			}{{"socket", swtpm.Parse, rest}, {"chardev", swtpm.ParseChardev, rest + " --fd 5"}} {
-				c, err := parse.fn(strings.Fields(tc.args+parse.extra), tc.getenv)
+				_, x, err := parse.fn(strings.Fields(tc.args+parse.extra), tc.getenv)
 				switch {
 				case tc.err && err == nil:
-					t.Errorf("%s: Parse(%s) succeeded with format %q", parse.iface, tc.args, c.StateFormat)
+					t.Errorf("%s: Parse(%s) succeeded with format %q", parse.iface, tc.args, x.StateFormat)
 				case tc.err && (!strings.Contains(err.Error(), tc.want) || !swtpm.IsUsage(err)):
 					t.Errorf("%s: Parse(%s): %v; want a usage error containing %q", parse.iface, tc.args, err, tc.want)
 				case !tc.err && err != nil:
 					t.Errorf("%s: Parse(%s): %v", parse.iface, tc.args, err)
-				case !tc.err && c.StateFormat != tc.want:
-					t.Errorf("%s: Parse(%s): format %q, want %q", parse.iface, tc.args, c.StateFormat, tc.want)
+				case !tc.err && x.StateFormat != tc.want:
+					t.Errorf("%s: Parse(%s): format %q, want %q", parse.iface, tc.args, x.StateFormat, tc.want)
 				}
 			}
 		})
