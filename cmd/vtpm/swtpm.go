@@ -30,6 +30,9 @@ binary behaves the same when invoked under the name "swtpm".`,
 	}
 }
 
+// interfaces follows a refused interface: the ones vtpm implements.
+const interfaces = "vtpm implements 'swtpm socket' and 'swtpm chardev' (not cuse)\n"
+
 // runSwtpm is `swtpm …`: it returns the process exit code, as swtpm's do.
 func runSwtpm(args []string, stdout, stderr io.Writer) int {
 	if len(args) > 0 && (args[0] == "-v" || args[0] == "--version") {
@@ -44,12 +47,13 @@ func runSwtpm(args []string, stdout, stderr io.Writer) int {
 	switch {
 	case len(args) > 0 && args[0] == "chardev":
 		parse, usage = swtpm.ParseChardev, swtpm.ChardevUsage
-	case len(args) == 0 || args[0] != "socket":
-		what := "no interface given"
-		if len(args) > 0 {
-			what = fmt.Sprintf("interface %q is not supported", args[0])
-		}
-		fmt.Fprintf(stderr, "swtpm: %s; vtpm implements 'swtpm socket' and 'swtpm chardev'\n", what)
+	case len(args) == 0:
+		fmt.Fprintf(stderr, "Missing TPM interface type.\n%s", interfaces)
+		return 1
+	case args[0] != "socket":
+		// swtpm's words: clients (swtpm's own tests among them) look for
+		// them to learn which interfaces there are.
+		fmt.Fprintf(stderr, "Unsupported TPM interface type '%s'.\n%s", args[0], interfaces)
 		return 1
 	}
 	opts, ext, err := parse(args[1:], os.Getenv)
