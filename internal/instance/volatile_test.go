@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -208,5 +209,69 @@ func TestVolatileStateSaveLoad(t *testing.T) {
 				b.shutdown(t)
 			})
 		}
+	}
+}
+
+// TestSwtpmSavedVolatileState is the last part of swtpm's
+// test_tpm2_save_load_state_3: state files that swtpm saved (with
+// CMD_STORE_VOLATILE, hash sequences open) are copied into the directory
+// of the next TPM, which resumes them after CMD_INIT. vtpm does so in
+// swtpm's format, asked for or not; a directory that holds sealed state
+// keeps serving the sealed state and ignores the copied files.
+func TestSwtpmSavedVolatileState(t *testing.T) {
+	t.Parallel()
+	needTools(t)
+	saver := startTPM(t, realSwtpm, tpmConfig{transport: tcpDataUnixCtrl})
+	saver.mustIoctl(t, "-i")
+	tpm := dialSim(t, saver)
+	w := startVolatileWork(t, tpm)
+	saver.mustIoctl(t, "-v")
+	tpm.c.Close()
+	saver.shutdown(t)
+	saved := map[string][]byte{}
+	for _, name := range []string{"tpm2-00.permall", "tpm2-00.volatilestate"} {
+		saved[name] = mustReadFile(t, filepath.Join(saver.stateDir, name))
+	}
+
+	tests := []struct {
+		name    string
+		sealed  bool     // the directory holds sealed state first
+		args    []string // more swtpm socket arguments
+		resumes bool
+	}{
+		{"swtpm files", false, nil, true},
+		{"swtpm format asked for", false, []string{"--tpmstate", "format=swtpm"}, true},
+		{"sealed state", true, nil, false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			dir := shortDir(t)
+			stateDir, home := filepath.Join(dir, "state"), filepath.Join(dir, "home")
+			if tc.sealed {
+				p := startTPM(t, ourVtpm, tpmConfig{transport: tcpDataUnixCtrl, stateDir: stateDir, home: home})
+				p.mustIoctl(t, "-i")
+				p.shutdown(t)
+			} else if err := os.Mkdir(stateDir, 0o700); err != nil {
+				t.Fatal(err)
+			}
+			for name, b := range saved {
+				mustWriteFile(t, filepath.Join(stateDir, name), b)
+			}
+			args := tc.args
+			if len(args) > 0 {
+				args = []string{"--tpmstate", "dir=" + stateDir + "," + args[1]} // the last --tpmstate wins
+			}
+			q := startTPM(t, ourVtpm, tpmConfig{transport: tcpDataUnixCtrl, stateDir: stateDir, home: home, args: args})
+			q.mustIoctl(t, "-i")
+			tpm := dialSim(t, q)
+			if tc.resumes {
+				w.check(t, tpm, q.Stderr)
+			} else if _, err := (tpm2.GetRandom{BytesRequested: 8}).Execute(tpm); !isRC(err, tpm2.TPMRCInitialize) {
+				t.Errorf("sealed state beside copied swtpm files: TPM2_GetRandom %v, want TPM_RC_INITIALIZE (the sealed TPM, not resumed)", err)
+			}
+			tpm.c.Close()
+			q.shutdown(t)
+		})
 	}
 }
