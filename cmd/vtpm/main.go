@@ -8,12 +8,17 @@ import (
 	"path/filepath"
 
 	"github.com/spf13/cobra"
+
+	"vtpm/internal/libtpms"
+	"vtpm/internal/sandbox"
 )
 
 // version is set at build time with -ldflags "-X main.version=…".
 var version = "dev"
 
 func main() {
+	// A cgo program: the sandbox reaches every thread through libtpms' C.
+	sandbox.UseAllThreads(libtpms.AllThreadsSyscall)
 	if filepath.Base(os.Args[0]) == "swtpm" {
 		os.Exit(runSwtpm(os.Args[1:], os.Stdout, os.Stderr))
 	}
