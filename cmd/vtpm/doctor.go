@@ -18,6 +18,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -375,9 +376,10 @@ func kvmCheck() check {
 	return check{Name: "kvm", Status: statusOK, Detail: "/dev/kvm usable, API version 12"}
 }
 
+// Compiled on first use: every vTPM start runs this package's initialisation.
 var (
-	qemuVersionRE = regexp.MustCompile(`version (\d+)\.(\d+)`)
-	tpmEmulatorRE = regexp.MustCompile(`(?m)^\s*emulator\s`)
+	qemuVersionRE = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`version (\d+)\.(\d+)`) })
+	tpmEmulatorRE = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`(?m)^\s*emulator\s`) })
 )
 
 func qemuChecks(ctx context.Context) []check {
@@ -389,7 +391,7 @@ func qemuChecks(ctx context.Context) []check {
 	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()
 	out, err := exec.CommandContext(ctx, exe, "--version").Output()
-	m := qemuVersionRE.FindSubmatch(out)
+	m := qemuVersionRE().FindSubmatch(out)
 	if err != nil || m == nil {
 		return []check{{Name: name, Status: statusMissing, Detail: fmt.Sprintf("%s --version: %v %q", exe, err, firstLine(out)), Fix: "reinstall QEMU (≥ 7.2)"}}
 	}
@@ -401,7 +403,7 @@ func qemuChecks(ctx context.Context) []check {
 	}
 	// QEMU 7.2 lists the backends and exits 1: the list is what counts.
 	out, _ = exec.CommandContext(ctx, exe, "-tpmdev", "help").CombinedOutput()
-	if !tpmEmulatorRE.Match(out) {
+	if !tpmEmulatorRE().Match(out) {
 		cs = append(cs, check{Name: "qemu tpm-emulator", Status: statusMissing, Detail: fmt.Sprintf("-tpmdev help does not list emulator: %q", strings.TrimSpace(string(out))),
 			Fix: "install a QEMU built with TPM support (Debian: qemu-system-x86)"})
 	} else {

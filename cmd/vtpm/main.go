@@ -22,6 +22,11 @@ func main() {
 	if filepath.Base(os.Args[0]) == "swtpm" {
 		os.Exit(runSwtpm(os.Args[1:], os.Stdout, os.Stderr))
 	}
+	// A vTPM starts with every VM: it skips building the command tree
+	// (swtpmCmd passes its arguments through unparsed, as here).
+	if len(os.Args) > 1 && os.Args[1] == "swtpm" {
+		os.Exit(runSwtpm(os.Args[2:], os.Stdout, os.Stderr))
+	}
 	if filepath.Base(os.Args[0]) == "swtpm_setup" {
 		os.Exit(runSwtpmSetup(os.Args[1:], os.Stdout, os.Stderr))
 	}
