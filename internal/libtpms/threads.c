@@ -140,7 +140,11 @@ long vtpm_all_threads_syscall(long nr, long a1, long a2, long a3)
 	if (err == 0 && syscall(nr, a1, a2, a3, 0L, 0L, 0L) == -1)
 		err = -errno;
 	atomic_store(&req.target, 0);
-	sigaction(SIGSYS, &saved, NULL);
+	// A thread that never answered may still take its signal: it must
+	// find this handler, which ignores it, not the Go runtime's, which
+	// would end the process on SIGSYS.
+	if (err != -ETIMEDOUT)
+		sigaction(SIGSYS, &saved, NULL);
 out:
 	pthread_mutex_unlock(&call_lock);
 	free(done);
