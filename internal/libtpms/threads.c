@@ -1,10 +1,11 @@
 // One system call on every thread of the process (threads.go says why it
-// lives here). Its arguments beyond the third are zero, as prctl wants them. The calling thread sends each other thread SIGSYS with
-// tgkill; the handler makes the call on its own thread and reports back
-// through a futex word. Threads are taken from /proc/self/task until a pass
-// finds none not yet done, so a thread started meanwhile by a thread not yet
-// done is found too, and one started by a done thread inherits the effect.
-// The calling thread goes last.
+// lives here); its arguments beyond the third are zero, as prctl wants them.
+// The calling thread sends each other thread SIGSYS with tgkill; the handler
+// makes the call on its own thread and reports back through a futex word.
+// Threads are taken from /proc/self/task until a pass finds none not yet
+// done, so a thread started meanwhile by a thread not yet done is found too,
+// and one started by a done thread inherits the effect. The calling thread
+// goes last.
 //
 // SIGSYS because the Go runtime never blocks it on its threads (it is a
 // signal Go throws on), while the real-time signals may arrive blocked in
@@ -44,11 +45,13 @@ static void on_sigsys(int sig, siginfo_t *info, void *ctx)
 {
 	(void)sig;
 	(void)ctx;
+	int saved = errno;
 	// Only our own request, addressed to this very thread.
 	if (info->si_code != SI_TKILL || info->si_pid != getpid() ||
-	    atomic_load(&req.target) != (pid_t)syscall(SYS_gettid))
+	    atomic_load(&req.target) != (pid_t)syscall(SYS_gettid)) {
+		errno = saved;
 		return;
-	int saved = errno;
+	}
 	long r = syscall(req.nr, req.a1, req.a2, req.a3, 0L, 0L, 0L);
 	atomic_store(&req.result, r == -1 ? -errno : 0);
 	atomic_store(&req.done, 1);
