@@ -63,8 +63,9 @@ func New(cfg *swtpm.Config, log *slog.Logger) (_ *Instance, err error) {
 			in.cleanup()
 		}
 	}()
-	// Sandbox, step 1 (internal/sandbox): re-executes this process confined
-	// to writing its own state, so it comes before anything is read or bound.
+	// Sandbox, step 1 (internal/sandbox): confines this process to writing
+	// its own state, re-executing it where the threads cannot be confined in
+	// place, so it comes before anything is read or bound.
 	if in.sandbox, err = sandbox.Enter(sandbox.ForInstance(cfg, paths.DataRoot()), log); err != nil {
 		return nil, err
 	}
