@@ -167,3 +167,43 @@ func TestChardevControlChannel(t *testing.T) {
 		})
 	}
 }
+
+// TestChardevDevice: --chardev opens the character device itself (here a
+// new pseudo terminal master), inside the sandbox (Landlock lets it open
+// the device), and the TPM serves its
+// control channel until CMD_SHUTDOWN.
+func TestChardevDevice(t *testing.T) {
+	t.Parallel()
+	needTools(t)
+	if _, err := os.Stat("/dev/ptmx"); err != nil {
+		testutil.Missing(t, "no pseudo terminals: %v", err)
+	}
+	for _, im := range impls {
+		t.Run(string(im), func(t *testing.T) {
+			t.Parallel()
+			p := &tpmProc{impl: im, dir: shortDir(t)}
+			p.stateDir = filepath.Join(p.dir, "state")
+			p.ctrlPath = filepath.Join(p.dir, "ctrl")
+			p.ctrlArgs = []string{"--unix", p.ctrlPath}
+			args := []string{"chardev", "--chardev", "/dev/ptmx", "--tpm2", "--tpmstate", "dir=" + p.stateDir,
+				"--ctrl", "type=unixio,path=" + p.ctrlPath}
+			env := os.Environ()
+			if im == ourVtpm {
+				args = append([]string{"swtpm"}, args...)
+				env = append(env, "VTPM_HOME="+filepath.Join(p.dir, "home"))
+			}
+			if err := os.Mkdir(p.stateDir, 0o700); err != nil {
+				t.Fatal(err)
+			}
+			cmd := exec.Command(im.exe(t), args...)
+			cmd.Env = env
+			p.Proc = testutil.StartCmd(t, cmd, p.ctrlPath)
+			p.mustIoctl(t, "-i")
+			if out := p.mustIoctl(t, "-e"); out != "tpmEstablished is 0\n" {
+				t.Errorf("-e: %q", out)
+			}
+			p.mustIoctl(t, "-s")
+			exitsWithin(t, p, 10*time.Second, "CMD_SHUTDOWN")
+		})
+	}
+}
