@@ -170,8 +170,7 @@ func TestChardevControlChannel(t *testing.T) {
 
 // TestChardevDevice: --chardev opens the character device itself (here a
 // new pseudo terminal master), inside the sandbox (Landlock lets it open
-// the device), and the TPM serves its
-// control channel until CMD_SHUTDOWN.
+// the device), and the TPM serves its control channel until CMD_SHUTDOWN.
 func TestChardevDevice(t *testing.T) {
 	t.Parallel()
 	needTools(t)
