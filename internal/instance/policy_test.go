@@ -62,6 +62,23 @@ func TestSandboxPolicy(t *testing.T) {
 			},
 		},
 		{
+			name: "swtpm's file backend on an existing file or device, chardev's device",
+			opts: swtpm.Options{StateFile: logFile, Chardev: true, Device: "/dev/ptmx", DataFD: -1},
+			want: sandbox.Policy{
+				WriteDirs:  []string{filepath.Join(dir, "root")},
+				WriteFiles: append([]string{logFile, "/dev/ptmx"}, devs...),
+			},
+		},
+		{
+			name: "swtpm's file backend, a new file",
+			opts: swtpm.Options{StateFile: filepath.Join(dir, "new", "tpm2.state")},
+			want: sandbox.Policy{
+				WriteDirs:   []string{filepath.Join(dir, "root")},
+				RuntimeDirs: []string{filepath.Join(dir, "new")},
+				WriteFiles:  devs,
+			},
+		},
+		{
 			name: "QEMU: ctrl passed as a connected fd",
 			opts: swtpm.Options{
 				StateDir: filepath.Join(dir, "state"),
