@@ -150,8 +150,18 @@ func (h *Registry) Open(ref string) (*VM, error) {
 	return h.openEntry(e)
 }
 
+// readConfig reads and validates the vm.json of the bundle in dir against
+// this host's configuration.
+func (h *Registry) readConfig(dir string) (*Config, error) {
+	hc, err := h.HostConfig()
+	if err != nil {
+		return nil, err
+	}
+	return ReadConfig(dir, hc)
+}
+
 func (h *Registry) openEntry(e Entry) (*VM, error) {
-	c, err := ReadConfig(e.Path)
+	c, err := h.readConfig(e.Path)
 	if err != nil {
 		return nil, fmt.Errorf("VM %s: %w", e.Name, err)
 	}
@@ -178,7 +188,7 @@ func (h *Registry) Register(path, name string) (*VM, error) {
 	if err != nil {
 		return nil, err
 	}
-	c, err := ReadConfig(abs)
+	c, err := h.readConfig(abs)
 	if err != nil {
 		return nil, err
 	}

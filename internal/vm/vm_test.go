@@ -143,11 +143,22 @@ func TestQEMUArgs(t *testing.T) {
 			[]string{"-kernel /k", "-initrd /i", "-append console=ttyS0 quiet"}, []string{"-vga"}},
 		{"passthrough", func(c *Config) { c.Disks = []Disk{{Path: "/dev/sdz", Format: "raw", Passthrough: true}} }, "tcg",
 			[]string{"format=raw,file=/dev/sdz,cache=none"}, nil},
+		{"commas are doubled in option strings", func(c *Config) {
+			c.Disks = []Disk{{Path: "/srv/a,format=raw,file=/etc/shadow", Format: "qcow2"}}
+			c.Kernel = "/k,x"
+		}, "tcg",
+			[]string{"format=qcow2,file=/srv/a,,format=raw,,file=/etc/shadow ", "-kernel /k,x "}, []string{"file=/srv/a,format"}},
+		{"sandboxed", func(c *Config) {}, "tcg",
+			[]string{"-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny", "-m 1024M"}, []string{"-daemonize", "-runas"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := base
 			tc.change(&c)
-			line := strings.Join(qemuArgs(&VM{Dir: "/b/v", Config: &c}, r, tc.accel, "file,id=ser0,path=/b/v/logs/serial.log"), " ")
+			args, err := qemuArgs(&VM{Dir: "/b/v", Config: &c}, r, tc.accel, "file,id=ser0,path=/b/v/logs/serial.log", pathIO{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			line := strings.Join(args, " ")
 			for _, w := range tc.want {
 				if !strings.Contains(line, w) {
 					t.Errorf("QEMU command line lacks %q:\n%s", w, line)
@@ -180,7 +191,7 @@ func TestRegister(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c, _ := ReadConfig(copied); c.Name != "renamed" || v.Config.UUID != res.VM.Config.UUID {
+	if c, _ := ReadConfig(copied, nil); c.Name != "renamed" || v.Config.UUID != res.VM.Config.UUID {
 		t.Errorf("registered as %q with UUID %s; want renamed, %s", c.Name, v.Config.UUID, res.VM.Config.UUID)
 	}
 	if _, err := other.Register(copied, ""); !errors.Is(err, ErrConflict) {
