@@ -288,7 +288,7 @@ func qemuArgs(v *VM, r runPaths, accel, serial string, io qemuIO) ([]string, err
 		return nil, err
 	}
 	args := []string{
-		"-name", "guest=" + optEscape(c.Name) + ",process=" + qemuMark(r), "-uuid", c.UUID.String(),
+		"-name", "guest=" + optEscape(c.Name) + ",process=" + optEscape(qemuMark(r)), "-uuid", c.UUID.String(),
 		"-nodefaults", "-no-user-config", "-display", "none",
 		"-machine", machine, "-accel", accel,
 	}

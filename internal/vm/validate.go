@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"unicode"
 	"unicode/utf8"
 
@@ -200,6 +201,11 @@ func (c *Config) validate(file, dir string, host *HostConfig) error {
 func checkBundlePath(file, field, p, dir string, host *HostConfig) error {
 	if err := checkPathChars(p); err != nil {
 		return &ConfigError{File: file, Field: field, Value: p, Why: err.Error()}
+	}
+	if strings.Contains(p, ",") {
+		// QEMU reads a comma as the end of a value; vtpm escapes them, and
+		// still no path it makes has one.
+		return &ConfigError{File: file, Field: field, Value: p, Why: "a path in vm.json may not contain a comma"}
 	}
 	if filepath.IsAbs(p) {
 		if filepath.Clean(p) != p {
