@@ -307,28 +307,6 @@ func makeBundleDir(dir string) error {
 	return nil
 }
 
-// Delete removes a stopped VM's bundle and unregisters it. The TPM state is
-// moved to a backup under the data root (its path is returned) unless
-// deleteTPM is set. Disks outside the bundle are left alone.
-func (h *Registry) Delete(v *VM, deleteTPM bool) (backup string, err error) {
-	if err := h.requireStopped(v, "delete it"); err != nil {
-		return "", err
-	}
-	if !deleteTPM {
-		if backup, err = h.backupTPM(v); err != nil {
-			return "", err
-		}
-	}
-	if _, err := h.Unregister(v.Config.UUID.String()); err != nil {
-		return backup, err
-	}
-	if err := os.RemoveAll(v.Dir); err != nil {
-		return backup, fmt.Errorf("VM %s is unregistered, but removing %s failed: %w", v.Name(), v.Dir, err)
-	}
-	os.RemoveAll(h.runDir(v))
-	return backup, nil
-}
-
 // TPMMode says what a clone's TPM is.
 type TPMMode string
 

@@ -273,10 +273,11 @@ func TestDeleteKeepsTPMBackup(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			backup, err := h.Delete(res.VM, tc.deleteTPM)
+			del, err := h.Delete(res.VM, tc.deleteTPM)
 			if err != nil {
 				t.Fatal(err)
 			}
+			backup := del.Backup
 			if _, err := os.Stat(res.VM.Dir); err == nil {
 				t.Error("bundle still there")
 			}
@@ -287,5 +288,51 @@ func TestDeleteKeepsTPMBackup(t *testing.T) {
 				t.Errorf("TPM backup at %q with state: %v; want %v", backup, got, !tc.deleteTPM)
 			}
 		})
+	}
+}
+
+// TestDeleteKeepsUserFiles: vm delete removes what vtpm made and nothing
+// else; a user's files keep the bundle directory.
+func TestDeleteKeepsUserFiles(t *testing.T) {
+	h := testHost(t)
+	res, err := h.Create(CreateOptions{Name: "notes", OS: Linux, TPM: yes(), DiskSize: "1M"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := res.VM.Dir
+	user := map[string]string{"NOTES.txt": "do not lose me", "isos/install.iso": "iso", "logs/mine.txt": "mine"}
+	for rel, body := range user {
+		p := filepath.Join(dir, rel)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	os.WriteFile(filepath.Join(dir, LogDir, "qemu.log"), []byte("log"), 0o600)
+	del, err := h.Delete(res.VM, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rel, body := range user {
+		if b, err := os.ReadFile(filepath.Join(dir, rel)); err != nil || string(b) != body {
+			t.Errorf("user file %s: %q, %v; want it kept", rel, b, err)
+		}
+	}
+	for _, rel := range []string{ConfigFile, VarsFile, diskName, TPMDir, filepath.Join(LogDir, "qemu.log")} {
+		if _, err := os.Stat(filepath.Join(dir, rel)); err == nil {
+			t.Errorf("%s is still in the bundle", rel)
+		}
+	}
+	slices.Sort(del.Kept)
+	if want := []string{filepath.Join(dir, "NOTES.txt"), filepath.Join(dir, "isos"), filepath.Join(dir, LogDir)}; !slices.Equal(del.Kept, want) {
+		t.Errorf("kept %q, want %q", del.Kept, want)
+	}
+	if !seal.HasBlobs(del.Backup) {
+		t.Errorf("no TPM backup at %q", del.Backup)
+	}
+	if _, err := h.Find("notes"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("still registered: %v", err)
 	}
 }
