@@ -413,6 +413,11 @@ func (h *Registry) Clone(src *VM, name string, mode TPMMode, dir string) (*Creat
 	if src.Config.Template {
 		return nil, fmt.Errorf("%s is a template; make VMs from it with `vtpm vm deploy %s %s`", src.Name(), src.Name(), name)
 	}
+	if mode == TPMNone {
+		if err := requireTPMKept(src.Config, name, "cloning without a TPM (--tpm none)"); err != nil {
+			return nil, err
+		}
+	}
 	if mode == TPMCopy && !src.Config.HasTPM() {
 		return nil, fmt.Errorf("VM %s has no TPM to copy; clone it with --tpm none", src.Name())
 	}

@@ -148,6 +148,9 @@ func (h *Registry) RemoveTPM(v *VM) (string, error) {
 	if !c.HasTPM() {
 		return "", fmt.Errorf("VM %s has no TPM", c.Name)
 	}
+	if err := requireTPMKept(c, c.Name, "removing its TPM"); err != nil {
+		return "", err
+	}
 	if err := h.requireStopped(v, "remove its TPM"); err != nil {
 		return "", err
 	}

@@ -336,3 +336,29 @@ func TestDeleteKeepsUserFiles(t *testing.T) {
 		t.Errorf("still registered: %v", err)
 	}
 }
+
+// TestWindows11KeepsItsTPM: the rule create applies holds for the ways a
+// VM could lose its TPM later.
+func TestWindows11KeepsItsTPM(t *testing.T) {
+	h := testHost(t)
+	res, err := h.Create(CreateOptions{Name: "win", OS: Windows11, NoDisk: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.RemoveTPM(res.VM); !IsRule(err, "windows11-needs-tpm") {
+		t.Errorf("tpm remove: %v; want a refusal by rule windows11-needs-tpm", err)
+	}
+	if _, err := h.Clone(res.VM, "bare", TPMNone, ""); !IsRule(err, "windows11-needs-tpm") {
+		t.Errorf("clone --tpm none: %v; want a refusal by rule windows11-needs-tpm", err)
+	}
+	if _, err := h.Find("bare"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("the refused clone is registered: %v", err)
+	}
+	v, err := h.Open("win")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !v.Config.TPMEnabled() || !seal.HasBlobs(v.TPMDir()) {
+		t.Error("the VM lost its TPM")
+	}
+}
