@@ -85,7 +85,8 @@ func qemuCredential(configured, accel string) (*syscall.Credential, error) {
 // qemuAccessProblems says which of the files QEMU opens by name (the
 // kernel and initrd; everything else is handed over as descriptors) the
 // QEMU user cannot read.
-func qemuAccessProblems(c *Config) []error {
+func qemuAccessProblems(v *VM) []error {
+	c := v.Config
 	name, uid, gid, err := QEMUUser(c.QEMUUser)
 	if err != nil {
 		return []error{err}
@@ -94,7 +95,7 @@ func qemuAccessProblems(c *Config) []error {
 		return nil
 	}
 	var probs []error
-	for _, f := range []struct{ what, path string }{{"kernel", c.Kernel}, {"initrd", c.Initrd}} {
+	for _, f := range []struct{ what, path string }{{"kernel", v.File(c.Kernel)}, {"initrd", v.File(c.Initrd)}} {
 		if f.path == "" {
 			continue
 		}

@@ -178,6 +178,15 @@ func (v *VM) Save() error { return WriteConfig(v.Dir, v.Config) }
 // Name is the VM's name.
 func (v *VM) Name() string { return v.Config.Name }
 
+// File is the host path of a file vm.json names: relative paths are in
+// the bundle. "" stays "".
+func (v *VM) File(p string) string {
+	if p == "" || filepath.IsAbs(p) {
+		return p
+	}
+	return filepath.Join(v.Dir, p)
+}
+
 // TPMDir is the VM's TPM state directory.
 func (v *VM) TPMDir() string { return filepath.Join(v.Dir, TPMDir) }
 

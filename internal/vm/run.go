@@ -180,7 +180,7 @@ func (h *Registry) Preflight(v *VM) error {
 			add("the VM's UEFI variable store is missing: %v; restore it from a backup, or start over with a blank one: `cp %s %s`", err, tmpl, filepath.Join(v.Dir, VarsFile))
 		}
 	}
-	for _, f := range []struct{ what, path string }{{"kernel", c.Kernel}, {"initrd", c.Initrd}} {
+	for _, f := range []struct{ what, path string }{{"kernel", v.File(c.Kernel)}, {"initrd", v.File(c.Initrd)}} {
 		if f.path == "" {
 			continue
 		}
@@ -188,7 +188,7 @@ func (h *Registry) Preflight(v *VM) error {
 			add("the %s for direct boot is missing: %v", f.what, err)
 		}
 	}
-	probs = append(probs, qemuAccessProblems(c)...)
+	probs = append(probs, qemuAccessProblems(v)...)
 	for _, d := range c.Disks {
 		p := d.Path
 		if !filepath.IsAbs(p) {
@@ -311,9 +311,9 @@ func qemuArgs(v *VM, r runPaths, accel, serial string, io qemuIO) ([]string, err
 	}
 	if c.Kernel != "" {
 		// Whole arguments, not option strings.
-		args = append(args, "-kernel", c.Kernel)
+		args = append(args, "-kernel", v.File(c.Kernel))
 		if c.Initrd != "" {
-			args = append(args, "-initrd", c.Initrd)
+			args = append(args, "-initrd", v.File(c.Initrd))
 		}
 		args = append(args, "-append", strings.TrimSpace("console=ttyS0 "+c.Append))
 	} else {

@@ -148,6 +148,8 @@ func TestQEMUArgs(t *testing.T) {
 			c.Kernel = "/k,x"
 		}, "tcg",
 			[]string{"format=qcow2,file=/srv/a,,format=raw,,file=/etc/shadow ", "-kernel /k,x "}, []string{"file=/srv/a,format"}},
+		{"kernel inside the bundle", func(c *Config) { c.Kernel, c.Initrd = "boot/vmlinuz", "boot/initrd" }, "tcg",
+			[]string{"-kernel /b/v/boot/vmlinuz", "-initrd /b/v/boot/initrd"}, nil},
 		{"sandboxed", func(c *Config) {}, "tcg",
 			[]string{"-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny", "-m 1024M"}, []string{"-daemonize", "-runas"}},
 	} {
