@@ -288,7 +288,7 @@ func qemuArgs(v *VM, r runPaths, accel, serial string, io qemuIO) ([]string, err
 		return nil, err
 	}
 	args := []string{
-		"-name", "guest=" + optEscape(c.Name) + ",process=" + optEscape(qemuMark(r)), "-uuid", c.UUID.String(),
+		"-name", "guest=" + optEscape(c.Name), "-uuid", c.UUID.String(),
 		"-nodefaults", "-no-user-config", "-display", "none",
 		"-machine", machine, "-accel", accel,
 	}
@@ -348,7 +348,7 @@ func qemuArgs(v *VM, r runPaths, accel, serial string, io qemuIO) ([]string, err
 	args = append(args, "-nic", "user,model="+nic)
 	args = append(args,
 		"-chardev", serial, "-serial", "chardev:ser0",
-		"-chardev", "socket,id=qmp,"+qmp+",server=on,wait=off", "-mon", "chardev=qmp,mode=control")
+		"-chardev", "socket,id="+qemuMark(r)+","+qmp+",server=on,wait=off", "-mon", "chardev="+qemuMark(r)+",mode=control")
 	if c.TPMEnabled() {
 		dev := c.TPM.Device
 		if dev == "" {
@@ -370,9 +370,10 @@ func qemuArgs(v *VM, r runPaths, accel, serial string, io qemuIO) ([]string, err
 	return args, nil
 }
 
-// qemuMark names a VM's QEMU process (-name process=): it is how its pid
-// file is told from a reused pid, as QEMU's command line names no path
-// under the run directory.
+// qemuMark is the id of a VM's monitor chardev, unique to its run
+// directory: it is how QEMU's pid file is told from a reused pid, as
+// QEMU's command line names no path under the run directory. An id takes
+// letters, digits, '-', '.' and '_', as the run directory's name is.
 func qemuMark(r runPaths) string { return "vtpm-" + filepath.Base(r.Dir) }
 
 // tpmArgs is the vTPM instance's command line (after the executable);

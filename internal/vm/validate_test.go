@@ -350,7 +350,7 @@ func FuzzParseConfig(f *testing.F) {
 	}
 	dir := f.TempDir()
 	host := &HostConfig{AllowedPaths: []string{"/srv/images"}}
-	r := runPaths{Dir: "/run/v,x", QMP: "/run/v,x/qmp.sock", TPMSock: "/run/v,x/tpm/tpm.sock"}
+	r := runPaths{Dir: "/run/0123456789abcdef", QMP: "/run/v,x/qmp.sock", TPMSock: "/run/v,x/tpm/tpm.sock"}
 	f.Fuzz(func(t *testing.T, b []byte) {
 		c, err := ParseConfig(b, dir, host)
 		if err != nil {
@@ -410,7 +410,7 @@ func FuzzParseConfig(f *testing.F) {
 // optionKeys are the keys vtpm writes in each option string (nil: see
 // driveShapes and chardevKeys).
 var optionKeys = map[string][]string{
-	"-name":    {"guest", "process"},
+	"-name":    {"guest"},
 	"-drive":   nil,
 	"-chardev": nil,
 	"-tpmdev":  {"emulator", "id", "chardev"},
