@@ -12,6 +12,7 @@ import (
 // {name} is the action's argument of that name.
 var commands = map[errdefs.Action]string{
 	errdefs.ActionDoctor:              "vtpm doctor",
+	errdefs.ActionSandboxProbe:        "vtpm doctor --probe-sandbox --state {state}",
 	errdefs.ActionGuardianList:        "vtpm guardian list",
 	errdefs.ActionGuardianExport:      "vtpm guardian export {guardian} -o {file}",
 	errdefs.ActionGuardianExportCerts: "vtpm guardian export --certs-only -o {file}",

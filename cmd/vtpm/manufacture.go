@@ -20,6 +20,7 @@ import (
 	"vtpm/internal/keybroker"
 	"vtpm/internal/manufacture"
 	"vtpm/internal/seal"
+	"vtpm/internal/state"
 	"vtpm/internal/swtpm/statefile"
 )
 
@@ -34,12 +35,12 @@ type mfgRequest struct {
 type mfgResult struct {
 	report *manufacture.Report
 	tpm    string
-	format manufacture.Format
+	format state.Format
 }
 
 // openState opens dir in the format `vtpm swtpm socket` will serve it in.
-func openState(h *keybroker.Broker, dir, swtpmKey string, log *slog.Logger) (*manufacture.Opened, error) {
-	if manufacture.ChooseFormat(dir, swtpmKey != "") == manufacture.Swtpm {
+func openState(h *keybroker.Broker, dir, swtpmKey string, log *slog.Logger) (*state.Opened, error) {
+	if state.Choose(dir, swtpmKey != "") == state.Swtpm {
 		var key *statefile.Key
 		if swtpmKey != "" {
 			k, err := statefile.ParseKeyOption(swtpmKey)
@@ -48,9 +49,9 @@ func openState(h *keybroker.Broker, dir, swtpmKey string, log *slog.Logger) (*ma
 			}
 			key = k
 		}
-		return manufacture.OpenSwtpm(dir, key, statefile.DefaultMode)
+		return state.OpenSwtpm(dir, key, statefile.DefaultMode)
 	}
-	return manufacture.OpenSealed(h, dir, log)
+	return state.OpenSealed(h, dir, log)
 }
 
 // runManufacture manufactures the TPM in r.dir in-process, with this host's CA.
@@ -104,11 +105,11 @@ serves it.`,
 			if err != nil {
 				return err
 			}
-			if manufacture.HasState(dir) {
+			if state.HasState(dir) {
 				if !overwrite {
 					return fmt.Errorf("%s already holds a TPM; nothing was changed (pass --overwrite to replace it with a new TPM, whose secrets are gone)", dir)
 				}
-				if err := manufacture.RemoveState(dir); err != nil {
+				if err := state.Remove(dir); err != nil {
 					return err
 				}
 			}
@@ -229,7 +230,7 @@ func tpmShowCmd() *cobra.Command {
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			dir := tpmDir(args[0])
-			if !manufacture.HasState(dir) {
+			if !state.HasState(dir) {
 				return fmt.Errorf("%s holds no TPM state; create one with `vtpm tpm manufacture %s`", dir, args[0])
 			}
 			out := map[string]any{"dir": dir}

@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"vtpm/internal/manufacture"
+	"vtpm/internal/state"
 	"vtpm/internal/swtpm"
 )
 
@@ -278,7 +279,7 @@ func runSwtpmSetup(args []string, stdout, stderr io.Writer) int {
 		}
 	}
 
-	exists := manufacture.HasState(dir)
+	exists := state.HasState(dir)
 	switch {
 	case c.reconfigure && !exists:
 		log.error("Cannot reconfigure: no TPM state in %s.", dir)
@@ -295,7 +296,7 @@ func runSwtpmSetup(args []string, stdout, stderr io.Writer) int {
 	log.info("Starting vTPM manufacturing as %s @ %s", currentUser(), time.Now().Format(time.UnixDate))
 	defer func() { log.info("Ending vTPM manufacturing @ %s", time.Now().Format(time.UnixDate)) }()
 	if exists && !c.reconfigure {
-		if err := manufacture.RemoveState(dir); err != nil {
+		if err := state.Remove(dir); err != nil {
 			log.error("%v", err)
 			return 1
 		}
@@ -371,7 +372,7 @@ func runSwtpmSetup(args []string, stdout, stderr io.Writer) int {
 func (c *setupConfig) fail(log *setupLog, dir string, existed bool) int {
 	log.error("An error occurred. Authoring the TPM state failed.")
 	if !c.reconfigure {
-		manufacture.RemoveState(dir)
+		state.Remove(dir)
 	}
 	return 1
 }

@@ -13,6 +13,7 @@ import (
 	"vtpm/internal/keybroker"
 	"vtpm/internal/manufacture"
 	"vtpm/internal/seal"
+	"vtpm/internal/state"
 	"vtpm/internal/swtpm/statefile"
 )
 
@@ -105,7 +106,7 @@ func TestSwtpmSetupBadOptions(t *testing.T) {
 			if !strings.Contains(stderr, tc.wantErr) {
 				t.Errorf("stderr %q, want it to contain %q", stderr, tc.wantErr)
 			}
-			if manufacture.HasState(dir) {
+			if state.HasState(dir) {
 				t.Fatal("a failed swtpm_setup left TPM state behind")
 			}
 		})

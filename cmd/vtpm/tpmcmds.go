@@ -114,7 +114,7 @@ failed. A running VM sees the change at its next start.`,
 					r.Note, err = h.SetTPMEnabled(v, on)
 				}
 				if err != nil {
-					r.Error = err.Error()
+					r.Error = formatError(err) // with its remedies
 					failed++
 				} else {
 					r.OK = true

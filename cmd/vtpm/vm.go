@@ -10,6 +10,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"vtpm/internal/errdefs"
 	"vtpm/internal/paths"
 	"vtpm/internal/vm"
 )
@@ -459,8 +460,9 @@ func printCreated(cmd *cobra.Command, h *vm.Registry, res *vm.Created, err error
 	if asJSON {
 		j := struct {
 			vmJSON
-			Notes []string `json:"notes"`
-		}{vmInfo(h, res.VM), res.Notes}
+			Notes []string         `json:"notes"`
+			Next  []errdefs.Remedy `json:"next,omitempty"`
+		}{vmInfo(h, res.VM), res.Notes, res.Next}
 		return printJSON(cmd.OutOrStdout(), j)
 	}
 	c := res.VM.Config
@@ -471,6 +473,9 @@ func printCreated(cmd *cobra.Command, h *vm.Registry, res *vm.Created, err error
 		} else {
 			fmt.Fprintln(cmd.OutOrStdout(), n)
 		}
+	}
+	for _, r := range res.Next {
+		fmt.Fprintln(cmd.OutOrStdout(), renderRemedy(r))
 	}
 	return nil
 }

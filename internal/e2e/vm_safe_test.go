@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"vtpm/internal/qemutest"
+	"vtpm/internal/testutil"
 )
 
 // TestVMUntrustedBundle: a bundle from elsewhere whose vm.json smuggles
@@ -126,7 +127,7 @@ func TestVMUntrustedBundle(t *testing.T) {
 // user under its seccomp sandbox, and the guest still boots with its TPM.
 func TestVMQEMUConfined(t *testing.T) {
 	if os.Geteuid() != 0 {
-		t.Skip("needs root: only root's QEMU drops privileges")
+		testutil.Missing(t, "needs root: only root's QEMU drops privileges")
 	}
 	qemutest.SkipIfUnavailable(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)

@@ -54,6 +54,9 @@ type Action string
 const (
 	// ActionDoctor reports what the host provides and how to fix it.
 	ActionDoctor Action = "host.doctor"
+	// ActionSandboxProbe confines a process as an instance and reports
+	// what it can still do (args: state, its scratch state directory).
+	ActionSandboxProbe Action = "host.doctor.probe-sandbox"
 	// ActionGuardianList lists the guardians this host holds.
 	ActionGuardianList Action = "guardian.list"
 	// ActionGuardianExport exports a guardian with its private keys where it

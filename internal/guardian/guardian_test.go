@@ -15,6 +15,8 @@ import (
 	"testing"
 
 	"github.com/google/uuid"
+
+	"vtpm/internal/testutil"
 )
 
 var kems = []KEM{MLKEM768X25519, DHKEMP256}
@@ -524,7 +526,7 @@ func TestPKCS12(t *testing.T) {
 func TestPKCS12OpenSSL(t *testing.T) {
 	openssl, err := exec.LookPath("openssl")
 	if err != nil {
-		t.Skip("openssl not installed")
+		testutil.Missing(t, "openssl not installed")
 	}
 	for _, kem := range kems {
 		t.Run(kem.String(), func(t *testing.T) {

@@ -17,7 +17,7 @@ import (
 	"vtpm/internal/libtpms"
 	"vtpm/internal/paths"
 	"vtpm/internal/sandbox"
-	"vtpm/internal/seal"
+	"vtpm/internal/state"
 	"vtpm/internal/swtpm"
 	"vtpm/internal/swtpm/statefile"
 )
@@ -27,8 +27,7 @@ type Instance struct {
 	cfg     *swtpm.Config
 	log     *slog.Logger
 	tpm     *libtpms.TPM
-	store   store
-	format  Format
+	store   state.Storage
 	fileKey *statefile.Key
 	migKey  *statefile.Key
 	sealing *sealingKey // sealed format only
@@ -79,7 +78,8 @@ func New(cfg *swtpm.Config, log *slog.Logger) (_ *Instance, err error) {
 		}
 	}
 	// Keys first: a TPM this host cannot open fails before any socket exists.
-	if in.format = chooseFormat(cfg); in.format == FormatSealed {
+	format := state.Choose(cfg.StateDir, cfg.Key != "")
+	if format == state.Sealed {
 		if in.sealing, err = unlockSealed(cfg, log); err != nil {
 			return nil, err
 		}
@@ -105,13 +105,15 @@ func New(cfg *swtpm.Config, log *slog.Logger) (_ *Instance, err error) {
 			return nil, err
 		}
 	}
-	if in.store, err = openStore(cfg, in.format, in.fileKey, in.sealing, log); err != nil {
+	opened, err := openStore(cfg, format, in.fileKey, in.sealing, log)
+	if err != nil {
 		return nil, err
 	}
+	in.store = opened.Storage
 	if in.tpm, err = libtpms.Open(in.store); err != nil {
 		return nil, err
 	}
-	log.Info("vTPM ready", "state", cfg.StateDir, "format", in.format)
+	log.Info("vTPM ready", "state", cfg.StateDir, "format", format)
 	return in, nil
 }
 
@@ -123,37 +125,34 @@ func PrintStates(cfg *swtpm.Config, log *slog.Logger, w io.Writer) error {
 			return fmt.Errorf("TPM state directory: %w", err)
 		}
 	}
-	var st []swtpm.StateInfo
-	if chooseFormat(cfg) == FormatSealed {
-		list, err := seal.ListStates(cfg.StateDir)
-		if err != nil {
-			return err
-		}
-		for _, x := range list {
-			st = append(st, swtpm.StateInfo{Name: x.Name, Size: x.Size})
-		}
+	var (
+		list []state.StateInfo
+		err  error
+	)
+	if state.Choose(cfg.StateDir, cfg.Key != "") == state.Sealed {
+		list, err = state.ListSealed(cfg.StateDir)
 	} else {
 		var fileKey *statefile.Key
 		if cfg.Key != "" {
-			var err error
 			if fileKey, err = statefile.ParseKeyOption(cfg.Key); err != nil {
 				return fmt.Errorf("--key: %w", err)
 			}
 		}
-		s, err := openStore(cfg, FormatSwtpm, fileKey, nil, log)
-		if err != nil {
+		var s *state.Opened
+		if s, err = openStore(cfg, state.Swtpm, fileKey, nil, log); err != nil {
 			return err
 		}
 		defer s.Close()
-		list, err := s.(statefile.Storage).States()
-		if err != nil {
-			return err
-		}
-		for _, x := range list {
-			st = append(st, swtpm.StateInfo{Name: x.Name, Size: x.Size})
-		}
+		list, err = s.States()
 	}
-	_, err := fmt.Fprintln(w, swtpm.StatesJSON(st))
+	if err != nil {
+		return err
+	}
+	var st []swtpm.StateInfo
+	for _, x := range list {
+		st = append(st, swtpm.StateInfo{Name: x.Name, Size: x.Size})
+	}
+	_, err = fmt.Fprintln(w, swtpm.StatesJSON(st))
 	return err
 }
 

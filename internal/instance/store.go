@@ -1,9 +1,7 @@
 package instance
 
 import (
-	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
 	"os"
 
@@ -11,42 +9,12 @@ import (
 
 	"vtpm/internal/keybroker"
 	"vtpm/internal/keystore"
-	"vtpm/internal/libtpms"
 	"vtpm/internal/paths"
 	"vtpm/internal/seal"
+	"vtpm/internal/state"
 	"vtpm/internal/swtpm"
 	"vtpm/internal/swtpm/statefile"
 )
-
-// store is where libtpms' blobs live: vtpm's sealed format or swtpm's files.
-type store interface {
-	libtpms.Storage
-	Close() error
-}
-
-// Format names a state format.
-type Format string
-
-const (
-	FormatSealed Format = "sealed"
-	FormatSwtpm  Format = "swtpm"
-)
-
-// chooseFormat keeps existing sealed state sealed (even when --key is given,
-// as libvirt keeps passing it after `vtpm state import`), keeps an existing
-// swtpm state in swtpm's format (so a libvirt VM keeps its TPM), uses swtpm's
-// format too when --key asks for its encryption, and otherwise seals.
-func chooseFormat(cfg *swtpm.Config) Format {
-	switch {
-	case cfg.StateFile != "":
-		return FormatSwtpm // swtpm's linear file backend; sealed state needs a directory
-	case cfg.StateDir != "" && seal.Exists(cfg.StateDir):
-		return FormatSealed
-	case cfg.Key != "" || (cfg.StateDir != "" && statefile.HasState(cfg.StateDir)):
-		return FormatSwtpm
-	}
-	return FormatSealed
-}
 
 // sealingKey is what opens sealed state: the data key and where this host
 // records generations.
@@ -122,28 +90,14 @@ func unlockSealed(cfg *swtpm.Config, log *slog.Logger) (*sealingKey, error) {
 	return k, nil
 }
 
-// openStore opens the state directory in its format and proves, before any
-// client is served, that the existing state can be read. key is nil for swtpm's format.
-func openStore(cfg *swtpm.Config, format Format, fileKey *statefile.Key, key *sealingKey, log *slog.Logger) (store, error) {
-	if format == FormatSwtpm {
-		var st statefile.Storage
-		var err error
+// openStore opens the state in its format and proves, before any client is
+// served, that the existing state can be read. key is nil for swtpm's format.
+func openStore(cfg *swtpm.Config, format state.Format, fileKey *statefile.Key, key *sealingKey, log *slog.Logger) (*state.Opened, error) {
+	if format == state.Swtpm {
 		if cfg.StateFile != "" {
-			st, err = statefile.OpenLinear(cfg.StateFile, fileKey, cfg.StateMode)
-		} else {
-			if err := os.MkdirAll(cfg.StateDir, 0o750); err != nil {
-				return nil, fmt.Errorf("create state directory: %w", err)
-			}
-			st, err = statefile.OpenDir(cfg.StateDir, fileKey, cfg.StateMode)
+			return state.OpenSwtpmFile(cfg.StateFile, fileKey, cfg.StateMode)
 		}
-		if err != nil {
-			return nil, err
-		}
-		if err := st.Init(); err != nil {
-			st.Close()
-			return nil, err
-		}
-		return st, nil
+		return state.OpenSwtpm(cfg.StateDir, fileKey, cfg.StateMode)
 	}
 	if cfg.Key != "" {
 		log.Warn("the state directory holds vtpm sealed state: --key does not apply to it; it is sealed with the data key", "state", cfg.StateDir)
@@ -152,7 +106,7 @@ func openStore(cfg *swtpm.Config, format Format, fileKey *statefile.Key, key *se
 	if cfg.StateModeSet {
 		mode = cfg.StateMode
 	}
-	s, err := seal.Open(cfg.StateDir, seal.Options{
+	o, err := state.OpenSealedWith(cfg.StateDir, seal.Options{
 		Key:           key.dek,
 		Generations:   key.gens, // with --runas, the record pinned before dropping privileges
 		AllowRollback: cfg.AllowRollback,
@@ -162,11 +116,9 @@ func openStore(cfg *swtpm.Config, format Format, fileKey *statefile.Key, key *se
 	if err != nil {
 		return nil, err
 	}
-	for _, name := range []string{"permall", "volatilestate"} {
-		if _, err := s.Load(name); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			s.Close()
-			return nil, fmt.Errorf("TPM state in %s cannot be opened; nothing was changed: %w", cfg.StateDir, err)
-		}
+	if err := o.Check(); err != nil {
+		o.Close()
+		return nil, err
 	}
-	return s, nil
+	return o, nil
 }

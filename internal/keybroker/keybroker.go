@@ -21,12 +21,13 @@ import (
 	"vtpm/internal/guardian"
 	"vtpm/internal/keystore"
 	"vtpm/internal/seal"
+	"vtpm/internal/state"
 )
 
 // Files beside the sealed state.
 const (
-	ProtectorFile = "protector.json"
-	PolicyFile    = "policy.json"
+	ProtectorFile = state.ProtectorFile
+	PolicyFile    = state.PolicyFile
 )
 
 // Keystore record kinds.
@@ -268,12 +269,25 @@ func (h *Broker) OpenTPM(dir string) (*Opened, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create state directory: %w", err)
 	}
-	unlock, err := seal.Lock(dir)
+	l, err := state.Lock(dir)
 	if err != nil {
 		return nil, err
 	}
-	defer unlock()
+	defer l.Unlock()
 	return h.openTPM(dir, true)
+}
+
+// A Broker is what opens sealed state (state.OpenSealed).
+var _ state.Keys = (*Broker)(nil)
+
+// OpenKey is OpenTPM for callers that need only the key and the TPM's
+// UUID; it makes a Broker the state.Keys that opens sealed state.
+func (h *Broker) OpenKey(dir string) (uuid.UUID, []byte, error) {
+	o, err := h.OpenTPM(dir)
+	if err != nil {
+		return uuid.Nil, nil, err
+	}
+	return o.TPM, o.DEK, nil
 }
 
 // errNeedLock: openTPM must change dir, so it has to run under dir's lock.
@@ -365,28 +379,30 @@ func (h *Broker) create(dir string, id uuid.UUID) (*Opened, error) {
 	return &Opened{TPM: id, DEK: dek, By: local.Name(), Created: true}, nil
 }
 
+// backupPrefix starts the name of the directory reprovisioning moves a
+// TPM's old state into.
+const backupPrefix = "backup-"
+
 // reprovision moves the unopenable state into a timestamped backup directory
 // beside it and starts a fresh TPM. Nothing is deleted.
 // The caller holds dir's lock.
 func (h *Broker) reprovision(dir string, old uuid.UUID, why *guardian.NoGuardianError) (*Opened, error) {
-	backup := filepath.Join(dir, "backup-"+time.Now().UTC().Format("20060102T150405Z"))
-	if err := os.Mkdir(backup, 0o700); err != nil {
-		return nil, fmt.Errorf("reprovision: create backup directory: %w", err)
-	}
 	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return nil, err
 	}
+	var move []string
 	for _, e := range entries {
 		n := e.Name()
-		if n == seal.LockName || n == PolicyFile || strings.HasPrefix(n, "backup-") || e.Type()&fs.ModeSocket != 0 {
+		if n == state.LockFile || n == PolicyFile || strings.HasPrefix(n, backupPrefix) || e.Type()&fs.ModeSocket != 0 {
 			continue
 		}
-		if err := os.Rename(filepath.Join(dir, n), filepath.Join(backup, n)); err != nil {
-			return nil, fmt.Errorf("reprovision: move %s to %s: %w (the state is partly moved; nothing was deleted)", n, backup, err)
-		}
+		move = append(move, n)
 	}
-	atomicfile.SyncDir(dir)
+	backup, err := state.MoveAside(dir, backupPrefix+state.Stamp(time.Now()), move)
+	if err != nil {
+		return nil, fmt.Errorf("reprovision: %w", err)
+	}
 	id, err := seal.Identify(dir)
 	if err != nil {
 		return nil, err

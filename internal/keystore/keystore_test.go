@@ -12,6 +12,8 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+
+	"vtpm/internal/testutil"
 )
 
 func quietOpts(hostTPM string) Options {
@@ -384,7 +386,7 @@ func TestNonRootHelper(t *testing.T) {
 // against a root-owned keystore: one clear ErrPermission, no crash.
 func TestNonRootOnRootKeystore(t *testing.T) {
 	if os.Geteuid() != 0 {
-		t.Skip("needs root to switch to an unprivileged user")
+		testutil.Missing(t, "needs root to switch to an unprivileged user")
 	}
 	const nobody = 65534
 	// A world-traversable place for the test binary and the keystore's

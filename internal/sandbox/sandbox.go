@@ -16,6 +16,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"vtpm/internal/errdefs"
 	"vtpm/internal/swtpm"
 	"vtpm/internal/swtpm/subopt"
 )
@@ -49,8 +50,8 @@ type Policy struct {
 }
 
 // ForInstance is the policy of the instance that cfg describes, whose data
-// root (host keystore, generation records) is dataRoot. `vtpm doctor
-// --probe-sandbox` builds its policy here too, so what it proves holds for
+// root (host keystore, generation records) is dataRoot. The sandbox probe
+// (hostcheck.Probe) builds its policy here too, so what it proves holds for
 // instances.
 func ForInstance(cfg *swtpm.Config, dataRoot string) *Policy {
 	p := &Policy{Isolation: cfg.Isolation, Seccomp: cfg.Seccomp}
@@ -143,12 +144,23 @@ type Sandbox struct {
 }
 
 // MissingError is returned when the policy requires isolation and part of
-// it is missing. Its message names each missing part and its fix.
+// it is missing. Its message names each missing part and its fix; it
+// matches errdefs.ErrFailedPrecondition.
 type MissingError struct{ Missing []string }
 
 func (e *MissingError) Error() string {
-	return "isolation is required, but the host cannot provide: " + strings.Join(e.Missing, "; ") +
-		" (run `vtpm doctor` for the host's state, or start with --isolation preferred to run without)"
+	return "isolation is required, but the host cannot provide: " + strings.Join(e.Missing, "; ")
+}
+
+// Is matches errdefs.ErrFailedPrecondition.
+func (e *MissingError) Is(target error) bool { return target == errdefs.ErrFailedPrecondition }
+
+// Remedies: the host's state, or running with the isolation it has.
+func (e *MissingError) Remedies() []errdefs.Remedy {
+	return []errdefs.Remedy{
+		errdefs.Do(errdefs.ActionDoctor).WithNote("see the host's state"),
+		errdefs.Do(errdefs.ActionIsolationPreferred).WithNote("or start with it to run without"),
+	}
 }
 
 // Enter confines the process to p's file system rules, re-executing the

@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"vtpm/internal/swtpm"
+	"vtpm/internal/testutil"
 )
 
 // childEnv makes the test binary a child that installs the filter and tries
@@ -134,7 +135,7 @@ func filterChild(action, op string) string {
 // each operation does under it.
 func TestFilter(t *testing.T) {
 	if err := SeccompAvailable(); err != nil {
-		t.Skip(err)
+		testutil.Missing(t, "%v", err)
 	}
 	const killed = "killed by SIGSYS"
 	eperm, enosys := unix.EPERM.Error(), unix.ENOSYS.Error()
@@ -275,7 +276,7 @@ func TestLockedBytes(t *testing.T) {
 	before := vmLck(t)
 	l, err := LockedBytes(32)
 	if err != nil {
-		t.Skipf("cannot lock memory here: %v", err)
+		testutil.Missing(t, "cannot lock memory here: %v", err)
 	}
 	if len(l.Bytes()) != 32 {
 		t.Fatalf("len %d, want 32", len(l.Bytes()))
@@ -302,7 +303,7 @@ func TestKeep(t *testing.T) {
 	key := []byte("0123456789abcdef0123456789abcdef")
 	kept, err := s.Keep(key)
 	if err != nil {
-		t.Skipf("cannot lock memory here: %v", err)
+		testutil.Missing(t, "cannot lock memory here: %v", err)
 	}
 	if string(kept) != "0123456789abcdef0123456789abcdef" {
 		t.Errorf("kept %q", kept)

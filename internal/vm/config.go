@@ -2,8 +2,6 @@ package vm
 
 import (
 	"encoding/json"
-	"errors"
-	"fmt"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -12,6 +10,7 @@ import (
 	"github.com/google/uuid"
 
 	"vtpm/internal/atomicfile"
+	"vtpm/internal/errdefs"
 )
 
 // ConfigFile is the bundle's description, at its root.
@@ -54,7 +53,7 @@ func ParseOS(s string) (OS, error) {
 	for i, o := range OSes {
 		names[i] = string(o)
 	}
-	return "", fmt.Errorf("unknown OS %q: want one of %s", s, strings.Join(names, ", "))
+	return "", errdefs.New(errdefs.ErrInvalidArgument, "unknown OS %q: want one of %s", s, strings.Join(names, ", "))
 }
 
 // Firmware is the VM's firmware type.
@@ -74,7 +73,7 @@ func ParseFirmware(s string) (Firmware, error) {
 	case BIOS:
 		return BIOS, nil
 	}
-	return "", fmt.Errorf("unknown firmware %q: want uefi or bios", s)
+	return "", errdefs.New(errdefs.ErrInvalidArgument, "unknown firmware %q: want uefi or bios", s)
 }
 
 // Disk is one disk of a VM.
@@ -171,21 +170,21 @@ func WriteConfig(dir string, c *Config) error {
 // validName: names become directory names and appear in commands.
 func validName(name string) error {
 	if name == "" {
-		return errors.New("a VM needs a name")
+		return errdefs.New(errdefs.ErrInvalidArgument, "a VM needs a name")
 	}
 	if len(name) > 64 {
-		return fmt.Errorf("VM name %q is longer than 64 characters", name)
+		return errdefs.New(errdefs.ErrInvalidArgument, "VM name %q is longer than 64 characters", name)
 	}
 	for _, r := range name {
 		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.') {
-			return fmt.Errorf("VM name %q: use letters, digits, '-', '_' and '.' only", name)
+			return errdefs.New(errdefs.ErrInvalidArgument, "VM name %q: use letters, digits, '-', '_' and '.' only", name)
 		}
 	}
 	if name[0] == '.' || name[0] == '-' {
-		return fmt.Errorf("VM name %q must start with a letter or digit", name)
+		return errdefs.New(errdefs.ErrInvalidArgument, "VM name %q must start with a letter or digit", name)
 	}
 	if _, err := uuid.Parse(name); err == nil {
-		return fmt.Errorf("VM name %q looks like a UUID; VMs are found by name or UUID, so pick another name", name)
+		return errdefs.New(errdefs.ErrInvalidArgument, "VM name %q looks like a UUID; VMs are found by name or UUID, so pick another name", name)
 	}
 	return nil
 }

@@ -9,12 +9,6 @@ import (
 	"syscall"
 )
 
-// QEMUSandbox is QEMU's own seccomp policy for every VM: no obsolete
-// system calls, no set*id, no fork or exec, no scheduler or resource
-// changes. It rules out -daemonize (a fork after the filter), so QEMU is
-// started detached instead.
-const QEMUSandbox = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
-
 // optEscape writes s for a QEMU option string ("key=value,key=value"),
 // where a comma in a value is written twice; anything else in it is
 // taken literally. Values that are whole arguments (-kernel, -append,

@@ -3,7 +3,6 @@ package vm
 import (
 	"bufio"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -17,77 +16,19 @@ import (
 	"time"
 
 	"vtpm/internal/errdefs"
+	"vtpm/internal/hostcheck"
 )
-
-// DefaultQEMUUsers are tried in order for QEMU when vm start runs as root
-// and vm.json names no qemu_user: libvirt's and distributions' QEMU users,
-// then nobody. QEMU is the part of a VM a guest attacks, so it never runs
-// as root.
-var DefaultQEMUUsers = []string{"libvirt-qemu", "qemu", "nobody"}
 
 // qemuStartTimeout bounds how long QEMU may take to set the machine up
 // and answer on its monitor.
 const qemuStartTimeout = 2 * time.Minute
-
-// QEMUUser is whom QEMU runs as when started by this process with
-// configured as vm.json's qemu_user: name "" when this process is not root
-// (QEMU then runs as the caller), else the named user or the first of
-// DefaultQEMUUsers that exists. Unknown users and user ids that do not
-// parse are errors: a privilege drop fails closed.
-func QEMUUser(configured string) (name string, uid, gid int, err error) {
-	if os.Geteuid() != 0 {
-		return "", os.Geteuid(), os.Getegid(), nil
-	}
-	candidates := DefaultQEMUUsers
-	if configured != "" {
-		candidates = []string{configured}
-	}
-	for _, c := range candidates {
-		u, err := lookupUser(c)
-		if err != nil {
-			continue
-		}
-		uid, err1 := strconv.Atoi(u.Uid)
-		gid, err2 := strconv.Atoi(u.Gid)
-		if err := errors.Join(err1, err2); err != nil {
-			return "", 0, 0, fmt.Errorf("QEMU user %s: %w", c, err)
-		}
-		if uid == 0 {
-			return "", 0, 0, errdefs.New(errdefs.ErrFailedPrecondition, "QEMU user %s has uid 0; QEMU never runs as root", c)
-		}
-		return u.Username, uid, gid, nil
-	}
-	if configured != "" {
-		return "", 0, 0, errdefs.New(errdefs.ErrFailedPrecondition, "qemu_user %q in %s: no such user", configured, ConfigFile).
-			With(errdefs.Advise("create the user, or set qemu_user to another one (\"\" picks the first of %s that exists)", strings.Join(DefaultQEMUUsers, ", ")))
-	}
-	return "", 0, 0, errdefs.New(errdefs.ErrFailedPrecondition, "none of the users %s exists to run QEMU as", strings.Join(DefaultQEMUUsers, ", ")).
-		With(errdefs.Advise("create one (useradd --system --no-create-home qemu), or set qemu_user in %s", ConfigFile))
-}
-
-// qemuCredential is what QEMU is started with: nil when this process is
-// not root, else the QEMU user with its group and, under KVM, the group
-// that may open /dev/kvm.
-func qemuCredential(configured, accel string) (*syscall.Credential, error) {
-	name, uid, gid, err := QEMUUser(configured)
-	if err != nil || name == "" {
-		return nil, err
-	}
-	groups := []uint32{uint32(gid)}
-	if accel == "kvm" {
-		if st, err := os.Stat("/dev/kvm"); err == nil {
-			groups = append(groups, st.Sys().(*syscall.Stat_t).Gid)
-		}
-	}
-	return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), Groups: groups}, nil
-}
 
 // qemuAccessProblems says which of the files QEMU opens by name (the
 // kernel and initrd; everything else is handed over as descriptors) the
 // QEMU user cannot read.
 func qemuAccessProblems(v *VM) []error {
 	c := v.Config
-	name, uid, gid, err := QEMUUser(c.QEMUUser)
+	name, uid, gid, err := hostcheck.QEMUUser(c.QEMUUser)
 	if err != nil {
 		return []error{err}
 	}
@@ -147,12 +88,12 @@ func readableBy(path string, uid, gid int) error {
 }
 
 // startQEMU runs QEMU for v as the VM's QEMU user (when this process is
-// root), under QEMUSandbox, with the files and sockets it needs handed
+// root), under hostcheck.QEMUSandbox, with the files and sockets it needs handed
 // over as descriptors. Headless, QEMU is detached and startQEMU returns
 // its pid once its monitor answers; with Console it returns when the VM
 // has stopped.
 func (h *Registry) startQEMU(ctx context.Context, v *VM, r runPaths, accel string, o StartOptions, serialLog string, qlog *os.File) (int, error) {
-	cred, err := qemuCredential(v.Config.QEMUUser, accel)
+	cred, err := hostcheck.QEMUCredential(v.Config.QEMUUser, accel)
 	if err != nil {
 		return 0, err
 	}
@@ -184,8 +125,8 @@ func (h *Registry) startQEMU(ctx context.Context, v *VM, r runPaths, accel strin
 	if cred != nil {
 		who = fmt.Sprintf("uid %d", cred.Uid)
 	}
-	fmt.Fprintf(qlog, "+ (as %s) %s %s\n", who, QEMU, strings.Join(args, " "))
-	cmd := exec.Command(QEMU, args...)
+	fmt.Fprintf(qlog, "+ (as %s) %s %s\n", who, hostcheck.QEMU, strings.Join(args, " "))
+	cmd := exec.Command(hostcheck.QEMU, args...)
 	cmd.Dir = "/"
 	cmd.ExtraFiles = fio.files
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred, Setsid: !o.Console}

@@ -10,6 +10,8 @@ import (
 	"path/filepath"
 	"slices"
 	"testing"
+
+	"vtpm/internal/testutil"
 )
 
 func openTestDir(t *testing.T, key *Key, mode os.FileMode) (*Dir, string) {
@@ -182,7 +184,7 @@ func lockFDs(t *testing.T, p string) int {
 	t.Helper()
 	ents, err := os.ReadDir("/proc/self/fd")
 	if err != nil {
-		t.Skipf("cannot list /proc/self/fd: %v", err)
+		testutil.Missing(t, "cannot list /proc/self/fd: %v", err)
 	}
 	n := 0
 	for _, e := range ents {
