@@ -1,6 +1,7 @@
 package vm
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"io/fs"
@@ -202,7 +203,7 @@ func (h *Registry) Create(o CreateOptions) (_ *Created, err error) {
 		}
 		n, err := ParseDiskSize(size)
 		if err != nil {
-			return nil, err
+			return nil, errdefs.Wrap(errdefs.ErrInvalidArgument, err, "--disk-size")
 		}
 		// The size is digits by now and "--" ends the options: no value
 		// here can be read as one.
@@ -255,14 +256,14 @@ func (h *Registry) Create(o CreateOptions) (_ *Created, err error) {
 // values are the profile's defaults.
 func checkCreateSizes(c *Config, o CreateOptions) error {
 	if _, err := ParseMemory(c.Memory); err != nil {
-		return fmt.Errorf("--memory: %w", err)
+		return errdefs.Wrap(errdefs.ErrInvalidArgument, err, "--memory")
 	}
 	if err := CheckCPUs(c.CPUs); err != nil {
-		return fmt.Errorf("--cpus: %w", err)
+		return errdefs.Wrap(errdefs.ErrInvalidArgument, err, "--cpus")
 	}
 	if o.DiskSize != "" {
 		if _, err := ParseDiskSize(o.DiskSize); err != nil {
-			return fmt.Errorf("--disk-size: %w", err)
+			return errdefs.Wrap(errdefs.ErrInvalidArgument, err, "--disk-size")
 		}
 	}
 	return nil
@@ -275,11 +276,14 @@ func bootFile(flag, p string) (string, error) {
 		return "", err
 	}
 	st, err := os.Stat(abs)
+	if errors.Is(err, fs.ErrNotExist) {
+		return "", errdefs.Wrap(errdefs.ErrNotFound, err, "%s %s", flag, p)
+	}
 	if err != nil {
-		return "", fmt.Errorf("%s %s: %w", flag, p, err)
+		return "", errdefs.Wrap(errdefs.ErrInvalidArgument, err, "%s %s", flag, p)
 	}
 	if !st.Mode().IsRegular() {
-		return "", fmt.Errorf("%s %s is not a regular file", flag, p)
+		return "", errdefs.New(errdefs.ErrInvalidArgument, "%s %s is not a regular file", flag, p)
 	}
 	return abs, nil
 }

@@ -92,5 +92,5 @@ func requireTPMKept(c *Config, name, what string) error {
 	}
 	return &RuleError{VM: name, Rule: "windows11-needs-tpm", Msg: fmt.Sprintf(
 		"Windows 11 requires a TPM 2.0, and %s would leave VM %s without one; "+
-			"detach it for a while with tpm disable (its state and keys stay), or give the VM another OS profile first", what, name)}
+			"its TPM can be disabled for a while instead (its state and keys stay)", what, name)}
 }
