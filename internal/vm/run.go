@@ -84,7 +84,9 @@ func (s RunState) String() string {
 // stale pid files and reused pids do not.
 func (h *Registry) State(v *VM) RunState {
 	r := h.run(v)
-	return RunState{QEMU: livePid(r.QEMUPid, qemuMark(r)), TPM: livePid(r.TPMPid, r.Dir)}
+	// QEMU's command line names the run directory's name (its monitor's
+	// id), not its path: its descriptors come from vm start.
+	return RunState{QEMU: livePid(r.QEMUPid, filepath.Base(r.Dir)), TPM: livePid(r.TPMPid, r.Dir)}
 }
 
 func livePid(pidFile, mark string) int {
@@ -363,10 +365,9 @@ func qemuArgs(v *VM, r runPaths, accel, serial string, io qemuIO) ([]string, err
 	return args, nil
 }
 
-// qemuMark is the id of a VM's monitor chardev, unique to its run
-// directory: it is how QEMU's pid file is told from a reused pid, as
-// QEMU's command line names no path under the run directory. An id takes
-// letters, digits, '-', '.' and '_', as the run directory's name is.
+// qemuMark is the id of a VM's monitor chardev: the run directory's name
+// (hex digits) after a letter, as ids start with one. State finds that name
+// in QEMU's command line to tell its pid file from a reused pid.
 func qemuMark(r runPaths) string { return "vtpm-" + filepath.Base(r.Dir) }
 
 // tpmArgs is the vTPM instance's command line (after the executable);
