@@ -51,41 +51,41 @@ func runSwtpm(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "swtpm: %s; vtpm implements 'swtpm socket'\n", what)
 		return 1
 	}
-	cfg, err := swtpm.Parse(args[1:], os.Getenv)
+	opts, ext, err := swtpm.Parse(args[1:], os.Getenv)
 	if err != nil {
 		fmt.Fprintf(stderr, "swtpm: %v\n\n%s", err, swtpm.Usage)
 		return 1
 	}
 	switch {
-	case cfg.ShowHelp:
+	case opts.ShowHelp:
 		fmt.Fprint(stdout, swtpm.Usage)
 		return 0
-	case cfg.ShowVersion:
+	case opts.ShowVersion:
 		fmt.Fprintf(stdout, "TPM emulator version %s, vtpm %s\n", swtpm.Version, version)
 		return 0
-	case cfg.PrintCaps:
+	case opts.PrintCaps:
 		fmt.Fprintln(stdout, swtpm.CapabilitiesJSON())
 		return 0
 	}
-	log, closeLog, err := openLog(cfg.Log, stderr)
+	log, closeLog, err := openLog(opts.Log, stderr)
 	if err != nil {
 		fmt.Fprintf(stderr, "swtpm: %v\n", err)
 		return 1
 	}
 	defer closeLog()
-	if cfg.PrintStates {
-		if err := instance.PrintStates(cfg, log, stdout); err != nil {
+	if opts.PrintStates {
+		if err := instance.PrintStates(opts, log, stdout); err != nil {
 			fmt.Fprintf(stderr, "swtpm: %v\n", err)
 			return 1
 		}
 		return 0
 	}
-	if cfg.Daemon && os.Getenv(daemonEnv) == "" {
+	if opts.Daemon && os.Getenv(daemonEnv) == "" {
 		return daemonize(stderr)
 	}
 	// Errors go to stderr, and also to the log when it is a separate file.
-	logToo := (cfg.Log.File != "" && cfg.Log.File != "-") || cfg.Log.FD >= 0
-	in, err := instance.New(cfg, log)
+	logToo := (opts.Log.File != "" && opts.Log.File != "-") || opts.Log.FD >= 0
+	in, err := instance.New(opts, ext, log)
 	if err != nil {
 		if logToo {
 			log.Error("cannot start the vTPM", "err", formatError(err))

@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/google/uuid"
 
+	"vtpm/internal/errdefs"
 	"vtpm/internal/testutil"
 )
 
@@ -608,5 +610,24 @@ func TestMigrationKey(t *testing.T) {
 	other[0] ^= 1
 	if bytes.Equal(MigrationKey(dek), MigrationKey(other)) {
 		t.Error("different data keys give the same migration key")
+	}
+}
+
+// TestErrorKinds: the package's errors match the errdefs kind a front end
+// maps them to.
+func TestErrorKinds(t *testing.T) {
+	for _, tt := range []struct {
+		err  error
+		kind error
+	}{
+		{fmt.Errorf("grant: %w", ErrNotOwner), errdefs.ErrPermissionDenied},
+		{ErrWrongDEK, errdefs.ErrInvalidArgument},
+		{fmt.Errorf("read: %w", ErrTampered), errdefs.ErrDataLoss},
+		{ErrWrongPassword, errdefs.ErrPermissionDenied},
+		{&NoGuardianError{TPM: uuid.New()}, errdefs.ErrPermissionDenied},
+	} {
+		if got := errdefs.KindOf(tt.err); got != tt.kind {
+			t.Errorf("KindOf(%v) = %v, want %v", tt.err, got, tt.kind)
+		}
 	}
 }

@@ -22,6 +22,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"vtpm/internal/errdefs"
+	"vtpm/internal/instance"
 	"vtpm/internal/sandbox"
 	"vtpm/internal/swtpm"
 )
@@ -61,7 +62,7 @@ func ProbeArgs(o ProbeOptions) []string {
 }
 
 // Probe confines this process with the policy of an instance whose state is
-// in o.StateDir (sandbox.ForInstance, sandbox.Enter, Sandbox.Seal: the very
+// in o.StateDir (instance.SandboxPolicy, sandbox.Enter, Sandbox.Seal: the very
 // calls an instance makes), then tries what an instance must and must not be
 // able to do, and writes the outcome to w as JSON. It re-executes the
 // program (as Enter does), so it runs in a process of its own.
@@ -71,8 +72,8 @@ func Probe(w io.Writer, o ProbeOptions) error {
 	}
 	res := ProbeResult{Tries: map[string]string{}}
 	report := func() error { return json.NewEncoder(w).Encode(res) }
-	cfg := &swtpm.Config{StateDir: o.StateDir, Isolation: sandbox.Preferred}
-	sb, err := sandbox.Enter(sandbox.ForInstance(cfg, o.DataRoot), slog.New(slog.NewTextHandler(io.Discard, nil)))
+	policy := instance.SandboxPolicy(&swtpm.Options{StateDir: o.StateDir}, sandbox.Preferred, o.DataRoot)
+	sb, err := sandbox.Enter(policy, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		res.Error = err.Error()
 		return report()

@@ -195,7 +195,7 @@ type probeReport struct {
 }
 
 // TestSandboxProbe confines a process exactly as an instance is confined
-// (the hidden `vtpm doctor --probe-sandbox` calls the same sandbox.ForInstance,
+// (the hidden `vtpm doctor --probe-sandbox` calls the same SandboxPolicy,
 // Enter and Seal as instance.New and Run) and proves what it can and cannot do.
 func TestSandboxProbe(t *testing.T) {
 	t.Parallel()

@@ -65,20 +65,20 @@ func (k *sealingKey) pinGenerations(stateDir string) error {
 // unlockSealed opens this host's keystore and the TPM's data key: from
 // --data-key when given, else from the TPM's key protector. A new state
 // directory gets a fresh key and a protector owned by this host's guardian.
-func unlockSealed(cfg *swtpm.Config, log *slog.Logger) (*sealingKey, error) {
+func unlockSealed(stateDir, dataKey string, log *slog.Logger) (*sealingKey, error) {
 	host, err := keybroker.Open(paths.DataRoot(), keystore.Options{HostTPM: os.Getenv("VTPM_HOST_TPM"), Logger: log})
 	if err != nil {
 		return nil, err
 	}
 	k := &sealingKey{host: host, gens: host.Generations()}
-	if cfg.DataKey != "" {
-		k.dek, err = keybroker.ParseDataKey(cfg.DataKey)
+	if dataKey != "" {
+		k.dek, err = keybroker.ParseDataKey(dataKey)
 	} else {
 		var o *keybroker.Opened
-		if o, err = host.OpenTPM(cfg.StateDir); err == nil {
+		if o, err = host.OpenTPM(stateDir); err == nil {
 			k.dek, k.tpm = o.DEK, o.TPM
 			if o.Backup != "" {
-				fmt.Fprintf(os.Stderr, "vtpm: WARNING: the key of the TPM in %s is gone; as its policy says, a FRESH TPM was provisioned. The old state is kept in %s.\n", cfg.StateDir, o.Backup)
+				fmt.Fprintf(os.Stderr, "vtpm: WARNING: the key of the TPM in %s is gone; as its policy says, a FRESH TPM was provisioned. The old state is kept in %s.\n", stateDir, o.Backup)
 			}
 			log.Info("opened the TPM's data key", "tpm", o.TPM, "by", o.By, "new", o.Created)
 		}
@@ -91,25 +91,26 @@ func unlockSealed(cfg *swtpm.Config, log *slog.Logger) (*sealingKey, error) {
 }
 
 // openStore opens the state in its format and proves, before any client is
-// served, that the existing state can be read. key is nil for swtpm's format.
-func openStore(cfg *swtpm.Config, format state.Format, fileKey *statefile.Key, key *sealingKey, log *slog.Logger) (*state.Opened, error) {
+// served, that the existing state can be read. key is nil for swtpm's
+// format; allowRollback is --allow-rollback, for sealed state.
+func openStore(opts *swtpm.Options, format state.Format, fileKey *statefile.Key, key *sealingKey, allowRollback bool, log *slog.Logger) (*state.Opened, error) {
 	if format == state.Swtpm {
-		if cfg.StateFile != "" {
-			return state.OpenSwtpmFile(cfg.StateFile, fileKey, cfg.StateMode)
+		if opts.StateFile != "" {
+			return state.OpenSwtpmFile(opts.StateFile, fileKey, opts.StateMode)
 		}
-		return state.OpenSwtpm(cfg.StateDir, fileKey, cfg.StateMode)
+		return state.OpenSwtpm(opts.StateDir, fileKey, opts.StateMode)
 	}
-	if cfg.Key != "" {
-		log.Warn("the state directory holds vtpm sealed state: --key does not apply to it; it is sealed with the data key", "state", cfg.StateDir)
+	if opts.Key != "" {
+		log.Warn("the state directory holds vtpm sealed state: --key does not apply to it; it is sealed with the data key", "state", opts.StateDir)
 	}
 	mode := os.FileMode(0o600)
-	if cfg.StateModeSet {
-		mode = cfg.StateMode
+	if opts.StateModeSet {
+		mode = opts.StateMode
 	}
-	o, err := state.OpenSealedWith(cfg.StateDir, seal.Options{
+	o, err := state.OpenSealedWith(opts.StateDir, seal.Options{
 		Key:           key.dek,
 		Generations:   key.gens, // with --runas, the record pinned before dropping privileges
-		AllowRollback: cfg.AllowRollback,
+		AllowRollback: allowRollback,
 		FileMode:      mode,
 		Logger:        log,
 	})

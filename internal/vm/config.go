@@ -11,6 +11,7 @@ import (
 
 	"vtpm/internal/atomicfile"
 	"vtpm/internal/errdefs"
+	"vtpm/internal/sandbox"
 )
 
 // ConfigFile is the bundle's description, at its root.
@@ -95,12 +96,13 @@ type TPM struct {
 	Device string `json:"device"`
 }
 
-// Isolation levels of the vTPM process a VM's policy asks for; the empty
-// policy is the default, required.
+// Isolation policies a VM's vm.json may name for its vTPM process. The
+// field is optional: a VM that names none requires isolation (see
+// IsolationPolicy), unlike the swtpm drop-in, whose default is preferred.
 const (
-	IsolationDefault   = ""
-	IsolationPreferred = "preferred"
-	IsolationRequired  = "required"
+	IsolationDefault   = ""                        // not named: sandbox.Required
+	IsolationPreferred = string(sandbox.Preferred) // run with what the host offers
+	IsolationRequired  = string(sandbox.Required)  // refuse to start without every part
 )
 
 // Config is a VM bundle's vm.json.
@@ -189,11 +191,11 @@ func validName(name string) error {
 	return nil
 }
 
-// IsolationPolicy is the VM's effective isolation policy: required unless
-// the VM asks for preferred.
-func (c *Config) IsolationPolicy() string {
+// IsolationPolicy is the VM's effective isolation policy: sandbox.Required
+// unless vm.json asks for preferred.
+func (c *Config) IsolationPolicy() sandbox.Isolation {
 	if c.Isolation == IsolationDefault {
-		return IsolationRequired
+		return sandbox.Required
 	}
-	return c.Isolation
+	return sandbox.Isolation(c.Isolation)
 }

@@ -234,7 +234,7 @@ func (h *Registry) Preflight(v *VM) error {
 		} else if err := h.checkTPMKey(v); err != nil {
 			probs = append(probs, err)
 		}
-		if c.IsolationPolicy() == IsolationRequired {
+		if c.IsolationPolicy() == sandbox.Required {
 			probs = append(probs, isolationProblems(c.Name)...)
 		}
 	}
@@ -378,7 +378,7 @@ func (h *Registry) tpmArgs(v *VM, r runPaths, runAs string) []string {
 		"--ctrl", "type=unixio,path=" + r.TPMSock,
 		"--log", "file=" + filepath.Join(v.Dir, LogDir, "tpm.log") + ",level=1",
 		"--pid", "file=" + r.TPMPid,
-		"--terminate", "--daemon", "--isolation", v.Config.IsolationPolicy()}
+		"--terminate", "--daemon", "--isolation", string(v.Config.IsolationPolicy())}
 	if runAs != "" {
 		args = append(args, "--runas", runAs)
 	}
