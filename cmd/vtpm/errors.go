@@ -18,6 +18,7 @@ var commands = map[errdefs.Action]string{
 	errdefs.ActionGuardianExportCerts: "vtpm guardian export --certs-only -o {file}",
 	errdefs.ActionGuardianImport:      "vtpm guardian import {file}",
 	errdefs.ActionProtectorGrant:      "vtpm protector grant {tpm} {certs}",
+	errdefs.ActionProtectorShow:       "vtpm protector show {tpm}",
 	errdefs.ActionKeyExport:           "vtpm key export {tpm} -o {file}",
 	errdefs.ActionKeyImport:           "vtpm key import {file}",
 	errdefs.ActionTPMReprovision:      "vtpm tpm policy {tpm} --on-missing-key reprovision",

@@ -61,7 +61,7 @@ func inspect(t *testing.T, dir, key string) *manufacture.Info {
 	t.Helper()
 	var info *manufacture.Info
 	err := withHost(func(h *keybroker.Broker) error {
-		st, err := openState(h, dir, key, warnLogger())
+		st, err := manufacture.Open(h, dir, key, warnLogger())
 		if err != nil {
 			return err
 		}
@@ -251,7 +251,7 @@ func TestSwtpmSetupEncryptedSwtpmState(t *testing.T) {
 	}
 	// The wrong cipher does not open the state.
 	err := withHost(func(h *keybroker.Broker) error {
-		st, err := openState(h, dir, "pwdfile="+pwd+",mode=aes-128-cbc", warnLogger())
+		st, err := manufacture.Open(h, dir, "pwdfile="+pwd+",mode=aes-128-cbc", warnLogger())
 		if err != nil {
 			return err
 		}

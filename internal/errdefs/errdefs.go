@@ -70,6 +70,9 @@ const (
 	// ActionProtectorGrant admits guardians to a TPM's key protector, on a
 	// host that can open it (args: tpm, certs).
 	ActionProtectorGrant Action = "protector.grant"
+	// ActionProtectorShow shows the guardians a TPM's key protector admits
+	// (args: tpm).
+	ActionProtectorShow Action = "protector.show"
 	// ActionKeyExport exports a TPM's data key (args: tpm, file).
 	ActionKeyExport Action = "key.export"
 	// ActionKeyImport imports a TPM's exported data key (args: file;
