@@ -206,3 +206,60 @@ func TestChardevDevice(t *testing.T) {
 		})
 	}
 }
+
+// TestChardevDaemon: `swtpm chardev --fd N --daemon` (swtpm's
+// test_ctrlchannel2) returns once the TPM serves, and the TPM in the
+// background still has descriptor N as its data channel.
+func TestChardevDaemon(t *testing.T) {
+	t.Parallel()
+	needTools(t)
+	for _, im := range impls {
+		t.Run(string(im), func(t *testing.T) {
+			t.Parallel()
+			dir := shortDir(t)
+			stateDir, ctrl, pid := filepath.Join(dir, "state"), filepath.Join(dir, "ctrl"), filepath.Join(dir, "pid")
+			if err := os.Mkdir(stateDir, 0o700); err != nil {
+				t.Fatal(err)
+			}
+			pair := socketpair(t)
+			// Descriptor 3 is where a background copy used to get its
+			// readiness pipe.
+			args := []string{"chardev", "--fd", "3", "--tpm2", "--daemon", "--tpmstate", "dir=" + stateDir,
+				"--pid", "file=" + pid, "--ctrl", "type=unixio,path=" + ctrl, "--flags", "not-need-init,startup-clear"}
+			env := os.Environ()
+			if im == ourVtpm {
+				args = append([]string{"swtpm"}, args...)
+				env = append(env, "VTPM_HOME="+filepath.Join(dir, "home"))
+			}
+			cmd := exec.Command(im.exe(t), args...)
+			cmd.Env = env
+			cmd.ExtraFiles = []*os.File{pair[1]}
+			if out, err := cmd.CombinedOutput(); err != nil {
+				t.Fatalf("%s chardev --daemon: %v\n%s", im, err, out)
+			}
+			pair[1].Close()
+			defer func() { // stop the background TPM whatever happened
+				testutil.RunErr(nil, "swtpm_ioctl", "--unix", ctrl, "-s")
+			}()
+			conn, err := net.FileConn(pair[0])
+			pair[0].Close()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			if r, err := (tpm2.GetRandom{BytesRequested: 8}).Execute(&tpmConn{c: conn}); err != nil || len(r.RandomBytes.Buffer) != 8 {
+				t.Fatalf("TPM2_GetRandom on the background TPM's --fd: %v", err)
+			}
+			if out, err := testutil.RunErr(nil, "swtpm_ioctl", "--unix", ctrl, "-s"); err != nil {
+				t.Fatalf("swtpm_ioctl -s: %v: %s", err, out)
+			}
+			deadline := time.Now().Add(10 * time.Second)
+			for _, err := os.Stat(pid); err == nil; _, err = os.Stat(pid) {
+				if time.Now().After(deadline) {
+					t.Fatal("the background TPM kept its pid file 10 s after CMD_SHUTDOWN")
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+		})
+	}
+}
