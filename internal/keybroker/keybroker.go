@@ -257,7 +257,15 @@ type Opened struct {
 // OpenTPM returns the data key of the TPM whose state is in dir. A new
 // directory gets a fresh key and a protector owned by this host's guardian.
 func (h *Broker) OpenTPM(dir string) (*Opened, error) {
-	o, err := h.openTPM(dir, false)
+	return h.OpenTPMWith(dir, OpenOptions{})
+}
+
+// OpenTPMWith is OpenTPM with options. A protector that a guardian of this
+// host opens is accepted only when this host holds or trusts its owner
+// (see Trust); one older than the newest version seen here is refused
+// unless opts.AllowRollback; and the key it holds must open the state.
+func (h *Broker) OpenTPMWith(dir string, opts OpenOptions) (*Opened, error) {
+	o, err := h.openTPM(dir, false, opts)
 	if !errors.Is(err, errNeedLock) {
 		return o, err
 	}
@@ -273,14 +281,14 @@ func (h *Broker) OpenTPM(dir string) (*Opened, error) {
 		return nil, err
 	}
 	defer unlock()
-	return h.openTPM(dir, true)
+	return h.openTPM(dir, true, opts)
 }
 
 // errNeedLock: openTPM must change dir, so it has to run under dir's lock.
 var errNeedLock = errors.New("the state directory's lock is needed")
 
 // openTPM is OpenTPM; locked says whether the caller holds dir's lock.
-func (h *Broker) openTPM(dir string, locked bool) (*Opened, error) {
+func (h *Broker) openTPM(dir string, locked bool, opts OpenOptions) (*Opened, error) {
 	if !locked && !seal.Exists(dir) {
 		return nil, errNeedLock // Identify would create vtpm-state.json
 	}
@@ -313,7 +321,7 @@ func (h *Broker) openTPM(dir string, locked bool) (*Opened, error) {
 	}
 	dek, by, err := p.Open(gs)
 	if err == nil {
-		return &Opened{TPM: id, DEK: dek, By: by.Name()}, nil
+		return h.opened(dir, p, dek, by.Name(), gs, opts)
 	}
 	var none *guardian.NoGuardianError
 	if !errors.As(err, &none) {
@@ -322,7 +330,7 @@ func (h *Broker) openTPM(dir string, locked bool) (*Opened, error) {
 	wrongImport := false
 	if dek, ok := h.importedKey(id); ok {
 		if p.Holds(dek) {
-			return &Opened{TPM: id, DEK: dek, By: "imported key"}, nil
+			return h.openedImported(dir, p, dek, opts)
 		}
 		// Imported from another copy of the TPM, or for a TPM since
 		// reprovisioned elsewhere: it would not decrypt the state.
