@@ -80,10 +80,13 @@ type guardianInfo struct {
 	Subject     string `json:"subject"`
 	KEM         string `json:"kem"`
 	Local       bool   `json:"local"`
+	// TrustedOnly marks a guardian this host does not hold but trusts as
+	// the owner of key protectors (guardian trust).
+	TrustedOnly bool `json:"trusted_only,omitempty"`
 }
 
 func infoOf(g *guardian.Guardian, local bool) guardianInfo {
-	return guardianInfo{g.Name(), g.Fingerprint(), g.Subject(), fmt.Sprint(g.KEM()), local}
+	return guardianInfo{Name: g.Name(), Fingerprint: g.Fingerprint(), Subject: g.Subject(), KEM: fmt.Sprint(g.KEM()), Local: local}
 }
 
 func printJSON(w io.Writer, v any) error {
@@ -107,13 +110,25 @@ func guardianCmd() *cobra.Command {
 				for i, g := range gs {
 					out = append(out, infoOf(g, i == 0))
 				}
+				trusted, err := h.Trusted()
+				if err != nil {
+					return err
+				}
+				for _, g := range trusted {
+					info := infoOf(g, false)
+					info.TrustedOnly = true
+					out = append(out, info)
+				}
 				if asJSON {
 					return printJSON(cmd.OutOrStdout(), out)
 				}
 				for _, g := range out {
 					mark := ""
-					if g.Local {
+					switch {
+					case g.Local:
 						mark = "  (this host)"
+					case g.TrustedOnly:
+						mark = "  (trusted only: owns TPMs that open here, not held)"
 					}
 					fmt.Fprintf(cmd.OutOrStdout(), "%s  %s  %s%s\n", g.Fingerprint[:16], g.KEM, g.Name, mark)
 				}
@@ -195,6 +210,10 @@ func guardianCmd() *cobra.Command {
 			}
 			g, err := guardian.ImportPKCS12(data, pw)
 			if err != nil {
+				var pe *guardian.NotPKCS12Error
+				if errors.As(err, &pe) {
+					pe.File = args[0]
+				}
 				return fmt.Errorf("import %s: %w", args[0], err)
 			}
 			return withHost(func(h *keybroker.Broker) error {
@@ -222,7 +241,7 @@ func guardianCmd() *cobra.Command {
 			})
 		},
 	}
-	cmd.AddCommand(list, show, export, imp, remove)
+	cmd.AddCommand(list, show, export, imp, remove, trustCmd(), untrustCmd())
 	return cmd
 }
 
@@ -285,14 +304,18 @@ func protectorCmd() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("%s: %w", args[1], err)
 			}
-			return changeProtector(tpmDir(args[0]), func(p *guardian.Protector, dek []byte, owner *guardian.Guardian) error {
-				return p.Grant(dek, g, owner)
-			}, cmd.OutOrStdout(), "granted "+g.Name())
+			return withHost(func(h *keybroker.Broker) error {
+				p, err := h.Grant(tpmDir(args[0]), g)
+				if p != nil {
+					fmt.Fprintf(cmd.OutOrStdout(), "granted %s for TPM %s (protector version %d)\n", g.Name(), p.TPM(), p.Version())
+				}
+				return err
+			})
 		},
 	}
 	revoke := &cobra.Command{
 		Use:   "revoke VM|TPM-DIR NAME|FINGERPRINT",
-		Short: "Stop a guardian from opening a TPM (needs the owner's key)",
+		Short: "Stop a guardian from opening a TPM for good: re-keys the TPM, which must be stopped (needs the owner's key)",
 		Args:  cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			dir := tpmDir(args[0])
@@ -312,42 +335,17 @@ func protectorCmd() *cobra.Command {
 			if len(fps) > 1 {
 				return fmt.Errorf("%q names %d guardians in the protector of %s; give a fingerprint (`vtpm protector show %s` lists them)", args[1], len(fps), dir, args[0])
 			}
-			fp := fps[0]
-			return changeProtector(dir, func(p *guardian.Protector, _ []byte, owner *guardian.Guardian) error {
-				return p.Revoke(fp, owner)
-			}, cmd.OutOrStdout(), "revoked "+args[1])
+			return withHost(func(h *keybroker.Broker) error {
+				q, err := h.Revoke(dir, fps[0])
+				if q != nil {
+					fmt.Fprintf(cmd.OutOrStdout(), "revoked %s for TPM %s: re-keyed it (protector version %d); keys exported before no longer open it\n", args[1], q.TPM(), q.Version())
+				}
+				return err
+			})
 		},
 	}
 	cmd.AddCommand(show, grant, revoke)
 	return cmd
-}
-
-// changeProtector opens dir's TPM, checks this host holds the owner's key,
-// applies change and writes the protector back.
-func changeProtector(dir string, change func(*guardian.Protector, []byte, *guardian.Guardian) error, w io.Writer, done string) error {
-	return withHost(func(h *keybroker.Broker) error {
-		p, err := keybroker.ReadProtector(dir)
-		if err != nil {
-			return err
-		}
-		owner, err := h.Find(p.Owner().Fingerprint())
-		if err != nil {
-			return fmt.Errorf("only the owner of TPM %s, guardian %s (%s), can change its protector; run this on a host that holds it", p.TPM(), p.Owner().Name(), p.Owner().Fingerprint())
-		}
-		o, err := h.OpenTPM(dir)
-		if err != nil {
-			return err
-		}
-		defer clear(o.DEK)
-		if err := change(p, o.DEK, owner); err != nil {
-			return err
-		}
-		if err := keybroker.WriteProtector(dir, p); err != nil {
-			return err
-		}
-		fmt.Fprintf(w, "%s for TPM %s\n", done, p.TPM())
-		return nil
-	})
 }
 
 func keyCmd() *cobra.Command {

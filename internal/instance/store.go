@@ -107,7 +107,7 @@ func unlockSealed(cfg *swtpm.Config, log *slog.Logger) (*sealingKey, error) {
 		k.dek, err = keybroker.ParseDataKey(cfg.DataKey)
 	} else {
 		var o *keybroker.Opened
-		if o, err = host.OpenTPM(cfg.StateDir); err == nil {
+		if o, err = host.OpenTPMWith(cfg.StateDir, keybroker.OpenOptions{AllowRollback: cfg.AllowRollback}); err == nil {
 			k.dek, k.tpm = o.DEK, o.TPM
 			if o.Backup != "" {
 				fmt.Fprintf(os.Stderr, "vtpm: WARNING: the key of the TPM in %s is gone; as its policy says, a FRESH TPM was provisioned. The old state is kept in %s.\n", cfg.StateDir, o.Backup)
