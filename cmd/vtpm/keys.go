@@ -276,9 +276,9 @@ func protectorCmd() *cobra.Command {
 				rows = append(rows, row{r.Name, r.Fingerprint, r.Subject, r.Fingerprint == p.Owner().Fingerprint()})
 			}
 			if asJSON {
-				return printJSON(cmd.OutOrStdout(), map[string]any{"tpm": p.TPM(), "owner": p.Owner().Fingerprint(), "rows": rows})
+				return printJSON(cmd.OutOrStdout(), map[string]any{"tpm": p.TPM(), "owner": p.Owner().Fingerprint(), "version": p.Version(), "rows": rows})
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "TPM %s, owner %s (%s)\n", p.TPM(), p.Owner().Name(), p.Owner().Fingerprint())
+			fmt.Fprintf(cmd.OutOrStdout(), "TPM %s, owner %s (%s), protector version %d\n", p.TPM(), p.Owner().Name(), p.Owner().Fingerprint(), p.Version())
 			for _, r := range rows {
 				mark := ""
 				if r.Owner {
