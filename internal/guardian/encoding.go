@@ -248,9 +248,10 @@ func (e *NotPKCS12Error) Remedies() []errdefs.Remedy {
 }
 
 // notPKCS12 recognises PEM input, which DecodeChain would report as an
-// ASN.1 parse error.
+// ASN.1 parse error. A PKCS#12 file is a DER SEQUENCE (first byte 0x30);
+// PEM may follow other text, such as the "Bag Attributes" openssl prints.
 func notPKCS12(data []byte) error {
-	if !bytes.HasPrefix(bytes.TrimSpace(data), []byte("-----BEGIN ")) {
+	if len(data) == 0 || data[0] == 0x30 || !bytes.Contains(data, []byte("-----BEGIN ")) {
 		return nil
 	}
 	e := &NotPKCS12Error{}

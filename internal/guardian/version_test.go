@@ -209,6 +209,7 @@ func TestImportPKCS12RefusesPEM(t *testing.T) {
 		{"certificates", certs, false, []errdefs.Action{errdefs.ActionGuardianTrust, errdefs.ActionProtectorGrant}},
 		{"certificates after blank lines", append([]byte("\n\n"), certs...), false, []errdefs.Action{errdefs.ActionGuardianTrust, errdefs.ActionProtectorGrant}},
 		{"key and certificates", withKey, true, nil},
+		{"openssl's printout, with bag attributes", append([]byte("Bag Attributes\n    localKeyID: 01 02\nsubject=CN = host:alpha\n"), withKey...), true, nil},
 		{"one certificate", pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: g.SigningCertificate().Raw}), false, []errdefs.Action{errdefs.ActionGuardianTrust, errdefs.ActionProtectorGrant}},
 	}
 	for _, tt := range tests {
