@@ -49,15 +49,13 @@ func untrustCmd() *cobra.Command {
 		Use:   "untrust NAME|FINGERPRINT",
 		Short: "Stop trusting a guardian as the owner of TPMs: the TPMs it owns no longer open here",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			return withHost(func(h *keybroker.Broker) error {
-				g, err := h.Untrust(args[0])
-				if err != nil {
-					return err
-				}
-				fmt.Fprintf(cmd.OutOrStdout(), "no longer trusting guardian %s (%s)\n", g.Name(), g.Fingerprint())
-				return nil
-			})
-		},
+		RunE: onHost(func(cmd *cobra.Command, h *keybroker.Broker, args []string) error {
+			g, err := h.Untrust(args[0])
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "no longer trusting guardian %s (%s)\n", g.Name(), g.Fingerprint())
+			return nil
+		}),
 	}
 }

@@ -158,7 +158,7 @@ func TestGrantRevokeRefusals(t *testing.T) {
 		{"revoke on a host that is not the owner", func() error { _, err := b.Revoke(dir, fpB); return err }, errdefs.ErrPermissionDenied, "only the owner"},
 		{"grant on a host that is not the owner", func() error { _, err := b.Grant(dir, public(t, b)); return err }, errdefs.ErrPermissionDenied, fpA},
 		{"revoke the owner", func() error { _, err := a.Revoke(dir, fpA); return err }, nil, "cannot revoke the owner"},
-		{"revoke a stranger", func() error { _, err := a.Revoke(dir, strings.Repeat("ab", 32)); return err }, nil, "no row"},
+		{"revoke a stranger", func() error { _, err := a.Revoke(dir, strings.Repeat("ab", 32)); return err }, errdefs.ErrNotFound, "no guardian"},
 		{"grant twice", func() error { _, err := a.Grant(dir, public(t, b)); return err }, nil, "already holds a row"},
 		{"revoke while the TPM runs", func() error {
 			unlock, err := seal.Lock(dir)
