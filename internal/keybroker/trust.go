@@ -17,24 +17,22 @@ import (
 // guardian's public certificates, PEM).
 const kindTrusted = "trusted"
 
-// Owners this host trusts
+// Trust makes this host accept key protectors owned by g, a guardian given
+// by its public certificates. It reports false when g was trusted already.
+// A guardian this host holds needs no trust: that is an error matching
+// errdefs.ErrAlreadyExists.
 //
 // A protector's signature proves only that its owner wrote it. Whoever can
 // write a bundle can sign a protector of their own for a TPM whose data key
 // they know, grant this host, and have it start on that TPM. So a protector
 // that a guardian of this host opens is accepted only when its owner is a
-// guardian this host holds, or one it was told to trust (Trust).
+// guardian this host holds, or one it trusts.
 //
 // A key imported for the TPM (ImportKey) opens it whoever the owner is: it
 // opens only a protector whose key check matches that very key, that is
 // state made by someone who held it, and importing it was the user's
 // explicit acceptance of that TPM. It is the recovery path when the owner's
 // host is gone.
-
-// Trust makes this host accept key protectors owned by g, a guardian given
-// by its public certificates. It reports false when g was trusted already.
-// A guardian this host holds needs no trust: that is an error matching
-// errdefs.ErrAlreadyExists.
 func (h *Broker) Trust(g *guardian.Guardian) (bool, error) {
 	if _, err := h.ks.Get(kindGuardian, g.Fingerprint()); err == nil {
 		return false, errdefs.New(errdefs.ErrAlreadyExists, "guardian %s (%s) is held by this host: the key protectors it owns open here already", g.Name(), g.Fingerprint())
