@@ -31,6 +31,7 @@ import (
 type ProbeResult struct {
 	Error      string            `json:"error,omitempty"` // confining failed outright
 	Landlock   int               `json:"landlock"`        // ABI the probe runs under, 0 = none
+	Method     string            `json:"method"`          // how it entered Landlock (sandbox.Method*)
 	Seccomp    string            `json:"seccomp"`         // /proc/self/status Seccomp:
 	NoNewPrivs string            `json:"no_new_privs"`    // /proc/self/status NoNewPrivs:
 	Dumpable   int               `json:"dumpable"`        // prctl(PR_GET_DUMPABLE)
@@ -78,7 +79,7 @@ func Probe(w io.Writer, o ProbeOptions) error {
 		res.Error = err.Error()
 		return report()
 	}
-	res.Landlock = sb.Landlock()
+	res.Landlock, res.Method = sb.Landlock(), sb.Method()
 	dump, _ := unix.PrctlRetInt(unix.PR_GET_DUMPABLE, 0, 0, 0, 0)
 	res.Dumpable = dump
 	// An AF_INET socket made before the filter, as the instance's listeners are.
@@ -224,7 +225,11 @@ func sandboxChecks(res *ProbeResult) []Check {
 	}
 	switch {
 	case res.Landlock > 0 && denied("write outside the state directory") && !denied("write inside the state directory"):
-		cs = append(cs, ok("landlock", fmt.Sprintf("ABI %d: instances write only their state, the data root, their sockets and pid file", res.Landlock)))
+		how := res.Method
+		if how == sandbox.MethodReexec {
+			how += ", a second program start for every instance (the kernel cannot restrict all threads in place)"
+		}
+		cs = append(cs, ok("landlock", fmt.Sprintf("ABI %d, entered %s: instances write only their state, the data root, their sockets and pid file", res.Landlock, how)))
 	case res.Landlock > 0:
 		cs = append(cs, missing("landlock", fmt.Sprintf("ABI %d, but the probe's writes did not behave: %v", res.Landlock, res.Tries),
 			advise("report this as a vtpm bug, with this output")))
