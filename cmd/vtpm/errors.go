@@ -37,6 +37,7 @@ var commands = map[errdefs.Action]string{
 	errdefs.ActionVMTemplate:          "vtpm vm template {vm} {new}",
 	errdefs.ActionVMDeploy:            "vtpm vm deploy {template} {new}",
 	errdefs.ActionIsolationPreferred:  "--isolation preferred",
+	errdefs.ActionHostAllowPath:       "vtpm host allow-path {path}",
 	errdefs.ActionRunAsOwner:          "run vtpm as the owner of {path} (usually root: sudo)",
 }
 

@@ -257,7 +257,7 @@ func UserCheck() Check {
 		name = "nobody"
 	}
 	return warn("user", "instances started as root stay root unless given --runas (seccomp, Landlock and no_new_privs still confine them)",
-		advise("start instances with --runas %s (libvirt: user = \"%s\" in /etc/libvirt/qemu.conf's swtpm_user), with the state directory owned by that user", name, name))
+		advise("start instances with --runas %s (libvirt: swtpm_user = \"%s\" in /etc/libvirt/qemu.conf), with the state directory owned by that user; vm start does so itself", name, name))
 }
 
 // NamespaceCheck reports whether user namespaces are available.
