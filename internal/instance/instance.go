@@ -91,7 +91,7 @@ func New(opts *swtpm.Options, ext *swtpm.Extensions, log *slog.Logger) (_ *Insta
 		return nil, err
 	}
 	if format == state.Sealed {
-		if in.sealing, err = unlockSealed(opts.StateDir, ext.DataKey, log); err != nil {
+		if in.sealing, err = unlockSealed(opts.StateDir, ext.DataKey, ext.AllowRollback, log); err != nil {
 			return nil, err
 		}
 		if in.sealing.dek, err = in.sandbox.Keep(in.sealing.dek); err != nil { // sandbox: locked memory

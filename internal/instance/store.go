@@ -65,7 +65,8 @@ func (k *sealingKey) pinGenerations(stateDir string) error {
 // unlockSealed opens this host's keystore and the TPM's data key: from
 // --data-key when given, else from the TPM's key protector. A new state
 // directory gets a fresh key and a protector owned by this host's guardian.
-func unlockSealed(stateDir, dataKey string, log *slog.Logger) (*sealingKey, error) {
+// allowRollback (--allow-rollback) accepts an older key protector too.
+func unlockSealed(stateDir, dataKey string, allowRollback bool, log *slog.Logger) (*sealingKey, error) {
 	host, err := keybroker.Open(paths.DataRoot(), keystore.Options{HostTPM: os.Getenv("VTPM_HOST_TPM"), Logger: log})
 	if err != nil {
 		return nil, err
@@ -75,7 +76,7 @@ func unlockSealed(stateDir, dataKey string, log *slog.Logger) (*sealingKey, erro
 		k.dek, err = keybroker.ParseDataKey(dataKey)
 	} else {
 		var o *keybroker.Opened
-		if o, err = host.OpenTPM(stateDir); err == nil {
+		if o, err = host.OpenTPMWith(stateDir, keybroker.OpenOptions{AllowRollback: allowRollback}); err == nil {
 			k.dek, k.tpm = o.DEK, o.TPM
 			if o.Backup != "" {
 				fmt.Fprintf(os.Stderr, "vtpm: WARNING: the key of the TPM in %s is gone; as its policy says, a FRESH TPM was provisioned. The old state is kept in %s.\n", stateDir, o.Backup)
