@@ -9,6 +9,7 @@ import (
 	"syscall"
 	"testing"
 
+	"vtpm/internal/swtpm/statefile"
 	"vtpm/internal/testutil"
 )
 
@@ -130,5 +131,34 @@ func TestBlockDeviceNotOverwritten(t *testing.T) {
 	defer f.Close()
 	if _, err := f.ReadAt(got, 0); err != nil || !bytes.Equal(got, junk) {
 		t.Errorf("device now starts with %q (%v), want %q", got, err, junk)
+	}
+}
+
+// TestBlockDeviceTooSmall: a block device cannot grow, so a state that
+// does not fit is refused and what the device held stays readable.
+func TestBlockDeviceTooSmall(t *testing.T) {
+	t.Parallel()
+	dev := loopDevice(t, 4096)
+	l, err := statefile.OpenLinear(dev, nil, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if err := l.Init(); err != nil {
+		t.Fatalf("formatting a zeroed %s: %v", dev, err)
+	}
+	small := bytes.Repeat([]byte{1}, 1000)
+	if err := l.Store("permall", small); err != nil {
+		t.Fatalf("storing 1000 bytes: %v", err)
+	}
+	err = l.Store("volatilestate", make([]byte, 5000))
+	if err == nil || !strings.Contains(err.Error(), "holds 4096 bytes") {
+		t.Fatalf("storing 5000 bytes on a 4096-byte device: %v, want a refusal naming its size", err)
+	}
+	if got, err := l.Load("permall"); err != nil || !bytes.Equal(got, small) {
+		t.Errorf("permall after the refusal: %d bytes, %v; want the 1000 stored", len(got), err)
+	}
+	if _, err := l.Load("volatilestate"); err == nil {
+		t.Error("the refused volatile state reads back")
 	}
 }
