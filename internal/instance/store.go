@@ -104,6 +104,11 @@ func openStore(opts *swtpm.Options, format state.Format, fileKey *statefile.Key,
 	if opts.Key != "" {
 		log.Warn("the state directory holds vtpm sealed state: --key does not apply to it; it is sealed with the data key", "state", opts.StateDir)
 	}
+	if state.IsSwtpm(opts.StateDir) {
+		// Files copied in by name (as swtpm's own tests do) would
+		// otherwise be ignored without a word.
+		log.Warn("the state directory also holds swtpm's state files (tpm2-00.permall), which sealed state ignores; import them into sealed state, or serve them in swtpm's format from a directory of their own", "state", opts.StateDir)
+	}
 	mode := os.FileMode(0o600)
 	if opts.StateModeSet {
 		mode = opts.StateMode

@@ -267,11 +267,17 @@ func TestSwtpmSavedVolatileState(t *testing.T) {
 			tpm := dialSim(t, q)
 			if tc.resumes {
 				w.check(t, tpm, q.Stderr)
-			} else if _, err := (tpm2.GetRandom{BytesRequested: 8}).Execute(tpm); !isRC(err, tpm2.TPMRCInitialize) {
-				t.Errorf("sealed state beside copied swtpm files: TPM2_GetRandom %v, want TPM_RC_INITIALIZE (the sealed TPM, not resumed)", err)
+			} else {
+				if _, err := (tpm2.GetRandom{BytesRequested: 8}).Execute(tpm); !isRC(err, tpm2.TPMRCInitialize) {
+					t.Errorf("sealed state beside copied swtpm files: TPM2_GetRandom %v, want TPM_RC_INITIALIZE (the sealed TPM, not resumed)", err)
+				}
 			}
 			tpm.c.Close()
 			q.shutdown(t)
+			// After the exit, when the output is complete.
+			if warned := strings.Contains(q.Stderr.String(), "also holds swtpm's state files"); warned != tc.sealed {
+				t.Errorf("warned that copied swtpm files are ignored: %v, want %v\n%s", warned, tc.sealed, q.Stderr)
+			}
 		})
 	}
 }
