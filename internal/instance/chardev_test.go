@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -201,6 +202,21 @@ func TestChardevDevice(t *testing.T) {
 			if out := p.mustIoctl(t, "-e"); out != "tpmEstablished is 0\n" {
 				t.Errorf("-e: %q", out)
 			}
+			// The device is the data channel: another one is refused.
+			c := dialCtrl(t, p.ctrlPath)
+			other := socketpair(t)
+			if _, _, err := c.WriteMsgUnix(unhex("00000010"), syscall.UnixRights(int(other[1].Fd())), nil); err != nil {
+				t.Fatal(err)
+			}
+			rsp := make([]byte, 4)
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			if _, err := io.ReadFull(c, rsp); err != nil {
+				t.Fatal(err)
+			}
+			if want := unhex("0000001f"); !bytes.Equal(rsp, want) {
+				t.Errorf("CMD_SET_DATAFD beside --chardev: % x, want % x", rsp, want)
+			}
+			c.Close()
 			p.mustIoctl(t, "-s")
 			exitsWithin(t, p, 10*time.Second, "CMD_SHUTDOWN")
 		})
