@@ -309,3 +309,14 @@ func (s *Sandbox) Landlock() int {
 	}
 	return s.landlock
 }
+
+// KeyMemory applies the policy to key material held elsewhere (by the key
+// broker, the sealed store) whose memory could not be locked: lockErr is
+// that memory's secret.Bytes.LockErr. Required fails; Preferred warns.
+func (s *Sandbox) KeyMemory(lockErr error) error {
+	if s == nil || lockErr == nil || s.policy.Isolation == None {
+		return nil
+	}
+	s.missing = append(s.missing, "key material in locked memory: "+lockErr.Error())
+	return s.check()
+}
