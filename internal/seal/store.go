@@ -10,10 +10,14 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 
 	"github.com/google/uuid"
+
+	"vtpm/internal/errdefs"
+	"vtpm/internal/secret"
 )
 
 // StateFileName holds the TPM's UUID; its presence marks a vtpm state directory.
@@ -46,6 +50,7 @@ type Store struct {
 	dir           string
 	id            uuid.UUID
 	aead          cipher.AEAD
+	sealKey       *secret.Bytes // the AES key aead was built from; wiped by Close
 	gens          Generations
 	allowRollback bool
 	mode          os.FileMode
@@ -79,10 +84,16 @@ func Exists(dir string) bool {
 // Open locks dir (creating it and its vtpm-state.json if missing) and
 // returns a Store for it.
 func Open(dir string, opts Options) (*Store, error) {
-	aead, err := newAEAD(opts.Key)
+	aead, sealKey, err := newLockedAEAD(opts.Key)
 	if err != nil {
 		return nil, fmt.Errorf("open sealed state in %s: %w", dir, err)
 	}
+	ok := false
+	defer func() {
+		if !ok {
+			sealKey.Close()
+		}
+	}()
 	mode := opts.FileMode
 	if mode == 0 {
 		mode = 0o600
@@ -104,13 +115,14 @@ func Open(dir string, opts Options) (*Store, error) {
 		return nil, err
 	}
 	s := &Store{
-		dir: dir, id: id, aead: aead, gens: opts.Generations,
+		dir: dir, id: id, aead: aead, sealKey: sealKey, gens: opts.Generations,
 		allowRollback: opts.AllowRollback, mode: mode, log: log.With("tpm", id.String()),
 		lock: lock, blobs: map[string]*blobState{},
 	}
 	if s.gens != nil {
 		s.rec = startRecorder(s.gens, id, s.log)
 	}
+	ok = true
 	return s, nil
 }
 
@@ -299,6 +311,11 @@ func (s *Store) Load(name string) ([]byte, error) {
 		return nil, err
 	}
 	sc := s.scanCopies(name)
+	if c := sc.unusable(); c != nil {
+		sc.wipe(nil)
+		return nil, errdefs.Wrap(errdefs.ErrPermissionDenied, c.err, "load %s of TPM %s", name, s.id).
+			With(errdefs.Do(errdefs.ActionRunAsOwner, "path", c.path))
+	}
 	best := sc.best
 	if best == nil {
 		if !sc.present() {
@@ -310,24 +327,37 @@ func (s *Store) Load(name string) ([]byte, error) {
 		}
 		return nil, fmt.Errorf("load %s of TPM %s: no copy verifies (check the data key, or restore the state directory from backup): %w", name, s.id, sc.errs())
 	}
-	damaged := sc.damaged()
-	if best.gen < last {
-		// One generation back is the price of surviving a damaged newest
-		// copy: keeping the previous copy is the point of the second slot.
-		fallback := len(damaged) > 0 && best.gen+1 == last
-		switch {
-		case s.allowRollback && !fallback:
-			s.log.Warn("loading an older generation of TPM state (--allow-rollback)", "file", best.path, "generation", best.gen, "last_seen", last)
-		case !fallback:
+	// A damaged copy is a write torn by a crash only when nothing says
+	// otherwise; anything else is refused, keeping the file as evidence.
+	var torn []*sealedCopy
+	for _, c := range sc.damaged() {
+		reasons, names := s.damageReasons(c, best, last)
+		if len(reasons) == 0 {
+			torn = append(torn, c)
+			continue
+		}
+		if !s.allowRollback {
 			sc.wipe(nil)
-			err := s.rollbackErr(filepath.Base(best.path), best.gen, last)
-			if len(damaged) > 0 {
-				err = fmt.Errorf("%w (and %w)", err, sc.errs())
-			}
+			return nil, &DamageError{TPM: s.id, Blob: name, File: filepath.Base(c.path), Damage: c.err,
+				Reasons: reasons, Names: names, Loadable: best.gen, Recorded: last}
+		}
+		moved, err := s.moveAside(c)
+		if err != nil {
+			sc.wipe(nil)
 			return nil, err
 		}
+		s.log.Warn("a copy of TPM state is damaged and no crash explains it; it was moved aside (--allow-rollback)",
+			"file", c.path, "moved_to", moved, "reason", strings.Join(reasons, "; "), "damage", c.err.Error())
+		c.err, c.path = fs.ErrNotExist, moved // gone from its slot
 	}
-	for _, c := range damaged {
+	if best.gen < last {
+		if !s.allowRollback {
+			sc.wipe(nil)
+			return nil, s.rollbackErr(filepath.Base(best.path), best.gen, last)
+		}
+		s.log.Warn("loading an older generation of TPM state (--allow-rollback)", "file", best.path, "generation", best.gen, "last_seen", last)
+	}
+	for _, c := range torn {
 		s.log.Warn("a copy of TPM state does not verify (normal after a crash during a write); using the newest copy that does",
 			"file", c.path, "reason", c.err.Error(), "using", best.path, "generation", best.gen)
 	}
@@ -572,5 +602,6 @@ func (s *Store) Close() error {
 		errs = append(errs, fmt.Errorf("release lock on %s: %w", s.dir, err))
 	}
 	s.lock = nil
+	s.sealKey.Close()
 	return errors.Join(errs...)
 }
