@@ -147,7 +147,15 @@ func runSandboxProbe(w io.Writer, stateDir, dataRoot, connect string, tryExec bo
 	res := probeResult{Tries: map[string]string{}}
 	report := func() error { return json.NewEncoder(w).Encode(res) }
 	cfg := &swtpm.Config{StateDir: stateDir, Isolation: sandbox.Preferred}
-	sb, err := sandbox.Enter(sandbox.ForInstance(cfg, dataRoot), slog.New(slog.NewTextHandler(io.Discard, nil)))
+	// Of the data root, an instance may write only its generation record.
+	record := filepath.Join(dataRoot, ".probe-generation-record")
+	if err := os.MkdirAll(dataRoot, 0o700); err != nil {
+		return err
+	}
+	if err := os.WriteFile(record, nil, 0o600); err != nil {
+		return err
+	}
+	sb, err := sandbox.Enter(sandbox.ForInstance(cfg, record), slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		res.Error = err.Error()
 		return report()
@@ -171,6 +179,8 @@ func runSandboxProbe(w io.Writer, stateDir, dataRoot, connect string, tryExec bo
 	res.Tries["write inside the state directory"] = outcome(writeAndRemove(inside))
 	outside := filepath.Join(filepath.Dir(filepath.Clean(stateDir)), fmt.Sprintf(".vtpm-probe-outside-%d", os.Getpid()))
 	res.Tries["write outside the state directory"] = outcome(writeAndRemove(outside))
+	res.Tries["write the generation record"] = outcome(os.WriteFile(record, []byte("probe"), 0o600))
+	res.Tries["write elsewhere in the data root"] = outcome(writeAndRemove(filepath.Join(dataRoot, fmt.Sprintf(".vtpm-probe-%d", os.Getpid()))))
 	for _, fam := range []struct {
 		name string
 		af   int

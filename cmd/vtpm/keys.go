@@ -14,7 +14,6 @@ import (
 
 	"vtpm/internal/guardian"
 	"vtpm/internal/keybroker"
-	"vtpm/internal/keyfile"
 	"vtpm/internal/keystore"
 	"vtpm/internal/paths"
 	"vtpm/internal/seal"
@@ -285,8 +284,8 @@ func protectorCmd() *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("%s: %w", args[1], err)
 			}
-			return changeProtector(tpmDir(args[0]), func(p *guardian.Protector, dek []byte, owner *guardian.Guardian) error {
-				return p.Grant(dek, g, owner)
+			return changeProtector(tpmDir(args[0]), func(p *guardian.Protector, key *keybroker.Key, owner *guardian.Guardian) error {
+				return key.Grant(p, g, owner)
 			}, cmd.OutOrStdout(), "granted "+g.Name())
 		},
 	}
@@ -313,7 +312,7 @@ func protectorCmd() *cobra.Command {
 				return fmt.Errorf("%q names %d guardians in the protector of %s; give a fingerprint (`vtpm protector show %s` lists them)", args[1], len(fps), dir, args[0])
 			}
 			fp := fps[0]
-			return changeProtector(dir, func(p *guardian.Protector, _ []byte, owner *guardian.Guardian) error {
+			return changeProtector(dir, func(p *guardian.Protector, _ *keybroker.Key, owner *guardian.Guardian) error {
 				return p.Revoke(fp, owner)
 			}, cmd.OutOrStdout(), "revoked "+args[1])
 		},
@@ -324,7 +323,7 @@ func protectorCmd() *cobra.Command {
 
 // changeProtector opens dir's TPM, checks this host holds the owner's key,
 // applies change and writes the protector back.
-func changeProtector(dir string, change func(*guardian.Protector, []byte, *guardian.Guardian) error, w io.Writer, done string) error {
+func changeProtector(dir string, change func(*guardian.Protector, *keybroker.Key, *guardian.Guardian) error, w io.Writer, done string) error {
 	return withHost(func(h *keybroker.Broker) error {
 		p, err := keybroker.ReadProtector(dir)
 		if err != nil {
@@ -338,8 +337,8 @@ func changeProtector(dir string, change func(*guardian.Protector, []byte, *guard
 		if err != nil {
 			return err
 		}
-		defer clear(o.DEK)
-		if err := change(p, o.DEK, owner); err != nil {
+		defer o.Close()
+		if err := change(p, o.Key, owner); err != nil {
 			return err
 		}
 		if err := keybroker.WriteProtector(dir, p); err != nil {
@@ -373,8 +372,8 @@ func keyCmd() *cobra.Command {
 				if err != nil {
 					return err
 				}
-				defer clear(o.DEK)
-				b, err := keyfile.Encrypt(keyfile.Key{TPM: o.TPM, DEK: o.DEK, Created: time.Now()}, pp, nil)
+				defer o.Close()
+				b, err := o.Key.Export(pp, time.Now())
 				if err != nil {
 					return err
 				}
@@ -401,16 +400,16 @@ func keyCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			k, err := keyfile.Decrypt(data, pp)
-			if err != nil {
-				return fmt.Errorf("%s: %w", args[0], err)
-			}
-			defer clear(k.DEK)
 			return withHost(func(h *keybroker.Broker) error {
-				if err := h.ImportKey(k.TPM, k.DEK, replace); err != nil {
+				id, err := h.ImportKeyFile(data, pp, replace)
+				var kf *keybroker.KeyFileError
+				if errors.As(err, &kf) {
+					return fmt.Errorf("%s: %w", args[0], kf.Err)
+				}
+				if err != nil {
 					return err
 				}
-				fmt.Fprintf(cmd.OutOrStdout(), "imported the key of TPM %s\n", k.TPM)
+				fmt.Fprintf(cmd.OutOrStdout(), "imported the key of TPM %s\n", id)
 				return nil
 			})
 		},

@@ -61,7 +61,7 @@ TPM process may use DIR while it is imported.`,
 			defer host.Close()
 			// The new TPM gets its key and protector, owned by this host's
 			// guardian, in the staging directory they are moved in from.
-			key := func(staging string) ([]byte, error) {
+			key := func(staging string) (*keybroker.Key, error) {
 				if dataKey != "" {
 					return keybroker.ParseDataKey(dataKey)
 				}
@@ -69,7 +69,7 @@ TPM process may use DIR while it is imported.`,
 				if err != nil {
 					return nil, err
 				}
-				return o.DEK, nil
+				return o.Key, nil
 			}
 			res, err := stateimport.Import(stateimport.Options{
 				Source:      args[0],

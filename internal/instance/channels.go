@@ -6,12 +6,12 @@ import (
 	"io"
 	"net"
 	"os"
-	"os/user"
 	"path/filepath"
 	"runtime"
 	"strconv"
 	"syscall"
 
+	"vtpm/internal/sandbox"
 	"vtpm/internal/swtpm"
 )
 
@@ -220,14 +220,10 @@ func (in *Instance) serveCtrl(nc net.Conn) {
 // first handing it stateDir and the files in it (a new TPM's identity,
 // protector and lock file were just created as root).
 func dropPrivileges(name, stateDir string) error {
-	u, err := user.Lookup(name)
+	uid, gid, err := sandbox.LookupUser(name) // fails closed: never uid 0
 	if err != nil {
-		if u, err = user.LookupId(name); err != nil {
-			return fmt.Errorf("--runas %s: no such user", name)
-		}
+		return err
 	}
-	uid, _ := strconv.Atoi(u.Uid)
-	gid, _ := strconv.Atoi(u.Gid)
 	if stateDir != "" {
 		if err := chownTree(stateDir, uid, gid); err != nil {
 			return fmt.Errorf("--runas %s: give it the state directory: %w", name, err)

@@ -13,11 +13,10 @@ import (
 	"strconv"
 	"sync"
 
-	"vtpm/internal/guardian"
 	"vtpm/internal/libtpms"
-	"vtpm/internal/paths"
 	"vtpm/internal/sandbox"
 	"vtpm/internal/seal"
+	"vtpm/internal/secret"
 	"vtpm/internal/swtpm"
 	"vtpm/internal/swtpm/statefile"
 )
@@ -31,7 +30,8 @@ type Instance struct {
 	format  Format
 	fileKey *statefile.Key
 	migKey  *statefile.Key
-	sealing *sealingKey // sealed format only
+	migMem  *secret.Bytes // the migration key derived from the data key, if any
+	sealing *sealingKey   // sealed format only
 	sandbox *sandbox.Sandbox
 
 	ctrlLn net.Listener // nil when the ctrl channel is a connected fd
@@ -63,9 +63,18 @@ func New(cfg *swtpm.Config, log *slog.Logger) (_ *Instance, err error) {
 			in.cleanup()
 		}
 	}()
+	// What the confined process needs of the data root is made to exist
+	// first: it may then write only its own generation record there.
+	in.format = chooseFormat(cfg)
+	var genRecord string
+	if in.format == FormatSealed {
+		if genRecord, err = prepareSealed(cfg, log); err != nil {
+			return nil, err
+		}
+	}
 	// Sandbox, step 1 (internal/sandbox): re-executes this process confined
 	// to writing its own state, so it comes before anything is read or bound.
-	if in.sandbox, err = sandbox.Enter(sandbox.ForInstance(cfg, paths.DataRoot()), log); err != nil {
+	if in.sandbox, err = sandbox.Enter(sandbox.ForInstance(cfg, genRecord), log); err != nil {
 		return nil, err
 	}
 	if cfg.Key != "" {
@@ -79,28 +88,26 @@ func New(cfg *swtpm.Config, log *slog.Logger) (_ *Instance, err error) {
 		}
 	}
 	// Keys first: a TPM this host cannot open fails before any socket exists.
-	if in.format = chooseFormat(cfg); in.format == FormatSealed {
+	if in.format == FormatSealed {
 		if in.sealing, err = unlockSealed(cfg, log); err != nil {
 			return nil, err
 		}
-		if in.sealing.dek, err = in.sandbox.Keep(in.sealing.dek); err != nil { // sandbox: locked memory
+		// The key broker keeps the key in locked memory if the host lets it.
+		if err = in.sandbox.KeyMemory(in.sealing.key.LockErr()); err != nil {
 			return nil, err
 		}
 		if in.migKey == nil {
 			// Only a host that can open this TPM's key can read its migration stream.
-			in.migKey = &statefile.Key{Bytes: guardian.MigrationKey(in.sealing.dek)}
+			if in.migMem, err = in.sealing.key.MigrationKey(); err != nil {
+				return nil, err
+			}
+			in.migKey = &statefile.Key{Bytes: in.migMem.Bytes()}
 		}
 	}
 	if err = in.listen(); err != nil {
 		return nil, err
 	}
 	if cfg.RunAs != "" {
-		if in.sealing != nil {
-			// The keystore is root's: keep this TPM's generation record open.
-			if err = in.sealing.pinGenerations(cfg.StateDir); err != nil {
-				return nil, err
-			}
-		}
 		if err = dropPrivileges(cfg.RunAs, cfg.StateDir); err != nil {
 			return nil, err
 		}
@@ -212,6 +219,7 @@ func (in *Instance) cleanup() {
 		in.store.Close()
 	}
 	in.sealing.close()
+	in.migMem.Close()
 	for _, ln := range []net.Listener{in.ctrlLn, in.dataLn} {
 		if ln != nil {
 			ln.Close()

@@ -58,9 +58,11 @@ func manufactureTamperFixture(t *testing.T) *tamperFixture {
 		f.old[n] = mustReadFile(t, filepath.Join(f.dirA, n))
 	}
 	run(f.dirA, false, 2)
-	dek, _ := tpmKeys(t, f.home, f.dirA)
+	key, _ := tpmKeys(t, f.home, f.dirA)
 	keyA := filepath.Join(base, "a.key")
-	mustWriteFile(t, keyA, []byte(hex.EncodeToString(dek)))
+	if err := key.WriteDataKeyFile(keyA); err != nil {
+		t.Fatal(err)
+	}
 	run(f.dirB, true, 99, "--data-key", "file="+keyA)
 	run(f.dirC, true, 98)
 	f.uuidA, f.uuidB, f.uuidC = tpmUUID(t, f.dirA).String(), tpmUUID(t, f.dirB).String(), tpmUUID(t, f.dirC).String()

@@ -4,7 +4,6 @@
 package keybroker
 
 import (
-	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -188,10 +187,10 @@ func (h *Broker) Remove(ref string) (*guardian.Guardian, error) {
 	return g, h.ks.Delete(kindGuardian, g.Fingerprint())
 }
 
-// ImportKey stores a TPM's data key, exported from another host, so that
+// importKey stores a TPM's data key, exported from another host, so that
 // this host can open that TPM. A different key already held for the same TPM
 // is a conflict unless replace is set.
-func (h *Broker) ImportKey(id uuid.UUID, dek []byte, replace bool) error {
+func (h *Broker) importKey(id uuid.UUID, dek []byte, replace bool) error {
 	if old, err := h.ks.Get(kindTPMKey, id.String()); err == nil && !replace {
 		same := string(old) == string(dek)
 		clear(old)
@@ -242,10 +241,10 @@ func WritePolicy(dir string, p Policy) error {
 	return atomicfile.Write(filepath.Join(dir, PolicyFile), append(b, '\n'), 0o600)
 }
 
-// Opened is the outcome of opening a TPM's key.
+// Opened is the outcome of opening a TPM's key. Close wipes the key.
 type Opened struct {
 	TPM uuid.UUID
-	DEK []byte
+	Key *Key
 	// By names what opened it: a guardian, or "imported key".
 	By string
 	// Created is set when the TPM is new and got its first protector.
@@ -254,9 +253,22 @@ type Opened struct {
 	Backup string
 }
 
-// OpenTPM returns the data key of the TPM whose state is in dir. A new
+// Close wipes the key.
+func (o *Opened) Close() {
+	if o != nil {
+		o.Key.Close()
+	}
+}
+
+// OpenTPM opens the data key of the TPM whose state is in dir. A new
 // directory gets a fresh key and a protector owned by this host's guardian.
+// The caller closes the result.
 func (h *Broker) OpenTPM(dir string) (*Opened, error) {
+	// Before anything is locked or created: a TPM that lost its state
+	// fails with nothing written.
+	if err := checkMissingState(dir); err != nil {
+		return nil, err
+	}
 	o, err := h.openTPM(dir, false)
 	if !errors.Is(err, errNeedLock) {
 		return o, err
@@ -291,7 +303,7 @@ func (h *Broker) openTPM(dir string, locked bool) (*Opened, error) {
 	p, err := ReadProtector(dir)
 	if errors.Is(err, fs.ErrNotExist) {
 		if dek, ok := h.importedKey(id); ok {
-			return &Opened{TPM: id, DEK: dek, By: "imported key"}, nil
+			return opened(id, dek, "imported key")
 		}
 		if seal.HasBlobs(dir) {
 			return nil, fmt.Errorf("TPM %s in %s has sealed state but no key protector (%s): restore %s from a backup, or import the TPM's key with `vtpm key import`", id, dir, ProtectorFile, ProtectorFile)
@@ -313,7 +325,7 @@ func (h *Broker) openTPM(dir string, locked bool) (*Opened, error) {
 	}
 	dek, by, err := p.Open(gs)
 	if err == nil {
-		return &Opened{TPM: id, DEK: dek, By: by.Name()}, nil
+		return opened(id, dek, by.Name())
 	}
 	var none *guardian.NoGuardianError
 	if !errors.As(err, &none) {
@@ -322,7 +334,7 @@ func (h *Broker) openTPM(dir string, locked bool) (*Opened, error) {
 	wrongImport := false
 	if dek, ok := h.importedKey(id); ok {
 		if p.Holds(dek) {
-			return &Opened{TPM: id, DEK: dek, By: "imported key"}, nil
+			return opened(id, dek, "imported key")
 		}
 		// Imported from another copy of the TPM, or for a TPM since
 		// reprovisioned elsewhere: it would not decrypt the state.
@@ -342,6 +354,15 @@ func (h *Broker) openTPM(dir string, locked bool) (*Opened, error) {
 	return nil, &MissingKeyError{Dir: dir, TPM: id, Rows: none.Rows, Held: gs, WrongImportedKey: wrongImport}
 }
 
+// opened moves dek into locked memory.
+func opened(id uuid.UUID, dek []byte, by string) (*Opened, error) {
+	k, err := newKey(id, dek)
+	if err != nil {
+		return nil, err
+	}
+	return &Opened{TPM: id, Key: k, By: by}, nil
+}
+
 func (h *Broker) importedKey(id uuid.UUID) ([]byte, bool) {
 	dek, err := h.ks.Get(kindTPMKey, id.String())
 	return dek, err == nil && len(dek) == 32
@@ -352,17 +373,20 @@ func (h *Broker) create(dir string, id uuid.UUID) (*Opened, error) {
 	if err != nil {
 		return nil, err
 	}
-	dek := make([]byte, 32)
-	rand.Read(dek)
-	p, err := guardian.NewProtector(id, dek, local)
+	k, err := randomKey(id)
 	if err != nil {
 		return nil, err
 	}
-	if err := WriteProtector(dir, p); err != nil {
+	p, err := guardian.NewProtector(id, k.bytes(), local)
+	if err == nil {
+		err = WriteProtector(dir, p)
+	}
+	if err != nil {
+		k.Close()
 		return nil, err
 	}
 	h.log.Info("new TPM: created its data key and key protector", "tpm", id, "owner", local.Name())
-	return &Opened{TPM: id, DEK: dek, By: local.Name(), Created: true}, nil
+	return &Opened{TPM: id, Key: k, By: local.Name(), Created: true}, nil
 }
 
 // reprovision moves the unopenable state into a timestamped backup directory

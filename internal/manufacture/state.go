@@ -103,8 +103,8 @@ func OpenSealed(host *keybroker.Broker, dir string, log *slog.Logger) (*Opened, 
 	if err != nil {
 		return nil, err
 	}
-	defer clear(o.DEK)
-	s, err := seal.Open(dir, seal.Options{Key: o.DEK, Generations: host.Generations(), Logger: log})
+	defer o.Close()
+	s, err := o.Key.OpenStore(dir, seal.Options{Generations: host.Generations(), Logger: log})
 	if err != nil {
 		return nil, err
 	}

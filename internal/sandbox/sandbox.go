@@ -48,11 +48,12 @@ type Policy struct {
 	BindTCP []uint16
 }
 
-// ForInstance is the policy of the instance that cfg describes, whose data
-// root (host keystore, generation records) is dataRoot. `vtpm doctor
-// --probe-sandbox` builds its policy here too, so what it proves holds for
-// instances.
-func ForInstance(cfg *swtpm.Config, dataRoot string) *Policy {
+// ForInstance is the policy of the instance that cfg describes. Of the
+// data root it may write only keystoreFiles, which must exist: its TPM's
+// generation record (never the keystore's other records, nor other TPMs').
+// `vtpm doctor --probe-sandbox` builds its policy here too, so what it
+// proves holds for instances.
+func ForInstance(cfg *swtpm.Config, keystoreFiles ...string) *Policy {
 	p := &Policy{Isolation: cfg.Isolation, Seccomp: cfg.Seccomp}
 	abs := func(path string) string {
 		if a, err := filepath.Abs(path); err == nil {
@@ -68,11 +69,13 @@ func ForInstance(cfg *swtpm.Config, dataRoot string) *Policy {
 	if cfg.StateDir != "" {
 		addDir(&p.WriteDirs, cfg.StateDir)
 	}
-	if dataRoot != "" {
-		addDir(&p.WriteDirs, dataRoot)
+	for _, f := range keystoreFiles {
+		if f = abs(f); f != "" && !slices.Contains(p.WriteFiles, f) {
+			p.WriteFiles = append(p.WriteFiles, f)
+		}
 	}
 	if cfg.RunAs != "" {
-		if uid, gid, err := lookupUser(cfg.RunAs); err == nil {
+		if uid, gid, err := LookupUser(cfg.RunAs); err == nil {
 			p.DirOwner = &[2]int{uid, gid}
 		}
 	}
@@ -116,15 +119,34 @@ func ForInstance(cfg *swtpm.Config, dataRoot string) *Policy {
 	return p
 }
 
-func lookupUser(name string) (uid, gid int, err error) {
+// LookupUser resolves a --runas user (a name or a numeric uid) to its uid
+// and primary gid. It fails closed: an unknown user, ids that do not parse,
+// and root (uid or gid 0: a privilege drop to root drops nothing) are
+// errors, never uid 0.
+func LookupUser(name string) (uid, gid int, err error) {
 	u, err := user.Lookup(name)
 	if err != nil {
 		if u, err = user.LookupId(name); err != nil {
-			return 0, 0, err
+			return -1, -1, fmt.Errorf("--runas %s: no such user", name)
 		}
 	}
-	uid, _ = strconv.Atoi(u.Uid)
-	gid, _ = strconv.Atoi(u.Gid)
+	return runAsIDs(name, u.Uid, u.Gid)
+}
+
+// runAsIDs parses a --runas user's ids, failing closed.
+func runAsIDs(name, uidStr, gidStr string) (uid, gid int, err error) {
+	uid, uerr := strconv.Atoi(uidStr)
+	gid, gerr := strconv.Atoi(gidStr)
+	switch {
+	case uerr != nil || uid < 0:
+		return -1, -1, fmt.Errorf("--runas %s: uid %q is not a number; refusing to change user", name, uidStr)
+	case gerr != nil || gid < 0:
+		return -1, -1, fmt.Errorf("--runas %s: gid %q is not a number; refusing to change user", name, gidStr)
+	case uid == 0:
+		return -1, -1, fmt.Errorf("--runas %s: that is root (uid 0), which drops no privileges; give an unprivileged user (e.g. tss or nobody)", name)
+	case gid == 0:
+		return -1, -1, fmt.Errorf("--runas %s: its group is root's (gid 0); give a user with an unprivileged primary group", name)
+	}
 	return uid, gid, nil
 }
 

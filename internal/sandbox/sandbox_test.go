@@ -190,6 +190,8 @@ func TestForInstance(t *testing.T) {
 	dir := t.TempDir()
 	keyFile := filepath.Join(dir, "keys", "k")
 	logFile := filepath.Join(dir, "log")
+	// Of the data root, only the TPM's generation record is writable.
+	record := filepath.Join(dir, "root", "keystore", "generations", "7c2b0e5e-0000-4000-8000-000000000001")
 	if err := os.WriteFile(logFile, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -216,9 +218,9 @@ func TestForInstance(t *testing.T) {
 			},
 			want: Policy{
 				Isolation: "required", Seccomp: "log",
-				WriteDirs:   []string{filepath.Join(dir, "state"), filepath.Join(dir, "root")},
+				WriteDirs:   []string{filepath.Join(dir, "state")},
 				RuntimeDirs: []string{filepath.Join(dir, "run"), filepath.Join(dir, "keys")},
-				WriteFiles:  append([]string{logFile}, devs...),
+				WriteFiles:  append([]string{record, logFile}, devs...),
 			},
 		},
 		{
@@ -230,8 +232,8 @@ func TestForInstance(t *testing.T) {
 				Log:      swtpm.Log{File: "-"},
 			},
 			want: Policy{
-				WriteDirs:  []string{filepath.Join(dir, "state"), filepath.Join(dir, "root")},
-				WriteFiles: devs,
+				WriteDirs:  []string{filepath.Join(dir, "state")},
+				WriteFiles: append([]string{record}, devs...),
 				BindTCP:    []uint16{2322, 2321},
 			},
 		},
@@ -242,14 +244,23 @@ func TestForInstance(t *testing.T) {
 				Ctrl:     &swtpm.Endpoint{Type: "unixio", FD: -1, ClientFD: 5},
 			},
 			want: Policy{
-				WriteDirs:  []string{filepath.Join(dir, "state"), filepath.Join(dir, "root")},
-				WriteFiles: devs,
+				WriteDirs:  []string{filepath.Join(dir, "state")},
+				WriteFiles: append([]string{record}, devs...),
+			},
+		},
+		{
+			// Root is no user to drop to: its directories get no owner.
+			name: "--runas root",
+			cfg:  swtpm.Config{StateDir: filepath.Join(dir, "state"), RunAs: "root"},
+			want: Policy{
+				WriteDirs:  []string{filepath.Join(dir, "state")},
+				WriteFiles: append([]string{record}, devs...),
 			},
 		},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			got := ForInstance(&tc.cfg, filepath.Join(dir, "root"))
+			got := ForInstance(&tc.cfg, record)
 			if !reflect.DeepEqual(*got, tc.want) {
 				t.Errorf("ForInstance:\n got %+v\nwant %+v", *got, tc.want)
 			}
@@ -316,5 +327,45 @@ func TestKeep(t *testing.T) {
 	s.Close()
 	if len(s.keys) != 0 {
 		t.Error("Close left locked keys")
+	}
+}
+
+// TestRunAsFailsClosed: a --runas user that is root, or whose ids do not
+// parse, is an error, never uid 0.
+func TestRunAsFailsClosed(t *testing.T) {
+	tests := []struct {
+		name, user, uid, gid string
+		wantUID, wantGID     int
+		wantErr              string
+	}{
+		{"unprivileged", "nobody", "65534", "65534", 65534, 65534, ""},
+		{"root by uid", "root", "0", "0", -1, -1, "that is root (uid 0)"},
+		{"root group", "wheelish", "1000", "0", -1, -1, "gid 0"},
+		{"uid not a number", "odd", "S-1-5-21", "100", -1, -1, `uid "S-1-5-21" is not a number`},
+		{"empty uid", "odd", "", "100", -1, -1, "is not a number"},
+		{"gid not a number", "odd", "1000", "staff", -1, -1, `gid "staff" is not a number`},
+		{"negative uid", "odd", "-1", "100", -1, -1, "is not a number"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			uid, gid, err := runAsIDs(tc.user, tc.uid, tc.gid)
+			if tc.wantErr == "" {
+				if err != nil || uid != tc.wantUID || gid != tc.wantGID {
+					t.Fatalf("runAsIDs = %d, %d, %v; want %d, %d", uid, gid, err, tc.wantUID, tc.wantGID)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) || !strings.Contains(err.Error(), "--runas "+tc.user) {
+				t.Fatalf("runAsIDs = %v; want an error naming --runas %s and %q", err, tc.user, tc.wantErr)
+			}
+			if uid == 0 || gid == 0 {
+				t.Errorf("a refused --runas returned uid %d gid %d", uid, gid)
+			}
+		})
+	}
+	for _, name := range []string{"root", "0", "no-such-user-vtpm-test"} {
+		if uid, _, err := LookupUser(name); err == nil || uid == 0 {
+			t.Errorf("LookupUser(%q) = uid %d, %v; want an error", name, uid, err)
+		}
 	}
 }

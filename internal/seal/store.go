@@ -323,6 +323,10 @@ func (s *Store) Load(name string) ([]byte, error) {
 				return nil, errf(ErrRollback, "%s and %s are missing, but generation %d of TPM %s was seen: the TPM state was deleted or an older copy of %s was put back; pass --allow-rollback to start without it deliberately",
 					filepath.Base(slotPath(s.dir, name, 0)), filepath.Base(slotPath(s.dir, name, 1)), last, s.id, s.dir)
 			}
+			if name == "permall" && last > 0 {
+				s.log.Warn("the TPM's permanent state is missing although it was seen: starting a FRESH, EMPTY TPM in its place (--allow-rollback)",
+					"last_seen", last)
+			}
 			return nil, fmt.Errorf("load %s from %s: %w", name, s.dir, fs.ErrNotExist)
 		}
 		return nil, fmt.Errorf("load %s of TPM %s: no copy verifies (check the data key, or restore the state directory from backup): %w", name, s.id, sc.errs())

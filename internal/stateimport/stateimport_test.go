@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"vtpm/internal/keybroker"
 	"vtpm/internal/libtpms"
 	"vtpm/internal/seal"
 	"vtpm/internal/swtpm/statefile"
@@ -150,7 +151,7 @@ func TestImport(t *testing.T) {
 			states := writeSwtpm(t, src, tc.key, tc.names...)
 			before := tree(t, src)
 			gens := seal.NewFileGenerations(t.TempDir())
-			opts := Options{Source: src, FileKey: tc.key, DataKey: fixedKey(dataKey), Generations: gens, Now: func() time.Time { return now }}
+			opts := Options{Source: src, FileKey: tc.key, DataKey: fixedKey(t, dataKey), Generations: gens, Now: func() time.Time { return now }}
 			dest := src
 			if tc.toDest {
 				dest = filepath.Join(t.TempDir(), "new", "sealed")
@@ -321,7 +322,7 @@ func TestImportRefuses(t *testing.T) {
 			name:    "bad data key",
 			setup:   func(t *testing.T, src, dest string) { writeSwtpm(t, src, nil, "permall") },
 			dataKey: []byte("short"),
-			wantErr: []string{"data key is 5 bytes, want 32"},
+			wantErr: []string{"binary key has 5 bytes, want 32"},
 		},
 	}
 	for _, tc := range tests {
@@ -338,7 +339,7 @@ func TestImportRefuses(t *testing.T) {
 			if tc.inPlace {
 				d = ""
 			}
-			res, err := Import(Options{Source: src, Dest: d, FileKey: tc.key, DataKey: fixedKey(dk), Now: func() time.Time { return now }})
+			res, err := Import(Options{Source: src, Dest: d, FileKey: tc.key, DataKey: fixedKey(t, dk), Now: func() time.Time { return now }})
 			if err == nil {
 				t.Fatalf("Import succeeded: %+v", res)
 			}
@@ -363,7 +364,7 @@ func TestImportRefuses(t *testing.T) {
 
 func TestImportMissingSource(t *testing.T) {
 	t.Parallel()
-	_, err := Import(Options{Source: filepath.Join(t.TempDir(), "absent"), DataKey: fixedKey(dataKey)})
+	_, err := Import(Options{Source: filepath.Join(t.TempDir(), "absent"), DataKey: fixedKey(t, dataKey)})
 	if !errors.Is(err, fs.ErrNotExist) {
 		t.Fatalf("Import of a missing directory: %v, want fs.ErrNotExist", err)
 	}
@@ -386,7 +387,7 @@ func TestImportKeepsOwner(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		opts := Options{Source: src, DataKey: fixedKey(dataKey)}
+		opts := Options{Source: src, DataKey: fixedKey(t, dataKey)}
 		if toDest {
 			opts.Dest = filepath.Join(t.TempDir(), "sealed")
 		}
@@ -413,7 +414,12 @@ func TestImportKeepsOwner(t *testing.T) {
 	}
 }
 
-// fixedKey returns a DataKey source that hands out a copy of k.
-func fixedKey(k []byte) func(string) ([]byte, error) {
-	return func(string) ([]byte, error) { return bytes.Clone(k), nil }
+// fixedKey returns a DataKey source that hands out k, as --data-key
+// file=…,format=binary reads it.
+func fixedKey(t *testing.T, k []byte) func(string) (*keybroker.Key, error) {
+	p := filepath.Join(t.TempDir(), "data-key")
+	if err := os.WriteFile(p, k, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return func(string) (*keybroker.Key, error) { return keybroker.ParseDataKey("file=" + p + ",format=binary") }
 }

@@ -235,7 +235,7 @@ func (h *Registry) checkTPMKey(v *VM) error {
 	if err != nil {
 		return err
 	}
-	clear(o.DEK)
+	o.Close()
 	return nil
 }
 

@@ -246,8 +246,8 @@ func (h *Registry) copyTPM(src, dst string) error {
 	if err != nil {
 		return err
 	}
-	defer clear(so.DEK)
-	in, err := seal.Open(src, seal.Options{Key: so.DEK, Generations: k.Generations(), Logger: h.log()})
+	defer so.Close()
+	in, err := so.Key.OpenStore(src, seal.Options{Generations: k.Generations(), Logger: h.log()})
 	if errors.Is(err, seal.ErrLocked) {
 		return fmt.Errorf("the TPM in %s is in use: stop its VM first: %w", src, err)
 	}
@@ -259,8 +259,8 @@ func (h *Registry) copyTPM(src, dst string) error {
 	if err != nil {
 		return err
 	}
-	defer clear(do.DEK)
-	out, err := seal.Open(dst, seal.Options{Key: do.DEK, Generations: k.Generations(), Logger: h.log()})
+	defer do.Close()
+	out, err := do.Key.OpenStore(dst, seal.Options{Generations: k.Generations(), Logger: h.log()})
 	if err != nil {
 		return err
 	}
