@@ -47,8 +47,18 @@ func HasState(dir string) bool { return seal.HasBlobs(dir) || statefile.HasState
 
 // RemoveState deletes the TPM state in dir, in both formats, with the sealed
 // state's identity and key protector, so that the next manufacture makes a
-// new TPM (new UUID, new key). The directory and its other files stay.
+// new TPM (new UUID, new key). The directory and its other files stay. It
+// holds the directory's lock while it removes, so the state of a running
+// TPM is left whole (the error wraps seal.ErrLocked).
 func RemoveState(dir string) error {
+	if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	unlock, err := seal.Lock(dir)
+	if err != nil {
+		return fmt.Errorf("remove the TPM state in %s: %w; nothing was changed", dir, err)
+	}
+	defer unlock()
 	entries, err := os.ReadDir(dir)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil
