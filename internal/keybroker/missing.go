@@ -61,6 +61,10 @@ func checkMissingState(dir string) error {
 	if seal.Exists(dir) {
 		return nil
 	}
+	// Blobs name the TPM they belong to: seal says which.
+	if err := seal.CheckIdentity(dir); err != nil {
+		return err
+	}
 	blobs := seal.HasBlobs(dir)
 	p, err := ReadProtector(dir)
 	switch {

@@ -170,16 +170,8 @@ func loadOrCreateStateFile(dir string, mode os.FileMode) (uuid.UUID, error) {
 		return uuid.Nil, fmt.Errorf("read %s: %w", path, err)
 	}
 	// A fresh UUID would orphan existing blobs, which are bound to the old one.
-	for _, n := range Names {
-		for _, p := range copyPaths(dir, n) {
-			if b, err := readHead(p); err == nil {
-				hint := ""
-				if len(b) >= 36 && string(b[:len(Magic)]) == Magic {
-					hint = fmt.Sprintf(" (%s names TPM %s)", filepath.Base(p), uuid.UUID(b[20:36]))
-				}
-				return uuid.Nil, fmt.Errorf("%s is missing but %s holds sealed state%s; restore %s from backup", path, dir, hint, StateFileName)
-			}
-		}
+	if err := orphanedBlobs(dir); err != nil {
+		return uuid.Nil, err
 	}
 	id, err := uuid.NewRandom()
 	if err != nil {
@@ -207,6 +199,34 @@ func loadOrCreateStateFile(dir string, mode os.FileMode) (uuid.UUID, error) {
 		return uuid.Nil, fmt.Errorf("create %s: %w", path, err)
 	}
 	return id, nil
+}
+
+// CheckIdentity reports, reading only, whether dir has lost the identity
+// its sealed blobs are bound to: vtpm-state.json missing while blobs are
+// there. Identify would refuse such a directory too, after creating it.
+func CheckIdentity(dir string) error {
+	if _, err := os.Lstat(filepath.Join(dir, StateFileName)); !errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	return orphanedBlobs(dir)
+}
+
+// orphanedBlobs is the error for a directory holding sealed blobs but no
+// vtpm-state.json, naming the TPM a blob's header claims.
+func orphanedBlobs(dir string) error {
+	for _, n := range Names {
+		for _, p := range copyPaths(dir, n) {
+			if b, err := readHead(p); err == nil {
+				hint := ""
+				if len(b) >= 36 && string(b[:len(Magic)]) == Magic {
+					hint = fmt.Sprintf(" (%s names TPM %s)", filepath.Base(p), uuid.UUID(b[20:36]))
+				}
+				return errdefs.New(errdefs.ErrDataLoss, "%s is missing but %s holds sealed state%s; restore %s from backup; nothing was changed",
+					filepath.Join(dir, StateFileName), dir, hint, StateFileName)
+			}
+		}
+	}
+	return nil
 }
 
 func readHead(path string) ([]byte, error) {
