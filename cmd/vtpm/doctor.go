@@ -119,7 +119,7 @@ func doctorChecks(ctx context.Context) []check {
 	checks = append(checks, sandboxChecks(ctx)...)
 	checks = append(checks, userCheck(), userNamespaceCheck(), memlockCheck(), kvmCheck())
 	checks = append(checks, qemuChecks(ctx)...)
-	checks = append(checks, ovmfCheck(), keystoreCheck(), dataRootCheck())
+	checks = append(checks, ovmfCheck(), keystoreCheck(), rollbackCheck(), dataRootCheck())
 	return checks
 }
 
@@ -302,8 +302,9 @@ func sandboxChecks(ctx context.Context) []check {
 	}
 	// Landlock
 	switch {
-	case res.Landlock > 0 && denied("write outside the state directory") && !denied("write inside the state directory"):
-		cs = append(cs, check{Name: "landlock", Status: statusOK, Detail: fmt.Sprintf("ABI %d: instances write only their state, the data root, their sockets and pid file", res.Landlock)})
+	case res.Landlock > 0 && denied("write outside the state directory") && !denied("write inside the state directory") &&
+		denied("write elsewhere in the data root") && !denied("write the generation record"):
+		cs = append(cs, check{Name: "landlock", Status: statusOK, Detail: fmt.Sprintf("ABI %d: instances write only their state, their generation record, their sockets and pid file", res.Landlock)})
 	case res.Landlock > 0:
 		cs = append(cs, check{Name: "landlock", Status: statusMissing, Detail: fmt.Sprintf("ABI %d, but the probe's writes did not behave: %v", res.Landlock, res.Tries),
 			Fix: "report this as a vtpm bug, with this output"})
