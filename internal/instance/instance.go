@@ -63,6 +63,13 @@ func New(cfg *swtpm.Config, log *slog.Logger) (_ *Instance, err error) {
 			in.cleanup()
 		}
 	}()
+	// A --runas that would not drop privileges (root, ids that do not
+	// parse) is refused before anything is opened or created.
+	if cfg.RunAs != "" {
+		if _, _, err := sandbox.LookupUser(cfg.RunAs); err != nil {
+			return nil, err
+		}
+	}
 	// What the confined process needs of the data root is made to exist
 	// first: it may then write only its own generation record there.
 	in.format = chooseFormat(cfg)
