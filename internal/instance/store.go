@@ -91,16 +91,21 @@ func prepareSealed(cfg *swtpm.Config, log *slog.Logger) (string, error) {
 		return "", err
 	}
 	var id uuid.UUID
-	if cfg.DataKey != "" || seal.Exists(cfg.StateDir) {
+	if cfg.DataKey != "" {
+		// The key may come from a descriptor only the confined image reads.
 		if id, err = seal.Identify(cfg.StateDir); err != nil {
 			return "", err
 		}
 	} else {
-		o, err := host.OpenTPM(cfg.StateDir) // creates the TPM's identity and key protector
+		// Opening the key here creates a new TPM's identity and key
+		// protector, or reprovisions one, and a TPM this host cannot open
+		// fails before its generation record is touched.
+		o, err := host.OpenTPM(cfg.StateDir)
 		if err != nil {
 			return "", err
 		}
 		id = o.TPM
+		warnReprovisioned(cfg.StateDir, o)
 		o.Close()
 	}
 	reset, err := host.PrepareGenerations(id, cfg.StateDir)
@@ -114,6 +119,12 @@ func prepareSealed(cfg *swtpm.Config, log *slog.Logger) (string, error) {
 		log.Warn("rollback protection was reset: no generation record for a TPM that has state", "tpm", id, "state", cfg.StateDir)
 	}
 	return host.Keystore().GenerationsPath(id), nil
+}
+
+func warnReprovisioned(dir string, o *keybroker.Opened) {
+	if o.Backup != "" {
+		fmt.Fprintf(os.Stderr, "vtpm: WARNING: the key of the TPM in %s is gone; as its policy says, a FRESH TPM was provisioned. The old state is kept in %s.\n", dir, o.Backup)
+	}
 }
 
 // unlockSealed opens the TPM's data key, from --data-key when given, else
@@ -145,9 +156,7 @@ func unlockSealed(cfg *swtpm.Config, log *slog.Logger) (_ *sealingKey, err error
 			return nil, err
 		}
 		k.key, k.tpm = o.Key, o.TPM
-		if o.Backup != "" {
-			fmt.Fprintf(os.Stderr, "vtpm: WARNING: the key of the TPM in %s is gone; as its policy says, a FRESH TPM was provisioned. The old state is kept in %s.\n", cfg.StateDir, o.Backup)
-		}
+		warnReprovisioned(cfg.StateDir, o)
 		log.Info("opened the TPM's data key", "tpm", o.TPM, "by", o.By, "new", o.Created)
 	}
 	// Pinned while the process can still reach the keystore (root's, with

@@ -532,3 +532,27 @@ func newestSlot(t *testing.T, home, dir string) string {
 	}
 	return best
 }
+
+// TestUnopenableTPMLeavesNoRecord: a TPM this host holds no key for is
+// refused before its generation record is created, so the refusal neither
+// starts rollback protection over for it nor reports a reset.
+func TestUnopenableTPMLeavesNoRecord(t *testing.T) {
+	f := manufactureTamperFixture(t)
+	home, dir := filepath.Join(t.TempDir(), "other-host"), filepath.Join(t.TempDir(), "a")
+	copyTree(t, f.dirA, dir)
+	before := snapshotTree(t, dir)
+	p := startVTPM(t, home, dir)
+	code, out := p.wait(t)
+	if code <= 0 || !strings.Contains(out, "cannot be opened on this host") {
+		t.Fatalf("vtpm on another host's TPM exited with %d, want a refusal; output:\n%s", code, out)
+	}
+	if strings.Contains(out, "ROLLBACK PROTECTION WAS RESET") {
+		t.Errorf("the refusal reported a reset of rollback protection:\n%s", out)
+	}
+	if _, err := os.Stat(filepath.Join(home, "keystore", "generations", f.uuidA)); err == nil {
+		t.Error("the refused start created the TPM's generation record")
+	}
+	if d := diffSnapshots(before, snapshotTree(t, dir)); d != "" {
+		t.Errorf("refusing to start changed the state directory: %s", d)
+	}
+}
