@@ -12,11 +12,13 @@ import (
 // {name} is the action's argument of that name.
 var commands = map[errdefs.Action]string{
 	errdefs.ActionDoctor:              "vtpm doctor",
+	errdefs.ActionSandboxProbe:        "vtpm doctor --probe-sandbox --state {state}",
 	errdefs.ActionGuardianList:        "vtpm guardian list",
 	errdefs.ActionGuardianExport:      "vtpm guardian export {guardian} -o {file}",
 	errdefs.ActionGuardianExportCerts: "vtpm guardian export --certs-only -o {file}",
 	errdefs.ActionGuardianImport:      "vtpm guardian import {file}",
 	errdefs.ActionProtectorGrant:      "vtpm protector grant {tpm} {certs}",
+	errdefs.ActionProtectorShow:       "vtpm protector show {tpm}",
 	errdefs.ActionKeyExport:           "vtpm key export {tpm} -o {file}",
 	errdefs.ActionKeyImport:           "vtpm key import {file}",
 	errdefs.ActionTPMReprovision:      "vtpm tpm policy {tpm} --on-missing-key reprovision",

@@ -1,12 +1,8 @@
 package main
 
 import (
-	"crypto"
 	"crypto/sha256"
-	"crypto/x509"
 	"encoding/hex"
-	"encoding/pem"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -14,69 +10,12 @@ import (
 	"strings"
 	"time"
 
-	"github.com/google/uuid"
 	"github.com/spf13/cobra"
 
 	"vtpm/internal/keybroker"
 	"vtpm/internal/manufacture"
-	"vtpm/internal/seal"
-	"vtpm/internal/swtpm/statefile"
+	"vtpm/internal/state"
 )
-
-// mfgRequest is one manufacture (or PCR reconfiguration) of a state directory.
-type mfgRequest struct {
-	dir      string
-	swtpmKey string // swtpm --key option text; selects swtpm's file format
-	opts     manufacture.Options
-	log      *slog.Logger
-}
-
-type mfgResult struct {
-	report *manufacture.Report
-	tpm    string
-	format manufacture.Format
-}
-
-// openState opens dir in the format `vtpm swtpm socket` will serve it in.
-func openState(h *keybroker.Broker, dir, swtpmKey string, log *slog.Logger) (*manufacture.Opened, error) {
-	if manufacture.ChooseFormat(dir, swtpmKey != "") == manufacture.Swtpm {
-		var key *statefile.Key
-		if swtpmKey != "" {
-			k, err := statefile.ParseKeyOption(swtpmKey)
-			if err != nil {
-				return nil, fmt.Errorf("state encryption key: %w", err)
-			}
-			key = k
-		}
-		return manufacture.OpenSwtpm(dir, key, statefile.DefaultMode)
-	}
-	return manufacture.OpenSealed(h, dir, log)
-}
-
-// runManufacture manufactures the TPM in r.dir in-process, with this host's CA.
-func runManufacture(r mfgRequest) (*mfgResult, error) {
-	h, err := openBroker()
-	if err != nil {
-		return nil, err
-	}
-	defer h.Close()
-	if r.opts.EKCerts || r.opts.PlatformCert {
-		if r.opts.CA, err = manufacture.LoadCA(h.Keystore()); err != nil {
-			return nil, err
-		}
-	}
-	st, err := openState(h, r.dir, r.swtpmKey, r.log)
-	if err != nil {
-		return nil, err
-	}
-	defer st.Storage.Close()
-	r.opts.Identity.TPM = st.TPM
-	rep, err := manufacture.Manufacture(st.Storage, r.opts)
-	if err != nil {
-		return nil, err
-	}
-	return &mfgResult{report: rep, tpm: st.TPM.String(), format: st.Format}, nil
-}
 
 func tpmManufactureCmds() []*cobra.Command {
 	return []*cobra.Command{tpmManufactureCmd(), tpmShowCmd()}
@@ -104,14 +43,6 @@ serves it.`,
 			if err != nil {
 				return err
 			}
-			if manufacture.HasState(dir) {
-				if !overwrite {
-					return fmt.Errorf("%s already holds a TPM; nothing was changed (pass --overwrite to replace it with a new TPM, whose secrets are gone)", dir)
-				}
-				if err := manufacture.RemoveState(dir); err != nil {
-					return err
-				}
-			}
 			o := manufacture.Options{
 				RSA: !noRSA, ECC: c, EKCerts: !noCerts, PlatformCert: !noPlatform && !noCerts, Lock: !noLock,
 				Identity: manufacture.Identity{VM: vmName, PlatformManufacturer: platMfr, PlatformModel: platModel, PlatformVersion: platVersion},
@@ -119,26 +50,26 @@ serves it.`,
 			if banks != "-" {
 				o.PCRBanks = strings.Split(banks, ",")
 			}
-			res, err := runManufacture(mfgRequest{dir: dir, opts: o, log: warnLogger()})
+			res, err := manufacture.Make(openBroker, dir, overwrite, o, warnLogger())
 			if err != nil {
-				return fmt.Errorf("manufacture %s: %w", dir, err)
+				return err
 			}
 			if asJSON {
-				return printJSON(cmd.OutOrStdout(), reportJSON(res))
+				return printJSON(cmd.OutOrStdout(), res.Summary())
 			}
 			w := cmd.OutOrStdout()
-			fmt.Fprintf(w, "manufactured TPM %s in %s (%s state)\n", res.tpm, dir, res.format)
-			for _, ek := range res.report.EKs {
+			fmt.Fprintf(w, "manufactured TPM %s in %s (%s state)\n", res.TPM, dir, res.Format)
+			for _, ek := range res.Report.EKs {
 				cert := "no certificate"
 				if ek.Cert != nil {
 					cert = fmt.Sprintf("certificate in NV %#x", uint32(ek.CertIndex))
 				}
 				fmt.Fprintf(w, "  EK %-10s %#x  %s\n", ek.Name, uint32(ek.Handle), cert)
 			}
-			if res.report.PlatformCert != nil {
+			if res.Report.PlatformCert != nil {
 				fmt.Fprintf(w, "  platform certificate in NV %#x\n", uint32(manufacture.IndexPlatform))
 			}
-			fmt.Fprintf(w, "  PCR banks: %s\n", strings.Join(res.report.PCRBanks, ","))
+			fmt.Fprintf(w, "  PCR banks: %s\n", strings.Join(res.Report.PCRBanks, ","))
 			return nil
 		},
 	}
@@ -162,64 +93,6 @@ func warnLogger() *slog.Logger {
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 }
 
-type certJSON struct {
-	Index     string    `json:"nv_index"`
-	Subject   string    `json:"subject"`
-	Issuer    string    `json:"issuer"`
-	Serial    string    `json:"serial"`
-	NotBefore time.Time `json:"not_before"`
-	NotAfter  time.Time `json:"not_after"`
-	TPM       string    `json:"tpm_uuid,omitempty"`
-	Locked    bool      `json:"write_locked"`
-	PEM       string    `json:"pem"`
-}
-
-type ekJSON struct {
-	Name        string    `json:"name"`
-	Handle      string    `json:"handle"`
-	Fingerprint string    `json:"public_key_sha256"`
-	PublicKey   string    `json:"public_key_pem"`
-	Certificate *certJSON `json:"certificate,omitempty"`
-}
-
-func publicKeyInfo(pub crypto.PublicKey) (fingerprint, pemText string) {
-	der, err := x509.MarshalPKIXPublicKey(pub)
-	if err != nil {
-		return "", ""
-	}
-	sum := sha256.Sum256(der)
-	return hex.EncodeToString(sum[:]), string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}))
-}
-
-func certInfo(c *x509.Certificate, index uint32, locked bool) *certJSON {
-	if c == nil {
-		return nil
-	}
-	j := &certJSON{
-		Index: fmt.Sprintf("%#x", index), Subject: c.Subject.String(), Issuer: c.Issuer.String(),
-		Serial: c.SerialNumber.Text(16), NotBefore: c.NotBefore, NotAfter: c.NotAfter, Locked: locked,
-		PEM: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})),
-	}
-	if id := manufacture.CertUUID(c); id != uuid.Nil {
-		j.TPM = id.String()
-	}
-	return j
-}
-
-func reportJSON(r *mfgResult) map[string]any {
-	var eks []ekJSON
-	for _, ek := range r.report.EKs {
-		fp, p := publicKeyInfo(ek.Public)
-		e := ekJSON{Name: ek.Name, Handle: fmt.Sprintf("%#x", uint32(ek.Handle)), Fingerprint: fp, PublicKey: p}
-		if ek.Cert != nil {
-			c, _ := x509.ParseCertificate(ek.Cert)
-			e.Certificate = certInfo(c, uint32(ek.CertIndex), false)
-		}
-		eks = append(eks, e)
-	}
-	return map[string]any{"tpm": r.tpm, "format": r.format, "eks": eks, "pcr_banks": r.report.PCRBanks, "platform_certificate": r.report.PlatformCert != nil}
-}
-
 func tpmShowCmd() *cobra.Command {
 	var asJSON bool
 	var key string
@@ -229,80 +102,41 @@ func tpmShowCmd() *cobra.Command {
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			dir := tpmDir(args[0])
-			if !manufacture.HasState(dir) {
+			if !state.HasState(dir) {
 				return fmt.Errorf("%s holds no TPM state; create one with `vtpm tpm manufacture %s`", dir, args[0])
 			}
-			out := map[string]any{"dir": dir}
-			var info *manufacture.Info
-			err := withHost(func(h *keybroker.Broker) error {
-				st, err := openState(h, dir, key, warnLogger())
-				if err != nil {
-					return err
-				}
-				defer st.Storage.Close()
-				out["format"] = st.Format
-				if st.Store != nil {
-					out["tpm"] = st.TPM.String()
-					if g, err := st.Store.Generation("permall"); err == nil {
-						out["generation"] = g
-					}
-				}
-				info, err = manufacture.Inspect(st.Storage)
+			var out *manufacture.Summary
+			err := withHost(func(h *keybroker.Broker) (err error) {
+				out, err = manufacture.Show(h, dir, key, warnLogger())
 				return err
 			})
-			if errors.Is(err, seal.ErrLocked) {
-				return fmt.Errorf("%s is in use by a running TPM; stop it to inspect it: %w", dir, err)
-			}
 			if err != nil {
 				return err
-			}
-			var eks []ekJSON
-			for _, ek := range info.EKs {
-				fp, p := publicKeyInfo(ek.Public)
-				eks = append(eks, ekJSON{ek.Name, fmt.Sprintf("%#x", uint32(ek.Handle)), fp, p, certInfo(ek.Cert, uint32(ek.CertIndex), ek.Locked)})
-			}
-			out["eks"] = eks
-			if info.PlatformCert != nil {
-				out["platform_certificate"] = certInfo(info.PlatformCert, uint32(manufacture.IndexPlatform), false)
-			}
-			out["pcr_banks"] = info.PCRBanks
-			out["pcr_banks_available"] = info.Available
-			type row struct {
-				Name        string `json:"name"`
-				Fingerprint string `json:"fingerprint"`
-				Owner       bool   `json:"owner"`
-			}
-			var rows []row
-			if p, err := keybroker.ReadProtector(dir); err == nil {
-				for _, r := range p.Rows() {
-					rows = append(rows, row{r.Name, r.Fingerprint, r.Fingerprint == p.Owner().Fingerprint()})
-				}
-				out["protector"] = rows
 			}
 			if asJSON {
 				return printJSON(cmd.OutOrStdout(), out)
 			}
 			w := cmd.OutOrStdout()
-			if id, ok := out["tpm"]; ok {
-				fmt.Fprintf(w, "TPM %s in %s (%s state, generation %v)\n", id, dir, out["format"], out["generation"])
+			if out.TPM != "" {
+				var gen any // printed as <nil> when unknown
+				if out.Generation != nil {
+					gen = *out.Generation
+				}
+				fmt.Fprintf(w, "TPM %s in %s (%s state, generation %v)\n", out.TPM, dir, out.Format, gen)
 			} else {
-				fmt.Fprintf(w, "TPM in %s (%s state)\n", dir, out["format"])
+				fmt.Fprintf(w, "TPM in %s (%s state)\n", dir, out.Format)
 			}
-			for _, ek := range eks {
+			for _, ek := range out.EKs {
 				fmt.Fprintf(w, "EK %s at %s, public key sha256 %s\n", ek.Name, ek.Handle, ek.Fingerprint)
 				printCert(w, ek.Certificate)
 			}
-			if c, ok := out["platform_certificate"].(*certJSON); ok {
+			if out.PlatformCert != nil {
 				fmt.Fprintln(w, "platform certificate:")
-				printCert(w, c)
+				printCert(w, out.PlatformCert)
 			}
-			fmt.Fprintf(w, "PCR banks: %s (of %s)\n", strings.Join(info.PCRBanks, ","), strings.Join(info.Available, ","))
-			for _, r := range rows {
-				mark := ""
-				if r.Owner {
-					mark = "  (owner)"
-				}
-				fmt.Fprintf(w, "protector: %s  %s%s\n", r.Fingerprint, r.Name, mark)
+			fmt.Fprintf(w, "PCR banks: %s (of %s)\n", strings.Join(out.PCRBanks, ","), strings.Join(out.Available, ","))
+			for _, r := range out.Protector {
+				fmt.Fprintf(w, "protector: %s  %s%s\n", r.Fingerprint, r.Name, markIf(r.Owner, "  (owner)"))
 			}
 			return nil
 		},
@@ -312,7 +146,7 @@ func tpmShowCmd() *cobra.Command {
 	return cmd
 }
 
-func printCert(w io.Writer, c *certJSON) {
+func printCert(w io.Writer, c *manufacture.CertSummary) {
 	if c == nil {
 		fmt.Fprintln(w, "  no certificate")
 		return
@@ -332,24 +166,30 @@ func caCmd() *cobra.Command {
 		Use:   "show [--pem]",
 		Short: "Show the local CA (created on first use), or print its certificate as PEM for openssl verify -CAfile",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			return withHost(func(h *keybroker.Broker) error {
-				ca, err := manufacture.LoadCA(h.Keystore())
-				if err != nil {
-					return err
-				}
-				if asPEM {
-					_, err := cmd.OutOrStdout().Write(ca.PEM())
-					return err
-				}
-				sum := sha256.Sum256(ca.Cert.Raw)
-				fmt.Fprintf(cmd.OutOrStdout(), "subject:     %s\nsha256:      %s\nvalid:       %s to %s\n",
-					ca.Cert.Subject, hex.EncodeToString(sum[:]), ca.Cert.NotBefore.Format(time.DateOnly), ca.Cert.NotAfter.Format(time.DateOnly))
-				return nil
-			})
-		},
+		RunE: onHost(func(cmd *cobra.Command, h *keybroker.Broker, args []string) error {
+			ca, err := manufacture.LoadCA(h.Keystore())
+			if err != nil {
+				return err
+			}
+			if asPEM {
+				_, err := cmd.OutOrStdout().Write(ca.PEM())
+				return err
+			}
+			sum := sha256.Sum256(ca.Cert.Raw)
+			fmt.Fprintf(cmd.OutOrStdout(), "subject:     %s\nsha256:      %s\nvalid:       %s to %s\n",
+				ca.Cert.Subject, hex.EncodeToString(sum[:]), ca.Cert.NotBefore.Format(time.DateOnly), ca.Cert.NotAfter.Format(time.DateOnly))
+			return nil
+		}),
 	}
 	show.Flags().BoolVar(&asPEM, "pem", false, "print the CA certificate in PEM")
 	cmd.AddCommand(show)
 	return cmd
+}
+
+// markIf is mark when b holds, else nothing.
+func markIf(b bool, mark string) string {
+	if b {
+		return mark
+	}
+	return ""
 }

@@ -13,6 +13,7 @@ import (
 	"vtpm/internal/keybroker"
 	"vtpm/internal/manufacture"
 	"vtpm/internal/seal"
+	"vtpm/internal/state"
 	"vtpm/internal/swtpm/statefile"
 )
 
@@ -60,7 +61,7 @@ func inspect(t *testing.T, dir, key string) *manufacture.Info {
 	t.Helper()
 	var info *manufacture.Info
 	err := withHost(func(h *keybroker.Broker) error {
-		st, err := openState(h, dir, key, warnLogger())
+		st, err := manufacture.Open(h, dir, key, warnLogger())
 		if err != nil {
 			return err
 		}
@@ -105,7 +106,7 @@ func TestSwtpmSetupBadOptions(t *testing.T) {
 			if !strings.Contains(stderr, tc.wantErr) {
 				t.Errorf("stderr %q, want it to contain %q", stderr, tc.wantErr)
 			}
-			if manufacture.HasState(dir) {
+			if state.HasState(dir) {
 				t.Fatal("a failed swtpm_setup left TPM state behind")
 			}
 		})
@@ -250,7 +251,7 @@ func TestSwtpmSetupEncryptedSwtpmState(t *testing.T) {
 	}
 	// The wrong cipher does not open the state.
 	err := withHost(func(h *keybroker.Broker) error {
-		st, err := openState(h, dir, "pwdfile="+pwd+",mode=aes-128-cbc", warnLogger())
+		st, err := manufacture.Open(h, dir, "pwdfile="+pwd+",mode=aes-128-cbc", warnLogger())
 		if err != nil {
 			return err
 		}

@@ -7,7 +7,6 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"vtpm/internal/keybroker"
 	"vtpm/internal/stateimport"
 	"vtpm/internal/swtpm/statefile"
 )
@@ -59,23 +58,11 @@ TPM process may use DIR while it is imported.`,
 				return err
 			}
 			defer host.Close()
-			// The new TPM gets its key and protector, owned by this host's
-			// guardian, in the staging directory they are moved in from.
-			key := func(staging string) (*keybroker.Key, error) {
-				if dataKey != "" {
-					return keybroker.ParseDataKey(dataKey)
-				}
-				o, err := host.OpenTPM(staging)
-				if err != nil {
-					return nil, err
-				}
-				return o.Key, nil
-			}
 			res, err := stateimport.Import(stateimport.Options{
 				Source:      args[0],
 				Dest:        dest,
 				FileKey:     fileKey,
-				DataKey:     key,
+				DataKey:     host.KeyFor(dataKey), // the new TPM's key and protector go into the staging directory
 				Generations: host.Generations(),
 				Logger:      slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: slog.LevelWarn})),
 			})

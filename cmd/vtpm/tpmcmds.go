@@ -9,6 +9,8 @@ import (
 
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
+
+	"vtpm/internal/vm"
 )
 
 // tpmVMCmds are the `vtpm tpm` subcommands that act on VMs.
@@ -26,12 +28,7 @@ booting from a passthrough disk cannot have one. Adding a TPM turns Secure Boot
 on: OVMF's Secure Boot firmware with a variable store that has Microsoft's keys
 enrolled.`,
 		Args: cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			h := vmRegistry()
-			v, err := h.Open(args[0])
-			if err != nil {
-				return err
-			}
+		RunE: onVM(func(cmd *cobra.Command, h *vm.Registry, v *vm.VM) error {
 			notes, err := h.AddTPM(v)
 			if err != nil {
 				return err
@@ -39,7 +36,7 @@ enrolled.`,
 			fmt.Fprintf(cmd.OutOrStdout(), "added a manufactured vTPM to VM %s (%s)\n", v.Name(), v.TPMDir())
 			printNotes(cmd.OutOrStdout(), notes)
 			return nil
-		},
+		}),
 	}
 }
 
@@ -48,12 +45,7 @@ func tpmRemoveCmd() *cobra.Command {
 		Use:   "remove VM",
 		Short: "Remove a stopped VM's vTPM, keeping its state in a backup",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			h := vmRegistry()
-			v, err := h.Open(args[0])
-			if err != nil {
-				return err
-			}
+		RunE: onVM(func(cmd *cobra.Command, h *vm.Registry, v *vm.VM) error {
 			backup, err := h.RemoveTPM(v)
 			if err != nil {
 				return err
@@ -63,16 +55,8 @@ func tpmRemoveCmd() *cobra.Command {
 				"(have it ready), and LUKS volumes bound to the TPM need their passphrase. To get the TPM back, stop the VM and move %s back to %s.\n",
 				backup, v.TPMDir())
 			return nil
-		},
+		}),
 	}
-}
-
-// bulkResult is one VM's outcome in a bulk operation.
-type bulkResult struct {
-	VM    string `json:"vm"`
-	OK    bool   `json:"ok"`
-	Error string `json:"error,omitempty"`
-	Note  string `json:"note,omitempty"`
 }
 
 func tpmEnableCmd(on bool) *cobra.Command {
@@ -89,45 +73,26 @@ failed. A running VM sees the change at its next start.`,
 				return errors.New("name the VMs, or give --all (not both)")
 			}
 			h := vmRegistry()
-			refs := args
-			if all {
-				entries, err := h.Entries()
-				if err != nil {
-					return err
-				}
-				refs = nil
-				for _, e := range entries {
-					if v, err := h.Open(e.UUID.String()); err == nil && v.Config.Template {
-						continue // templates never have a TPM to switch
-					}
-					refs = append(refs, e.Name)
-				}
+			refs, err := h.Targets(args, all)
+			if err != nil {
+				return err
 			}
 			out := cmd.OutOrStdout()
 			bar := newProgress(out, len(refs), !asJSON && isTerminal(out))
-			results := make([]bulkResult, 0, len(refs))
-			failed := 0
-			for _, ref := range refs {
-				r := bulkResult{VM: ref}
-				v, err := h.Open(ref)
-				if err == nil {
-					r.Note, err = h.SetTPMEnabled(v, on)
-				}
-				if err != nil {
-					r.Error = err.Error()
-					failed++
-				} else {
-					r.OK = true
-				}
-				results = append(results, r)
+			results, failed := h.SetTPMsEnabled(refs, on, func(r vm.BulkResult) {
 				if !asJSON {
 					bar.clear()
 					printBulk(out, r)
 				}
 				bar.step()
-			}
+			})
 			bar.clear()
 			if asJSON {
+				for i, r := range results {
+					if r.Err != nil {
+						results[i].Error = formatError(r.Err) // with its remedies
+					}
+				}
 				if err := printJSON(out, results); err != nil {
 					return err
 				}
@@ -145,11 +110,11 @@ failed. A running VM sees the change at its next start.`,
 	return cmd
 }
 
-func printBulk(w io.Writer, r bulkResult) {
+func printBulk(w io.Writer, r vm.BulkResult) {
 	switch {
 	case !r.OK:
 		// One line per VM: longer explanations are joined.
-		fmt.Fprintf(w, "%s: failed: %s\n", r.VM, strings.Join(strings.Fields(r.Error), " "))
+		fmt.Fprintf(w, "%s: failed: %s\n", r.VM, strings.Join(strings.Fields(formatError(r.Err)), " "))
 	case r.Note != "":
 		fmt.Fprintf(w, "%s: ok (%s)\n", r.VM, r.Note)
 	default:

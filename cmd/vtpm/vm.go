@@ -10,6 +10,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"vtpm/internal/errdefs"
 	"vtpm/internal/paths"
 	"vtpm/internal/vm"
 )
@@ -87,11 +88,11 @@ apply).`,
 				return err
 			}
 			if asJSON {
-				return printJSON(cmd.OutOrStdout(), vmInfo(vmRegistry(), res.VM))
+				return printJSON(cmd.OutOrStdout(), vmRegistry().Summary(res.VM))
 			}
 			c := res.VM.Config
 			fmt.Fprintf(cmd.OutOrStdout(), "created VM %s (%s) in %s: %s, %s, Secure Boot %s, TPM %s\n",
-				c.Name, c.UUID, res.VM.Dir, c.OS, c.Firmware, onOff(c.SecureBoot), tpmStatus(c))
+				c.Name, c.UUID, res.VM.Dir, c.OS, c.Firmware, onOff(c.SecureBoot), c.TPMStatus())
 			printNotes(cmd.OutOrStdout(), res.Notes)
 			return nil
 		},
@@ -122,43 +123,23 @@ func onOff(b bool) string {
 	return "off"
 }
 
-func tpmStatus(c *vm.Config) string {
-	switch {
-	case c.Template && c.TPMRequired:
-		return "required"
-	case c.TPM == nil:
-		return "none"
-	case c.TPM.Enabled:
-		return "enabled"
-	}
-	return "disabled"
+// openVM opens the VM ref names in this host's registry.
+func openVM(ref string) (*vm.Registry, *vm.VM, error) {
+	h := vmRegistry()
+	v, err := h.Open(ref)
+	return h, v, err
 }
 
-type vmJSON struct {
-	Name       string `json:"name"`
-	UUID       string `json:"uuid"`
-	Path       string `json:"path"`
-	State      string `json:"state"`
-	OS         string `json:"os,omitempty"`
-	Firmware   string `json:"firmware,omitempty"`
-	SecureBoot bool   `json:"secure_boot"`
-	TPM        string `json:"tpm"`
-	Template   bool   `json:"template,omitempty"`
-	QEMUPid    int    `json:"qemu_pid,omitempty"`
-	TPMPid     int    `json:"tpm_pid,omitempty"`
-	Error      string `json:"error,omitempty"`
-}
-
-func vmInfo(h *vm.Registry, v *vm.VM) vmJSON {
-	c := v.Config
-	j := vmJSON{Name: c.Name, UUID: c.UUID.String(), Path: v.Dir, OS: string(c.OS), Firmware: string(c.Firmware),
-		SecureBoot: c.SecureBoot, TPM: tpmStatus(c), Template: c.Template}
-	st := h.State(v)
-	j.State, j.QEMUPid, j.TPMPid = st.String(), st.QEMU, st.TPM
-	if c.Template {
-		j.State = "template"
+// onVM is a command's run function that acts on the VM its first argument
+// names.
+func onVM(run func(cmd *cobra.Command, h *vm.Registry, v *vm.VM) error) func(*cobra.Command, []string) error {
+	return func(cmd *cobra.Command, args []string) error {
+		h, v, err := openVM(args[0])
+		if err != nil {
+			return err
+		}
+		return run(cmd, h, v)
 	}
-	return j
 }
 
 func vmListCmd() *cobra.Command {
@@ -168,24 +149,9 @@ func vmListCmd() *cobra.Command {
 		Short: "List running VMs (-a: all registered VMs and templates) with state, firmware, Secure Boot and TPM",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			h := vmRegistry()
-			entries, err := h.Entries()
+			rows, err := vmRegistry().List(all)
 			if err != nil {
 				return err
-			}
-			rows := []vmJSON{}
-			for _, e := range entries {
-				v, err := h.Open(e.UUID.String())
-				if err != nil {
-					if all {
-						rows = append(rows, vmJSON{Name: e.Name, UUID: e.UUID.String(), Path: e.Path, State: "broken", TPM: "?", Error: err.Error()})
-					}
-					continue
-				}
-				j := vmInfo(h, v)
-				if all || j.State == "running" || j.State == "tpm-only" {
-					rows = append(rows, j)
-				}
 			}
 			if asJSON {
 				return printJSON(cmd.OutOrStdout(), rows)
@@ -221,20 +187,15 @@ func vmShowCmd() *cobra.Command {
 		Use:   "show VM",
 		Short: "Show a VM's bundle, settings and state",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			h := vmRegistry()
-			v, err := h.Open(args[0])
-			if err != nil {
-				return err
-			}
-			j := vmInfo(h, v)
+		RunE: onVM(func(cmd *cobra.Command, h *vm.Registry, v *vm.VM) error {
+			j := h.Summary(v)
 			if asJSON {
 				return printJSON(cmd.OutOrStdout(), map[string]any{"vm": j, "config": v.Config})
 			}
 			c := v.Config
 			w := cmd.OutOrStdout()
 			fmt.Fprintf(w, "name:        %s\nuuid:        %s\nbundle:      %s\nstate:       %s\nos:          %s\nfirmware:    %s\nsecure boot: %s\ntpm:         %s\nmemory:      %s\ncpus:        %d\n",
-				c.Name, c.UUID, v.Dir, j.State, c.OS, c.Firmware, onOff(c.SecureBoot), tpmStatus(c), c.Memory, c.CPUs)
+				c.Name, c.UUID, v.Dir, j.State, c.OS, c.Firmware, onOff(c.SecureBoot), c.TPMStatus(), c.Memory, c.CPUs)
 			for _, d := range c.Disks {
 				kind := d.Format
 				if d.Passthrough {
@@ -247,7 +208,7 @@ func vmShowCmd() *cobra.Command {
 			}
 			fmt.Fprintf(w, "isolation:   %s\n", c.IsolationPolicy())
 			return nil
-		},
+		}),
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	return cmd
@@ -270,7 +231,7 @@ host. Its TPM opens only if one of its key protector's guardians is held here;
 				return err
 			}
 			if asJSON {
-				return printJSON(cmd.OutOrStdout(), vmInfo(h, v))
+				return printJSON(cmd.OutOrStdout(), h.Summary(v))
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "registered VM %s (%s) at %s\n", v.Name(), v.Config.UUID, v.Dir)
 			return nil
@@ -307,12 +268,7 @@ func vmDeleteCmd() *cobra.Command {
 		Use:   "delete VM [--delete-tpm]",
 		Short: "Delete a stopped VM's bundle, keeping a backup of its TPM state unless --delete-tpm",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			h := vmRegistry()
-			v, err := h.Open(args[0])
-			if err != nil {
-				return err
-			}
+		RunE: onVM(func(cmd *cobra.Command, h *vm.Registry, v *vm.VM) error {
 			backup, err := h.Delete(v, deleteTPM)
 			if err != nil {
 				return err
@@ -323,7 +279,7 @@ func vmDeleteCmd() *cobra.Command {
 				fmt.Fprintf(w, "its TPM state is kept in %s (with its key protector: it opens only with this host's or another admitted guardian)\n", backup)
 			}
 			return nil
-		},
+		}),
 	}
 	cmd.Flags().BoolVar(&deleteTPM, "delete-tpm", false, "delete the TPM state too: secrets sealed to it (BitLocker, LUKS) are gone for good")
 	return cmd
@@ -345,12 +301,7 @@ Headless by default: the serial console goes to logs/serial.log in the bundle,
 and to a unix socket with --serial-socket. --console puts it on this terminal
 and returns when the VM stops (Ctrl-C stops the VM).`,
 		Args: cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			h := vmRegistry()
-			v, err := h.Open(args[0])
-			if err != nil {
-				return err
-			}
+		RunE: onVM(func(cmd *cobra.Command, h *vm.Registry, v *vm.VM) error {
 			o.Stdin, o.Stdout, o.Stderr = os.Stdin, cmd.OutOrStdout(), cmd.ErrOrStderr()
 			res, err := h.Start(cmd.Context(), v, o)
 			if err != nil {
@@ -367,7 +318,7 @@ and returns when the VM stops (Ctrl-C stops the VM).`,
 			fmt.Fprintf(cmd.OutOrStdout(), "started VM %s (QEMU pid %d, %s, %s); serial console: %s\n",
 				v.Name(), res.QEMUPid, tpm, res.Accel, res.SerialLog)
 			return nil
-		},
+		}),
 	}
 	cmd.Flags().BoolVar(&o.Console, "console", false, "serial console on this terminal; wait until the VM stops")
 	cmd.Flags().StringVar(&o.SerialSocket, "serial-socket", "", "also expose the serial console on this unix socket")
@@ -381,12 +332,7 @@ func vmStopCmd() *cobra.Command {
 		Use:   "stop VM [--timeout 60s]",
 		Short: "Shut a VM down (ACPI power button, then quit after --timeout); its vTPM persists its state and exits",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			h := vmRegistry()
-			v, err := h.Open(args[0])
-			if err != nil {
-				return err
-			}
+		RunE: onVM(func(cmd *cobra.Command, h *vm.Registry, v *vm.VM) error {
 			res, err := h.Stop(cmd.Context(), v, timeout)
 			if err != nil {
 				return err
@@ -400,40 +346,30 @@ func vmStopCmd() *cobra.Command {
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "stopped VM %s: %s; TPM state persisted\n", v.Name(), how)
 			return nil
-		},
+		}),
 	}
 	cmd.Flags().DurationVar(&timeout, "timeout", 60*time.Second, "how long the guest gets to power off before QEMU quits (0: quit at once)")
 	return cmd
 }
 
 func vmCloneCmd() *cobra.Command {
-	var mode, path string
-	var asJSON bool
-	cmd := &cobra.Command{
+	var mode string
+	cmd := vmCopyCmd(&cobra.Command{
 		Use:   "clone SRC NEW [--tpm new|copy|none]",
 		Short: "Copy a stopped VM under a new name and UUID, with a new, copied or no TPM",
 		Long: `--tpm new (default) manufactures a fresh vTPM: a new identity, EK and
 certificates. --tpm copy keeps the TPM's contents (so secrets sealed in the
 source unseal in the clone) under a new data key and TPM UUID, and the two VMs
 then share one EK. --tpm none leaves the clone without a TPM.`,
-		Args: cobra.ExactArgs(2),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			m, err := vm.ParseTPMMode(mode)
-			if err != nil {
-				return err
-			}
-			h := vmRegistry()
-			src, err := h.Open(args[0])
-			if err != nil {
-				return err
-			}
-			res, err := h.Clone(src, args[1], m, path)
-			return printCreated(cmd, h, res, err, "cloned "+src.Name()+" into", asJSON)
-		},
+	}, "cloned {src} into", func(h *vm.Registry, src *vm.VM, name, path string) (*vm.Created, error) {
+		m, _ := vm.ParseTPMMode(mode) // checked before the source is opened
+		return h.Clone(src, name, m, path)
+	})
+	cmd.PreRunE = func(*cobra.Command, []string) error {
+		_, err := vm.ParseTPMMode(mode)
+		return err
 	}
 	cmd.Flags().StringVar(&mode, "tpm", "new", "the clone's TPM: new, copy or none")
-	cmd.Flags().StringVar(&path, "path", "", "bundle directory (default <data root>/vms/NEW)")
-	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	return cmd
 }
 
@@ -443,13 +379,14 @@ func printCreated(cmd *cobra.Command, h *vm.Registry, res *vm.Created, err error
 	}
 	if asJSON {
 		j := struct {
-			vmJSON
-			Notes []string `json:"notes"`
-		}{vmInfo(h, res.VM), res.Notes}
+			vm.Summary
+			Notes []string         `json:"notes"`
+			Next  []errdefs.Remedy `json:"next,omitempty"`
+		}{h.Summary(res.VM), res.Notes, res.Next}
 		return printJSON(cmd.OutOrStdout(), j)
 	}
 	c := res.VM.Config
-	fmt.Fprintf(cmd.OutOrStdout(), "%s %s (%s) in %s; TPM %s\n", verb, c.Name, c.UUID, res.VM.Dir, tpmStatus(c))
+	fmt.Fprintf(cmd.OutOrStdout(), "%s %s (%s) in %s; TPM %s\n", verb, c.Name, c.UUID, res.VM.Dir, c.TPMStatus())
 	for _, n := range res.Notes {
 		if strings.HasPrefix(n, "WARNING") {
 			fmt.Fprintln(cmd.ErrOrStderr(), n)
@@ -457,49 +394,42 @@ func printCreated(cmd *cobra.Command, h *vm.Registry, res *vm.Created, err error
 			fmt.Fprintln(cmd.OutOrStdout(), n)
 		}
 	}
+	for _, r := range res.Next {
+		fmt.Fprintln(cmd.OutOrStdout(), renderRemedy(r))
+	}
 	return nil
 }
 
 func vmTemplateCmd() *cobra.Command {
-	var path string
-	var asJSON bool
-	cmd := &cobra.Command{
+	return vmCopyCmd(&cobra.Command{
 		Use:   "template SRC NAME",
 		Short: "Make a template of a stopped VM: its bundle without TPM secrets, marked \"TPM required\" if it had one",
-		Args:  cobra.ExactArgs(2),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			h := vmRegistry()
-			src, err := h.Open(args[0])
-			if err != nil {
-				return err
-			}
-			res, err := h.Template(src, args[1], path)
-			return printCreated(cmd, h, res, err, "made template", asJSON)
-		},
-	}
-	cmd.Flags().StringVar(&path, "path", "", "bundle directory (default <data root>/vms/NAME)")
-	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
-	return cmd
+	}, "made template", (*vm.Registry).Template)
 }
 
 func vmDeployCmd() *cobra.Command {
-	var path string
-	var asJSON bool
-	cmd := &cobra.Command{
+	return vmCopyCmd(&cobra.Command{
 		Use:   "deploy TEMPLATE NEW",
 		Short: "Create a VM from a template, with a freshly manufactured vTPM when the template requires one",
-		Args:  cobra.ExactArgs(2),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			h := vmRegistry()
-			tmpl, err := h.Open(args[0])
-			if err != nil {
-				return err
-			}
-			res, err := h.Deploy(tmpl, args[1], path)
-			return printCreated(cmd, h, res, err, "deployed", asJSON)
-		},
+	}, "deployed", (*vm.Registry).Deploy)
+}
+
+// vmCopyCmd completes c, a command that makes a VM (its last argument) from
+// another (its first) with do, and prints it as made by verb ({src} is the
+// other's name).
+func vmCopyCmd(c *cobra.Command, verb string, do func(h *vm.Registry, src *vm.VM, name, path string) (*vm.Created, error)) *cobra.Command {
+	var path string
+	var asJSON bool
+	c.Args = cobra.ExactArgs(2)
+	c.RunE = func(cmd *cobra.Command, args []string) error {
+		h, src, err := openVM(args[0])
+		if err != nil {
+			return err
+		}
+		res, err := do(h, src, args[1], path)
+		return printCreated(cmd, h, res, err, strings.ReplaceAll(verb, "{src}", src.Name()), asJSON)
 	}
-	cmd.Flags().StringVar(&path, "path", "", "bundle directory (default <data root>/vms/NEW)")
-	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
-	return cmd
+	c.Flags().StringVar(&path, "path", "", "bundle directory (default <data root>/vms/"+strings.Fields(c.Use)[2]+")")
+	c.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	return c
 }

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"vtpm/internal/qemutest"
+	"vtpm/internal/testutil"
 )
 
 // TestVMStartRunsTPMUnprivileged: `vtpm vm start` run as root starts the
@@ -20,7 +21,7 @@ import (
 // bundle's tpm/ directory, and the guest still has its TPM.
 func TestVMStartRunsTPMUnprivileged(t *testing.T) {
 	if os.Geteuid() != 0 {
-		t.Skip("needs root: only root's vTPMs drop privileges")
+		testutil.Missing(t, "needs root: only root's vTPMs drop privileges")
 	}
 	qemutest.SkipIfUnavailable(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
@@ -28,7 +29,7 @@ func TestVMStartRunsTPMUnprivileged(t *testing.T) {
 	want, err := user.Lookup("tss")
 	if err != nil {
 		if want, err = user.Lookup("nobody"); err != nil {
-			t.Skip("neither tss nor nobody exists")
+			testutil.Missing(t, "neither tss nor nobody exists")
 		}
 	}
 	dir := qemutest.ShortTempDir(t)

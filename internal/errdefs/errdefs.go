@@ -54,6 +54,9 @@ type Action string
 const (
 	// ActionDoctor reports what the host provides and how to fix it.
 	ActionDoctor Action = "host.doctor"
+	// ActionSandboxProbe confines a process as an instance and reports
+	// what it can still do (args: state, its scratch state directory).
+	ActionSandboxProbe Action = "host.doctor.probe-sandbox"
 	// ActionGuardianList lists the guardians this host holds.
 	ActionGuardianList Action = "guardian.list"
 	// ActionGuardianExport exports a guardian with its private keys where it
@@ -67,6 +70,9 @@ const (
 	// ActionProtectorGrant admits guardians to a TPM's key protector, on a
 	// host that can open it (args: tpm, certs).
 	ActionProtectorGrant Action = "protector.grant"
+	// ActionProtectorShow shows the guardians a TPM's key protector admits
+	// (args: tpm).
+	ActionProtectorShow Action = "protector.show"
 	// ActionKeyExport exports a TPM's data key (args: tpm, file).
 	ActionKeyExport Action = "key.export"
 	// ActionKeyImport imports a TPM's exported data key (args: file;

@@ -10,11 +10,13 @@ import (
 	"fmt"
 
 	"software.sslmate.com/src/go-pkcs12"
+
+	"vtpm/internal/errdefs"
 )
 
 // ErrWrongPassword is returned by ImportPKCS12 when the password does not
-// open the file.
-var ErrWrongPassword = errors.New("guardian: wrong PKCS#12 password")
+// open the file (errdefs.ErrPermissionDenied).
+var ErrWrongPassword error = errdefs.New(errdefs.ErrPermissionDenied, "guardian: wrong PKCS#12 password")
 
 const (
 	pemCertificate = "CERTIFICATE"

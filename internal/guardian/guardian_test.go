@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,6 +16,9 @@ import (
 	"testing"
 
 	"github.com/google/uuid"
+
+	"vtpm/internal/errdefs"
+	"vtpm/internal/testutil"
 )
 
 var kems = []KEM{MLKEM768X25519, DHKEMP256}
@@ -524,7 +528,7 @@ func TestPKCS12(t *testing.T) {
 func TestPKCS12OpenSSL(t *testing.T) {
 	openssl, err := exec.LookPath("openssl")
 	if err != nil {
-		t.Skip("openssl not installed")
+		testutil.Missing(t, "openssl not installed")
 	}
 	for _, kem := range kems {
 		t.Run(kem.String(), func(t *testing.T) {
@@ -606,5 +610,24 @@ func TestMigrationKey(t *testing.T) {
 	other[0] ^= 1
 	if bytes.Equal(MigrationKey(dek), MigrationKey(other)) {
 		t.Error("different data keys give the same migration key")
+	}
+}
+
+// TestErrorKinds: the package's errors match the errdefs kind a front end
+// maps them to.
+func TestErrorKinds(t *testing.T) {
+	for _, tt := range []struct {
+		err  error
+		kind error
+	}{
+		{fmt.Errorf("grant: %w", ErrNotOwner), errdefs.ErrPermissionDenied},
+		{ErrWrongDEK, errdefs.ErrInvalidArgument},
+		{fmt.Errorf("read: %w", ErrTampered), errdefs.ErrDataLoss},
+		{ErrWrongPassword, errdefs.ErrPermissionDenied},
+		{&NoGuardianError{TPM: uuid.New()}, errdefs.ErrPermissionDenied},
+	} {
+		if got := errdefs.KindOf(tt.err); got != tt.kind {
+			t.Errorf("KindOf(%v) = %v, want %v", tt.err, got, tt.kind)
+		}
 	}
 }

@@ -18,6 +18,8 @@ import (
 	"strings"
 
 	"github.com/google/uuid"
+
+	"vtpm/internal/errdefs"
 )
 
 // ProtectorFormat is the version of the key protector format written by
@@ -34,18 +36,20 @@ const (
 	migrationInfo = "vtpm migration key v1"
 )
 
+// Errors, each of one errdefs kind.
 var (
 	// ErrNotOwner is returned by Grant and Revoke when the guardian given as
-	// owner is not the protector's owner or lacks its private key.
-	ErrNotOwner = errors.New("guardian: not the protector's owner")
+	// owner is not the protector's owner or lacks its private key
+	// (errdefs.ErrPermissionDenied).
+	ErrNotOwner error = errdefs.New(errdefs.ErrPermissionDenied, "guardian: not the protector's owner")
 
 	// ErrWrongDEK is returned by Grant when the data key does not match the
-	// protector's key check value.
-	ErrWrongDEK = errors.New("guardian: data key does not belong to this protector")
+	// protector's key check value (errdefs.ErrInvalidArgument).
+	ErrWrongDEK error = errdefs.New(errdefs.ErrInvalidArgument, "guardian: data key does not belong to this protector")
 
 	// ErrTampered is returned by ParseProtector when the protector's
-	// signature or structure does not verify.
-	ErrTampered = errors.New("guardian: key protector was modified outside vtpm")
+	// signature or structure does not verify (errdefs.ErrDataLoss).
+	ErrTampered error = errdefs.New(errdefs.ErrDataLoss, "guardian: key protector was modified outside vtpm")
 )
 
 // A Protector holds a TPM's data key (DEK) wrapped with HPKE to each guardian
@@ -76,11 +80,15 @@ type Row struct {
 }
 
 // NoGuardianError is returned by Open when none of the given guardians holds
-// a row of the protector. Rows lists who could open it.
+// a row of the protector. Rows lists who could open it. It matches
+// errdefs.ErrPermissionDenied.
 type NoGuardianError struct {
 	TPM  uuid.UUID
 	Rows []Row
 }
+
+// Is reports whether target is errdefs.ErrPermissionDenied.
+func (e *NoGuardianError) Is(target error) bool { return target == errdefs.ErrPermissionDenied }
 
 func (e *NoGuardianError) Error() string {
 	var b strings.Builder

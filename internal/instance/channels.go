@@ -18,14 +18,14 @@ import (
 // listen creates the listening sockets before privileges are dropped.
 func (in *Instance) listen() error {
 	var err error
-	if c := in.cfg.Ctrl; c != nil && c.ClientFD < 0 {
+	if c := in.opts.Ctrl; c != nil && c.ClientFD < 0 {
 		if in.ctrlLn, err = in.listenEndpoint("--ctrl", c); err != nil {
 			return err
 		}
 	}
 	// --server type=tcp,fd=N is an already connected socket (swtpm_setup
 	// passes a socketpair end); only the other forms listen.
-	if s := in.cfg.Server; s != nil && !(s.Type == "tcp" && s.FD >= 0) {
+	if s := in.opts.Server; s != nil && !(s.Type == "tcp" && s.FD >= 0) {
 		if in.dataLn, err = in.listenEndpoint("--server", s); err != nil {
 			return err
 		}
@@ -78,7 +78,7 @@ func fdConn(fd int, what string) (net.Conn, error) {
 }
 
 func (in *Instance) startCtrl() error {
-	c := in.cfg.Ctrl
+	c := in.opts.Ctrl
 	if c.ClientFD >= 0 {
 		conn, err := fdConn(c.ClientFD, "--ctrl clientfd")
 		if err != nil {
@@ -111,20 +111,20 @@ func (in *Instance) startCtrl() error {
 
 func (in *Instance) startData() error {
 	switch {
-	case in.cfg.DataFD >= 0:
-		conn, err := fdConn(in.cfg.DataFD, "--fd")
+	case in.opts.DataFD >= 0:
+		conn, err := fdConn(in.opts.DataFD, "--fd")
 		if err != nil {
 			return err
 		}
 		in.setData(conn)
 		go in.serveData(conn, false, true)
-	case in.cfg.Server != nil && in.dataLn == nil: // tcp,fd=N: connected
-		conn, err := fdConn(in.cfg.Server.FD, "--server fd")
+	case in.opts.Server != nil && in.dataLn == nil: // tcp,fd=N: connected
+		conn, err := fdConn(in.opts.Server.FD, "--server fd")
 		if err != nil {
 			return err
 		}
 		in.setData(conn)
-		go in.serveData(conn, in.cfg.Server.Disconnect, true)
+		go in.serveData(conn, in.opts.Server.Disconnect, true)
 	case in.dataLn != nil:
 		go func() {
 			for {
@@ -138,7 +138,7 @@ func (in *Instance) startData() error {
 					return
 				}
 				in.setData(conn)
-				in.serveData(conn, in.cfg.Server.Disconnect, in.cfg.Terminate)
+				in.serveData(conn, in.opts.Server.Disconnect, in.opts.Terminate)
 			}
 		}()
 	}

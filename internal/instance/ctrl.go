@@ -1,26 +1,13 @@
 package instance
 
 import (
-	"errors"
 	"net"
 
 	"vtpm/internal/libtpms"
 	"vtpm/internal/swtpm"
 	"vtpm/internal/swtpm/statefile"
+	"vtpm/internal/tpmrc"
 )
-
-// code maps an error to the control-channel result swtpm would send.
-func code(err error) uint32 {
-	var r libtpms.Result
-	if errors.As(err, &r) {
-		return uint32(r)
-	}
-	var s statefile.Result
-	if errors.As(err, &s) {
-		return uint32(s)
-	}
-	return swtpm.ResFail
-}
 
 // handleCtrl executes one control command. The returned func, if any, runs
 // after the response has been written (CMD_SHUTDOWN exits only then).
@@ -32,13 +19,13 @@ func (in *Instance) handleCtrl(req *swtpm.Request) (rsp []byte, after func()) {
 	running := in.tpm.Running()
 	if req.Malformed {
 		if swtpm.NeedsRunning(req.Cmd) && !running {
-			return swtpm.Result(swtpm.ResBadOrdinal), nil
+			return swtpm.Result(tpmrc.TPMBadOrdinal), nil
 		}
-		return swtpm.Result(swtpm.ResBadParameter), nil
+		return swtpm.Result(tpmrc.TPMBadParameter), nil
 	}
 	needRunning := func() []byte {
 		if !running {
-			return swtpm.Result(swtpm.ResBadOrdinal)
+			return swtpm.Result(tpmrc.TPMBadOrdinal)
 		}
 		return nil
 	}
@@ -50,22 +37,22 @@ func (in *Instance) handleCtrl(req *swtpm.Request) (rsp []byte, after func()) {
 		in.stopTPM()
 		if err := in.tpm.Init(); err != nil {
 			in.log.Error("CMD_INIT failed", "err", err)
-			return swtpm.Result(code(err)), nil
+			return swtpm.Result(tpmrc.Of(err)), nil
 		}
 		if req.U32(0)&swtpm.InitFlagDeleteVolatile != 0 {
 			if err := in.store.Delete(libtpms.Volatile.Name(), false); err != nil {
 				in.log.Warn("delete volatile state", "err", err)
 			}
 		}
-		return swtpm.Result(0), nil
+		return swtpm.Result(tpmrc.TPMSuccess), nil
 
 	case swtpm.CmdShutdown:
 		in.stopTPM()
-		return swtpm.Result(0), func() { in.finish(nil) }
+		return swtpm.Result(tpmrc.TPMSuccess), func() { in.finish(nil) }
 
 	case swtpm.CmdStop:
 		in.stopTPM()
-		return swtpm.Result(0), nil
+		return swtpm.Result(tpmrc.TPMSuccess), nil
 
 	case swtpm.CmdGetTPMEstablished:
 		if r := needRunning(); r != nil {
@@ -73,21 +60,21 @@ func (in *Instance) handleCtrl(req *swtpm.Request) (rsp []byte, after func()) {
 		}
 		est, err := in.tpm.Established()
 		if err != nil {
-			return swtpm.Result(code(err)), nil
+			return swtpm.Result(tpmrc.Of(err)), nil
 		}
 		bit := uint32(0)
 		if est {
-			bit = 1 << 24 // u8 bit followed by 3 pad bytes
+			bit = 1 << 24 // ptm_est: a u8 bit followed by 3 pad bytes
 		}
 		return swtpm.U32s(0, bit), nil
 
 	case swtpm.CmdSetLocality:
 		loc := req.Body[0]
-		if loc > 4 || (loc == 4 && in.cfg.RejectLoc4) {
-			return swtpm.Result(swtpm.ResBadLocality), nil
+		if loc > 4 || (loc == 4 && in.opts.RejectLoc4) {
+			return swtpm.Result(tpmrc.TPMBadLocality), nil
 		}
 		in.tpm.SetLocality(loc)
-		return swtpm.Result(0), nil
+		return swtpm.Result(tpmrc.TPMSuccess), nil
 
 	case swtpm.CmdResetTPMEstablished:
 		if r := needRunning(); r != nil {
@@ -95,13 +82,13 @@ func (in *Instance) handleCtrl(req *swtpm.Request) (rsp []byte, after func()) {
 		}
 		loc := req.Body[0]
 		if loc > 4 {
-			return swtpm.Result(swtpm.ResBadLocality), nil
+			return swtpm.Result(tpmrc.TPMBadLocality), nil
 		}
 		old := in.tpm.Locality()
 		in.tpm.SetLocality(loc)
 		err := in.tpm.ResetEstablished()
 		in.tpm.SetLocality(old)
-		return swtpm.Result(resultOf(err)), nil
+		return swtpm.Result(tpmrc.Of(err)), nil
 
 	case swtpm.CmdHashStart, swtpm.CmdHashData, swtpm.CmdHashEnd:
 		if r := needRunning(); r != nil {
@@ -116,14 +103,14 @@ func (in *Instance) handleCtrl(req *swtpm.Request) (rsp []byte, after func()) {
 		default:
 			err = in.tpm.HashEnd()
 		}
-		return swtpm.Result(resultOf(err)), nil
+		return swtpm.Result(tpmrc.Of(err)), nil
 
 	case swtpm.CmdCancelTPMCmd:
 		if r := needRunning(); r != nil {
 			return r, nil
 		}
 		in.tpm.Cancel()
-		return swtpm.Result(0), nil
+		return swtpm.Result(tpmrc.TPMSuccess), nil
 
 	case swtpm.CmdStoreVolatile:
 		if r := needRunning(); r != nil {
@@ -137,7 +124,7 @@ func (in *Instance) handleCtrl(req *swtpm.Request) (rsp []byte, after func()) {
 		if err != nil {
 			in.log.Error("CMD_STORE_VOLATILE failed", "err", err)
 		}
-		return swtpm.Result(resultOf(err)), nil
+		return swtpm.Result(tpmrc.Of(err)), nil
 
 	case swtpm.CmdGetStateBlob:
 		if r := needRunning(); r != nil {
@@ -147,17 +134,17 @@ func (in *Instance) handleCtrl(req *swtpm.Request) (rsp []byte, after func()) {
 
 	case swtpm.CmdSetStateBlob:
 		if running {
-			return swtpm.Result(swtpm.ResBadOrdinal), nil
+			return swtpm.Result(tpmrc.TPMBadOrdinal), nil
 		}
 		return in.setStateBlob(req.U32(0), req.U32(1), req.Blob), nil
 
 	case swtpm.CmdGetConfig:
 		var flags uint32
 		if in.fileKey != nil {
-			flags |= 1
+			flags |= swtpm.ConfigFlagFileKey
 		}
 		if in.migKey != nil {
-			flags |= 2
+			flags |= swtpm.ConfigFlagMigrationKey
 		}
 		return swtpm.U32s(0, flags), nil
 
@@ -167,7 +154,7 @@ func (in *Instance) handleCtrl(req *swtpm.Request) (rsp []byte, after func()) {
 	case swtpm.CmdSetBufferSize:
 		wanted := req.U32(0)
 		if wanted > 0 && running {
-			return swtpm.Result(swtpm.ResBadOrdinal), nil
+			return swtpm.Result(tpmrc.TPMBadOrdinal), nil
 		}
 		size, lo, hi := in.tpm.SetBufferSize(wanted)
 		return swtpm.U32s(0, size, lo, hi), nil
@@ -177,26 +164,19 @@ func (in *Instance) handleCtrl(req *swtpm.Request) (rsp []byte, after func()) {
 		offset := req.U32(2)
 		info, err := in.tpm.GetInfo(uint32(flags))
 		if err != nil {
-			return swtpm.Result(code(err)), nil
+			return swtpm.Result(tpmrc.Of(err)), nil
 		}
 		data := append([]byte(info), 0)
 		if int(offset) >= len(info) {
-			return swtpm.Result(swtpm.ResBadParameter), nil
+			return swtpm.Result(tpmrc.TPMBadParameter), nil
 		}
 		chunk := data[offset:]
-		if len(chunk) > 3072 {
-			chunk = chunk[:3072]
+		if len(chunk) > swtpm.MaxInfoChunk {
+			chunk = chunk[:swtpm.MaxInfoChunk]
 		}
 		return append(swtpm.U32s(0, uint32(len(data)), uint32(len(chunk))), chunk...), nil
 	}
-	return swtpm.Result(swtpm.ResBadOrdinal), nil
-}
-
-func resultOf(err error) uint32 {
-	if err == nil {
-		return 0
-	}
-	return code(err)
+	return swtpm.Result(tpmrc.TPMBadOrdinal), nil
 }
 
 var blobTypes = map[uint32]libtpms.StateType{
@@ -220,19 +200,19 @@ func (in *Instance) getStateBlob(flags, typ, offset uint32) []byte {
 			}
 		}
 	case swtpm.BlobSaveState:
-		return swtpm.U32s(swtpm.ResRetry, 0, 0, 0) // TPM 2.0 has no savestate
+		return swtpm.U32s(uint32(tpmrc.TPMRetry), 0, 0, 0) // TPM 2.0 has no savestate
 	default:
-		return swtpm.Result(swtpm.ResFail)
+		return swtpm.Result(tpmrc.TPMFail)
 	}
 	if err != nil {
 		in.log.Error("CMD_GET_STATEBLOB failed", "type", typ, "err", err)
-		return swtpm.Result(code(err))
+		return swtpm.Result(tpmrc.Of(err))
 	}
 	blob, sflags, err := statefile.EncodeMigration(plain, in.fileKey, in.migKey, flags&swtpm.StateFlagDecrypted != 0)
 	clear(plain)
 	if err != nil {
 		in.log.Error("CMD_GET_STATEBLOB: encode", "err", err)
-		return swtpm.Result(code(err))
+		return swtpm.Result(tpmrc.Of(err))
 	}
 	if int(offset) > len(blob) {
 		offset = uint32(len(blob))
@@ -244,7 +224,7 @@ func (in *Instance) getStateBlob(flags, typ, offset uint32) []byte {
 func (in *Instance) setStateBlob(flags, typ uint32, blob []byte) []byte {
 	st, ok := blobTypes[typ]
 	if !ok {
-		return swtpm.Result(swtpm.ResFail)
+		return swtpm.Result(tpmrc.TPMFail)
 	}
 	if len(blob) == 0 {
 		switch st {
@@ -253,64 +233,64 @@ func (in *Instance) setStateBlob(flags, typ uint32, blob []byte) []byte {
 			// reads; SetState(nil) would drop every cached blob, losing
 			// the permanent and volatile state loaded just before (as
 			// swtpm_ioctl --load of all three saved types does).
-			return swtpm.Result(0)
+			return swtpm.Result(tpmrc.TPMSuccess)
 		case libtpms.Volatile:
 			// swtpm forgets only the volatile blob. libtpms can only drop
 			// every cached blob, so the permanent one (cached, or read
 			// from the store) is put back.
 			perm, perr := in.tpm.GetState(libtpms.Permanent)
 			if err := in.tpm.SetState(st, nil); err != nil {
-				return swtpm.Result(code(err))
+				return swtpm.Result(tpmrc.Of(err))
 			}
 			if perr == nil && len(perm) > 0 {
 				err := in.tpm.SetState(libtpms.Permanent, perm)
 				clear(perm)
-				return swtpm.Result(resultOf(err))
+				return swtpm.Result(tpmrc.Of(err))
 			}
-			return swtpm.Result(0)
+			return swtpm.Result(tpmrc.TPMSuccess)
 		}
-		return swtpm.Result(resultOf(in.tpm.SetState(st, nil)))
+		return swtpm.Result(tpmrc.Of(in.tpm.SetState(st, nil)))
 	}
 	plain, err := statefile.DecodeMigration(blob, flags, in.fileKey, in.migKey)
 	if err != nil {
 		in.log.Error("CMD_SET_STATEBLOB rejected the blob", "type", typ, "err", err)
-		return swtpm.Result(code(err))
+		return swtpm.Result(tpmrc.Of(err))
 	}
 	err = in.tpm.SetState(st, plain)
 	clear(plain)
 	if err != nil {
 		in.log.Error("CMD_SET_STATEBLOB: libtpms refused the state", "type", typ, "err", err)
 	}
-	return swtpm.Result(resultOf(err))
+	return swtpm.Result(tpmrc.Of(err))
 }
 
 func (in *Instance) setDataFD(req *swtpm.Request) []byte {
-	if in.cfg.Ctrl == nil || in.cfg.Ctrl.Type != "unixio" {
+	if in.opts.Ctrl == nil || in.opts.Ctrl.Type != "unixio" {
 		if req.FD != nil {
 			req.FD.Close()
 		}
-		return swtpm.Result(swtpm.ResBadOrdinal)
+		return swtpm.Result(tpmrc.TPMBadOrdinal)
 	}
 	// As swtpm, a data channel from --server or --fd counts as set even
 	// while no client is connected.
 	in.mu.Lock()
-	busy := in.dataConn != nil || in.cfg.Server != nil || in.cfg.DataFD >= 0
+	busy := in.dataConn != nil || in.opts.Server != nil || in.opts.DataFD >= 0
 	in.mu.Unlock()
 	if busy {
 		if req.FD != nil {
 			req.FD.Close()
 		}
-		return swtpm.Result(swtpm.ResIOError)
+		return swtpm.Result(tpmrc.TPMIOError)
 	}
 	if req.FD == nil {
-		return swtpm.Result(swtpm.ResBadParameter)
+		return swtpm.Result(tpmrc.TPMBadParameter)
 	}
 	conn, err := net.FileConn(req.FD)
 	req.FD.Close()
 	if err != nil {
-		return swtpm.Result(swtpm.ResBadParameter)
+		return swtpm.Result(tpmrc.TPMBadParameter)
 	}
 	in.setData(conn)
-	go in.serveData(conn, false, in.cfg.Terminate)
-	return swtpm.Result(0)
+	go in.serveData(conn, false, in.opts.Terminate)
+	return swtpm.Result(tpmrc.TPMSuccess)
 }

@@ -5,6 +5,7 @@ package instance
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -13,21 +14,24 @@ import (
 	"strconv"
 	"sync"
 
+	"github.com/google/go-tpm/tpm2"
+
 	"vtpm/internal/libtpms"
 	"vtpm/internal/sandbox"
-	"vtpm/internal/seal"
 	"vtpm/internal/secret"
+	"vtpm/internal/state"
 	"vtpm/internal/swtpm"
 	"vtpm/internal/swtpm/statefile"
+	"vtpm/internal/tpmrc"
 )
 
 // Instance is one running vTPM.
 type Instance struct {
-	cfg     *swtpm.Config
+	opts    *swtpm.Options    // swtpm's command line
+	ext     *swtpm.Extensions // vtpm's own options
 	log     *slog.Logger
 	tpm     *libtpms.TPM
-	store   store
-	format  Format
+	store   state.Storage
 	fileKey *statefile.Key
 	migKey  *statefile.Key
 	migMem  *secret.Bytes // the migration key derived from the data key, if any
@@ -53,11 +57,11 @@ type Instance struct {
 	OnReady func()
 }
 
-// New prepares an instance from a parsed command line: keys, the state store
-// (verified readable), libtpms, and the listening sockets. Nothing is served
-// until Run.
-func New(cfg *swtpm.Config, log *slog.Logger) (_ *Instance, err error) {
-	in := &Instance{cfg: cfg, log: log, done: make(chan struct{})}
+// New prepares an instance from a parsed command line (swtpm's options and
+// vtpm's extensions): keys, the state store (verified readable), libtpms,
+// and the listening sockets. Nothing is served until Run.
+func New(opts *swtpm.Options, ext *swtpm.Extensions, log *slog.Logger) (_ *Instance, err error) {
+	in := &Instance{opts: opts, ext: ext, log: log, done: make(chan struct{})}
 	defer func() {
 		if err != nil {
 			in.cleanup()
@@ -65,38 +69,38 @@ func New(cfg *swtpm.Config, log *slog.Logger) (_ *Instance, err error) {
 	}()
 	// A --runas that would not drop privileges (root, ids that do not
 	// parse) is refused before anything is opened or created.
-	if cfg.RunAs != "" {
-		if _, _, err := sandbox.LookupUser(cfg.RunAs); err != nil {
+	if opts.RunAs != "" {
+		if _, _, err := sandbox.LookupUser(opts.RunAs); err != nil {
 			return nil, err
 		}
 	}
 	// What the confined process needs of the data root is made to exist
 	// first: it may then write only its own generation record there.
-	in.format = chooseFormat(cfg)
+	format := state.Choose(opts.StateDir, opts.Key != "")
 	var genRecord string
-	if in.format == FormatSealed {
-		if genRecord, err = prepareSealed(cfg, log); err != nil {
+	if format == state.Sealed {
+		if genRecord, err = prepareSealed(opts.StateDir, ext.DataKey, log); err != nil {
 			return nil, err
 		}
 	}
 	// Sandbox, step 1 (internal/sandbox): re-executes this process confined
 	// to writing its own state, so it comes before anything is read or bound.
-	if in.sandbox, err = sandbox.Enter(sandbox.ForInstance(cfg, genRecord), log); err != nil {
+	if in.sandbox, err = sandbox.Enter(SandboxPolicy(opts, ext.Isolation, genRecord), log); err != nil {
 		return nil, err
 	}
-	if cfg.Key != "" {
-		if in.fileKey, err = statefile.ParseKeyOption(cfg.Key); err != nil {
+	if opts.Key != "" {
+		if in.fileKey, err = statefile.ParseKeyOption(opts.Key); err != nil {
 			return nil, fmt.Errorf("--key: %w", err)
 		}
 	}
-	if cfg.MigrationKey != "" {
-		if in.migKey, err = statefile.ParseKeyOption(cfg.MigrationKey); err != nil {
+	if opts.MigrationKey != "" {
+		if in.migKey, err = statefile.ParseKeyOption(opts.MigrationKey); err != nil {
 			return nil, fmt.Errorf("--migration-key: %w", err)
 		}
 	}
 	// Keys first: a TPM this host cannot open fails before any socket exists.
-	if in.format == FormatSealed {
-		if in.sealing, err = unlockSealed(cfg, log); err != nil {
+	if format == state.Sealed {
+		if in.sealing, err = unlockSealed(opts.StateDir, ext.DataKey, log); err != nil {
 			return nil, err
 		}
 		// The key broker keeps the key in locked memory if the host lets it.
@@ -114,60 +118,59 @@ func New(cfg *swtpm.Config, log *slog.Logger) (_ *Instance, err error) {
 	if err = in.listen(); err != nil {
 		return nil, err
 	}
-	if cfg.RunAs != "" {
-		if err = dropPrivileges(cfg.RunAs, cfg.StateDir); err != nil {
+	if opts.RunAs != "" {
+		if err = dropPrivileges(opts.RunAs, opts.StateDir); err != nil {
 			return nil, err
 		}
 	}
-	if in.store, err = openStore(cfg, in.format, in.fileKey, in.sealing, log); err != nil {
+	opened, err := openStore(opts, format, in.fileKey, in.sealing, ext.AllowRollback, log)
+	if err != nil {
 		return nil, err
 	}
+	in.store = opened.Storage
 	if in.tpm, err = libtpms.Open(in.store); err != nil {
 		return nil, err
 	}
-	log.Info("vTPM ready", "state", cfg.StateDir, "format", in.format)
+	log.Info("vTPM ready", "state", opts.StateDir, "format", format)
 	return in, nil
 }
 
 // PrintStates lists the stored state blobs as swtpm --print-states does.
 // Sealed state is listed without its key.
-func PrintStates(cfg *swtpm.Config, log *slog.Logger, w io.Writer) error {
-	if cfg.StateDir != "" {
-		if _, err := os.Stat(cfg.StateDir); err != nil {
+func PrintStates(opts *swtpm.Options, log *slog.Logger, w io.Writer) error {
+	if opts.StateDir != "" {
+		if _, err := os.Stat(opts.StateDir); err != nil {
 			return fmt.Errorf("TPM state directory: %w", err)
 		}
 	}
-	var st []swtpm.StateInfo
-	if chooseFormat(cfg) == FormatSealed {
-		list, err := seal.ListStates(cfg.StateDir)
-		if err != nil {
-			return err
-		}
-		for _, x := range list {
-			st = append(st, swtpm.StateInfo{Name: x.Name, Size: x.Size})
-		}
+	var (
+		list []state.StateInfo
+		err  error
+	)
+	if state.Choose(opts.StateDir, opts.Key != "") == state.Sealed {
+		list, err = state.ListSealed(opts.StateDir)
 	} else {
 		var fileKey *statefile.Key
-		if cfg.Key != "" {
-			var err error
-			if fileKey, err = statefile.ParseKeyOption(cfg.Key); err != nil {
+		if opts.Key != "" {
+			if fileKey, err = statefile.ParseKeyOption(opts.Key); err != nil {
 				return fmt.Errorf("--key: %w", err)
 			}
 		}
-		s, err := openStore(cfg, FormatSwtpm, fileKey, nil, log)
-		if err != nil {
+		var s *state.Opened
+		if s, err = openStore(opts, state.Swtpm, fileKey, nil, false, log); err != nil {
 			return err
 		}
 		defer s.Close()
-		list, err := s.(statefile.Storage).States()
-		if err != nil {
-			return err
-		}
-		for _, x := range list {
-			st = append(st, swtpm.StateInfo{Name: x.Name, Size: x.Size})
-		}
+		list, err = s.States()
 	}
-	_, err := fmt.Fprintln(w, swtpm.StatesJSON(st))
+	if err != nil {
+		return err
+	}
+	var st []swtpm.StateInfo
+	for _, x := range list {
+		st = append(st, swtpm.StateInfo{Name: x.Name, Size: x.Size})
+	}
+	_, err = fmt.Fprintln(w, swtpm.StatesJSON(st))
 	return err
 }
 
@@ -175,7 +178,7 @@ func PrintStates(cfg *swtpm.Config, log *slog.Logger, w io.Writer) error {
 // ctx is cancelled. It writes the pid file once the TPM is ready.
 func (in *Instance) Run(ctx context.Context) error {
 	defer in.cleanup()
-	if in.cfg.NotNeedInit {
+	if in.opts.NotNeedInit {
 		if err := in.tpm.Init(); err != nil {
 			return fmt.Errorf("start TPM: %w", err)
 		}
@@ -190,7 +193,7 @@ func (in *Instance) Run(ctx context.Context) error {
 	if err := in.sandbox.Seal(); err != nil {
 		return err
 	}
-	if in.cfg.Ctrl != nil {
+	if in.opts.Ctrl != nil {
 		if err := in.startCtrl(); err != nil {
 			return err
 		}
@@ -235,8 +238,8 @@ func (in *Instance) cleanup() {
 	for _, p := range in.unlink {
 		os.Remove(p)
 	}
-	if in.cfg.PidFile != "" {
-		os.Remove(in.cfg.PidFile)
+	if in.opts.PidFile != "" {
+		os.Remove(in.opts.PidFile)
 	}
 	in.sandbox.Close() // wipes the locked key material
 }
@@ -250,9 +253,9 @@ func (in *Instance) stopTPM() {
 	orderly := in.lastShutdown
 	in.mu.Unlock()
 	if !orderly {
-		for _, su := range []uint16{1, 0} { // TPM_SU_STATE, then TPM_SU_CLEAR
-			rsp, err := in.tpm.Process(shutdownCmd(su))
-			if err == nil && len(rsp) >= 10 && binary.BigEndian.Uint32(rsp[6:]) == 0 {
+		// Save the state if the TPM can; else an orderly CLEAR shutdown.
+		for _, su := range []tpm2.TPMSU{tpm2.TPMSUState, tpm2.TPMSUClear} {
+			if _, err := (tpm2.Shutdown{ShutdownType: su}).Execute(in.tpm); err == nil {
 				break
 			}
 		}
@@ -260,55 +263,70 @@ func (in *Instance) stopTPM() {
 	in.tpm.Terminate()
 }
 
-func shutdownCmd(su uint16) []byte {
-	b := []byte{0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x45, 0, 0}
-	binary.BigEndian.PutUint16(b[10:], su)
-	return b
-}
-
 // startup sends TPM2_Startup as --flags startup-* asks.
 func (in *Instance) startup() error {
-	var su uint16
-	switch in.cfg.Startup {
+	var su tpm2.TPMSU
+	switch in.opts.Startup {
 	case "clear":
-		su = 0
+		su = tpm2.TPMSUClear
 	case "state":
-		su = 1
+		su = tpm2.TPMSUState
 	default:
 		return nil
 	}
-	cmd := []byte{0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x44, 0, 0}
-	binary.BigEndian.PutUint16(cmd[10:], su)
-	rsp, err := in.tpm.Process(cmd)
-	if err != nil {
+	_, err := (tpm2.Startup{StartupType: su}).Execute(in.tpm)
+	if err != nil && !errors.Is(err, tpm2.TPMRCInitialize) { // TPM_RC_INITIALIZE: already started
+		var rc tpm2.TPMRC
+		if errors.As(err, &rc) {
+			return fmt.Errorf("TPM2_Startup(%s) failed with TPM response code 0x%x: %w", in.opts.Startup, uint32(rc), err)
+		}
 		return fmt.Errorf("TPM2_Startup: %w", err)
-	}
-	if rc := binary.BigEndian.Uint32(rsp[6:]); rc != 0 && rc != 0x100 { // 0x100: already started
-		return fmt.Errorf("TPM2_Startup(%s) failed with TPM response code 0x%x", in.cfg.Startup, rc)
 	}
 	return nil
 }
 
 func (in *Instance) writePid() error {
 	pid := []byte(strconv.Itoa(os.Getpid()))
-	if in.cfg.PidFile != "" {
-		tmp := in.cfg.PidFile + ".tmp"
+	if in.opts.PidFile != "" {
+		tmp := in.opts.PidFile + ".tmp"
 		if err := os.WriteFile(tmp, pid, 0o644); err != nil {
 			return fmt.Errorf("write pid file: %w", err)
 		}
-		if err := os.Rename(tmp, in.cfg.PidFile); err != nil {
+		if err := os.Rename(tmp, in.opts.PidFile); err != nil {
 			return fmt.Errorf("write pid file: %w", err)
 		}
 	}
-	if in.cfg.PidFD >= 0 {
-		f := os.NewFile(uintptr(in.cfg.PidFD), "pid")
+	if in.opts.PidFD >= 0 {
+		f := os.NewFile(uintptr(in.opts.PidFD), "pid")
 		_, err := f.Write(pid)
 		f.Close()
 		if err != nil {
-			return fmt.Errorf("write pid to fd %d: %w", in.cfg.PidFD, err)
+			return fmt.Errorf("write pid to fd %d: %w", in.opts.PidFD, err)
 		}
 	}
 	return nil
+}
+
+// tpmHeaderSize is a TPM 2.0 command's or response's header: tag (u16),
+// size (u32), command or response code (u32).
+const tpmHeaderSize = 10
+
+// commandCode returns cmd's command code, or false when cmd is shorter than
+// a header.
+func commandCode(cmd []byte) (tpm2.TPMCC, bool) {
+	if len(cmd) < tpmHeaderSize {
+		return 0, false
+	}
+	return tpm2.TPMCC(binary.BigEndian.Uint32(cmd[6:tpmHeaderSize])), true
+}
+
+// responseCode returns rsp's response code, or false when rsp is shorter
+// than a header.
+func responseCode(rsp []byte) (tpmrc.Code, bool) {
+	if len(rsp) < tpmHeaderSize {
+		return 0, false
+	}
+	return tpmrc.Code(binary.BigEndian.Uint32(rsp[6:tpmHeaderSize])), true
 }
 
 // process runs one TPM command from the data channel.
@@ -320,21 +338,23 @@ func (in *Instance) process(req *swtpm.DataRequest) []byte {
 		return swtpm.NotInitialized
 	}
 	cmd := req.Cmd
-	if len(cmd) >= 10 && binary.BigEndian.Uint32(cmd[6:]) == swtpm.CCSetLocality && in.cfg.AllowSetLoc {
-		if len(cmd) < 11 || cmd[10] > 4 {
-			return swtpm.TPMResponse(0x1C4) // TPM_RC_VALUE | parameter 1
+	cc, whole := commandCode(cmd)
+	if whole && cc == swtpm.CCSetLocality && in.opts.AllowSetLoc {
+		// The locality is the command's one-byte parameter.
+		if len(cmd) < tpmHeaderSize+1 || cmd[tpmHeaderSize] > 4 {
+			return swtpm.TPMResponse(tpmrc.TPMRCValue | tpmrc.TPMRCP | tpmrc.TPMRC1)
 		}
-		in.tpm.SetLocality(cmd[10])
-		return swtpm.TPMResponse(0)
+		in.tpm.SetLocality(cmd[tpmHeaderSize])
+		return swtpm.TPMResponse(tpmrc.TPMRCSuccess)
 	}
 	rsp, err := in.tpm.Process(cmd)
 	if err != nil {
 		in.log.Error("TPM command failed", "err", err)
-		return swtpm.TPMResponse(0x101)
+		return swtpm.TPMResponse(tpmrc.TPMRCFailure)
 	}
+	rc, ok := responseCode(rsp)
 	in.mu.Lock()
-	in.lastShutdown = len(cmd) >= 10 && binary.BigEndian.Uint32(cmd[6:]) == 0x145 &&
-		len(rsp) >= 10 && binary.BigEndian.Uint32(rsp[6:]) == 0
+	in.lastShutdown = whole && cc == tpm2.TPMCCShutdown && ok && rc == tpmrc.TPMRCSuccess
 	in.mu.Unlock()
 	return rsp
 }

@@ -17,7 +17,7 @@ import (
 // of the state directory a refused rollback.
 func TestRunAsKeepsRollbackProtection(t *testing.T) {
 	if os.Geteuid() != 0 {
-		t.Skip("--runas needs root")
+		testutil.Missing(t, "--runas needs root")
 	}
 	needTools(t)
 	testutil.Need(t, "tpm2_nvdefine", "tpm2_nvwrite")
@@ -109,7 +109,7 @@ func TestRunAsKeepsRollbackProtection(t *testing.T) {
 // reach (a parent is 0700 root) fails at start with the cause and the fix.
 func TestRunAsUnreachableState(t *testing.T) {
 	if os.Geteuid() != 0 {
-		t.Skip("--runas needs root")
+		testutil.Missing(t, "--runas needs root")
 	}
 	private := t.TempDir() // 0700, root's
 	if err := os.Chmod(private, 0o700); err != nil {

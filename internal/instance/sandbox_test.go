@@ -24,10 +24,10 @@ import (
 func needSandbox(t *testing.T) {
 	t.Helper()
 	if err := sandbox.SeccompAvailable(); err != nil {
-		t.Skipf("no seccomp: %v", err)
+		testutil.Missing(t, "no seccomp: %v", err)
 	}
 	if _, err := sandbox.LandlockABI(); err != nil {
-		t.Skipf("no Landlock: %v", err)
+		testutil.Missing(t, "no Landlock: %v", err)
 	}
 }
 
@@ -114,11 +114,11 @@ func TestInstanceIsNotDumpable(t *testing.T) {
 	needTools(t)
 	needSandbox(t)
 	if os.Geteuid() != 0 {
-		t.Skip("starting a process as another user needs root")
+		testutil.Missing(t, "starting a process as another user needs root")
 	}
 	u, err := user.Lookup("nobody")
 	if err != nil {
-		t.Skip("no user nobody")
+		testutil.Missing(t, "no user nobody")
 	}
 	uid, _ := strconv.Atoi(u.Uid)
 	gid, _ := strconv.Atoi(u.Gid)
@@ -195,7 +195,7 @@ type probeReport struct {
 }
 
 // TestSandboxProbe confines a process exactly as an instance is confined
-// (the hidden `vtpm doctor --probe-sandbox` calls the same sandbox.ForInstance,
+// (the hidden `vtpm doctor --probe-sandbox` calls the same SandboxPolicy,
 // Enter and Seal as instance.New and Run) and proves what it can and cannot do.
 func TestSandboxProbe(t *testing.T) {
 	t.Parallel()

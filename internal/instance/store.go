@@ -1,9 +1,7 @@
 package instance
 
 import (
-	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
 	"os"
 
@@ -11,42 +9,12 @@ import (
 
 	"vtpm/internal/keybroker"
 	"vtpm/internal/keystore"
-	"vtpm/internal/libtpms"
 	"vtpm/internal/paths"
 	"vtpm/internal/seal"
+	"vtpm/internal/state"
 	"vtpm/internal/swtpm"
 	"vtpm/internal/swtpm/statefile"
 )
-
-// store is where libtpms' blobs live: vtpm's sealed format or swtpm's files.
-type store interface {
-	libtpms.Storage
-	Close() error
-}
-
-// Format names a state format.
-type Format string
-
-const (
-	FormatSealed Format = "sealed"
-	FormatSwtpm  Format = "swtpm"
-)
-
-// chooseFormat keeps existing sealed state sealed (even when --key is given,
-// as libvirt keeps passing it after `vtpm state import`), keeps an existing
-// swtpm state in swtpm's format (so a libvirt VM keeps its TPM), uses swtpm's
-// format too when --key asks for its encryption, and otherwise seals.
-func chooseFormat(cfg *swtpm.Config) Format {
-	switch {
-	case cfg.StateFile != "":
-		return FormatSwtpm // swtpm's linear file backend; sealed state needs a directory
-	case cfg.StateDir != "" && seal.Exists(cfg.StateDir):
-		return FormatSealed
-	case cfg.Key != "" || (cfg.StateDir != "" && statefile.HasState(cfg.StateDir)):
-		return FormatSwtpm
-	}
-	return FormatSealed
-}
 
 // sealingKey is what opens sealed state: the TPM's data key (in the key
 // broker's locked memory) and the TPM's generation record. The instance
@@ -81,7 +49,7 @@ func openBroker(log *slog.Logger) (*keybroker.Broker, error) {
 // place). A record missing for a TPM that has state means rollback
 // protection starts over for it: that is said loudly, and remembered for
 // `doctor`.
-func prepareSealed(cfg *swtpm.Config, log *slog.Logger) (string, error) {
+func prepareSealed(stateDir, dataKey string, log *slog.Logger) (string, error) {
 	host, err := openBroker(log)
 	if err != nil {
 		return "", err
@@ -91,32 +59,32 @@ func prepareSealed(cfg *swtpm.Config, log *slog.Logger) (string, error) {
 		return "", err
 	}
 	var id uuid.UUID
-	if cfg.DataKey != "" {
+	if dataKey != "" {
 		// The key may come from a descriptor only the confined image reads.
-		if id, err = seal.Identify(cfg.StateDir); err != nil {
+		if id, err = seal.Identify(stateDir); err != nil {
 			return "", err
 		}
 	} else {
 		// Opening the key here creates a new TPM's identity and key
 		// protector, or reprovisions one, and a TPM this host cannot open
 		// fails before its generation record is touched.
-		o, err := host.OpenTPM(cfg.StateDir)
+		o, err := host.OpenTPM(stateDir)
 		if err != nil {
 			return "", err
 		}
 		id = o.TPM
-		warnReprovisioned(cfg.StateDir, o)
+		warnReprovisioned(stateDir, o)
 		o.Close()
 	}
-	reset, err := host.PrepareGenerations(id, cfg.StateDir)
+	reset, err := host.PrepareGenerations(id, stateDir)
 	if err != nil {
 		return "", fmt.Errorf("open the generation record of TPM %s (it detects rollback of the TPM's state): %w", id, err)
 	}
 	if reset {
 		fmt.Fprintf(os.Stderr, "vtpm: WARNING: ROLLBACK PROTECTION WAS RESET for TPM %s in %s: this host has no record of the TPM's last state generation "+
 			"(the record was deleted, or the TPM comes from another host), so an older copy of its state could not be told from the current one. "+
-			"The current state is taken as genuine and recorded from now on.\n", id, cfg.StateDir)
-		log.Warn("rollback protection was reset: no generation record for a TPM that has state", "tpm", id, "state", cfg.StateDir)
+			"The current state is taken as genuine and recorded from now on.\n", id, stateDir)
+		log.Warn("rollback protection was reset: no generation record for a TPM that has state", "tpm", id, "state", stateDir)
 	}
 	return host.Keystore().GenerationsPath(id), nil
 }
@@ -131,7 +99,7 @@ func warnReprovisioned(dir string, o *keybroker.Opened) {
 // from the TPM's key protector (a new state directory gets a fresh key and
 // a protector owned by this host's guardian), pins the TPM's generation
 // record and closes the keystore.
-func unlockSealed(cfg *swtpm.Config, log *slog.Logger) (_ *sealingKey, err error) {
+func unlockSealed(stateDir, dataKey string, log *slog.Logger) (_ *sealingKey, err error) {
 	host, err := openBroker(log)
 	if err != nil {
 		return nil, err
@@ -143,20 +111,20 @@ func unlockSealed(cfg *swtpm.Config, log *slog.Logger) (_ *sealingKey, err error
 			k.close()
 		}
 	}()
-	if cfg.DataKey != "" {
-		if k.key, err = keybroker.ParseDataKey(cfg.DataKey); err != nil {
+	if dataKey != "" {
+		if k.key, err = keybroker.ParseDataKey(dataKey); err != nil {
 			return nil, err
 		}
-		if k.tpm, err = seal.Identify(cfg.StateDir); err != nil {
+		if k.tpm, err = seal.Identify(stateDir); err != nil {
 			return nil, err
 		}
 	} else {
-		o, err := host.OpenTPM(cfg.StateDir)
+		o, err := host.OpenTPM(stateDir)
 		if err != nil {
 			return nil, err
 		}
 		k.key, k.tpm = o.Key, o.TPM
-		warnReprovisioned(cfg.StateDir, o)
+		warnReprovisioned(stateDir, o)
 		log.Info("opened the TPM's data key", "tpm", o.TPM, "by", o.By, "new", o.Created)
 	}
 	// Pinned while the process can still reach the keystore (root's, with
@@ -167,50 +135,35 @@ func unlockSealed(cfg *swtpm.Config, log *slog.Logger) (_ *sealingKey, err error
 	return k, nil
 }
 
-// openStore opens the state directory in its format and proves, before any
-// client is served, that the existing state can be read. key is nil for swtpm's format.
-func openStore(cfg *swtpm.Config, format Format, fileKey *statefile.Key, key *sealingKey, log *slog.Logger) (store, error) {
-	if format == FormatSwtpm {
-		var st statefile.Storage
-		var err error
-		if cfg.StateFile != "" {
-			st, err = statefile.OpenLinear(cfg.StateFile, fileKey, cfg.StateMode)
-		} else {
-			if err := os.MkdirAll(cfg.StateDir, 0o750); err != nil {
-				return nil, fmt.Errorf("create state directory: %w", err)
-			}
-			st, err = statefile.OpenDir(cfg.StateDir, fileKey, cfg.StateMode)
+// openStore opens the state in its format and proves, before any client is
+// served, that the existing state can be read. key is nil for swtpm's
+// format; allowRollback is --allow-rollback, for sealed state.
+func openStore(opts *swtpm.Options, format state.Format, fileKey *statefile.Key, key *sealingKey, allowRollback bool, log *slog.Logger) (*state.Opened, error) {
+	if format == state.Swtpm {
+		if opts.StateFile != "" {
+			return state.OpenSwtpmFile(opts.StateFile, fileKey, opts.StateMode)
 		}
-		if err != nil {
-			return nil, err
-		}
-		if err := st.Init(); err != nil {
-			st.Close()
-			return nil, err
-		}
-		return st, nil
+		return state.OpenSwtpm(opts.StateDir, fileKey, opts.StateMode)
 	}
-	if cfg.Key != "" {
-		log.Warn("the state directory holds vtpm sealed state: --key does not apply to it; it is sealed with the data key", "state", cfg.StateDir)
+	if opts.Key != "" {
+		log.Warn("the state directory holds vtpm sealed state: --key does not apply to it; it is sealed with the data key", "state", opts.StateDir)
 	}
 	mode := os.FileMode(0o600)
-	if cfg.StateModeSet {
-		mode = cfg.StateMode
+	if opts.StateModeSet {
+		mode = opts.StateMode
 	}
-	s, err := key.key.OpenStore(cfg.StateDir, seal.Options{
+	o, err := state.OpenSealedWith(opts.StateDir, key.key, seal.Options{
 		Generations:   key.pinned, // pinned before any privileges were dropped
-		AllowRollback: cfg.AllowRollback,
+		AllowRollback: allowRollback,
 		FileMode:      mode,
 		Logger:        log,
 	})
 	if err != nil {
 		return nil, err
 	}
-	for _, name := range []string{"permall", "volatilestate"} {
-		if _, err := s.Load(name); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			s.Close()
-			return nil, fmt.Errorf("TPM state in %s cannot be opened; nothing was changed: %w", cfg.StateDir, err)
-		}
+	if err := o.Check(); err != nil {
+		o.Close()
+		return nil, err
 	}
-	return s, nil
+	return o, nil
 }

@@ -12,9 +12,9 @@ import (
 
 	"github.com/google/uuid"
 
+	"vtpm/internal/errdefs"
 	"vtpm/internal/guardian"
 	"vtpm/internal/secret"
-
 	"vtpm/internal/swtpm/subopt"
 )
 
@@ -62,7 +62,7 @@ func decode(raw []byte, format string) ([]byte, error) {
 	switch format {
 	case "binary":
 		if len(raw) != 32 {
-			return nil, fmt.Errorf("--data-key: binary key has %d bytes, want 32", len(raw))
+			return nil, errdefs.New(errdefs.ErrInvalidArgument, "--data-key: binary key has %d bytes, want 32", len(raw))
 		}
 		return bytes.Clone(raw), nil
 	case "", "hex":
@@ -70,11 +70,11 @@ func decode(raw []byte, format string) ([]byte, error) {
 		k, err := hex.DecodeString(s)
 		if err != nil || len(k) != 32 {
 			clear(k)
-			return nil, errors.New("--data-key: want 64 hex digits (a 256-bit key), or format=binary")
+			return nil, errdefs.New(errdefs.ErrInvalidArgument, "--data-key: want 64 hex digits (a 256-bit key), or format=binary")
 		}
 		return k, nil
 	}
-	return nil, fmt.Errorf("--data-key: format=%q: want hex or binary", format)
+	return nil, errdefs.New(errdefs.ErrInvalidArgument, "--data-key: format=%q: want hex or binary", format)
 }
 
 // NewDataKeyFile writes a fresh random data key to a new file at path

@@ -97,17 +97,6 @@ func (k *Key) Export(passphrase string, created time.Time) ([]byte, error) {
 	return keyfile.Encrypt(keyfile.Key{TPM: k.tpm, DEK: k.bytes(), Created: created}, passphrase, nil)
 }
 
-// ImportKeyFile decrypts an exported key file with passphrase and stores
-// its key, as ImportKey does. It returns the TPM the key belongs to.
-func (h *Broker) ImportKeyFile(data []byte, passphrase string, replace bool) (uuid.UUID, error) {
-	k, err := keyfile.Decrypt(data, passphrase)
-	if err != nil {
-		return uuid.Nil, &KeyFileError{Err: err}
-	}
-	defer clear(k.DEK)
-	return k.TPM, h.importKey(k.TPM, k.DEK, replace)
-}
-
 // Equal reports, in constant time, whether k and o are the same key.
 func (k *Key) Equal(o *Key) bool {
 	return k.bytes() != nil && subtle.ConstantTimeCompare(k.bytes(), o.bytes()) == 1
@@ -134,13 +123,6 @@ func GrantProtector(p *guardian.Protector, gs []*guardian.Guardian, g, owner *gu
 	defer clear(dek)
 	return p.Grant(dek, g, owner)
 }
-
-// KeyFileError is a key file that does not decrypt (wrong passphrase, not a
-// key file, damaged).
-type KeyFileError struct{ Err error }
-
-func (e *KeyFileError) Error() string { return e.Err.Error() }
-func (e *KeyFileError) Unwrap() error { return e.Err }
 
 // Unseal verifies and decrypts one sealed file of the key's TPM (see
 // seal.Unseal), for tools that check state file by file.

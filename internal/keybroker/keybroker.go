@@ -17,15 +17,17 @@ import (
 	"github.com/google/uuid"
 
 	"vtpm/internal/atomicfile"
+	"vtpm/internal/errdefs"
 	"vtpm/internal/guardian"
 	"vtpm/internal/keystore"
 	"vtpm/internal/seal"
+	"vtpm/internal/state"
 )
 
 // Files beside the sealed state.
 const (
-	ProtectorFile = "protector.json"
-	PolicyFile    = "policy.json"
+	ProtectorFile = state.ProtectorFile
+	PolicyFile    = state.PolicyFile
 )
 
 // Keystore record kinds.
@@ -36,7 +38,7 @@ const (
 )
 
 // ErrConflict reports an import of something this host already holds.
-var ErrConflict = errors.New("already present")
+var ErrConflict error = errdefs.New(errdefs.ErrAlreadyExists, "already present")
 
 // Broker is this host's key material: its keystore and the guardians in it.
 type Broker struct {
@@ -152,18 +154,20 @@ func (h *Broker) Find(ref string) (*guardian.Guardian, error) {
 	}
 	switch len(found) {
 	case 0:
-		return nil, fmt.Errorf("no guardian %q on this host; `vtpm guardian list` shows the ones it holds", ref)
+		return nil, errdefs.New(errdefs.ErrNotFound, "no guardian %q on this host", ref).
+			With(errdefs.Do(errdefs.ActionGuardianList).WithNote("see the ones it holds"))
 	case 1:
 		return found[0], nil
 	}
-	return nil, fmt.Errorf("%q names %d guardians; give a fingerprint instead", ref, len(found))
+	return nil, errdefs.New(errdefs.ErrInvalidArgument, "%q names %d guardians; give a fingerprint instead", ref, len(found))
 }
 
 // Import adds a guardian (with its private key) to this host. A guardian
 // already present is a conflict unless replace is set.
 func (h *Broker) Import(g *guardian.Guardian, replace bool) error {
 	if !g.HasPrivate() {
-		return fmt.Errorf("guardian %s has no private key: a host can only hold guardians it can open protectors with; grant a certificate-only guardian with `vtpm protector grant` instead", g.Name())
+		return errdefs.New(errdefs.ErrInvalidArgument, "guardian %s has no private key: a host can only hold guardians it can open protectors with", g.Name()).
+			With(errdefs.Do(errdefs.ActionProtectorGrant).WithNote("grant a certificate-only guardian instead"))
 	}
 	if _, err := h.ks.Get(kindGuardian, g.Fingerprint()); err == nil && !replace {
 		return fmt.Errorf("guardian %s (%s) is %w on this host; pass --replace to overwrite it", g.Name(), g.Fingerprint(), ErrConflict)
@@ -182,7 +186,7 @@ func (h *Broker) Remove(ref string) (*guardian.Guardian, error) {
 		return nil, err
 	}
 	if g.Fingerprint() == local.Fingerprint() {
-		return nil, fmt.Errorf("guardian %s is this host's own guardian and cannot be removed", g.Name())
+		return nil, errdefs.New(errdefs.ErrFailedPrecondition, "guardian %s is this host's own guardian and cannot be removed", g.Name())
 	}
 	return g, h.ks.Delete(kindGuardian, g.Fingerprint())
 }
@@ -229,7 +233,7 @@ func (p Policy) validate() error {
 	case "fail", "reprovision":
 		return nil
 	}
-	return fmt.Errorf("on-missing-key %q: want fail or reprovision", p.OnMissingKey)
+	return errdefs.New(errdefs.ErrInvalidArgument, "on-missing-key %q: want fail or reprovision", p.OnMissingKey)
 }
 
 // WritePolicy stores dir's policy.
@@ -280,12 +284,25 @@ func (h *Broker) OpenTPM(dir string) (*Opened, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create state directory: %w", err)
 	}
-	unlock, err := seal.Lock(dir)
+	l, err := state.Lock(dir)
 	if err != nil {
 		return nil, err
 	}
-	defer unlock()
+	defer l.Unlock()
 	return h.openTPM(dir, true)
+}
+
+// A Broker is what opens sealed state (state.OpenSealed).
+var _ state.Keys = (*Broker)(nil)
+
+// OpenKey is OpenTPM for callers that need only the key and the TPM's
+// UUID; it makes a Broker the state.Keys that opens sealed state.
+func (h *Broker) OpenKey(dir string) (uuid.UUID, state.SealKey, error) {
+	o, err := h.OpenTPM(dir)
+	if err != nil {
+		return uuid.Nil, nil, err
+	}
+	return o.TPM, o.Key, nil
 }
 
 // errNeedLock: openTPM must change dir, so it has to run under dir's lock.
@@ -306,7 +323,8 @@ func (h *Broker) openTPM(dir string, locked bool) (*Opened, error) {
 			return opened(id, dek, "imported key")
 		}
 		if seal.HasBlobs(dir) {
-			return nil, fmt.Errorf("TPM %s in %s has sealed state but no key protector (%s): restore %s from a backup, or import the TPM's key with `vtpm key import`", id, dir, ProtectorFile, ProtectorFile)
+			return nil, errdefs.New(errdefs.ErrDataLoss, "TPM %s in %s has sealed state but no key protector (%s): restore %s from a backup, or import the TPM's key", id, dir, ProtectorFile, ProtectorFile).
+				With(errdefs.Do(errdefs.ActionKeyImport))
 		}
 		if !locked {
 			return nil, errNeedLock
@@ -317,7 +335,7 @@ func (h *Broker) openTPM(dir string, locked bool) (*Opened, error) {
 		return nil, err
 	}
 	if p.TPM() != id {
-		return nil, fmt.Errorf("%s belongs to TPM %s, but %s holds TPM %s: the files were mixed up; restore the right %s", filepath.Join(dir, ProtectorFile), p.TPM(), dir, id, ProtectorFile)
+		return nil, errdefs.New(errdefs.ErrDataLoss, "%s belongs to TPM %s, but %s holds TPM %s: the files were mixed up; restore the right %s", filepath.Join(dir, ProtectorFile), p.TPM(), dir, id, ProtectorFile)
 	}
 	gs, err := h.Guardians()
 	if err != nil {
@@ -389,28 +407,30 @@ func (h *Broker) create(dir string, id uuid.UUID) (*Opened, error) {
 	return &Opened{TPM: id, Key: k, By: local.Name(), Created: true}, nil
 }
 
+// backupPrefix starts the name of the directory reprovisioning moves a
+// TPM's old state into.
+const backupPrefix = "backup-"
+
 // reprovision moves the unopenable state into a timestamped backup directory
 // beside it and starts a fresh TPM. Nothing is deleted.
 // The caller holds dir's lock.
 func (h *Broker) reprovision(dir string, old uuid.UUID, why *guardian.NoGuardianError) (*Opened, error) {
-	backup := filepath.Join(dir, "backup-"+time.Now().UTC().Format("20060102T150405Z"))
-	if err := os.Mkdir(backup, 0o700); err != nil {
-		return nil, fmt.Errorf("reprovision: create backup directory: %w", err)
-	}
 	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return nil, err
 	}
+	var move []string
 	for _, e := range entries {
 		n := e.Name()
-		if n == seal.LockName || n == PolicyFile || strings.HasPrefix(n, "backup-") || e.Type()&fs.ModeSocket != 0 {
+		if n == state.LockFile || n == PolicyFile || strings.HasPrefix(n, backupPrefix) || e.Type()&fs.ModeSocket != 0 {
 			continue
 		}
-		if err := os.Rename(filepath.Join(dir, n), filepath.Join(backup, n)); err != nil {
-			return nil, fmt.Errorf("reprovision: move %s to %s: %w (the state is partly moved; nothing was deleted)", n, backup, err)
-		}
+		move = append(move, n)
 	}
-	atomicfile.SyncDir(dir)
+	backup, err := state.MoveAside(dir, backupPrefix+state.Stamp(time.Now()), move)
+	if err != nil {
+		return nil, fmt.Errorf("reprovision: %w", err)
+	}
 	id, err := seal.Identify(dir)
 	if err != nil {
 		return nil, err
@@ -445,8 +465,9 @@ func WriteProtector(dir string, p *guardian.Protector) error {
 	return atomicfile.Write(filepath.Join(dir, ProtectorFile), p.Marshal(), 0o600)
 }
 
-// MissingKeyError says that no guardian on this host can open a TPM, who
-// could, and the ways out.
+// MissingKeyError says that no guardian on this host can open a TPM: which
+// guardians could, which this host holds, and (Remedies) the ways out. It
+// matches errdefs.ErrPermissionDenied: this host is not admitted.
 type MissingKeyError struct {
 	Dir  string
 	TPM  uuid.UUID
@@ -469,12 +490,36 @@ func (e *MissingKeyError) Error() string {
 		fmt.Fprintf(&b, "  - %s (fingerprint %s)\n", g.Name(), g.Fingerprint())
 	}
 	if e.WrongImportedKey {
-		b.WriteString("The key this host imported for the TPM (`vtpm key import`) is not its key: it fails the protector's key check (exported from another copy of the TPM?); import the right one with `vtpm key import FILE --replace`.\n")
+		b.WriteString("The key this host imported for the TPM is not its key: it fails the protector's key check (exported from another copy of the TPM?).\n")
 	}
-	b.WriteString("Ways out:\n")
-	b.WriteString("  - import one of the admitted guardians: `vtpm guardian export NAME -o G.p12` where it lives, then `vtpm guardian import G.p12` here\n")
-	b.WriteString("  - grant this host from a host that can open the TPM: `vtpm guardian export --certs-only -o host.pem` here, then `vtpm protector grant DIR host.pem` there\n")
-	b.WriteString("  - import the TPM's key exported with `vtpm key export`: `vtpm key import FILE`\n")
-	fmt.Fprintf(&b, "  - or give up the old state and start a fresh TPM (kept as a backup): `vtpm tpm policy %s --on-missing-key reprovision`", e.Dir)
+	// The ways out are its Remedies, which front ends list after this.
+	b.WriteString("Ways out:")
 	return b.String()
+}
+
+// Is reports whether target is errdefs.ErrPermissionDenied.
+func (e *MissingKeyError) Is(target error) bool { return target == errdefs.ErrPermissionDenied }
+
+// Remedies are the ways out: bring an admitted guardian here, have a host
+// that can open the TPM admit this one, import the TPM's key, or give up
+// the old state.
+func (e *MissingKeyError) Remedies() []errdefs.Remedy {
+	const elsewhere = "on a host that can open the TPM"
+	var rs []errdefs.Remedy
+	if e.WrongImportedKey {
+		rs = append(rs, errdefs.Do(errdefs.ActionKeyImport, "replace", "true").WithNote("import the right key"))
+	}
+	export := errdefs.Do(errdefs.ActionGuardianExport, "file", "G.p12")
+	if len(e.Rows) == 1 {
+		export.Args["guardian"] = e.Rows[0].Name
+	}
+	return append(rs,
+		export.WithNote("import one of the admitted guardians: export it").On("where it lives"),
+		errdefs.Do(errdefs.ActionGuardianImport, "file", "G.p12").WithNote("then import it here"),
+		errdefs.Do(errdefs.ActionGuardianExportCerts, "file", "host.pem").WithNote("or grant this host from a host that can open the TPM: export this host's certificates"),
+		errdefs.Do(errdefs.ActionProtectorGrant, "certs", "host.pem").WithNote("then grant them").On(elsewhere),
+		errdefs.Do(errdefs.ActionKeyExport).WithNote("or import the TPM's key: export it").On(elsewhere),
+		errdefs.Do(errdefs.ActionKeyImport).WithNote("then import it here"),
+		errdefs.Do(errdefs.ActionTPMReprovision, "tpm", e.Dir).WithNote("or give up the old state and start a fresh TPM (kept as a backup)"),
+	)
 }

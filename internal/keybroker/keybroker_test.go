@@ -18,6 +18,7 @@ import (
 
 	"github.com/google/uuid"
 
+	"vtpm/internal/errdefs"
 	"vtpm/internal/guardian"
 	"vtpm/internal/keystore"
 	"vtpm/internal/seal"
@@ -293,10 +294,23 @@ func TestOpenTPMOnAnotherHost(t *testing.T) {
 				if !ok || !strings.Contains(admits, aFP) || strings.Contains(admits, bFP) || !strings.Contains(holds, bFP) {
 					t.Errorf("message does not list A's guardian as admitted and B's as held:\n%s", msg)
 				}
-				for _, want := range []string{"cannot be opened on this host", "Ways out", "vtpm guardian import", "vtpm protector grant", "vtpm key import", "vtpm tpm policy " + dir} {
+				for _, want := range []string{"cannot be opened on this host", "Ways out"} {
 					if !strings.Contains(msg, want) {
 						t.Errorf("message lacks %q:\n%s", want, msg)
 					}
+				}
+				for _, want := range []errdefs.Remedy{
+					errdefs.Do(errdefs.ActionGuardianImport),
+					errdefs.Do(errdefs.ActionProtectorGrant),
+					errdefs.Do(errdefs.ActionKeyImport),
+					errdefs.Do(errdefs.ActionTPMReprovision, "tpm", dir),
+				} {
+					if !offers(err, want) {
+						t.Errorf("ways out %+v lack %s %v", errdefs.Remedies(err), want.Action, want.Args)
+					}
+				}
+				if !errors.Is(err, errdefs.ErrPermissionDenied) {
+					t.Errorf("%v does not match errdefs.ErrPermissionDenied", err)
 				}
 				if !sameFiles(snapshot(t, dir), before) {
 					t.Error("a refused open changed the state directory")
@@ -539,6 +553,7 @@ func TestOpenTPMRefusesInconsistentFiles(t *testing.T) {
 		name    string
 		break_  func(t *testing.T, dir string)
 		wantErr []string
+		wantFix []errdefs.Remedy // among the ways out
 	}{
 		{
 			name: "sealed state without its protector",
@@ -547,7 +562,8 @@ func TestOpenTPMRefusesInconsistentFiles(t *testing.T) {
 					t.Fatal(err)
 				}
 			},
-			wantErr: []string{"no key protector", ProtectorFile, "vtpm key import"},
+			wantErr: []string{"no key protector", ProtectorFile},
+			wantFix: []errdefs.Remedy{errdefs.Do(errdefs.ActionKeyImport)},
 		},
 		{
 			name: "protector of another TPM",
@@ -599,6 +615,11 @@ func TestOpenTPMRefusesInconsistentFiles(t *testing.T) {
 			for _, w := range tc.wantErr {
 				if !strings.Contains(err.Error(), w) {
 					t.Errorf("error lacks %q: %v", w, err)
+				}
+			}
+			for _, w := range tc.wantFix {
+				if !offers(err, w) {
+					t.Errorf("ways out %+v lack %s %v", errdefs.Remedies(err), w.Action, w.Args)
 				}
 			}
 			if !sameFiles(snapshot(t, dir), before) {
@@ -847,4 +868,17 @@ func TestReprovisionConcurrentStart(t *testing.T) {
 			t.Fatalf("round %d: backups %v; want one (the fresh TPM of one opener was moved aside by another)", round, backups)
 		}
 	}
+}
+
+// offers reports whether err offers a way out with want's action and (at
+// least) want's arguments.
+func offers(err error, want errdefs.Remedy) bool {
+	return slices.ContainsFunc(errdefs.Remedies(err), func(r errdefs.Remedy) bool {
+		for k, v := range want.Args {
+			if r.Args[k] != v {
+				return false
+			}
+		}
+		return r.Action == want.Action
+	})
 }

@@ -150,7 +150,7 @@ func (g *genFile) read() (genRecord, int, error) {
 	buf := make([]byte, genSlots*genSlotSize)
 	n, err := g.f.ReadAt(buf, 0)
 	if err != nil && !errors.Is(err, io.EOF) {
-		return genRecord{}, 0, permOr(err, "read generation record %s: %v; check the disk and that vtpm runs as the keystore's owner", g.path, err)
+		return genRecord{}, 0, ownerOr(err, g.path, "read generation record %s: %v; check the disk", g.path, err)
 	}
 	buf = buf[:n]
 	best, newest := genRecord{}, -1
@@ -279,7 +279,7 @@ func (k *Keystore) openGenFile(id uuid.UUID, create bool) (*genFile, error) {
 			return err
 		}
 		if err != nil {
-			return permOr(err, "open generation record %s: %v; run vtpm as the keystore's owner (usually root: sudo)", p, err)
+			return ownerOr(err, p, "open generation record %s: %v", p, err)
 		}
 		return nil
 	}

@@ -15,6 +15,8 @@ import (
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
 	"github.com/google/go-tpm/tpm2/transport/linuxtpm"
+
+	"vtpm/internal/errdefs"
 )
 
 // DefaultHostTPM is the host TPM tried when Options.HostTPM is empty.
@@ -42,7 +44,7 @@ func openHostTPM(spec string) (transport.TPMCloser, error) {
 		case err == nil:
 			return t, nil
 		case errors.Is(err, fs.ErrPermission):
-			return nil, errf(ErrPermission, err, "cannot open host TPM %s: %v; run vtpm as root, or add this user to the group owning %s (usually tss)", arg, err, arg)
+			return nil, errf(ErrPermission, err, "cannot open host TPM %s: %v", arg, err).with(runAsOwner(arg), errdefs.Advise("or add this user to the group owning %s (usually tss)", arg))
 		default:
 			return nil, errf(ErrHostTPMMissing, err, "no host TPM at %s (%v); enable the TPM in the firmware and load the tpm_tis or tpm_crb driver, or set VTPM_HOST_TPM to the TPM to use", arg, err)
 		}

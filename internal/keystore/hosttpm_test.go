@@ -13,6 +13,7 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
+	"vtpm/internal/errdefs"
 	"vtpm/internal/testutil"
 )
 
@@ -144,10 +145,13 @@ func TestTPMSealed(t *testing.T) {
 	if !errors.Is(err, ErrHostTPMChanged) {
 		t.Fatalf("Open after the host TPM was replaced: %v, want ErrHostTPMChanged", err)
 	}
-	for _, want := range []string{"sealed to a different TPM", "cleared or replaced", "restore the host TPM's state", "vtpm guardian import", masterTPMFile} {
+	for _, want := range []string{"sealed to a different TPM", "cleared or replaced", "restore the host TPM's state", "mv " + dir + " " + dir + ".old", masterTPMFile} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q lacks %q", err, want)
 		}
+	}
+	if !hasRemedy(err, errdefs.Do(errdefs.ActionGuardianImport)) {
+		t.Errorf("error %q: ways out %+v, want importing the guardians' exports", err, errdefs.Remedies(err))
 	}
 
 	// No TPM at all.

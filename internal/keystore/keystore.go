@@ -18,35 +18,45 @@ import (
 	"sync"
 	"syscall"
 
+	"vtpm/internal/errdefs"
 	"vtpm/internal/secret"
 )
 
 // Sentinel errors. The errors returned by this package wrap one of them
 // (match with errors.Is) and carry a message naming the cause and the fix.
+// Each sentinel matches one errdefs kind.
 var (
 	// ErrCorrupt: a record or the master key file is damaged or does not
-	// decrypt under this keystore's master key.
-	ErrCorrupt = errors.New("keystore is corrupt")
+	// decrypt under this keystore's master key (errdefs.ErrDataLoss).
+	ErrCorrupt error = errdefs.New(errdefs.ErrDataLoss, "keystore is corrupt")
 	// ErrHostTPMChanged: the master key is sealed to a TPM other than the
-	// one reachable now (the host TPM was cleared or replaced).
-	ErrHostTPMChanged = errors.New("host TPM changed")
+	// one reachable now (the host TPM was cleared or replaced;
+	// errdefs.ErrFailedPrecondition).
+	ErrHostTPMChanged error = errdefs.New(errdefs.ErrFailedPrecondition, "host TPM changed")
 	// ErrHostTPMMissing: the master key is sealed to a host TPM (or a TPM
-	// was explicitly configured) and no TPM is reachable.
-	ErrHostTPMMissing = errors.New("host TPM missing")
+	// was explicitly configured) and no TPM is reachable
+	// (errdefs.ErrUnavailable).
+	ErrHostTPMMissing error = errdefs.New(errdefs.ErrUnavailable, "host TPM missing")
 	// ErrPermission: the keystore (or the host TPM) cannot be accessed, or
-	// the keystore directory is accessible to other users.
-	ErrPermission = errors.New("keystore permission problem")
+	// the keystore directory is accessible to other users
+	// (errdefs.ErrPermissionDenied).
+	ErrPermission error = errdefs.New(errdefs.ErrPermissionDenied, "keystore permission problem")
 )
 
 // Error is the detailed error type of this package. It matches its
-// sentinel and, when there is one, the underlying cause with errors.Is.
+// sentinel and, when there is one, the underlying cause with errors.Is;
+// Fix holds the ways out that are vtpm operations.
 type Error struct {
 	Msg   string
 	Kind  error // one of the sentinels
 	Cause error // may be nil
+	Fix   []errdefs.Remedy
 }
 
 func (e *Error) Error() string { return e.Msg }
+
+// Remedies returns the ways out.
+func (e *Error) Remedies() []errdefs.Remedy { return e.Fix }
 
 // Unwrap returns the sentinel and the cause.
 func (e *Error) Unwrap() []error {
@@ -56,8 +66,29 @@ func (e *Error) Unwrap() []error {
 	return []error{e.Kind, e.Cause}
 }
 
-func errf(kind, cause error, format string, args ...any) error {
+func errf(kind, cause error, format string, args ...any) *Error {
 	return &Error{Msg: fmt.Sprintf(format, args...), Kind: kind, Cause: cause}
+}
+
+// with adds ways out to e.
+func (e *Error) with(fix ...errdefs.Remedy) *Error {
+	e.Fix = append(e.Fix, fix...)
+	return e
+}
+
+// Ways out shared by several failures.
+var (
+	// ownDataRoot: a user without access to the host's keystore can keep
+	// a keystore of their own.
+	ownDataRoot = errdefs.Advise("or set VTPM_HOME to your own data root")
+	// recoverGuardians: guardians in a keystore that cannot be read any
+	// more come back from their exports.
+	recoverGuardians = errdefs.Do(errdefs.ActionGuardianImport)
+)
+
+// runAsOwner is the way out of a keystore path this user cannot reach.
+func runAsOwner(path string) errdefs.Remedy {
+	return errdefs.Do(errdefs.ActionRunAsOwner, "path", path)
 }
 
 // Options configures Open.
@@ -173,13 +204,13 @@ func prepareDir(dir string) error {
 		st, err = os.Lstat(dir)
 	}
 	if err != nil {
-		return permOr(err, "inspect keystore directory %s: %v; run vtpm as the user owning it (usually root: sudo), or set VTPM_HOME to your own data root", dir, err)
+		return permOr(err, "inspect keystore directory %s: %v", dir, err).with(runAsOwner(dir), ownDataRoot)
 	}
 	if st.Mode()&fs.ModeSymlink != 0 || !st.IsDir() {
 		return errf(ErrPermission, nil, "keystore %s is not a directory (%s); move it aside so vtpm can create the keystore, or restore the directory from backup", dir, st.Mode().Type())
 	}
 	if s, ok := st.Sys().(*syscall.Stat_t); ok && int(s.Uid) != geteuid() {
-		return errf(ErrPermission, nil, "keystore directory %s is owned by uid %d, but vtpm runs as uid %d; run vtpm as that user (for a root-owned keystore: sudo), or set VTPM_HOME to your own data root", dir, s.Uid, geteuid())
+		return errf(ErrPermission, nil, "keystore directory %s is owned by uid %d, but vtpm runs as uid %d", dir, s.Uid, geteuid()).with(runAsOwner(dir), ownDataRoot)
 	}
 	if perm := st.Mode().Perm(); perm&0o077 != 0 {
 		return errf(ErrPermission, nil, "keystore directory %s has mode %04o, so other users can reach the keys in it; run `chmod 700 %s` (and check nobody copied its files)", dir, perm, dir)
@@ -188,17 +219,27 @@ func prepareDir(dir string) error {
 }
 
 // permOr classifies an OS error as ErrPermission when it is one.
-func permOr(err error, format string, args ...any) error {
-	kind := error(ErrPermission)
+func permOr(err error, format string, args ...any) *Error {
+	kind := ErrPermission
 	if !errors.Is(err, fs.ErrPermission) {
 		kind = errGeneric
 	}
 	return errf(kind, err, format, args...)
 }
 
+// ownerOr is permOr whose way out of a permission error is to run as the
+// owner of path.
+func ownerOr(err error, path, format string, args ...any) *Error {
+	e := permOr(err, format, args...)
+	if e.Kind == ErrPermission {
+		e.with(runAsOwner(path))
+	}
+	return e
+}
+
 // errGeneric marks I/O failures that are neither permissions nor
 // corruption (disk full, I/O error).
-var errGeneric = errors.New("keystore I/O error")
+var errGeneric error = errdefs.New(errdefs.ErrUnavailable, "keystore I/O error")
 
 // lockedAEAD derives an AES-256-GCM key from secretKey with HKDF-SHA256
 // (info label) into locked memory, builds the AEAD from it and wipes it.
@@ -262,21 +303,23 @@ func (k *Keystore) seal(kind, name string, data []byte) ([]byte, error) {
 func (k *Keystore) open(kind, name string, file []byte) ([]byte, error) {
 	p := k.path(kind, name)
 	fix := "restore it from backup, or delete it and re-create what it held"
+	var ways []errdefs.Remedy
 	if kind == "guardian" || strings.HasPrefix(kind, "guardian") {
-		fix = "restore it from backup, or delete it and recover the guardian from an export with `vtpm guardian import`"
+		fix = "restore it from backup, or delete it and recover the guardian from its export"
+		ways = append(ways, recoverGuardians)
 	}
 	switch {
 	case len(file) < recHeader+nonceLen+k.aead.Overhead():
-		return nil, errf(ErrCorrupt, nil, "keystore record %s is truncated (%d bytes); %s", p, len(file), fix)
+		return nil, errf(ErrCorrupt, nil, "keystore record %s is truncated (%d bytes); %s", p, len(file), fix).with(ways...)
 	case string(file[:4]) != recMagic:
-		return nil, errf(ErrCorrupt, nil, "keystore record %s is not a keystore record (bad magic %q); %s", p, file[:4], fix)
+		return nil, errf(ErrCorrupt, nil, "keystore record %s is not a keystore record (bad magic %q); %s", p, file[:4], fix).with(ways...)
 	case file[4] != recVersion:
-		return nil, errf(ErrCorrupt, nil, "keystore record %s has unsupported format version %d (this vtpm reads version %d); use a newer vtpm, or %s", p, file[4], recVersion, fix)
+		return nil, errf(ErrCorrupt, nil, "keystore record %s has unsupported format version %d (this vtpm reads version %d); use a newer vtpm, or %s", p, file[4], recVersion, fix).with(ways...)
 	}
 	nonce := file[recHeader : recHeader+nonceLen]
 	data, err := k.aead.Open(nil, nonce, file[recHeader+nonceLen:], additionalData(kind, name))
 	if err != nil {
-		return nil, errf(ErrCorrupt, nil, "keystore record %s does not decrypt (it was modified, renamed, or written under another master key); %s", p, fix)
+		return nil, errf(ErrCorrupt, nil, "keystore record %s does not decrypt (it was modified, renamed, or written under another master key); %s", p, fix).with(ways...)
 	}
 	return data, nil
 }
@@ -343,7 +386,7 @@ func (k *Keystore) Get(kind, name string) ([]byte, error) {
 		return nil, fmt.Errorf("keystore has no %s record %q (%s): %w", kind, name, p, fs.ErrNotExist)
 	}
 	if err != nil {
-		return nil, permOr(err, "read keystore record %s: %v; run vtpm as the keystore's owner (usually root), and check the file is mode 0600", p, err)
+		return nil, ownerOr(err, k.dir, "read keystore record %s: %v; check the file is mode 0600", p, err)
 	}
 	return k.open(kind, name, file)
 }
@@ -360,7 +403,7 @@ func (k *Keystore) Delete(kind, name string) error {
 			if errors.Is(err, fs.ErrNotExist) {
 				return fmt.Errorf("keystore has no %s record %q (%s): %w", kind, name, p, fs.ErrNotExist)
 			}
-			return permOr(err, "delete keystore record %s: %v; run vtpm as the keystore's owner (usually root)", p, err)
+			return ownerOr(err, k.dir, "delete keystore record %s: %v", p, err)
 		}
 		return syncDir(filepath.Dir(p))
 	})
@@ -378,7 +421,7 @@ func (k *Keystore) List(kind string) ([]string, error) {
 		return nil, nil
 	}
 	if err != nil {
-		return nil, permOr(err, "list keystore directory %s: %v; run vtpm as the keystore's owner (usually root)", kdir, err)
+		return nil, ownerOr(err, k.dir, "list keystore directory %s: %v", kdir, err)
 	}
 	var names []string
 	for _, e := range ents {

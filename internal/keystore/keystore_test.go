@@ -3,15 +3,20 @@ package keystore
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"io/fs"
 	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
+
+	"vtpm/internal/errdefs"
+	"vtpm/internal/testutil"
 )
 
 func quietOpts(hostTPM string) Options {
@@ -241,8 +246,8 @@ func TestTamper(t *testing.T) {
 			if p := filepath.Join(dir, kind, name); !strings.Contains(err.Error(), p) {
 				t.Errorf("error %q does not name the file %s", err, p)
 			}
-			if kind == "guardian" && !strings.Contains(err.Error(), "vtpm guardian import") {
-				t.Errorf("error %q does not give the guardian recovery fix", err)
+			if kind == "guardian" && !hasRemedy(err, errdefs.Do(errdefs.ActionGuardianImport)) {
+				t.Errorf("error %q (ways out %+v) does not give the guardian recovery fix", err, errdefs.Remedies(err))
 			}
 		})
 	}
@@ -301,28 +306,30 @@ func TestPermissions(t *testing.T) {
 	tests := []struct {
 		name    string
 		setup   func(t *testing.T, dir string)
-		wantFix string
+		wantFix string // in the message
+		// wantOwner: a way out is to run as the keystore directory's owner.
+		wantOwner bool
 	}{
-		{"dir world-readable", func(t *testing.T, dir string) { os.Chmod(dir, 0o755) }, "chmod 700 "},
-		{"dir group-accessible", func(t *testing.T, dir string) { os.Chmod(dir, 0o710) }, "chmod 700 "},
+		{"dir world-readable", func(t *testing.T, dir string) { os.Chmod(dir, 0o755) }, "chmod 700 ", false},
+		{"dir group-accessible", func(t *testing.T, dir string) { os.Chmod(dir, 0o710) }, "chmod 700 ", false},
 		{"master key readable by others", func(t *testing.T, dir string) {
 			os.Chmod(filepath.Join(dir, masterFile), 0o644)
-		}, "chmod 600 "},
+		}, "chmod 600 ", false},
 		{"dir owned by another user", func(t *testing.T, dir string) {
 			old := geteuid
 			geteuid = func() int { return old() + 1000 }
 			t.Cleanup(func() { geteuid = old })
-		}, "sudo"},
+		}, "owned by uid", true},
 		{"dir is a symlink", func(t *testing.T, dir string) {
 			real := dir + ".real"
 			os.Rename(dir, real)
 			os.Symlink(real, dir)
-		}, "not a directory"},
+		}, "not a directory", false},
 		{"master key is a symlink", func(t *testing.T, dir string) {
 			mk := filepath.Join(dir, masterFile)
 			os.Rename(mk, mk+".elsewhere")
 			os.Symlink(mk+".elsewhere", mk)
-		}, "symbolic link"},
+		}, "symbolic link", false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -336,6 +343,9 @@ func TestPermissions(t *testing.T) {
 			}
 			if !strings.Contains(err.Error(), dir) || !strings.Contains(err.Error(), tt.wantFix) {
 				t.Errorf("error %q should name %s and the fix %q", err, dir, tt.wantFix)
+			}
+			if tt.wantOwner && !hasRemedy(err, errdefs.Do(errdefs.ActionRunAsOwner, "path", dir)) {
+				t.Errorf("error %q: ways out %+v, want running as the owner of %s", err, errdefs.Remedies(err), dir)
 			}
 		})
 	}
@@ -378,13 +388,16 @@ func TestNonRootHelper(t *testing.T) {
 		t.Fatalf("Open as uid %d: %v, want ErrPermission", os.Geteuid(), err)
 	}
 	os.Stdout.WriteString("ERROR: " + err.Error() + "\n")
+	for _, r := range errdefs.Remedies(err) {
+		fmt.Fprintf(os.Stdout, "FIX: %s %v %s\n", r.Action, r.Args, r.Note)
+	}
 }
 
 // TestNonRootOnRootKeystore runs Open as the unprivileged user "nobody"
 // against a root-owned keystore: one clear ErrPermission, no crash.
 func TestNonRootOnRootKeystore(t *testing.T) {
 	if os.Geteuid() != 0 {
-		t.Skip("needs root to switch to an unprivileged user")
+		testutil.Missing(t, "needs root to switch to an unprivileged user")
 	}
 	const nobody = 65534
 	// A world-traversable place for the test binary and the keystore's
@@ -417,7 +430,7 @@ func TestNonRootOnRootKeystore(t *testing.T) {
 		t.Fatalf("helper as uid %d: %v\n%s", nobody, err, out)
 	}
 	t.Logf("as uid %d: %s", nobody, out)
-	for _, want := range []string{dir, "owned by uid 0", "sudo", "VTPM_HOME"} {
+	for _, want := range []string{dir, "owned by uid 0", "FIX: " + string(errdefs.ActionRunAsOwner) + " map[path:" + dir + "]", "VTPM_HOME"} {
 		if !strings.Contains(string(out), want) {
 			t.Errorf("helper output lacks %q:\n%s", want, out)
 		}
@@ -446,4 +459,9 @@ func TestStaleTempFiles(t *testing.T) {
 	if got, err := k.Get("guardian", "local"); err != nil || string(got) != "v2" {
 		t.Errorf("Get = %q, %v; want v2", got, err)
 	}
+}
+
+// hasRemedy reports whether want is among err's ways out.
+func hasRemedy(err error, want errdefs.Remedy) bool {
+	return slices.ContainsFunc(errdefs.Remedies(err), want.Equal)
 }

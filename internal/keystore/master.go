@@ -14,8 +14,9 @@ import (
 	"syscall"
 )
 
-// fixChangedTPM is the advice for a keystore sealed to another TPM.
-const fixChangedTPM = "restore the host TPM's state; or move the keystore aside (mv KEYSTORE KEYSTORE.old — a new keystore and host guardian are created on next use) and recover the guardians you need from their exports with `vtpm guardian import`"
+// fixChangedTPM is the advice for a keystore sealed to another TPM; the
+// guardians then come back with recoverGuardians.
+const fixChangedTPM = "restore the host TPM's state; or move the keystore aside (mv KEYSTORE KEYSTORE.old — a new keystore and host guardian are created on next use) and recover the guardians you need from their exports"
 
 // masterTPM is the JSON content of master.tpm.
 type masterTPM struct {
@@ -37,7 +38,7 @@ func readPrivate(p string) ([]byte, error) {
 		if errors.Is(err, syscall.ELOOP) {
 			return nil, errf(ErrPermission, err, "keystore file %s is a symbolic link; replace it with the real file", p)
 		}
-		return nil, permOr(err, "read %s: %v; run vtpm as the keystore's owner (usually root: sudo)", p, err)
+		return nil, ownerOr(err, filepath.Dir(p), "read %s: %v", p, err)
 	}
 	defer f.Close()
 	st, err := f.Stat()
@@ -86,7 +87,7 @@ func loadMaster(dir string, opts Options, log *slog.Logger) ([]byte, Protection,
 	}
 	if len(key) != masterKeyLen {
 		clear(key)
-		return nil, Protection{}, errf(ErrCorrupt, nil, "keystore master key %s is damaged (%d bytes, want %d); restore it from backup, or move the keystore aside and recover this host's guardians from an export with `vtpm guardian import`", fp, len(key), masterKeyLen)
+		return nil, Protection{}, errf(ErrCorrupt, nil, "keystore master key %s is damaged (%d bytes, want %d); restore it from backup, or move the keystore aside and recover this host's guardians from their exports", fp, len(key), masterKeyLen).with(recoverGuardians)
 	}
 	if opts.HostTPM != "" && opts.HostTPM != "none" {
 		log.Warn("keystore master key is a file; the configured host TPM is not used for an existing keystore", "keystore", dir, "host_tpm", opts.HostTPM)
@@ -111,7 +112,7 @@ func unsealMaster(p string, data []byte, opts Options, log *slog.Logger) ([]byte
 		} else if m.Format != 1 {
 			why = fmt.Sprintf("format %d, want 1", m.Format)
 		}
-		return nil, Protection{}, errf(ErrCorrupt, err, "sealed master key %s is damaged (%s); restore it from backup, or move the keystore aside and recover this host's guardians from an export with `vtpm guardian import`", p, why)
+		return nil, Protection{}, errf(ErrCorrupt, err, "sealed master key %s is damaged (%s); restore it from backup, or move the keystore aside and recover this host's guardians from their exports", p, why).with(recoverGuardians)
 	}
 	spec := opts.HostTPM
 	switch spec {
@@ -131,9 +132,9 @@ func unsealMaster(p string, data []byte, opts Options, log *slog.Logger) ([]byte
 	key, persistent, err := unsealFromTPM(t, &sealedKey{public: m.Public, private: m.Private, srkName: m.SRKName})
 	switch {
 	case errors.Is(err, errTPMChanged):
-		return nil, Protection{}, errf(ErrHostTPMChanged, err, "the keystore's master key (%s) is sealed to a different TPM (the host TPM at %s was cleared or replaced; %s): %s", p, spec, strings.TrimPrefix(err.Error(), errTPMChanged.Error()+": "), strings.ReplaceAll(fixChangedTPM, "KEYSTORE", filepath.Dir(p)))
+		return nil, Protection{}, errf(ErrHostTPMChanged, err, "the keystore's master key (%s) is sealed to a different TPM (the host TPM at %s was cleared or replaced; %s): %s", p, spec, strings.TrimPrefix(err.Error(), errTPMChanged.Error()+": "), strings.ReplaceAll(fixChangedTPM, "KEYSTORE", filepath.Dir(p))).with(recoverGuardians)
 	case errors.Is(err, ErrCorrupt):
-		return nil, Protection{}, errf(ErrCorrupt, err, "sealed master key %s is damaged (%v); restore it from backup, or move the keystore aside and recover this host's guardians from an export with `vtpm guardian import`", p, err)
+		return nil, Protection{}, errf(ErrCorrupt, err, "sealed master key %s is damaged (%v); restore it from backup, or move the keystore aside and recover this host's guardians from their exports", p, err).with(recoverGuardians)
 	case err != nil:
 		var ke *Error
 		if errors.As(err, &ke) {
@@ -238,7 +239,7 @@ func sealMaster(spec string, key []byte) (*masterTPM, error) {
 func checkNoRecords(dir string) error {
 	ents, err := os.ReadDir(dir)
 	if err != nil {
-		return permOr(err, "list keystore directory %s: %v; run vtpm as the keystore's owner (usually root)", dir, err)
+		return ownerOr(err, dir, "list keystore directory %s: %v", dir, err)
 	}
 	for _, e := range ents {
 		if !e.IsDir() || !kindRE.MatchString(e.Name()) {
@@ -250,7 +251,7 @@ func checkNoRecords(dir string) error {
 		}
 		for _, r := range sub {
 			if nameRE.MatchString(r.Name()) {
-				return errf(ErrCorrupt, nil, "keystore %s holds records (%s/%s) but its master key (%s or %s) is missing; restore the master key file from backup, or move the keystore aside and recover this host's guardians from an export with `vtpm guardian import`", dir, e.Name(), r.Name(), masterTPMFile, masterFile)
+				return errf(ErrCorrupt, nil, "keystore %s holds records (%s/%s) but its master key (%s or %s) is missing; restore the master key file from backup, or move the keystore aside and recover this host's guardians from their exports", dir, e.Name(), r.Name(), masterTPMFile, masterFile).with(recoverGuardians)
 			}
 		}
 	}

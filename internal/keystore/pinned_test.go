@@ -15,6 +15,7 @@ import (
 	"github.com/google/uuid"
 
 	"vtpm/internal/seal"
+	"vtpm/internal/testutil"
 )
 
 var _ seal.Generations = (*Pinned)(nil)
@@ -317,7 +318,7 @@ func TestPinnedHelper(t *testing.T) {
 
 func TestPinnedAfterDroppingPrivileges(t *testing.T) {
 	if os.Geteuid() != 0 {
-		t.Skip("needs root to drop privileges")
+		testutil.Missing(t, "needs root to drop privileges")
 	}
 	for _, existing := range []bool{false, true} {
 		t.Run(fmt.Sprintf("existing=%v", existing), func(t *testing.T) {

@@ -16,6 +16,8 @@ import (
 	"log/slog"
 	"math"
 	"unsafe"
+
+	"vtpm/internal/tpmrc"
 )
 
 // The functions below run inside libtpms calls, which hold the open TPM's
@@ -42,9 +44,9 @@ func recoverCallback(op string, rc *C.TPM_RESULT) {
 
 // resultFor maps a Storage error to the code libtpms expects.
 func resultFor(err error) C.TPM_RESULT {
-	var r Result
+	var r tpmrc.Code
 	switch {
-	case errors.As(err, &r) && r != 0:
+	case errors.As(err, &r) && r != tpmrc.TPMSuccess:
 		return C.TPM_RESULT(r)
 	case errors.Is(err, fs.ErrNotExist):
 		return C.TPM_RETRY
@@ -152,7 +154,7 @@ func vtpmIOGetLocality(loc *C.TPM_MODIFIER_INDICATOR) (rc C.TPM_RESULT) {
 // global, and it only refers to package globals, so once per process is enough.
 func registerCallbacks() error {
 	if rc := C.vtpm_register_callbacks(); rc != C.TPM_SUCCESS {
-		return fmt.Errorf("libtpms: registering callbacks: %w", Result(rc))
+		return fmt.Errorf("libtpms: registering callbacks: %w", tpmrc.Code(rc))
 	}
 	return nil
 }

@@ -29,6 +29,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"unsafe"
+
+	"vtpm/internal/tpmrc"
 )
 
 // StateType numbers follow libtpms (TPMLIB_STATE_*), not the ptm blob numbers.
@@ -55,67 +57,36 @@ func (t StateType) Name() string {
 	return fmt.Sprintf("StateType(%d)", uint32(t))
 }
 
-// Result is a TPM 1.2-style libtpms result code. libtpms also passes TPM 2.0
-// response codes through it (MainInit reports failure mode as 0x101).
-type Result uint32
-
-// Result codes that matter to callers of this package (tpm_error.h).
-const (
-	ResultSuccess         Result = C.TPM_SUCCESS
-	ResultBadParameter    Result = C.TPM_BAD_PARAMETER
-	ResultFail            Result = C.TPM_FAIL
-	ResultBadOrdinal      Result = C.TPM_BAD_ORDINAL
-	ResultKeyNotFound     Result = C.TPM_KEYNOTFOUND
-	ResultSize            Result = C.TPM_SIZE
-	ResultIOError         Result = C.TPM_IOERROR
-	ResultEncryptError    Result = C.TPM_ENCRYPT_ERROR
-	ResultDecryptError    Result = C.TPM_DECRYPT_ERROR
-	ResultInvalidPostInit Result = C.TPM_INVALID_POSTINIT
-	ResultBadKeyProperty  Result = C.TPM_BAD_KEY_PROPERTY
-	ResultBadDataSize     Result = C.TPM_BAD_DATASIZE
-	ResultBadMode         Result = C.TPM_BAD_MODE
-	ResultBadVersion      Result = C.TPM_BAD_VERSION
-	ResultBadType         Result = C.TPM_BAD_TYPE
-	ResultBadLocality     Result = C.TPM_BAD_LOCALITY
-	ResultRetry           Result = C.TPM_RETRY
-	// ResultTPM2Failure is TPM_RC_FAILURE: the TPM 2.0 engine is in failure mode.
-	ResultTPM2Failure Result = 0x101
-)
-
-var resultNames = map[Result]string{
-	ResultSuccess:         "TPM_SUCCESS",
-	ResultBadParameter:    "TPM_BAD_PARAMETER",
-	ResultFail:            "TPM_FAIL",
-	ResultBadOrdinal:      "TPM_BAD_ORDINAL",
-	ResultKeyNotFound:     "TPM_KEYNOTFOUND",
-	ResultSize:            "TPM_SIZE",
-	ResultIOError:         "TPM_IOERROR",
-	ResultEncryptError:    "TPM_ENCRYPT_ERROR",
-	ResultDecryptError:    "TPM_DECRYPT_ERROR",
-	ResultInvalidPostInit: "TPM_INVALID_POSTINIT",
-	ResultBadKeyProperty:  "TPM_BAD_KEY_PROPERTY",
-	ResultBadDataSize:     "TPM_BAD_DATASIZE",
-	ResultBadMode:         "TPM_BAD_MODE",
-	ResultBadVersion:      "TPM_BAD_VERSION",
-	ResultBadType:         "TPM_BAD_TYPE",
-	ResultBadLocality:     "TPM_BAD_LOCALITY",
-	ResultRetry:           "TPM_RETRY",
-	ResultTPM2Failure:     "TPM_RC_FAILURE (TPM in failure mode)",
+// cCodes pairs tpmrc's codes with libtpms' definitions of them (tpm_error.h);
+// a test checks that they agree.
+var cCodes = map[tpmrc.Code]uint32{
+	tpmrc.TPMSuccess:         C.TPM_SUCCESS,
+	tpmrc.TPMBadParameter:    C.TPM_BAD_PARAMETER,
+	tpmrc.TPMFail:            C.TPM_FAIL,
+	tpmrc.TPMBadOrdinal:      C.TPM_BAD_ORDINAL,
+	tpmrc.TPMKeyNotFound:     C.TPM_KEYNOTFOUND,
+	tpmrc.TPMSize:            C.TPM_SIZE,
+	tpmrc.TPMIOError:         C.TPM_IOERROR,
+	tpmrc.TPMEncryptError:    C.TPM_ENCRYPT_ERROR,
+	tpmrc.TPMDecryptError:    C.TPM_DECRYPT_ERROR,
+	tpmrc.TPMInvalidPostInit: C.TPM_INVALID_POSTINIT,
+	tpmrc.TPMBadKeyProperty:  C.TPM_BAD_KEY_PROPERTY,
+	tpmrc.TPMBadDataSize:     C.TPM_BAD_DATASIZE,
+	tpmrc.TPMBadMode:         C.TPM_BAD_MODE,
+	tpmrc.TPMBadVersion:      C.TPM_BAD_VERSION,
+	tpmrc.TPMBadType:         C.TPM_BAD_TYPE,
+	tpmrc.TPMBadLocality:     C.TPM_BAD_LOCALITY,
+	tpmrc.TPMRetry:           C.TPM_RETRY,
 }
 
-func (r Result) Error() string {
-	if n, ok := resultNames[r]; ok {
-		return fmt.Sprintf("libtpms: %s (0x%x)", n, uint32(r))
-	}
-	return fmt.Sprintf("libtpms: result 0x%x", uint32(r))
-}
-
-// result converts a libtpms return code to a nil or Result error.
+// result converts a libtpms return code to nil or an error wrapping its
+// tpmrc.Code. libtpms also passes TPM 2.0 response codes through (MainInit
+// reports failure mode as tpmrc.TPMRCFailure).
 func result(rc C.TPM_RESULT) error {
 	if rc == C.TPM_SUCCESS {
 		return nil
 	}
-	return Result(rc)
+	return fmt.Errorf("libtpms: %w", tpmrc.Code(rc))
 }
 
 // Errors for calls the binding refuses before they reach libtpms, because
@@ -131,7 +102,7 @@ var (
 //
 // Load returns an error wrapping fs.ErrNotExist when the blob does not exist
 // (reported as TPM_RETRY, so libtpms manufactures a fresh TPM). Other errors
-// become TPM_FAIL, or the Result the error is or wraps (ResultDecryptError for
+// become TPM_FAIL, or the tpmrc.Code the error is or wraps (TPMDecryptError for
 // a wrong key, say). Delete with mustExist false may return fs.ErrNotExist.
 //
 // The methods run on the goroutine that called into the TPM, while the TPM's
@@ -217,7 +188,7 @@ func (t *TPM) Close() {
 // Init (re)starts the TPM: it terminates a running TPM, then loads the
 // permanent state (a SetState blob, else Storage "permall", else a freshly
 // manufactured TPM) and the volatile state if there is one. It returns a
-// Result when libtpms fails, e.g. ResultTPM2Failure for unusable state.
+// tpmrc.Code when libtpms fails, e.g. TPMRCFailure for unusable state.
 func (t *TPM) Init() error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -342,7 +313,7 @@ func (t *TPM) GetState(typ StateType) ([]byte, error) {
 }
 
 // SetState caches a blob for the next Init, after libtpms checked that it
-// unmarshals. It needs a stopped TPM (ResultInvalidPostInit otherwise), and
+// unmarshals. It needs a stopped TPM (tpmrc.TPMInvalidPostInit otherwise), and
 // Permanent must be set before Volatile. On a failure libtpms drops all
 // cached blobs.
 //
@@ -437,7 +408,7 @@ func (t *TPM) Established() (bool, error) {
 }
 
 // ResetEstablished clears the TPM-established flag. libtpms allows it only
-// at locality 3 or 4 (ResultBadLocality otherwise), read via SetLocality.
+// at locality 3 or 4 (tpmrc.TPMBadLocality otherwise), read via SetLocality.
 func (t *TPM) ResetEstablished() error {
 	if err := t.lockRunning(); err != nil {
 		return err

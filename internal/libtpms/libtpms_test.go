@@ -11,6 +11,8 @@ import (
 	"testing"
 
 	"github.com/google/go-tpm/tpm2"
+
+	"vtpm/internal/tpmrc"
 )
 
 // memStorage keeps blobs in memory and records what libtpms asked for.
@@ -341,8 +343,8 @@ func TestStateRoundTripResumesPCRs(t *testing.T) {
 	if all, err := tpm.VolatileAllStore(); err != nil || len(all) == 0 {
 		t.Errorf("VolatileAllStore = %d bytes, %v", len(all), err)
 	}
-	if err := tpm.SetState(Permanent, perm); !errors.Is(err, ResultInvalidPostInit) {
-		t.Errorf("SetState while running: err = %v, want ResultInvalidPostInit", err)
+	if err := tpm.SetState(Permanent, perm); !errors.Is(err, tpmrc.TPMInvalidPostInit) {
+		t.Errorf("SetState while running: err = %v, want tpmrc.TPMInvalidPostInit", err)
 	}
 	tpm.Close()
 
@@ -382,9 +384,9 @@ func TestSetStateRejects(t *testing.T) {
 		{"savestate on TPM 2", SaveState, []byte{1}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			var r Result
+			var r tpmrc.Code
 			if err := tpm.SetState(tc.typ, tc.data); !errors.As(err, &r) {
-				t.Errorf("SetState: err = %v, want a Result", err)
+				t.Errorf("SetState: err = %v, want a tpmrc.Code", err)
 			}
 		})
 	}
@@ -467,8 +469,8 @@ func TestLocalityAndEstablished(t *testing.T) {
 	}
 
 	tpm.SetLocality(0)
-	if err := tpm.ResetEstablished(); !errors.Is(err, ResultBadLocality) {
-		t.Errorf("ResetEstablished at locality 0: err = %v, want ResultBadLocality", err)
+	if err := tpm.ResetEstablished(); !errors.Is(err, tpmrc.TPMBadLocality) {
+		t.Errorf("ResetEstablished at locality 0: err = %v, want tpmrc.TPMBadLocality", err)
 	}
 	if est, _ := tpm.Established(); !est {
 		t.Error("failed ResetEstablished cleared the flag")
@@ -516,16 +518,16 @@ func TestLoadFailureFailsInit(t *testing.T) {
 		name string
 		err  error
 	}{
-		{"decrypt error", fmt.Errorf("unsealing permall: %w", ResultDecryptError)},
+		{"decrypt error", fmt.Errorf("unsealing permall: %w", tpmrc.TPMDecryptError)},
 		{"io error", errors.New("disk on fire")},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s := newMemStorage()
 			s.loadErr["permall"] = tc.err
 			tpm := openTPM(t, s)
-			var r Result
+			var r tpmrc.Code
 			if err := tpm.Init(); !errors.As(err, &r) {
-				t.Fatalf("Init: err = %v, want a Result", err)
+				t.Fatalf("Init: err = %v, want a tpmrc.Code", err)
 			}
 			if tpm.Running() {
 				t.Error("Running() after failed Init = true")
@@ -541,18 +543,18 @@ func TestLoadFailureFailsInit(t *testing.T) {
 
 func TestStorageInitFailureFailsInit(t *testing.T) {
 	s := newMemStorage()
-	s.initErr = fmt.Errorf("locking state: %w", ResultIOError)
+	s.initErr = fmt.Errorf("locking state: %w", tpmrc.TPMIOError)
 	tpm := openTPM(t, s)
-	if err := tpm.Init(); !errors.Is(err, ResultIOError) {
-		t.Errorf("Init: err = %v, want ResultIOError", err)
+	if err := tpm.Init(); !errors.Is(err, tpmrc.TPMIOError) {
+		t.Errorf("Init: err = %v, want tpmrc.TPMIOError", err)
 	}
 }
 
 func TestGetStateWhileStoppedReadsStorage(t *testing.T) {
 	s := newMemStorage()
 	tpm := openTPM(t, s)
-	if _, err := tpm.GetState(Permanent); !errors.Is(err, ResultRetry) {
-		t.Errorf("GetState with nothing stored: err = %v, want ResultRetry", err)
+	if _, err := tpm.GetState(Permanent); !errors.Is(err, tpmrc.TPMRetry) {
+		t.Errorf("GetState with nothing stored: err = %v, want tpmrc.TPMRetry", err)
 	}
 	if err := tpm.Init(); err != nil {
 		t.Fatalf("Init: %v", err)
@@ -681,5 +683,14 @@ func TestConcurrentCommands(t *testing.T) {
 	close(errs)
 	for err := range errs {
 		t.Errorf("concurrent TPM2_GetRandom: %v", err)
+	}
+}
+
+// TestCodesMatchLibtpms: tpmrc's TPM 1.2 codes are libtpms' own values.
+func TestCodesMatchLibtpms(t *testing.T) {
+	for c, want := range cCodes {
+		if uint32(c) != want {
+			t.Errorf("%v = 0x%x, libtpms defines 0x%x", c, uint32(c), want)
+		}
 	}
 }

@@ -16,6 +16,7 @@ import (
 	"vtpm/internal/keybroker"
 	"vtpm/internal/keystore"
 	"vtpm/internal/seal"
+	"vtpm/internal/state"
 )
 
 // testHost opens a host keystore under a temporary data root and its CA.
@@ -35,7 +36,7 @@ func testHost(t *testing.T) (*keybroker.Broker, *CA) {
 
 func manufactureSealed(t *testing.T, h *keybroker.Broker, dir string, o Options) *Report {
 	t.Helper()
-	st, err := OpenSealed(h, dir, nil)
+	st, err := state.OpenSealed(h, dir, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -50,7 +51,7 @@ func manufactureSealed(t *testing.T, h *keybroker.Broker, dir string, o Options)
 
 func inspectSealed(t *testing.T, h *keybroker.Broker, dir string) *Info {
 	t.Helper()
-	st, err := OpenSealed(h, dir, nil)
+	st, err := state.OpenSealed(h, dir, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -277,29 +278,5 @@ func TestValidate(t *testing.T) {
 				t.Errorf("Validate() = %v, want ok=%v", err, tc.ok)
 			}
 		})
-	}
-}
-
-func TestRemoveStateKeepsOtherFiles(t *testing.T) {
-	dir := t.TempDir()
-	state := []string{"permall.sealed", "permall.sealed.prev", "permall.a.sealed", "volatilestate.b.sealed", "tpm2-00.permall", "tpm2-00.volatilestate", "vtpm-state.json", "protector.json"}
-	other := []string{"policy.json", ".lock", "notes.txt", "backup-20260101T000000Z"}
-	for _, n := range append(slices.Clone(state), other...) {
-		if err := os.WriteFile(filepath.Join(dir, n), []byte("x"), 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := RemoveState(dir); err != nil {
-		t.Fatal(err)
-	}
-	for _, n := range state {
-		if _, err := os.Stat(filepath.Join(dir, n)); err == nil {
-			t.Errorf("%s was not removed", n)
-		}
-	}
-	for _, n := range other {
-		if _, err := os.Stat(filepath.Join(dir, n)); err != nil {
-			t.Errorf("%s was removed: %v", n, err)
-		}
 	}
 }

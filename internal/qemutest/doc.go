@@ -70,7 +70,8 @@
 //
 //   - VTPM_TEST_CACHE: image cache directory.
 //   - VTPM_TEST_ACCEL=kvm|tcg: skip the KVM probe. Otherwise KVM is used
-//     when a short firmware boot under KVM works, else TCG.
+//     when a short firmware boot under KVM works (hostcheck.KVMUsable, the
+//     probe `vtpm doctor` and `vtpm vm start` use), else TCG.
 //   - VTPM_TEST_SWTPM: the TPM command for StartTPM, e.g. "/path/vtpm swtpm".
 //   - go test -short skips VM tests.
 package qemutest

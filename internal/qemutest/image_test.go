@@ -7,6 +7,8 @@ import (
 	"os"
 	"os/exec"
 	"testing"
+
+	"vtpm/internal/testutil"
 )
 
 // TestBuildImage builds (or finds) the cached guest image; run it alone to
@@ -17,7 +19,7 @@ func TestBuildImage(t *testing.T) {
 	}
 	for _, tool := range []string{"apt-get", "dpkg", "busybox", "tpm2"} {
 		if _, err := exec.LookPath(tool); err != nil {
-			t.Skipf("%s not installed; cannot build the guest image", tool)
+			testutil.Missing(t, "%s not installed; cannot build the guest image", tool)
 		}
 	}
 	img, err := BuildImage(t.Context())

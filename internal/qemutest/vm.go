@@ -17,15 +17,14 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"vtpm/internal/hostcheck"
+	"vtpm/internal/qmp"
+	"vtpm/internal/testutil"
 )
 
-// Firmware files from Debian's ovmf package.
-const (
-	ovmfCode       = "/usr/share/OVMF/OVMF_CODE_4M.fd"
-	ovmfVars       = "/usr/share/OVMF/OVMF_VARS_4M.fd"
-	ovmfCodeSecure = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"
-	ovmfVarsMS     = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd"
-)
+// Event is an asynchronous QMP event.
+type Event = qmp.Event
 
 // Config describes one QEMU guest.
 type Config struct {
@@ -68,7 +67,7 @@ type VM struct {
 	exited  chan struct{}
 	waitErr error
 
-	qmp    *qmpConn
+	qmp    *qmp.Conn
 	serial *serialConn
 
 	stopOnce sync.Once
@@ -79,15 +78,9 @@ type VM struct {
 	BootTime time.Duration
 }
 
-var (
-	kvmOnce sync.Once
-	kvmOK   bool
-)
-
-// KVMAvailable reports whether QEMU can run guests under KVM here. Opening
-// /dev/kvm is not enough: nested setups may accept the device and then fail
-// on the first instructions, so a firmware boot is probed once per process.
-// VTPM_TEST_ACCEL=tcg or =kvm overrides the probe.
+// KVMAvailable reports whether QEMU can run guests under KVM here: the
+// host's one probe (hostcheck.KVMUsable), which runs firmware under KVM
+// once per process. VTPM_TEST_ACCEL=tcg or =kvm overrides the probe.
 func KVMAvailable() bool {
 	switch os.Getenv("VTPM_TEST_ACCEL") {
 	case "tcg":
@@ -95,50 +88,20 @@ func KVMAvailable() bool {
 	case "kvm":
 		return true
 	}
-	kvmOnce.Do(func() { kvmOK = probeKVM() })
-	return kvmOK
-}
-
-func probeKVM() bool {
-	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
-	if err != nil {
-		return false
-	}
-	f.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, "qemu-system-x86_64", "-nodefaults", "-no-user-config",
-		"-display", "none", "-machine", "q35", "-accel", "kvm", "-cpu", "host", "-m", "128M",
-		"-drive", "if=pflash,format=raw,unit=0,readonly=on,snapshot=on,file="+ovmfCode,
-		"-qmp", "stdio")
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		return false
-	}
-	var out bytes.Buffer
-	cmd.Stdout = &out
-	if err := cmd.Start(); err != nil {
-		return false
-	}
-	// Let the firmware run long enough to hit any emulation failure.
-	time.Sleep(2 * time.Second)
-	_, _ = io.WriteString(stdin, `{"execute":"qmp_capabilities"}`+"\n"+`{"execute":"query-status"}`+"\n"+`{"execute":"quit"}`+"\n")
-	_ = cmd.Wait()
-	ok := strings.Contains(out.String(), `"status": "running"`)
-	slog.Debug("kvm probe", "usable", ok)
-	return ok
+	usable := hostcheck.KVMUsable()
+	slog.Debug("kvm probe", "usable", usable == nil, "why", usable)
+	return usable == nil
 }
 
 // SkipIfUnavailable skips t when QEMU or the OVMF firmware is missing.
 func SkipIfUnavailable(t testing.TB) {
 	t.Helper()
-	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
-		t.Skip("qemu-system-x86_64 not installed; skipping VM test")
+	if err := hostcheck.QEMUUsable(); err != nil {
+		testutil.Missing(t, "%v; skipping VM test", err)
 	}
-	for _, f := range []string{ovmfCode, ovmfVars} {
-		if _, err := os.Stat(f); err != nil {
-			t.Skipf("OVMF firmware %s not installed; skipping VM test", f)
-		}
+	code, vars := hostcheck.Firmware(false)
+	for _, f := range hostcheck.MissingFirmware(code, vars) {
+		testutil.Missing(t, "OVMF firmware %s not installed; skipping VM test", f)
 	}
 	if testing.Short() {
 		t.Skip("VM test skipped in -short mode")
@@ -218,9 +181,9 @@ func Start(ctx context.Context, t testing.TB, cfg Config) (*VM, error) {
 		qemuLog.Close()
 		return nil, fmt.Errorf("create serial log: %w", err)
 	}
-	fmt.Fprintf(qemuLog, "+ qemu-system-x86_64 %s\n", strings.Join(args, " "))
+	fmt.Fprintf(qemuLog, "+ %s %s\n", hostcheck.QEMU, strings.Join(args, " "))
 
-	vm.cmd = exec.Command("qemu-system-x86_64", args...)
+	vm.cmd = exec.Command(hostcheck.QEMU, args...)
 	vm.cmd.Stdout = qemuLog
 	vm.cmd.Stderr = qemuLog
 	began := time.Now()
@@ -265,12 +228,12 @@ func Start(ctx context.Context, t testing.TB, cfg Config) (*VM, error) {
 	if err != nil {
 		return fail(err)
 	}
-	qmp, err := newQMP(ctx, qconn, vm.log)
+	q, err := qmp.New(ctx, qconn, vm.log)
 	if err != nil {
 		qconn.Close()
 		return fail(err)
 	}
-	vm.qmp = qmp
+	vm.qmp = q
 	if cfg.Incoming != "" {
 		return vm, nil
 	}
@@ -286,7 +249,7 @@ func Start(ctx context.Context, t testing.TB, cfg Config) (*VM, error) {
 		case <-vm.exited:
 		case <-bctx.Done():
 		default:
-			if ev, _, err := qmp.waitEvent(bctx, "STOP", 0); err == nil {
+			if ev, _, err := q.WaitEvent(bctx, "STOP", 0); err == nil {
 				vm.log.Warn("guest stopped during boot", "event", ev.Name)
 			}
 		}
@@ -310,10 +273,7 @@ func accelName() string {
 }
 
 func (vm *VM) prepareVars() error {
-	template := ovmfVars
-	if vm.cfg.SecureBoot {
-		template = ovmfVarsMS
-	}
+	_, template := hostcheck.Firmware(vm.cfg.SecureBoot)
 	vm.varsFile = vm.cfg.VarsFile
 	if vm.varsFile == "" {
 		vm.varsFile = filepath.Join(vm.dir, "vars.fd")
@@ -331,10 +291,9 @@ func (vm *VM) prepareVars() error {
 }
 
 func (vm *VM) qemuArgs(img *Image, serialSock, qmpSock string) []string {
-	code := ovmfCode
+	code, _ := hostcheck.Firmware(vm.cfg.SecureBoot)
 	machine := "q35"
 	if vm.cfg.SecureBoot {
-		code = ovmfCodeSecure
 		machine = "q35,smm=on"
 	}
 	accel := []string{"-accel", "tcg"}
@@ -427,24 +386,17 @@ func (vm *VM) WaitEvent(ctx context.Context, name string) (Event, error) {
 	if vm.qmp == nil {
 		return Event{}, errors.New("qmp: not connected")
 	}
-	ev, _, err := vm.qmp.waitEvent(ctx, name, 0)
+	ev, _, err := vm.qmp.WaitEvent(ctx, name, 0)
 	return ev, err
 }
 
 // Status returns query-status's "status", e.g. "running", "inmigrate",
 // "postmigrate", "paused".
 func (vm *VM) Status(ctx context.Context) (string, error) {
-	raw, err := vm.QMP(ctx, "query-status", nil)
-	if err != nil {
-		return "", err
+	if vm.qmp == nil {
+		return "", errors.New("qmp: not connected")
 	}
-	var st struct {
-		Status string `json:"status"`
-	}
-	if err := json.Unmarshal(raw, &st); err != nil {
-		return "", fmt.Errorf("decode query-status: %w", err)
-	}
-	return st.Status, nil
+	return vm.qmp.Status(ctx)
 }
 
 // WaitStatus polls query-status until it reports want.
@@ -468,20 +420,16 @@ func (vm *VM) WaitStatus(ctx context.Context, want string) error {
 // Migrate migrates this VM to uri (the destination's Incoming) and waits
 // until QEMU reports the migration completed or failed.
 func (vm *VM) Migrate(ctx context.Context, uri string) error {
-	if _, err := vm.QMP(ctx, "migrate", map[string]any{"uri": uri}); err != nil {
+	if vm.qmp == nil {
+		return errors.New("qmp: not connected")
+	}
+	if err := vm.qmp.Migrate(ctx, uri); err != nil {
 		return fmt.Errorf("%s: start migration: %w", vm.cfg.Name, err)
 	}
 	for {
-		raw, err := vm.QMP(ctx, "query-migrate", nil)
+		st, err := vm.qmp.QueryMigrate(ctx)
 		if err != nil {
 			return fmt.Errorf("%s: migration: %w", vm.cfg.Name, err)
-		}
-		var st struct {
-			Status    string `json:"status"`
-			ErrorDesc string `json:"error-desc"`
-		}
-		if err := json.Unmarshal(raw, &st); err != nil {
-			return fmt.Errorf("decode query-migrate: %w", err)
 		}
 		switch st.Status {
 		case "completed":
@@ -526,7 +474,7 @@ func (vm *VM) stop(ctx context.Context) error {
 	}
 	{
 		qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		_, err := vm.qmp.Execute(qctx, "quit", nil)
+		err := vm.qmp.Quit(qctx)
 		cancel()
 		if err != nil {
 			vm.log.Debug("qmp quit failed", "err", err)

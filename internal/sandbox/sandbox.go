@@ -7,29 +7,40 @@ import (
 	"log/slog"
 	"os"
 	"os/user"
-	"path/filepath"
 	"runtime"
-	"slices"
 	"strconv"
 	"strings"
 	"syscall"
 
 	"golang.org/x/sys/unix"
 
-	"vtpm/internal/swtpm"
-	"vtpm/internal/swtpm/subopt"
+	"vtpm/internal/errdefs"
 )
+
+// Isolation is an isolation policy: what Enter does when the host lacks a
+// part of the sandbox. It has no default of its own; each front end states
+// its choice (the swtpm drop-in Preferred, a VM Required).
+type Isolation string
 
 // Isolation policies (--isolation).
 const (
-	Required  = "required"  // every part or the instance does not start
-	Preferred = "preferred" // what the host offers; warnings for the rest (the swtpm drop-in's default)
-	None      = "none"      // no sandbox: debugging only
+	Required  Isolation = "required"  // every part or the instance does not start
+	Preferred Isolation = "preferred" // what the host offers; warnings for the rest
+	None      Isolation = "none"      // no sandbox: debugging only
 )
+
+// ParseIsolation returns the policy named s.
+func ParseIsolation(s string) (Isolation, error) {
+	switch i := Isolation(s); i {
+	case Required, Preferred, None:
+		return i, nil
+	}
+	return "", errdefs.New(errdefs.ErrInvalidArgument, "--isolation %s: want required, preferred or none", s)
+}
 
 // Policy is what an instance may do once confined.
 type Policy struct {
-	Isolation string // Required, Preferred (""), None
+	Isolation Isolation
 	Seccomp   string // SeccompKill (""), SeccompLog, SeccompNone
 
 	// WriteDirs may be written beneath: files and directories created,
@@ -46,77 +57,6 @@ type Policy struct {
 	WriteFiles []string
 	// BindTCP are the TCP ports the instance may listen on.
 	BindTCP []uint16
-}
-
-// ForInstance is the policy of the instance that cfg describes. Of the
-// data root it may write only keystoreFiles, which must exist: its TPM's
-// generation record (never the keystore's other records, nor other TPMs').
-// `vtpm doctor --probe-sandbox` builds its policy here too, so what it
-// proves holds for instances.
-func ForInstance(cfg *swtpm.Config, keystoreFiles ...string) *Policy {
-	p := &Policy{Isolation: cfg.Isolation, Seccomp: cfg.Seccomp}
-	abs := func(path string) string {
-		if a, err := filepath.Abs(path); err == nil {
-			return a
-		}
-		return path
-	}
-	addDir := func(list *[]string, dir string) {
-		if dir = abs(dir); !slices.Contains(*list, dir) {
-			*list = append(*list, dir)
-		}
-	}
-	if cfg.StateDir != "" {
-		addDir(&p.WriteDirs, cfg.StateDir)
-	}
-	for _, f := range keystoreFiles {
-		if f = abs(f); f != "" && !slices.Contains(p.WriteFiles, f) {
-			p.WriteFiles = append(p.WriteFiles, f)
-		}
-	}
-	if cfg.RunAs != "" {
-		if uid, gid, err := LookupUser(cfg.RunAs); err == nil {
-			p.DirOwner = &[2]int{uid, gid}
-		}
-	}
-	for _, e := range []*swtpm.Endpoint{cfg.Ctrl, cfg.Server} {
-		switch {
-		case e == nil || e.FD >= 0 || e.ClientFD >= 0:
-		case e.Type == "unixio" && e.Path != "":
-			addDir(&p.RuntimeDirs, filepath.Dir(e.Path))
-		case e.Type == "tcp" && e.Port > 0 && e.Port <= 65535:
-			p.BindTCP = append(p.BindTCP, uint16(e.Port))
-		}
-	}
-	if cfg.PidFile != "" {
-		addDir(&p.RuntimeDirs, filepath.Dir(cfg.PidFile))
-	}
-	// --key file=…,remove deletes the key file once read.
-	for _, k := range []string{cfg.Key, cfg.MigrationKey} {
-		if o, err := subopt.Parse(k, "file", "fd", "pwdfile", "pwdfd", "mode", "format", "remove", "kdf"); err == nil {
-			if r, ok := o["remove"]; ok && r != "false" {
-				for _, src := range []string{o["file"], o["pwdfile"]} {
-					if src != "" {
-						addDir(&p.RuntimeDirs, filepath.Dir(src))
-					}
-				}
-			}
-		}
-	}
-	if cfg.Log.File != "" && cfg.Log.File != "-" {
-		p.WriteFiles = append(p.WriteFiles, abs(cfg.Log.File))
-	}
-	// The host keystore may be sealed to this host's TPM.
-	devs := []string{os.DevNull, "/dev/tpmrm0", "/dev/tpm0"}
-	if d, ok := strings.CutPrefix(os.Getenv("VTPM_HOST_TPM"), "device:"); ok {
-		devs = append(devs, d)
-	}
-	for _, d := range devs {
-		if _, err := os.Stat(d); err == nil && !slices.Contains(p.WriteFiles, d) {
-			p.WriteFiles = append(p.WriteFiles, d)
-		}
-	}
-	return p
 }
 
 // LookupUser resolves a --runas user (a name or a numeric uid) to its uid
@@ -165,12 +105,23 @@ type Sandbox struct {
 }
 
 // MissingError is returned when the policy requires isolation and part of
-// it is missing. Its message names each missing part and its fix.
+// it is missing. Its message names each missing part and its fix; it
+// matches errdefs.ErrFailedPrecondition.
 type MissingError struct{ Missing []string }
 
 func (e *MissingError) Error() string {
-	return "isolation is required, but the host cannot provide: " + strings.Join(e.Missing, "; ") +
-		" (run `vtpm doctor` for the host's state, or start with --isolation preferred to run without)"
+	return "isolation is required, but the host cannot provide: " + strings.Join(e.Missing, "; ")
+}
+
+// Is matches errdefs.ErrFailedPrecondition.
+func (e *MissingError) Is(target error) bool { return target == errdefs.ErrFailedPrecondition }
+
+// Remedies: the host's state, or running with the isolation it has.
+func (e *MissingError) Remedies() []errdefs.Remedy {
+	return []errdefs.Remedy{
+		errdefs.Do(errdefs.ActionDoctor).WithNote("see the host's state"),
+		errdefs.Do(errdefs.ActionIsolationPreferred).WithNote("or start with it to run without"),
+	}
 }
 
 // Enter confines the process to p's file system rules, re-executing the
@@ -186,11 +137,12 @@ func (e *MissingError) Error() string {
 func Enter(p *Policy, log *slog.Logger) (*Sandbox, error) {
 	s := &Sandbox{policy: p, log: log}
 	switch p.Isolation {
-	case "", Preferred, Required:
+	case Preferred, Required:
 	case None:
 		return s, nil
 	default:
-		return nil, fmt.Errorf("--isolation %s: want required, preferred or none", p.Isolation)
+		_, err := ParseIsolation(string(p.Isolation))
+		return nil, err
 	}
 	if p.Seccomp == SeccompNone {
 		s.missing = append(s.missing, "seccomp is turned off by --seccomp action=none; drop that option")

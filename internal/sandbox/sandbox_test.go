@@ -6,7 +6,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"reflect"
 	"runtime"
 	"strings"
 	"sync"
@@ -15,7 +14,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"vtpm/internal/swtpm"
+	"vtpm/internal/testutil"
 )
 
 // childEnv makes the test binary a child that installs the filter and tries
@@ -134,7 +133,7 @@ func filterChild(action, op string) string {
 // each operation does under it.
 func TestFilter(t *testing.T) {
 	if err := SeccompAvailable(); err != nil {
-		t.Skip(err)
+		testutil.Missing(t, "%v", err)
 	}
 	const killed = "killed by SIGSYS"
 	eperm, enosys := unix.EPERM.Error(), unix.ENOSYS.Error()
@@ -186,88 +185,6 @@ func TestSeccompActions(t *testing.T) {
 	}
 }
 
-func TestForInstance(t *testing.T) {
-	dir := t.TempDir()
-	keyFile := filepath.Join(dir, "keys", "k")
-	logFile := filepath.Join(dir, "log")
-	// Of the data root, only the TPM's generation record is writable.
-	record := filepath.Join(dir, "root", "keystore", "generations", "7c2b0e5e-0000-4000-8000-000000000001")
-	if err := os.WriteFile(logFile, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	t.Setenv("VTPM_HOST_TPM", "")
-	devs := []string{os.DevNull}
-	for _, d := range []string{"/dev/tpmrm0", "/dev/tpm0"} {
-		if _, err := os.Stat(d); err == nil {
-			devs = append(devs, d)
-		}
-	}
-	tests := []struct {
-		name string
-		cfg  swtpm.Config
-		want Policy
-	}{
-		{
-			name: "libvirt: unix ctrl, pid file, log file, --key remove",
-			cfg: swtpm.Config{
-				StateDir: filepath.Join(dir, "state"), Seccomp: "log", Isolation: "required",
-				Ctrl:    &swtpm.Endpoint{Type: "unixio", Path: filepath.Join(dir, "run", "ctrl.sock"), FD: -1, ClientFD: -1},
-				PidFile: filepath.Join(dir, "run", "vm.pid"),
-				Log:     swtpm.Log{File: logFile},
-				Key:     "file=" + keyFile + ",remove=true",
-			},
-			want: Policy{
-				Isolation: "required", Seccomp: "log",
-				WriteDirs:   []string{filepath.Join(dir, "state")},
-				RuntimeDirs: []string{filepath.Join(dir, "run"), filepath.Join(dir, "keys")},
-				WriteFiles:  append([]string{record, logFile}, devs...),
-			},
-		},
-		{
-			name: "tcp data and ctrl, passed fds",
-			cfg: swtpm.Config{
-				StateDir: filepath.Join(dir, "state"),
-				Ctrl:     &swtpm.Endpoint{Type: "tcp", Port: 2322, FD: -1, ClientFD: -1},
-				Server:   &swtpm.Endpoint{Type: "tcp", Port: 2321, FD: -1, ClientFD: -1},
-				Log:      swtpm.Log{File: "-"},
-			},
-			want: Policy{
-				WriteDirs:  []string{filepath.Join(dir, "state")},
-				WriteFiles: append([]string{record}, devs...),
-				BindTCP:    []uint16{2322, 2321},
-			},
-		},
-		{
-			name: "QEMU: ctrl passed as a connected fd",
-			cfg: swtpm.Config{
-				StateDir: filepath.Join(dir, "state"),
-				Ctrl:     &swtpm.Endpoint{Type: "unixio", FD: -1, ClientFD: 5},
-			},
-			want: Policy{
-				WriteDirs:  []string{filepath.Join(dir, "state")},
-				WriteFiles: append([]string{record}, devs...),
-			},
-		},
-		{
-			// Root is no user to drop to: its directories get no owner.
-			name: "--runas root",
-			cfg:  swtpm.Config{StateDir: filepath.Join(dir, "state"), RunAs: "root"},
-			want: Policy{
-				WriteDirs:  []string{filepath.Join(dir, "state")},
-				WriteFiles: append([]string{record}, devs...),
-			},
-		},
-	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			got := ForInstance(&tc.cfg, record)
-			if !reflect.DeepEqual(*got, tc.want) {
-				t.Errorf("ForInstance:\n got %+v\nwant %+v", *got, tc.want)
-			}
-		})
-	}
-}
-
 func vmLck(t *testing.T) string {
 	t.Helper()
 	b, err := os.ReadFile("/proc/self/status")
@@ -286,7 +203,7 @@ func TestLockedBytes(t *testing.T) {
 	before := vmLck(t)
 	l, err := LockedBytes(32)
 	if err != nil {
-		t.Skipf("cannot lock memory here: %v", err)
+		testutil.Missing(t, "cannot lock memory here: %v", err)
 	}
 	if len(l.Bytes()) != 32 {
 		t.Fatalf("len %d, want 32", len(l.Bytes()))
@@ -313,7 +230,7 @@ func TestKeep(t *testing.T) {
 	key := []byte("0123456789abcdef0123456789abcdef")
 	kept, err := s.Keep(key)
 	if err != nil {
-		t.Skipf("cannot lock memory here: %v", err)
+		testutil.Missing(t, "cannot lock memory here: %v", err)
 	}
 	if string(kept) != "0123456789abcdef0123456789abcdef" {
 		t.Errorf("kept %q", kept)
@@ -327,6 +244,30 @@ func TestKeep(t *testing.T) {
 	s.Close()
 	if len(s.keys) != 0 {
 		t.Error("Close left locked keys")
+	}
+}
+
+// TestIsolationHasNoImplicitDefault: the empty policy is not a policy;
+// front ends say which one they mean.
+func TestIsolationHasNoImplicitDefault(t *testing.T) {
+	for _, tt := range []struct {
+		in      string
+		want    Isolation
+		wantErr bool
+	}{
+		{"required", Required, false},
+		{"preferred", Preferred, false},
+		{"none", None, false},
+		{"", "", true},
+		{"sometimes", "", true},
+	} {
+		got, err := ParseIsolation(tt.in)
+		if got != tt.want || (err != nil) != tt.wantErr {
+			t.Errorf("ParseIsolation(%q) = %q, %v; want %q, error %v", tt.in, got, err, tt.want, tt.wantErr)
+		}
+	}
+	if _, err := Enter(&Policy{}, nil); err == nil || !strings.Contains(err.Error(), "want required, preferred or none") {
+		t.Errorf("Enter with no isolation policy: %v, want an error naming the choices", err)
 	}
 }
 

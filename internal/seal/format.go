@@ -13,6 +13,7 @@ import (
 
 	"github.com/google/uuid"
 
+	"vtpm/internal/errdefs"
 	"vtpm/internal/secret"
 )
 
@@ -35,17 +36,33 @@ const (
 )
 
 // Errors returned (wrapped) by Unseal and Store.Load. Each names a distinct
-// cause so callers and users can tell them apart.
+// cause so callers and users can tell them apart, and each also matches the
+// errdefs kind of its failure: damaged, tampered, foreign or rolled-back
+// state is errdefs.ErrDataLoss.
 var (
-	ErrTruncated   = errors.New("truncated")
-	ErrNotSealed   = errors.New("not a vtpm sealed file")
-	ErrVersion     = errors.New("unsupported sealed format version")
-	ErrAuth        = errors.New("authentication failed (wrong data key, or the file was modified)")
-	ErrWrongTPM    = errors.New("state of another TPM")
-	ErrWrongType   = errors.New("wrong blob type")
-	ErrRollback    = errors.New("older generation than the last one seen (rollback)")
-	ErrUnknownBlob = errors.New("unknown state blob name")
+	ErrTruncated   = newSentinel("truncated", errdefs.ErrDataLoss)
+	ErrNotSealed   = newSentinel("not a vtpm sealed file", errdefs.ErrDataLoss)
+	ErrVersion     = newSentinel("unsupported sealed format version", errdefs.ErrFailedPrecondition)
+	ErrAuth        = newSentinel("authentication failed (wrong data key, or the file was modified)", errdefs.ErrDataLoss)
+	ErrWrongTPM    = newSentinel("state of another TPM", errdefs.ErrDataLoss)
+	ErrWrongType   = newSentinel("wrong blob type", errdefs.ErrDataLoss)
+	ErrRollback    = newSentinel("older generation than the last one seen (rollback)", errdefs.ErrDataLoss)
+	ErrUnknownBlob = newSentinel("unknown state blob name", errdefs.ErrInvalidArgument)
 )
+
+// sentinel is an error value tested with errors.Is that also matches the
+// errdefs kind of the failure it names.
+type sentinel struct {
+	msg  string
+	kind error
+}
+
+func newSentinel(msg string, kind error) error { return &sentinel{msg: msg, kind: kind} }
+
+func (e *sentinel) Error() string { return e.msg }
+
+// Is reports whether target is e's kind (errors.Is matches e itself first).
+func (e *sentinel) Is(target error) bool { return target == e.kind }
 
 type blobType uint8
 
@@ -121,7 +138,8 @@ func parseHeader(file []byte) (header, error) {
 	}
 	h.version = binary.BigEndian.Uint16(file[8:])
 	if h.version != FormatVersion {
-		return h, errf(ErrVersion, "sealed with format version %d, this vtpm reads version %d (use a vtpm release that knows the newer format)", h.version, FormatVersion)
+		return h, errf(ErrVersion, "sealed with format version %d, this vtpm reads version %d", h.version, FormatVersion).
+			with(errdefs.Advise("use a vtpm release that knows the newer format"))
 	}
 	if len(file) < headerLen {
 		return h, errf(ErrTruncated, "truncated (%d bytes, shorter than the %d-byte header)", len(file), headerLen)
@@ -144,16 +162,26 @@ func parseHeader(file []byte) (header, error) {
 func sealedSize(n uint32) uint64 { return uint64(n) + Overhead }
 
 // sealError carries a full message while still matching its sentinel with
-// errors.Is, so messages read naturally ("holds state of TPM ...").
+// errors.Is, so messages read naturally ("holds state of TPM ..."), and the
+// ways out of it as remedies.
 type sealError struct {
 	msg string
 	err error
+	fix []errdefs.Remedy
 }
 
 func (e *sealError) Error() string { return e.msg }
 func (e *sealError) Unwrap() error { return e.err }
 
-func errf(sentinel error, format string, args ...any) error {
+// Remedies returns the ways out.
+func (e *sealError) Remedies() []errdefs.Remedy { return e.fix }
+
+func (e *sealError) with(fix ...errdefs.Remedy) *sealError {
+	e.fix = append(e.fix, fix...)
+	return e
+}
+
+func errf(sentinel error, format string, args ...any) *sealError {
 	return &sealError{msg: fmt.Sprintf(format, args...), err: sentinel}
 }
 

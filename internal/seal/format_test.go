@@ -3,10 +3,13 @@ package seal
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 
 	"github.com/google/uuid"
+
+	"vtpm/internal/errdefs"
 )
 
 var (
@@ -166,4 +169,60 @@ func FuzzUnseal(f *testing.F) {
 			t.Fatalf("unseal as another TPM: %v, want ErrWrongTPM", err)
 		}
 	})
+}
+
+// TestErrorKinds: every sentinel matches one errdefs kind, through any
+// wrapping, and still only itself among the sentinels.
+func TestErrorKinds(t *testing.T) {
+	sentinels := []error{ErrTruncated, ErrNotSealed, ErrVersion, ErrAuth, ErrWrongTPM, ErrWrongType, ErrRollback, ErrUnknownBlob, ErrLocked}
+	tests := []struct {
+		err  error
+		kind error
+	}{
+		{ErrTruncated, errdefs.ErrDataLoss},
+		{ErrNotSealed, errdefs.ErrDataLoss},
+		{ErrVersion, errdefs.ErrFailedPrecondition},
+		{ErrAuth, errdefs.ErrDataLoss},
+		{ErrWrongTPM, errdefs.ErrDataLoss},
+		{ErrWrongType, errdefs.ErrDataLoss},
+		{ErrRollback, errdefs.ErrDataLoss},
+		{ErrUnknownBlob, errdefs.ErrInvalidArgument},
+		{ErrLocked, errdefs.ErrFailedPrecondition},
+	}
+	for _, tt := range tests {
+		t.Run(tt.err.Error(), func(t *testing.T) {
+			wrapped := fmt.Errorf("load permall: %w", errf(tt.err, "a message with facts"))
+			for _, err := range []error{tt.err, wrapped} {
+				if k := errdefs.KindOf(err); k != tt.kind {
+					t.Errorf("KindOf(%q) = %v, want %v", err, k, tt.kind)
+				}
+				for _, s := range sentinels {
+					if got, want := errors.Is(err, s), s == tt.err; got != want {
+						t.Errorf("errors.Is(%q, %q) = %v, want %v", err, s, got, want)
+					}
+				}
+			}
+		})
+	}
+}
+
+// TestVersionRemedy: a newer format version names the way out as a remedy,
+// not in the message.
+func TestVersionRemedy(t *testing.T) {
+	good, err := Seal(testKey, testUUID, "permall", 1, []byte("state"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	good[9] = FormatVersion + 1
+	_, _, err = Unseal(testKey, testUUID, "permall", good)
+	if !errors.Is(err, ErrVersion) {
+		t.Fatalf("Unseal = %v, want ErrVersion", err)
+	}
+	if want := fmt.Sprintf("sealed with format version %d, this vtpm reads version %d", FormatVersion+1, FormatVersion); err.Error() != want {
+		t.Errorf("error %q, want %q", err, want)
+	}
+	want := errdefs.Advise("use a vtpm release that knows the newer format")
+	if rs := errdefs.Remedies(err); len(rs) != 1 || !rs[0].Equal(want) {
+		t.Errorf("remedies %+v, want %+v", rs, want)
+	}
 }

@@ -10,6 +10,8 @@ import (
 	"sync"
 
 	"github.com/google/uuid"
+
+	"vtpm/internal/errdefs"
 )
 
 // Generations remembers the last generation seen of each blob of each TPM.
@@ -55,10 +57,12 @@ func (g *FileGenerations) read(id uuid.UUID) (map[string]uint64, error) {
 	var f generationsFile
 	if err := json.Unmarshal(data, &f); err != nil {
 		// Never treat a damaged record as empty: that would disable rollback detection.
-		return nil, fmt.Errorf("generation record %s is damaged (%v); restore it from backup, or remove it to accept the current state as genuine", p, err)
+		return nil, errdefs.New(errdefs.ErrDataLoss, "generation record %s is damaged (%v)", p, err).
+			With(errdefs.Advise("restore it from backup, or remove it to accept the current state as genuine"))
 	}
 	if f.UUID != id.String() {
-		return nil, fmt.Errorf("generation record %s is for TPM %s, not %s; restore the right file", p, f.UUID, id)
+		return nil, errdefs.New(errdefs.ErrDataLoss, "generation record %s is for TPM %s, not %s", p, f.UUID, id).
+			With(errdefs.Advise("restore the right file"))
 	}
 	if f.Generations == nil {
 		f.Generations = map[string]uint64{}

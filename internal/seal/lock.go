@@ -4,10 +4,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"sync"
 	"syscall"
+
+	"vtpm/internal/errdefs"
 )
 
 // LockName is the lock file swtpm 0.7.1 uses in its state directory; using
@@ -15,7 +18,7 @@ import (
 const LockName = ".lock"
 
 // ErrLocked reports a state directory held by another process.
-var ErrLocked = errors.New("state directory is in use by another TPM process")
+var ErrLocked = newSentinel("state directory is in use by another TPM process", errdefs.ErrFailedPrecondition)
 
 type fileID struct{ dev, ino uint64 }
 
@@ -43,7 +46,7 @@ func lockDir(dir string, mode os.FileMode) (*dirLock, error) {
 	}
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW, mode)
 	if err != nil {
-		return nil, fmt.Errorf("open lock file %s: %w (check the directory's owner and permissions)", path, err)
+		return nil, lockFileError(dir, path, err)
 	}
 	lk := syscall.Flock_t{Type: syscall.F_WRLCK, Whence: io.SeekStart}
 	if err := syscall.FcntlFlock(f.Fd(), syscall.F_SETLK, &lk); err != nil {
@@ -54,7 +57,8 @@ func lockDir(dir string, mode os.FileMode) (*dirLock, error) {
 			if syscall.FcntlFlock(f.Fd(), syscall.F_GETLK, &probe) == nil && probe.Type != syscall.F_UNLCK && probe.Pid > 0 {
 				who = fmt.Sprintf(" (pid %d)", probe.Pid)
 			}
-			return nil, errf(ErrLocked, "state directory %s is in use by another TPM process%s; stop it first", dir, who)
+			return nil, errf(ErrLocked, "state directory %s is in use by another TPM process%s", dir, who).
+				with(errdefs.Advise("stop it first"))
 		}
 		return nil, fmt.Errorf("lock %s: %w", path, err)
 	}
@@ -92,4 +96,20 @@ func Lock(dir string) (unlock func() error, err error) {
 		return nil, err
 	}
 	return l.unlock, nil
+}
+
+// lockFileError says why the lock file cannot be opened; a permission error
+// is most often a TPM process started as another user than the directory's
+// owner.
+func lockFileError(dir, path string, err error) error {
+	e := errdefs.Wrap(errdefs.ErrInternal, err, "open lock file %s", path)
+	const check = "check the directory's owner and permissions"
+	switch {
+	case errors.Is(err, fs.ErrPermission):
+		e.Kind = errdefs.ErrPermissionDenied
+		return e.With(errdefs.Do(errdefs.ActionRunAsOwner, "path", dir).WithNote(check))
+	case errors.Is(err, fs.ErrNotExist):
+		e.Kind = errdefs.ErrNotFound
+	}
+	return e.With(errdefs.Advise(check))
 }

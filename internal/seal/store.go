@@ -155,14 +155,17 @@ func loadOrCreateStateFile(dir string, mode os.FileMode) (uuid.UUID, error) {
 	if err == nil {
 		var sf stateFile
 		if err := json.Unmarshal(data, &sf); err != nil {
-			return uuid.Nil, fmt.Errorf("%s is damaged (%v); it names the TPM whose state is in %s, restore it from backup", path, err, dir)
+			return uuid.Nil, errdefs.New(errdefs.ErrDataLoss, "%s is damaged (%v); it names the TPM whose state is in %s", path, err, dir).
+				With(errdefs.Advise("restore it from backup"))
 		}
 		if sf.Format != stateFmt {
-			return uuid.Nil, fmt.Errorf("%s has format %d, this vtpm reads format %d; use a vtpm release that knows it", path, sf.Format, stateFmt)
+			return uuid.Nil, errdefs.New(errdefs.ErrFailedPrecondition, "%s has format %d, this vtpm reads format %d", path, sf.Format, stateFmt).
+				With(errdefs.Advise("use a vtpm release that knows it"))
 		}
 		id, err := uuid.Parse(sf.UUID)
 		if err != nil {
-			return uuid.Nil, fmt.Errorf("%s has an invalid uuid %q (%v); restore it from backup", path, sf.UUID, err)
+			return uuid.Nil, errdefs.New(errdefs.ErrDataLoss, "%s has an invalid uuid %q (%v)", path, sf.UUID, err).
+				With(errdefs.Advise("restore it from backup"))
 		}
 		return id, nil
 	}
@@ -221,8 +224,8 @@ func orphanedBlobs(dir string) error {
 				if len(b) >= 36 && string(b[:len(Magic)]) == Magic {
 					hint = fmt.Sprintf(" (%s names TPM %s)", filepath.Base(p), uuid.UUID(b[20:36]))
 				}
-				return errdefs.New(errdefs.ErrDataLoss, "%s is missing but %s holds sealed state%s; restore %s from backup; nothing was changed",
-					filepath.Join(dir, StateFileName), dir, hint, StateFileName)
+				return errdefs.New(errdefs.ErrDataLoss, "%s is missing but %s holds sealed state%s", filepath.Join(dir, StateFileName), dir, hint).
+					With(errdefs.Advise("restore %s from backup", StateFileName))
 			}
 		}
 	}
@@ -308,8 +311,8 @@ func (s *Store) readSealed(path, name string) ([]byte, uint64, error) {
 }
 
 func (s *Store) rollbackErr(file string, gen, last uint64) error {
-	return errf(ErrRollback, "%s is generation %d, but generation %d of TPM %s was seen last: it is an older copy (rollback); pass --allow-rollback to restore an older copy deliberately",
-		file, gen, last, s.id)
+	return errf(ErrRollback, "%s is generation %d, but generation %d of TPM %s was seen last: it is an older copy (rollback)",
+		file, gen, last, s.id).with(errdefs.Advise("pass --allow-rollback to restore an older copy deliberately"))
 }
 
 // Load returns the newest copy of blob name that verifies, looking at both
@@ -340,8 +343,9 @@ func (s *Store) Load(name string) ([]byte, error) {
 	if best == nil {
 		if !sc.present() {
 			if name == "permall" && last > 0 && !s.allowRollback {
-				return nil, errf(ErrRollback, "%s and %s are missing, but generation %d of TPM %s was seen: the TPM state was deleted or an older copy of %s was put back; pass --allow-rollback to start without it deliberately",
-					filepath.Base(slotPath(s.dir, name, 0)), filepath.Base(slotPath(s.dir, name, 1)), last, s.id, s.dir)
+				return nil, errf(ErrRollback, "%s and %s are missing, but generation %d of TPM %s was seen: the TPM state was deleted or an older copy of %s was put back",
+					filepath.Base(slotPath(s.dir, name, 0)), filepath.Base(slotPath(s.dir, name, 1)), last, s.id, s.dir).
+					with(errdefs.Advise("pass --allow-rollback to start without it deliberately"))
 			}
 			if name == "permall" && last > 0 {
 				s.log.Warn("the TPM's permanent state is missing although it was seen: starting a FRESH, EMPTY TPM in its place (--allow-rollback)",
@@ -349,7 +353,8 @@ func (s *Store) Load(name string) ([]byte, error) {
 			}
 			return nil, fmt.Errorf("load %s from %s: %w", name, s.dir, fs.ErrNotExist)
 		}
-		return nil, fmt.Errorf("load %s of TPM %s: no copy verifies (check the data key, or restore the state directory from backup): %w", name, s.id, sc.errs())
+		return nil, errdefs.Wrap(errdefs.ErrDataLoss, sc.errs(), "load %s of TPM %s: no copy verifies", name, s.id).
+			With(errdefs.Advise("check the data key, or restore the state directory from backup"))
 	}
 	// A damaged copy is a write torn by a crash only when nothing says
 	// otherwise; anything else is refused, keeping the file as evidence.

@@ -347,6 +347,7 @@ func TestLoadTamper(t *testing.T) {
 		opts    func(*Options)
 		want    error
 		message []string
+		remedy  string // a remedy the error offers, as prose
 	}{
 		{
 			name:    "flipped header byte",
@@ -398,7 +399,8 @@ func TestLoadTamper(t *testing.T) {
 				copyFrom(t, filepath.Join(st.e.dir, "old-permall"), st.path)
 			},
 			want:    ErrRollback,
-			message: []string{"permall.b.sealed is generation 1, but generation 2", "pass --allow-rollback to restore an older copy deliberately"},
+			message: []string{"permall.b.sealed is generation 1, but generation 2"},
+			remedy:  "pass --allow-rollback to restore an older copy deliberately",
 		},
 		{
 			name:    "wrong key",
@@ -432,6 +434,12 @@ func TestLoadTamper(t *testing.T) {
 				if !strings.Contains(err.Error(), m) {
 					t.Errorf("error %q does not mention %q", err, m)
 				}
+			}
+			if tt.remedy != "" && !slices.ContainsFunc(errdefs.Remedies(err), errdefs.Advise("%s", tt.remedy).Equal) {
+				t.Errorf("error %q does not offer the remedy %q: %+v", err, tt.remedy, errdefs.Remedies(err))
+			}
+			if k := errdefs.KindOf(err); k != errdefs.ErrDataLoss {
+				t.Errorf("error %q is of kind %v, want %v", err, k, errdefs.ErrDataLoss)
 			}
 			for _, other := range []error{ErrAuth, ErrTruncated, ErrWrongTPM, ErrWrongType, ErrRollback} {
 				if other != tt.want && errors.Is(err, other) {

@@ -28,9 +28,10 @@ import (
 	"github.com/google/uuid"
 
 	"vtpm/internal/atomicfile"
-	"vtpm/internal/keybroker"
+	"vtpm/internal/errdefs"
 	"vtpm/internal/libtpms"
 	"vtpm/internal/seal"
+	"vtpm/internal/state"
 	"vtpm/internal/swtpm/statefile"
 )
 
@@ -43,7 +44,7 @@ type Options struct {
 	// the staging directory, into which it may write files that belong
 	// beside the sealed state (the key protector); they are moved in with
 	// it. Import closes the key.
-	DataKey     func(staging string) (*keybroker.Key, error)
+	DataKey     func(staging string) (state.SealKey, error)
 	Generations seal.Generations // the host's generation records; may be nil
 	FileMode    os.FileMode      // of the sealed files; 0 = 0600
 	Now         func() time.Time // names the backup; nil = time.Now
@@ -68,9 +69,9 @@ const BackupPrefix = "swtpm-backup-"
 const stagingPrefix = ".vtpm-import-"
 
 // swtpmNames are the states swtpm keeps, in --print-states order.
-var swtpmNames = []string{"permall", "volatilestate", "savestate"}
+var swtpmNames = state.Blobs
 
-func swtpmFile(name string) string { return "tpm2-00." + name }
+func swtpmFile(name string) string { return state.SwtpmFile(name) }
 
 // Import converts the swtpm state in opts.Source into sealed state in
 // opts.Dest. It refuses when the source has no TPM 2 state, when the
@@ -109,46 +110,41 @@ func Import(opts Options) (*Result, error) {
 		return nil, fmt.Errorf("swtpm state directory: %w", err)
 	}
 	if !fi.IsDir() {
-		return nil, fmt.Errorf("%s is not a directory", src)
+		return nil, errdefs.New(errdefs.ErrInvalidArgument, "%s is not a directory", src)
 	}
-	if !statefile.HasState(src) {
-		if seal.Exists(src) {
-			return nil, fmt.Errorf("%s already holds vtpm sealed state and no swtpm state (%s): nothing to import", src, swtpmFile("permall"))
+	if !state.IsSwtpm(src) {
+		if state.IsSealed(src) {
+			return nil, errdefs.New(errdefs.ErrFailedPrecondition, "%s already holds vtpm sealed state and no swtpm state (%s): nothing to import", src, swtpmFile("permall"))
 		}
-		return nil, fmt.Errorf("%s holds no swtpm TPM 2 state (%s is missing): nothing to import", src, swtpmFile("permall"))
+		return nil, errdefs.New(errdefs.ErrNotFound, "%s holds no swtpm TPM 2 state (%s is missing): nothing to import", src, swtpmFile("permall"))
 	}
 	owner := ownerOf(filepath.Join(src, swtpmFile("permall")))
 
 	// Lock the source before reading it, so no swtpm or vtpm changes it
 	// meanwhile, and the destination before writing it.
-	srcLock, err := statefile.OpenDir(src, nil, 0)
+	srcLock, err := lock(src)
 	if err != nil {
 		return nil, err
 	}
-	if err := srcLock.Init(); err != nil {
-		return nil, err
-	}
-	defer srcLock.Close()
+	defer srcLock.Unlock()
 	inPlace := sameDir(src, dest)
 	if !inPlace {
 		if err := mkdirOwned(dest, owner); err != nil {
 			return nil, err
 		}
-		destLock, err := statefile.OpenDir(dest, nil, 0)
+		destLock, err := lock(dest)
 		if err != nil {
 			return nil, err
 		}
-		if err := destLock.Init(); err != nil {
-			return nil, err
-		}
-		defer destLock.Close()
-		owner.chown(filepath.Join(dest, seal.LockName))
+		defer destLock.Unlock()
+		owner.chown(filepath.Join(dest, state.LockFile))
 	}
 	if err := checkNoSealed(dest); err != nil {
 		return nil, err
 	}
-	if !inPlace && statefile.HasState(dest) {
-		return nil, fmt.Errorf("%s holds swtpm state of its own (%s); import into an empty directory, or import that one in place", dest, swtpmFile("permall"))
+	if !inPlace && state.IsSwtpm(dest) {
+		return nil, errdefs.New(errdefs.ErrAlreadyExists, "%s holds swtpm state of its own (%s)", dest, swtpmFile("permall")).
+			With(errdefs.Advise("import into an empty directory, or import that one in place"))
 	}
 
 	states, err := readStates(src, opts.FileKey)
@@ -161,7 +157,7 @@ func Import(opts Options) (*Result, error) {
 		}
 	}()
 	if err := validate(states); err != nil {
-		return nil, fmt.Errorf("%s does not hold a usable TPM 2 state; nothing was changed: %w", src, err)
+		return nil, errdefs.Wrap(errdefs.ErrDataLoss, err, "%s does not hold a usable TPM 2 state; nothing was changed", src)
 	}
 
 	id, err := stageAndMove(dest, states, opts, owner)
@@ -192,19 +188,31 @@ func sameDir(a, b string) bool {
 	return err1 == nil && err2 == nil && os.SameFile(fa, fb)
 }
 
+// lock takes dir's lock, so that no swtpm or vtpm changes it meanwhile.
+func lock(dir string) (*state.Locked, error) {
+	l, err := state.Lock(dir)
+	if errors.Is(err, state.ErrLocked) {
+		return nil, errdefs.Wrap(errdefs.ErrFailedPrecondition, err, "another TPM process is using this state directory; nothing was imported").
+			With(errdefs.Advise("stop it first"))
+	}
+	return l, err
+}
+
 // checkNoSealed refuses a destination that holds sealed state, complete or
 // not: import never overwrites.
 func checkNoSealed(dir string) error {
-	if seal.Exists(dir) {
-		return fmt.Errorf("%s already holds vtpm sealed state (%s); import never overwrites it: move it away, or import into another directory with --dest", dir, seal.StateFileName)
+	if state.IsSealed(dir) {
+		return errdefs.New(errdefs.ErrAlreadyExists, "%s already holds vtpm sealed state (%s); import never overwrites it", dir, state.IdentityFile).
+			With(errdefs.Advise("move it away, or import into another directory with --dest"))
 	}
 	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return fmt.Errorf("read %s: %w", dir, err)
 	}
 	for _, e := range entries {
-		if seal.IsBlobFile(e.Name()) {
-			return fmt.Errorf("%s holds sealed blob %s without %s (an interrupted import or a damaged vtpm state?); import never overwrites it: move it away first", dir, e.Name(), seal.StateFileName)
+		if state.IsSealedBlob(e.Name()) {
+			return errdefs.New(errdefs.ErrAlreadyExists, "%s holds sealed blob %s without %s (an interrupted import or a damaged vtpm state?); import never overwrites it", dir, e.Name(), state.IdentityFile).
+				With(errdefs.Advise("move it away first"))
 		}
 	}
 	return nil
@@ -238,13 +246,13 @@ func decodeError(path string, raw []byte, key *statefile.Key, err error) error {
 	encrypted := hasHeader && binary.BigEndian.Uint16(raw[4:])&statefile.FlagEncrypted != 0
 	switch {
 	case key == nil && encrypted:
-		return fmt.Errorf("%s is encrypted: give the --key that swtpm ran with (%v)", path, err)
+		return errdefs.New(errdefs.ErrInvalidArgument, "%s is encrypted: give the --key that swtpm ran with (%v)", path, err)
 	case key != nil && hasHeader && !encrypted:
-		return fmt.Errorf("%s is not encrypted, but --key was given: drop --key (%v)", path, err)
+		return errdefs.New(errdefs.ErrInvalidArgument, "%s is not encrypted, but --key was given: drop --key (%v)", path, err)
 	case key != nil:
-		return fmt.Errorf("%s: decrypt failed: wrong --key? (%v)", path, err)
+		return errdefs.New(errdefs.ErrInvalidArgument, "%s: decrypt failed: wrong --key? (%v)", path, err)
 	}
-	return fmt.Errorf("%s: cannot decode the swtpm state file: %w", path, err)
+	return errdefs.Wrap(errdefs.ErrDataLoss, err, "%s: cannot decode the swtpm state file", path)
 }
 
 // libtpms hosts one TPM per process.
@@ -339,15 +347,15 @@ func stageAndMove(dest string, states map[string][]byte, opts Options, owner own
 	}
 	var moved []string
 	for _, e := range entries {
-		if n := e.Name(); n != seal.LockName && n != seal.StateFileName {
+		if n := e.Name(); n != state.LockFile && n != state.IdentityFile {
 			moved = append(moved, n)
 		}
 	}
-	moved = append(moved, seal.StateFileName) // its presence makes dest sealed state
+	moved = append(moved, state.IdentityFile) // its presence makes dest sealed state
 	for _, n := range moved {
 		to := filepath.Join(dest, n)
 		if _, err := os.Lstat(to); !errors.Is(err, fs.ErrNotExist) {
-			return uuid.Nil, fmt.Errorf("%s appeared during the import; not overwriting it", to)
+			return uuid.Nil, errdefs.New(errdefs.ErrConflict, "%s appeared during the import; not overwriting it", to)
 		}
 		owner.chown(filepath.Join(staging, n))
 		if err := os.Rename(filepath.Join(staging, n), to); err != nil {
@@ -362,20 +370,15 @@ func stageAndMove(dest string, states map[string][]byte, opts Options, owner own
 
 // backup moves the imported swtpm files into a new backup subdirectory.
 func backup(dir string, names []string, now time.Time, owner owner) (string, error) {
-	b := filepath.Join(dir, BackupPrefix+now.UTC().Format("20060102T150405Z"))
-	if err := os.Mkdir(b, 0o700); err != nil {
-		return "", fmt.Errorf("create backup directory: %w", err)
+	files := make([]string, len(names))
+	for i, n := range names {
+		files[i] = swtpmFile(n)
 	}
-	owner.chown(b)
-	for _, n := range names {
-		if err := os.Rename(filepath.Join(dir, swtpmFile(n)), filepath.Join(b, swtpmFile(n))); err != nil {
-			return b, fmt.Errorf("move %s into %s: %w", swtpmFile(n), b, err)
-		}
+	b, err := state.MoveAside(dir, BackupPrefix+state.Stamp(now), files)
+	if b != "" {
+		owner.chown(b)
 	}
-	if err := atomicfile.SyncDir(b); err != nil {
-		return b, err
-	}
-	return b, atomicfile.SyncDir(dir)
+	return b, err
 }
 
 // owner is who owns the swtpm state (libvirt runs swtpm as tss), so that

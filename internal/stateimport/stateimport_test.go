@@ -15,10 +15,13 @@ import (
 	"testing"
 	"time"
 
+	"vtpm/internal/errdefs"
 	"vtpm/internal/keybroker"
 	"vtpm/internal/libtpms"
 	"vtpm/internal/seal"
+	"vtpm/internal/state"
 	"vtpm/internal/swtpm/statefile"
+	"vtpm/internal/testutil"
 )
 
 var (
@@ -220,31 +223,38 @@ func TestImportRefuses(t *testing.T) {
 		dataKey []byte
 		inPlace bool
 		wantErr []string
+		kind    error  // the errdefs kind of the refusal
+		remedy  string // a remedy it offers, as prose
 	}{
 		{
 			name:    "empty directory",
+			kind:    errdefs.ErrNotFound,
 			setup:   func(t *testing.T, src, dest string) {},
 			wantErr: []string{"holds no swtpm TPM 2 state", "tpm2-00.permall is missing"},
 		},
 		{
 			name:    "only volatile state",
+			kind:    errdefs.ErrNotFound,
 			setup:   func(t *testing.T, src, dest string) { writeSwtpm(t, src, nil, "volatilestate") },
 			wantErr: []string{"holds no swtpm TPM 2 state"},
 		},
 		{
 			name:    "wrong key",
+			kind:    errdefs.ErrInvalidArgument,
 			setup:   func(t *testing.T, src, dest string) { writeSwtpm(t, src, key256, "permall") },
 			key:     &statefile.Key{Bytes: bytes.Repeat([]byte{0x18}, 32)},
 			wantErr: []string{"tpm2-00.permall: decrypt failed: wrong --key?", "TPM_DECRYPT_ERROR"},
 		},
 		{
 			name:    "wrong key size",
+			kind:    errdefs.ErrInvalidArgument,
 			setup:   func(t *testing.T, src, dest string) { writeSwtpm(t, src, key256, "permall") },
 			key:     key128,
 			wantErr: []string{"tpm2-00.permall: decrypt failed: wrong --key?", "256-bit"},
 		},
 		{
 			name: "wrong key for the volatile state only",
+			kind: errdefs.ErrInvalidArgument,
 			setup: func(t *testing.T, src, dest string) {
 				writeSwtpm(t, src, key256, "permall")
 				writeSwtpm(t, src, &statefile.Key{Bytes: bytes.Repeat([]byte{0x18}, 32)}, "volatilestate")
@@ -254,22 +264,27 @@ func TestImportRefuses(t *testing.T) {
 		},
 		{
 			name:    "encrypted without key",
+			kind:    errdefs.ErrInvalidArgument,
 			setup:   func(t *testing.T, src, dest string) { writeSwtpm(t, src, key128, "permall") },
 			wantErr: []string{"tpm2-00.permall is encrypted: give the --key"},
 		},
 		{
 			name:    "plain with key",
+			kind:    errdefs.ErrInvalidArgument,
 			setup:   func(t *testing.T, src, dest string) { writeSwtpm(t, src, nil, "permall") },
 			key:     key256,
 			wantErr: []string{"tpm2-00.permall is not encrypted, but --key was given"},
 		},
 		{
 			name:    "not a TPM state",
+			kind:    errdefs.ErrDataLoss,
 			setup:   func(t *testing.T, src, dest string) { garbage(t, src) },
 			wantErr: []string{"does not hold a usable TPM 2 state", "nothing was changed"},
 		},
 		{
-			name: "destination holds sealed state",
+			name:   "destination holds sealed state",
+			kind:   errdefs.ErrAlreadyExists,
+			remedy: "move it away, or import into another directory with --dest",
 			setup: func(t *testing.T, src, dest string) {
 				writeSwtpm(t, src, nil, "permall")
 				s, err := seal.Open(dest, seal.Options{Key: dataKey})
@@ -282,7 +297,9 @@ func TestImportRefuses(t *testing.T) {
 			wantErr: []string{"already holds vtpm sealed state", "never overwrites"},
 		},
 		{
-			name: "in place over sealed state",
+			name:   "in place over sealed state",
+			kind:   errdefs.ErrAlreadyExists,
+			remedy: "move it away, or import into another directory with --dest",
 			setup: func(t *testing.T, src, dest string) {
 				writeSwtpm(t, src, nil, "permall")
 				s, err := seal.Open(src, seal.Options{Key: dataKey})
@@ -295,7 +312,9 @@ func TestImportRefuses(t *testing.T) {
 			wantErr: []string{"already holds vtpm sealed state"},
 		},
 		{
-			name: "destination holds a sealed blob without its state file",
+			name:   "destination holds a sealed blob without its state file",
+			kind:   errdefs.ErrAlreadyExists,
+			remedy: "move it away first",
 			setup: func(t *testing.T, src, dest string) {
 				writeSwtpm(t, src, nil, "permall")
 				os.WriteFile(filepath.Join(dest, "permall.sealed.prev"), []byte("old"), 0o600)
@@ -303,7 +322,9 @@ func TestImportRefuses(t *testing.T) {
 			wantErr: []string{"holds sealed blob permall.sealed.prev", "never overwrites"},
 		},
 		{
-			name: "destination holds a sealed slot without its state file",
+			name:   "destination holds a sealed slot without its state file",
+			kind:   errdefs.ErrAlreadyExists,
+			remedy: "move it away first",
 			setup: func(t *testing.T, src, dest string) {
 				writeSwtpm(t, src, nil, "permall")
 				os.WriteFile(filepath.Join(dest, "volatilestate.b.sealed"), []byte("old"), 0o600)
@@ -311,7 +332,9 @@ func TestImportRefuses(t *testing.T) {
 			wantErr: []string{"holds sealed blob volatilestate.b.sealed", "never overwrites"},
 		},
 		{
-			name: "destination holds another swtpm state",
+			name:   "destination holds another swtpm state",
+			kind:   errdefs.ErrAlreadyExists,
+			remedy: "import into an empty directory, or import that one in place",
 			setup: func(t *testing.T, src, dest string) {
 				writeSwtpm(t, src, nil, "permall")
 				writeSwtpm(t, dest, nil, "permall")
@@ -319,7 +342,26 @@ func TestImportRefuses(t *testing.T) {
 			wantErr: []string{"holds swtpm state of its own"},
 		},
 		{
+			name: "source in use",
+			kind: errdefs.ErrFailedPrecondition, remedy: "stop it first",
+			setup: func(t *testing.T, src, dest string) {
+				writeSwtpm(t, src, nil, "permall")
+				holdLock(t, src)
+			},
+			wantErr: []string{"another TPM process is using this state directory"},
+		},
+		{
+			name: "destination in use",
+			kind: errdefs.ErrFailedPrecondition, remedy: "stop it first",
+			setup: func(t *testing.T, src, dest string) {
+				writeSwtpm(t, src, nil, "permall")
+				holdLock(t, dest)
+			},
+			wantErr: []string{"another TPM process is using this state directory"},
+		},
+		{
 			name:    "bad data key",
+			kind:    errdefs.ErrInvalidArgument,
 			setup:   func(t *testing.T, src, dest string) { writeSwtpm(t, src, nil, "permall") },
 			dataKey: []byte("short"),
 			wantErr: []string{"binary key has 5 bytes, want 32"},
@@ -347,6 +389,15 @@ func TestImportRefuses(t *testing.T) {
 				if !strings.Contains(err.Error(), want) {
 					t.Errorf("error %q does not say %q", err, want)
 				}
+			}
+			if k := errdefs.KindOf(err); k != tc.kind {
+				t.Errorf("error %q is of kind %v, want %v", err, k, tc.kind)
+			}
+			if tc.remedy != "" && !slices.ContainsFunc(errdefs.Remedies(err), errdefs.Advise("%s", tc.remedy).Equal) {
+				t.Errorf("error %q does not offer the remedy %q: %+v", err, tc.remedy, errdefs.Remedies(err))
+			}
+			if strings.Contains(err.Error(), "`vtpm ") {
+				t.Errorf("error %q names a vtpm command; remedies are data", err)
 			}
 			// Only the lock file may appear: nothing else is created,
 			// changed or removed.
@@ -376,7 +427,7 @@ func TestImportMissingSource(t *testing.T) {
 func TestImportKeepsOwner(t *testing.T) {
 	t.Parallel()
 	if os.Geteuid() != 0 {
-		t.Skip("needs root to hand files to another user")
+		testutil.Missing(t, "needs root to hand files to another user")
 	}
 	const uid, gid = 65534, 65534
 	for _, toDest := range []bool{false, true} {
@@ -414,12 +465,23 @@ func TestImportKeepsOwner(t *testing.T) {
 	}
 }
 
+// holdLock holds dir's lock until the test ends, as a TPM process serving
+// it would.
+func holdLock(t *testing.T, dir string) {
+	t.Helper()
+	l, err := state.Lock(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Unlock() })
+}
+
 // fixedKey returns a DataKey source that hands out k, as --data-key
 // file=…,format=binary reads it.
-func fixedKey(t *testing.T, k []byte) func(string) (*keybroker.Key, error) {
+func fixedKey(t *testing.T, k []byte) func(string) (state.SealKey, error) {
 	p := filepath.Join(t.TempDir(), "data-key")
 	if err := os.WriteFile(p, k, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	return func(string) (*keybroker.Key, error) { return keybroker.ParseDataKey("file=" + p + ",format=binary") }
+	return func(string) (state.SealKey, error) { return keybroker.ParseDataKey("file=" + p + ",format=binary") }
 }

@@ -13,6 +13,8 @@ import (
 	"os"
 	"syscall"
 	"time"
+
+	"vtpm/internal/tpmrc"
 )
 
 // Command is a control-channel command code (swtpm's CMD_*; PTM ioctl number + 1).
@@ -45,24 +47,17 @@ const (
 // otherwise send CMD_LOCK_STORAGE after migration.
 const Capabilities uint64 = 0xFFFF
 
-// Result codes used on the control channel (TPM 1.2 codes, as swtpm uses them).
-const (
-	ResSuccess      uint32 = 0x00
-	ResBadParameter uint32 = 0x03
-	ResFail         uint32 = 0x09
-	ResBadOrdinal   uint32 = 0x0A
-	ResSize         uint32 = 0x17
-	ResIOError      uint32 = 0x1F
-	ResBadLocality  uint32 = 0x3D
-	ResRetry        uint32 = 0x800
-)
-
-// Init flags and state-blob flags.
+// Init flags, state-blob flags and GET_CONFIG flags.
 const (
 	InitFlagDeleteVolatile uint32 = 1
 	StateFlagDecrypted     uint32 = 1
 	StateFlagEncrypted     uint32 = 2
+	ConfigFlagFileKey      uint32 = 1 // --key is set
+	ConfigFlagMigrationKey uint32 = 2 // a migration key is set
 )
+
+// MaxInfoChunk is the most GET_INFO returns at once (ptm_getinfo's buffer).
+const MaxInfoChunk = 3072
 
 // Blob types on the wire (ptm numbering).
 const (
@@ -95,7 +90,7 @@ type Request struct {
 	// Blob is the streamed payload of SET_STATEBLOB or HASH_DATA.
 	Blob []byte
 	// Malformed is set when the body violates the command's size rule; the
-	// caller answers ResBadParameter without acting.
+	// caller answers tpmrc.TPMBadParameter without acting.
 	Malformed bool
 	// Drop is set when the stream cannot be resynchronised after this
 	// request; the caller answers and closes the connection.
@@ -307,9 +302,10 @@ func (c *Conn) Write(resp []byte) error {
 	return err
 }
 
-// Result encodes a 4-byte result-only response (every error, and most successes).
-func Result(code uint32) []byte {
-	return binary.BigEndian.AppendUint32(nil, code)
+// Result encodes a 4-byte result-only response (every error, and most
+// successes). The control channel speaks TPM 1.2 style codes (tpmrc.TPM...).
+func Result(code tpmrc.Code) []byte {
+	return binary.BigEndian.AppendUint32(nil, uint32(code))
 }
 
 // U32s encodes a response made of big-endian u32 fields.

@@ -3,11 +3,13 @@ package swtpm
 import (
 	"encoding/binary"
 	"io"
+
+	"vtpm/internal/tpmrc"
 )
 
 // NotInitialized is the TPM 2.0 answer to any data-channel command before
 // CMD_INIT (TPM_RC_FAILURE). QEMU reads its tag to detect a TPM 2.0.
-var NotInitialized = []byte{0x80, 0x01, 0, 0, 0, 0x0a, 0, 0, 0x01, 0x01}
+var NotInitialized = TPMResponse(tpmrc.TPMRCFailure)
 
 const (
 	tpmHeaderSize = 10
@@ -91,9 +93,10 @@ func WrapResponse(resp []byte) []byte {
 	return binary.BigEndian.AppendUint32(out, 0)
 }
 
-// TPMResponse builds a bare TPM 2.0 response with the given response code.
-func TPMResponse(rc uint32) []byte {
-	b := []byte{0x80, 0x01, 0, 0, 0, 0x0a, 0, 0, 0, 0}
-	binary.BigEndian.PutUint32(b[6:], rc)
+// TPMResponse builds a bare TPM 2.0 response (TPM_ST_NO_SESSIONS, 10
+// bytes) with the given response code.
+func TPMResponse(rc tpmrc.Code) []byte {
+	b := []byte{0x80, 0x01, 0, 0, 0, tpmHeaderSize, 0, 0, 0, 0}
+	binary.BigEndian.PutUint32(b[6:], uint32(rc))
 	return b
 }

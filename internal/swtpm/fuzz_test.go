@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"vtpm/internal/sandbox"
 	"vtpm/internal/swtpm"
 )
 
@@ -319,13 +320,13 @@ func FuzzParseOptions(f *testing.F) {
 			args = strings.Split(cmdline, "\x00")
 		}
 		getenv := env("TPM_PATH", tpmPath, "TPM_PORT", tpmPort)
-		c, err := swtpm.Parse(args, getenv)
-		c2, err2 := swtpm.Parse(args, getenv)
-		if (err == nil) != (err2 == nil) || (err != nil && err.Error() != err2.Error()) || !reflect.DeepEqual(c, c2) {
+		c, x, err := swtpm.Parse(args, getenv)
+		c2, x2, err2 := swtpm.Parse(args, getenv)
+		if (err == nil) != (err2 == nil) || (err != nil && err.Error() != err2.Error()) || !reflect.DeepEqual(c, c2) || !reflect.DeepEqual(x, x2) {
 			t.Fatalf("Parse is not deterministic: %v / %v", err, err2)
 		}
 		if err != nil {
-			if c != nil {
+			if c != nil || x != nil {
 				t.Errorf("Parse returned a config with error %v", err)
 			}
 			if !swtpm.IsUsage(err) {
@@ -334,11 +335,16 @@ func FuzzParseOptions(f *testing.F) {
 			return
 		}
 		checkConfig(t, args, c)
+		switch x.Isolation {
+		case sandbox.Required, sandbox.Preferred, sandbox.None:
+		default:
+			t.Errorf("Parse(%q) accepted isolation %q", args, x.Isolation)
+		}
 	})
 }
 
 // checkConfig asserts the invariants of an accepted command line.
-func checkConfig(t *testing.T, args []string, c *swtpm.Config) {
+func checkConfig(t *testing.T, args []string, c *swtpm.Options) {
 	t.Helper()
 	fail := func(format string, a ...any) {
 		t.Helper()

@@ -10,6 +10,7 @@ import (
 
 	"github.com/spf13/pflag"
 
+	"vtpm/internal/sandbox"
 	"vtpm/internal/swtpm/subopt"
 )
 
@@ -39,36 +40,43 @@ type Log struct {
 	Truncate bool
 }
 
-// Config is a parsed `swtpm socket` command line.
-type Config struct {
-	TPM2          bool
-	StateDir      string
-	StateFile     string // file:// linear backend
-	StateMode     os.FileMode
-	StateModeSet  bool
-	Ctrl          *Endpoint
-	Server        *Endpoint
-	DataFD        int // -f/--fd, or -1
-	Terminate     bool
-	Daemon        bool
-	PidFile       string
-	PidFD         int // -1 = none
-	Log           Log
-	RejectLoc4    bool
-	AllowSetLoc   bool
-	NotNeedInit   bool
-	Startup       string // "", "clear", "state", "deactivated", "none"
-	Key           string // raw --key sub-options, parsed by statefile.ParseKeyOption
-	MigrationKey  string
-	DataKey       string // vtpm: the sealed-state data key (file= or fd=)
-	RunAs         string
-	Seccomp       string // none, kill, log
-	Isolation     string // vtpm: required, preferred (""), none; see internal/sandbox
-	PrintCaps     bool
-	PrintStates   bool
-	ShowVersion   bool
-	ShowHelp      bool
-	AllowRollback bool
+// Options are the options of `swtpm socket` as swtpm 0.7.1 accepts them.
+type Options struct {
+	TPM2         bool
+	StateDir     string
+	StateFile    string // file:// linear backend
+	StateMode    os.FileMode
+	StateModeSet bool
+	Ctrl         *Endpoint
+	Server       *Endpoint
+	DataFD       int // -f/--fd, or -1
+	Terminate    bool
+	Daemon       bool
+	PidFile      string
+	PidFD        int // -1 = none
+	Log          Log
+	RejectLoc4   bool
+	AllowSetLoc  bool
+	NotNeedInit  bool
+	Startup      string // "", "clear", "state", "deactivated", "none"
+	Key          string // raw --key sub-options, parsed by statefile.ParseKeyOption
+	MigrationKey string
+	RunAs        string
+	Seccomp      string // none, kill, log
+	PrintCaps    bool
+	PrintStates  bool
+	ShowVersion  bool
+	ShowHelp     bool
+}
+
+// Extensions are vtpm's own options on the `swtpm socket` command line,
+// which swtpm does not have.
+type Extensions struct {
+	DataKey string // --data-key: the sealed-state data key (file= or fd=)
+	// Isolation is --isolation; without it, sandbox.Preferred: a drop-in
+	// for swtpm must start wherever swtpm did.
+	Isolation     sandbox.Isolation
+	AllowRollback bool // --allow-rollback: accept sealed state older than the last generation seen
 }
 
 // UsageError is a command-line error; swtpm prints it with the usage and exits 1.
@@ -78,18 +86,19 @@ func (e *UsageError) Error() string { return e.Msg }
 
 func usagef(format string, a ...any) error { return &UsageError{fmt.Sprintf(format, a...)} }
 
-// Parse parses the arguments that follow `swtpm socket`. getenv supplies
-// TPM_PATH and TPM_PORT.
-func Parse(args []string, getenv func(string) string) (*Config, error) {
+// Parse parses the arguments that follow `swtpm socket` into swtpm's
+// options and vtpm's extensions. getenv supplies TPM_PATH and TPM_PORT.
+func Parse(args []string, getenv func(string) string) (*Options, *Extensions, error) {
 	fs := pflag.NewFlagSet("swtpm socket", pflag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	fs.SortFlags = false
 	var (
 		port, fd                                   int
 		tpmstate, ctrl, server, pid, log, locality string
-		flags, seccomp                             string
+		flags, seccomp, isolation                  string
 	)
-	c := &Config{DataFD: -1, PidFD: -1, Log: Log{FD: -1}}
+	c := &Options{DataFD: -1, PidFD: -1, Log: Log{FD: -1}}
+	x := &Extensions{Isolation: sandbox.Preferred}
 	fs.IntVarP(&port, "port", "p", -1, "")
 	fs.IntVarP(&fd, "fd", "f", -1, "")
 	fs.BoolVarP(&c.Terminate, "terminate", "t", false, "")
@@ -99,7 +108,7 @@ func Parse(args []string, getenv func(string) string) (*Config, error) {
 	fs.StringVar(&tpmstate, "tpmstate", "", "")
 	fs.StringVar(&c.Key, "key", "", "")
 	fs.StringVar(&c.MigrationKey, "migration-key", "", "")
-	fs.StringVar(&c.DataKey, "data-key", "", "")
+	fs.StringVar(&x.DataKey, "data-key", "", "")
 	fs.StringVar(&log, "log", "", "")
 	fs.StringVar(&pid, "pid", "", "")
 	fs.StringVar(&locality, "locality", "", "")
@@ -107,99 +116,105 @@ func Parse(args []string, getenv func(string) string) (*Config, error) {
 	fs.StringVarP(&c.RunAs, "runas", "r", "", "")
 	fs.BoolVar(&c.TPM2, "tpm2", false, "")
 	fs.StringVar(&seccomp, "seccomp", "", "")
-	fs.StringVar(&c.Isolation, "isolation", "", "")
+	fs.StringVar(&isolation, "isolation", "", "")
 	fs.BoolVar(&c.PrintCaps, "print-capabilities", false, "")
 	fs.BoolVar(&c.PrintStates, "print-states", false, "")
 	fs.BoolVarP(&c.ShowVersion, "version", "v", false, "")
 	fs.BoolVarP(&c.ShowHelp, "help", "h", false, "")
-	fs.BoolVar(&c.AllowRollback, "allow-rollback", false, "")
+	fs.BoolVar(&x.AllowRollback, "allow-rollback", false, "")
 	if err := fs.Parse(args); err != nil {
-		return nil, usagef("%s", strings.Replace(err.Error(), "unknown flag", "unrecognized option", 1))
+		return nil, nil, usagef("%s", strings.Replace(err.Error(), "unknown flag", "unrecognized option", 1))
 	}
 	if fs.NArg() > 0 {
-		return nil, usagef("Unknown parameter '%s'", fs.Arg(0))
+		return nil, nil, usagef("Unknown parameter '%s'", fs.Arg(0))
 	}
 	if c.ShowHelp || c.ShowVersion || c.PrintCaps {
-		return c, nil
+		return c, x, nil
 	}
 	var err error
 	if err = c.parseState(tpmstate, getenv("TPM_PATH")); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if c.PrintStates {
 		if c.StateDir == "" && c.StateFile == "" {
-			return nil, usagef("--print-states needs --tpmstate or TPM_PATH")
+			return nil, nil, usagef("--print-states needs --tpmstate or TPM_PATH")
 		}
-		return c, nil
+		return c, x, nil
+	}
+	// Like the channels below, checked only when a TPM will run.
+	if isolation != "" { // --isolation= keeps the default
+		if x.Isolation, err = sandbox.ParseIsolation(isolation); err != nil {
+			return nil, nil, usagef("%v", err)
+		}
 	}
 	if ctrl != "" {
 		if c.Ctrl, err = parseEndpoint("--ctrl", ctrl, true); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 	}
 	if server != "" {
 		if c.Server, err = parseEndpoint("--server", server, false); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 	}
 	if fs.Changed("port") {
 		if port < 0 || port > 65535 {
-			return nil, usagef("--port %d is not a port number", port)
+			return nil, nil, usagef("--port %d is not a port number", port)
 		}
 		if c.Server != nil {
-			return nil, usagef("--port and --server cannot be combined")
+			return nil, nil, usagef("--port and --server cannot be combined")
 		}
 		c.Server = &Endpoint{Type: "tcp", Port: port, BindAddr: "127.0.0.1", FD: -1, ClientFD: -1, UID: -1, GID: -1, Disconnect: true}
 	}
 	if fd >= 0 {
 		if fd <= 2 {
-			return nil, usagef("--fd %d: file descriptors 0-2 cannot carry the data channel", fd)
+			return nil, nil, usagef("--fd %d: file descriptors 0-2 cannot carry the data channel", fd)
 		}
 		c.DataFD, c.Terminate = fd, true
 	}
 	if c.Server != nil && c.Server.Type == "tcp" && c.Server.Port < 0 && c.Server.FD < 0 {
 		p := getenv("TPM_PORT")
 		if p == "" {
-			return nil, usagef("--server type=tcp needs port=, fd= or the TPM_PORT environment variable")
+			return nil, nil, usagef("--server type=tcp needs port=, fd= or the TPM_PORT environment variable")
 		}
 		if c.Server.Port, err = parsePort("TPM_PORT", p); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 	}
 	if c.Server == nil && c.DataFD < 0 && c.Ctrl == nil {
-		return nil, usagef("no data channel: give --server, --port, --fd, or --ctrl type=unixio for a data fd passed by the client")
+		return nil, nil, usagef("no data channel: give --server, --port, --fd, or --ctrl type=unixio for a data fd passed by the client")
 	}
 	if err = c.parsePid(pid); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if err = c.parseLog(log); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if err = c.parseLocality(locality); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if err = c.parseFlags(flags); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if seccomp != "" {
 		o, err := subopt.Parse(seccomp, "action")
 		if err != nil {
-			return nil, usagef("--seccomp: %v", err)
+			return nil, nil, usagef("--seccomp: %v", err)
 		}
 		switch a := o["action"]; a {
 		case "none", "kill", "log":
 			c.Seccomp = a
 		default:
-			return nil, usagef("--seccomp: action=%q: want none, kill or log", a)
+			return nil, nil, usagef("--seccomp: action=%q: want none, kill or log", a)
 		}
 	}
 	if c.StateDir == "" && c.StateFile == "" {
-		return nil, usagef("no TPM state location: give --tpmstate dir=DIR or set TPM_PATH")
+		return nil, nil, usagef("no TPM state location: give --tpmstate dir=DIR or set TPM_PATH")
 	}
-	return c, nil
+	return c, x, nil
 }
 
-func (c *Config) parseState(v, tpmPath string) error {
+func (c *Options) parseState(v, tpmPath string) error {
 	if v == "" {
 		c.StateDir = tpmPath
 		c.StateMode = 0o640
@@ -304,7 +319,7 @@ func parseEndpoint(opt, v string, isCtrl bool) (*Endpoint, error) {
 	return e, nil
 }
 
-func (c *Config) parsePid(v string) error {
+func (c *Options) parsePid(v string) error {
 	if v == "" {
 		return nil
 	}
@@ -324,7 +339,7 @@ func (c *Config) parsePid(v string) error {
 	return nil
 }
 
-func (c *Config) parseLog(v string) error {
+func (c *Options) parseLog(v string) error {
 	if v == "" {
 		return nil
 	}
@@ -354,7 +369,7 @@ func (c *Config) parseLog(v string) error {
 	return nil
 }
 
-func (c *Config) parseLocality(v string) error {
+func (c *Options) parseLocality(v string) error {
 	if v == "" {
 		return nil
 	}
@@ -367,7 +382,7 @@ func (c *Config) parseLocality(v string) error {
 	return nil
 }
 
-func (c *Config) parseFlags(v string) error {
+func (c *Options) parseFlags(v string) error {
 	if v == "" {
 		return nil
 	}
@@ -468,7 +483,7 @@ The following options are supported:
 -r|--runas <user>       : drop privileges to this user after set-up
 --seccomp action=none|kill|log
 --isolation required|preferred
-                        : sandbox the process; required refuses to start without every part
+                        : sandbox the process (default: preferred); required refuses to start without every part
 --print-capabilities    : print the supported features as JSON and exit
 --print-states          : print the stored states as JSON and exit
 -v|--version            : print the version and exit

@@ -6,6 +6,7 @@ import (
 	"strings"
 	"testing"
 
+	"vtpm/internal/sandbox"
 	"vtpm/internal/swtpm"
 )
 
@@ -19,8 +20,8 @@ func env(kv ...string) func(string) string {
 }
 
 // defaults is what Parse yields before any option sets something.
-func defaults() *swtpm.Config {
-	return &swtpm.Config{DataFD: -1, PidFD: -1, Log: swtpm.Log{FD: -1}, StateMode: 0o640}
+func defaults() *swtpm.Options {
+	return &swtpm.Options{DataFD: -1, PidFD: -1, Log: swtpm.Log{FD: -1}, StateMode: 0o640}
 }
 
 // endpoint is an --ctrl/--server value with parseEndpoint's defaults.
@@ -29,7 +30,7 @@ func endpoint(typ string) *swtpm.Endpoint {
 }
 
 // describe prints a Config with its endpoints dereferenced.
-func describe(c *swtpm.Config) string {
+func describe(c *swtpm.Options) string {
 	if c == nil {
 		return "<nil>"
 	}
@@ -47,7 +48,7 @@ func describe(c *swtpm.Config) string {
 
 // normalise clears what does not matter for comparison: the socket mode of a
 // TCP endpoint.
-func normalise(c *swtpm.Config) {
+func normalise(c *swtpm.Options) {
 	for _, e := range []*swtpm.Endpoint{c.Ctrl, c.Server} {
 		if e != nil && e.Type == "tcp" {
 			e.Mode = 0
@@ -65,12 +66,13 @@ func TestParse(t *testing.T) {
 		name   string
 		args   string // split on spaces
 		getenv func(string) string
-		want   func(c *swtpm.Config)
+		want   func(c *swtpm.Options)
+		ext    *swtpm.Extensions // nil: the defaults
 	}{
 		{
 			name: "libvirt 9.x emulator",
 			args: "--ctrl type=unixio,path=" + sock + ",mode=0600 --tpmstate dir=" + state + ",mode=0600 --log file=" + log + " --terminate --tpm2",
-			want: func(c *swtpm.Config) {
+			want: func(c *swtpm.Options) {
 				c.Ctrl = endpoint("unixio")
 				c.Ctrl.Path, c.Ctrl.Mode = sock, 0o600
 				c.StateDir, c.StateMode, c.StateModeSet = state, 0o600, true
@@ -81,7 +83,7 @@ func TestParse(t *testing.T) {
 		{
 			name: "libvirt 9.x emulator with encrypted state",
 			args: "--ctrl type=unixio,path=" + sock + ",mode=0600 --tpmstate dir=" + state + ",mode=0600 --log file=" + log + " --terminate --tpm2 --key pwdfd=20,mode=aes-256-cbc --migration-key pwdfd=21,mode=aes-256-cbc",
-			want: func(c *swtpm.Config) {
+			want: func(c *swtpm.Options) {
 				c.Ctrl = endpoint("unixio")
 				c.Ctrl.Path, c.Ctrl.Mode = sock, 0o600
 				c.StateDir, c.StateMode, c.StateModeSet = state, 0o600, true
@@ -93,7 +95,7 @@ func TestParse(t *testing.T) {
 		{
 			name: "swtpm_setup 0.7.1 starting the TPM",
 			args: "--flags not-need-init,startup-clear --tpmstate backend-uri=dir:///var/lib/swtpm/st --pid file=/tmp/swtpm_setup.1a2b3c/.swtpm_setup.pidfile.XyZ123 --tpm2 --log file=/var/log/swtpm_setup.log --server type=tcp,fd=5 --ctrl type=unixio,clientfd=6",
-			want: func(c *swtpm.Config) {
+			want: func(c *swtpm.Options) {
 				c.NotNeedInit, c.Startup = true, "clear"
 				c.StateDir = "/var/lib/swtpm/st"
 				c.PidFile = "/tmp/swtpm_setup.1a2b3c/.swtpm_setup.pidfile.XyZ123"
@@ -108,7 +110,7 @@ func TestParse(t *testing.T) {
 		{
 			name: "swtpm_setup 0.7.1 with a key file",
 			args: "--flags not-need-init,startup-clear --tpmstate backend-uri=dir:///st --pid file=/tmp/p --tpm2 --key file=/etc/key,mode=aes-256-cbc --server type=tcp,fd=5 --ctrl type=unixio,clientfd=6",
-			want: func(c *swtpm.Config) {
+			want: func(c *swtpm.Options) {
 				c.NotNeedInit, c.Startup = true, "clear"
 				c.StateDir, c.PidFile, c.TPM2 = "/st", "/tmp/p", true
 				c.Key = "file=/etc/key,mode=aes-256-cbc"
@@ -121,28 +123,28 @@ func TestParse(t *testing.T) {
 		{
 			name: "swtpm_setup 0.7.1 checking for state",
 			args: "--print-states --tpmstate backend-uri=dir:///var/lib/swtpm/st --tpm2",
-			want: func(c *swtpm.Config) {
+			want: func(c *swtpm.Options) {
 				c.PrintStates, c.StateDir, c.TPM2 = true, "/var/lib/swtpm/st", true
 			},
 		},
 		{
 			name: "swtpm_setup 0.7.1 probing capabilities",
 			args: "--print-capabilities --log file=/var/log/swtpm_setup.log",
-			want: func(c *swtpm.Config) {
-				*c = swtpm.Config{DataFD: -1, PidFD: -1, Log: swtpm.Log{FD: -1}, PrintCaps: true}
+			want: func(c *swtpm.Options) {
+				*c = swtpm.Options{DataFD: -1, PidFD: -1, Log: swtpm.Log{FD: -1}, PrintCaps: true}
 			},
 		},
 		{
 			name: "swtpm_setup 0.7.1 probing TPM 2 capabilities",
 			args: "--tpm2 --print-capabilities",
-			want: func(c *swtpm.Config) {
-				*c = swtpm.Config{DataFD: -1, PidFD: -1, Log: swtpm.Log{FD: -1}, PrintCaps: true, TPM2: true}
+			want: func(c *swtpm.Options) {
+				*c = swtpm.Options{DataFD: -1, PidFD: -1, Log: swtpm.Log{FD: -1}, PrintCaps: true, TPM2: true}
 			},
 		},
 		{
 			name: "QEMU documentation",
 			args: "--tpmstate dir=/tmp/mytpm1 --ctrl type=unixio,path=/tmp/mytpm1/swtpm-sock --tpm2 --log level=20",
-			want: func(c *swtpm.Config) {
+			want: func(c *swtpm.Options) {
 				c.StateDir, c.TPM2 = "/tmp/mytpm1", true
 				c.Ctrl = endpoint("unixio")
 				c.Ctrl.Path = "/tmp/mytpm1/swtpm-sock"
@@ -152,7 +154,7 @@ func TestParse(t *testing.T) {
 		{
 			name: "tpm2-tss integration tests",
 			args: "--tpm2 -p 2321 --ctrl type=tcp,port=2322 --log fd=1,level=5 --flags not-need-init --tpmstate dir=/tmp/tss --locality allow-set-locality",
-			want: func(c *swtpm.Config) {
+			want: func(c *swtpm.Options) {
 				c.TPM2, c.NotNeedInit, c.AllowSetLoc = true, true, true
 				// -p is --server type=tcp,disconnect: bound to 127.0.0.1 like every TCP socket.
 				c.Server = endpoint("tcp")
@@ -166,22 +168,42 @@ func TestParse(t *testing.T) {
 		{
 			name: "vtpm over TCP with sealed state options",
 			args: "--tpm2 --tpmstate dir=/d --ctrl type=tcp,port=2322,bindaddr=::1 --server type=tcp,port=2321,disconnect --flags not-need-init,startup-state --data-key file=/k --allow-rollback --seccomp action=log --locality reject-locality-4 --pid fd=9 --runas tss",
-			want: func(c *swtpm.Config) {
+			want: func(c *swtpm.Options) {
 				c.TPM2, c.StateDir = true, "/d"
 				c.Ctrl = endpoint("tcp")
 				c.Ctrl.Port, c.Ctrl.BindAddr = 2322, "::1"
 				c.Server = endpoint("tcp")
 				c.Server.Port, c.Server.Disconnect = 2321, true
 				c.NotNeedInit, c.Startup = true, "state"
-				c.DataKey, c.AllowRollback = "file=/k", true
 				c.Seccomp, c.RejectLoc4, c.PidFD, c.RunAs = "log", true, 9, "tss"
 			},
+			ext: &swtpm.Extensions{DataKey: "file=/k", AllowRollback: true, Isolation: sandbox.Preferred},
+		},
+		{
+			name: "vtpm VM start: isolation required",
+			args: "--tpm2 --tpmstate dir=/d --ctrl type=unixio,path=/s --isolation required",
+			want: func(c *swtpm.Options) {
+				c.TPM2, c.StateDir = true, "/d"
+				c.Ctrl = endpoint("unixio")
+				c.Ctrl.Path = "/s"
+			},
+			ext: &swtpm.Extensions{Isolation: sandbox.Required},
+		},
+		{
+			name: "an empty --isolation keeps the drop-in's default",
+			args: "--tpm2 --tpmstate dir=/d --ctrl type=unixio,path=/s --isolation=",
+			want: func(c *swtpm.Options) {
+				c.TPM2, c.StateDir = true, "/d"
+				c.Ctrl = endpoint("unixio")
+				c.Ctrl.Path = "/s"
+			},
+			ext: &swtpm.Extensions{Isolation: sandbox.Preferred},
 		},
 		{
 			name:   "TPM_PATH stands in for --tpmstate",
 			args:   "--tpm2 --server type=tcp,port=2321",
 			getenv: env("TPM_PATH", "/tmp/tpm-path"),
-			want: func(c *swtpm.Config) {
+			want: func(c *swtpm.Options) {
 				c.TPM2, c.StateDir = true, "/tmp/tpm-path"
 				c.Server = endpoint("tcp")
 				c.Server.Port = 2321
@@ -191,7 +213,7 @@ func TestParse(t *testing.T) {
 			name:   "--tpmstate wins over TPM_PATH",
 			args:   "--tpm2 --tpmstate dir=/explicit --server type=tcp,port=2321",
 			getenv: env("TPM_PATH", "/tmp/tpm-path"),
-			want: func(c *swtpm.Config) {
+			want: func(c *swtpm.Options) {
 				c.TPM2, c.StateDir = true, "/explicit"
 				c.Server = endpoint("tcp")
 				c.Server.Port = 2321
@@ -201,7 +223,7 @@ func TestParse(t *testing.T) {
 			name:   "TPM_PORT stands in for port=",
 			args:   "--tpm2 --tpmstate dir=/d --server type=tcp",
 			getenv: env("TPM_PORT", "2400"),
-			want: func(c *swtpm.Config) {
+			want: func(c *swtpm.Options) {
 				c.TPM2, c.StateDir = true, "/d"
 				c.Server = endpoint("tcp")
 				c.Server.Port = 2400
@@ -211,7 +233,7 @@ func TestParse(t *testing.T) {
 			name:   "port= wins over TPM_PORT",
 			args:   "--tpm2 --tpmstate dir=/d --server type=tcp,port=2500",
 			getenv: env("TPM_PORT", "2400"),
-			want: func(c *swtpm.Config) {
+			want: func(c *swtpm.Options) {
 				c.TPM2, c.StateDir = true, "/d"
 				c.Server = endpoint("tcp")
 				c.Server.Port = 2500
@@ -220,7 +242,7 @@ func TestParse(t *testing.T) {
 		{
 			name: "--server type defaults to tcp, as in swtpm",
 			args: "--tpm2 --tpmstate dir=/d --server port=2321",
-			want: func(c *swtpm.Config) {
+			want: func(c *swtpm.Options) {
 				c.TPM2, c.StateDir = true, "/d"
 				c.Server = endpoint("tcp")
 				c.Server.Port = 2321
@@ -229,7 +251,7 @@ func TestParse(t *testing.T) {
 		{
 			name: "connected data fd",
 			args: "--tpm2 --tpmstate dir=/d --fd 5",
-			want: func(c *swtpm.Config) {
+			want: func(c *swtpm.Options) {
 				c.TPM2, c.StateDir = true, "/d"
 				c.DataFD, c.Terminate = 5, true
 			},
@@ -237,7 +259,7 @@ func TestParse(t *testing.T) {
 		{
 			name: "unix data socket with owner",
 			args: "--tpm2 --tpmstate dir=/d,mode=0640 --server type=unixio,path=/run/tpm.sock,mode=0660,uid=59,gid=59",
-			want: func(c *swtpm.Config) {
+			want: func(c *swtpm.Options) {
 				c.TPM2, c.StateDir, c.StateModeSet = true, "/d", true
 				c.Server = endpoint("unixio")
 				c.Server.Path, c.Server.Mode, c.Server.UID, c.Server.GID = "/run/tpm.sock", 0o660, 59, 59
@@ -246,7 +268,7 @@ func TestParse(t *testing.T) {
 		{
 			name: "ctrl channel alone (data fd comes by CMD_SET_DATAFD)",
 			args: "--tpm2 --tpmstate dir=/d --ctrl type=unixio,path=/s",
-			want: func(c *swtpm.Config) {
+			want: func(c *swtpm.Options) {
 				c.TPM2, c.StateDir = true, "/d"
 				c.Ctrl = endpoint("unixio")
 				c.Ctrl.Path = "/s"
@@ -255,7 +277,7 @@ func TestParse(t *testing.T) {
 		{
 			name: "startup-none does not imply not-need-init, as in swtpm",
 			args: "--tpm2 --tpmstate dir=/d --ctrl type=unixio,path=/s --flags startup-none",
-			want: func(c *swtpm.Config) {
+			want: func(c *swtpm.Options) {
 				c.TPM2, c.StateDir = true, "/d"
 				c.Ctrl = endpoint("unixio")
 				c.Ctrl.Path = "/s"
@@ -265,7 +287,7 @@ func TestParse(t *testing.T) {
 		{
 			name: "startup-deactivated implies not-need-init",
 			args: "--tpm2 --tpmstate dir=/d --ctrl type=unixio,path=/s --flags startup-deactivated",
-			want: func(c *swtpm.Config) {
+			want: func(c *swtpm.Options) {
 				c.TPM2, c.StateDir = true, "/d"
 				c.Ctrl = endpoint("unixio")
 				c.Ctrl.Path = "/s"
@@ -275,7 +297,7 @@ func TestParse(t *testing.T) {
 		{
 			name: "log file with prefix, truncated",
 			args: "--tpm2 --tpmstate dir=/d --ctrl type=unixio,path=/s --log file=/l,level=3,prefix=tpm:,truncate",
-			want: func(c *swtpm.Config) {
+			want: func(c *swtpm.Options) {
 				c.TPM2, c.StateDir = true, "/d"
 				c.Ctrl = endpoint("unixio")
 				c.Ctrl.Path = "/s"
@@ -285,15 +307,15 @@ func TestParse(t *testing.T) {
 		{
 			name: "help needs nothing else",
 			args: "--help",
-			want: func(c *swtpm.Config) {
-				*c = swtpm.Config{DataFD: -1, PidFD: -1, Log: swtpm.Log{FD: -1}, ShowHelp: true}
+			want: func(c *swtpm.Options) {
+				*c = swtpm.Options{DataFD: -1, PidFD: -1, Log: swtpm.Log{FD: -1}, ShowHelp: true}
 			},
 		},
 		{
 			name: "version needs nothing else",
 			args: "-v",
-			want: func(c *swtpm.Config) {
-				*c = swtpm.Config{DataFD: -1, PidFD: -1, Log: swtpm.Log{FD: -1}, ShowVersion: true}
+			want: func(c *swtpm.Options) {
+				*c = swtpm.Options{DataFD: -1, PidFD: -1, Log: swtpm.Log{FD: -1}, ShowVersion: true}
 			},
 		},
 	}
@@ -303,9 +325,16 @@ func TestParse(t *testing.T) {
 			if getenv == nil {
 				getenv = env()
 			}
-			got, err := swtpm.Parse(strings.Fields(tc.args), getenv)
+			got, gotExt, err := swtpm.Parse(strings.Fields(tc.args), getenv)
 			if err != nil {
 				t.Fatalf("Parse: %v", err)
+			}
+			wantExt := &swtpm.Extensions{Isolation: sandbox.Preferred} // the swtpm drop-in's isolation
+			if tc.ext != nil {
+				wantExt = tc.ext
+			}
+			if *gotExt != *wantExt {
+				t.Errorf("Parse(%s) extensions\n got %+v\nwant %+v", tc.args, *gotExt, *wantExt)
 			}
 			want := defaults()
 			tc.want(want)
@@ -380,6 +409,7 @@ func TestParseErrors(t *testing.T) {
 		{"two startup types", ok + " --flags startup-clear,startup-state", "startup-clear and startup-state exclude each other"},
 		{"bad seccomp action", ok + " --seccomp action=trap", `--seccomp: action="trap"`},
 		{"unknown seccomp sub-option", ok + " --seccomp mode=kill", `--seccomp: unknown sub-option "mode"`},
+		{"unknown isolation", ok + " --isolation sometimes", "--isolation sometimes: want required, preferred or none"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -387,7 +417,7 @@ func TestParseErrors(t *testing.T) {
 			if getenv == nil {
 				getenv = env()
 			}
-			c, err := swtpm.Parse(strings.Fields(tc.args), getenv)
+			c, _, err := swtpm.Parse(strings.Fields(tc.args), getenv)
 			if err == nil {
 				t.Fatalf("Parse(%s) succeeded:\n%s\nwant an error containing %q", tc.args, describe(c), tc.want)
 			}
@@ -405,12 +435,12 @@ func TestParseErrors(t *testing.T) {
 // always gets the same message, so that logs and tests can rely on it.
 func TestParseErrorIsStable(t *testing.T) {
 	args := strings.Fields("--tpm2 --tpmstate dir=/d --server type=unixio,path=/s,uid=a,gid=b,fd=c")
-	_, first := swtpm.Parse(args, env())
+	_, _, first := swtpm.Parse(args, env())
 	if first == nil {
 		t.Fatal("Parse accepted non-numeric uid, gid and fd")
 	}
 	for range 50 {
-		if _, err := swtpm.Parse(args, env()); err == nil || err.Error() != first.Error() {
+		if _, _, err := swtpm.Parse(args, env()); err == nil || err.Error() != first.Error() {
 			t.Fatalf("Parse error changes between runs: %q, then %v", first, err)
 		}
 	}

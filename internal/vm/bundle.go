@@ -1,7 +1,6 @@
 package vm
 
 import (
-	"errors"
 	"fmt"
 	"io"
 	"io/fs"
@@ -12,6 +11,8 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+
+	"vtpm/internal/errdefs"
 )
 
 // CreateOptions describe a new VM.
@@ -43,6 +44,8 @@ type CreateOptions struct {
 type Created struct {
 	VM    *VM
 	Notes []string
+	// Next are actions the user may want to take now.
+	Next []errdefs.Remedy
 }
 
 // newConfig applies the profile's defaults and rules.
@@ -51,7 +54,7 @@ func newConfig(o CreateOptions) (*Config, error) {
 		return nil, err
 	}
 	if o.OS == "" {
-		return nil, errors.New("give the guest OS with --os (windows11, windows10, windows-server, linux or other): it chooses the firmware, Secure Boot and TPM rules")
+		return nil, errdefs.New(errdefs.ErrInvalidArgument, "give the guest OS with --os (windows11, windows10, windows-server, linux or other): it chooses the firmware, Secure Boot and TPM rules")
 	}
 	if _, err := ParseOS(string(o.OS)); err != nil {
 		return nil, err
@@ -73,10 +76,10 @@ func newConfig(o CreateOptions) (*Config, error) {
 	switch c.Isolation {
 	case IsolationDefault, IsolationPreferred, IsolationRequired:
 	default:
-		return nil, fmt.Errorf("isolation %q: want preferred or required", c.Isolation)
+		return nil, errdefs.New(errdefs.ErrInvalidArgument, "isolation %q: want preferred or required", c.Isolation)
 	}
 	if (c.Kernel == "") != (c.Initrd == "") && c.Initrd != "" {
-		return nil, errors.New("--initrd needs --kernel")
+		return nil, errdefs.New(errdefs.ErrInvalidArgument, "--initrd needs --kernel")
 	}
 	if o.Disk != "" {
 		d, err := diskFor(o.Disk)
@@ -125,7 +128,8 @@ func diskFor(path string) (Disk, error) {
 	}
 	st, err := os.Stat(abs)
 	if err != nil {
-		return Disk{}, fmt.Errorf("disk %s: %w (give an existing image or device, or --disk-size SIZE for a new image)", path, err)
+		return Disk{}, errdefs.Wrap(errdefs.ErrNotFound, err, "disk %s", path).
+			With(errdefs.Advise("give an existing image or device, or --disk-size SIZE for a new image"))
 	}
 	if st.Mode()&fs.ModeDevice != 0 {
 		// A raw physical disk or partition.
@@ -208,7 +212,7 @@ func (h *Registry) Create(o CreateOptions) (_ *Created, err error) {
 // makeBundleDir creates dir, which must not exist or be empty.
 func makeBundleDir(dir string) error {
 	if entries, err := os.ReadDir(dir); err == nil && len(entries) > 0 {
-		return fmt.Errorf("%s already exists and is not empty; give another --path or remove it", dir)
+		return errdefs.New(errdefs.ErrAlreadyExists, "%s already exists and is not empty; give another --path or remove it", dir)
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("create bundle directory: %w", err)
@@ -254,7 +258,7 @@ func ParseTPMMode(s string) (TPMMode, error) {
 	case TPMNew, TPMCopy, TPMNone:
 		return m, nil
 	}
-	return "", fmt.Errorf("--tpm %q: want new, copy or none", s)
+	return "", errdefs.New(errdefs.ErrInvalidArgument, "--tpm %q: want new, copy or none", s)
 }
 
 // copyBundle copies src's bundle into the new directory dir without TPM
@@ -269,7 +273,7 @@ func (h *Registry) copyBundle(src *VM, name, dir string) (*VM, error) {
 	}
 	for _, d := range src.Config.Disks {
 		if d.Passthrough {
-			return nil, fmt.Errorf("VM %s uses the passthrough disk %s, which two VMs cannot share; copy it into an image "+
+			return nil, errdefs.New(errdefs.ErrFailedPrecondition, "VM %s uses the passthrough disk %s, which two VMs cannot share; copy it into an image "+
 				"(`qemu-img convert -O qcow2 %s disk.qcow2`) and recreate the VM with --disk first", src.Name(), d.Path, d.Path)
 		}
 	}
@@ -342,10 +346,11 @@ func (h *Registry) finish(v *VM, tpm func() error) (err error) {
 // (fresh identity), a copy (same contents under a new key), or none.
 func (h *Registry) Clone(src *VM, name string, mode TPMMode, dir string) (*Created, error) {
 	if src.Config.Template {
-		return nil, fmt.Errorf("%s is a template; make VMs from it with `vtpm vm deploy %s %s`", src.Name(), src.Name(), name)
+		return nil, errdefs.New(errdefs.ErrFailedPrecondition, "%s is a template; make VMs from it", src.Name()).
+			With(do(errdefs.ActionVMDeploy, "template", src.Name(), "new", name))
 	}
 	if mode == TPMCopy && !src.Config.HasTPM() {
-		return nil, fmt.Errorf("VM %s has no TPM to copy; clone it with --tpm none", src.Name())
+		return nil, errdefs.New(errdefs.ErrFailedPrecondition, "VM %s has no TPM to copy; clone it with --tpm none", src.Name())
 	}
 	if err := h.requireStopped(src, "clone it (its disk and TPM state change while it runs)"); err != nil {
 		return nil, err
@@ -360,7 +365,8 @@ func (h *Registry) Clone(src *VM, name string, mode TPMMode, dir string) (*Creat
 	case !src.Config.HasTPM():
 	case mode == TPMNone:
 		v.Config.TPM = nil
-		res.Notes = append(res.Notes, fmt.Sprintf("%s has no TPM (--tpm none); add one with `vtpm tpm add %s`", name, name))
+		res.Notes = append(res.Notes, fmt.Sprintf("%s has no TPM (--tpm none)", name))
+		res.Next = append(res.Next, do(errdefs.ActionTPMAdd, "vm", name).WithNote("add one"))
 	case mode == TPMNew:
 		tpm = func() error { _, err := h.manufactureTPM(v); return err }
 		res.Notes = append(res.Notes, fmt.Sprintf("%s has a new vTPM: its own EK and certificates; secrets sealed to %s's TPM do not open in it", name, src.Name()))
@@ -396,7 +402,8 @@ func (h *Registry) Template(src *VM, name, dir string) (*Created, error) {
 // gives it a freshly manufactured vTPM.
 func (h *Registry) Deploy(tmpl *VM, name, dir string) (*Created, error) {
 	if !tmpl.Config.Template {
-		return nil, fmt.Errorf("%s is not a template; make one with `vtpm vm template %s NAME`, or copy the VM with `vtpm vm clone`", tmpl.Name(), tmpl.Name())
+		return nil, errdefs.New(errdefs.ErrFailedPrecondition, "%s is not a template; make one, or copy the VM", tmpl.Name()).
+			With(do(errdefs.ActionVMTemplate, "vm", tmpl.Name()), do(errdefs.ActionVMClone, "vm", tmpl.Name(), "new", name))
 	}
 	v, err := h.copyBundle(tmpl, name, dir)
 	if err != nil {

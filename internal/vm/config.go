@@ -3,7 +3,6 @@ package vm
 import (
 	"encoding/json"
 	"errors"
-	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -14,6 +13,8 @@ import (
 	"github.com/google/uuid"
 
 	"vtpm/internal/atomicfile"
+	"vtpm/internal/errdefs"
+	"vtpm/internal/sandbox"
 )
 
 // ConfigFile is the bundle's description, at its root.
@@ -56,7 +57,7 @@ func ParseOS(s string) (OS, error) {
 	for i, o := range OSes {
 		names[i] = string(o)
 	}
-	return "", fmt.Errorf("unknown OS %q: want one of %s", s, strings.Join(names, ", "))
+	return "", errdefs.New(errdefs.ErrInvalidArgument, "unknown OS %q: want one of %s", s, strings.Join(names, ", "))
 }
 
 // Firmware is the VM's firmware type.
@@ -76,7 +77,7 @@ func ParseFirmware(s string) (Firmware, error) {
 	case BIOS:
 		return BIOS, nil
 	}
-	return "", fmt.Errorf("unknown firmware %q: want uefi or bios", s)
+	return "", errdefs.New(errdefs.ErrInvalidArgument, "unknown firmware %q: want uefi or bios", s)
 }
 
 // Disk is one disk of a VM.
@@ -98,12 +99,13 @@ type TPM struct {
 	Device string `json:"device"`
 }
 
-// Isolation levels of the vTPM process a VM's policy asks for; the empty
-// policy is the default, required.
+// Isolation policies a VM's vm.json may name for its vTPM process. The
+// field is optional: a VM that names none requires isolation (see
+// IsolationPolicy), unlike the swtpm drop-in, whose default is preferred.
 const (
-	IsolationDefault   = ""
-	IsolationPreferred = "preferred"
-	IsolationRequired  = "required"
+	IsolationDefault   = ""                        // not named: sandbox.Required
+	IsolationPreferred = string(sandbox.Preferred) // run with what the host offers
+	IsolationRequired  = string(sandbox.Required)  // refuse to start without every part
 )
 
 // Config is a VM bundle's vm.json.
@@ -162,20 +164,20 @@ func ReadConfig(dir string) (*Config, error) {
 	path := filepath.Join(dir, ConfigFile)
 	b, err := os.ReadFile(path)
 	if errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("%s is not a VM bundle: it has no %s", dir, ConfigFile)
+		return nil, errdefs.New(errdefs.ErrNotFound, "%s is not a VM bundle: it has no %s", dir, ConfigFile)
 	}
 	if err != nil {
 		return nil, err
 	}
 	var c Config
 	if err := json.Unmarshal(b, &c); err != nil {
-		return nil, fmt.Errorf("%s is damaged: %w (restore it from a backup)", path, err)
+		return nil, errdefs.Wrap(errdefs.ErrDataLoss, err, "%s is damaged", path).With(errdefs.Advise("restore it from a backup"))
 	}
 	if c.Format != configFormat {
-		return nil, fmt.Errorf("%s has format %d; this vtpm reads format %d", path, c.Format, configFormat)
+		return nil, errdefs.New(errdefs.ErrFailedPrecondition, "%s has format %d; this vtpm reads format %d", path, c.Format, configFormat)
 	}
 	if c.Name == "" || c.UUID == uuid.Nil {
-		return nil, fmt.Errorf("%s is damaged: it has no name or UUID", path)
+		return nil, errdefs.New(errdefs.ErrDataLoss, "%s is damaged: it has no name or UUID", path)
 	}
 	return &c, nil
 }
@@ -193,30 +195,30 @@ func WriteConfig(dir string, c *Config) error {
 // validName: names become directory names and appear in commands.
 func validName(name string) error {
 	if name == "" {
-		return errors.New("a VM needs a name")
+		return errdefs.New(errdefs.ErrInvalidArgument, "a VM needs a name")
 	}
 	if len(name) > 64 {
-		return fmt.Errorf("VM name %q is longer than 64 characters", name)
+		return errdefs.New(errdefs.ErrInvalidArgument, "VM name %q is longer than 64 characters", name)
 	}
 	for _, r := range name {
 		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.') {
-			return fmt.Errorf("VM name %q: use letters, digits, '-', '_' and '.' only", name)
+			return errdefs.New(errdefs.ErrInvalidArgument, "VM name %q: use letters, digits, '-', '_' and '.' only", name)
 		}
 	}
 	if name[0] == '.' || name[0] == '-' {
-		return fmt.Errorf("VM name %q must start with a letter or digit", name)
+		return errdefs.New(errdefs.ErrInvalidArgument, "VM name %q must start with a letter or digit", name)
 	}
 	if _, err := uuid.Parse(name); err == nil {
-		return fmt.Errorf("VM name %q looks like a UUID; VMs are found by name or UUID, so pick another name", name)
+		return errdefs.New(errdefs.ErrInvalidArgument, "VM name %q looks like a UUID; VMs are found by name or UUID, so pick another name", name)
 	}
 	return nil
 }
 
-// IsolationPolicy is the VM's effective isolation policy: required unless
-// the VM asks for preferred.
-func (c *Config) IsolationPolicy() string {
+// IsolationPolicy is the VM's effective isolation policy: sandbox.Required
+// unless vm.json asks for preferred.
+func (c *Config) IsolationPolicy() sandbox.Isolation {
 	if c.Isolation == IsolationDefault {
-		return IsolationRequired
+		return sandbox.Required
 	}
-	return c.Isolation
+	return sandbox.Isolation(c.Isolation)
 }

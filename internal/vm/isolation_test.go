@@ -3,15 +3,20 @@ package vm
 import (
 	"slices"
 	"testing"
+
+	"vtpm/internal/sandbox"
 )
 
 // TestIsolationPolicy: a VM's vTPM must be isolated unless its policy says
 // preferred, and the instance is told so.
 func TestIsolationPolicy(t *testing.T) {
-	for _, tc := range []struct{ set, want string }{
-		{IsolationDefault, IsolationRequired},
-		{IsolationRequired, IsolationRequired},
-		{IsolationPreferred, IsolationPreferred},
+	for _, tc := range []struct {
+		set  string
+		want sandbox.Isolation
+	}{
+		{IsolationDefault, sandbox.Required},
+		{IsolationRequired, sandbox.Required},
+		{IsolationPreferred, sandbox.Preferred},
 	} {
 		v := &VM{Dir: "/vms/x", Config: &Config{Name: "x", Isolation: tc.set}}
 		if got := v.Config.IsolationPolicy(); got != tc.want {
@@ -19,7 +24,7 @@ func TestIsolationPolicy(t *testing.T) {
 		}
 		args := (&Registry{}).tpmArgs(v, runPaths{TPMSock: "/run/x/tpm.sock", TPMPid: "/run/x/tpm.pid"}, "")
 		i := slices.Index(args, "--isolation")
-		if i < 0 || i+1 >= len(args) || args[i+1] != tc.want {
+		if i < 0 || i+1 >= len(args) || args[i+1] != string(tc.want) {
 			t.Errorf("policy %q: instance arguments %q, want --isolation %s", tc.set, args, tc.want)
 		}
 	}

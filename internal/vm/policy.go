@@ -3,17 +3,27 @@ package vm
 import (
 	"errors"
 	"fmt"
+
+	"vtpm/internal/errdefs"
 )
 
 // RuleError is a request that a VM rule refuses. Rule names it, Error says
-// why and how to get what was wanted.
+// why and how to get what was wanted, Fix the actions that get it. It
+// matches errdefs.ErrFailedPrecondition.
 type RuleError struct {
 	VM   string
 	Rule string // "tpm-needs-uefi", "tpm-passthrough", "windows11-needs-tpm", …
 	Msg  string
+	Fix  []errdefs.Remedy
 }
 
 func (e *RuleError) Error() string { return e.Msg }
+
+// Is matches errdefs.ErrFailedPrecondition.
+func (e *RuleError) Is(target error) bool { return target == errdefs.ErrFailedPrecondition }
+
+// Remedies returns the actions that get what was wanted.
+func (e *RuleError) Remedies() []errdefs.Remedy { return e.Fix }
 
 // IsRule reports whether err is a refusal by the named rule.
 func IsRule(err error, rule string) bool {
@@ -26,10 +36,10 @@ func CanHaveTPM(c *Config) error {
 	if c.Firmware != UEFI {
 		return &RuleError{VM: c.Name, Rule: "tpm-needs-uefi", Msg: fmt.Sprintf(
 			"VM %s boots with BIOS firmware, and a vTPM needs UEFI: QEMU's TPM 2.0 is measured and used through UEFI "+
-				"(OVMF), and Secure Boot comes with it. Recreate the VM with UEFI, reusing its disk: "+
-				"`vtpm vm create NEW --os %s --firmware uefi --disk DISK --tpm` "+
+				"(OVMF), and Secure Boot comes with it. Recreate the VM with UEFI, reusing its disk "+
 				"(a BIOS-installed guest disk uses MBR; Windows converts it with `mbr2gpt /convert`)",
-			c.Name, c.OS)}
+			c.Name),
+			Fix: []errdefs.Remedy{do(errdefs.ActionVMCreate, "os", string(c.OS))}}
 	}
 	if p := c.Passthrough(); p != "" {
 		return &RuleError{VM: c.Name, Rule: "tpm-passthrough", Msg: fmt.Sprintf(
@@ -42,7 +52,8 @@ func CanHaveTPM(c *Config) error {
 	}
 	if c.Template {
 		return &RuleError{VM: c.Name, Rule: "template", Msg: fmt.Sprintf(
-			"%s is a template: templates hold no TPM secrets; VMs deployed from it with `vtpm vm deploy %s NEW` get a fresh vTPM", c.Name, c.Name)}
+			"%s is a template: templates hold no TPM secrets; VMs deployed from it get a fresh vTPM", c.Name),
+			Fix: []errdefs.Remedy{do(errdefs.ActionVMDeploy, "template", c.Name)}}
 	}
 	return nil
 }

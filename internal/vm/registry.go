@@ -14,16 +14,10 @@ import (
 
 	"github.com/google/uuid"
 
-	"vtpm/internal/keybroker"
-
 	"vtpm/internal/atomicfile"
+	"vtpm/internal/errdefs"
+	"vtpm/internal/keybroker"
 )
-
-// ErrConflict reports a name or UUID that is already registered.
-var ErrConflict = errors.New("already registered")
-
-// ErrNotFound reports a VM that is not registered on this host.
-var ErrNotFound = errors.New("no such VM")
 
 // Registry is the VMs of one data root: bundles created under <root>/vms and
 // bundles registered from elsewhere, all listed in <root>/vms.json.
@@ -89,7 +83,8 @@ func (h *Registry) read() (*registry, error) {
 		return nil, err
 	}
 	if err := json.Unmarshal(b, r); err != nil {
-		return nil, fmt.Errorf("%s is damaged: %w (restore it, or re-register the bundles with `vtpm vm register PATH`)", h.registryPath(), err)
+		return nil, errdefs.Wrap(errdefs.ErrDataLoss, err, "%s is damaged", h.registryPath()).
+			With(errdefs.Advise("restore it"), do(errdefs.ActionVMRegister).WithNote("or re-register the bundles"))
 	}
 	return r, nil
 }
@@ -131,7 +126,7 @@ func (h *Registry) Find(ref string) (Entry, error) {
 			return e, nil
 		}
 	}
-	return Entry{}, fmt.Errorf("%w %q on this host (data root %s); `vtpm vm list -a` shows the registered VMs, `vtpm vm register PATH` adds a bundle", ErrNotFound, ref, h.Root)
+	return Entry{}, &NotFoundError{Ref: ref, Root: h.Root}
 }
 
 // VM is an opened bundle.
@@ -156,8 +151,9 @@ func (h *Registry) openEntry(e Entry) (*VM, error) {
 		return nil, fmt.Errorf("VM %s: %w", e.Name, err)
 	}
 	if c.UUID != e.UUID {
-		return nil, fmt.Errorf("VM %s: the bundle at %s now holds VM %s (%s), not the registered %s; `vtpm vm unregister %s` and register the bundle again",
-			e.Name, e.Path, c.Name, c.UUID, e.UUID, e.Name)
+		return nil, errdefs.New(errdefs.ErrConflict, "VM %s: the bundle at %s now holds VM %s (%s), not the registered %s; unregister it and register the bundle again",
+			e.Name, e.Path, c.Name, c.UUID, e.UUID).
+			With(do(errdefs.ActionVMUnregister, "vm", e.Name), do(errdefs.ActionVMRegister, "path", e.Path))
 	}
 	return &VM{Dir: e.Path, Config: c, host: h}, nil
 }
@@ -209,9 +205,11 @@ func (r *registry) add(e Entry) error {
 		case o.UUID == e.UUID && o.Path == e.Path:
 			return fmt.Errorf("%s is %w as VM %s", e.Path, ErrConflict, o.Name)
 		case o.UUID == e.UUID:
-			return fmt.Errorf("a VM with UUID %s is %w on this host: %s at %s. A copied bundle keeps its UUID; "+
-				"make a copy with its own identity with `vtpm vm clone %s NEW`, or unregister the other one first",
-				e.UUID, ErrConflict, o.Name, o.Path, o.Name)
+			return withFix(fmt.Errorf("a VM with UUID %s is %w on this host: %s at %s. A copied bundle keeps its UUID; "+
+				"make a copy with its own identity, or unregister the other one first",
+				e.UUID, ErrConflict, o.Name, o.Path),
+				do(errdefs.ActionVMClone, "vm", o.Name).WithNote("a copy with its own identity"),
+				do(errdefs.ActionVMUnregister, "vm", o.Name))
 		case o.Name == e.Name:
 			return fmt.Errorf("the name %s is %w on this host (%s at %s); give another with --name", e.Name, ErrConflict, o.UUID, o.Path)
 		}
@@ -231,7 +229,7 @@ func (h *Registry) Unregister(ref string) (Entry, error) {
 				return nil
 			}
 		}
-		return fmt.Errorf("%w %q on this host", ErrNotFound, ref)
+		return &NotFoundError{Ref: ref}
 	})
 	return gone, err
 }

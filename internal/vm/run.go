@@ -13,18 +13,18 @@ import (
 	"os/signal"
 	"os/user"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
+	"vtpm/internal/errdefs"
+	"vtpm/internal/hostcheck"
+	"vtpm/internal/qmp"
 	"vtpm/internal/sandbox"
-	"vtpm/internal/seal"
-	"vtpm/internal/swtpm/statefile"
+	"vtpm/internal/state"
 )
-
-// QEMU is the emulator binary.
-var QEMU = "qemu-system-x86_64"
 
 // runPaths are a VM's run-time files. They live outside the bundle, so a
 // copied bundle never carries another VM's pids or sockets, and in a short
@@ -106,7 +106,7 @@ func livePid(pidFile, mark string) int {
 
 func (h *Registry) requireStopped(v *VM, what string) error {
 	if st := h.State(v); st.Running() || st.TPM != 0 {
-		return fmt.Errorf("VM %s is running; stop it with `vtpm vm stop %s` to %s", v.Name(), v.Name(), what)
+		return precondition([]errdefs.Remedy{do(errdefs.ActionVMStop, "vm", v.Name())}, "VM %s is running; stop it to %s", v.Name(), what)
 	}
 	return nil
 }
@@ -121,12 +121,14 @@ type StartOptions struct {
 	// SerialSocket exposes the serial console on a unix socket (QEMU is the
 	// server; a client may connect at any time).
 	SerialSocket string
-	// Accel is "kvm", "tcg" or "" (KVM when /dev/kvm is usable, else
-	// $VTPM_ACCEL, else TCG).
+	// Accel is "kvm", "tcg" or "" ($VTPM_ACCEL, else KVM when QEMU can
+	// use it, else TCG: hostcheck.Accel).
 	Accel string
 }
 
 // PreflightError lists every reason a VM cannot start; nothing was started.
+// It matches errdefs.ErrFailedPrecondition, and its remedies are those of
+// all its problems.
 type PreflightError struct {
 	VM       string
 	Problems []error
@@ -144,16 +146,35 @@ func (e *PreflightError) Error() string {
 
 func (e *PreflightError) Unwrap() []error { return e.Problems }
 
+// Is matches errdefs.ErrFailedPrecondition.
+func (e *PreflightError) Is(target error) bool { return target == errdefs.ErrFailedPrecondition }
+
+// Remedies are the union of the problems' remedies.
+func (e *PreflightError) Remedies() []errdefs.Remedy {
+	var out []errdefs.Remedy
+	for _, p := range e.Problems {
+		for _, r := range errdefs.Remedies(p) {
+			if !slices.ContainsFunc(out, r.Equal) {
+				out = append(out, r)
+			}
+		}
+	}
+	return out
+}
+
 // isolationProblems says what the host lacks for an isolated vTPM process
 // (the instance itself refuses to start without every part).
-func isolationProblems() []error {
-	const how = "run `vtpm doctor` for the host's state, or relax the VM's policy to --isolation preferred"
+func isolationProblems(vm string) []error {
+	fix := []errdefs.Remedy{
+		do(errdefs.ActionDoctor).WithNote("the host's state"),
+		do(errdefs.ActionIsolationPreferred, "vm", vm).WithNote("or relax the VM's policy"),
+	}
 	var probs []error
 	if _, err := sandbox.LandlockABI(); err != nil {
-		probs = append(probs, fmt.Errorf("the VM's policy requires an isolated vTPM process, and Landlock is missing: %v; %s", err, how))
+		probs = append(probs, precondition(fix, "the VM's policy requires an isolated vTPM process, and Landlock is missing: %v", err))
 	}
 	if err := sandbox.SeccompAvailable(); err != nil {
-		probs = append(probs, fmt.Errorf("the VM's policy requires an isolated vTPM process, and seccomp is missing: %v; %s", err, how))
+		probs = append(probs, precondition(fix, "the VM's policy requires an isolated vTPM process, and seccomp is missing: %v", err))
 	}
 	return probs
 }
@@ -167,10 +188,15 @@ func (h *Registry) Preflight(v *VM) error {
 	var probs []error
 	add := func(format string, a ...any) { probs = append(probs, fmt.Errorf(format, a...)) }
 	if c.Template {
-		return &PreflightError{VM: c.Name, Problems: []error{fmt.Errorf("%s is a template and never runs; make a VM from it with `vtpm vm deploy %s NEW`", c.Name, c.Name)}}
+		return &PreflightError{VM: c.Name, Problems: []error{precondition([]errdefs.Remedy{do(errdefs.ActionVMDeploy, "template", c.Name)},
+			"%s is a template and never runs; make a VM from it", c.Name)}}
 	}
-	if _, err := exec.LookPath(QEMU); err != nil {
-		add("%s is not installed (apt-get install qemu-system-x86)", QEMU)
+	if err := hostcheck.QEMUUsable(); err != nil {
+		probs = append(probs, err)
+	} else if c.TPMEnabled() {
+		if err := hostcheck.TPMEmulatorUsable(); err != nil {
+			probs = append(probs, err)
+		}
 	}
 	if c.Firmware == UEFI {
 		code, tmpl := firmwareFiles(c)
@@ -206,8 +232,8 @@ func (h *Registry) Preflight(v *VM) error {
 		} else if err := h.checkTPMKey(v); err != nil {
 			probs = append(probs, err)
 		}
-		if c.IsolationPolicy() == IsolationRequired {
-			probs = append(probs, isolationProblems()...)
+		if c.IsolationPolicy() == sandbox.Required {
+			probs = append(probs, isolationProblems(c.Name)...)
 		}
 	}
 	if len(probs) > 0 {
@@ -219,12 +245,13 @@ func (h *Registry) Preflight(v *VM) error {
 func (h *Registry) checkTPMKey(v *VM) error {
 	dir := v.TPMDir()
 	switch {
-	case seal.Exists(dir):
-	case statefile.HasState(dir):
+	case state.IsSealed(dir):
+	case state.IsSwtpm(dir):
 		return nil // swtpm's format: its key, if any, is an --key option
 	default:
-		return fmt.Errorf("the TPM state of %s is missing from %s: restore it from a backup (under %s), or give the VM a new TPM with `vtpm tpm remove %s && vtpm tpm add %s`",
-			v.Name(), dir, h.BackupsDir(), v.Name(), v.Name())
+		return errdefs.New(errdefs.ErrDataLoss, "the TPM state of %s is missing from %s: restore it from a backup (under %s), or give the VM a new TPM",
+			v.Name(), dir, h.BackupsDir()).
+			With(do(errdefs.ActionTPMRemove, "vm", v.Name()), do(errdefs.ActionTPMAdd, "vm", v.Name()))
 	}
 	k, err := h.keys()
 	if err != nil {
@@ -237,40 +264,6 @@ func (h *Registry) checkTPMKey(v *VM) error {
 	}
 	o.Close()
 	return nil
-}
-
-// kvmUsable reports whether QEMU can run a VM under KVM here. A /dev/kvm
-// that opens is not enough (nested setups may fail on the first register
-// writes), so QEMU is asked to set up a paused machine and quit.
-func kvmUsable() bool {
-	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
-	if err != nil {
-		return false
-	}
-	f.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, QEMU, "-nodefaults", "-no-user-config", "-display", "none",
-		"-machine", "q35", "-accel", "kvm", "-cpu", "host", "-m", "64M", "-S", "-qmp", "stdio")
-	cmd.Stdin = strings.NewReader(`{"execute":"qmp_capabilities"}` + "\n" + `{"execute":"quit"}` + "\n")
-	return cmd.Run() == nil
-}
-
-// Accel returns the accelerator a start with accel ("", "kvm", "tcg") uses.
-func Accel(accel string) (string, error) {
-	if accel == "" {
-		accel = os.Getenv("VTPM_ACCEL")
-	}
-	switch accel {
-	case "kvm", "tcg":
-		return accel, nil
-	case "":
-		if kvmUsable() {
-			return "kvm", nil
-		}
-		return "tcg", nil
-	}
-	return "", fmt.Errorf("accelerator %q: want kvm or tcg", accel)
 }
 
 // qemuArgs is QEMU's command line for v; serial is the -chardev of the
@@ -349,7 +342,7 @@ func (h *Registry) tpmArgs(v *VM, r runPaths, runAs string) []string {
 		"--ctrl", "type=unixio,path=" + r.TPMSock,
 		"--log", "file=" + filepath.Join(v.Dir, LogDir, "tpm.log") + ",level=1",
 		"--pid", "file=" + r.TPMPid,
-		"--terminate", "--daemon", "--isolation", v.Config.IsolationPolicy()}
+		"--terminate", "--daemon", "--isolation", string(v.Config.IsolationPolicy())}
 	if runAs != "" {
 		args = append(args, "--runas", runAs)
 	}
@@ -369,11 +362,12 @@ type Started struct {
 // Console it returns when the VM has stopped.
 func (h *Registry) Start(ctx context.Context, v *VM, o StartOptions) (*Started, error) {
 	if st := h.State(v); st.Running() {
-		return nil, fmt.Errorf("VM %s is already running (QEMU pid %d)", v.Name(), st.QEMU)
+		return nil, precondition(nil, "VM %s is already running (QEMU pid %d)", v.Name(), st.QEMU)
 	} else if st.TPM != 0 {
-		return nil, fmt.Errorf("VM %s is not running, but its vTPM instance is (pid %d); stop it with `vtpm vm stop %s`", v.Name(), st.TPM, v.Name())
+		return nil, precondition([]errdefs.Remedy{do(errdefs.ActionVMStop, "vm", v.Name())},
+			"VM %s is not running, but its vTPM instance is (pid %d); stop it", v.Name(), st.TPM)
 	}
-	accel, err := Accel(o.Accel)
+	accel, err := hostcheck.Accel(o.Accel)
 	if err != nil {
 		return nil, err
 	}
@@ -425,8 +419,8 @@ func (h *Registry) Start(ctx context.Context, v *VM, o StartOptions) (*Started, 
 	if !o.Console {
 		args = append(args, "-daemonize")
 	}
-	fmt.Fprintf(qlog, "+ %s %s\n", QEMU, strings.Join(args, " "))
-	cmd := exec.CommandContext(ctx, QEMU, args...)
+	fmt.Fprintf(qlog, "+ %s %s\n", hostcheck.QEMU, strings.Join(args, " "))
+	cmd := exec.CommandContext(ctx, hostcheck.QEMU, args...)
 	var errBuf bytes.Buffer
 	cmd.Stderr = io.MultiWriter(qlog, &errBuf)
 	if o.Console {
@@ -530,6 +524,9 @@ func waitGone(ctx context.Context, pid int, d time.Duration) bool {
 	}
 }
 
+// qmpTimeout bounds each exchange with QEMU's monitor.
+const qmpTimeout = 10 * time.Second
+
 // Stopped is the outcome of Stop.
 type Stopped struct {
 	// PoweredOff: the guest shut down by itself after the ACPI power
@@ -546,26 +543,33 @@ func (h *Registry) Stop(ctx context.Context, v *VM, timeout time.Duration) (*Sto
 	res := &Stopped{}
 	if !st.Running() {
 		if st.TPM == 0 {
-			return nil, fmt.Errorf("VM %s is not running", v.Name())
+			return nil, precondition(nil, "VM %s is not running", v.Name())
 		}
 		h.afterQEMU(ctx, v, r)
 		return res, nil
 	}
-	q, err := dialQMP(ctx, r.QMP)
+	dctx, cancel := context.WithTimeout(ctx, qmpTimeout)
+	q, err := qmp.Dial(dctx, r.QMP, h.log())
+	cancel()
 	if err != nil {
 		return nil, fmt.Errorf("VM %s: %w", v.Name(), err)
 	}
 	defer q.Close()
 	if timeout > 0 {
-		if err := q.execute("system_powerdown"); err != nil {
+		cctx, cancel := context.WithTimeout(ctx, qmpTimeout)
+		err := q.SystemPowerdown(cctx)
+		cancel()
+		if err != nil {
 			return nil, fmt.Errorf("VM %s: power button: %w", v.Name(), err)
 		}
 		res.PoweredOff = waitGone(ctx, st.QEMU, timeout)
 	}
 	if !res.PoweredOff {
-		if err := q.execute("quit"); err != nil && !errors.Is(err, io.EOF) {
+		cctx, cancel := context.WithTimeout(ctx, qmpTimeout)
+		if err := q.Quit(cctx); err != nil {
 			h.log().Warn("qmp quit", "vm", v.Name(), "err", err)
 		}
+		cancel()
 		if !waitGone(ctx, st.QEMU, 30*time.Second) {
 			syscall.Kill(st.QEMU, syscall.SIGKILL)
 			waitGone(ctx, st.QEMU, 5*time.Second)

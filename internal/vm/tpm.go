@@ -8,30 +8,15 @@ import (
 	"path/filepath"
 	"time"
 
+	"vtpm/internal/errdefs"
+	"vtpm/internal/hostcheck"
 	"vtpm/internal/keybroker"
 	"vtpm/internal/manufacture"
-	"vtpm/internal/seal"
-	"vtpm/internal/swtpm/statefile"
-)
-
-// FirmwareDir holds Debian's ovmf package files.
-var FirmwareDir = "/usr/share/OVMF"
-
-// Firmware files (Debian's ovmf package).
-const (
-	ovmfCode       = "OVMF_CODE_4M.fd"
-	ovmfVars       = "OVMF_VARS_4M.fd"
-	ovmfCodeSecure = "OVMF_CODE_4M.secboot.fd"
-	ovmfVarsMS     = "OVMF_VARS_4M.ms.fd" // Microsoft's keys enrolled
+	"vtpm/internal/state"
 )
 
 // firmwareFiles returns the code and variable-store template for c.
-func firmwareFiles(c *Config) (code, vars string) {
-	if c.SecureBoot {
-		return filepath.Join(FirmwareDir, ovmfCodeSecure), filepath.Join(FirmwareDir, ovmfVarsMS)
-	}
-	return filepath.Join(FirmwareDir, ovmfCode), filepath.Join(FirmwareDir, ovmfVars)
-}
+func firmwareFiles(c *Config) (code, vars string) { return hostcheck.Firmware(c.SecureBoot) }
 
 // DefaultTPMDevice is QEMU's TPM frontend for new TPMs.
 const DefaultTPMDevice = "tpm-crb"
@@ -41,12 +26,12 @@ const DefaultTPMDevice = "tpm-crb"
 // host's CA.
 func (h *Registry) manufactureTPM(v *VM) (*manufacture.Report, error) {
 	dir := v.TPMDir()
-	if manufacture.HasState(dir) {
-		return nil, fmt.Errorf("%s already holds TPM state; nothing was changed", dir)
+	if state.HasState(dir) {
+		return nil, errdefs.New(errdefs.ErrAlreadyExists, "%s already holds TPM state; nothing was changed", dir)
 	}
 	// A leftover identity or protector (no blobs) would give the TPM an old
 	// UUID; start clean.
-	if err := manufacture.RemoveState(dir); err != nil {
+	if err := state.Remove(dir); err != nil {
 		return nil, err
 	}
 	k, err := h.keys()
@@ -58,7 +43,7 @@ func (h *Registry) manufactureTPM(v *VM) (*manufacture.Report, error) {
 	if err != nil {
 		return nil, err
 	}
-	st, err := manufacture.OpenSealed(k, dir, h.log())
+	st, err := state.OpenSealed(k, dir, h.log())
 	if err != nil {
 		return nil, err
 	}
@@ -82,7 +67,7 @@ func (h *Registry) manufactureTPM(v *VM) (*manufacture.Report, error) {
 
 func (h *Registry) keys() (*keybroker.Broker, error) {
 	if h.Keys == nil {
-		return nil, errors.New("no keystore opener configured")
+		return nil, errdefs.New(errdefs.ErrInternal, "no keystore opener configured")
 	}
 	return h.Keys()
 }
@@ -93,9 +78,10 @@ func (h *Registry) AddTPM(v *VM) ([]string, error) {
 	c := v.Config
 	if c.HasTPM() {
 		if !c.TPM.Enabled {
-			return nil, fmt.Errorf("VM %s already has a TPM, disabled; reattach it with `vtpm tpm enable %s`", c.Name, c.Name)
+			return nil, errdefs.New(errdefs.ErrAlreadyExists, "VM %s already has a TPM, disabled; reattach it", c.Name).
+				With(do(errdefs.ActionTPMEnable, "vm", c.Name))
 		}
-		return nil, fmt.Errorf("VM %s already has a TPM", c.Name)
+		return nil, errdefs.New(errdefs.ErrAlreadyExists, "VM %s already has a TPM", c.Name)
 	}
 	if err := CanHaveTPM(c); err != nil {
 		return nil, err
@@ -146,7 +132,7 @@ func (v *VM) enableSecureBoot() (string, error) {
 func (h *Registry) RemoveTPM(v *VM) (string, error) {
 	c := v.Config
 	if !c.HasTPM() {
-		return "", fmt.Errorf("VM %s has no TPM", c.Name)
+		return "", errdefs.New(errdefs.ErrNotFound, "VM %s has no TPM", c.Name)
 	}
 	if err := h.requireStopped(v, "remove its TPM"); err != nil {
 		return "", err
@@ -165,7 +151,7 @@ func (h *Registry) backupTPM(v *VM) (string, error) {
 	if _, err := os.Stat(src); errors.Is(err, fs.ErrNotExist) {
 		return "", nil
 	}
-	dst := filepath.Join(h.BackupsDir(), fmt.Sprintf("%s-%s-%s", v.Name(), v.Config.UUID, time.Now().UTC().Format("20060102T150405Z")))
+	dst := filepath.Join(h.BackupsDir(), fmt.Sprintf("%s-%s-%s", v.Name(), v.Config.UUID, state.Stamp(time.Now())))
 	if err := os.MkdirAll(dst, 0o700); err != nil {
 		return "", fmt.Errorf("create TPM backup directory: %w", err)
 	}
@@ -192,18 +178,20 @@ func (h *Registry) SetTPMEnabled(v *VM, on bool) (string, error) {
 	c := v.Config
 	if !c.HasTPM() {
 		if on {
-			return "", fmt.Errorf("VM %s has no TPM to enable; add one with `vtpm tpm add %s`", c.Name, c.Name)
+			return "", errdefs.New(errdefs.ErrNotFound, "VM %s has no TPM to enable; add one", c.Name).
+				With(do(errdefs.ActionTPMAdd, "vm", c.Name))
 		}
-		return "", fmt.Errorf("VM %s has no TPM to disable", c.Name)
+		return "", errdefs.New(errdefs.ErrNotFound, "VM %s has no TPM to disable", c.Name)
 	}
 	if on {
 		if err := CanHaveTPM(c); err != nil {
 			return "", err
 		}
 		dir := v.TPMDir()
-		if !seal.HasBlobs(dir) && !statefile.HasState(dir) {
-			return "", fmt.Errorf("VM %s's TPM state is missing from %s: restore it from a backup (under %s), or remove the TPM with `vtpm tpm remove %s` and add a new one",
-				c.Name, dir, h.BackupsDir(), c.Name)
+		if !state.HasState(dir) {
+			return "", errdefs.New(errdefs.ErrDataLoss, "VM %s's TPM state is missing from %s: restore it from a backup (under %s), or remove the TPM and add a new one",
+				c.Name, dir, h.BackupsDir()).
+				With(do(errdefs.ActionTPMRemove, "vm", c.Name), do(errdefs.ActionTPMAdd, "vm", c.Name))
 		}
 	}
 	note := ""
@@ -234,42 +222,34 @@ func join(a, b string) string {
 // sealed again for the copy, so the TPM's contents (seeds, EKs, NV, sealed
 // objects) are the same and the two state directories share nothing.
 func (h *Registry) copyTPM(src, dst string) error {
-	if statefile.HasState(src) && !seal.Exists(src) {
-		return fmt.Errorf("%s holds swtpm-format state; convert it with `vtpm state import %s` before copying it", src, src)
+	if state.IsSwtpm(src) && !state.IsSealed(src) {
+		return errdefs.New(errdefs.ErrFailedPrecondition, "%s holds swtpm-format state; convert it to sealed state before copying it", src).
+			With(do(errdefs.ActionStateImport, "dir", src))
 	}
 	k, err := h.keys()
 	if err != nil {
 		return err
 	}
 	defer k.Close()
-	so, err := k.OpenTPM(src)
-	if err != nil {
-		return err
-	}
-	defer so.Close()
-	in, err := so.Key.OpenStore(src, seal.Options{Generations: k.Generations(), Logger: h.log()})
-	if errors.Is(err, seal.ErrLocked) {
-		return fmt.Errorf("the TPM in %s is in use: stop its VM first: %w", src, err)
+	from, err := state.OpenSealed(k, src, h.log())
+	if errors.Is(err, state.ErrLocked) {
+		return errdefs.Wrap(errdefs.ErrConflict, err, "the TPM in %s is in use: stop its VM first", src)
 	}
 	if err != nil {
 		return err
 	}
-	defer in.Close()
-	do, err := k.OpenTPM(dst)
+	defer from.Close()
+	to, err := state.OpenSealed(k, dst, h.log())
 	if err != nil {
 		return err
 	}
-	defer do.Close()
-	out, err := do.Key.OpenStore(dst, seal.Options{Generations: k.Generations(), Logger: h.log()})
-	if err != nil {
-		return err
-	}
-	defer out.Close()
+	defer to.Close()
+	in, out := from.Store, to.Store
 	if out.UUID() == in.UUID() {
 		return fmt.Errorf("the copy of TPM %s kept its UUID; it must get its own", in.UUID())
 	}
 	n := 0
-	for _, name := range seal.Names {
+	for _, name := range state.Blobs {
 		b, err := in.Load(name)
 		if errors.Is(err, fs.ErrNotExist) {
 			continue

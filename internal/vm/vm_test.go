@@ -10,16 +10,19 @@ import (
 	"strings"
 	"testing"
 
+	"vtpm/internal/errdefs"
+	"vtpm/internal/hostcheck"
 	"vtpm/internal/keybroker"
 	"vtpm/internal/keystore"
 	"vtpm/internal/seal"
+	"vtpm/internal/testutil"
 )
 
 // testHost is a Registry on a temporary data root with its own keystore.
 func testHost(t *testing.T) *Registry {
 	t.Helper()
-	if _, err := os.Stat(filepath.Join(FirmwareDir, ovmfVarsMS)); err != nil {
-		t.Skipf("OVMF is not installed: %v", err)
+	if _, err := os.Stat(filepath.Join(hostcheck.FirmwareDir, hostcheck.OVMFVarsMS)); err != nil {
+		testutil.Missing(t, "OVMF is not installed: %v", err)
 	}
 	root := t.TempDir()
 	return NewRegistry(root, func() (*keybroker.Broker, error) {
@@ -110,7 +113,7 @@ func TestAddTPMTurnsSecureBootOn(t *testing.T) {
 		t.Errorf("after AddTPM: Secure Boot %v, TPM %v", v.Config.SecureBoot, v.Config.TPMEnabled())
 	}
 	vars, _ := os.ReadFile(filepath.Join(v.Dir, VarsFile))
-	ms, _ := os.ReadFile(filepath.Join(FirmwareDir, ovmfVarsMS))
+	ms, _ := os.ReadFile(filepath.Join(hostcheck.FirmwareDir, hostcheck.OVMFVarsMS))
 	if !bytes.Equal(vars, ms) {
 		t.Error("the variable store is not the one with Microsoft's keys")
 	}
@@ -129,15 +132,15 @@ func TestQEMUArgs(t *testing.T) {
 		want, not []string
 	}{
 		{"uefi", func(c *Config) {}, "tcg",
-			[]string{"if=pflash,format=raw,unit=0,readonly=on,file=" + filepath.Join(FirmwareDir, ovmfCode), "file=/b/v/disk.qcow2", "-accel tcg"},
+			[]string{"if=pflash,format=raw,unit=0,readonly=on,file=" + filepath.Join(hostcheck.FirmwareDir, hostcheck.OVMFCode), "file=/b/v/disk.qcow2", "-accel tcg"},
 			[]string{"smm=on", "-tpmdev", "secboot", "-cpu host"}},
 		{"secure boot with TPM", func(c *Config) { c.SecureBoot = true; c.TPM = &TPM{Enabled: true, Device: "tpm-crb"} }, "kvm",
-			[]string{"q35,smm=on", ovmfCodeSecure, "property=secure,value=on", "-tpmdev emulator,id=tpm0,chardev=chrtpm", "-device tpm-crb,tpmdev=tpm0", "path=/run/x/tpm.sock", "-cpu host"},
+			[]string{"q35,smm=on", hostcheck.OVMFCodeSecure, "property=secure,value=on", "-tpmdev emulator,id=tpm0,chardev=chrtpm", "-device tpm-crb,tpmdev=tpm0", "path=/run/x/tpm.sock", "-cpu host"},
 			nil},
 		{"tpm-tis", func(c *Config) { c.SecureBoot = true; c.TPM = &TPM{Enabled: true, Device: "tpm-tis"} }, "tcg",
 			[]string{"-device tpm-tis,tpmdev=tpm0"}, nil},
 		{"disabled TPM is detached", func(c *Config) { c.SecureBoot = true; c.TPM = &TPM{Enabled: false, Device: "tpm-crb"} }, "tcg",
-			[]string{ovmfCodeSecure}, []string{"-tpmdev", "tpm.sock"}},
+			[]string{hostcheck.OVMFCodeSecure}, []string{"-tpmdev", "tpm.sock"}},
 		{"bios", func(c *Config) { c.Firmware = BIOS }, "tcg", nil, []string{"pflash"}},
 		{"direct kernel boot", func(c *Config) { c.Kernel, c.Initrd, c.Append = "/k", "/i", "quiet" }, "tcg",
 			[]string{"-kernel /k", "-initrd /i", "-append console=ttyS0 quiet"}, []string{"-vga"}},
@@ -172,7 +175,9 @@ func TestRegister(t *testing.T) {
 	if out, err := exec.Command("cp", "-a", res.VM.Dir, copied).CombinedOutput(); err != nil {
 		t.Fatalf("cp: %v\n%s", err, out)
 	}
-	if _, err := h.Register(copied, "other"); !errors.Is(err, ErrConflict) || !strings.Contains(err.Error(), "vtpm vm clone") {
+	clone := errdefs.Do(errdefs.ActionVMClone, "vm", "orig")
+	if _, err := h.Register(copied, "other"); !errors.Is(err, ErrConflict) || !errors.Is(err, errdefs.ErrConflict) ||
+		!slices.ContainsFunc(errdefs.Remedies(err), func(r errdefs.Remedy) bool { return r.Action == clone.Action && r.Args["vm"] == "orig" }) {
 		t.Errorf("registering a copy with the same UUID: %v; want a conflict that points to vm clone", err)
 	}
 	other := NewRegistry(t.TempDir(), h.Keys)

@@ -10,6 +10,8 @@ import (
 	"crypto/subtle"
 	"encoding/binary"
 	"fmt"
+
+	"vtpm/internal/tpmrc"
 )
 
 // Blob header constants (version 2 format).
@@ -49,16 +51,16 @@ type header struct {
 // parseHeader checks a version 2 blob header and returns the payload.
 func parseHeader(data []byte) (header, []byte, error) {
 	if len(data) < headerSize {
-		return header{}, nil, fmt.Errorf("blob of %d bytes is shorter than its %d-byte header: %w", len(data), headerSize, ResultBadParameter)
+		return header{}, nil, fmt.Errorf("blob of %d bytes is shorter than its %d-byte header: %w", len(data), headerSize, tpmrc.TPMBadParameter)
 	}
 	if tot := binary.BigEndian.Uint32(data[6:]); int64(tot) != int64(len(data)) {
-		return header{}, nil, fmt.Errorf("blob header says %d bytes, blob has %d: %w", tot, len(data), ResultBadParameter)
+		return header{}, nil, fmt.Errorf("blob header says %d bytes, blob has %d: %w", tot, len(data), tpmrc.TPMBadParameter)
 	}
 	if data[1] > headerVersion {
-		return header{}, nil, fmt.Errorf("blob needs format version %d, newer than supported %d: %w", data[1], headerVersion, ResultBadVersion)
+		return header{}, nil, fmt.Errorf("blob needs format version %d, newer than supported %d: %w", data[1], headerVersion, tpmrc.TPMBadVersion)
 	}
 	if hs := binary.BigEndian.Uint16(data[2:]); hs != headerSize {
-		return header{}, nil, fmt.Errorf("blob header size is %d, want %d: %w", hs, headerSize, ResultBadDataSize)
+		return header{}, nil, fmt.Errorf("blob header size is %d, want %d: %w", hs, headerSize, tpmrc.TPMBadDataSize)
 	}
 	return header{version: data[0], flags: binary.BigEndian.Uint16(data[4:])}, data[headerSize:], nil
 }
@@ -104,7 +106,7 @@ func encryptTLVs(plain []byte, key *Key, tagCT, tagIV uint16) ([]byte, error) {
 	kl := len(key.Bytes)
 	iv := make([]byte, kl)
 	if _, err := rand.Read(iv); err != nil {
-		return nil, fmt.Errorf("generating IV: %w", ResultEncryptError)
+		return nil, fmt.Errorf("generating IV: %w", tpmrc.TPMEncryptError)
 	}
 	pad := kl - len(plain)%kl
 	ct := make([]byte, len(plain)+pad)
@@ -114,7 +116,7 @@ func encryptTLVs(plain []byte, key *Key, tagCT, tagIV uint16) ([]byte, error) {
 	}
 	block, err := aes.NewCipher(key.Bytes)
 	if err != nil {
-		return nil, fmt.Errorf("creating AES cipher: %v: %w", err, ResultEncryptError)
+		return nil, fmt.Errorf("creating AES cipher: %v: %w", err, tpmrc.TPMEncryptError)
 	}
 	cipher.NewCBCEncrypter(block, iv[:cbcIVSize]).CryptBlocks(ct, ct)
 
@@ -139,18 +141,18 @@ func decryptTLVs(payload []byte, key *Key, tagCT, tagIV uint16) ([]byte, error) 
 	}
 	ct, ok := findTLV(payload, tagCT)
 	if !ok {
-		return nil, fmt.Errorf("no encrypted data record (tag %d) in blob; is it really encrypted?: %w", tagCT, ResultFail)
+		return nil, fmt.Errorf("no encrypted data record (tag %d) in blob; is it really encrypted?: %w", tagCT, tpmrc.TPMFail)
 	}
 	mac, ok := findTLV(payload, tagHMAC)
 	if !ok {
-		return nil, fmt.Errorf("no HMAC record in encrypted blob: %w", ResultFail)
+		return nil, fmt.Errorf("no HMAC record in encrypted blob: %w", tpmrc.TPMFail)
 	}
 	iv, hasIV := findTLV(payload, tagIV)
 	if hasIV && len(iv) < cbcIVSize {
-		return nil, fmt.Errorf("IV of %d bytes is shorter than %d: %w", len(iv), cbcIVSize, ResultDecryptError)
+		return nil, fmt.Errorf("IV of %d bytes is shorter than %d: %w", len(iv), cbcIVSize, tpmrc.TPMDecryptError)
 	}
 	if !hmac.Equal(mac, macOf(key, ct, iv)) {
-		return nil, fmt.Errorf("HMAC mismatch: wrong key or corrupted data: %w", ResultDecryptError)
+		return nil, fmt.Errorf("HMAC mismatch: wrong key or corrupted data: %w", tpmrc.TPMDecryptError)
 	}
 	cbcIV := make([]byte, cbcIVSize)
 	if hasIV {
@@ -162,21 +164,21 @@ func decryptTLVs(payload []byte, key *Key, tagCT, tagIV uint16) ([]byte, error) 
 // cbcDecrypt decrypts and strips padding whose unit is the key length.
 func cbcDecrypt(key *Key, iv, ct []byte) ([]byte, error) {
 	if len(ct) == 0 || len(ct)%aes.BlockSize != 0 {
-		return nil, fmt.Errorf("ciphertext of %d bytes is not a whole number of AES blocks: %w", len(ct), ResultDecryptError)
+		return nil, fmt.Errorf("ciphertext of %d bytes is not a whole number of AES blocks: %w", len(ct), tpmrc.TPMDecryptError)
 	}
 	block, err := aes.NewCipher(key.Bytes)
 	if err != nil {
-		return nil, fmt.Errorf("creating AES cipher: %v: %w", err, ResultDecryptError)
+		return nil, fmt.Errorf("creating AES cipher: %v: %w", err, tpmrc.TPMDecryptError)
 	}
 	plain := make([]byte, len(ct))
 	cipher.NewCBCDecrypter(block, iv).CryptBlocks(plain, ct)
 	pad := int(plain[len(plain)-1])
 	if pad < 1 || pad > len(key.Bytes) || pad > len(plain) {
-		return nil, fmt.Errorf("bad padding length %d: wrong key or corrupted data: %w", pad, ResultDecryptError)
+		return nil, fmt.Errorf("bad padding length %d: wrong key or corrupted data: %w", pad, tpmrc.TPMDecryptError)
 	}
 	for _, b := range plain[len(plain)-pad:] {
 		if int(b) != pad {
-			return nil, fmt.Errorf("bad padding bytes: wrong key or corrupted data: %w", ResultDecryptError)
+			return nil, fmt.Errorf("bad padding bytes: wrong key or corrupted data: %w", tpmrc.TPMDecryptError)
 		}
 	}
 	return plain[:len(plain)-pad], nil
@@ -190,7 +192,7 @@ func checkKeySize(flags, flag256 uint16, key *Key) error {
 	}
 	if len(key.Bytes)*8 != want {
 		return fmt.Errorf("wrong decryption key: blob needs a %d-bit key, configured key is %d-bit: %w",
-			want, len(key.Bytes)*8, ResultBadKeyProperty)
+			want, len(key.Bytes)*8, tpmrc.TPMBadKeyProperty)
 	}
 	return nil
 }
@@ -201,7 +203,7 @@ func decodeLayer(payload []byte, h header, key *Key, tagPlain, tagCT, tagIV, fla
 	if key == nil {
 		v, ok := findTLV(payload, tagPlain)
 		if !ok {
-			return nil, fmt.Errorf("no plain data record (tag %d) in blob; is it encrypted and the key missing?: %w", tagPlain, ResultFail)
+			return nil, fmt.Errorf("no plain data record (tag %d) in blob; is it encrypted and the key missing?: %w", tagPlain, tpmrc.TPMFail)
 		}
 		return v, nil
 	}
@@ -215,7 +217,7 @@ func decodeLayer(payload []byte, h header, key *Key, tagPlain, tagCT, tagIV, fla
 //
 // As swtpm does, when key is set it always decrypts, so a plain file read
 // with a key fails; a file without a valid header is read as the
-// headerless version 1 format. Errors carry the swtpm Result.
+// headerless version 1 format. Errors carry the tpmrc.Code swtpm would answer with.
 func DecodeFile(data []byte, key *Key) ([]byte, error) {
 	h, payload, err := parseHeader(data)
 	if err != nil {
@@ -245,11 +247,11 @@ func decodeV1(data []byte, key *Key) ([]byte, error) {
 		return nil, fmt.Errorf("decoding version 1 state file: %w", err)
 	}
 	if len(plain) < sha256.Size {
-		return nil, fmt.Errorf("decoding version 1 state file: too short for its hash: %w", ResultDecryptError)
+		return nil, fmt.Errorf("decoding version 1 state file: too short for its hash: %w", tpmrc.TPMDecryptError)
 	}
 	sum := sha256.Sum256(plain[sha256.Size:])
 	if subtle.ConstantTimeCompare(sum[:], plain[:sha256.Size]) != 1 {
-		return nil, fmt.Errorf("decoding version 1 state file: hash mismatch, wrong key or corrupted data: %w", ResultDecryptError)
+		return nil, fmt.Errorf("decoding version 1 state file: hash mismatch, wrong key or corrupted data: %w", tpmrc.TPMDecryptError)
 	}
 	return plain[sha256.Size:], nil
 }

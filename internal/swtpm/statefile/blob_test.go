@@ -8,6 +8,8 @@ import (
 	"encoding/binary"
 	"slices"
 	"testing"
+
+	"vtpm/internal/tpmrc"
 )
 
 var (
@@ -175,22 +177,22 @@ func TestDecodeFileErrors(t *testing.T) {
 		name string
 		file []byte
 		key  *Key
-		want Result
+		want tpmrc.Code
 	}{
-		{"wrong key", enc128, &Key{Bytes: bytes.Repeat([]byte{0x33}, 16)}, ResultDecryptError},
-		{"tampered ciphertext", tampered, key128, ResultDecryptError},
-		{"bad padding under valid HMAC", badPad, key128, ResultDecryptError},
-		{"256-bit file, 128-bit key", enc256, key128, ResultBadKeyProperty},
-		{"128-bit file, 256-bit key", enc128, key256, ResultBadKeyProperty},
-		{"plain file with a key configured", plainFile, key128, ResultFail},
-		{"encrypted file without a key", enc128, nil, ResultFail},
-		{"version 1 garbage with a key", []byte("not a header and not a block mult"), key128, ResultDecryptError},
-		{"invalid key length", enc128, &Key{Bytes: make([]byte, 24)}, ResultBadKeyProperty},
+		{"wrong key", enc128, &Key{Bytes: bytes.Repeat([]byte{0x33}, 16)}, tpmrc.TPMDecryptError},
+		{"tampered ciphertext", tampered, key128, tpmrc.TPMDecryptError},
+		{"bad padding under valid HMAC", badPad, key128, tpmrc.TPMDecryptError},
+		{"256-bit file, 128-bit key", enc256, key128, tpmrc.TPMBadKeyProperty},
+		{"128-bit file, 256-bit key", enc128, key256, tpmrc.TPMBadKeyProperty},
+		{"plain file with a key configured", plainFile, key128, tpmrc.TPMFail},
+		{"encrypted file without a key", enc128, nil, tpmrc.TPMFail},
+		{"version 1 garbage with a key", []byte("not a header and not a block mult"), key128, tpmrc.TPMDecryptError},
+		{"invalid key length", enc128, &Key{Bytes: make([]byte, 24)}, tpmrc.TPMBadKeyProperty},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			_, err := DecodeFile(tt.file, tt.key)
-			if got := ResultOf(err); got != tt.want {
+			if got := tpmrc.Of(err); got != tt.want {
 				t.Fatalf("DecodeFile error %v has result %v, want %v", err, got, tt.want)
 			}
 		})
@@ -257,24 +259,24 @@ func TestDecodeMigrationErrors(t *testing.T) {
 		sf      uint32
 		fileKey *Key
 		migKey  *Key
-		want    Result
+		want    tpmrc.Code
 	}{
-		{"migration-encrypted, no migration key", migEnc, 0, nil, nil, ResultKeyNotFound},
-		{"migration-encrypted, wrong migration key", migEnc, 0, nil, &Key{Bytes: make([]byte, 32)}, ResultDecryptError},
-		{"migration-encrypted, wrong migration key size", migEnc, 0, nil, key128, ResultBadKeyProperty},
-		{"file-encrypted inner, no file key", fileEnc, 0, nil, nil, ResultKeyNotFound},
-		{"file-encrypted inner, wrong file key", fileEnc, 0, &Key{Bytes: make([]byte, 16)}, nil, ResultDecryptError},
-		{"state flag forces inner decryption", plainBlob, StateFlagEncrypted, key128, nil, ResultFail},
-		{"min_version too new", withHeader(plainBlob, 1, 3), 0, nil, nil, ResultBadVersion},
-		{"header size wrong", withHeader(plainBlob, 3, 12), 0, nil, nil, ResultBadDataSize},
-		{"totlen wrong", withHeader(plainBlob, 9, 0xFF), 0, nil, nil, ResultBadParameter},
-		{"short", []byte{2, 1, 0}, 0, nil, nil, ResultBadParameter},
-		{"a state file is not a migration blob", stateFile, 0, nil, nil, ResultFail},
+		{"migration-encrypted, no migration key", migEnc, 0, nil, nil, tpmrc.TPMKeyNotFound},
+		{"migration-encrypted, wrong migration key", migEnc, 0, nil, &Key{Bytes: make([]byte, 32)}, tpmrc.TPMDecryptError},
+		{"migration-encrypted, wrong migration key size", migEnc, 0, nil, key128, tpmrc.TPMBadKeyProperty},
+		{"file-encrypted inner, no file key", fileEnc, 0, nil, nil, tpmrc.TPMKeyNotFound},
+		{"file-encrypted inner, wrong file key", fileEnc, 0, &Key{Bytes: make([]byte, 16)}, nil, tpmrc.TPMDecryptError},
+		{"state flag forces inner decryption", plainBlob, StateFlagEncrypted, key128, nil, tpmrc.TPMFail},
+		{"min_version too new", withHeader(plainBlob, 1, 3), 0, nil, nil, tpmrc.TPMBadVersion},
+		{"header size wrong", withHeader(plainBlob, 3, 12), 0, nil, nil, tpmrc.TPMBadDataSize},
+		{"totlen wrong", withHeader(plainBlob, 9, 0xFF), 0, nil, nil, tpmrc.TPMBadParameter},
+		{"short", []byte{2, 1, 0}, 0, nil, nil, tpmrc.TPMBadParameter},
+		{"a state file is not a migration blob", stateFile, 0, nil, nil, tpmrc.TPMFail},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			_, err := DecodeMigration(tt.blob, tt.sf, tt.fileKey, tt.migKey)
-			if got := ResultOf(err); got != tt.want {
+			if got := tpmrc.Of(err); got != tt.want {
 				t.Fatalf("DecodeMigration error %v has result %v, want %v", err, got, tt.want)
 			}
 		})
@@ -290,21 +292,6 @@ func TestMigrationAcceptsPlainBlobWithMigrationKey(t *testing.T) {
 	got, err := DecodeMigration(blob, 0, key256, key256)
 	if err != nil || !bytes.Equal(got, plain) {
 		t.Fatalf("plain blob into an encrypted setup: %v", err)
-	}
-}
-
-func TestResult(t *testing.T) {
-	if ResultOf(nil) != 0 {
-		t.Error("ResultOf(nil) != 0")
-	}
-	if got := ResultOf(bytes.ErrTooLarge); got != ResultFail {
-		t.Errorf("ResultOf(plain error) = %v, want TPM_FAIL", got)
-	}
-	if got, want := ResultDecryptError.Error(), "TPM_DECRYPT_ERROR (0x21)"; got != want {
-		t.Errorf("Error() = %q, want %q", got, want)
-	}
-	if got, want := Result(0x99).Error(), "TPM result 0x99"; got != want {
-		t.Errorf("Error() = %q, want %q", got, want)
 	}
 }
 

@@ -11,6 +11,7 @@ import (
 	"syscall"
 
 	"vtpm/internal/atomicfile"
+	"vtpm/internal/tpmrc"
 )
 
 // DefaultMode is the permission swtpm gives state files without mode=.
@@ -72,7 +73,7 @@ func (d *Dir) path(name string) (string, error) {
 			return filepath.Join(d.dir, fileName(name)), nil
 		}
 	}
-	return "", fmt.Errorf("unknown state %q; want permall, volatilestate or savestate: %w", name, ResultBadType)
+	return "", fmt.Errorf("unknown state %q; want permall, volatilestate or savestate: %w", name, tpmrc.TPMBadType)
 }
 
 // Init takes the exclusive lock on D/.lock, as swtpm does before first use,
@@ -86,12 +87,12 @@ func (d *Dir) Init() error {
 	p := filepath.Join(d.dir, ".lock")
 	f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW, 0o660)
 	if err != nil {
-		return fmt.Errorf("opening lock file %s: %w: %w", p, err, ResultFail)
+		return fmt.Errorf("opening lock file %s: %w: %w", p, err, tpmrc.TPMFail)
 	}
 	lk := syscall.Flock_t{Type: syscall.F_WRLCK, Whence: 0, Start: 0, Len: 0}
 	if err := syscall.FcntlFlock(f.Fd(), syscall.F_SETLK, &lk); err != nil {
 		f.Close()
-		return fmt.Errorf("locking %s: %w; another TPM process is using this state directory, stop it first: %w", p, err, ResultFail)
+		return fmt.Errorf("locking %s: %w; another TPM process is using this state directory, stop it first: %w", p, err, tpmrc.TPMFail)
 	}
 	d.lock = f
 	return nil
@@ -113,7 +114,7 @@ func (d *Dir) Close() error {
 }
 
 // Load returns the plain state stored under name. A missing file gives an
-// error wrapping both fs.ErrNotExist and ResultRetry. Like swtpm, it
+// error wrapping both fs.ErrNotExist and tpmrc.TPMRetry. Like swtpm, it
 // changes an existing file's permissions to the configured mode.
 func (d *Dir) Load(name string) ([]byte, error) {
 	p, err := d.path(name)
@@ -123,17 +124,17 @@ func (d *Dir) Load(name string) ([]byte, error) {
 	f, err := os.OpenFile(p, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
-			return nil, fmt.Errorf("loading %s: %w: %w", name, err, ResultRetry)
+			return nil, fmt.Errorf("loading %s: %w: %w", name, err, tpmrc.TPMRetry)
 		}
-		return nil, fmt.Errorf("loading %s: %w: %w", name, err, ResultFail)
+		return nil, fmt.Errorf("loading %s: %w: %w", name, err, tpmrc.TPMFail)
 	}
 	defer f.Close()
 	if err := f.Chmod(d.mode); err != nil {
-		return nil, fmt.Errorf("setting mode %o on %s: %w: %w", d.mode, p, err, ResultFail)
+		return nil, fmt.Errorf("setting mode %o on %s: %w: %w", d.mode, p, err, tpmrc.TPMFail)
 	}
 	data, err := io.ReadAll(f)
 	if err != nil {
-		return nil, fmt.Errorf("reading %s: %w: %w", p, err, ResultFail)
+		return nil, fmt.Errorf("reading %s: %w: %w", p, err, tpmrc.TPMFail)
 	}
 	plain, err := DecodeFile(data, d.key)
 	if err != nil {
@@ -156,7 +157,7 @@ func (d *Dir) Store(name string, data []byte) error {
 	tmp := filepath.Join(d.dir, "TMP2-00."+name)
 	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|syscall.O_NOFOLLOW, d.mode)
 	if err != nil {
-		return fmt.Errorf("storing %s: %w: %w", name, err, ResultFail)
+		return fmt.Errorf("storing %s: %w: %w", name, err, tpmrc.TPMFail)
 	}
 	_, werr := f.Write(enc)
 	if werr == nil {
@@ -167,18 +168,18 @@ func (d *Dir) Store(name string, data []byte) error {
 	}
 	if werr != nil {
 		os.Remove(tmp)
-		return fmt.Errorf("writing %s: %w; check free space and permissions: %w", tmp, werr, ResultFail)
+		return fmt.Errorf("writing %s: %w; check free space and permissions: %w", tmp, werr, tpmrc.TPMFail)
 	}
 	if err := os.Rename(tmp, p); err != nil {
 		os.Remove(tmp)
-		return fmt.Errorf("renaming %s to %s: %w: %w", tmp, p, err, ResultFail)
+		return fmt.Errorf("renaming %s to %s: %w: %w", tmp, p, err, tpmrc.TPMFail)
 	}
 	return syncDir(d.dir)
 }
 
 func syncDir(dir string) error {
 	if err := atomicfile.SyncDir(dir); err != nil {
-		return fmt.Errorf("%w: %w", err, ResultFail)
+		return fmt.Errorf("%w: %w", err, tpmrc.TPMFail)
 	}
 	return nil
 }
@@ -194,7 +195,7 @@ func (d *Dir) Delete(name string, mustExist bool) error {
 		if errors.Is(err, fs.ErrNotExist) && !mustExist {
 			return nil
 		}
-		return fmt.Errorf("deleting %s: %w: %w", p, err, ResultFail)
+		return fmt.Errorf("deleting %s: %w: %w", p, err, tpmrc.TPMFail)
 	}
 	return syncDir(d.dir)
 }

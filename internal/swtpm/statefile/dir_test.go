@@ -10,6 +10,9 @@ import (
 	"path/filepath"
 	"slices"
 	"testing"
+
+	"vtpm/internal/testutil"
+	"vtpm/internal/tpmrc"
 )
 
 func openTestDir(t *testing.T, key *Key, mode os.FileMode) (*Dir, string) {
@@ -83,20 +86,20 @@ func TestDirDefaultModeAndChmodOnLoad(t *testing.T) {
 func TestDirLoadMissing(t *testing.T) {
 	d, _ := openTestDir(t, key128, 0o600)
 	_, err := d.Load("savestate")
-	if !errors.Is(err, fs.ErrNotExist) || ResultOf(err) != ResultRetry {
+	if !errors.Is(err, fs.ErrNotExist) || tpmrc.Of(err) != tpmrc.TPMRetry {
 		t.Fatalf("Load of a missing state: %v; want fs.ErrNotExist and TPM_RETRY", err)
 	}
 }
 
 func TestDirUnknownName(t *testing.T) {
 	d, _ := openTestDir(t, nil, 0)
-	if _, err := d.Load("../etc"); ResultOf(err) != ResultBadType {
+	if _, err := d.Load("../etc"); tpmrc.Of(err) != tpmrc.TPMBadType {
 		t.Errorf("Load: %v", err)
 	}
-	if err := d.Store("other", nil); ResultOf(err) != ResultBadType {
+	if err := d.Store("other", nil); tpmrc.Of(err) != tpmrc.TPMBadType {
 		t.Errorf("Store: %v", err)
 	}
-	if err := d.Delete("other", false); ResultOf(err) != ResultBadType {
+	if err := d.Delete("other", false); tpmrc.Of(err) != tpmrc.TPMBadType {
 		t.Errorf("Delete: %v", err)
 	}
 }
@@ -182,7 +185,7 @@ func lockFDs(t *testing.T, p string) int {
 	t.Helper()
 	ents, err := os.ReadDir("/proc/self/fd")
 	if err != nil {
-		t.Skipf("cannot list /proc/self/fd: %v", err)
+		testutil.Missing(t, "cannot list /proc/self/fd: %v", err)
 	}
 	n := 0
 	for _, e := range ents {
@@ -252,7 +255,7 @@ func TestDirInitFailsWhileSwtpmRuns(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer d.Close()
-	if err := d.Init(); ResultOf(err) != ResultFail {
+	if err := d.Init(); tpmrc.Of(err) != tpmrc.TPMFail {
 		t.Fatalf("Init while swtpm holds the lock: %v, want TPM_FAIL", err)
 	}
 	sw.shutdown(t)

@@ -8,6 +8,8 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	"vtpm/internal/tpmrc"
 )
 
 // keyCase is one --key/--migration-key configuration: the option string
@@ -102,8 +104,8 @@ func TestStateFileInteropWithSwtpm(t *testing.T) {
 				t.Fatalf("decoded permall (%d bytes) does not contain the NV data written", len(plain))
 			}
 			if key != nil {
-				if _, err := DecodeFile(raw, otherKey(key)); ResultOf(err) != ResultDecryptError {
-					t.Errorf("DecodeFile with wrong key: got %v, want %v", err, ResultDecryptError)
+				if _, err := DecodeFile(raw, otherKey(key)); tpmrc.Of(err) != tpmrc.TPMDecryptError {
+					t.Errorf("DecodeFile with wrong key: got %v, want %v", err, tpmrc.TPMDecryptError)
 				}
 			}
 
@@ -176,11 +178,11 @@ func TestMigrationInteropWithSwtpm(t *testing.T) {
 				t.Fatal("decoded migration blob does not contain the NV data written")
 			}
 			if migKey != nil {
-				if _, err := DecodeMigration(blob, 0, fileKey, nil); ResultOf(err) != ResultKeyNotFound {
-					t.Errorf("without migration key: got %v, want %v", err, ResultKeyNotFound)
+				if _, err := DecodeMigration(blob, 0, fileKey, nil); tpmrc.Of(err) != tpmrc.TPMKeyNotFound {
+					t.Errorf("without migration key: got %v, want %v", err, tpmrc.TPMKeyNotFound)
 				}
-				if _, err := DecodeMigration(blob, 0, fileKey, otherKey(migKey)); ResultOf(err) != ResultDecryptError {
-					t.Errorf("with wrong migration key: got %v, want %v", err, ResultDecryptError)
+				if _, err := DecodeMigration(blob, 0, fileKey, otherKey(migKey)); tpmrc.Of(err) != tpmrc.TPMDecryptError {
+					t.Errorf("with wrong migration key: got %v, want %v", err, tpmrc.TPMDecryptError)
 				}
 			}
 
@@ -220,7 +222,7 @@ func TestMigrationInteropWithSwtpm(t *testing.T) {
 				sw3 := startSwtpm(t, shortTempDir(t), false, fileArgs...)
 				sw3.ioctl("--stop")
 				out, _ := sw3.ioctl("--load", "permanent", p)
-				if got, want := swtpmResult(out), fmt.Sprintf("0x%x", uint32(ResultKeyNotFound)); got != want {
+				if got, want := swtpmResult(out), fmt.Sprintf("0x%x", uint32(tpmrc.TPMKeyNotFound)); got != want {
 					t.Errorf("swtpm without migration key answered %q (%s), want %s", got, out, want)
 				}
 
@@ -232,7 +234,7 @@ func TestMigrationInteropWithSwtpm(t *testing.T) {
 				sw4 := startSwtpm(t, shortTempDir(t), false, keyArgs...)
 				sw4.ioctl("--stop")
 				out, _ = sw4.ioctl("--load", "permanent", p)
-				if got, want := swtpmResult(out), fmt.Sprintf("0x%x", uint32(ResultDecryptError)); got != want {
+				if got, want := swtpmResult(out), fmt.Sprintf("0x%x", uint32(tpmrc.TPMDecryptError)); got != want {
 					t.Errorf("swtpm with a different migration key answered %q (%s), want %s", got, out, want)
 				}
 			}

@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	"vtpm/internal/swtpm/subopt"
+	"vtpm/internal/tpmrc"
 )
 
 // Key is an AES key for state or migration encryption: 16 bytes
@@ -28,7 +29,7 @@ func (k *Key) check() error {
 		if k != nil {
 			n = len(k.Bytes)
 		}
-		return fmt.Errorf("key is %d bytes, want 16 (aes-128-cbc) or 32 (aes-256-cbc): %w", n, ResultBadKeyProperty)
+		return fmt.Errorf("key is %d bytes, want 16 (aes-128-cbc) or 32 (aes-256-cbc): %w", n, tpmrc.TPMBadKeyProperty)
 	}
 	return nil
 }

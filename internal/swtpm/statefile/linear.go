@@ -10,6 +10,8 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+
+	"vtpm/internal/tpmrc"
 )
 
 // Layout of swtpm's file:// ("linear") backend: one file, a little-endian
@@ -92,12 +94,12 @@ func (l *Linear) open() error {
 	}
 	f, err := os.OpenFile(l.path, os.O_RDWR|os.O_CREATE, l.mode)
 	if err != nil {
-		return fmt.Errorf("opening state file %s: %w: %w", l.path, err, ResultFail)
+		return fmt.Errorf("opening state file %s: %w: %w", l.path, err, tpmrc.TPMFail)
 	}
 	lk := syscall.Flock_t{Type: syscall.F_WRLCK}
 	if err := syscall.FcntlFlock(f.Fd(), syscall.F_SETLK, &lk); err != nil {
 		f.Close()
-		return fmt.Errorf("locking %s: %w; another TPM process is using it, stop it first: %w", l.path, err, ResultFail)
+		return fmt.Errorf("locking %s: %w; another TPM process is using it, stop it first: %w", l.path, err, tpmrc.TPMFail)
 	}
 	l.f = f
 	if err := l.readHeader(); err != nil {
@@ -111,7 +113,7 @@ func (l *Linear) open() error {
 func (l *Linear) readHeader() error {
 	fi, err := l.f.Stat()
 	if err != nil {
-		return fmt.Errorf("stat %s: %w: %w", l.path, err, ResultFail)
+		return fmt.Errorf("stat %s: %w: %w", l.path, err, tpmrc.TPMFail)
 	}
 	if fi.Mode().IsRegular() && fi.Size() == 0 {
 		l.entries = [linearEntries]linearEntry{}
@@ -119,22 +121,22 @@ func (l *Linear) readHeader() error {
 	}
 	hdr := make([]byte, linearHeaderSize)
 	if _, err := l.f.ReadAt(hdr, 0); err != nil {
-		return fmt.Errorf("reading header of %s: %w: %w", l.path, err, ResultFail)
+		return fmt.Errorf("reading header of %s: %w: %w", l.path, err, tpmrc.TPMFail)
 	}
 	if binary.LittleEndian.Uint64(hdr) != linearMagic {
-		return fmt.Errorf("%s is not a swtpm linear state file (bad magic); point file:// at an empty or swtpm-made file: %w", l.path, ResultFail)
+		return fmt.Errorf("%s is not a swtpm linear state file (bad magic); point file:// at an empty or swtpm-made file: %w", l.path, tpmrc.TPMFail)
 	}
 	if hdr[8] != linearVersion {
-		return fmt.Errorf("%s has linear format version %d, only %d is supported: %w", l.path, hdr[8], linearVersion, ResultBadVersion)
+		return fmt.Errorf("%s has linear format version %d, only %d is supported: %w", l.path, hdr[8], linearVersion, tpmrc.TPMBadVersion)
 	}
 	if hs := binary.LittleEndian.Uint16(hdr[10:]); hs < linearHeaderSize {
-		return fmt.Errorf("%s has header size %d, want at least %d: %w", l.path, hs, linearHeaderSize, ResultBadDataSize)
+		return fmt.Errorf("%s has header size %d, want at least %d: %w", l.path, hs, linearHeaderSize, tpmrc.TPMBadDataSize)
 	}
 	for i := range l.entries {
 		b := hdr[12+i*linearEntrySize:]
 		e := linearEntry{binary.LittleEndian.Uint32(b), binary.LittleEndian.Uint32(b[4:]), binary.LittleEndian.Uint32(b[8:])}
 		if e.offset != 0 && (e.dataLen > e.sectionLen || e.offset < linearHeaderSize) {
-			return fmt.Errorf("%s: entry %d is corrupt (offset %d, length %d, section %d): %w", l.path, i, e.offset, e.dataLen, e.sectionLen, ResultFail)
+			return fmt.Errorf("%s: entry %d is corrupt (offset %d, length %d, section %d): %w", l.path, i, e.offset, e.dataLen, e.sectionLen, tpmrc.TPMFail)
 		}
 		l.entries[i] = e
 	}
@@ -151,10 +153,10 @@ func (l *Linear) writeHeader() error {
 		hdr = binary.LittleEndian.AppendUint32(hdr, e.sectionLen)
 	}
 	if _, err := l.f.WriteAt(hdr, 0); err != nil {
-		return fmt.Errorf("writing header of %s: %w: %w", l.path, err, ResultFail)
+		return fmt.Errorf("writing header of %s: %w: %w", l.path, err, tpmrc.TPMFail)
 	}
 	if err := l.f.Sync(); err != nil {
-		return fmt.Errorf("syncing %s: %w: %w", l.path, err, ResultFail)
+		return fmt.Errorf("syncing %s: %w: %w", l.path, err, tpmrc.TPMFail)
 	}
 	return nil
 }
@@ -165,7 +167,7 @@ func entryIndex(name string) (int, error) {
 			return i, nil
 		}
 	}
-	return 0, fmt.Errorf("unknown state %q; want permall, volatilestate or savestate: %w", name, ResultBadType)
+	return 0, fmt.Errorf("unknown state %q; want permall, volatilestate or savestate: %w", name, tpmrc.TPMBadType)
 }
 
 // usedEnd is where the last section ends.
@@ -180,7 +182,7 @@ func (l *Linear) usedEnd() uint32 {
 }
 
 // Load returns the plain state stored under name; a missing one gives an
-// error wrapping fs.ErrNotExist and ResultRetry.
+// error wrapping fs.ErrNotExist and tpmrc.TPMRetry.
 func (l *Linear) Load(name string) ([]byte, error) {
 	i, err := entryIndex(name)
 	if err != nil {
@@ -193,11 +195,11 @@ func (l *Linear) Load(name string) ([]byte, error) {
 	}
 	e := l.entries[i]
 	if e.offset == 0 {
-		return nil, fmt.Errorf("loading %s from %s: %w: %w", name, l.path, fs.ErrNotExist, ResultRetry)
+		return nil, fmt.Errorf("loading %s from %s: %w: %w", name, l.path, fs.ErrNotExist, tpmrc.TPMRetry)
 	}
 	data := make([]byte, e.dataLen)
 	if _, err := l.f.ReadAt(data, int64(e.offset)); err != nil {
-		return nil, fmt.Errorf("reading %s from %s: %w: %w", name, l.path, err, ResultFail)
+		return nil, fmt.Errorf("reading %s from %s: %w: %w", name, l.path, err, tpmrc.TPMFail)
 	}
 	plain, err := DecodeFile(data, l.key)
 	if err != nil {
@@ -234,7 +236,7 @@ func (l *Linear) Store(name string, data []byte) error {
 		}
 	}
 	if _, err := l.f.WriteAt(enc, int64(e.offset)); err != nil {
-		return fmt.Errorf("writing %s to %s: %w: %w", name, l.path, err, ResultFail)
+		return fmt.Errorf("writing %s to %s: %w: %w", name, l.path, err, tpmrc.TPMFail)
 	}
 	e.dataLen = n
 	l.entries[i] = e
@@ -251,7 +253,7 @@ func (l *Linear) truncate() error {
 		return nil
 	}
 	if err := l.f.Truncate(int64(l.usedEnd())); err != nil {
-		return fmt.Errorf("resizing %s: %w: %w", l.path, err, ResultFail)
+		return fmt.Errorf("resizing %s: %w: %w", l.path, err, tpmrc.TPMFail)
 	}
 	return l.f.Sync()
 }
@@ -269,7 +271,7 @@ func (l *Linear) Delete(name string, mustExist bool) error {
 	}
 	if l.entries[i].offset == 0 {
 		if mustExist {
-			return fmt.Errorf("deleting %s from %s: %w: %w", name, l.path, fs.ErrNotExist, ResultFail)
+			return fmt.Errorf("deleting %s from %s: %w: %w", name, l.path, fs.ErrNotExist, tpmrc.TPMFail)
 		}
 		return nil
 	}

@@ -11,6 +11,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"vtpm/internal/tpmrc"
 )
 
 func TestLinearStoreLoadDelete(t *testing.T) {
@@ -55,7 +57,7 @@ func TestLinearStoreLoadDelete(t *testing.T) {
 			t.Fatalf("Load(%s) after reopen: %v", name, err)
 		}
 	}
-	if _, err := l.Load("savestate"); !errors.Is(err, fs.ErrNotExist) || ResultOf(err) != ResultRetry {
+	if _, err := l.Load("savestate"); !errors.Is(err, fs.ErrNotExist) || tpmrc.Of(err) != tpmrc.TPMRetry {
 		t.Fatalf("Load of missing state: %v", err)
 	}
 

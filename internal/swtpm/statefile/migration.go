@@ -3,6 +3,8 @@ package statefile
 import (
 	"bytes"
 	"fmt"
+
+	"vtpm/internal/tpmrc"
 )
 
 // StateFlagEncrypted is PTM_STATE_FLAG_ENCRYPTED on the control channel:
@@ -51,7 +53,7 @@ func EncodeMigration(plain []byte, fileKey, migKey *Key, decrypted bool) (blob [
 // result with a nil error means "no state" (an empty blob or a bare
 // header), which clears any state set before.
 //
-// A migration-encrypted blob needs migKey (else ResultKeyNotFound); a plain
+// A migration-encrypted blob needs migKey (else tpmrc.TPMKeyNotFound); a plain
 // one is accepted even when migKey is set. The inner layer is decrypted with
 // fileKey when the header says so or stateFlags has StateFlagEncrypted.
 func DecodeMigration(blob []byte, stateFlags uint32, fileKey, migKey *Key) ([]byte, error) {
@@ -69,7 +71,7 @@ func DecodeMigration(blob []byte, stateFlags uint32, fileKey, migKey *Key) ([]by
 	var inner []byte
 	if h.flags&FlagMigrationEncrypted != 0 {
 		if migKey == nil {
-			return nil, fmt.Errorf("decoding migration blob: it is encrypted with a migration key but none is configured; pass the source's --migration-key: %w", ResultKeyNotFound)
+			return nil, fmt.Errorf("decoding migration blob: it is encrypted with a migration key but none is configured; pass the source's --migration-key: %w", tpmrc.TPMKeyNotFound)
 		}
 		if inner, err = decodeLayer(payload, h, migKey, tagMigrationData, tagEncryptedMigrationData, tagIVEncryptedMigrationData, FlagMigration256); err != nil {
 			return nil, fmt.Errorf("decoding migration blob's outer layer: %w", err)
@@ -77,14 +79,14 @@ func DecodeMigration(blob []byte, stateFlags uint32, fileKey, migKey *Key) ([]by
 	} else {
 		v, ok := findTLV(payload, tagMigrationData)
 		if !ok {
-			return nil, fmt.Errorf("decoding migration blob: no migration data record; is this a state file rather than a migration blob?: %w", ResultFail)
+			return nil, fmt.Errorf("decoding migration blob: no migration data record; is this a state file rather than a migration blob?: %w", tpmrc.TPMFail)
 		}
 		inner = v
 	}
 
 	if h.flags&FlagEncrypted != 0 || stateFlags&StateFlagEncrypted != 0 {
 		if fileKey == nil {
-			return nil, fmt.Errorf("decoding migration blob: its inner layer is encrypted with a state key but none is configured; pass the source's --key: %w", ResultKeyNotFound)
+			return nil, fmt.Errorf("decoding migration blob: its inner layer is encrypted with a state key but none is configured; pass the source's --key: %w", tpmrc.TPMKeyNotFound)
 		}
 		plain, err := decodeLayer(inner, h, fileKey, tagData, tagEncryptedData, tagIVEncryptedData, FlagEncrypted256)
 		if err != nil {
@@ -94,7 +96,7 @@ func DecodeMigration(blob []byte, stateFlags uint32, fileKey, migKey *Key) ([]by
 	}
 	plain, ok := findTLV(inner, tagData)
 	if !ok {
-		return nil, fmt.Errorf("decoding migration blob: no plain data record in the inner layer: %w", ResultFail)
+		return nil, fmt.Errorf("decoding migration blob: no plain data record in the inner layer: %w", tpmrc.TPMFail)
 	}
 	return bytes.Clone(plain), nil
 }

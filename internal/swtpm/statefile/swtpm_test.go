@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"github.com/google/go-tpm/tpm2"
+
+	"vtpm/internal/testutil"
 )
 
 // Helpers that drive the real swtpm 0.7.1, the peer we must stay
@@ -25,7 +27,7 @@ func requireSwtpm(t *testing.T) {
 	t.Helper()
 	for _, bin := range []string{"swtpm", "swtpm_ioctl"} {
 		if _, err := exec.LookPath(bin); err != nil {
-			t.Skipf("%s is not installed; install the swtpm and swtpm-tools packages to run this compatibility test", bin)
+			testutil.Missing(t, "%s is not installed; install the swtpm and swtpm-tools packages to run this compatibility test", bin)
 		}
 	}
 }
