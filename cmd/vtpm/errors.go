@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"regexp"
 	"strings"
+	"sync"
 
 	"vtpm/internal/errdefs"
 )
@@ -35,10 +36,12 @@ var commands = map[errdefs.Action]string{
 	errdefs.ActionVMTemplate:          "vtpm vm template {vm} {new}",
 	errdefs.ActionVMDeploy:            "vtpm vm deploy {template} {new}",
 	errdefs.ActionIsolationPreferred:  "--isolation preferred",
+	errdefs.ActionHostAllowPath:       "vtpm host allow-path {path}",
 	errdefs.ActionRunAsOwner:          "run vtpm as the owner of {path} (usually root: sudo)",
 }
 
-var placeholder = regexp.MustCompile(`\{([a-z-]+)\}`)
+// Compiled on first use: every vTPM start runs this package's initialisation.
+var placeholder = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`\{([a-z-]+)\}`) })
 
 // command renders r's action as a command line; arguments the remedy does
 // not give stay as upper-case placeholders (FILE, NEW).
@@ -47,7 +50,7 @@ func command(r errdefs.Remedy) string {
 	if !ok {
 		return string(r.Action)
 	}
-	s := placeholder.ReplaceAllStringFunc(tmpl, func(m string) string {
+	s := placeholder().ReplaceAllStringFunc(tmpl, func(m string) string {
 		name := m[1 : len(m)-1]
 		if v, ok := r.Args[name]; ok && v != "" {
 			return v

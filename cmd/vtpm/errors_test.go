@@ -38,7 +38,8 @@ func TestEveryActionHasACommand(t *testing.T) {
 		errdefs.ActionProtectorGrant, errdefs.ActionProtectorShow, errdefs.ActionKeyExport, errdefs.ActionKeyImport, errdefs.ActionTPMReprovision, errdefs.ActionTPMAdd,
 		errdefs.ActionTPMRemove, errdefs.ActionTPMEnable, errdefs.ActionStateImport, errdefs.ActionVMStop, errdefs.ActionVMList,
 		errdefs.ActionVMRegister, errdefs.ActionVMUnregister, errdefs.ActionVMClone, errdefs.ActionVMCreate, errdefs.ActionVMTemplate,
-		errdefs.ActionVMDeploy, errdefs.ActionIsolationPreferred, errdefs.ActionRunAsOwner} {
+		errdefs.ActionVMDeploy, errdefs.ActionIsolationPreferred, errdefs.ActionRunAsOwner,
+		errdefs.ActionHostAllowPath} {
 		if _, ok := commands[a]; !ok {
 			t.Errorf("action %q has no command line", a)
 		}

@@ -8,14 +8,24 @@ import (
 	"path/filepath"
 
 	"github.com/spf13/cobra"
+
+	"vtpm/internal/libtpms"
+	"vtpm/internal/sandbox"
 )
 
 // version is set at build time with -ldflags "-X main.version=…".
 var version = "dev"
 
 func main() {
+	// A cgo program: the sandbox reaches every thread through libtpms' C.
+	sandbox.UseAllThreads(libtpms.AllThreadsSyscall)
 	if filepath.Base(os.Args[0]) == "swtpm" {
 		os.Exit(runSwtpm(os.Args[1:], os.Stdout, os.Stderr))
+	}
+	// A vTPM starts with every VM: it skips building the command tree
+	// (swtpmCmd passes its arguments through unparsed, as here).
+	if len(os.Args) > 1 && os.Args[1] == "swtpm" {
+		os.Exit(runSwtpm(os.Args[2:], os.Stdout, os.Stderr))
 	}
 	if filepath.Base(os.Args[0]) == "swtpm_setup" {
 		os.Exit(runSwtpmSetup(os.Args[1:], os.Stdout, os.Stderr))
@@ -37,6 +47,6 @@ func rootCmd() *cobra.Command {
 	root.AddCommand(swtpmCmd(), swtpmSetupCmd(), caCmd())
 	root.AddCommand(stateCmd(), guardianCmd(), protectorCmd(), keyCmd(), tpmCmd())
 	root.AddCommand(doctorCmd())
-	root.AddCommand(vmCmd())
+	root.AddCommand(vmCmd(), hostCmd())
 	return root
 }

@@ -108,6 +108,9 @@ const (
 	// ActionIsolationPreferred relaxes a VM's or an instance's isolation
 	// policy to "preferred" (args: vm, when a VM's).
 	ActionIsolationPreferred Action = "isolation.preferred"
+	// ActionHostAllowPath allows this host's VMs to use a host file,
+	// directory or device outside their bundles (args: path).
+	ActionHostAllowPath Action = "host.allow-path"
 	// ActionRunAsOwner runs vtpm as the user who owns a file or directory
 	// (args: path; user when known).
 	ActionRunAsOwner Action = "run-as-owner"

@@ -33,8 +33,13 @@ func KeystoreCheck(root, hostTPM string) Check {
 	if p.Kind == "tpm" {
 		return ok(name, "master key sealed to the host TPM: "+p.Detail)
 	}
+	// No command re-seals a keystore in place: its guardians move to a new
+	// one through their exports.
+	ks := filepath.Join(root, "keystore")
 	return warn(name, "master key in a file ("+p.Detail+"): anyone who copies the data root has the keys",
-		advise("on a host with a TPM, recreate the keystore sealed to it (VTPM_HOST_TPM=device:/dev/tpmrm0) and re-wrap the TPM keys to it"))
+		errdefs.Do(errdefs.ActionGuardianExport, "file", "guardian.p12").WithNote("on a host with a TPM, export each guardian this host holds (guardian list names them)"),
+		advise("then move %s aside: the next vtpm command creates a keystore sealed to the host TPM (VTPM_HOST_TPM=device:/dev/tpmrm0 selects it)", ks),
+		errdefs.Do(errdefs.ActionGuardianImport, "file", "guardian.p12").WithNote("and import each export into it (TPM keys brought in with key import need their key files imported again)"))
 }
 
 // DataRootCheck reports whether the data root is this user's and private.

@@ -31,6 +31,7 @@ import (
 type ProbeResult struct {
 	Error      string            `json:"error,omitempty"` // confining failed outright
 	Landlock   int               `json:"landlock"`        // ABI the probe runs under, 0 = none
+	Method     string            `json:"method"`          // how it entered Landlock (sandbox.Method*)
 	Seccomp    string            `json:"seccomp"`         // /proc/self/status Seccomp:
 	NoNewPrivs string            `json:"no_new_privs"`    // /proc/self/status NoNewPrivs:
 	Dumpable   int               `json:"dumpable"`        // prctl(PR_GET_DUMPABLE)
@@ -89,7 +90,7 @@ func Probe(w io.Writer, o ProbeOptions) error {
 		res.Error = err.Error()
 		return report()
 	}
-	res.Landlock = sb.Landlock()
+	res.Landlock, res.Method = sb.Landlock(), sb.Method()
 	dump, _ := unix.PrctlRetInt(unix.PR_GET_DUMPABLE, 0, 0, 0, 0)
 	res.Dumpable = dump
 	// An AF_INET socket made before the filter, as the instance's listeners are.
@@ -241,7 +242,11 @@ func sandboxChecks(res *ProbeResult) []Check {
 	switch {
 	case res.Landlock > 0 && denied("write outside the state directory") && !denied("write inside the state directory") &&
 		!allowed("write elsewhere in the data root") && !denied("write the generation record"):
-		cs = append(cs, ok("landlock", fmt.Sprintf("ABI %d: instances write only their state, their generation record, their sockets and pid file", res.Landlock)))
+		how := res.Method
+		if how == sandbox.MethodReexec {
+			how += ", a second program start for every instance (the kernel cannot restrict all threads in place)"
+		}
+		cs = append(cs, ok("landlock", fmt.Sprintf("ABI %d, entered %s: instances write only their state, their generation record, their sockets and pid file", res.Landlock, how)))
 	case res.Landlock > 0:
 		cs = append(cs, missing("landlock", fmt.Sprintf("ABI %d, but the probe's writes did not behave: %v", res.Landlock, res.Tries),
 			advise("report this as a vtpm bug, with this output")))
@@ -269,7 +274,7 @@ func UserCheck() Check {
 		name = "nobody"
 	}
 	return warn("user", "instances started as root stay root unless given --runas (seccomp, Landlock and no_new_privs still confine them)",
-		advise("start instances with --runas %s (libvirt: user = \"%s\" in /etc/libvirt/qemu.conf's swtpm_user), with the state directory owned by that user", name, name))
+		advise("start instances with --runas %s (libvirt: swtpm_user = \"%s\" in /etc/libvirt/qemu.conf), with the state directory owned by that user; vm start does so itself", name, name))
 }
 
 // NamespaceCheck reports whether user namespaces are available.

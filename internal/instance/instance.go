@@ -83,8 +83,9 @@ func New(opts *swtpm.Options, ext *swtpm.Extensions, log *slog.Logger) (_ *Insta
 			return nil, err
 		}
 	}
-	// Sandbox, step 1 (internal/sandbox): re-executes this process confined
-	// to writing its own state, so it comes before anything is read or bound.
+	// Sandbox, step 1 (internal/sandbox): confines this process to writing
+	// its own state, re-executing it where the threads cannot be confined in
+	// place, so it comes before anything is read or bound.
 	if in.sandbox, err = sandbox.Enter(SandboxPolicy(opts, ext.Isolation, genRecord), log); err != nil {
 		return nil, err
 	}

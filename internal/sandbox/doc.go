@@ -7,12 +7,18 @@
 //     that allows writing only beneath the TPM's state directory and to its
 //     generation record (no other file of the data root), creating and
 //     removing its sockets and pid file, and binding
-//     only the TCP ports it was told to listen on. Landlock (before Linux
-//     6.19) restricts only the calling thread and a Go program has several
-//     threads from its first instruction, so Enter restricts one locked
-//     thread and re-executes the program from it: the new image, and every
-//     thread it ever starts, is born inside the domain. The process is then
-//     made non-dumpable (execve resets that flag, so it is set afterwards).
+//     only the TCP ports it was told to listen on. Landlock restricts the
+//     calling thread, and a Go program has several threads from its first
+//     instruction, so Enter restricts all of them in place: with the
+//     kernel's LANDLOCK_RESTRICT_SELF_TSYNC (Landlock ABI 8, Linux 7.0), else
+//     by having every thread restrict itself (an AllThreadsFunc: Go's
+//     syscall.AllThreadsSyscall, or the cgo program's own, UseAllThreads),
+//     threads started meanwhile included. Where neither works (a kernel with
+//     signal scoping but without the fix that lets sibling domains signal
+//     each other), it restricts one locked thread and re-executes the
+//     program from it, which costs a second program start: the new image,
+//     and every thread it ever starts, is born inside the domain. The
+//     process is then made non-dumpable.
 //  2. Seal, once the sockets exist, the state is open and the pid file is
 //     written: a seccomp allow-list installed on every thread at once
 //     (SECCOMP_FILTER_FLAG_TSYNC). From then on the process cannot create

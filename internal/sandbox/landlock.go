@@ -81,10 +81,9 @@ func handledFS(abi int) uint64 {
 	return h
 }
 
-// restrictThread builds the ruleset for p and applies it to the calling
-// thread, which must be locked (runtime.LockOSThread) and must have
-// no_new_privs set.
-func restrictThread(p *Policy, abi int) error {
+// newRuleset builds the Landlock ruleset for p and returns its descriptor,
+// which the caller closes.
+func newRuleset(p *Policy, abi int) (int, error) {
 	attr := landlockAttr{handledFS: handledFS(abi)}
 	if abi >= 4 {
 		// Binding is limited to the configured ports. Connecting is not
@@ -102,20 +101,28 @@ func restrictThread(p *Policy, abi int) error {
 	if abi < 4 {
 		size = unsafe.Offsetof(attr.handledNet)
 	}
-	fd, _, errno := unix.Syscall(unix.SYS_LANDLOCK_CREATE_RULESET, uintptr(unsafe.Pointer(&attr)), size, 0)
+	r, _, errno := unix.Syscall(unix.SYS_LANDLOCK_CREATE_RULESET, uintptr(unsafe.Pointer(&attr)), size, 0)
 	if errno != 0 {
-		return fmt.Errorf("landlock_create_ruleset: %w", errno)
+		return -1, fmt.Errorf("landlock_create_ruleset: %w", errno)
 	}
-	defer unix.Close(int(fd))
+	fd := int(r)
+	if err := addRules(fd, p, abi, attr.handledFS); err != nil {
+		unix.Close(fd)
+		return -1, err
+	}
+	return fd, nil
+}
+
+func addRules(fd int, p *Policy, abi int, handled uint64) error {
 	add := func(path string, access uint64) error {
-		access &= attr.handledFS
+		access &= handled
 		pfd, err := unix.Open(path, unix.O_PATH|unix.O_CLOEXEC, 0)
 		if err != nil {
 			return fmt.Errorf("landlock rule for %s: %w", path, err)
 		}
 		defer unix.Close(pfd)
 		rule := landlockPathBeneath{allowed: access, parentFD: int32(pfd)}
-		_, _, errno := unix.Syscall6(unix.SYS_LANDLOCK_ADD_RULE, fd, unix.LANDLOCK_RULE_PATH_BENEATH, uintptr(unsafe.Pointer(&rule)), 0, 0, 0)
+		_, _, errno := unix.Syscall6(unix.SYS_LANDLOCK_ADD_RULE, uintptr(fd), unix.LANDLOCK_RULE_PATH_BENEATH, uintptr(unsafe.Pointer(&rule)), 0, 0, 0)
 		if errno != 0 {
 			return fmt.Errorf("landlock rule for %s: %w", path, errno)
 		}
@@ -139,13 +146,19 @@ func restrictThread(p *Policy, abi int) error {
 	if abi >= 4 {
 		for _, port := range p.BindTCP {
 			rule := landlockNetPort{allowed: unix.LANDLOCK_ACCESS_NET_BIND_TCP, port: uint64(port)}
-			_, _, errno := unix.Syscall6(unix.SYS_LANDLOCK_ADD_RULE, fd, landlockRuleNetPort, uintptr(unsafe.Pointer(&rule)), 0, 0, 0)
+			_, _, errno := unix.Syscall6(unix.SYS_LANDLOCK_ADD_RULE, uintptr(fd), landlockRuleNetPort, uintptr(unsafe.Pointer(&rule)), 0, 0, 0)
 			if errno != 0 {
 				return fmt.Errorf("landlock rule for TCP port %d: %w", port, errno)
 			}
 		}
 	}
-	if _, _, errno := unix.Syscall(unix.SYS_LANDLOCK_RESTRICT_SELF, fd, 0, 0); errno != 0 {
+	return nil
+}
+
+// restrictThread applies the ruleset fd to the calling thread, which must be
+// locked (runtime.LockOSThread) and must have no_new_privs set.
+func restrictThread(fd int) error {
+	if _, _, errno := unix.Syscall(unix.SYS_LANDLOCK_RESTRICT_SELF, uintptr(fd), 0, 0); errno != 0 {
 		return fmt.Errorf("landlock_restrict_self: %w", errno)
 	}
 	return nil

@@ -99,6 +99,7 @@ type Sandbox struct {
 	policy   *Policy
 	log      *slog.Logger
 	landlock int      // Landlock ABI the process runs under; 0 = none
+	method   string   // how Landlock was entered (Method*)
 	missing  []string // parts the host could not provide, each with its fix
 	keys     []*Locked
 	sealed   bool
@@ -124,13 +125,15 @@ func (e *MissingError) Remedies() []errdefs.Remedy {
 	}
 }
 
-// Enter confines the process to p's file system rules, re-executing the
-// program (same arguments, same inherited descriptors, same pid) from a
-// thread restricted by Landlock, so it must be called before anything that
-// the new image could not repeat: nothing read from passed descriptors, no
-// sockets bound. On the first call in a process it does not return unless
-// confining failed; in the re-executed image it returns the Sandbox, with
-// the process also made non-dumpable and no_new_privs set.
+// Enter confines the process to p's file system rules, so it must be called
+// before anything the rules would refuse and before anything that a
+// re-executed program could not repeat: nothing read from passed
+// descriptors, no sockets bound. It restricts every thread of the running
+// process in place (see restrictAll); where the kernel and the program
+// cannot do that, it re-executes the program (same arguments, same
+// inherited descriptors, same pid) from a restricted thread, and then
+// returns only in the new image, or when confining failed. Either way the
+// process is also made non-dumpable and no_new_privs is set.
 //
 // With Isolation Required, a part the host does not provide is an error
 // (*MissingError); with Preferred it is logged as a warning.
@@ -154,12 +157,14 @@ func Enter(p *Policy, log *slog.Logger) (*Sandbox, error) {
 	if v := os.Getenv(stageEnv); v != "" {
 		os.Unsetenv(stageEnv)
 		s.landlock, _ = strconv.Atoi(v)
+		s.method = MethodReexec
 	} else if abi, err := LandlockABI(); err != nil {
 		s.missing = append(s.missing, "Landlock: "+err.Error()+"; upgrade to Linux 5.13 or newer with landlock in lsm=")
-	} else if err := s.reexec(abi); err != nil {
+	} else if err := s.confine(abi); err != nil {
 		s.missing = append(s.missing, "Landlock: "+err.Error())
 	}
-	// In the new image, or without Landlock: set what execve reset.
+	// Process-wide, or (no_new_privs) for this thread in an image without
+	// Landlock; after execve both need setting again.
 	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
 		s.missing = append(s.missing, fmt.Sprintf("no_new_privs: prctl: %v", err))
 	}
@@ -187,10 +192,30 @@ func (s *Sandbox) check() error {
 	return nil
 }
 
-// reexec restricts one locked thread with Landlock and executes the program
-// again from it. It returns only on failure.
-func (s *Sandbox) reexec(abi int) error {
-	p := s.policy
+// confine applies Landlock to the whole process: in place when it can, else
+// by re-executing the program, in which case it returns only on failure.
+func (s *Sandbox) confine(abi int) error {
+	if err := prepareDirs(s.policy); err != nil {
+		return err
+	}
+	fd, err := newRuleset(s.policy, abi)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	method, err := restrictAll(fd, abi)
+	if err == nil {
+		s.landlock, s.method = abi, method
+		s.log.Debug("entered Landlock", "abi", abi, "method", method)
+		return nil
+	}
+	// Slower (a second program start), not weaker.
+	s.log.Info("entering Landlock by re-executing the program", "reason", err)
+	return s.reexec(fd, abi)
+}
+
+// prepareDirs creates the writable directories, which a Landlock rule needs.
+func prepareDirs(p *Policy) error {
 	for _, d := range p.WriteDirs {
 		_, err := os.Stat(d)
 		created := errors.Is(err, fs.ErrNotExist)
@@ -204,6 +229,12 @@ func (s *Sandbox) reexec(abi int) error {
 			}
 		}
 	}
+	return nil
+}
+
+// reexec restricts one locked thread with the ruleset fd and executes the
+// program again from it. It returns only on failure.
+func (s *Sandbox) reexec(fd, abi int) error {
 	// /proc/self/exe is this very image, even if the file was replaced since.
 	exe := "/proc/self/exe"
 	if _, err := os.Stat(exe); err != nil {
@@ -221,7 +252,7 @@ func (s *Sandbox) reexec(abi int) error {
 			errc <- fmt.Errorf("no_new_privs: %w", err)
 			return
 		}
-		if err := restrictThread(p, abi); err != nil {
+		if err := restrictThread(fd); err != nil {
 			errc <- err
 			return
 		}
@@ -274,6 +305,15 @@ func (s *Sandbox) Close() {
 		l.Wipe()
 	}
 	s.keys = nil
+}
+
+// Method says how the process entered Landlock (MethodTSYNC,
+// MethodAllThreads, MethodReexec), "" if it did not.
+func (s *Sandbox) Method() string {
+	if s == nil {
+		return ""
+	}
+	return s.method
 }
 
 // Landlock is the Landlock ABI version the process is confined with, 0 if none.

@@ -27,6 +27,10 @@ func TestMain(m *testing.M) {
 		fmt.Print(filterChild(action, op))
 		os.Exit(0)
 	}
+	if dir := os.Getenv(enterChildEnv); dir != "" {
+		fmt.Print(enterChild(dir))
+		os.Exit(0)
+	}
 	os.Exit(m.Run())
 }
 

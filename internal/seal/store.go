@@ -186,8 +186,12 @@ func loadOrCreateStateFile(dir string, mode os.FileMode) (uuid.UUID, error) {
 	}
 	// Publish with link, which fails if another process created the file
 	// first: its UUID then wins, and every process agrees on one identity.
+	// The temporary name is this UUID's alone and is linked, not renamed,
+	// so the one directory fsync after the link makes the identity durable
+	// (a new TPM's start waits on every fsync here).
 	tmp := path + ".new-" + id.String()
-	if err := writeFileAtomic(tmp, append(data, '\n'), mode); err != nil {
+	if err := writeSynced(tmp, append(data, '\n'), mode); err != nil {
+		os.Remove(tmp)
 		return uuid.Nil, fmt.Errorf("create %s: %w", path, err)
 	}
 	err = os.Link(tmp, path)
