@@ -18,6 +18,7 @@ var commands = map[errdefs.Action]string{
 	errdefs.ActionGuardianExport:      "vtpm guardian export {guardian} -o {file}",
 	errdefs.ActionGuardianExportCerts: "vtpm guardian export --certs-only -o {file}",
 	errdefs.ActionGuardianImport:      "vtpm guardian import {file}",
+	errdefs.ActionGuardianTrust:       "vtpm guardian trust {certs}",
 	errdefs.ActionProtectorGrant:      "vtpm protector grant {tpm} {certs}",
 	errdefs.ActionProtectorShow:       "vtpm protector show {tpm}",
 	errdefs.ActionKeyExport:           "vtpm key export {tpm} -o {file}",

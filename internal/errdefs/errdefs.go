@@ -67,6 +67,9 @@ const (
 	ActionGuardianExportCerts Action = "guardian.export-certs"
 	// ActionGuardianImport imports a guardian's PKCS#12 file (args: file).
 	ActionGuardianImport Action = "guardian.import"
+	// ActionGuardianTrust makes this host trust the TPMs a guardian owns,
+	// given by its public certificates (args: certs).
+	ActionGuardianTrust Action = "guardian.trust"
 	// ActionProtectorGrant admits guardians to a TPM's key protector, on a
 	// host that can open it (args: tpm, certs).
 	ActionProtectorGrant Action = "protector.grant"

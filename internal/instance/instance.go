@@ -79,7 +79,7 @@ func New(opts *swtpm.Options, ext *swtpm.Extensions, log *slog.Logger) (_ *Insta
 	format := state.Choose(opts.StateDir, opts.Key != "")
 	var genRecord string
 	if format == state.Sealed {
-		if genRecord, err = prepareSealed(opts.StateDir, ext.DataKey, log); err != nil {
+		if genRecord, err = prepareSealed(opts.StateDir, ext.DataKey, ext.AllowRollback, log); err != nil {
 			return nil, err
 		}
 	}
@@ -101,7 +101,7 @@ func New(opts *swtpm.Options, ext *swtpm.Extensions, log *slog.Logger) (_ *Insta
 	}
 	// Keys first: a TPM this host cannot open fails before any socket exists.
 	if format == state.Sealed {
-		if in.sealing, err = unlockSealed(opts.StateDir, ext.DataKey, log); err != nil {
+		if in.sealing, err = unlockSealed(opts.StateDir, ext.DataKey, ext.AllowRollback, log); err != nil {
 			return nil, err
 		}
 		// The key broker keeps the key in locked memory if the host lets it.

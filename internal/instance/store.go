@@ -45,11 +45,12 @@ func openBroker(log *slog.Logger) (*keybroker.Broker, error) {
 // host's guardian, a new TPM's identity and key protector, the TPM's
 // generation record), so that the process may write nothing of the data
 // root but that record. It returns the record's path. It reads no passed
-// descriptor, so the re-executed image repeats it (finding everything in
+// descriptor, so a re-executed image repeats it (finding everything in
 // place). A record missing for a TPM that has state means rollback
 // protection starts over for it: that is said loudly, and remembered for
-// `doctor`.
-func prepareSealed(stateDir, dataKey string, log *slog.Logger) (string, error) {
+// `doctor`. allowRollback (--allow-rollback) accepts an older key
+// protector too.
+func prepareSealed(stateDir, dataKey string, allowRollback bool, log *slog.Logger) (string, error) {
 	host, err := openBroker(log)
 	if err != nil {
 		return "", err
@@ -58,9 +59,21 @@ func prepareSealed(stateDir, dataKey string, log *slog.Logger) (string, error) {
 	if _, err := host.Local(); err != nil {
 		return "", err
 	}
+	// Whether the TPM had a record is looked at before its key is opened,
+	// which records the protector's version in it.
+	var known uuid.UUID
+	hadRecord := false
+	if seal.Exists(stateDir) {
+		if known, err = seal.Identify(stateDir); err != nil {
+			return "", err
+		}
+		if hadRecord, err = host.HasGenerations(known); err != nil {
+			return "", err
+		}
+	}
 	var id uuid.UUID
 	if dataKey != "" {
-		// The key may come from a descriptor only the confined image reads.
+		// The key may come from a descriptor only the confined process reads.
 		if id, err = seal.Identify(stateDir); err != nil {
 			return "", err
 		}
@@ -68,7 +81,7 @@ func prepareSealed(stateDir, dataKey string, log *slog.Logger) (string, error) {
 		// Opening the key here creates a new TPM's identity and key
 		// protector, or reprovisions one, and a TPM this host cannot open
 		// fails before its generation record is touched.
-		o, err := host.OpenTPM(stateDir)
+		o, err := host.OpenTPMWith(stateDir, keybroker.OpenOptions{AllowRollback: allowRollback})
 		if err != nil {
 			return "", err
 		}
@@ -76,7 +89,7 @@ func prepareSealed(stateDir, dataKey string, log *slog.Logger) (string, error) {
 		warnReprovisioned(stateDir, o)
 		o.Close()
 	}
-	reset, err := host.PrepareGenerations(id, stateDir)
+	reset, err := host.PrepareGenerations(id, stateDir, hadRecord || id != known)
 	if err != nil {
 		return "", fmt.Errorf("open the generation record of TPM %s (it detects rollback of the TPM's state): %w", id, err)
 	}
@@ -98,8 +111,9 @@ func warnReprovisioned(dir string, o *keybroker.Opened) {
 // unlockSealed opens the TPM's data key, from --data-key when given, else
 // from the TPM's key protector (a new state directory gets a fresh key and
 // a protector owned by this host's guardian), pins the TPM's generation
-// record and closes the keystore.
-func unlockSealed(stateDir, dataKey string, log *slog.Logger) (_ *sealingKey, err error) {
+// record and closes the keystore. allowRollback (--allow-rollback) accepts
+// an older key protector too.
+func unlockSealed(stateDir, dataKey string, allowRollback bool, log *slog.Logger) (_ *sealingKey, err error) {
 	host, err := openBroker(log)
 	if err != nil {
 		return nil, err
@@ -119,7 +133,7 @@ func unlockSealed(stateDir, dataKey string, log *slog.Logger) (_ *sealingKey, er
 			return nil, err
 		}
 	} else {
-		o, err := host.OpenTPM(stateDir)
+		o, err := host.OpenTPMWith(stateDir, keybroker.OpenOptions{AllowRollback: allowRollback})
 		if err != nil {
 			return nil, err
 		}

@@ -1,6 +1,8 @@
 package keybroker
 
 import (
+	"bytes"
+	"errors"
 	"fmt"
 	"strings"
 	"time"
@@ -32,22 +34,49 @@ func (h *Broker) Pick(ref string) (g *guardian.Guardian, local bool, err error) 
 func (h *Broker) ImportPKCS12(name string, data []byte, password string, replace bool) (*guardian.Guardian, error) {
 	g, err := guardian.ImportPKCS12(data, password)
 	if err != nil {
+		var pem *guardian.NotPKCS12Error
+		if errors.As(err, &pem) {
+			pem.File = name // the remedies name the file
+		}
 		return nil, fmt.Errorf("import %s: %w", name, err)
 	}
 	return g, h.Import(g, replace)
 }
 
 // Grant admits g, given by its public certificates, to the key protector of
-// the TPM in dir. Only a host holding the protector's owner can.
+// the TPM in dir: a row wrapping its data key, the next protector version
+// (recorded here). The key does not change, so Grant works on a running
+// TPM. Only a host holding the protector's owner can.
 func (h *Broker) Grant(dir string, g *guardian.Guardian) (*guardian.Protector, error) {
-	return h.changeProtector(dir, func(p *guardian.Protector, key *Key, owner *guardian.Guardian) error {
-		return key.Grant(p, g, owner)
-	})
+	p, owner, key, err := h.forChange(dir)
+	if err != nil {
+		return nil, err
+	}
+	defer key.Close()
+	if err := key.Grant(p, g, owner); err != nil {
+		return nil, err
+	}
+	if err := WriteProtector(dir, p); err != nil {
+		return nil, err
+	}
+	if err := h.ks.Generations().RecordProtectorVersion(p.TPM(), p.Version()); err != nil {
+		return p, fmt.Errorf("granted, but recording the protector's version failed: %w", err)
+	}
+	return p, nil
 }
 
-// Revoke removes the guardian ref names (its name, fingerprint, or a prefix
-// of at least 8 hex digits of it) from the key protector of the TPM in dir.
-// Only a host holding the protector's owner can.
+// Revoke shuts the guardian ref names (its name, fingerprint, or a prefix
+// of at least 8 hex digits of it) out of the TPM in dir for good: the TPM
+// is re-keyed (a new data key, its state re-sealed under it crash-safely,
+// see seal.Rekey) and gets a new protector, without that guardian's row,
+// whose version is recorded here. A copy of the old protector, or the old
+// key in whatever form (a key file exported before), no longer opens the
+// state; on this host an older protector is refused outright. A key this
+// host imported for the TPM is replaced by the new one.
+//
+// Re-keying needs the TPM stopped: a running TPM is refused with an error
+// matching errdefs.ErrFailedPrecondition, and nothing changes. Only a host
+// holding the protector's owner can.
 func (h *Broker) Revoke(dir, ref string) (*guardian.Protector, error) {
 	p, err := ReadProtector(dir)
 	if err != nil {
@@ -67,35 +96,84 @@ func (h *Broker) Revoke(dir, ref string) (*guardian.Protector, error) {
 	default:
 		return nil, errdefs.New(errdefs.ErrInvalidArgument, "%q names %d guardians in the protector of %s; give a fingerprint", ref, len(fps), dir).With(show)
 	}
-	return h.changeProtector(dir, func(p *guardian.Protector, _ *Key, owner *guardian.Guardian) error {
-		return p.Revoke(fps[0], owner)
-	})
+	return h.rekey(dir, fps[0])
 }
 
-// changeProtector opens dir's TPM, checks this host holds the owner's key,
-// applies change and writes the protector back.
-func (h *Broker) changeProtector(dir string, change func(p *guardian.Protector, key *Key, owner *guardian.Guardian) error) (*guardian.Protector, error) {
+// forChange reads dir's protector and opens its key on this host, which
+// must hold the protector's owner.
+func (h *Broker) forChange(dir string) (*guardian.Protector, *guardian.Guardian, *Key, error) {
 	p, err := ReadProtector(dir)
 	if err != nil {
-		return nil, err
+		return nil, nil, nil, err
 	}
 	owner, err := h.Find(p.Owner().Fingerprint())
-	if err != nil {
-		return nil, errdefs.New(errdefs.ErrPermissionDenied, "only the owner of TPM %s, guardian %s (%s), can change its protector; run this on a host that holds it",
+	if err != nil || !owner.HasPrivate() {
+		return nil, nil, nil, errdefs.New(errdefs.ErrPermissionDenied, "only the owner of TPM %s, guardian %s (%s), can change its protector; run this on a host that holds it",
 			p.TPM(), p.Owner().Name(), p.Owner().Fingerprint())
 	}
 	o, err := h.OpenTPM(dir)
 	if err != nil {
+		return nil, nil, nil, err
+	}
+	if !p.Holds(o.Key.bytes()) {
+		o.Close()
+		return nil, nil, nil, errdefs.New(errdefs.ErrConflict, "%s changed while it was read; try again", protectorPath(dir))
+	}
+	return p, owner, o.Key, nil
+}
+
+// rekey is Revoke of the guardian with fingerprint fp.
+func (h *Broker) rekey(dir, fp string) (*guardian.Protector, error) {
+	p, owner, key, err := h.forChange(dir)
+	if err != nil {
 		return nil, err
 	}
-	defer o.Close()
-	if err := change(p, o.Key, owner); err != nil {
+	defer key.Close()
+	next, err := randomKey(p.TPM())
+	if err != nil {
 		return nil, err
 	}
-	if err := WriteProtector(dir, p); err != nil {
+	defer next.Close()
+	q, err := p.Rekey(next.bytes(), owner, fp)
+	if err != nil {
 		return nil, err
 	}
-	return p, nil
+	read := p.Marshal()
+	commit := func() error {
+		// Under the TPM's lock: a grant that wrote the protector since it
+		// was read would be lost.
+		now, err := ReadProtector(dir)
+		if err != nil {
+			return err
+		}
+		if !bytes.Equal(now.Marshal(), read) {
+			return errdefs.New(errdefs.ErrConflict, "%s changed while the TPM was re-keyed; nothing was changed, try again", protectorPath(dir))
+		}
+		return WriteProtector(dir, q)
+	}
+	err = seal.Rekey(dir, seal.Options{Key: key.bytes(), Generations: h.Generations(), Logger: h.log}, next.bytes(), commit)
+	if errors.Is(err, seal.ErrLocked) {
+		return nil, errdefs.Wrap(errdefs.ErrFailedPrecondition, err, "TPM %s in %s is running: revoking a guardian re-keys the TPM's state, which needs it stopped; nothing was changed", p.TPM(), dir).
+			With(errdefs.Advise("stop the VM (or the vTPM process) using it, then revoke again"))
+	}
+	if err != nil {
+		return nil, err
+	}
+	h.log.Info("re-keyed TPM: revoked a guardian", "tpm", q.TPM(), "revoked", fp, "protector_version", q.Version())
+	var errs []error
+	if err := h.ks.Generations().RecordProtectorVersion(q.TPM(), q.Version()); err != nil {
+		errs = append(errs, fmt.Errorf("record the protector's version: %w", err))
+	}
+	if old, ok := h.importedKey(q.TPM()); ok {
+		clear(old)
+		if err := h.ks.Put(kindTPMKey, q.TPM().String(), next.bytes()); err != nil {
+			errs = append(errs, fmt.Errorf("replace the key imported for the TPM: %w", err))
+		}
+	}
+	if len(errs) > 0 {
+		return q, fmt.Errorf("revoked and re-keyed TPM %s, but: %w", q.TPM(), errors.Join(errs...))
+	}
+	return q, nil
 }
 
 // ExportKey returns the data key of the TPM in dir as a key file encrypted

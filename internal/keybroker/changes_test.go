@@ -42,8 +42,15 @@ func TestGrantRevoke(t *testing.T) {
 	if len(p.Rows()) != 2 {
 		t.Fatalf("protector after grant has %d rows, want 2", len(p.Rows()))
 	}
+	var untrusted *UntrustedOwnerError
+	if _, err := b.OpenTPM(dir); !errors.As(err, &untrusted) {
+		t.Errorf("the granted host opens the TPM of an owner it does not trust: %v", err)
+	}
+	if _, err := b.Trust(publicOnly(t, local(t, a))); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := b.OpenTPM(dir); err != nil {
-		t.Errorf("the granted host cannot open the TPM: %v", err)
+		t.Errorf("the granted host, trusting the owner, cannot open the TPM: %v", err)
 	}
 	show := errdefs.Do(errdefs.ActionProtectorShow, "tpm", dir).WithNote("list the protector's guardians")
 	tests := []struct {

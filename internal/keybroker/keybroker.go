@@ -268,12 +268,20 @@ func (o *Opened) Close() {
 // directory gets a fresh key and a protector owned by this host's guardian.
 // The caller closes the result.
 func (h *Broker) OpenTPM(dir string) (*Opened, error) {
+	return h.OpenTPMWith(dir, OpenOptions{})
+}
+
+// OpenTPMWith is OpenTPM with options. A protector that a guardian of this
+// host opens is accepted only when this host holds or trusts its owner
+// (see Trust); one older than the newest version seen here is refused
+// unless opts.AllowRollback; and the key it holds must open the state.
+func (h *Broker) OpenTPMWith(dir string, opts OpenOptions) (*Opened, error) {
 	// Before anything is locked or created: a TPM that lost its state
 	// fails with nothing written.
 	if err := checkMissingState(dir); err != nil {
 		return nil, err
 	}
-	o, err := h.openTPM(dir, false)
+	o, err := h.openTPM(dir, false, opts)
 	if !errors.Is(err, errNeedLock) {
 		return o, err
 	}
@@ -289,7 +297,7 @@ func (h *Broker) OpenTPM(dir string) (*Opened, error) {
 		return nil, err
 	}
 	defer l.Unlock()
-	return h.openTPM(dir, true)
+	return h.openTPM(dir, true, opts)
 }
 
 // A Broker is what opens sealed state (state.OpenSealed).
@@ -309,7 +317,7 @@ func (h *Broker) OpenKey(dir string) (uuid.UUID, state.SealKey, error) {
 var errNeedLock = errors.New("the state directory's lock is needed")
 
 // openTPM is OpenTPM; locked says whether the caller holds dir's lock.
-func (h *Broker) openTPM(dir string, locked bool) (*Opened, error) {
+func (h *Broker) openTPM(dir string, locked bool, opts OpenOptions) (*Opened, error) {
 	if !locked && !seal.Exists(dir) {
 		return nil, errNeedLock // Identify would create vtpm-state.json
 	}
@@ -343,7 +351,7 @@ func (h *Broker) openTPM(dir string, locked bool) (*Opened, error) {
 	}
 	dek, by, err := p.Open(gs)
 	if err == nil {
-		return opened(id, dek, by.Name())
+		return h.opened(dir, p, dek, by.Name(), gs, opts)
 	}
 	var none *guardian.NoGuardianError
 	if !errors.As(err, &none) {
@@ -352,7 +360,7 @@ func (h *Broker) openTPM(dir string, locked bool) (*Opened, error) {
 	wrongImport := false
 	if dek, ok := h.importedKey(id); ok {
 		if p.Holds(dek) {
-			return opened(id, dek, "imported key")
+			return h.openedImported(dir, p, dek, opts)
 		}
 		// Imported from another copy of the TPM, or for a TPM since
 		// reprovisioned elsewhere: it would not decrypt the state.
@@ -518,6 +526,7 @@ func (e *MissingKeyError) Remedies() []errdefs.Remedy {
 		errdefs.Do(errdefs.ActionGuardianImport, "file", "G.p12").WithNote("then import it here"),
 		errdefs.Do(errdefs.ActionGuardianExportCerts, "file", "host.pem").WithNote("or grant this host from a host that can open the TPM: export this host's certificates"),
 		errdefs.Do(errdefs.ActionProtectorGrant, "certs", "host.pem").WithNote("then grant them").On(elsewhere),
+		errdefs.Do(errdefs.ActionGuardianTrust, "certs", "owner.pem").WithNote("and trust the TPM's owner here, by its certificates exported where it lives"),
 		errdefs.Do(errdefs.ActionKeyExport).WithNote("or import the TPM's key: export it").On(elsewhere),
 		errdefs.Do(errdefs.ActionKeyImport).WithNote("then import it here"),
 		errdefs.Do(errdefs.ActionTPMReprovision, "tpm", e.Dir).WithNote("or give up the old state and start a fresh TPM (kept as a backup)"),

@@ -222,9 +222,12 @@ func TestOpenTPMOnAnotherHost(t *testing.T) {
 			},
 		},
 		{
-			name: "B granted by its certificates",
+			name: "B granted by its certificates, trusting A",
 			give: func(t *testing.T, a, b *Broker, dir string, dek []byte) {
 				grant(t, a, b, dir, dek)
+				if _, err := b.Trust(local(t, a).Public()); err != nil {
+					t.Fatal(err)
+				}
 			},
 			wantBy: func(_, b *Broker) string { return local(t, b).Name() },
 		},

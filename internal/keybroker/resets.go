@@ -27,23 +27,30 @@ type RollbackReset struct {
 	Time time.Time `json:"time"`
 }
 
+// HasGenerations reports whether TPM id has a generation record here.
+func (h *Broker) HasGenerations(id uuid.UUID) (bool, error) { return h.ks.Generations().Has(id) }
+
 // PrepareGenerations makes sure TPM id, whose state is in dir, has a
-// generation record, creating one if needed. reset is set when the record
-// was missing although dir holds sealed state: rollback protection starts
-// over for that TPM, which is remembered (RollbackResets).
-func (h *Broker) PrepareGenerations(id uuid.UUID, dir string) (reset bool, err error) {
+// generation record, creating one if needed. hadRecord says whether it had
+// one before anything of this start wrote to it (opening the key records
+// the protector's version there). reset is set when it had none although
+// dir holds sealed state: rollback protection starts over for that TPM,
+// which is remembered (RollbackResets).
+func (h *Broker) PrepareGenerations(id uuid.UUID, dir string, hadRecord bool) (reset bool, err error) {
 	gens := h.ks.Generations()
 	has, err := gens.Has(id)
-	if err != nil || has {
-		return false, err
-	}
-	p, err := gens.Pin(id) // creates the record
 	if err != nil {
 		return false, err
 	}
-	p.Close()
-	if !seal.HasBlobs(dir) {
-		return false, nil // a new TPM: nothing to protect yet
+	if !has {
+		p, err := gens.Pin(id) // creates the record
+		if err != nil {
+			return false, err
+		}
+		p.Close()
+	}
+	if hadRecord || !seal.HasBlobs(dir) {
+		return false, nil // known, or a new TPM: nothing to protect yet
 	}
 	abs, _ := filepath.Abs(dir)
 	b, _ := json.Marshal(RollbackReset{TPM: id, Dir: abs, Time: time.Now().UTC().Truncate(time.Second)})

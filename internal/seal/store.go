@@ -466,6 +466,12 @@ type writePlan struct {
 // prepareWrite seals data and plans its write, split out so tests can stop
 // after each step as a crash would.
 func (s *Store) prepareWrite(name string, data []byte) (*writePlan, error) {
+	return s.planWrite(s.aead, name, data)
+}
+
+// planWrite is prepareWrite sealing with aead, which Rekey sets to the new
+// key's while the Store still reads with the old one.
+func (s *Store) planWrite(aead cipher.AEAD, name string, data []byte) (*writePlan, error) {
 	b := s.blob(name)
 	var steps []writeStep
 	if !b.migrated {
@@ -496,7 +502,7 @@ func (s *Store) prepareWrite(name string, data []byte) (*writePlan, error) {
 		b.scanned = true
 	}
 	gen := b.gen + 1
-	sealed, err := sealWith(s.aead, s.id, name, gen, data)
+	sealed, err := sealWith(aead, s.id, name, gen, data)
 	if err != nil {
 		return nil, fmt.Errorf("store %s: %w", name, err)
 	}
