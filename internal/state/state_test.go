@@ -196,6 +196,27 @@ func TestRemoveKeepsOtherFiles(t *testing.T) {
 	}
 }
 
+// TestRemoveRunningTPM: Remove takes the lock before it removes anything,
+// so a directory a TPM process holds keeps every file.
+func TestRemoveRunningTPM(t *testing.T) {
+	dir := t.TempDir()
+	files := []string{"permall.a.sealed", "permall.b.sealed", "vtpm-state.json", "protector.json"}
+	touch(t, dir, files...)
+	l, err := Lock(dir) // as the serving TPM process holds it
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Unlock()
+	if err := Remove(dir); !errors.Is(err, ErrLocked) || !strings.Contains(err.Error(), "nothing was changed") {
+		t.Fatalf("Remove of a locked directory = %v; want ErrLocked, nothing changed", err)
+	}
+	for _, n := range files {
+		if _, err := os.Stat(filepath.Join(dir, n)); err != nil {
+			t.Errorf("%s was removed from a locked directory: %v", n, err)
+		}
+	}
+}
+
 func TestRemoveMissingDirectory(t *testing.T) {
 	if err := Remove(filepath.Join(t.TempDir(), "absent")); err != nil {
 		t.Errorf("Remove of a missing directory = %v, want nil", err)
