@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -652,7 +653,9 @@ func TestDamagedSlot(t *testing.T) {
 // damage to skip; the load fails naming the file and the permission.
 func TestUnusableSlot(t *testing.T) {
 	if os.Geteuid() == 0 {
-		t.Skip("root reads and writes every file")
+		// Root reads and writes every file: run this test as nobody.
+		runAsNobody(t, "TestUnusableSlot")
+		return
 	}
 	for _, mode := range []os.FileMode{0o000, 0o400} {
 		t.Run(fmt.Sprintf("%04o", mode), func(t *testing.T) {
@@ -670,6 +673,39 @@ func TestUnusableSlot(t *testing.T) {
 				t.Fatalf("Load = %v; want permission denied naming permall.a.sealed", err)
 			}
 		})
+	}
+}
+
+// runAsNobody runs test in a copy of this test binary as uid/gid 65534,
+// with a temporary directory of its own, and fails with its output if it
+// fails (or is skipped).
+func runAsNobody(t *testing.T, test string) {
+	t.Helper()
+	if os.Getenv("VTPM_TEST_AS_NOBODY") != "" {
+		t.Fatal("still root after the change to nobody")
+	}
+	dir, err := os.MkdirTemp("", "vtpm-seal-nobody")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	self, err := os.ReadFile(os.Args[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	exe := filepath.Join(dir, "seal.test")
+	if err := os.WriteFile(exe, self, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(exe, "-test.run=^"+test+"$", "-test.count=1", "-test.v")
+	cmd.Env = append(os.Environ(), "VTPM_TEST_AS_NOBODY=1", "TMPDIR="+dir)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "--- PASS: "+test) {
+		t.Fatalf("%s as nobody: %v\n%s", test, err, out)
 	}
 }
 
