@@ -6,12 +6,12 @@ import (
 	"io"
 	"net"
 	"os"
-	"os/user"
 	"path/filepath"
 	"runtime"
 	"strconv"
 	"syscall"
 
+	"vtpm/internal/sandbox"
 	"vtpm/internal/swtpm"
 )
 
@@ -229,14 +229,10 @@ func (in *Instance) serveCtrl(nc net.Conn) {
 // file when it is a regular file (a block device keeps its owner: it stays
 // open).
 func dropPrivileges(name, stateDir, stateFile string) error {
-	u, err := user.Lookup(name)
+	uid, gid, err := sandbox.LookupUser(name) // fails closed: never uid 0
 	if err != nil {
-		if u, err = user.LookupId(name); err != nil {
-			return fmt.Errorf("--runas %s: no such user", name)
-		}
+		return err
 	}
-	uid, _ := strconv.Atoi(u.Uid)
-	gid, _ := strconv.Atoi(u.Gid)
 	if stateDir != "" {
 		if err := chownTree(stateDir, uid, gid); err != nil {
 			return fmt.Errorf("--runas %s: give it the state directory: %w", name, err)

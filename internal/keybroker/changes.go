@@ -2,7 +2,6 @@ package keybroker
 
 import (
 	"bytes"
-	"crypto/rand"
 	"errors"
 	"fmt"
 	"strings"
@@ -14,6 +13,7 @@ import (
 	"vtpm/internal/guardian"
 	"vtpm/internal/keyfile"
 	"vtpm/internal/seal"
+	"vtpm/internal/state"
 )
 
 // Pick returns the held guardian ref names (see [Broker.Find]), or this
@@ -48,12 +48,12 @@ func (h *Broker) ImportPKCS12(name string, data []byte, password string, replace
 // (recorded here). The key does not change, so Grant works on a running
 // TPM. Only a host holding the protector's owner can.
 func (h *Broker) Grant(dir string, g *guardian.Guardian) (*guardian.Protector, error) {
-	p, owner, dek, err := h.forChange(dir)
+	p, owner, key, err := h.forChange(dir)
 	if err != nil {
 		return nil, err
 	}
-	defer clear(dek)
-	if err := p.Grant(dek, g, owner); err != nil {
+	defer key.Close()
+	if err := key.Grant(p, g, owner); err != nil {
 		return nil, err
 	}
 	if err := WriteProtector(dir, p); err != nil {
@@ -101,7 +101,7 @@ func (h *Broker) Revoke(dir, ref string) (*guardian.Protector, error) {
 
 // forChange reads dir's protector and opens its key on this host, which
 // must hold the protector's owner.
-func (h *Broker) forChange(dir string) (*guardian.Protector, *guardian.Guardian, []byte, error) {
+func (h *Broker) forChange(dir string) (*guardian.Protector, *guardian.Guardian, *Key, error) {
 	p, err := ReadProtector(dir)
 	if err != nil {
 		return nil, nil, nil, err
@@ -115,24 +115,26 @@ func (h *Broker) forChange(dir string) (*guardian.Protector, *guardian.Guardian,
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	if !p.Holds(o.DEK) {
-		clear(o.DEK)
+	if !p.Holds(o.Key.bytes()) {
+		o.Close()
 		return nil, nil, nil, errdefs.New(errdefs.ErrConflict, "%s changed while it was read; try again", protectorPath(dir))
 	}
-	return p, owner, o.DEK, nil
+	return p, owner, o.Key, nil
 }
 
 // rekey is Revoke of the guardian with fingerprint fp.
 func (h *Broker) rekey(dir, fp string) (*guardian.Protector, error) {
-	p, owner, dek, err := h.forChange(dir)
+	p, owner, key, err := h.forChange(dir)
 	if err != nil {
 		return nil, err
 	}
-	defer clear(dek)
-	newDEK := make([]byte, guardian.DEKSize)
-	rand.Read(newDEK)
-	defer clear(newDEK)
-	q, err := p.Rekey(newDEK, owner, fp)
+	defer key.Close()
+	next, err := randomKey(p.TPM())
+	if err != nil {
+		return nil, err
+	}
+	defer next.Close()
+	q, err := p.Rekey(next.bytes(), owner, fp)
 	if err != nil {
 		return nil, err
 	}
@@ -149,7 +151,7 @@ func (h *Broker) rekey(dir, fp string) (*guardian.Protector, error) {
 		}
 		return WriteProtector(dir, q)
 	}
-	err = seal.Rekey(dir, seal.Options{Key: dek, Generations: h.Generations(), Logger: h.log}, newDEK, commit)
+	err = seal.Rekey(dir, seal.Options{Key: key.bytes(), Generations: h.Generations(), Logger: h.log}, next.bytes(), commit)
 	if errors.Is(err, seal.ErrLocked) {
 		return nil, errdefs.Wrap(errdefs.ErrFailedPrecondition, err, "TPM %s in %s is running: revoking a guardian re-keys the TPM's state, which needs it stopped; nothing was changed", p.TPM(), dir).
 			With(errdefs.Advise("stop the VM (or the vTPM process) using it, then revoke again"))
@@ -164,7 +166,7 @@ func (h *Broker) rekey(dir, fp string) (*guardian.Protector, error) {
 	}
 	if old, ok := h.importedKey(q.TPM()); ok {
 		clear(old)
-		if err := h.ks.Put(kindTPMKey, q.TPM().String(), newDEK); err != nil {
+		if err := h.ks.Put(kindTPMKey, q.TPM().String(), next.bytes()); err != nil {
 			errs = append(errs, fmt.Errorf("replace the key imported for the TPM: %w", err))
 		}
 	}
@@ -185,13 +187,13 @@ func (h *Broker) ExportKey(dir, passphrase string) (uuid.UUID, []byte, error) {
 	if err != nil {
 		return uuid.Nil, nil, err
 	}
-	defer clear(o.DEK)
-	b, err := keyfile.Encrypt(keyfile.Key{TPM: o.TPM, DEK: o.DEK, Created: time.Now()}, passphrase, nil)
+	defer o.Close()
+	b, err := o.Key.Export(passphrase, time.Now())
 	return o.TPM, b, err
 }
 
 // ImportKeyFile decrypts a key file made by [Broker.ExportKey] with
-// passphrase and stores its key, as ImportKey does. It returns the TPM the
+// passphrase and stores its key (see importKey). It returns the TPM the
 // key belongs to; a file that does not decrypt is a *KeyFileError.
 func (h *Broker) ImportKeyFile(data []byte, passphrase string, replace bool) (uuid.UUID, error) {
 	k, err := keyfile.Decrypt(data, passphrase)
@@ -199,7 +201,7 @@ func (h *Broker) ImportKeyFile(data []byte, passphrase string, replace bool) (uu
 		return uuid.Nil, &KeyFileError{Err: err}
 	}
 	defer clear(k.DEK)
-	return k.TPM, h.ImportKey(k.TPM, k.DEK, replace)
+	return k.TPM, h.importKey(k.TPM, k.DEK, replace)
 }
 
 // KeyFileError is a key file that does not decrypt (wrong passphrase, not a
@@ -213,8 +215,8 @@ func (e *KeyFileError) Unwrap() error { return e.Err }
 // its data key: the key a --data-key option (see [ParseDataKey]) names when
 // opt is set, else its own new key under a protector owned by this host's
 // guardian, written into that directory.
-func (h *Broker) KeyFor(opt string) func(dir string) ([]byte, error) {
-	return func(dir string) ([]byte, error) {
+func (h *Broker) KeyFor(opt string) func(dir string) (state.SealKey, error) {
+	return func(dir string) (state.SealKey, error) {
 		if opt != "" {
 			return ParseDataKey(opt)
 		}
@@ -222,6 +224,6 @@ func (h *Broker) KeyFor(opt string) func(dir string) ([]byte, error) {
 		if err != nil {
 			return nil, err
 		}
-		return o.DEK, nil
+		return o.Key, nil
 	}
 }

@@ -11,6 +11,7 @@ import (
 
 	"vtpm/internal/errdefs"
 	"vtpm/internal/guardian"
+	"vtpm/internal/state"
 )
 
 // publicOnly is g as another host knows it: its certificates.
@@ -108,7 +109,7 @@ func TestExportImportKey(t *testing.T) {
 		t.Fatalf("ImportKeyFile: %v, TPM %s", err, id)
 	}
 	got, err := b.OpenTPM(dir)
-	if err != nil || !bytes.Equal(got.DEK, o.DEK) || got.By != "imported key" {
+	if err != nil || !bytes.Equal(got.Key.bytes(), o.Key.bytes()) || got.By != "imported key" {
 		t.Fatalf("OpenTPM with the imported key: %v", err)
 	}
 }
@@ -149,17 +150,24 @@ func TestKeyFor(t *testing.T) {
 		t.Fatal(err)
 	}
 	dir := filepath.Join(t.TempDir(), "staging")
-	if k, err := h.KeyFor("file=" + file)(dir); err != nil || !bytes.Equal(k, given) {
-		t.Errorf("KeyFor(file=): %x, %v; want the key in the file", k, err)
+	// keyBytes is the raw key behind a handed-out key (this package's own).
+	keyBytes := func(k state.SealKey) []byte {
+		if kk, ok := k.(*Key); ok {
+			return kk.bytes()
+		}
+		return nil
+	}
+	if k, err := h.KeyFor("file=" + file)(dir); err != nil || !bytes.Equal(keyBytes(k), given) {
+		t.Errorf("KeyFor(file=): %x, %v; want the key in the file", keyBytes(k), err)
 	}
 	if _, err := os.Stat(dir); err == nil {
 		t.Error("KeyFor with a --data-key wrote into the directory")
 	}
 	k, err := h.KeyFor("")(dir)
-	if err != nil || len(k) != 32 {
+	if err != nil || len(keyBytes(k)) != 32 {
 		t.Fatalf("KeyFor(\"\"): %v", err)
 	}
-	if o, err := h.OpenTPM(dir); err != nil || !bytes.Equal(o.DEK, k) {
+	if o, err := h.OpenTPM(dir); err != nil || !bytes.Equal(o.Key.bytes(), keyBytes(k)) {
 		t.Errorf("the new key is not the one the directory's protector holds: %v", err)
 	}
 }

@@ -40,7 +40,7 @@ func TestRevokeHolds(t *testing.T) {
 	t.Parallel()
 	a, b := newHost(t), newHost(t)
 	dir, o := newTPM(t, a)
-	state, err := readBlob(t, dir, o.DEK)
+	state, err := readBlob(t, dir, o.Key.bytes())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -59,7 +59,7 @@ func TestRevokeHolds(t *testing.T) {
 	dirB := filepath.Join(t.TempDir(), "b")
 	copyState(t, dir, dirB)
 	got, err := b.OpenTPM(dirB)
-	if err != nil || !bytes.Equal(got.DEK, o.DEK) {
+	if err != nil || !bytes.Equal(got.Key.bytes(), o.Key.bytes()) {
 		t.Fatalf("B, granted: %+v, %v", got, err)
 	}
 	granted, err := os.ReadFile(filepath.Join(dir, ProtectorFile))
@@ -77,13 +77,13 @@ func TestRevokeHolds(t *testing.T) {
 	if err != nil {
 		t.Fatalf("A after the revocation: %v", err)
 	}
-	if bytes.Equal(now.DEK, o.DEK) {
+	if bytes.Equal(now.Key.bytes(), o.Key.bytes()) {
 		t.Fatal("the revocation did not change the data key")
 	}
-	if got, err := readBlob(t, dir, now.DEK); err != nil || !bytes.Equal(got, state) {
+	if got, err := readBlob(t, dir, now.Key.bytes()); err != nil || !bytes.Equal(got, state) {
 		t.Fatalf("the re-keyed state reads %q, %v; want the state as it was", got, err)
 	}
-	if _, err := readBlob(t, dir, o.DEK); !errors.Is(err, seal.ErrAuth) {
+	if _, err := readBlob(t, dir, o.Key.bytes()); !errors.Is(err, seal.ErrAuth) {
 		t.Errorf("the old key still reads the state: %v", err)
 	}
 
@@ -197,7 +197,7 @@ func TestGrantRevokeRefusals(t *testing.T) {
 			t.Fatal(err)
 		}
 		p, err := ReadProtector(dir)
-		if err != nil || !p.Holds(o.DEK) {
+		if err != nil || !p.Holds(o.Key.bytes()) {
 			t.Fatalf("the grant changed the data key (%v)", err)
 		}
 	})
@@ -208,7 +208,7 @@ func TestRevokeReplacesImportedKey(t *testing.T) {
 	t.Parallel()
 	a, b := newHost(t), newHost(t)
 	dir, o := newTPM(t, a)
-	if err := a.ImportKey(o.TPM, o.DEK, false); err != nil {
+	if err := a.importKey(o.TPM, o.Key.bytes(), false); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := a.Grant(dir, public(t, b)); err != nil {
@@ -219,7 +219,7 @@ func TestRevokeReplacesImportedKey(t *testing.T) {
 		t.Fatal(err)
 	}
 	k, ok := a.importedKey(o.TPM)
-	if !ok || !q.Holds(k) || bytes.Equal(k, o.DEK) {
+	if !ok || !q.Holds(k) || bytes.Equal(k, o.Key.bytes()) {
 		t.Error("the imported key was not replaced by the new data key")
 	}
 }

@@ -138,10 +138,10 @@ func TestForeignOwnerSwap(t *testing.T) {
 		hi := newHost(t)
 		copyDir := filepath.Join(t.TempDir(), "tpm")
 		copyState(t, bundle, copyDir)
-		if err := hi.ImportKey(o.TPM, o.DEK, false); err != nil {
+		if err := hi.importKey(o.TPM, o.Key.bytes(), false); err != nil {
 			t.Fatal(err)
 		}
-		if got, err := hi.OpenTPM(copyDir); err != nil || got.By != "imported key" || !bytes.Equal(got.DEK, o.DEK) {
+		if got, err := hi.OpenTPM(copyDir); err != nil || got.By != "imported key" || !bytes.Equal(got.Key.bytes(), o.Key.bytes()) {
 			t.Errorf("OpenTPM with the TPM's key imported = %+v, %v; want it opened by the imported key", got, err)
 		}
 	})
@@ -149,7 +149,7 @@ func TestForeignOwnerSwap(t *testing.T) {
 	if _, err := h.Trust(public(t, mallory)); err != nil {
 		t.Fatal(err)
 	}
-	if got, err := h.OpenTPM(bundle); err != nil || !bytes.Equal(got.DEK, o.DEK) || got.By != local(t, h).Name() {
+	if got, err := h.OpenTPM(bundle); err != nil || !bytes.Equal(got.Key.bytes(), o.Key.bytes()) || got.By != local(t, h).Name() {
 		t.Fatalf("OpenTPM after trusting the owner = %+v, %v; want it opened by this host's guardian", got, err)
 	}
 	if _, err := h.Untrust(fp); err != nil {

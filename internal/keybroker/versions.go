@@ -123,7 +123,7 @@ func (h *Broker) opened(dir string, p *guardian.Protector, dek []byte, by string
 		clear(dek)
 		return nil, err
 	}
-	return &Opened{TPM: p.TPM(), DEK: dek, By: by}, nil
+	return opened(p.TPM(), dek, by)
 }
 
 // openedImported accepts an imported key that p holds, whoever owns p.
@@ -133,5 +133,5 @@ func (h *Broker) openedImported(dir string, p *guardian.Protector, dek []byte, o
 		clear(dek)
 		return nil, err
 	}
-	return &Opened{TPM: p.TPM(), DEK: dek, By: by}, nil
+	return opened(p.TPM(), dek, by)
 }

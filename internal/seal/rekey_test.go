@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/google/uuid"
@@ -40,7 +41,13 @@ func twoSlotState(t *testing.T) (*env, uuid.UUID) {
 // the first error.
 func loads(t *testing.T, e *env, dir string, key []byte) (string, string, error) {
 	t.Helper()
-	s, err := Open(dir, Options{Key: key, Generations: e.gens, Logger: quietLog()})
+	return loadsWith(t, e.gens, dir, key)
+}
+
+// loadsWith is loads with the generation record gens.
+func loadsWith(t *testing.T, gens Generations, dir string, key []byte) (string, string, error) {
+	t.Helper()
+	s, err := Open(dir, Options{Key: key, Generations: gens, Logger: quietLog()})
 	if err != nil {
 		return "", "", err
 	}
@@ -83,27 +90,63 @@ func copyDir(t *testing.T, src string) string {
 	return dst
 }
 
+// recordAt is a generation record frozen as it was at one moment: what a
+// crash at that moment leaves beside the copied directory.
+type recordAt struct {
+	mu   sync.Mutex
+	gens map[string]uint64
+}
+
+func freezeRecord(t *testing.T, g Generations, id uuid.UUID) *recordAt {
+	t.Helper()
+	r := &recordAt{gens: map[string]uint64{}}
+	for _, n := range Names {
+		v, err := g.Last(id, n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.gens[n] = v
+	}
+	return r
+}
+
+func (r *recordAt) Last(_ uuid.UUID, name string) (uint64, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.gens[name], nil
+}
+
+func (r *recordAt) Record(_ uuid.UUID, name string, gen uint64) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.gens[name] = max(r.gens[name], gen)
+	return nil
+}
+
 func TestRekey(t *testing.T) {
 	e, id := twoSlotState(t)
 	var beforeCommit, afterCommit string
+	var recordBefore, recordAfter *recordAt
 	commit := func() error {
 		beforeCommit = copyDir(t, e.dir)
+		recordBefore = freezeRecord(t, e.gens, id)
 		// The key protector would be written here; a marker stands in.
 		if err := os.WriteFile(filepath.Join(e.dir, "key-switched"), nil, 0o600); err != nil {
 			return err
 		}
 		afterCommit = copyDir(t, e.dir)
+		recordAfter = freezeRecord(t, e.gens, id)
 		return nil
 	}
 	if err := Rekey(e.dir, Options{Key: testKey, Generations: e.gens, Logger: quietLog()}, newTestKey, commit); err != nil {
 		t.Fatalf("Rekey: %v", err)
 	}
 	// A crash just before the switch: the old key opens the old state.
-	if p, v, err := loads(t, e, beforeCommit, testKey); err != nil || p != "p2" || v != "v1" {
+	if p, v, err := loadsWith(t, recordBefore, beforeCommit, testKey); err != nil || p != "p2" || v != "v1" {
 		t.Errorf("before the switch, the old key loads %q, %q, %v; want p2, v1", p, v, err)
 	}
 	// A crash just after it: the new key opens the same state.
-	if p, v, err := loads(t, e, afterCommit, newTestKey); err != nil || p != "p2" || v != "v1" {
+	if p, v, err := loadsWith(t, recordAfter, afterCommit, newTestKey); err != nil || p != "p2" || v != "v1" {
 		t.Errorf("after the switch, the new key loads %q, %q, %v; want p2, v1", p, v, err)
 	}
 	// Done: the new key opens it; no copy under the old key is left.

@@ -264,7 +264,7 @@ func (h *Registry) checkTPMKey(v *VM) error {
 	if err != nil {
 		return err
 	}
-	clear(o.DEK)
+	o.Close()
 	return nil
 }
 
@@ -627,12 +627,10 @@ func tpmUser(configured string) (string, error) {
 // then nothing is changed. The state directory itself is handed over by
 // the instance (--runas).
 func (h *Registry) prepareRunAs(v *VM, r runPaths, name string) error {
-	u, err := lookupUser(name)
+	uid, gid, err := sandbox.LookupUser(name) // fails closed: never uid 0
 	if err != nil {
 		return fmt.Errorf("vTPM user %s: %w", name, err)
 	}
-	uid, _ := strconv.Atoi(u.Uid)
-	gid, _ := strconv.Atoi(u.Gid)
 	own := map[string]bool{abs(v.Dir): true, abs(r.Dir): true}
 	shared := map[string]bool{abs(h.Root): true, abs(h.VMsDir()): true, abs(runBase()): true}
 	var fixes []func() error

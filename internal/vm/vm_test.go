@@ -238,7 +238,7 @@ func TestCloneCopyRekeys(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		s, err := seal.Open(dir, seal.Options{Key: o.DEK})
+		s, err := o.Key.OpenStore(dir, seal.Options{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -254,13 +254,13 @@ func TestCloneCopyRekeys(t *testing.T) {
 	if so.TPM == do.TPM {
 		t.Errorf("the copy kept TPM UUID %s", so.TPM)
 	}
-	if bytes.Equal(so.DEK, do.DEK) {
+	if so.Key.Equal(do.Key) {
 		t.Error("the copy kept the source's data key")
 	}
 	if !bytes.Equal(sb, db) {
 		t.Error("the copy's permanent state differs from the source's")
 	}
-	if s, err := seal.Open(cl.VM.TPMDir(), seal.Options{Key: so.DEK}); err == nil {
+	if s, err := so.Key.OpenStore(cl.VM.TPMDir(), seal.Options{}); err == nil {
 		_, err = s.Load("permall")
 		s.Close()
 		if err == nil {
