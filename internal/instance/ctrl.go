@@ -34,6 +34,7 @@ func (in *Instance) handleCtrl(req *swtpm.Request) (rsp []byte, after func()) {
 		return swtpm.U32s(uint32(swtpm.Capabilities>>32), uint32(swtpm.Capabilities)), nil
 
 	case swtpm.CmdInit:
+		in.sealing.dropAdopter()
 		in.stopTPM()
 		if err := in.tpm.Init(); err != nil {
 			in.log.Error("CMD_INIT failed", "err", err)
@@ -210,6 +211,9 @@ func (in *Instance) getStateBlob(flags, typ, offset uint32) []byte {
 	}
 	blob, sflags, err := statefile.EncodeMigration(plain, in.fileKey, in.migKey, flags&swtpm.StateFlagDecrypted != 0)
 	clear(plain)
+	if err == nil && typ == swtpm.BlobPermanent {
+		blob, err = in.withAdoptRecord(blob)
+	}
 	if err != nil {
 		in.log.Error("CMD_GET_STATEBLOB: encode", "err", err)
 		return swtpm.Result(tpmrc.Of(err))
@@ -250,6 +254,13 @@ func (in *Instance) setStateBlob(flags, typ uint32, blob []byte) []byte {
 			return swtpm.Result(tpmrc.TPMSuccess)
 		}
 		return swtpm.Result(tpmrc.Of(in.tpm.SetState(st, nil)))
+	}
+	if st == libtpms.Permanent {
+		var err error
+		if blob, err = in.adoptFromBlob(blob); err != nil {
+			in.logAdoptError(err)
+			return swtpm.Result(tpmrc.Of(err))
+		}
 	}
 	plain, err := statefile.DecodeMigration(blob, flags, in.fileKey, in.migKey)
 	if err != nil {

@@ -18,6 +18,7 @@ import (
 
 	"vtpm/internal/libtpms"
 	"vtpm/internal/sandbox"
+	"vtpm/internal/seal"
 	"vtpm/internal/secret"
 	"vtpm/internal/state"
 	"vtpm/internal/swtpm"
@@ -32,6 +33,8 @@ type Instance struct {
 	log     *slog.Logger
 	tpm     *libtpms.TPM
 	store   state.Storage
+	swap    *swapStore  // sealed format: in.store, switched by an adoption
+	sealed  *seal.Store // sealed format: the TPM's store
 	fileKey *statefile.Key
 	migKey  *statefile.Key
 	migMem  *secret.Bytes // the migration key derived from the data key, if any
@@ -84,7 +87,10 @@ func New(opts *swtpm.Options, ext *swtpm.Extensions, log *slog.Logger) (_ *Insta
 	}
 	var genRecord string
 	if format == state.Sealed {
-		if in.sealing, genRecord, err = openSealed(opts.StateDir, ext.DataKey, ext.AllowRollback, log); err != nil {
+		// Only a TPM whose migration key is derived from its data key can
+		// be adopted from a migration stream.
+		adoptable := ext.DataKey == "" && opts.MigrationKey == ""
+		if in.sealing, genRecord, err = openSealed(opts.StateDir, ext.DataKey, ext.AllowRollback, adoptable, log); err != nil {
 			return nil, err
 		}
 	}
@@ -147,6 +153,11 @@ func New(opts *swtpm.Options, ext *swtpm.Extensions, log *slog.Logger) (_ *Insta
 		}
 		in.store = opened.Storage
 	}
+	if format == state.Sealed && opened.Store != nil {
+		in.sealed = opened.Store
+		in.swap = &swapStore{s: opened.Storage}
+		in.store = in.swap
+	}
 	if in.tpm, err = libtpms.Open(in.store); err != nil {
 		return nil, err
 	}
@@ -202,6 +213,7 @@ func PrintStates(opts *swtpm.Options, ext *swtpm.Extensions, log *slog.Logger, w
 func (in *Instance) Run(ctx context.Context) error {
 	defer in.cleanup()
 	if in.opts.NotNeedInit {
+		in.sealing.dropAdopter()
 		if err := in.tpm.Init(); err != nil {
 			return fmt.Errorf("start TPM: %w", err)
 		}

@@ -24,6 +24,10 @@ type sealingKey struct {
 	key    *keybroker.Key
 	tpm    uuid.UUID
 	pinned *keystore.Pinned // this TPM's generation record
+	// adopter is the host's key broker, kept open (and only read) while a
+	// TPM just provisioned in an empty directory may still be replaced by
+	// one arriving in a migration stream (see adopt.go); nil otherwise.
+	adopter *keybroker.Broker
 }
 
 func (k *sealingKey) close() {
@@ -33,6 +37,16 @@ func (k *sealingKey) close() {
 	k.key.Close()
 	if k.pinned != nil {
 		k.pinned.Close()
+	}
+	k.dropAdopter()
+}
+
+// dropAdopter closes the key broker kept for an adoption, wiping the
+// keystore's keys: once the TPM is in use it stays the one it is.
+func (k *sealingKey) dropAdopter() {
+	if k != nil && k.adopter != nil {
+		k.adopter.Close()
+		k.adopter = nil
 	}
 }
 
@@ -52,13 +66,19 @@ func openBroker(log *slog.Logger) (*keybroker.Broker, error) {
 // before confinement. A record missing for a TPM that has state means
 // rollback protection starts over for it: that is said loudly, and
 // remembered for `doctor`. allowRollback (--allow-rollback) accepts an
-// older key protector too.
-func openSealed(stateDir, dataKey string, allowRollback bool, log *slog.Logger) (_ *sealingKey, record string, err error) {
+// older key protector too. With adoptable, a TPM it provisions in an empty
+// directory keeps the broker open for an adoption (sealingKey.adopter).
+func openSealed(stateDir, dataKey string, allowRollback, adoptable bool, log *slog.Logger) (_ *sealingKey, record string, err error) {
 	host, err := openBroker(log)
 	if err != nil {
 		return nil, "", err
 	}
-	defer host.Close()
+	keep := false
+	defer func() {
+		if !keep {
+			host.Close()
+		}
+	}()
 	if _, err := host.Local(); err != nil {
 		return nil, "", err
 	}
@@ -93,6 +113,7 @@ func openSealed(stateDir, dataKey string, allowRollback bool, log *slog.Logger) 
 			return nil, "", err
 		}
 		k.key, k.tpm = o.Key, o.TPM
+		keep = adoptable && o.Created
 		if o.Backup != "" {
 			fmt.Fprintf(os.Stderr, "vtpm: WARNING: the key of the TPM in %s is gone; as its policy says, a FRESH TPM was provisioned. The old state is kept in %s.\n", stateDir, o.Backup)
 		}
@@ -110,6 +131,9 @@ func openSealed(stateDir, dataKey string, allowRollback bool, log *slog.Logger) 
 	}
 	if k.pinned, err = host.Keystore().Generations().Pin(k.tpm); err != nil {
 		return nil, "", fmt.Errorf("open the generation record of TPM %s (it detects rollback of the TPM's state): %w", k.tpm, err)
+	}
+	if keep {
+		k.adopter = host
 	}
 	return k, host.Keystore().GenerationsPath(k.tpm), nil
 }
