@@ -264,8 +264,9 @@ func (g *genFile) record(name string, gen uint64) error {
 
 // openGenFile opens TPM id's record; with create, it first creates a record
 // holding no generations (under the keystore's writers' lock) if there is
-// none. Without create, an absent record gives an error wrapping
-// fs.ErrNotExist.
+// none, and opens it for writing. Without create, it opens it read-only (a
+// confined instance may read records it cannot write), and an absent
+// record gives an error wrapping fs.ErrNotExist.
 func (k *Keystore) openGenFile(id uuid.UUID, create bool) (*genFile, error) {
 	aead, err := k.genAEAD(id)
 	if err != nil {
@@ -274,7 +275,11 @@ func (k *Keystore) openGenFile(id uuid.UUID, create bool) (*genFile, error) {
 	p := k.path(genKind, id.String())
 	g := &genFile{path: p, id: id, aead: aead, log: k.log}
 	open := func() error {
-		g.f, err = os.OpenFile(p, os.O_RDWR|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0)
+		mode := os.O_RDONLY
+		if create {
+			mode = os.O_RDWR
+		}
+		g.f, err = os.OpenFile(p, mode|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0)
 		if errors.Is(err, fs.ErrNotExist) {
 			return err
 		}
