@@ -32,7 +32,7 @@ func run() error {
 		out       = flag.String("out", "BENCHMARKS.md", "report to rewrite (- for standard output)")
 		dir       = flag.String("dir", os.TempDir(), "where to create state directories (its file system decides what fsync costs)")
 		setupPath = flag.String("swtpm-setup", "swtpm_setup", "swtpm's swtpm_setup, for measurement 7 (skipped if not found)")
-		only      = flag.String("only", "1,2,3,4,5,6,7,8", "measurements to run (comma-separated numbers)")
+		only      = flag.String("only", "1,2,3,4,5,6,7,8,9", "measurements to run (comma-separated numbers)")
 		cfg       config
 	)
 	flag.IntVar(&cfg.rtt, "rtt", 5000, "GetRandom and PCR_Extend round trips per implementation")
@@ -51,6 +51,7 @@ func run() error {
 	flag.IntVar(&cfg.rewraps, "rewraps", 3, "rounds of re-wrapping -rewrap-n protectors")
 	flag.IntVar(&cfg.rewrapN, "rewrap-n", 1000, "protectors re-wrapped per round")
 	flag.IntVar(&cfg.keyStarts, "key-starts", 40, "vtpm starts with a key protector and with --data-key, each")
+	flag.IntVar(&cfg.migrations, "migrations", 3, "live migrations of a QEMU guest per implementation and without a TPM (0 skips measurement 9; skipped too when QEMU cannot run guests)")
 	flag.DurationVar(&cfg.settle, "settle", 500*time.Millisecond, "idle time before reading an instance's memory use")
 	flag.Parse()
 	if flag.NArg() != 0 {
@@ -107,7 +108,7 @@ func run() error {
 	}{
 		{"1", b.latency}, {"2", b.nvWrites}, {"3", b.createPrimaries},
 		{"4", b.startup}, {"5", b.memory}, {"6", b.many},
-		{"7", b.setup}, {"8", b.keyManagement},
+		{"7", b.setup}, {"8", b.keyManagement}, {"9", b.migrationDowntime},
 	} {
 		if !which[m.id] {
 			continue

@@ -31,6 +31,7 @@ type config struct {
 	rewraps           int           // rounds of re-wrapping rewrapN protectors
 	rewrapN           int           // protectors re-wrapped per round
 	keyStarts         int           // process starts with each kind of key
+	migrations        int           // live migrations per implementation (and without a TPM)
 }
 
 // row is one line of the results table. Index 0 of the samples is swtpm,
