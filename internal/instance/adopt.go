@@ -7,7 +7,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 
@@ -75,10 +77,13 @@ func adoptMAC(migKey []byte, body, rest []byte) []byte {
 // when the stream's key is derived from the TPM's data key (a destination
 // given --migration-key, or swtpm, needs no record and gets none).
 func (in *Instance) withAdoptRecord(blob []byte) ([]byte, error) {
-	if in.migMem == nil || in.sealing == nil || in.sealed == nil || in.sealing.tpm == uuid.Nil {
-		return blob, nil
+	if in.migMem == nil || in.sealing == nil || in.sealed == nil || in.sealing.tpm == uuid.Nil || in.ext.DataKey != "" {
+		return blob, nil // a --data-key TPM has no protector to carry
 	}
-	prot, err := os.ReadFile(in.sealed.Dir() + "/" + keybroker.ProtectorFile)
+	prot, err := os.ReadFile(filepath.Join(in.sealed.Dir(), keybroker.ProtectorFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return blob, nil // opened by an imported key: nothing to adopt it by
+	}
 	if err != nil {
 		return nil, fmt.Errorf("read the key protector to migrate with the TPM: %w", err)
 	}
@@ -148,6 +153,10 @@ func (in *Instance) adoptFromBlob(blob []byte) ([]byte, error) {
 	}
 	o, err := in.sealing.adopter.OpenProtector(in.opts.StateDir, p, keybroker.OpenOptions{AllowRollback: in.ext.AllowRollback})
 	if err != nil {
+		return nil, &AdoptError{TPM: rec.TPM, Err: err}
+	}
+	if err := in.sandbox.KeyMemory(o.Key.LockErr()); err != nil {
+		o.Close()
 		return nil, &AdoptError{TPM: rec.TPM, Err: err}
 	}
 	mig, err := o.Key.MigrationKey()
