@@ -24,8 +24,9 @@ func TestMigrationIntoEmptyDirectory(t *testing.T) {
 		name    string
 		dstHome func(t *testing.T, srcHome, srcState string) string
 		succeed bool
+		wantLog []string // in the destination's log when it refuses
 	}{
-		{"same-host", func(t *testing.T, srcHome, _ string) string { return srcHome }, true},
+		{"same-host", func(t *testing.T, srcHome, _ string) string { return srcHome }, true, nil},
 		{"admitted-host", func(t *testing.T, srcHome, srcState string) string {
 			home := filepath.Join(shortDir(t), "home")
 			vtpm := func(home string, args ...string) string {
@@ -38,8 +39,15 @@ func TestMigrationIntoEmptyDirectory(t *testing.T) {
 			vtpm(srcHome, "guardian", "export", "--certs-only", "-o", owner)
 			vtpm(home, "guardian", "trust", owner)
 			return home
-		}, true},
-		{"other-host", func(t *testing.T, _, _ string) string { return filepath.Join(shortDir(t), "home") }, false},
+		}, true, nil},
+		{"admitted-host-not-trusting-the-owner", func(t *testing.T, srcHome, srcState string) string {
+			home := filepath.Join(shortDir(t), "home")
+			pem := filepath.Join(shortDir(t), "dst.pem")
+			testutil.Run(t, []string{"VTPM_HOME=" + home}, ourVtpm.exe(t), "guardian", "export", "--certs-only", "-o", pem)
+			testutil.Run(t, []string{"VTPM_HOME=" + srcHome}, ourVtpm.exe(t), "protector", "grant", srcState, pem)
+			return home
+		}, false, []string{"neither holds nor trusts", "guardian.trust"}},
+		{"other-host", func(t *testing.T, _, _ string) string { return filepath.Join(shortDir(t), "home") }, false, []string{"guardians=", "host:"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -64,8 +72,10 @@ func TestMigrationIntoEmptyDirectory(t *testing.T) {
 					t.Fatalf("--load permanent into a host the protector does not admit succeeded: %q", out)
 				}
 				log := dst.Stderr.String()
-				if !strings.Contains(log, "guardians") || !strings.Contains(log, "host:") {
-					t.Errorf("destination log does not name the TPM's guardians:\n%s", log)
+				for _, want := range tc.wantLog {
+					if !strings.Contains(log, want) {
+						t.Errorf("destination log does not say %q:\n%s", want, log)
+					}
 				}
 				// The source still serves its TPM.
 				if got := src.readPCR(t); got != pcr {
