@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -15,6 +14,7 @@ import (
 	"vtpm/internal/keybroker"
 	"vtpm/internal/keystore"
 	"vtpm/internal/paths"
+	"vtpm/internal/secretfile"
 )
 
 // openBroker opens this host's keystore with the configured host TPM.
@@ -41,42 +41,6 @@ func withHost(f func(h *keybroker.Broker) error) error {
 	}
 	defer h.Close()
 	return f(h)
-}
-
-// readSecret reads a password or passphrase from a file (the whole first
-// line), or from the named environment variable.
-func readSecret(file, env, what string) (string, error) {
-	if file != "" {
-		b, err := os.ReadFile(file)
-		if err != nil {
-			return "", fmt.Errorf("read %s file: %w", what, err)
-		}
-		s, _, _ := strings.Cut(string(b), "\n")
-		return s, nil
-	}
-	if s := os.Getenv(env); s != "" {
-		return s, nil
-	}
-	return "", fmt.Errorf("no %s: give --%s-file FILE or set %s", what, what, env)
-}
-
-func writeOut(path string, data []byte, perm os.FileMode) error {
-	if path == "" || path == "-" {
-		_, err := os.Stdout.Write(data)
-		return err
-	}
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, perm)
-	if errors.Is(err, os.ErrExist) {
-		return fmt.Errorf("%s already exists; choose another name (nothing was overwritten)", path)
-	}
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	return f.Close()
 }
 
 func printJSON(w io.Writer, v any) error {
@@ -140,12 +104,12 @@ func guardianCmd() *cobra.Command {
 				if err != nil {
 					return err
 				}
-				return writeOut(out, b, 0o644)
+				return secretfile.Create(out, b, 0o644, cmd.OutOrStdout())
 			}
 			if out == "" {
 				return errors.New("a PKCS#12 export holds a private key: give -o FILE")
 			}
-			pw, err := readSecret(pwFile, "VTPM_PASSWORD", "password")
+			pw, err := secretfile.Read(pwFile, "VTPM_PASSWORD", "password")
 			if err != nil {
 				return err
 			}
@@ -153,7 +117,7 @@ func guardianCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return writeOut(out, b, 0o600)
+			return secretfile.Create(out, b, 0o600, cmd.OutOrStdout())
 		}),
 	}
 	export.Flags().StringVarP(&out, "output", "o", "", "file to write (certificates only: - for stdout)")
@@ -168,7 +132,7 @@ func guardianCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			pw, err := readSecret(pwFile, "VTPM_PASSWORD", "password")
+			pw, err := secretfile.Read(pwFile, "VTPM_PASSWORD", "password")
 			if err != nil {
 				return err
 			}
@@ -286,7 +250,7 @@ func keyCmd() *cobra.Command {
 			if out == "" {
 				return errors.New("give -o FILE")
 			}
-			pp, err := readSecret(ppFile, "VTPM_PASSPHRASE", "passphrase")
+			pp, err := secretfile.Read(ppFile, "VTPM_PASSPHRASE", "passphrase")
 			if err != nil {
 				return err
 			}
@@ -295,7 +259,7 @@ func keyCmd() *cobra.Command {
 				if err != nil {
 					return err
 				}
-				if err := writeOut(out, b, 0o600); err != nil {
+				if err := secretfile.Create(out, b, 0o600, cmd.OutOrStdout()); err != nil {
 					return err
 				}
 				fmt.Fprintf(cmd.OutOrStdout(), "exported the key of TPM %s to %s\n", id, out)
@@ -314,7 +278,7 @@ func keyCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			pp, err := readSecret(ppFile, "VTPM_PASSPHRASE", "passphrase")
+			pp, err := secretfile.Read(ppFile, "VTPM_PASSPHRASE", "passphrase")
 			if err != nil {
 				return err
 			}
