@@ -49,6 +49,15 @@ func printJSON(w io.Writer, v any) error {
 	return e.Encode(v)
 }
 
+// emit prints v as JSON when asJSON, else as text prints it.
+func emit(cmd *cobra.Command, asJSON bool, v any, text func(w io.Writer)) error {
+	if asJSON {
+		return printJSON(cmd.OutOrStdout(), v)
+	}
+	text(cmd.OutOrStdout())
+	return nil
+}
+
 func guardianCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "guardian", Short: "Manage the guardians (key sets that can open TPMs) this host holds"}
 	var asJSON bool
@@ -59,13 +68,11 @@ func guardianCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if asJSON {
-				return printJSON(cmd.OutOrStdout(), out)
-			}
-			for _, g := range out {
-				fmt.Fprintf(cmd.OutOrStdout(), "%s  %s  %s%s\n", g.Fingerprint[:16], g.KEM, g.Name, markIf(g.Local, "  (this host)"))
-			}
-			return nil
+			return emit(cmd, asJSON, out, func(w io.Writer) {
+				for _, g := range out {
+					fmt.Fprintf(w, "%s  %s  %s%s\n", g.Fingerprint[:16], g.KEM, g.Name, markIf(g.Local, "  (this host)"))
+				}
+			})
 		}),
 	}
 	list.Flags().BoolVar(&asJSON, "json", false, "print JSON")
@@ -77,13 +84,11 @@ func guardianCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if asJSON {
-				return printJSON(cmd.OutOrStdout(), keybroker.Summarize(g, local))
-			}
-			c := g.SigningCertificate()
-			fmt.Fprintf(cmd.OutOrStdout(), "name:        %s\nfingerprint: %s\nsubject:     %s\nkem:         %s\nvalid:       %s to %s\nprivate key: %v\n",
-				g.Name(), g.Fingerprint(), g.Subject(), g.KEM(), c.NotBefore.Format(time.DateOnly), c.NotAfter.Format(time.DateOnly), g.HasPrivate())
-			return nil
+			return emit(cmd, asJSON, keybroker.Summarize(g, local), func(w io.Writer) {
+				c := g.SigningCertificate()
+				fmt.Fprintf(w, "name:        %s\nfingerprint: %s\nsubject:     %s\nkem:         %s\nvalid:       %s to %s\nprivate key: %v\n",
+					g.Name(), g.Fingerprint(), g.Subject(), g.KEM(), c.NotBefore.Format(time.DateOnly), c.NotAfter.Format(time.DateOnly), g.HasPrivate())
+			})
 		}),
 	}
 	show.Flags().BoolVar(&asJSON, "json", false, "print JSON")
@@ -190,14 +195,12 @@ func protectorCmd() *cobra.Command {
 			for _, r := range p.Rows() {
 				rows = append(rows, row{r.Name, r.Fingerprint, r.Subject, r.Fingerprint == p.Owner().Fingerprint()})
 			}
-			if asJSON {
-				return printJSON(cmd.OutOrStdout(), map[string]any{"tpm": p.TPM(), "owner": p.Owner().Fingerprint(), "rows": rows})
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "TPM %s, owner %s (%s)\n", p.TPM(), p.Owner().Name(), p.Owner().Fingerprint())
-			for _, r := range rows {
-				fmt.Fprintf(cmd.OutOrStdout(), "  %s  %s%s\n", r.Fingerprint, r.Name, markIf(r.Owner, "  (owner)"))
-			}
-			return nil
+			return emit(cmd, asJSON, map[string]any{"tpm": p.TPM(), "owner": p.Owner().Fingerprint(), "rows": rows}, func(w io.Writer) {
+				fmt.Fprintf(w, "TPM %s, owner %s (%s)\n", p.TPM(), p.Owner().Name(), p.Owner().Fingerprint())
+				for _, r := range rows {
+					fmt.Fprintf(w, "  %s  %s%s\n", r.Fingerprint, r.Name, markIf(r.Owner, "  (owner)"))
+				}
+			})
 		},
 	}
 	show.Flags().BoolVar(&asJSON, "json", false, "print JSON")
