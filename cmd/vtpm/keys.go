@@ -187,17 +187,10 @@ func protectorCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			type row struct {
-				Name, Fingerprint, Subject string
-				Owner                      bool
-			}
-			var rows []row
-			for _, r := range p.Rows() {
-				rows = append(rows, row{r.Name, r.Fingerprint, r.Subject, r.Fingerprint == p.Owner().Fingerprint()})
-			}
-			return emit(cmd, asJSON, map[string]any{"tpm": p.TPM(), "owner": p.Owner().Fingerprint(), "rows": rows}, func(w io.Writer) {
-				fmt.Fprintf(w, "TPM %s, owner %s (%s)\n", p.TPM(), p.Owner().Name(), p.Owner().Fingerprint())
-				for _, r := range rows {
+			s := keybroker.SummarizeProtector(p)
+			return emit(cmd, asJSON, s, func(w io.Writer) {
+				fmt.Fprintf(w, "TPM %s, owner %s (%s)\n", s.TPM, s.OwnerName, s.Owner)
+				for _, r := range s.Rows {
 					fmt.Fprintf(w, "  %s  %s%s\n", r.Fingerprint, r.Name, markIf(r.Owner, "  (owner)"))
 				}
 			})
