@@ -1,8 +1,6 @@
 package main
 
 import (
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
 	"io"
 	"log/slog"
@@ -169,9 +167,8 @@ func caCmd() *cobra.Command {
 				_, err := cmd.OutOrStdout().Write(ca.PEM())
 				return err
 			}
-			sum := sha256.Sum256(ca.Cert.Raw)
 			fmt.Fprintf(cmd.OutOrStdout(), "subject:     %s\nsha256:      %s\nvalid:       %s to %s\n",
-				ca.Cert.Subject, hex.EncodeToString(sum[:]), ca.Cert.NotBefore.Format(time.DateOnly), ca.Cert.NotAfter.Format(time.DateOnly))
+				ca.Cert.Subject, ca.Fingerprint(), ca.Cert.NotBefore.Format(time.DateOnly), ca.Cert.NotAfter.Format(time.DateOnly))
 			return nil
 		}),
 	}
