@@ -15,7 +15,9 @@ func TestBar(t *testing.T) {
 		{"off draws nothing", 2, false, ""},
 		{"no steps draws nothing", 0, true, ""},
 		{"drawn, cleared, redrawn", 2, true,
-			"\r[                              ] 0/2" + "\r\033[K" + "\r[###############               ] 1/2" + "\r\033[K" + "\r[##############################] 2/2" + "\r\033[K"},
+			"\r[                              ] 0/2" + "\r\033[K" +
+				"\r[###############               ] 1/2" + "\r\033[K" +
+				"\r[##############################] 2/2" + "\r\033[K"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
