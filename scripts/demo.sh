@@ -35,7 +35,7 @@ fi'
 # A fresh demo VM each run.
 if $vtpm vm show demo >/dev/null 2>&1; then
 	$vtpm vm stop demo --timeout 0 >/dev/null 2>&1 || true
-	$vtpm vm delete demo --delete-tpm >/dev/null
+	$vtpm vm delete demo --delete-tpm --yes >/dev/null
 fi
 echo "==> vtpm vm create demo --os linux --tpm (data root $VTPM_HOME)"
 $vtpm vm create demo --os linux --tpm --no-disk --memory 512M \

@@ -2,7 +2,6 @@ package main
 
 import (
 	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -89,7 +88,8 @@ func (k *keys) newTPM(name string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	s, err := seal.Open(dir, seal.Options{Key: o.DEK, Generations: h.Generations(), Logger: quiet()})
+	defer o.Close()
+	s, err := o.Key.OpenStore(dir, seal.Options{Generations: h.Generations(), Logger: quiet()})
 	if err != nil {
 		return "", err
 	}
@@ -98,10 +98,10 @@ func (k *keys) newTPM(name string) (string, error) {
 	return dir, errors.Join(s.Store("permall", blob), s.Close())
 }
 
-// loadState opens dir's sealed state with dek and decrypts permall, as a
+// loadState opens dir's sealed state with key and decrypts permall, as a
 // vTPM does before libtpms starts.
-func loadState(dir string, dek []byte, gens seal.Generations) error {
-	s, err := seal.Open(dir, seal.Options{Key: dek, Generations: gens, Logger: quiet()})
+func loadState(dir string, key *keybroker.Key, gens seal.Generations) error {
+	s, err := key.OpenStore(dir, seal.Options{Generations: gens, Logger: quiet()})
 	if err != nil {
 		return err
 	}
@@ -168,7 +168,8 @@ func (k *keys) open() ([]row, error) {
 		if err != nil {
 			return err
 		}
-		return loadState(dir, o.DEK, h.Generations())
+		defer o.Close()
+		return loadState(dir, o.Key, h.Generations())
 	}}
 	ks := &timed{op: func() error {
 		h, err := keybroker.Open(k.root, k.opts)
@@ -177,11 +178,13 @@ func (k *keys) open() ([]row, error) {
 		}
 		return h.Close()
 	}}
+	defer o.Close()
 	prot := &timed{op: func() error {
-		_, err := h.OpenTPM(dir)
+		o, err := h.OpenTPM(dir)
+		o.Close()
 		return err
 	}}
-	state := &timed{op: func() error { return loadState(dir, o.DEK, h.Generations()) }}
+	state := &timed{op: func() error { return loadState(dir, o.Key, h.Generations()) }}
 	k.b.progress("open a TPM in process: %d × 4", k.b.cfg.keyOps)
 	if err := k.b.interleaveOps(k.b.cfg.keyOps, whole, ks, prot, state); err != nil {
 		return nil, fmt.Errorf("open a TPM: %w", err)
@@ -237,8 +240,8 @@ func (k *keys) grant() ([]row, error) {
 		if err != nil {
 			return err
 		}
-		defer clear(o.DEK)
-		if err := p.Grant(o.DEK, k.other, owner); err != nil {
+		defer o.Close()
+		if err := o.Key.Grant(p, k.other, owner); err != nil {
 			return err
 		}
 		return keybroker.WriteProtector(dir, p)
@@ -286,9 +289,7 @@ func (k *keys) rewrap() ([]row, error) {
 	k.b.progress("re-wrap %d protectors: %d rounds", n, k.b.cfg.rewraps)
 	orig := make([][]byte, n)
 	for i := range orig {
-		dek := make([]byte, 32)
-		rand.Read(dek)
-		p, err := guardian.NewProtector(uuid.New(), dek, owner)
+		p, err := keybroker.NewProtector(uuid.New(), owner)
 		if err != nil {
 			return nil, err
 		}
@@ -301,13 +302,7 @@ func (k *keys) rewrap() ([]row, error) {
 			if err != nil {
 				return err
 			}
-			dek, _, err := p.Open(owners)
-			if err != nil {
-				return err
-			}
-			err = p.Grant(dek, k.other, owner)
-			clear(dek)
-			if err != nil {
+			if err := keybroker.GrantProtector(p, owners, k.other, owner); err != nil {
 				return err
 			}
 			_ = p.Marshal()
@@ -332,9 +327,7 @@ func (k *keys) rewrap() ([]row, error) {
 func (k *keys) starts() ([]row, error) {
 	im := &impl{name: "vtpm", argv: k.b.impls[1].argv, env: k.env()}
 	keyFile := filepath.Join(k.b.base, "data.key")
-	dek := make([]byte, 32)
-	rand.Read(dek)
-	if err := os.WriteFile(keyFile, []byte(hex.EncodeToString(dek)), 0o600); err != nil {
+	if err := keybroker.NewDataKeyFile(keyFile); err != nil {
 		return nil, err
 	}
 	var opts [2]procOpts // 0: protector, 1: --data-key

@@ -40,7 +40,7 @@ func doctorCmd() *cobra.Command {
 		Short: "Check what this host provides to run and isolate vTPMs",
 		Long: `Check this host: the sandbox of the vTPM processes (seccomp, Landlock,
 no_new_privs, namespaces, locked memory), KVM, QEMU and its TPM emulator
-support, the OVMF firmware files, how the keystore's master key is protected,
+support, the user and seccomp sandbox QEMU runs under, the OVMF firmware files, how the keystore's master key is protected,
 and the data root's permissions. Each check is ok, warning or missing, with
 the fix. The exit status is 1 if anything is missing.
 

@@ -18,6 +18,7 @@ var commands = map[errdefs.Action]string{
 	errdefs.ActionGuardianExport:      "vtpm guardian export {guardian} -o {file}",
 	errdefs.ActionGuardianExportCerts: "vtpm guardian export --certs-only -o {file}",
 	errdefs.ActionGuardianImport:      "vtpm guardian import {file}",
+	errdefs.ActionGuardianTrust:       "vtpm guardian trust {certs}",
 	errdefs.ActionProtectorGrant:      "vtpm protector grant {tpm} {certs}",
 	errdefs.ActionProtectorShow:       "vtpm protector show {tpm}",
 	errdefs.ActionKeyExport:           "vtpm key export {tpm} -o {file}",
@@ -36,6 +37,7 @@ var commands = map[errdefs.Action]string{
 	errdefs.ActionVMTemplate:          "vtpm vm template {vm} {new}",
 	errdefs.ActionVMDeploy:            "vtpm vm deploy {template} {new}",
 	errdefs.ActionIsolationPreferred:  "--isolation preferred",
+	errdefs.ActionHostAllowPath:       "vtpm host allow-path {path}",
 	errdefs.ActionRunAsOwner:          "run vtpm as the owner of {path} (usually root: sudo)",
 }
 

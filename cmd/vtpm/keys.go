@@ -70,7 +70,8 @@ func guardianCmd() *cobra.Command {
 			}
 			return emit(cmd, asJSON, out, func(w io.Writer) {
 				for _, g := range out {
-					fmt.Fprintf(w, "%s  %s  %s%s\n", g.Fingerprint[:16], g.KEM, g.Name, markIf(g.Local, "  (this host)"))
+					mark := markIf(g.Local, "  (this host)") + markIf(g.TrustedOnly, "  (trusted only: owns TPMs that open here, not held)")
+					fmt.Fprintf(w, "%s  %s  %s%s\n", g.Fingerprint[:16], g.KEM, g.Name, mark)
 				}
 			})
 		}),
@@ -165,7 +166,7 @@ func guardianCmd() *cobra.Command {
 			return nil
 		}),
 	}
-	cmd.AddCommand(list, show, export, imp, remove)
+	cmd.AddCommand(list, show, export, imp, remove, trustCmd(), untrustCmd())
 	return cmd
 }
 
@@ -189,7 +190,7 @@ func protectorCmd() *cobra.Command {
 			}
 			s := keybroker.SummarizeProtector(p)
 			return emit(cmd, asJSON, s, func(w io.Writer) {
-				fmt.Fprintf(w, "TPM %s, owner %s (%s)\n", s.TPM, s.OwnerName, s.Owner)
+				fmt.Fprintf(w, "TPM %s, owner %s (%s), protector version %d\n", s.TPM, s.OwnerName, s.Owner, s.Version)
 				for _, r := range s.Rows {
 					fmt.Fprintf(w, "  %s  %s%s\n", r.Fingerprint, r.Name, markIf(r.Owner, "  (owner)"))
 				}
@@ -213,26 +214,26 @@ func protectorCmd() *cobra.Command {
 			}
 			return withHost(func(h *keybroker.Broker) error {
 				p, err := h.Grant(tpmDir(args[0]), g)
-				return printChanged(cmd.OutOrStdout(), p, err, "granted "+g.Name())
+				return printChanged(cmd.OutOrStdout(), p, err, "granted "+g.Name(), "")
 			})
 		},
 	}
 	revoke := &cobra.Command{
 		Use:   "revoke VM|TPM-DIR NAME|FINGERPRINT",
-		Short: "Stop a guardian from opening a TPM (needs the owner's key)",
+		Short: "Stop a guardian from opening a TPM for good: re-keys the TPM, which must be stopped (needs the owner's key)",
 		Args:  cobra.ExactArgs(2),
 		RunE: onHost(func(cmd *cobra.Command, h *keybroker.Broker, args []string) error {
 			p, err := h.Revoke(tpmDir(args[0]), args[1])
-			return printChanged(cmd.OutOrStdout(), p, err, "revoked "+args[1])
+			return printChanged(cmd.OutOrStdout(), p, err, "revoked "+args[1], "; re-keyed it: keys exported before no longer open it")
 		}),
 	}
 	cmd.AddCommand(show, grant, revoke)
 	return cmd
 }
 
-func printChanged(w io.Writer, p *guardian.Protector, err error, done string) error {
+func printChanged(w io.Writer, p *guardian.Protector, err error, done, note string) error {
 	if err == nil {
-		fmt.Fprintf(w, "%s for TPM %s\n", done, p.TPM())
+		fmt.Fprintf(w, "%s for TPM %s (protector version %d)%s\n", done, p.TPM(), p.Version(), note)
 	}
 	return err
 }

@@ -293,7 +293,8 @@ func TestGuardianCommandErrors(t *testing.T) {
 	}{
 		{name: "import with a wrong password", args: []string{"guardian", "import", p12, "--password-file", bad}, want: []string{"wrong PKCS#12 password"}},
 		{name: "import without a password", args: []string{"guardian", "import", p12}, want: []string{"no password", "--password-file"}},
-		{name: "import certificates only", args: []string{"guardian", "import", certs, "--password-file", pw}, want: []string{"PKCS#12"}},
+		{name: "import certificates only", args: []string{"guardian", "import", certs, "--password-file", pw},
+			want: []string{"PKCS#12", "PEM text holding 2 certificates", "vtpm guardian trust " + certs, "vtpm protector grant TPM " + certs}},
 		{name: "import a missing file", args: []string{"guardian", "import", filepath.Join(dir, "absent.p12"), "--password-file", pw}, want: []string{"absent.p12"}},
 		{
 			name:    "import twice",

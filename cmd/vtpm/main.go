@@ -47,6 +47,6 @@ func rootCmd() *cobra.Command {
 	root.AddCommand(swtpmCmd(), swtpmSetupCmd(), caCmd())
 	root.AddCommand(stateCmd(), guardianCmd(), protectorCmd(), keyCmd(), tpmCmd())
 	root.AddCommand(doctorCmd())
-	root.AddCommand(vmCmd())
+	root.AddCommand(vmCmd(), hostCmd())
 	return root
 }

@@ -78,7 +78,7 @@ failed. A running VM sees the change at its next start.`,
 			}
 			out := cmd.OutOrStdout()
 			bar := progress.New(out, len(refs), !asJSON && progress.IsTerminal(out))
-			results, failed := h.SetTPMsEnabled(refs, on, func(r vm.BulkResult) {
+			results, failed := h.SetTPMsEnabled(refs, on, all, func(r vm.BulkResult) {
 				if !asJSON {
 					bar.Clear()
 					printBulk(out, r)
@@ -96,7 +96,17 @@ failed. A running VM sees the change at its next start.`,
 					return err
 				}
 			} else {
-				fmt.Fprintf(out, "%d ok, %d failed\n", len(results)-failed, failed)
+				skipped := 0
+				for _, r := range results {
+					if r.Skipped {
+						skipped++
+					}
+				}
+				if skipped > 0 {
+					fmt.Fprintf(out, "%d ok, %d skipped, %d failed\n", len(results)-failed-skipped, skipped, failed)
+				} else {
+					fmt.Fprintf(out, "%d ok, %d failed\n", len(results)-failed, failed)
+				}
 			}
 			if failed > 0 {
 				return fmt.Errorf("tpm %s: %d of %d VMs failed", verb, failed, len(results))
@@ -105,12 +115,14 @@ failed. A running VM sees the change at its next start.`,
 		},
 	}
 	cmd.Flags().BoolVar(&all, "all", false, "every registered VM")
-	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON: an array of {vm, ok, error}")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON: an array of {vm, ok, skipped, error}")
 	return cmd
 }
 
 func printBulk(w io.Writer, r vm.BulkResult) {
 	switch {
+	case r.Skipped:
+		fmt.Fprintf(w, "%s: skipped (%s)\n", r.VM, r.Note)
 	case !r.OK:
 		// One line per VM: longer explanations are joined.
 		fmt.Fprintf(w, "%s: failed: %s\n", r.VM, strings.Join(strings.Fields(formatError(r.Err)), " "))

@@ -252,25 +252,40 @@ func vmUnregisterCmd() *cobra.Command {
 }
 
 func vmDeleteCmd() *cobra.Command {
-	var deleteTPM bool
+	var deleteTPM, yes bool
 	cmd := &cobra.Command{
-		Use:   "delete VM [--delete-tpm]",
+		Use:   "delete VM [--delete-tpm [--yes]]",
 		Short: "Delete a stopped VM's bundle, keeping a backup of its TPM state unless --delete-tpm",
-		Args:  cobra.ExactArgs(1),
+		Long: `Delete what vtpm made in a stopped VM's bundle (vm.json, the UEFI variable
+store, the disks inside the bundle, logs) and unregister it. Its TPM state is
+moved to a backup under the data root, unless --delete-tpm, which asks first on
+a terminal (--yes confirms for scripts). Files vtpm did not make stay, and with
+them the bundle directory; disks outside the bundle are left alone.`,
+		Args: cobra.ExactArgs(1),
 		RunE: onVM(func(cmd *cobra.Command, h *vm.Registry, v *vm.VM) error {
-			backup, err := h.Delete(v, deleteTPM)
+			if deleteTPM && v.Config.HasTPM() {
+				q := fmt.Sprintf("delete the TPM state of VM %s for good (secrets sealed to it, such as BitLocker and LUKS keys, are lost)", v.Name())
+				if err := confirm(cmd.InOrStdin(), cmd.ErrOrStderr(), q, yes); err != nil {
+					return err
+				}
+			}
+			del, err := h.Delete(v, deleteTPM)
 			if err != nil {
 				return err
 			}
 			w := cmd.OutOrStdout()
 			fmt.Fprintf(w, "deleted VM %s (%s)\n", v.Name(), v.Dir)
-			if backup != "" {
-				fmt.Fprintf(w, "its TPM state is kept in %s (with its key protector: it opens only with this host's or another admitted guardian)\n", backup)
+			if del.Backup != "" {
+				fmt.Fprintf(w, "its TPM state is kept in %s (with its key protector: it opens only with this host's or another admitted guardian)\n", del.Backup)
+			}
+			if len(del.Kept) > 0 {
+				fmt.Fprintf(w, "kept what vtpm did not make, in %s: %s\n", v.Dir, strings.Join(del.Kept, ", "))
 			}
 			return nil
 		}),
 	}
 	cmd.Flags().BoolVar(&deleteTPM, "delete-tpm", false, "delete the TPM state too: secrets sealed to it (BitLocker, LUKS) are gone for good")
+	cmd.Flags().BoolVarP(&yes, "yes", "y", false, "confirm --delete-tpm without asking")
 	return cmd
 }
 

@@ -309,7 +309,8 @@ func checkGuardianError(t *testing.T, out, dir string, admitted, held []string) 
 // TestHostsGuardianTransfer moves a TPM from host A to host B and gives B
 // access, then takes it away, step by step: each step either starts the
 // TPM on B, which serves the NV value written on A, or is refused with the
-// guardian-listing error.
+// guardian-listing error, or, while B does not trust A as the TPM's owner,
+// with the error saying so.
 func TestHostsGuardianTransfer(t *testing.T) {
 	t.Parallel()
 	a, b := newVHost(t, "a"), newVHost(t, "b")
@@ -322,11 +323,12 @@ func TestHostsGuardianTransfer(t *testing.T) {
 	pw := writeText(t, files, "pw", "guardian transfer password\n")
 
 	steps := []struct {
-		name     string
-		do       func(t *testing.T)
-		opens    bool
-		admitted []string // when refused
-		held     []string
+		name      string
+		do        func(t *testing.T)
+		opens     bool
+		admitted  []string // when refused
+		held      []string
+		untrusted bool // refused because B does not trust the owner, A
 	}{
 		{
 			name:     "copied to B",
@@ -355,6 +357,15 @@ func TestHostsGuardianTransfer(t *testing.T) {
 				a.vtpm(t, "protector", "grant", dirA, pem)
 				copyFile(t, "protector.json", dirA, dirB)
 			},
+			untrusted: true,
+		},
+		{
+			name: "A trusted on B by its certificates",
+			do: func(t *testing.T) {
+				pem := filepath.Join(files, "a.pem")
+				a.vtpm(t, "guardian", "export", "--certs-only", "-o", pem)
+				mustContain(t, "guardian trust", b.vtpm(t, "guardian", "trust", pem), fpA)
+			},
 			opens: true,
 		},
 		{
@@ -369,6 +380,14 @@ func TestHostsGuardianTransfer(t *testing.T) {
 	for _, s := range steps {
 		ok := t.Run(s.name, func(t *testing.T) {
 			s.do(t)
+			if s.untrusted {
+				before := stateFiles(t, dirB)
+				mustContain(t, "the refusal", b.refuse(t, dirB), dirB, "neither holds nor trusts", fpA, "vtpm guardian trust")
+				if !equalFiles(stateFiles(t, dirB), before) {
+					t.Error("the refused start changed the state directory")
+				}
+				return
+			}
 			if !s.opens {
 				before := stateFiles(t, dirB)
 				checkGuardianError(t, b.refuse(t, dirB), dirB, s.admitted, s.held)

@@ -18,8 +18,8 @@ import (
 // an empty directory. While no guardian of B can open the protector, the
 // destination vTPM refuses to start, before QEMU is started, with the
 // guardian-listing error, and the source guest and its TPM carry on. Once A
-// grants B's guardian, the migration carries PCR 16 over: the migration
-// key both sides derive from the TPM's data key matches.
+// grants B's guardian and B trusts A's, the migration carries PCR 16 over:
+// the migration key both sides derive from the TPM's data key matches.
 func TestMigrationBetweenHosts(t *testing.T) {
 	qemutest.SkipIfUnavailable(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
@@ -82,6 +82,10 @@ func TestMigrationBetweenHosts(t *testing.T) {
 		b.vtpm(t, "guardian", "export", "--certs-only", "-o", pem)
 		a.vtpm(t, "protector", "grant", srcState, pem)
 		copyFile(t, "protector.json", srcState, dstState)
+		// B opens only protectors whose owner it holds or trusts.
+		ownerPEM := filepath.Join(t.TempDir(), "a.pem")
+		a.vtpm(t, "guardian", "export", "--certs-only", "-o", ownerPEM)
+		b.vtpm(t, "guardian", "trust", ownerPEM)
 
 		dstTPM, err := startTPM(b, dstState)
 		if err != nil {

@@ -303,8 +303,15 @@ func TestVMWindows11(t *testing.T) {
 		if out, err := exec.Command("cp", "-a", h.list(ctx)["win11"].Path, copyDir).CombinedOutput(); err != nil {
 			t.Fatalf("cp -a: %v\n%s", err, out)
 		}
+		// The bundle boots a kernel outside it: the other host allows it
+		// first, as a bundle cannot grant itself host files.
+		_, errOut, err := b.run(ctx, "vm", "register", copyDir)
+		if err == nil || !strings.Contains(errOut, "vtpm host allow-path "+img.Kernel) {
+			t.Errorf("vm register of a bundle naming a kernel this host does not allow: %v\n%s", err, errOut)
+		}
+		b.must(ctx, "host", "allow-path", img.Dir)
 		b.must(ctx, "vm", "register", copyDir)
-		_, errOut, err := b.run(ctx, "vm", "start", "win11")
+		_, errOut, err = b.run(ctx, "vm", "start", "win11")
 		if err == nil {
 			t.Fatal("vm start of a bundle whose TPM key this host cannot open succeeded")
 		}

@@ -67,6 +67,9 @@ const (
 	ActionGuardianExportCerts Action = "guardian.export-certs"
 	// ActionGuardianImport imports a guardian's PKCS#12 file (args: file).
 	ActionGuardianImport Action = "guardian.import"
+	// ActionGuardianTrust makes this host trust the TPMs a guardian owns,
+	// given by its public certificates (args: certs).
+	ActionGuardianTrust Action = "guardian.trust"
 	// ActionProtectorGrant admits guardians to a TPM's key protector, on a
 	// host that can open it (args: tpm, certs).
 	ActionProtectorGrant Action = "protector.grant"
@@ -108,6 +111,9 @@ const (
 	// ActionIsolationPreferred relaxes a VM's or an instance's isolation
 	// policy to "preferred" (args: vm, when a VM's).
 	ActionIsolationPreferred Action = "isolation.preferred"
+	// ActionHostAllowPath allows this host's VMs to use a host file,
+	// directory or device outside their bundles (args: path).
+	ActionHostAllowPath Action = "host.allow-path"
 	// ActionRunAsOwner runs vtpm as the user who owns a file or directory
 	// (args: path; user when known).
 	ActionRunAsOwner Action = "run-as-owner"

@@ -130,15 +130,26 @@ func FuzzParseProtector(f *testing.F) {
 	f.Add(good)
 	f.Add(good[:len(good)/2])
 	f.Add([]byte(`{"format":1}`))
+	f.Add([]byte(`{"format":2,"version":1}`))
+	old := *p
+	old.version = 0 // a format 1 file, as written before versions
+	if err := old.sign(owner); err != nil {
+		f.Fatal(err)
+	}
+	f.Add(old.Marshal())
 	f.Fuzz(func(t *testing.T, data []byte) {
 		q, err := ParseProtector(data)
 		if err != nil {
 			return
 		}
 		// Anything accepted is signed by its owner and re-encodes to a
-		// protector that verifies the same way.
-		if _, err := ParseProtector(q.Marshal()); err != nil {
+		// protector that verifies the same way, at the same version.
+		r, err := ParseProtector(q.Marshal())
+		if err != nil {
 			t.Fatalf("re-encoded protector does not verify: %v", err)
+		}
+		if r.Version() != q.Version() {
+			t.Fatalf("version %d re-encoded as %d", q.Version(), r.Version())
 		}
 	})
 }

@@ -71,13 +71,14 @@
 // Importing never decides what to do with a guardian that is already known;
 // callers compare Fingerprint values.
 //
-// # Key protector format (version 1)
+// # Key protector format (version 2)
 //
 // A protector is stored beside the sealed TPM state as JSON (binary values
 // base64, as encoding/json writes []byte):
 //
 //	{
-//	  "format": 1,
+//	  "format": 2,
+//	  "version": <protector version, >= 1>,
 //	  "tpm": "<TPM UUID>",
 //	  "owner": {"name": "...", "fingerprint": "<hex>", "cert": "<signing cert DER>"},
 //	  "key_check": "<32 bytes>",
@@ -102,11 +103,23 @@
 //
 // The signature is ECDSA over SHA-256 of the canonical encoding
 //
-//	"vtpm protector v1" || 0x00 || uint16be(1) || TPM UUID (16)
+//	"vtpm protector v1" || 0x00 || uint16be(2) || TPM UUID (16)
+//	|| uint64be(version)
 //	|| lp(owner cert DER) || lp(key_check) || uint32be(row count)
 //	|| for each row in order: lp(sign_cert) || lp(enc_cert) || lp(wrap)
 //
-// where lp(x) is uint32be(len(x)) || x. Names, subjects and fingerprints are
+// where lp(x) is uint32be(len(x)) || x.
+//
+// The version is 1 for a new protector and raised by every Grant, Revoke
+// and Rekey, so of two protectors of one TPM signed by its owner the newer
+// is the one with the higher version; a host records the highest it has
+// seen and can refuse an older copy, as it refuses older state.
+//
+// Format 1, written before versions existed, has no "version" field and
+// signs the same encoding with uint16be(1) and without the version. It is
+// read as version 0, written back unchanged, and becomes format 2 with its
+// first change. Rows are the same in both formats (their wrap info keeps
+// uint16be(1)), so they stay valid across the upgrade. Names, subjects and fingerprints are
 // not signed directly: ParseProtector checks them against the certificates,
 // which are. It also checks each row's certificates belong together, that no
 // guardian has two rows, and that the owner has a row. A protector edited
@@ -120,7 +133,10 @@
 // which owner to expect should also compare Owner().Fingerprint().
 //
 // Revoking a row does not change the DEK: a guardian that opened the
-// protector before may have kept it. Re-key the state to shut it out.
+// protector before may have kept it, and a copy of the protector saved
+// before the revocation still opens. Rekey makes the protector for a new
+// DEK (the same owner and guardians, less the revoked ones, the next
+// version); the caller re-seals the state under the new DEK.
 //
 // # Migration key
 //

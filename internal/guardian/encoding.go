@@ -186,6 +186,9 @@ func (g *Guardian) ExportPKCS12(password string) ([]byte, error) {
 // wrapping ErrWrongPassword. Whether the guardian is already known is for
 // the caller to decide by its Fingerprint.
 func ImportPKCS12(data []byte, password string) (*Guardian, error) {
+	if err := notPKCS12(data); err != nil {
+		return nil, err
+	}
 	key, leaf, others, err := pkcs12.DecodeChain(data, password)
 	if err != nil {
 		if errors.Is(err, pkcs12.ErrIncorrectPassword) || errors.Is(err, pkcs12.ErrDecryption) {
@@ -206,4 +209,63 @@ func ImportPKCS12(data []byte, password string) (*Guardian, error) {
 		return nil, err
 	}
 	return g.withPrivate(ek)
+}
+
+// NotPKCS12Error is returned by ImportPKCS12 for PEM text, which is what an
+// export of a guardian's certificates (ExportCertificates) or openssl's
+// printout of a PKCS#12 file looks like: a PKCS#12 file is binary DER.
+type NotPKCS12Error struct {
+	Certificates int  // CERTIFICATE blocks
+	PrivateKey   bool // a PRIVATE KEY block is present
+	// File names the input, for the remedies; callers that know it set it.
+	File string
+}
+
+func (e *NotPKCS12Error) Error() string {
+	if e.PrivateKey {
+		return fmt.Sprintf("guardian: PEM text holding a private key and %d certificates, not a PKCS#12 file; convert it to PKCS#12 first", e.Certificates)
+	}
+	return fmt.Sprintf("guardian: PEM text holding %d certificates, not a PKCS#12 file: public certificates carry no private key, so this host cannot hold that guardian; trust the TPMs it owns, or grant it access to a TPM, instead", e.Certificates)
+}
+
+// Is makes the error match errdefs.ErrInvalidArgument.
+func (e *NotPKCS12Error) Is(target error) bool { return target == errdefs.ErrInvalidArgument }
+
+// Remedies says what to do with certificates, or how to make a PKCS#12
+// file of a PEM private key.
+func (e *NotPKCS12Error) Remedies() []errdefs.Remedy {
+	file := e.File
+	if file == "" {
+		file = "CERTS.pem"
+	}
+	if e.PrivateKey {
+		return []errdefs.Remedy{errdefs.Advise("convert it: openssl pkcs12 -export -in %s -out GUARDIAN.p12, then import GUARDIAN.p12", file)}
+	}
+	return []errdefs.Remedy{
+		errdefs.Do(errdefs.ActionGuardianTrust, "certs", file).WithNote("to open TPMs this guardian owns and has granted this host"),
+		errdefs.Do(errdefs.ActionProtectorGrant, "certs", file).WithNote("to let this guardian open a TPM this host owns"),
+	}
+}
+
+// notPKCS12 recognises PEM input, which DecodeChain would report as an
+// ASN.1 parse error. A PKCS#12 file is a DER SEQUENCE (first byte 0x30);
+// PEM may follow other text, such as the "Bag Attributes" openssl prints.
+func notPKCS12(data []byte) error {
+	if len(data) == 0 || data[0] == 0x30 || !bytes.Contains(data, []byte("-----BEGIN ")) {
+		return nil
+	}
+	e := &NotPKCS12Error{}
+	for rest := data; ; {
+		var block *pem.Block
+		if block, rest = pem.Decode(rest); block == nil {
+			break
+		}
+		switch block.Type {
+		case pemCertificate:
+			e.Certificates++
+		case pemPrivateKey, "EC PRIVATE KEY":
+			e.PrivateKey = true
+		}
+	}
+	return e
 }

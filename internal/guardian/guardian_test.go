@@ -334,7 +334,11 @@ func TestParseProtectorRejectsEdits(t *testing.T) {
 		{"TPM changed", func(j *protectorJSON) { j.TPM = uuid.New() }, ErrTampered},
 		{"key check changed", func(j *protectorJSON) { j.KeyCheck[0] ^= 1 }, ErrTampered},
 		{"no rows", func(j *protectorJSON) { j.Rows = nil }, ErrTampered},
-		{"future format", func(j *protectorJSON) { j.Format = 2 }, nil},
+		{"future format", func(j *protectorJSON) { j.Format = ProtectorFormat + 1 }, nil},
+		{"version lowered", func(j *protectorJSON) { j.Version-- }, ErrTampered},
+		{"version raised", func(j *protectorJSON) { j.Version += 5 }, ErrTampered},
+		{"version removed (read as format 2 without one)", func(j *protectorJSON) { j.Version = 0 }, ErrTampered},
+		{"version removed, format 1 claimed", func(j *protectorJSON) { j.Format, j.Version = 1, 0 }, ErrTampered},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -23,8 +23,14 @@ import (
 )
 
 // ProtectorFormat is the version of the key protector format written by
-// Marshal.
-const ProtectorFormat = 1
+// Marshal. Format 2 added the signed protector version; format 1 files
+// (written before it) are still read, as version 0.
+const ProtectorFormat = 2
+
+// wrapFormat is the format number bound into every row's wrap: rows are
+// the same in both formats, so a format 1 protector's rows stay valid when
+// it is next written.
+const wrapFormat = 1
 
 // DEKSize is the size of a data key in bytes.
 const DEKSize = 32
@@ -59,6 +65,7 @@ var (
 // A Protector is not safe for concurrent modification.
 type Protector struct {
 	tpm      uuid.UUID
+	version  uint64    // raised by every change; 0 for a format 1 file
 	owner    *Guardian // public
 	keyCheck []byte
 	rows     []row
@@ -113,7 +120,7 @@ func NewProtector(tpm uuid.UUID, dek []byte, owner *Guardian, others ...*Guardia
 	if !owner.HasPrivate() {
 		return nil, fmt.Errorf("%w: %v is public only; create the protector on a host holding its private key", ErrNotOwner, owner)
 	}
-	p := &Protector{tpm: tpm, owner: owner.Public(), keyCheck: keyCheck(tpm, dek)}
+	p := &Protector{tpm: tpm, version: 1, owner: owner.Public(), keyCheck: keyCheck(tpm, dek)}
 	for _, g := range append([]*Guardian{owner}, others...) {
 		if p.index(g.fp) >= 0 {
 			continue
@@ -140,7 +147,7 @@ func keyCheck(tpm uuid.UUID, dek []byte) []byte {
 // version, the TPM, the owner and the row's guardian.
 func (p *Protector) wrapInfo(fp string) []byte {
 	b := append([]byte(wrapLabel), 0)
-	b = binary.BigEndian.AppendUint16(b, ProtectorFormat)
+	b = binary.BigEndian.AppendUint16(b, wrapFormat)
 	b = append(b, p.tpm[:]...)
 	b = appendFingerprint(b, p.owner.fp)
 	return appendFingerprint(b, fp)
@@ -205,8 +212,9 @@ func (p *Protector) Grant(dek []byte, g *Guardian, owner *Guardian) error {
 		p.rows = saved
 		return err
 	}
+	p.version++
 	if err := p.sign(owner); err != nil {
-		p.rows = saved
+		p.rows, p.version = saved, p.version-1
 		return err
 	}
 	return nil
@@ -216,8 +224,9 @@ func (p *Protector) Grant(dek []byte, g *Guardian, owner *Guardian) error {
 // re-signs the protector. The owner's own row cannot be revoked.
 //
 // Revoking stops the guardian from opening this protector. It does not
-// change the data key: a revoked guardian that opened it before may know it.
-// Re-key the TPM state to shut it out entirely.
+// change the data key: a revoked guardian that opened it before may know it,
+// and a copy of the protector saved before still opens. Use Rekey, and
+// re-seal the TPM state, to shut it out entirely.
 func (p *Protector) Revoke(fingerprint string, owner *Guardian) error {
 	if err := p.checkOwner(owner); err != nil {
 		return err
@@ -231,11 +240,47 @@ func (p *Protector) Revoke(fingerprint string, owner *Guardian) error {
 	}
 	saved := p.rows
 	p.rows = slices.Delete(slices.Clone(p.rows), i, i+1)
+	p.version++
 	if err := p.sign(owner); err != nil {
-		p.rows = saved
+		p.rows, p.version = saved, p.version-1
 		return err
 	}
 	return nil
+}
+
+// Rekey returns the protector that replaces p when the TPM's data key
+// changes to newDEK: the same TPM and owner, the same guardians except
+// those whose fingerprints are in drop, every row wrapping newDEK, and the
+// next version. owner must be p's owner with its private key; the owner's
+// own row cannot be dropped. p is not changed.
+func (p *Protector) Rekey(newDEK []byte, owner *Guardian, drop ...string) (*Protector, error) {
+	if err := p.checkOwner(owner); err != nil {
+		return nil, err
+	}
+	if len(newDEK) != DEKSize {
+		return nil, fmt.Errorf("guardian: data key is %d bytes, want %d", len(newDEK), DEKSize)
+	}
+	for _, fp := range drop {
+		switch i := p.index(strings.ToLower(fp)); {
+		case i < 0:
+			return nil, fmt.Errorf("guardian: no row for guardian %s in the protector of TPM %s; see Rows for who holds one", fp, p.tpm)
+		case p.rows[i].g.fp == p.owner.fp:
+			return nil, fmt.Errorf("guardian: cannot revoke the owner %v from its own protector", p.owner)
+		}
+	}
+	q := &Protector{tpm: p.tpm, version: p.version + 1, owner: p.owner, keyCheck: keyCheck(p.tpm, newDEK)}
+	for _, r := range p.rows {
+		if slices.ContainsFunc(drop, func(fp string) bool { return strings.EqualFold(fp, r.g.fp) }) {
+			continue
+		}
+		if err := q.add(newDEK, r.g); err != nil {
+			return nil, err
+		}
+	}
+	if err := q.sign(owner); err != nil {
+		return nil, err
+	}
+	return q, nil
 }
 
 // Open unwraps the data key with the first of gs (private guardians) that
@@ -276,6 +321,12 @@ func (p *Protector) Holds(dek []byte) bool {
 // TPM returns the UUID of the TPM whose data key p protects.
 func (p *Protector) TPM() uuid.UUID { return p.tpm }
 
+// Version returns p's version: 1 for a new protector, raised by every
+// Grant, Revoke and Rekey, and signed by the owner, so that a host that saw
+// a newer version can refuse an older copy. A format 1 protector, written
+// before versions existed, is version 0.
+func (p *Protector) Version() uint64 { return p.version }
+
 // Owner returns the (public) owner guardian. ParseProtector only proves that
 // the owner signed the protector; a caller that knows which owner to expect
 // compares its fingerprint.
@@ -293,8 +344,11 @@ func (p *Protector) Rows() []Row {
 // signedBytes is the canonical encoding covered by the owner's signature.
 func (p *Protector) signedBytes() []byte {
 	b := append([]byte(signedLabel), 0)
-	b = binary.BigEndian.AppendUint16(b, ProtectorFormat)
+	b = binary.BigEndian.AppendUint16(b, p.format())
 	b = append(b, p.tpm[:]...)
+	if p.format() >= 2 {
+		b = binary.BigEndian.AppendUint64(b, p.version)
+	}
 	b = appendBytes(b, p.owner.signCert.Raw)
 	b = appendBytes(b, p.keyCheck)
 	b = binary.BigEndian.AppendUint32(b, uint32(len(p.rows)))
@@ -304,6 +358,17 @@ func (p *Protector) signedBytes() []byte {
 		b = appendBytes(b, r.wrap)
 	}
 	return b
+}
+
+// format is the format p is signed and stored in: version 0 exists only
+// as a format 1 file read from disk, and stays in that format so that its
+// signature still verifies; every change raises the version and so
+// writes format 2.
+func (p *Protector) format() uint16 {
+	if p.version == 0 {
+		return 1
+	}
+	return ProtectorFormat
 }
 
 func appendBytes(b, v []byte) []byte {
@@ -324,6 +389,7 @@ func (p *Protector) sign(owner *Guardian) error {
 // protectorJSON is the stored form of a Protector.
 type protectorJSON struct {
 	Format    int       `json:"format"`
+	Version   uint64    `json:"version,omitempty"` // format 2
 	TPM       uuid.UUID `json:"tpm"`
 	Owner     ownerJSON `json:"owner"`
 	KeyCheck  []byte    `json:"key_check"`
@@ -350,7 +416,8 @@ type rowJSON struct {
 // Marshal encodes p as indented JSON.
 func (p *Protector) Marshal() []byte {
 	j := protectorJSON{
-		Format:    ProtectorFormat,
+		Format:    int(p.format()),
+		Version:   p.version,
 		TPM:       p.tpm,
 		Owner:     ownerJSON{Name: p.owner.name, Fingerprint: p.owner.fp, Cert: p.owner.signCert.Raw},
 		KeyCheck:  p.keyCheck,
@@ -388,13 +455,18 @@ func ParseProtector(b []byte) (*Protector, error) {
 	if d.More() {
 		return nil, errors.New("guardian: trailing data after the key protector")
 	}
-	if j.Format != ProtectorFormat {
-		return nil, fmt.Errorf("guardian: key protector format %d is not supported (this vtpm reads format %d); upgrade vtpm", j.Format, ProtectorFormat)
+	if j.Format < 1 || j.Format > ProtectorFormat {
+		return nil, fmt.Errorf("guardian: key protector format %d is not supported (this vtpm reads formats 1 to %d); upgrade vtpm", j.Format, ProtectorFormat)
 	}
 	tampered := func(format string, args ...any) error {
 		return fmt.Errorf("%w (TPM %s): %s", ErrTampered, j.TPM, fmt.Sprintf(format, args...))
 	}
-	p := &Protector{tpm: j.TPM, keyCheck: j.KeyCheck, sig: j.Signature}
+	// Format 1 has no version; format 2 always has one. A version removed
+	// or added changes the signed bytes too, but say what is wrong.
+	if (j.Format == 1) != (j.Version == 0) {
+		return nil, tampered("format %d with version %d", j.Format, j.Version)
+	}
+	p := &Protector{tpm: j.TPM, version: j.Version, keyCheck: j.KeyCheck, sig: j.Signature}
 	if len(j.KeyCheck) != 32 {
 		return nil, tampered("key check is %d bytes, want 32", len(j.KeyCheck))
 	}

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 
 	"vtpm/internal/errdefs"
@@ -32,8 +33,13 @@ func KeystoreCheck(root, hostTPM string) Check {
 	if p.Kind == "tpm" {
 		return ok(name, "master key sealed to the host TPM: "+p.Detail)
 	}
+	// No command re-seals a keystore in place: its guardians move to a new
+	// one through their exports.
+	ks := filepath.Join(root, "keystore")
 	return warn(name, "master key in a file ("+p.Detail+"): anyone who copies the data root has the keys",
-		advise("on a host with a TPM, recreate the keystore sealed to it (VTPM_HOST_TPM=device:/dev/tpmrm0) and re-wrap the TPM keys to it"))
+		errdefs.Do(errdefs.ActionGuardianExport, "file", "guardian.p12").WithNote("on a host with a TPM, export each guardian this host holds (guardian list names them)"),
+		advise("then move %s aside: the next vtpm command creates a keystore sealed to the host TPM (VTPM_HOST_TPM=device:/dev/tpmrm0 selects it)", ks),
+		errdefs.Do(errdefs.ActionGuardianImport, "file", "guardian.p12").WithNote("and import each export into it (TPM keys brought in with key import need their key files imported again)"))
 }
 
 // DataRootCheck reports whether the data root is this user's and private.
@@ -56,4 +62,32 @@ func DataRootCheck(root string) Check {
 			advise("chmod 700 %s", root))
 	}
 	return ok(name, fmt.Sprintf("%s mode %04o, owned by this user", root, st.Mode().Perm()))
+}
+
+// RollbackCheck lists the TPMs whose rollback protection started over on
+// this host: they had state but no generation record when they started
+// (keybroker.RollbackResets). It never creates a keystore.
+func RollbackCheck(root, hostTPM string) Check {
+	const name = "rollback records"
+	if _, err := os.Stat(filepath.Join(root, "keystore")); errors.Is(err, fs.ErrNotExist) {
+		return ok(name, "no TPM has started on this host yet")
+	}
+	b, err := keybroker.Open(root, keystore.Options{HostTPM: hostTPM, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		return missing(name, err.Error(), advise("see the keystore check"))
+	}
+	defer b.Close()
+	resets, err := b.RollbackResets()
+	if err != nil {
+		return missing(name, err.Error(), advise("restore the keystore from a backup"))
+	}
+	if len(resets) == 0 {
+		return ok(name, "every TPM started here kept its generation record")
+	}
+	var list []string
+	for _, r := range resets {
+		list = append(list, fmt.Sprintf("TPM %s in %s (%s)", r.TPM, r.Dir, r.Time.Format("2006-01-02 15:04:05Z")))
+	}
+	return warn(name, "rollback protection was reset for these TPMs (their generation record was missing, or they came from another host): "+strings.Join(list, "; "),
+		advise("make sure each of these TPMs runs on its current state (restore it from a backup if not); from then on rollbacks are detected again"))
 }

@@ -57,7 +57,8 @@ func Run(ctx context.Context, o Options) []Check {
 	cs = append(cs, SandboxChecks(ctx, o.Exe)...)
 	cs = append(cs, UserCheck(), NamespaceCheck(), MemlockCheck(), KVMCheck())
 	cs = append(cs, QEMUChecks(ctx)...)
-	cs = append(cs, FirmwareCheck(), KeystoreCheck(o.DataRoot, o.HostTPM), DataRootCheck(o.DataRoot))
+	cs = append(cs, QEMUConfinementCheck(ctx))
+	cs = append(cs, FirmwareCheck(), KeystoreCheck(o.DataRoot, o.HostTPM), RollbackCheck(o.DataRoot, o.HostTPM), DataRootCheck(o.DataRoot))
 	return cs
 }
 

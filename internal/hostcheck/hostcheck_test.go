@@ -93,6 +93,8 @@ func TestSandboxJudgement(t *testing.T) {
 	confined := map[string]string{
 		"write inside the state directory":  "ok",
 		"write outside the state directory": "permission denied",
+		"write the generation record":       "ok",
+		"write elsewhere in the data root":  "permission denied",
 		"socket inet":                       "operation not permitted",
 		"socket inet6":                      "operation not permitted",
 		"socket netlink":                    "operation not permitted",
@@ -100,6 +102,7 @@ func TestSandboxJudgement(t *testing.T) {
 	}
 	open := maps(confined, "socket inet", "ok")
 	leaky := maps(confined, "write outside the state directory", "ok")
+	leakyRoot := maps(confined, "write elsewhere in the data root", "ok")
 	tests := []struct {
 		name string
 		res  ProbeResult
@@ -110,6 +113,8 @@ func TestSandboxJudgement(t *testing.T) {
 		{"network open", ProbeResult{Landlock: 3, Seccomp: "2", NoNewPrivs: "1", Tries: open},
 			map[string]Status{"seccomp": Missing, "landlock": OK, "no_new_privs": OK}},
 		{"landlock without effect", ProbeResult{Landlock: 3, Seccomp: "2", NoNewPrivs: "1", Tries: leaky},
+			map[string]Status{"seccomp": OK, "landlock": Missing, "no_new_privs": OK}},
+		{"data root writable", ProbeResult{Landlock: 3, Seccomp: "2", NoNewPrivs: "1", Tries: leakyRoot},
 			map[string]Status{"seccomp": OK, "landlock": Missing, "no_new_privs": OK}},
 		{"no filter, dumpable", ProbeResult{Landlock: 3, Seccomp: "0", NoNewPrivs: "0", Dumpable: 1, Tries: confined},
 			map[string]Status{"seccomp": Missing, "landlock": OK, "no_new_privs": Missing}},

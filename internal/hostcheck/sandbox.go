@@ -73,7 +73,18 @@ func Probe(w io.Writer, o ProbeOptions) error {
 	}
 	res := ProbeResult{Tries: map[string]string{}}
 	report := func() error { return json.NewEncoder(w).Encode(res) }
-	policy := instance.SandboxPolicy(&swtpm.Options{StateDir: o.StateDir}, sandbox.Preferred, o.DataRoot)
+	// Of the data root, an instance may write only its generation record.
+	var record string
+	if root := o.DataRoot; root != "" {
+		record = filepath.Join(root, ".probe-generation-record")
+		if err := os.MkdirAll(root, 0o700); err != nil {
+			return err
+		}
+		if err := os.WriteFile(record, nil, 0o600); err != nil {
+			return err
+		}
+	}
+	policy := instance.SandboxPolicy(&swtpm.Options{StateDir: o.StateDir}, sandbox.Preferred, record)
 	sb, err := sandbox.Enter(policy, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		res.Error = err.Error()
@@ -98,6 +109,10 @@ func Probe(w io.Writer, o ProbeOptions) error {
 	res.Tries["write inside the state directory"] = outcome(writeAndRemove(inside))
 	outside := filepath.Join(filepath.Dir(filepath.Clean(o.StateDir)), fmt.Sprintf(".vtpm-probe-outside-%d", os.Getpid()))
 	res.Tries["write outside the state directory"] = outcome(writeAndRemove(outside))
+	if record != "" {
+		res.Tries["write the generation record"] = outcome(os.WriteFile(record, []byte("probe"), 0o600))
+		res.Tries["write elsewhere in the data root"] = outcome(writeAndRemove(filepath.Join(o.DataRoot, fmt.Sprintf(".vtpm-probe-%d", os.Getpid()))))
+	}
 	for _, fam := range []struct {
 		name string
 		af   int
@@ -210,6 +225,7 @@ func SandboxChecks(ctx context.Context, exe string) []Check {
 // sandboxChecks judges a probe's report.
 func sandboxChecks(res *ProbeResult) []Check {
 	denied := func(op string) bool { v, ok := res.Tries[op]; return ok && v != "ok" }
+	allowed := func(op string) bool { return res.Tries[op] == "ok" }
 	var cs []Check
 	netDenied := denied("socket inet") && denied("socket inet6") && denied("socket netlink")
 	for op := range res.Tries {
@@ -224,12 +240,13 @@ func sandboxChecks(res *ProbeResult) []Check {
 			advise("use a kernel built with CONFIG_SECCOMP_FILTER, and do not run vtpm under a seccomp policy that forbids seccomp(2)")))
 	}
 	switch {
-	case res.Landlock > 0 && denied("write outside the state directory") && !denied("write inside the state directory"):
+	case res.Landlock > 0 && denied("write outside the state directory") && !denied("write inside the state directory") &&
+		!allowed("write elsewhere in the data root") && !denied("write the generation record"):
 		how := res.Method
 		if how == sandbox.MethodReexec {
 			how += ", a second program start for every instance (the kernel cannot restrict all threads in place)"
 		}
-		cs = append(cs, ok("landlock", fmt.Sprintf("ABI %d, entered %s: instances write only their state, the data root, their sockets and pid file", res.Landlock, how)))
+		cs = append(cs, ok("landlock", fmt.Sprintf("ABI %d, entered %s: instances write only their state, their generation record, their sockets and pid file", res.Landlock, how)))
 	case res.Landlock > 0:
 		cs = append(cs, missing("landlock", fmt.Sprintf("ABI %d, but the probe's writes did not behave: %v", res.Landlock, res.Tries),
 			advise("report this as a vtpm bug, with this output")))
@@ -257,7 +274,7 @@ func UserCheck() Check {
 		name = "nobody"
 	}
 	return warn("user", "instances started as root stay root unless given --runas (seccomp, Landlock and no_new_privs still confine them)",
-		advise("start instances with --runas %s (libvirt: user = \"%s\" in /etc/libvirt/qemu.conf's swtpm_user), with the state directory owned by that user", name, name))
+		advise("start instances with --runas %s (libvirt: swtpm_user = \"%s\" in /etc/libvirt/qemu.conf), with the state directory owned by that user; vm start does so itself", name, name))
 }
 
 // NamespaceCheck reports whether user namespaces are available.

@@ -6,18 +6,23 @@ import (
 	"io"
 	"net"
 	"os"
-	"os/user"
 	"path/filepath"
 	"runtime"
 	"strconv"
 	"syscall"
 
+	"vtpm/internal/sandbox"
 	"vtpm/internal/swtpm"
 )
 
 // listen creates the listening sockets before privileges are dropped.
 func (in *Instance) listen() error {
 	var err error
+	if in.opts.Chardev {
+		if err = in.openChardev(); err != nil {
+			return err
+		}
+	}
 	if c := in.opts.Ctrl; c != nil && c.ClientFD < 0 {
 		if in.ctrlLn, err = in.listenEndpoint("--ctrl", c); err != nil {
 			return err
@@ -111,6 +116,8 @@ func (in *Instance) startCtrl() error {
 
 func (in *Instance) startData() error {
 	switch {
+	case in.chardev != nil:
+		go in.serveChardev(in.chardev)
 	case in.opts.DataFD >= 0:
 		conn, err := fdConn(in.opts.DataFD, "--fd")
 		if err != nil {
@@ -218,19 +225,22 @@ func (in *Instance) serveCtrl(nc net.Conn) {
 
 // dropPrivileges switches to user (name or uid) after the sockets exist,
 // first handing it stateDir and the files in it (a new TPM's identity,
-// protector and lock file were just created as root).
-func dropPrivileges(name, stateDir string) error {
-	u, err := user.Lookup(name)
+// protector and lock file were just created as root), or swtpm's state
+// file when it is a regular file (a block device keeps its owner: it stays
+// open).
+func dropPrivileges(name, stateDir, stateFile string) error {
+	uid, gid, err := sandbox.LookupUser(name) // fails closed: never uid 0
 	if err != nil {
-		if u, err = user.LookupId(name); err != nil {
-			return fmt.Errorf("--runas %s: no such user", name)
-		}
+		return err
 	}
-	uid, _ := strconv.Atoi(u.Uid)
-	gid, _ := strconv.Atoi(u.Gid)
 	if stateDir != "" {
 		if err := chownTree(stateDir, uid, gid); err != nil {
 			return fmt.Errorf("--runas %s: give it the state directory: %w", name, err)
+		}
+	}
+	if fi, err := os.Lstat(stateFile); stateFile != "" && err == nil && fi.Mode().IsRegular() {
+		if err := os.Lchown(stateFile, uid, gid); err != nil {
+			return fmt.Errorf("--runas %s: give it the state file: %w", name, err)
 		}
 	}
 	if err := syscall.Setgroups([]int{gid}); err != nil {

@@ -239,7 +239,7 @@ func readCounter(tpm *tpmConn) (uint64, error) {
 // tpmKeys opens the host keystore under home the way vtpm does and returns
 // the data key of the TPM in dir (from its key protector) and the host's
 // record of the generations it has seen. Reading them takes no lock.
-func tpmKeys(t testing.TB, home, dir string) ([]byte, seal.Generations) {
+func tpmKeys(t testing.TB, home, dir string) (*keybroker.Key, seal.Generations) {
 	t.Helper()
 	h, err := keybroker.Open(home, keystore.Options{})
 	if err != nil {
@@ -250,7 +250,8 @@ func tpmKeys(t testing.TB, home, dir string) ([]byte, seal.Generations) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return o.DEK, h.Generations()
+	t.Cleanup(o.Close)
+	return o.Key, h.Generations()
 }
 
 // tpmUUID reads the TPM UUID that every sealed blob in dir is bound to.
@@ -271,13 +272,17 @@ func tpmUUID(t testing.TB, dir string) uuid.UUID {
 	return id
 }
 
-// unsealFile verifies one sealed file; a missing file is reported as such.
-func unsealFile(key []byte, id uuid.UUID, name, path string) (uint64, error) {
+// unsealFile verifies one sealed file of TPM id; a missing file is
+// reported as such.
+func unsealFile(key *keybroker.Key, id uuid.UUID, name, path string) (uint64, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return 0, err
 	}
-	plain, gen, err := seal.Unseal(key, id, name, b)
+	if key.TPM() != id {
+		return 0, fmt.Errorf("the key is TPM %s's, not TPM %s's", key.TPM(), id)
+	}
+	plain, gen, err := key.Unseal(name, b)
 	clear(plain)
 	return gen, err
 }
@@ -436,7 +441,7 @@ var permallSlots = []string{"permall.a.sealed", "permall.b.sealed"}
 // and the record of the last generation seen never runs ahead of what is on
 // disk (which would make the next start report a rollback). It returns the
 // newest generation on disk.
-func checkSealedAfterKill(t *testing.T, what, dir string, key []byte, id uuid.UUID, gens seal.Generations, before uint64) uint64 {
+func checkSealedAfterKill(t *testing.T, what, dir string, key *keybroker.Key, id uuid.UUID, gens seal.Generations, before uint64) uint64 {
 	t.Helper()
 	var (
 		newest, verified uint64

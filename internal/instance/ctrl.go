@@ -271,10 +271,10 @@ func (in *Instance) setDataFD(req *swtpm.Request) []byte {
 		}
 		return swtpm.Result(tpmrc.TPMBadOrdinal)
 	}
-	// As swtpm, a data channel from --server or --fd counts as set even
-	// while no client is connected.
+	// As swtpm, a data channel from --server, --fd or chardev counts as
+	// set even while no client is connected.
 	in.mu.Lock()
-	busy := in.dataConn != nil || in.opts.Server != nil || in.opts.DataFD >= 0
+	busy := in.dataConn != nil || in.opts.Server != nil || in.opts.DataFD >= 0 || in.opts.Chardev
 	in.mu.Unlock()
 	if busy {
 		if req.FD != nil {

@@ -16,10 +16,9 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
-	"vtpm/internal/guardian"
 	"vtpm/internal/libtpms"
-	"vtpm/internal/paths"
 	"vtpm/internal/sandbox"
+	"vtpm/internal/secret"
 	"vtpm/internal/state"
 	"vtpm/internal/swtpm"
 	"vtpm/internal/swtpm/statefile"
@@ -35,12 +34,15 @@ type Instance struct {
 	store   state.Storage
 	fileKey *statefile.Key
 	migKey  *statefile.Key
-	sealing *sealingKey // sealed format only
+	migMem  *secret.Bytes // the migration key derived from the data key, if any
+	sealing *sealingKey   // sealed format only
 	sandbox *sandbox.Sandbox
 
 	ctrlLn net.Listener // nil when the ctrl channel is a connected fd
 	dataLn net.Listener
 	unlink []string // socket files to remove on exit
+
+	chardev *os.File // swtpm chardev's data channel
 
 	mu       sync.Mutex
 	dataConn net.Conn // the current data connection, if any
@@ -67,10 +69,29 @@ func New(opts *swtpm.Options, ext *swtpm.Extensions, log *slog.Logger) (_ *Insta
 			in.cleanup()
 		}
 	}()
+	// A --runas that would not drop privileges (root, ids that do not
+	// parse) is refused before anything is opened or created.
+	if opts.RunAs != "" {
+		if _, _, err := sandbox.LookupUser(opts.RunAs); err != nil {
+			return nil, err
+		}
+	}
+	// What the confined process needs of the data root is made to exist
+	// first: it may then write only its own generation record there.
+	format, err := state.ChooseExplicit(opts.StateDir, opts.Key != "", state.Format(ext.StateFormat))
+	if err != nil {
+		return nil, err
+	}
+	var genRecord string
+	if format == state.Sealed {
+		if genRecord, err = prepareSealed(opts.StateDir, ext.DataKey, ext.AllowRollback, log); err != nil {
+			return nil, err
+		}
+	}
 	// Sandbox, step 1 (internal/sandbox): confines this process to writing
 	// its own state, re-executing it where the threads cannot be confined in
 	// place, so it comes before anything is read or bound.
-	if in.sandbox, err = sandbox.Enter(SandboxPolicy(opts, ext.Isolation, paths.DataRoot()), log); err != nil {
+	if in.sandbox, err = sandbox.Enter(SandboxPolicy(opts, ext.Isolation, genRecord), log); err != nil {
 		return nil, err
 	}
 	if opts.Key != "" {
@@ -84,38 +105,46 @@ func New(opts *swtpm.Options, ext *swtpm.Extensions, log *slog.Logger) (_ *Insta
 		}
 	}
 	// Keys first: a TPM this host cannot open fails before any socket exists.
-	format := state.Choose(opts.StateDir, opts.Key != "")
 	if format == state.Sealed {
-		if in.sealing, err = unlockSealed(opts.StateDir, ext.DataKey, log); err != nil {
+		if in.sealing, err = unlockSealed(opts.StateDir, ext.DataKey, ext.AllowRollback, log); err != nil {
 			return nil, err
 		}
-		if in.sealing.dek, err = in.sandbox.Keep(in.sealing.dek); err != nil { // sandbox: locked memory
+		// The key broker keeps the key in locked memory if the host lets it.
+		if err = in.sandbox.KeyMemory(in.sealing.key.LockErr()); err != nil {
 			return nil, err
 		}
 		if in.migKey == nil {
 			// Only a host that can open this TPM's key can read its migration stream.
-			in.migKey = &statefile.Key{Bytes: guardian.MigrationKey(in.sealing.dek)}
+			if in.migMem, err = in.sealing.key.MigrationKey(); err != nil {
+				return nil, err
+			}
+			in.migKey = &statefile.Key{Bytes: in.migMem.Bytes()}
 		}
 	}
 	if err = in.listen(); err != nil {
 		return nil, err
 	}
-	if opts.RunAs != "" {
-		if in.sealing != nil {
-			// The keystore is root's: keep this TPM's generation record open.
-			if err = in.sealing.pinGenerations(opts.StateDir); err != nil {
-				return nil, err
-			}
+	var opened *state.Opened
+	if opts.StateFile != "" {
+		// swtpm's file backend may be a block device only root can open
+		// (a loop device, a Proxmox tpmstate volume): it is opened and
+		// locked before privileges are dropped.
+		if opened, err = openStore(opts, format, in.fileKey, in.sealing, ext.AllowRollback, log); err != nil {
+			return nil, err
 		}
-		if err = dropPrivileges(opts.RunAs, opts.StateDir); err != nil {
+		in.store = opened.Storage
+	}
+	if opts.RunAs != "" {
+		if err = dropPrivileges(opts.RunAs, opts.StateDir, opts.StateFile); err != nil {
 			return nil, err
 		}
 	}
-	opened, err := openStore(opts, format, in.fileKey, in.sealing, ext.AllowRollback, log)
-	if err != nil {
-		return nil, err
+	if opened == nil {
+		if opened, err = openStore(opts, format, in.fileKey, in.sealing, ext.AllowRollback, log); err != nil {
+			return nil, err
+		}
+		in.store = opened.Storage
 	}
-	in.store = opened.Storage
 	if in.tpm, err = libtpms.Open(in.store); err != nil {
 		return nil, err
 	}
@@ -125,7 +154,7 @@ func New(opts *swtpm.Options, ext *swtpm.Extensions, log *slog.Logger) (_ *Insta
 
 // PrintStates lists the stored state blobs as swtpm --print-states does.
 // Sealed state is listed without its key.
-func PrintStates(opts *swtpm.Options, log *slog.Logger, w io.Writer) error {
+func PrintStates(opts *swtpm.Options, ext *swtpm.Extensions, log *slog.Logger, w io.Writer) error {
 	if opts.StateDir != "" {
 		if _, err := os.Stat(opts.StateDir); err != nil {
 			return fmt.Errorf("TPM state directory: %w", err)
@@ -135,7 +164,11 @@ func PrintStates(opts *swtpm.Options, log *slog.Logger, w io.Writer) error {
 		list []state.StateInfo
 		err  error
 	)
-	if state.Choose(opts.StateDir, opts.Key != "") == state.Sealed {
+	format, err := state.ChooseExplicit(opts.StateDir, opts.Key != "", state.Format(ext.StateFormat))
+	if err != nil {
+		return err
+	}
+	if format == state.Sealed {
 		list, err = state.ListSealed(opts.StateDir)
 	} else {
 		var fileKey *statefile.Key
@@ -217,6 +250,10 @@ func (in *Instance) cleanup() {
 		in.store.Close()
 	}
 	in.sealing.close()
+	in.migMem.Close()
+	if in.chardev != nil {
+		in.chardev.Close()
+	}
 	for _, ln := range []net.Listener{in.ctrlLn, in.dataLn} {
 		if ln != nil {
 			ln.Close()

@@ -2,10 +2,8 @@ package instance
 
 import (
 	"os"
-	"os/user"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 
 	"vtpm/internal/sandbox"
@@ -14,10 +12,12 @@ import (
 )
 
 // SandboxPolicy is the sandbox policy of the instance that opts describe,
-// under isolation policy iso, whose data root (host keystore, generation
-// records) is dataRoot. The sandbox probe (hostcheck.Probe) builds its
-// policy here too, so what it proves holds for instances.
-func SandboxPolicy(opts *swtpm.Options, iso sandbox.Isolation, dataRoot string) *sandbox.Policy {
+// under isolation policy iso. Of the data root it may write only
+// keystoreFiles, which must exist: its TPM's generation record (never the
+// keystore's other records, nor other TPMs'). The sandbox probe
+// (hostcheck.Probe) builds its policy here too, so what it proves holds for
+// instances.
+func SandboxPolicy(opts *swtpm.Options, iso sandbox.Isolation, keystoreFiles ...string) *sandbox.Policy {
 	p := &sandbox.Policy{Isolation: iso, Seccomp: opts.Seccomp}
 	abs := func(path string) string {
 		if a, err := filepath.Abs(path); err == nil {
@@ -33,11 +33,25 @@ func SandboxPolicy(opts *swtpm.Options, iso sandbox.Isolation, dataRoot string) 
 	if opts.StateDir != "" {
 		addDir(&p.WriteDirs, opts.StateDir)
 	}
-	if dataRoot != "" {
-		addDir(&p.WriteDirs, dataRoot)
+	for _, f := range keystoreFiles {
+		if f = abs(f); f != "" && !slices.Contains(p.WriteFiles, f) {
+			p.WriteFiles = append(p.WriteFiles, f)
+		}
+	}
+	// swtpm's file backend: an existing file or block device is written in
+	// place; a new file is made beside the others.
+	if opts.StateFile != "" {
+		if _, err := os.Stat(opts.StateFile); err == nil {
+			p.WriteFiles = append(p.WriteFiles, abs(opts.StateFile))
+		} else {
+			addDir(&p.RuntimeDirs, filepath.Dir(opts.StateFile))
+		}
+	}
+	if opts.Device != "" { // swtpm chardev --chardev
+		p.WriteFiles = append(p.WriteFiles, abs(opts.Device))
 	}
 	if opts.RunAs != "" {
-		if uid, gid, err := lookupUser(opts.RunAs); err == nil {
+		if uid, gid, err := sandbox.LookupUser(opts.RunAs); err == nil {
 			p.DirOwner = &[2]int{uid, gid}
 		}
 	}
@@ -79,16 +93,4 @@ func SandboxPolicy(opts *swtpm.Options, iso sandbox.Isolation, dataRoot string) 
 		}
 	}
 	return p
-}
-
-func lookupUser(name string) (uid, gid int, err error) {
-	u, err := user.Lookup(name)
-	if err != nil {
-		if u, err = user.LookupId(name); err != nil {
-			return 0, 0, err
-		}
-	}
-	uid, _ = strconv.Atoi(u.Uid)
-	gid, _ = strconv.Atoi(u.Gid)
-	return uid, gid, nil
 }

@@ -14,6 +14,8 @@ func TestSandboxPolicy(t *testing.T) {
 	dir := t.TempDir()
 	keyFile := filepath.Join(dir, "keys", "k")
 	logFile := filepath.Join(dir, "log")
+	// Of the data root, only the TPM's generation record is writable.
+	record := filepath.Join(dir, "root", "keystore", "generations", "7c2b0e5e-0000-4000-8000-000000000001")
 	if err := os.WriteFile(logFile, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -42,9 +44,9 @@ func TestSandboxPolicy(t *testing.T) {
 			iso: sandbox.Required,
 			want: sandbox.Policy{
 				Isolation: sandbox.Required, Seccomp: "log",
-				WriteDirs:   []string{filepath.Join(dir, "state"), filepath.Join(dir, "root")},
+				WriteDirs:   []string{filepath.Join(dir, "state")},
 				RuntimeDirs: []string{filepath.Join(dir, "run"), filepath.Join(dir, "keys")},
-				WriteFiles:  append([]string{logFile}, devs...),
+				WriteFiles:  append([]string{record, logFile}, devs...),
 			},
 		},
 		{
@@ -56,9 +58,24 @@ func TestSandboxPolicy(t *testing.T) {
 				Log:      swtpm.Log{File: "-"},
 			},
 			want: sandbox.Policy{
-				WriteDirs:  []string{filepath.Join(dir, "state"), filepath.Join(dir, "root")},
-				WriteFiles: devs,
+				WriteDirs:  []string{filepath.Join(dir, "state")},
+				WriteFiles: append([]string{record}, devs...),
 				BindTCP:    []uint16{2322, 2321},
+			},
+		},
+		{
+			name: "swtpm's file backend on an existing file or device, chardev's device",
+			opts: swtpm.Options{StateFile: logFile, Chardev: true, Device: "/dev/ptmx", DataFD: -1},
+			want: sandbox.Policy{
+				WriteFiles: append([]string{logFile, "/dev/ptmx"}, devs...),
+			},
+		},
+		{
+			name: "swtpm's file backend, a new file",
+			opts: swtpm.Options{StateFile: filepath.Join(dir, "new", "tpm2.state")},
+			want: sandbox.Policy{
+				RuntimeDirs: []string{filepath.Join(dir, "new")},
+				WriteFiles:  devs,
 			},
 		},
 		{
@@ -68,14 +85,27 @@ func TestSandboxPolicy(t *testing.T) {
 				Ctrl:     &swtpm.Endpoint{Type: "unixio", FD: -1, ClientFD: 5},
 			},
 			want: sandbox.Policy{
-				WriteDirs:  []string{filepath.Join(dir, "state"), filepath.Join(dir, "root")},
-				WriteFiles: devs,
+				WriteDirs:  []string{filepath.Join(dir, "state")},
+				WriteFiles: append([]string{record}, devs...),
+			},
+		},
+		{
+			// Root is no user to drop to: its directories get no owner.
+			name: "--runas root",
+			opts: swtpm.Options{StateDir: filepath.Join(dir, "state"), RunAs: "root"},
+			want: sandbox.Policy{
+				WriteDirs:  []string{filepath.Join(dir, "state")},
+				WriteFiles: append([]string{record}, devs...),
 			},
 		},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			got := SandboxPolicy(&tc.opts, tc.iso, filepath.Join(dir, "root"))
+			var records []string
+			if tc.opts.StateDir != "" { // sealed state: its generation record
+				records = append(records, record)
+			}
+			got := SandboxPolicy(&tc.opts, tc.iso, records...)
 			if !reflect.DeepEqual(*got, tc.want) {
 				t.Errorf("SandboxPolicy:\n got %+v\nwant %+v", *got, tc.want)
 			}

@@ -7,7 +7,11 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
+	"slices"
+	"strconv"
 	"syscall"
+
+	"golang.org/x/sys/unix"
 
 	"vtpm/internal/swtpm"
 )
@@ -58,8 +62,12 @@ func InDaemon() bool { return os.Getenv(daemonEnv) != "" }
 
 // Daemonize re-executes the program in a new session (Go cannot fork) and
 // returns once the copy reports that it serves, as swtpm -d does. The copy
-// reports with [NotifyParent].
+// reports with [NotifyParent]. Every descriptor this process inherited
+// stays at its number, as across a fork, since the command line may name
+// them (swtpm chardev --fd 3, --ctrl clientfd=, --key fd=): the readiness
+// pipe goes above them, not onto one of them.
 func Daemonize(stderr io.Writer) error {
+	inherited := inheritedFDs()
 	r, w, err := os.Pipe()
 	if err != nil {
 		return fmt.Errorf("daemonize: %w", err)
@@ -70,8 +78,18 @@ func Daemonize(stderr io.Writer) error {
 	}
 	cmd := exec.Command(exe, os.Args[1:]...)
 	cmd.Args[0] = os.Args[0]
-	cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%d", daemonEnv, 3))
-	cmd.ExtraFiles = []*os.File{w}
+	// ExtraFiles[i] is descriptor 3+i; the gaps stay closed, and the
+	// notification pipe comes after the inherited descriptors.
+	notify := 3
+	if len(inherited) > 0 {
+		notify = inherited[len(inherited)-1] + 1
+	}
+	cmd.ExtraFiles = make([]*os.File, notify-3+1)
+	for _, fd := range inherited {
+		cmd.ExtraFiles[fd-3] = os.NewFile(uintptr(fd), "inherited")
+	}
+	cmd.ExtraFiles[notify-3] = w
+	cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%d", daemonEnv, notify))
 	cmd.Stderr = stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
@@ -86,6 +104,28 @@ func Daemonize(stderr io.Writer) error {
 	return ErrDaemonExited
 }
 
+// inheritedFDs lists, in order, the descriptors above stderr that this
+// process inherited: open and not close-on-exec (Go opens its own with
+// close-on-exec).
+func inheritedFDs() []int {
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return nil
+	}
+	var fds []int
+	for _, e := range entries {
+		fd, err := strconv.Atoi(e.Name())
+		if err != nil || fd <= 2 {
+			continue
+		}
+		if flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err == nil && flags&unix.FD_CLOEXEC == 0 {
+			fds = append(fds, fd)
+		}
+	}
+	slices.Sort(fds)
+	return fds
+}
+
 // NotifyParent tells a waiting [Daemonize] parent that the vTPM serves, and
 // detaches the copy from the parent's terminal. Outside a copy it does
 // nothing.
@@ -93,9 +133,11 @@ func NotifyParent() {
 	if !InDaemon() {
 		return
 	}
-	f := os.NewFile(3, "notify")
-	f.Write([]byte{1})
-	f.Close()
+	if fd, err := strconv.Atoi(os.Getenv(daemonEnv)); err == nil && fd > 2 {
+		f := os.NewFile(uintptr(fd), "notify")
+		f.Write([]byte{1})
+		f.Close()
+	}
 	os.Unsetenv(daemonEnv)
 	if devnull, err := os.OpenFile(os.DevNull, os.O_RDWR, 0); err == nil {
 		for _, fd := range []int{0, 1, 2} {

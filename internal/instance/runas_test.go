@@ -127,3 +127,32 @@ func TestRunAsUnreachableState(t *testing.T) {
 		}
 	}
 }
+
+// TestRunAsRefusesRoot: --runas root (by name or uid) drops nothing, and an
+// unknown user cannot be dropped to; each is refused before the state
+// directory is touched, never run as uid 0.
+func TestRunAsRefusesRoot(t *testing.T) {
+	for _, tc := range []struct{ user, want string }{
+		{"root", "--runas root: that is root (uid 0)"},
+		{"0", "--runas 0: that is root (uid 0)"},
+		{"no-such-user-vtpm", "--runas no-such-user-vtpm: no such user"},
+	} {
+		t.Run(tc.user, func(t *testing.T) {
+			base := t.TempDir()
+			home, state := filepath.Join(base, "home"), filepath.Join(base, "state")
+			p := startVTPM(t, home, state, "--runas", tc.user)
+			code, out := p.wait(t)
+			if code <= 0 {
+				t.Fatalf("vtpm --runas %s exited with %d, want a failure; output:\n%s", tc.user, code, out)
+			}
+			if !strings.Contains(out, tc.want) {
+				t.Errorf("output lacks %q:\n%s", tc.want, out)
+			}
+			for _, p := range []string{home, state} {
+				if _, err := os.Stat(p); err == nil {
+					t.Errorf("the refused start created %s", p)
+				}
+			}
+		})
+	}
+}

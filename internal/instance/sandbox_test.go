@@ -227,6 +227,8 @@ func TestSandboxProbe(t *testing.T) {
 	}{
 		{"write inside the state directory", "ok"},
 		{"write outside the state directory", eacces},
+		{"write the generation record", "ok"},
+		{"write elsewhere in the data root", eacces},
 		{"socket inet", eperm},
 		{"socket inet6", eperm},
 		{"socket netlink", eperm},

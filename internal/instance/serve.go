@@ -25,7 +25,7 @@ func Serve(opts *swtpm.Options, ext *swtpm.Extensions, stdout, stderr io.Writer,
 	}
 	defer closeLog()
 	if opts.PrintStates {
-		if err := PrintStates(opts, log, stdout); err != nil {
+		if err := PrintStates(opts, ext, log, stdout); err != nil {
 			fmt.Fprintf(stderr, "swtpm: %v\n", err)
 			return 1
 		}

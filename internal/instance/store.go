@@ -16,76 +16,135 @@ import (
 	"vtpm/internal/swtpm/statefile"
 )
 
-// sealingKey is what opens sealed state: the data key and where this host
-// records generations.
+// sealingKey is what opens sealed state: the TPM's data key (in the key
+// broker's locked memory) and the TPM's generation record. The instance
+// holds nothing else of the host keystore: the record is pinned (its file
+// and its own key kept) and the keystore closed.
 type sealingKey struct {
-	dek    []byte
-	tpm    uuid.UUID // the TPM's UUID when known (from its key protector)
-	gens   seal.Generations
-	host   *keybroker.Broker // keeps the keystore open for generation records; nil once pinned
-	pinned *keystore.Pinned  // this TPM's generation record, kept open across --runas
+	key    *keybroker.Key
+	tpm    uuid.UUID
+	pinned *keystore.Pinned // this TPM's generation record
 }
 
 func (k *sealingKey) close() {
 	if k == nil {
 		return
 	}
-	clear(k.dek)
-	if k.host != nil {
-		k.host.Close()
-	}
+	k.key.Close()
 	if k.pinned != nil {
 		k.pinned.Close()
 	}
 }
 
-// pinGenerations opens this TPM's generation record while the process can
-// still reach the root-only keystore, so that it keeps recording (and
-// rollback keeps being detected) after --runas drops privileges. The
-// keystore is closed: the unprivileged process keeps only that record's
-// file descriptor and key.
-func (k *sealingKey) pinGenerations(stateDir string) error {
-	id := k.tpm
-	if id == uuid.Nil { // --data-key: no protector was read
-		var err error
-		if id, err = seal.Identify(stateDir); err != nil {
-			return err
-		}
-	}
-	p, err := k.host.Keystore().Generations().Pin(id)
-	if err != nil {
-		return fmt.Errorf("--runas: open the generation record of TPM %s before dropping privileges (it detects rollback of the TPM's state): %w", id, err)
-	}
-	k.pinned, k.gens = p, p
-	k.host.Close()
-	k.host = nil
-	return nil
+func openBroker(log *slog.Logger) (*keybroker.Broker, error) {
+	return keybroker.Open(paths.DataRoot(), keystore.Options{HostTPM: os.Getenv("VTPM_HOST_TPM"), Logger: log})
 }
 
-// unlockSealed opens this host's keystore and the TPM's data key: from
-// --data-key when given, else from the TPM's key protector. A new state
-// directory gets a fresh key and a protector owned by this host's guardian.
-func unlockSealed(stateDir, dataKey string, log *slog.Logger) (*sealingKey, error) {
-	host, err := keybroker.Open(paths.DataRoot(), keystore.Options{HostTPM: os.Getenv("VTPM_HOST_TPM"), Logger: log})
+// prepareSealed runs before the sandbox confines the process: it makes what
+// the confined process needs from the data root exist (the keystore, this
+// host's guardian, a new TPM's identity and key protector, the TPM's
+// generation record), so that the process may write nothing of the data
+// root but that record. It returns the record's path. It reads no passed
+// descriptor, so a re-executed image repeats it (finding everything in
+// place). A record missing for a TPM that has state means rollback
+// protection starts over for it: that is said loudly, and remembered for
+// `doctor`. allowRollback (--allow-rollback) accepts an older key
+// protector too.
+func prepareSealed(stateDir, dataKey string, allowRollback bool, log *slog.Logger) (string, error) {
+	host, err := openBroker(log)
 	if err != nil {
-		return nil, err
+		return "", err
 	}
-	k := &sealingKey{host: host, gens: host.Generations()}
-	if dataKey != "" {
-		k.dek, err = keybroker.ParseDataKey(dataKey)
-	} else {
-		var o *keybroker.Opened
-		if o, err = host.OpenTPM(stateDir); err == nil {
-			k.dek, k.tpm = o.DEK, o.TPM
-			if o.Backup != "" {
-				fmt.Fprintf(os.Stderr, "vtpm: WARNING: the key of the TPM in %s is gone; as its policy says, a FRESH TPM was provisioned. The old state is kept in %s.\n", stateDir, o.Backup)
-			}
-			log.Info("opened the TPM's data key", "tpm", o.TPM, "by", o.By, "new", o.Created)
+	defer host.Close()
+	if _, err := host.Local(); err != nil {
+		return "", err
+	}
+	// Whether the TPM had a record is looked at before its key is opened,
+	// which records the protector's version in it.
+	var known uuid.UUID
+	hadRecord := false
+	if seal.Exists(stateDir) {
+		if known, err = seal.Identify(stateDir); err != nil {
+			return "", err
+		}
+		if hadRecord, err = host.HasGenerations(known); err != nil {
+			return "", err
 		}
 	}
+	var id uuid.UUID
+	if dataKey != "" {
+		// The key may come from a descriptor only the confined process reads.
+		if id, err = seal.Identify(stateDir); err != nil {
+			return "", err
+		}
+	} else {
+		// Opening the key here creates a new TPM's identity and key
+		// protector, or reprovisions one, and a TPM this host cannot open
+		// fails before its generation record is touched.
+		o, err := host.OpenTPMWith(stateDir, keybroker.OpenOptions{AllowRollback: allowRollback})
+		if err != nil {
+			return "", err
+		}
+		id = o.TPM
+		warnReprovisioned(stateDir, o)
+		o.Close()
+	}
+	reset, err := host.PrepareGenerations(id, stateDir, hadRecord || id != known)
 	if err != nil {
-		host.Close()
+		return "", fmt.Errorf("open the generation record of TPM %s (it detects rollback of the TPM's state): %w", id, err)
+	}
+	if reset {
+		fmt.Fprintf(os.Stderr, "vtpm: WARNING: ROLLBACK PROTECTION WAS RESET for TPM %s in %s: this host has no record of the TPM's last state generation "+
+			"(the record was deleted, or the TPM comes from another host), so an older copy of its state could not be told from the current one. "+
+			"The current state is taken as genuine and recorded from now on.\n", id, stateDir)
+		log.Warn("rollback protection was reset: no generation record for a TPM that has state", "tpm", id, "state", stateDir)
+	}
+	return host.Keystore().GenerationsPath(id), nil
+}
+
+func warnReprovisioned(dir string, o *keybroker.Opened) {
+	if o.Backup != "" {
+		fmt.Fprintf(os.Stderr, "vtpm: WARNING: the key of the TPM in %s is gone; as its policy says, a FRESH TPM was provisioned. The old state is kept in %s.\n", dir, o.Backup)
+	}
+}
+
+// unlockSealed opens the TPM's data key, from --data-key when given, else
+// from the TPM's key protector (a new state directory gets a fresh key and
+// a protector owned by this host's guardian), pins the TPM's generation
+// record and closes the keystore. allowRollback (--allow-rollback) accepts
+// an older key protector too.
+func unlockSealed(stateDir, dataKey string, allowRollback bool, log *slog.Logger) (_ *sealingKey, err error) {
+	host, err := openBroker(log)
+	if err != nil {
 		return nil, err
+	}
+	defer host.Close()
+	k := &sealingKey{}
+	defer func() {
+		if err != nil {
+			k.close()
+		}
+	}()
+	if dataKey != "" {
+		if k.key, err = keybroker.ParseDataKey(dataKey); err != nil {
+			return nil, err
+		}
+		if k.tpm, err = seal.Identify(stateDir); err != nil {
+			return nil, err
+		}
+	} else {
+		o, err := host.OpenTPMWith(stateDir, keybroker.OpenOptions{AllowRollback: allowRollback})
+		if err != nil {
+			return nil, err
+		}
+		k.key, k.tpm = o.Key, o.TPM
+		warnReprovisioned(stateDir, o)
+		log.Info("opened the TPM's data key", "tpm", o.TPM, "by", o.By, "new", o.Created)
+	}
+	// Pinned while the process can still reach the keystore (root's, with
+	// --runas), so that it keeps recording after dropping privileges.
+	if k.pinned, err = host.Keystore().Generations().Pin(k.tpm); err != nil {
+		return nil, fmt.Errorf("open the generation record of TPM %s (it detects rollback of the TPM's state): %w", k.tpm, err)
 	}
 	return k, nil
 }
@@ -103,13 +162,17 @@ func openStore(opts *swtpm.Options, format state.Format, fileKey *statefile.Key,
 	if opts.Key != "" {
 		log.Warn("the state directory holds vtpm sealed state: --key does not apply to it; it is sealed with the data key", "state", opts.StateDir)
 	}
+	if state.IsSwtpm(opts.StateDir) {
+		// Files copied in by name (as swtpm's own tests do) would
+		// otherwise be ignored without a word.
+		log.Warn("the state directory also holds swtpm's state files (tpm2-00.permall), which sealed state ignores; import them into sealed state, or serve them in swtpm's format from a directory of their own", "state", opts.StateDir)
+	}
 	mode := os.FileMode(0o600)
 	if opts.StateModeSet {
 		mode = opts.StateMode
 	}
-	o, err := state.OpenSealedWith(opts.StateDir, seal.Options{
-		Key:           key.dek,
-		Generations:   key.gens, // with --runas, the record pinned before dropping privileges
+	o, err := state.OpenSealedWith(opts.StateDir, key.key, seal.Options{
+		Generations:   key.pinned, // pinned before any privileges were dropped
 		AllowRollback: allowRollback,
 		FileMode:      mode,
 		Logger:        log,

@@ -9,8 +9,10 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"syscall"
 	"testing"
+
+	"vtpm/internal/keybroker"
+	"vtpm/internal/keystore"
 )
 
 // tamperFixture is manufactured state shared by the tamper cases: TPM A
@@ -58,9 +60,11 @@ func manufactureTamperFixture(t *testing.T) *tamperFixture {
 		f.old[n] = mustReadFile(t, filepath.Join(f.dirA, n))
 	}
 	run(f.dirA, false, 2)
-	dek, _ := tpmKeys(t, f.home, f.dirA)
+	key, _ := tpmKeys(t, f.home, f.dirA)
 	keyA := filepath.Join(base, "a.key")
-	mustWriteFile(t, keyA, []byte(hex.EncodeToString(dek)))
+	if err := key.WriteDataKeyFile(keyA); err != nil {
+		t.Fatal(err)
+	}
 	run(f.dirB, true, 99, "--data-key", "file="+keyA)
 	run(f.dirC, true, 98)
 	f.uuidA, f.uuidB, f.uuidC = tpmUUID(t, f.dirA).String(), tpmUUID(t, f.dirB).String(), tpmUUID(t, f.dirC).String()
@@ -313,6 +317,44 @@ func TestTamperedStateRefusesToStart(t *testing.T) {
 			want: []string{"vtpm-state.json is missing", "names TPM " + f.uuidA, "restore vtpm-state.json from backup"},
 		},
 		{
+			// Written completely (its generation recorded at the clean
+			// stop), then damaged: no crash explains it, and loading the
+			// other slot would roll the TPM back.
+			name: "newest permall slot damaged after a clean stop",
+			tamper: func(t *testing.T, dir string) {
+				flipByte(t, filepath.Join(dir, newestSlot(t, f.home, f.dirA)), -100)
+			},
+			want: []string{"does not verify", "authentication failed", "was recorded as written completely",
+				"no write torn by a crash", "nothing was changed", "--allow-rollback"},
+		},
+		{
+			name: "newest permall slot from another TPM",
+			tamper: func(t *testing.T, dir string) {
+				n := newestSlot(t, f.home, f.dirA)
+				mustWriteFile(t, filepath.Join(dir, n), mustReadFile(t, filepath.Join(f.dirC, n)))
+			},
+			want: []string{"does not verify", "its header names TPM " + f.uuidC, "another TPM's state",
+				"was recorded as written completely", "nothing was changed"},
+		},
+		{
+			// The TPM's identity and state are gone, its key protector is
+			// left: starting would make a fresh TPM. Nothing is written, and
+			// no advice leads there silently.
+			name: "state and vtpm-state.json deleted, protector.json left",
+			tamper: func(t *testing.T, dir string) {
+				entries, _ := os.ReadDir(dir)
+				for _, e := range entries {
+					if n := e.Name(); n == "vtpm-state.json" || strings.HasSuffix(n, ".sealed") {
+						if err := os.Remove(filepath.Join(dir, n)); err != nil {
+							t.Fatal(err)
+						}
+					}
+				}
+			},
+			want: []string{"held TPM " + f.uuidA, "protector.json is there", "vtpm-state.json", "is missing", "nothing was changed",
+				"restore the TPM's state directory"},
+		},
+		{
 			name:   "wrong data key",
 			tamper: func(*testing.T, string) {},
 			args:   []string{"--data-key", "file=" + wrongKey},
@@ -337,6 +379,12 @@ func TestTamperedStateRefusesToStart(t *testing.T) {
 					t.Errorf("output lacks %q:\n%s", w, out)
 				}
 			}
+			// No way out offered may lead to a fresh TPM without a word.
+			for _, bad := range []string{"remove " + keybroker.ProtectorFile, "delete " + keybroker.ProtectorFile} {
+				if strings.Contains(out, bad) {
+					t.Errorf("output advises to %q:\n%s", bad, out)
+				}
+			}
 			if d := diffSnapshots(beforeDir, snapshotTree(t, dir)); d != "" {
 				t.Errorf("refusing to start changed the state directory: %s", d)
 			}
@@ -357,29 +405,72 @@ func TestTamperedStateRecovers(t *testing.T) {
 		tamper func(t *testing.T, home, dir string) (warn []string) // also expected in the warnings
 		args   []string
 		want   uint64   // counter value served
+		orOld  bool     // or, as well, the value before the last write (1)
 		warn   []string // substrings of the warnings printed
 	}{
 		{
-			name: "corrupt newest copy falls back to the other slot",
+			// What a crash in the middle of writing the next generation
+			// leaves: the slot being written (not the newest) torn, its
+			// generation never recorded. The newest complete copy is used.
+			name: "slot torn by a crash in mid-write",
 			tamper: func(t *testing.T, home, dir string) []string {
-				// Make the newest slot hold counter 3 and the other counter
-				// 2: write 3 and die before anything else is stored.
-				p := startVTPM(t, home, dir)
-				tpm, err := p.dial(t)
-				if err != nil {
-					t.Fatal(err)
-				}
-				if err := writeCounter(tpm, 3); err != nil {
-					t.Fatalf("NV_Write: %v", err)
-				}
-				p.cmd.Process.Signal(syscall.SIGKILL)
-				p.wait(t)
 				newest := newestSlot(t, home, dir)
-				flipByte(t, filepath.Join(dir, newest), -100)
-				return []string{newest + ": authentication failed"}
+				torn := permallSlots[0]
+				if torn == newest {
+					torn = permallSlots[1]
+				}
+				flipByte(t, filepath.Join(dir, torn), -100)
+				return []string{torn + ": authentication failed"}
 			},
 			want: 2,
-			warn: []string{"a copy of TPM state does not verify"},
+			warn: []string{"a copy of TPM state does not verify (normal after a crash during a write)"},
+		},
+		{
+			// A damaged newest slot is refused (TestTamperedStateRefusesToStart);
+			// --allow-rollback loads the other slot and keeps the damaged
+			// file, moved aside rather than written over.
+			name: "newest slot damaged after a clean stop, --allow-rollback",
+			tamper: func(t *testing.T, home, dir string) []string {
+				newest := newestSlot(t, home, dir)
+				flipByte(t, filepath.Join(dir, newest), -100)
+				t.Cleanup(func() {
+					kept, _ := filepath.Glob(filepath.Join(dir, newest+".damaged-*"))
+					if len(kept) != 1 {
+						t.Errorf("the damaged %s is kept as %v, want one file moved aside", newest, kept)
+					}
+				})
+				return []string{newest, "moved aside"}
+			},
+			// The other slot holds the state before the last write of
+			// permall: the counter's (1), or an orderly shutdown's (2).
+			args:  []string{"--allow-rollback"},
+			want:  2,
+			orOld: true,
+			warn:  []string{"no crash explains it"},
+		},
+		{
+			// The record deleted: the TPM starts, loudly, and the host
+			// remembers it for `doctor`.
+			name: "generation record deleted",
+			tamper: func(t *testing.T, home, dir string) []string {
+				id := tpmUUID(t, dir)
+				if err := os.Remove(filepath.Join(home, "keystore", "generations", id.String())); err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() {
+					h, err := keybroker.Open(home, keystore.Options{})
+					if err != nil {
+						t.Fatal(err)
+					}
+					defer h.Close()
+					resets, err := h.RollbackResets()
+					if err != nil || len(resets) != 1 || resets[0].TPM != id {
+						t.Errorf("RollbackResets = %+v, %v; want TPM %s listed", resets, err, id)
+					}
+				})
+				return []string{"ROLLBACK PROTECTION WAS RESET for TPM " + id.String()}
+			},
+			want: 2,
 		},
 		{
 			name: "older generation with --allow-rollback",
@@ -413,7 +504,7 @@ func TestTamperedStateRecovers(t *testing.T) {
 				t.Fatalf("reading the counter: %v; output:\n%s", err, out)
 			}
 			out := p.shutdown(t)
-			if v != tc.want {
+			if v != tc.want && !(tc.orOld && v == 1) {
 				t.Errorf("counter = %d, want %d", v, tc.want)
 			}
 			for _, w := range warn {
@@ -440,4 +531,28 @@ func newestSlot(t *testing.T, home, dir string) string {
 		t.Fatalf("no permall slot in %s verifies", dir)
 	}
 	return best
+}
+
+// TestUnopenableTPMLeavesNoRecord: a TPM this host holds no key for is
+// refused before its generation record is created, so the refusal neither
+// starts rollback protection over for it nor reports a reset.
+func TestUnopenableTPMLeavesNoRecord(t *testing.T) {
+	f := manufactureTamperFixture(t)
+	home, dir := filepath.Join(t.TempDir(), "other-host"), filepath.Join(t.TempDir(), "a")
+	copyTree(t, f.dirA, dir)
+	before := snapshotTree(t, dir)
+	p := startVTPM(t, home, dir)
+	code, out := p.wait(t)
+	if code <= 0 || !strings.Contains(out, "cannot be opened on this host") {
+		t.Fatalf("vtpm on another host's TPM exited with %d, want a refusal; output:\n%s", code, out)
+	}
+	if strings.Contains(out, "ROLLBACK PROTECTION WAS RESET") {
+		t.Errorf("the refusal reported a reset of rollback protection:\n%s", out)
+	}
+	if _, err := os.Stat(filepath.Join(home, "keystore", "generations", f.uuidA)); err == nil {
+		t.Error("the refused start created the TPM's generation record")
+	}
+	if d := diffSnapshots(before, snapshotTree(t, dir)); d != "" {
+		t.Errorf("refusing to start changed the state directory: %s", d)
+	}
 }

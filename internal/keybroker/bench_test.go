@@ -25,7 +25,7 @@ func benchTPM(b *testing.B, h *Broker, dir string) *Opened {
 	}
 	blob := make([]byte, permallSize)
 	rand.Read(blob)
-	writeBlob(b, dir, o.DEK, blob)
+	writeBlob(b, dir, o.Key.bytes(), blob)
 	return o
 }
 
@@ -77,7 +77,7 @@ func BenchmarkOpenTPM(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			loadState(b, dir, got.DEK)
+			loadState(b, dir, got.Key.bytes())
 		}
 	})
 	b.Run("keystore+protector+state", func(b *testing.B) {
@@ -90,13 +90,13 @@ func BenchmarkOpenTPM(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
-			loadState(b, dir, got.DEK)
+			loadState(b, dir, got.Key.bytes())
 			k.Close()
 		}
 	})
 	b.Run("data-key+state", func(b *testing.B) {
 		for b.Loop() {
-			loadState(b, dir, o.DEK)
+			loadState(b, dir, o.Key.bytes())
 		}
 	})
 }
@@ -136,7 +136,7 @@ func BenchmarkGrant(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				if err := p.Grant(o.DEK, pub, owner); err != nil {
+				if err := p.Grant(o.Key.bytes(), pub, owner); err != nil {
 					b.Fatal(err)
 				}
 				if err := WriteProtector(dir, p); err != nil {

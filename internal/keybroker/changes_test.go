@@ -11,6 +11,7 @@ import (
 
 	"vtpm/internal/errdefs"
 	"vtpm/internal/guardian"
+	"vtpm/internal/state"
 )
 
 // publicOnly is g as another host knows it: its certificates.
@@ -41,8 +42,15 @@ func TestGrantRevoke(t *testing.T) {
 	if len(p.Rows()) != 2 {
 		t.Fatalf("protector after grant has %d rows, want 2", len(p.Rows()))
 	}
+	var untrusted *UntrustedOwnerError
+	if _, err := b.OpenTPM(dir); !errors.As(err, &untrusted) {
+		t.Errorf("the granted host opens the TPM of an owner it does not trust: %v", err)
+	}
+	if _, err := b.Trust(publicOnly(t, local(t, a))); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := b.OpenTPM(dir); err != nil {
-		t.Errorf("the granted host cannot open the TPM: %v", err)
+		t.Errorf("the granted host, trusting the owner, cannot open the TPM: %v", err)
 	}
 	show := errdefs.Do(errdefs.ActionProtectorShow, "tpm", dir).WithNote("list the protector's guardians")
 	tests := []struct {
@@ -101,7 +109,7 @@ func TestExportImportKey(t *testing.T) {
 		t.Fatalf("ImportKeyFile: %v, TPM %s", err, id)
 	}
 	got, err := b.OpenTPM(dir)
-	if err != nil || !bytes.Equal(got.DEK, o.DEK) || got.By != "imported key" {
+	if err != nil || !bytes.Equal(got.Key.bytes(), o.Key.bytes()) || got.By != "imported key" {
 		t.Fatalf("OpenTPM with the imported key: %v", err)
 	}
 }
@@ -142,17 +150,24 @@ func TestKeyFor(t *testing.T) {
 		t.Fatal(err)
 	}
 	dir := filepath.Join(t.TempDir(), "staging")
-	if k, err := h.KeyFor("file=" + file)(dir); err != nil || !bytes.Equal(k, given) {
-		t.Errorf("KeyFor(file=): %x, %v; want the key in the file", k, err)
+	// keyBytes is the raw key behind a handed-out key (this package's own).
+	keyBytes := func(k state.SealKey) []byte {
+		if kk, ok := k.(*Key); ok {
+			return kk.bytes()
+		}
+		return nil
+	}
+	if k, err := h.KeyFor("file=" + file)(dir); err != nil || !bytes.Equal(keyBytes(k), given) {
+		t.Errorf("KeyFor(file=): %x, %v; want the key in the file", keyBytes(k), err)
 	}
 	if _, err := os.Stat(dir); err == nil {
 		t.Error("KeyFor with a --data-key wrote into the directory")
 	}
 	k, err := h.KeyFor("")(dir)
-	if err != nil || len(k) != 32 {
+	if err != nil || len(keyBytes(k)) != 32 {
 		t.Fatalf("KeyFor(\"\"): %v", err)
 	}
-	if o, err := h.OpenTPM(dir); err != nil || !bytes.Equal(o.DEK, k) {
+	if o, err := h.OpenTPM(dir); err != nil || !bytes.Equal(o.Key.bytes(), keyBytes(k)) {
 		t.Errorf("the new key is not the one the directory's protector holds: %v", err)
 	}
 }

@@ -46,8 +46,8 @@ func TestParseDataKey(t *testing.T) {
 				}
 				return
 			}
-			if err != nil || !bytes.Equal(got, key32) {
-				t.Fatalf("DataKey = %x, %v; want %x", got, err, key32)
+			if err != nil || !bytes.Equal(got.bytes(), key32) {
+				t.Fatalf("DataKey = %x, %v; want %x", got.bytes(), err, key32)
 			}
 		})
 	}
@@ -77,7 +77,7 @@ func TestParseDataKeyFD(t *testing.T) {
 		t.Fatal(err)
 	}
 	got, err := ParseDataKey("fd=" + strconv.Itoa(fd))
-	if err != nil || !bytes.Equal(got, key32) {
-		t.Fatalf("ParseDataKey(fd) = %x, %v; want %x", got, err, key32)
+	if err != nil || !bytes.Equal(got.bytes(), key32) {
+		t.Fatalf("ParseDataKey(fd) = %x, %v; want %x", got.bytes(), err, key32)
 	}
 }

@@ -4,7 +4,6 @@
 package keybroker
 
 import (
-	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -192,10 +191,10 @@ func (h *Broker) Remove(ref string) (*guardian.Guardian, error) {
 	return g, h.ks.Delete(kindGuardian, g.Fingerprint())
 }
 
-// ImportKey stores a TPM's data key, exported from another host, so that
+// importKey stores a TPM's data key, exported from another host, so that
 // this host can open that TPM. A different key already held for the same TPM
 // is a conflict unless replace is set.
-func (h *Broker) ImportKey(id uuid.UUID, dek []byte, replace bool) error {
+func (h *Broker) importKey(id uuid.UUID, dek []byte, replace bool) error {
 	if old, err := h.ks.Get(kindTPMKey, id.String()); err == nil && !replace {
 		same := string(old) == string(dek)
 		clear(old)
@@ -246,10 +245,10 @@ func WritePolicy(dir string, p Policy) error {
 	return atomicfile.Write(filepath.Join(dir, PolicyFile), append(b, '\n'), 0o600)
 }
 
-// Opened is the outcome of opening a TPM's key.
+// Opened is the outcome of opening a TPM's key. Close wipes the key.
 type Opened struct {
 	TPM uuid.UUID
-	DEK []byte
+	Key *Key
 	// By names what opened it: a guardian, or "imported key".
 	By string
 	// Created is set when the TPM is new and got its first protector.
@@ -258,10 +257,31 @@ type Opened struct {
 	Backup string
 }
 
-// OpenTPM returns the data key of the TPM whose state is in dir. A new
+// Close wipes the key.
+func (o *Opened) Close() {
+	if o != nil {
+		o.Key.Close()
+	}
+}
+
+// OpenTPM opens the data key of the TPM whose state is in dir. A new
 // directory gets a fresh key and a protector owned by this host's guardian.
+// The caller closes the result.
 func (h *Broker) OpenTPM(dir string) (*Opened, error) {
-	o, err := h.openTPM(dir, false)
+	return h.OpenTPMWith(dir, OpenOptions{})
+}
+
+// OpenTPMWith is OpenTPM with options. A protector that a guardian of this
+// host opens is accepted only when this host holds or trusts its owner
+// (see Trust); one older than the newest version seen here is refused
+// unless opts.AllowRollback; and the key it holds must open the state.
+func (h *Broker) OpenTPMWith(dir string, opts OpenOptions) (*Opened, error) {
+	// Before anything is locked or created: a TPM that lost its state
+	// fails with nothing written.
+	if err := checkMissingState(dir); err != nil {
+		return nil, err
+	}
+	o, err := h.openTPM(dir, false, opts)
 	if !errors.Is(err, errNeedLock) {
 		return o, err
 	}
@@ -277,7 +297,7 @@ func (h *Broker) OpenTPM(dir string) (*Opened, error) {
 		return nil, err
 	}
 	defer l.Unlock()
-	return h.openTPM(dir, true)
+	return h.openTPM(dir, true, opts)
 }
 
 // A Broker is what opens sealed state (state.OpenSealed).
@@ -285,19 +305,19 @@ var _ state.Keys = (*Broker)(nil)
 
 // OpenKey is OpenTPM for callers that need only the key and the TPM's
 // UUID; it makes a Broker the state.Keys that opens sealed state.
-func (h *Broker) OpenKey(dir string) (uuid.UUID, []byte, error) {
+func (h *Broker) OpenKey(dir string) (uuid.UUID, state.SealKey, error) {
 	o, err := h.OpenTPM(dir)
 	if err != nil {
 		return uuid.Nil, nil, err
 	}
-	return o.TPM, o.DEK, nil
+	return o.TPM, o.Key, nil
 }
 
 // errNeedLock: openTPM must change dir, so it has to run under dir's lock.
 var errNeedLock = errors.New("the state directory's lock is needed")
 
 // openTPM is OpenTPM; locked says whether the caller holds dir's lock.
-func (h *Broker) openTPM(dir string, locked bool) (*Opened, error) {
+func (h *Broker) openTPM(dir string, locked bool, opts OpenOptions) (*Opened, error) {
 	if !locked && !seal.Exists(dir) {
 		return nil, errNeedLock // Identify would create vtpm-state.json
 	}
@@ -308,7 +328,7 @@ func (h *Broker) openTPM(dir string, locked bool) (*Opened, error) {
 	p, err := ReadProtector(dir)
 	if errors.Is(err, fs.ErrNotExist) {
 		if dek, ok := h.importedKey(id); ok {
-			return &Opened{TPM: id, DEK: dek, By: "imported key"}, nil
+			return opened(id, dek, "imported key")
 		}
 		if seal.HasBlobs(dir) {
 			return nil, errdefs.New(errdefs.ErrDataLoss, "TPM %s in %s has sealed state but no key protector (%s): restore %s from a backup, or import the TPM's key", id, dir, ProtectorFile, ProtectorFile).
@@ -331,7 +351,7 @@ func (h *Broker) openTPM(dir string, locked bool) (*Opened, error) {
 	}
 	dek, by, err := p.Open(gs)
 	if err == nil {
-		return &Opened{TPM: id, DEK: dek, By: by.Name()}, nil
+		return h.opened(dir, p, dek, by.Name(), gs, opts)
 	}
 	var none *guardian.NoGuardianError
 	if !errors.As(err, &none) {
@@ -340,7 +360,7 @@ func (h *Broker) openTPM(dir string, locked bool) (*Opened, error) {
 	wrongImport := false
 	if dek, ok := h.importedKey(id); ok {
 		if p.Holds(dek) {
-			return &Opened{TPM: id, DEK: dek, By: "imported key"}, nil
+			return h.openedImported(dir, p, dek, opts)
 		}
 		// Imported from another copy of the TPM, or for a TPM since
 		// reprovisioned elsewhere: it would not decrypt the state.
@@ -360,6 +380,15 @@ func (h *Broker) openTPM(dir string, locked bool) (*Opened, error) {
 	return nil, &MissingKeyError{Dir: dir, TPM: id, Rows: none.Rows, Held: gs, WrongImportedKey: wrongImport}
 }
 
+// opened moves dek into locked memory.
+func opened(id uuid.UUID, dek []byte, by string) (*Opened, error) {
+	k, err := newKey(id, dek)
+	if err != nil {
+		return nil, err
+	}
+	return &Opened{TPM: id, Key: k, By: by}, nil
+}
+
 func (h *Broker) importedKey(id uuid.UUID) ([]byte, bool) {
 	dek, err := h.ks.Get(kindTPMKey, id.String())
 	return dek, err == nil && len(dek) == 32
@@ -370,17 +399,20 @@ func (h *Broker) create(dir string, id uuid.UUID) (*Opened, error) {
 	if err != nil {
 		return nil, err
 	}
-	dek := make([]byte, 32)
-	rand.Read(dek)
-	p, err := guardian.NewProtector(id, dek, local)
+	k, err := randomKey(id)
 	if err != nil {
 		return nil, err
 	}
-	if err := WriteProtector(dir, p); err != nil {
+	p, err := guardian.NewProtector(id, k.bytes(), local)
+	if err == nil {
+		err = WriteProtector(dir, p)
+	}
+	if err != nil {
+		k.Close()
 		return nil, err
 	}
 	h.log.Info("new TPM: created its data key and key protector", "tpm", id, "owner", local.Name())
-	return &Opened{TPM: id, DEK: dek, By: local.Name(), Created: true}, nil
+	return &Opened{TPM: id, Key: k, By: local.Name(), Created: true}, nil
 }
 
 // backupPrefix starts the name of the directory reprovisioning moves a
@@ -494,6 +526,7 @@ func (e *MissingKeyError) Remedies() []errdefs.Remedy {
 		errdefs.Do(errdefs.ActionGuardianImport, "file", "G.p12").WithNote("then import it here"),
 		errdefs.Do(errdefs.ActionGuardianExportCerts, "file", "host.pem").WithNote("or grant this host from a host that can open the TPM: export this host's certificates"),
 		errdefs.Do(errdefs.ActionProtectorGrant, "certs", "host.pem").WithNote("then grant them").On(elsewhere),
+		errdefs.Do(errdefs.ActionGuardianTrust, "certs", "owner.pem").WithNote("and trust the TPM's owner here, by its certificates exported where it lives"),
 		errdefs.Do(errdefs.ActionKeyExport).WithNote("or import the TPM's key: export it").On(elsewhere),
 		errdefs.Do(errdefs.ActionKeyImport).WithNote("then import it here"),
 		errdefs.Do(errdefs.ActionTPMReprovision, "tpm", e.Dir).WithNote("or give up the old state and start a fresh TPM (kept as a backup)"),

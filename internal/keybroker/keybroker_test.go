@@ -64,7 +64,7 @@ func newTPM(t testing.TB, h *Broker) (string, *Opened) {
 	if !o.Created {
 		t.Fatal("OpenTPM on a new directory did not report Created")
 	}
-	writeBlob(t, dir, o.DEK, []byte("permanent state of "+o.TPM.String()))
+	writeBlob(t, dir, o.Key.bytes(), []byte("permanent state of "+o.TPM.String()))
 	return dir, o
 }
 
@@ -127,9 +127,9 @@ func TestOpenTPMNewDirectory(t *testing.T) {
 		t.Fatal(err)
 	}
 	me := local(t, h)
-	if !o.Created || o.By != me.Name() || len(o.DEK) != guardian.DEKSize || o.Backup != "" {
+	if !o.Created || o.By != me.Name() || len(o.Key.bytes()) != guardian.DEKSize || o.Backup != "" {
 		t.Fatalf("OpenTPM(new) = {Created %v, By %q, %d-byte key, Backup %q}; want a created TPM opened by %q with a 32-byte key",
-			o.Created, o.By, len(o.DEK), o.Backup, me.Name())
+			o.Created, o.By, len(o.Key.bytes()), o.Backup, me.Name())
 	}
 	id, err := seal.Identify(dir)
 	if err != nil || id != o.TPM {
@@ -158,9 +158,9 @@ func TestOpenTPMNewDirectory(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if again.Created || !bytes.Equal(again.DEK, o.DEK) || again.TPM != o.TPM || again.By != me.Name() {
+	if again.Created || !bytes.Equal(again.Key.bytes(), o.Key.bytes()) || again.TPM != o.TPM || again.By != me.Name() {
 		t.Fatalf("reopen: Created %v, same key %v, TPM %v, By %q; want the same TPM and key, opened by %q",
-			again.Created, bytes.Equal(again.DEK, o.DEK), again.TPM, again.By, me.Name())
+			again.Created, bytes.Equal(again.Key.bytes(), o.Key.bytes()), again.TPM, again.By, me.Name())
 	}
 }
 
@@ -222,9 +222,12 @@ func TestOpenTPMOnAnotherHost(t *testing.T) {
 			},
 		},
 		{
-			name: "B granted by its certificates",
+			name: "B granted by its certificates, trusting A",
 			give: func(t *testing.T, a, b *Broker, dir string, dek []byte) {
 				grant(t, a, b, dir, dek)
+				if _, err := b.Trust(local(t, a).Public()); err != nil {
+					t.Fatal(err)
+				}
 			},
 			wantBy: func(_, b *Broker) string { return local(t, b).Name() },
 		},
@@ -251,7 +254,7 @@ func TestOpenTPMOnAnotherHost(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				if err := b.ImportKey(id, dek, false); err != nil {
+				if err := b.importKey(id, dek, false); err != nil {
 					t.Fatal(err)
 				}
 			},
@@ -263,7 +266,7 @@ func TestOpenTPMOnAnotherHost(t *testing.T) {
 			t.Parallel()
 			a, b := newHost(t), newHost(t)
 			srcDir, o := newTPM(t, a)
-			tc.give(t, a, b, srcDir, o.DEK)
+			tc.give(t, a, b, srcDir, o.Key.bytes())
 			dir := filepath.Join(t.TempDir(), "copy")
 			copyState(t, srcDir, dir)
 			before := snapshot(t, dir)
@@ -273,9 +276,9 @@ func TestOpenTPMOnAnotherHost(t *testing.T) {
 				if err != nil {
 					t.Fatalf("B cannot open the TPM: %v", err)
 				}
-				if want := tc.wantBy(a, b); got.By != want || !bytes.Equal(got.DEK, o.DEK) || got.TPM != o.TPM || got.Created {
+				if want := tc.wantBy(a, b); got.By != want || !bytes.Equal(got.Key.bytes(), o.Key.bytes()) || got.TPM != o.TPM || got.Created {
 					t.Fatalf("B opened {By %q, same key %v, TPM %v, Created %v}; want By %q, A's key, TPM %v",
-						got.By, bytes.Equal(got.DEK, o.DEK), got.TPM, got.Created, want, o.TPM)
+						got.By, bytes.Equal(got.Key.bytes(), o.Key.bytes()), got.TPM, got.Created, want, o.TPM)
 				}
 			} else {
 				var missing *MissingKeyError
@@ -338,11 +341,11 @@ func TestOpenTPMImportedKeyMustMatch(t *testing.T) {
 			}
 			wrong := make([]byte, guardian.DEKSize)
 			rand.Read(wrong)
-			if err := b.ImportKey(o.TPM, wrong, false); err != nil {
+			if err := b.importKey(o.TPM, wrong, false); err != nil {
 				t.Fatal(err)
 			}
 			got, err := b.OpenTPM(dir)
-			if err == nil && bytes.Equal(got.DEK, wrong) {
+			if err == nil && bytes.Equal(got.Key.bytes(), wrong) {
 				t.Fatalf("OpenTPM returned the imported key, which does not open the TPM's protector (By %q)", got.By)
 			}
 			switch policy {
@@ -382,9 +385,9 @@ func TestReprovision(t *testing.T) {
 	if err != nil {
 		t.Fatalf("OpenTPM with on-missing-key=reprovision: %v", err)
 	}
-	if !o.Created || o.TPM == old.TPM || bytes.Equal(o.DEK, old.DEK) || o.By != local(t, b).Name() {
+	if !o.Created || o.TPM == old.TPM || bytes.Equal(o.Key.bytes(), old.Key.bytes()) || o.By != local(t, b).Name() {
 		t.Fatalf("reprovisioned: Created %v, TPM %v (old %v), new key %v, By %q; want a fresh TPM with a new key owned by B",
-			o.Created, o.TPM, old.TPM, !bytes.Equal(o.DEK, old.DEK), o.By)
+			o.Created, o.TPM, old.TPM, !bytes.Equal(o.Key.bytes(), old.Key.bytes()), o.By)
 	}
 	if filepath.Dir(o.Backup) != dir || !strings.HasPrefix(filepath.Base(o.Backup), "backup-") {
 		t.Fatalf("Backup = %q; want a backup-<timestamp> directory in %s", o.Backup, dir)
@@ -405,7 +408,7 @@ func TestReprovision(t *testing.T) {
 
 	// The fresh TPM is B's now: opening it again changes nothing.
 	again, err := b.OpenTPM(dir)
-	if err != nil || again.Created || again.Backup != "" || !bytes.Equal(again.DEK, o.DEK) {
+	if err != nil || again.Created || again.Backup != "" || !bytes.Equal(again.Key.bytes(), o.Key.bytes()) {
 		t.Fatalf("reopen after reprovisioning: %+v, %v; want the fresh TPM's key, no new backup", again, err)
 	}
 	backups, _ := filepath.Glob(filepath.Join(dir, "backup-*"))
@@ -447,7 +450,7 @@ func TestReadProtectorRejectsEdits(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := p.Grant(o.DEK, local(t, b).Public(), local(t, a)); err != nil {
+	if err := p.Grant(o.Key.bytes(), local(t, b).Public(), local(t, a)); err != nil {
 		t.Fatal(err)
 	}
 	twoRows := p.Marshal()
@@ -649,10 +652,10 @@ func TestImportKey(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			h := newHost(t)
-			if err := h.ImportKey(id, tc.first, false); err != nil {
+			if err := h.importKey(id, tc.first, false); err != nil {
 				t.Fatal(err)
 			}
-			err := h.ImportKey(id, tc.second, tc.replace)
+			err := h.importKey(id, tc.second, tc.replace)
 			if !errors.Is(err, tc.wantErr) || (err == nil) != (tc.wantErr == nil) {
 				t.Fatalf("second ImportKey = %v; want %v", err, tc.wantErr)
 			}
@@ -810,7 +813,7 @@ func TestOpenTPMConcurrentStart(t *testing.T) {
 			if o.Created {
 				created++
 			}
-			if o.TPM != final.TPM || !bytes.Equal(o.DEK, final.DEK) {
+			if o.TPM != final.TPM || !bytes.Equal(o.Key.bytes(), final.Key.bytes()) {
 				t.Fatalf("round %d: opener %d got TPM %v with a key that is not the one its protector holds (TPM %v): state it seals would be lost",
 					round, i, o.TPM, final.TPM)
 			}
@@ -860,7 +863,7 @@ func TestReprovisionConcurrentStart(t *testing.T) {
 			t.Fatalf("round %d: the reprovisioned TPM does not open: %v", round, err)
 		}
 		for i, o := range got {
-			if errs[i] == nil && (o.TPM != final.TPM || !bytes.Equal(o.DEK, final.DEK)) {
+			if errs[i] == nil && (o.TPM != final.TPM || !bytes.Equal(o.Key.bytes(), final.Key.bytes())) {
 				t.Fatalf("round %d: opener %d got TPM %v, but the directory now holds TPM %v: state it seals would be lost", round, i, o.TPM, final.TPM)
 			}
 		}

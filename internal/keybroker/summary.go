@@ -15,15 +15,19 @@ type GuardianSummary struct {
 	Subject     string `json:"subject"`
 	KEM         string `json:"kem"`
 	Local       bool   `json:"local"` // this host's own guardian
+	// TrustedOnly marks a guardian this host does not hold but trusts as
+	// the owner of key protectors (see [Broker.Trust]).
+	TrustedOnly bool `json:"trusted_only,omitempty"`
 }
 
 // Summarize returns g as lists show it; local says whether it is this
 // host's own.
 func Summarize(g *guardian.Guardian, local bool) GuardianSummary {
-	return GuardianSummary{g.Name(), g.Fingerprint(), g.Subject(), fmt.Sprint(g.KEM()), local}
+	return GuardianSummary{Name: g.Name(), Fingerprint: g.Fingerprint(), Subject: g.Subject(), KEM: fmt.Sprint(g.KEM()), Local: local}
 }
 
-// GuardianSummaries lists the guardians this host holds, its own first.
+// GuardianSummaries lists the guardians this host holds, its own first,
+// then those it only trusts (TrustedOnly).
 func (h *Broker) GuardianSummaries() ([]GuardianSummary, error) {
 	gs, err := h.Guardians()
 	if err != nil {
@@ -32,6 +36,15 @@ func (h *Broker) GuardianSummaries() ([]GuardianSummary, error) {
 	var out []GuardianSummary
 	for i, g := range gs {
 		out = append(out, Summarize(g, i == 0))
+	}
+	trusted, err := h.Trusted()
+	if err != nil {
+		return nil, err
+	}
+	for _, g := range trusted {
+		s := Summarize(g, false)
+		s.TrustedOnly = true
+		out = append(out, s)
 	}
 	return out, nil
 }
@@ -44,6 +57,7 @@ type ProtectorSummary struct {
 	OwnerName string         `json:"-"`
 	Rows      []ProtectorRow `json:"rows"`
 	TPM       uuid.UUID      `json:"tpm"`
+	Version   uint64         `json:"version"` // the protector's, raised by every change
 }
 
 // ProtectorRow is a guardian a protector admits.
@@ -54,7 +68,7 @@ type ProtectorRow struct {
 
 // SummarizeProtector returns p as shown to people.
 func SummarizeProtector(p *guardian.Protector) ProtectorSummary {
-	s := ProtectorSummary{Owner: p.Owner().Fingerprint(), OwnerName: p.Owner().Name(), TPM: p.TPM()}
+	s := ProtectorSummary{Owner: p.Owner().Fingerprint(), OwnerName: p.Owner().Name(), TPM: p.TPM(), Version: p.Version()}
 	for _, r := range p.Rows() {
 		s.Rows = append(s.Rows, ProtectorRow{r.Name, r.Fingerprint, r.Subject, r.Fingerprint == s.Owner})
 	}

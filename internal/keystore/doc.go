@@ -70,6 +70,10 @@
 // so it always has a valid slot; one with none is ErrCorrupt, never read
 // as "nothing recorded".
 //
+// The same record holds, under the name "/protector" (no blob name has a
+// slash), the highest version of the TPM's key protector seen, so that an
+// older protector is refused like older state.
+//
 // # Concurrency
 //
 // Many vTPM processes may use one keystore at once. Every replacement of a

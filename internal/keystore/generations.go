@@ -1,11 +1,8 @@
 package keystore
 
 import (
-	"crypto/aes"
 	"crypto/cipher"
-	"crypto/hkdf"
 	"crypto/rand"
-	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -71,16 +68,11 @@ func (k *Keystore) genAEAD(id uuid.UUID) (cipher.AEAD, error) {
 	if k.closed {
 		return nil, errClosed
 	}
-	key, err := hkdf.Key(sha256.New, k.genSecret, nil, genKeyInfo+id.String(), 32)
+	aead, err := lockedAEAD(k.genSecret.Bytes(), genKeyInfo+id.String())
 	if err != nil {
 		return nil, fmt.Errorf("derive the generation record key of TPM %s: %w", id, err)
 	}
-	defer clear(key)
-	block, err := aes.NewCipher(key)
-	if err != nil {
-		return nil, fmt.Errorf("create AES cipher: %w", err)
-	}
-	return cipher.NewGCM(block)
+	return aead, nil
 }
 
 func genAD(id uuid.UUID, slot int) []byte {

@@ -19,6 +19,7 @@ import (
 	"syscall"
 
 	"vtpm/internal/errdefs"
+	"vtpm/internal/secret"
 )
 
 // Sentinel errors. The errors returned by this package wrap one of them
@@ -137,8 +138,8 @@ var (
 type Keystore struct {
 	dir  string
 	aead cipher.AEAD
-	// genSecret derives the key of each TPM's generation record; cleared by Close.
-	genSecret []byte
+	// genSecret derives the key of each TPM's generation record; wiped by Close.
+	genSecret *secret.Bytes
 	prot      Protection
 	log       *slog.Logger
 
@@ -165,14 +166,23 @@ func Open(dir string, opts Options) (*Keystore, error) {
 	if err != nil {
 		return nil, err
 	}
-	defer clear(master)
-	aead, err := recordAEAD(master)
+	// The master key and everything derived from it live in locked memory.
+	mk, err := secret.From(master) // wipes master
 	if err != nil {
 		return nil, err
 	}
-	genSecret, err := hkdf.Key(sha256.New, master, nil, genSecretInfo, 32)
+	defer mk.Close()
+	aead, err := lockedAEAD(mk.Bytes(), recLabel)
+	if err != nil {
+		return nil, fmt.Errorf("derive keystore record key: %w", err)
+	}
+	derived, err := hkdf.Key(sha256.New, mk.Bytes(), nil, genSecretInfo, 32)
 	if err != nil {
 		return nil, fmt.Errorf("derive keystore generation key: %w", err)
+	}
+	genSecret, err := secret.From(derived)
+	if err != nil {
+		return nil, err
 	}
 	return &Keystore{dir: dir, aead: aead, genSecret: genSecret, prot: prot, log: log}, nil
 }
@@ -231,13 +241,20 @@ func ownerOr(err error, path, format string, args ...any) *Error {
 // corruption (disk full, I/O error).
 var errGeneric error = errdefs.New(errdefs.ErrUnavailable, "keystore I/O error")
 
-func recordAEAD(master []byte) (cipher.AEAD, error) {
-	key, err := hkdf.Key(sha256.New, master, nil, recLabel, 32)
+// lockedAEAD derives an AES-256-GCM key from secretKey with HKDF-SHA256
+// (info label) into locked memory, builds the AEAD from it and wipes it.
+// The AEAD keeps crypto/aes's own copy of the key schedule, on the heap.
+func lockedAEAD(secretKey []byte, label string) (cipher.AEAD, error) {
+	derived, err := hkdf.Key(sha256.New, secretKey, nil, label, 32)
 	if err != nil {
-		return nil, fmt.Errorf("derive keystore record key: %w", err)
+		return nil, err
 	}
-	defer clear(key)
-	block, err := aes.NewCipher(key)
+	key, err := secret.From(derived) // wipes derived
+	if err != nil {
+		return nil, err
+	}
+	defer key.Close()
+	block, err := aes.NewCipher(key.Bytes())
 	if err != nil {
 		return nil, fmt.Errorf("create AES cipher: %w", err)
 	}
@@ -422,7 +439,7 @@ func (k *Keystore) Close() error {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	k.closed = true
-	clear(k.genSecret)
+	k.genSecret.Close()
 	if k.lock == nil {
 		return nil
 	}

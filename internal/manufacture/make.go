@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 
 	"github.com/google/uuid"
 
@@ -19,9 +20,18 @@ import (
 type OpenBroker func() (*keybroker.Broker, error)
 
 // Open opens dir in the format the swtpm socket instance will serve it in:
-// swtpmKey (an swtpm --key option) selects swtpm's encrypted files.
+// swtpmKey (an swtpm --key option) selects swtpm's encrypted files, and
+// $VTPM_STATE_FORMAT, when set, chooses a new directory's format.
 func Open(h *keybroker.Broker, dir, swtpmKey string, log *slog.Logger) (*state.Opened, error) {
-	if state.Choose(dir, swtpmKey != "") == state.Swtpm {
+	want, err := state.FormatFromEnv(os.Getenv)
+	if err != nil {
+		return nil, err
+	}
+	format, err := state.ChooseExplicit(dir, swtpmKey != "", want)
+	if err != nil {
+		return nil, err
+	}
+	if format == state.Swtpm {
 		var key *statefile.Key
 		if swtpmKey != "" {
 			k, err := statefile.ParseKeyOption(swtpmKey)

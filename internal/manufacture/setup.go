@@ -211,8 +211,12 @@ func lookupUser(name string) (*user.User, error) {
 // chownState gives the state directory and its files to u (--runas), so the
 // TPM process running as u can use them.
 func chownState(dir string, u *user.User) error {
-	uid, _ := strconv.Atoi(u.Uid)
-	gid, _ := strconv.Atoi(u.Gid)
+	// Ids that do not parse fail closed: never hand the state to uid 0 by accident.
+	uid, uerr := strconv.Atoi(u.Uid)
+	gid, gerr := strconv.Atoi(u.Gid)
+	if uerr != nil || gerr != nil || uid < 0 || gid < 0 {
+		return errdefs.New(errdefs.ErrInvalidArgument, "--runas %s: uid %q or gid %q is not a number; the state was not handed over", u.Username, u.Uid, u.Gid)
+	}
 	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return err

@@ -4,8 +4,9 @@
 // An instance is confined in two steps:
 //
 //  1. Enter, first thing in the process: no_new_privs, and a Landlock domain
-//     that allows writing only beneath the TPM's state directory and the
-//     data root, creating and removing its sockets and pid file, and binding
+//     that allows writing only beneath the TPM's state directory and to its
+//     generation record (no other file of the data root), creating and
+//     removing its sockets and pid file, and binding
 //     only the TCP ports it was told to listen on. Landlock restricts the
 //     calling thread, and a Go program has several threads from its first
 //     instruction, so Enter restricts all of them in place: with the
@@ -24,8 +25,9 @@
 //     network sockets, connect, bind, execute programs, fork, trace, change
 //     credentials or map executable memory.
 //
-// Key material is kept in Locked memory: mlock'd, excluded from core dumps,
-// wiped on Close.
+// Key material is kept in Locked memory (package secret): mlock'd, excluded
+// from core dumps, wiped on Close. KeyMemory applies the isolation policy to
+// key memory that could not be locked.
 //
 // An isolation policy says what happens when the host lacks a part:
 // "required" refuses to run and names what is missing and how to fix it;

@@ -6,6 +6,7 @@ import (
 	"io/fs"
 	"log/slog"
 	"os"
+	"os/user"
 	"runtime"
 	"strconv"
 	"strings"
@@ -56,6 +57,37 @@ type Policy struct {
 	WriteFiles []string
 	// BindTCP are the TCP ports the instance may listen on.
 	BindTCP []uint16
+}
+
+// LookupUser resolves a --runas user (a name or a numeric uid) to its uid
+// and primary gid. It fails closed: an unknown user, ids that do not parse,
+// and root (uid or gid 0: a privilege drop to root drops nothing) are
+// errors, never uid 0.
+func LookupUser(name string) (uid, gid int, err error) {
+	u, err := user.Lookup(name)
+	if err != nil {
+		if u, err = user.LookupId(name); err != nil {
+			return -1, -1, fmt.Errorf("--runas %s: no such user", name)
+		}
+	}
+	return runAsIDs(name, u.Uid, u.Gid)
+}
+
+// runAsIDs parses a --runas user's ids, failing closed.
+func runAsIDs(name, uidStr, gidStr string) (uid, gid int, err error) {
+	uid, uerr := strconv.Atoi(uidStr)
+	gid, gerr := strconv.Atoi(gidStr)
+	switch {
+	case uerr != nil || uid < 0:
+		return -1, -1, fmt.Errorf("--runas %s: uid %q is not a number; refusing to change user", name, uidStr)
+	case gerr != nil || gid < 0:
+		return -1, -1, fmt.Errorf("--runas %s: gid %q is not a number; refusing to change user", name, gidStr)
+	case uid == 0:
+		return -1, -1, fmt.Errorf("--runas %s: that is root (uid 0), which drops no privileges; give an unprivileged user (e.g. tss or nobody)", name)
+	case gid == 0:
+		return -1, -1, fmt.Errorf("--runas %s: its group is root's (gid 0); give a user with an unprivileged primary group", name)
+	}
+	return uid, gid, nil
 }
 
 // stageEnv tells the re-executed image that it was born in the Landlock
@@ -290,4 +322,15 @@ func (s *Sandbox) Landlock() int {
 		return 0
 	}
 	return s.landlock
+}
+
+// KeyMemory applies the policy to key material held elsewhere (by the key
+// broker, the sealed store) whose memory could not be locked: lockErr is
+// that memory's secret.Bytes.LockErr. Required fails; Preferred warns.
+func (s *Sandbox) KeyMemory(lockErr error) error {
+	if s == nil || lockErr == nil || s.policy.Isolation == None {
+		return nil
+	}
+	s.missing = append(s.missing, "key material in locked memory: "+lockErr.Error())
+	return s.check()
 }

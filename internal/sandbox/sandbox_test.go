@@ -274,3 +274,43 @@ func TestIsolationHasNoImplicitDefault(t *testing.T) {
 		t.Errorf("Enter with no isolation policy: %v, want an error naming the choices", err)
 	}
 }
+
+// TestRunAsFailsClosed: a --runas user that is root, or whose ids do not
+// parse, is an error, never uid 0.
+func TestRunAsFailsClosed(t *testing.T) {
+	tests := []struct {
+		name, user, uid, gid string
+		wantUID, wantGID     int
+		wantErr              string
+	}{
+		{"unprivileged", "nobody", "65534", "65534", 65534, 65534, ""},
+		{"root by uid", "root", "0", "0", -1, -1, "that is root (uid 0)"},
+		{"root group", "wheelish", "1000", "0", -1, -1, "gid 0"},
+		{"uid not a number", "odd", "S-1-5-21", "100", -1, -1, `uid "S-1-5-21" is not a number`},
+		{"empty uid", "odd", "", "100", -1, -1, "is not a number"},
+		{"gid not a number", "odd", "1000", "staff", -1, -1, `gid "staff" is not a number`},
+		{"negative uid", "odd", "-1", "100", -1, -1, "is not a number"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			uid, gid, err := runAsIDs(tc.user, tc.uid, tc.gid)
+			if tc.wantErr == "" {
+				if err != nil || uid != tc.wantUID || gid != tc.wantGID {
+					t.Fatalf("runAsIDs = %d, %d, %v; want %d, %d", uid, gid, err, tc.wantUID, tc.wantGID)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) || !strings.Contains(err.Error(), "--runas "+tc.user) {
+				t.Fatalf("runAsIDs = %v; want an error naming --runas %s and %q", err, tc.user, tc.wantErr)
+			}
+			if uid == 0 || gid == 0 {
+				t.Errorf("a refused --runas returned uid %d gid %d", uid, gid)
+			}
+		})
+	}
+	for _, name := range []string{"root", "0", "no-such-user-vtpm-test"} {
+		if uid, _, err := LookupUser(name); err == nil || uid == 0 {
+			t.Errorf("LookupUser(%q) = uid %d, %v; want an error", name, uid, err)
+		}
+	}
+}

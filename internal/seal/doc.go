@@ -115,9 +115,23 @@
 //
 // The last generation seen per TPM and blob type is kept outside the state
 // directory (Generations). Loading a copy older than that fails with
-// ErrRollback unless Options.AllowRollback is set. One generation back is
-// allowed, with a warning, when another copy exists and does not verify:
-// that is a damaged newest copy, and surviving it is the point of keeping
-// two. A slot that is missing is no such case (both exist once a blob has
-// been written twice), nor are two intact copies older than the record.
+// ErrRollback unless Options.AllowRollback is set. A copy that does not
+// verify is taken for the slot a crash tore in the middle of a write only
+// when nothing says otherwise; then the newest copy that verifies is used,
+// with a warning, which is the point of keeping two. By the crash-safety
+// argument above, such a crash never leaves the newest verified copy older
+// than the record, so a damaged copy beside an older one means the newest
+// copy was damaged after it was written completely; and a copy whose
+// header names another TPM is no torn write either. Both refuse the load
+// with a *DamageError naming the file and the reasons, changing nothing;
+// with AllowRollback the damaged file is renamed aside
+// (<slot>.damaged-<time>) so that no write goes over it. A slot that is
+// missing is no crash state (both exist once a blob has been written
+// twice), nor are two intact copies older than the record. A copy this
+// process may not read or write fails the load with a permission error
+// naming it, rather than being skipped.
+//
+// The sealing key is derived into locked memory (package secret) and wiped
+// by Close; the AES key schedule crypto/aes keeps for the AEAD is its own
+// heap copy.
 package seal

@@ -14,6 +14,7 @@ import (
 	"github.com/google/uuid"
 
 	"vtpm/internal/errdefs"
+	"vtpm/internal/secret"
 )
 
 // Format constants; see doc.go for the layout.
@@ -185,23 +186,38 @@ func errf(sentinel error, format string, args ...any) *sealError {
 }
 
 func newAEAD(key []byte) (cipher.AEAD, error) {
+	aead, sub, err := newLockedAEAD(key)
+	sub.Close()
+	return aead, err
+}
+
+// newLockedAEAD derives the sealing key from the data key into locked
+// memory and builds the AEAD from it. The caller closes the returned key
+// memory when done with the AEAD. The AES key schedule the AEAD keeps is
+// crypto/aes's own heap copy, out of this package's reach.
+func newLockedAEAD(key []byte) (cipher.AEAD, *secret.Bytes, error) {
 	if len(key) != keyLen {
-		return nil, fmt.Errorf("data key must be %d bytes, got %d", keyLen, len(key))
+		return nil, nil, fmt.Errorf("data key must be %d bytes, got %d", keyLen, len(key))
 	}
-	sub, err := hkdf.Key(sha256.New, key, nil, kdfLabel, keyLen)
+	derived, err := hkdf.Key(sha256.New, key, nil, kdfLabel, keyLen)
 	if err != nil {
-		return nil, fmt.Errorf("derive sealing key: %w", err)
+		return nil, nil, fmt.Errorf("derive sealing key: %w", err)
 	}
-	defer clear(sub)
-	block, err := aes.NewCipher(sub)
+	sub, err := secret.From(derived) // wipes derived
 	if err != nil {
-		return nil, fmt.Errorf("create AES cipher: %w", err)
+		return nil, nil, fmt.Errorf("derive sealing key: %w", err)
+	}
+	block, err := aes.NewCipher(sub.Bytes())
+	if err != nil {
+		sub.Close()
+		return nil, nil, fmt.Errorf("create AES cipher: %w", err)
 	}
 	aead, err := cipher.NewGCM(block)
 	if err != nil {
-		return nil, fmt.Errorf("create GCM: %w", err)
+		sub.Close()
+		return nil, nil, fmt.Errorf("create GCM: %w", err)
 	}
-	return aead, nil
+	return aead, sub, nil
 }
 
 // Seal encrypts plain as blob name of TPM id at generation gen.

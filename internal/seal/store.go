@@ -10,12 +10,14 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 
 	"github.com/google/uuid"
 
 	"vtpm/internal/errdefs"
+	"vtpm/internal/secret"
 )
 
 // StateFileName holds the TPM's UUID; its presence marks a vtpm state directory.
@@ -48,6 +50,7 @@ type Store struct {
 	dir           string
 	id            uuid.UUID
 	aead          cipher.AEAD
+	sealKey       *secret.Bytes // the AES key aead was built from; wiped by Close
 	gens          Generations
 	allowRollback bool
 	mode          os.FileMode
@@ -81,10 +84,16 @@ func Exists(dir string) bool {
 // Open locks dir (creating it and its vtpm-state.json if missing) and
 // returns a Store for it.
 func Open(dir string, opts Options) (*Store, error) {
-	aead, err := newAEAD(opts.Key)
+	aead, sealKey, err := newLockedAEAD(opts.Key)
 	if err != nil {
 		return nil, fmt.Errorf("open sealed state in %s: %w", dir, err)
 	}
+	ok := false
+	defer func() {
+		if !ok {
+			sealKey.Close()
+		}
+	}()
 	mode := opts.FileMode
 	if mode == 0 {
 		mode = 0o600
@@ -106,13 +115,14 @@ func Open(dir string, opts Options) (*Store, error) {
 		return nil, err
 	}
 	s := &Store{
-		dir: dir, id: id, aead: aead, gens: opts.Generations,
+		dir: dir, id: id, aead: aead, sealKey: sealKey, gens: opts.Generations,
 		allowRollback: opts.AllowRollback, mode: mode, log: log.With("tpm", id.String()),
 		lock: lock, blobs: map[string]*blobState{},
 	}
 	if s.gens != nil {
 		s.rec = startRecorder(s.gens, id, s.log)
 	}
+	ok = true
 	return s, nil
 }
 
@@ -163,17 +173,8 @@ func loadOrCreateStateFile(dir string, mode os.FileMode) (uuid.UUID, error) {
 		return uuid.Nil, fmt.Errorf("read %s: %w", path, err)
 	}
 	// A fresh UUID would orphan existing blobs, which are bound to the old one.
-	for _, n := range Names {
-		for _, p := range copyPaths(dir, n) {
-			if b, err := readHead(p); err == nil {
-				hint := ""
-				if len(b) >= 36 && string(b[:len(Magic)]) == Magic {
-					hint = fmt.Sprintf(" (%s names TPM %s)", filepath.Base(p), uuid.UUID(b[20:36]))
-				}
-				return uuid.Nil, errdefs.New(errdefs.ErrDataLoss, "%s is missing but %s holds sealed state%s", path, dir, hint).
-					With(errdefs.Advise("restore %s from backup", StateFileName))
-			}
-		}
+	if err := orphanedBlobs(dir); err != nil {
+		return uuid.Nil, err
 	}
 	id, err := uuid.NewRandom()
 	if err != nil {
@@ -205,6 +206,34 @@ func loadOrCreateStateFile(dir string, mode os.FileMode) (uuid.UUID, error) {
 		return uuid.Nil, fmt.Errorf("create %s: %w", path, err)
 	}
 	return id, nil
+}
+
+// CheckIdentity reports, reading only, whether dir has lost the identity
+// its sealed blobs are bound to: vtpm-state.json missing while blobs are
+// there. Identify would refuse such a directory too, after creating it.
+func CheckIdentity(dir string) error {
+	if _, err := os.Lstat(filepath.Join(dir, StateFileName)); !errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	return orphanedBlobs(dir)
+}
+
+// orphanedBlobs is the error for a directory holding sealed blobs but no
+// vtpm-state.json, naming the TPM a blob's header claims.
+func orphanedBlobs(dir string) error {
+	for _, n := range Names {
+		for _, p := range copyPaths(dir, n) {
+			if b, err := readHead(p); err == nil {
+				hint := ""
+				if len(b) >= 36 && string(b[:len(Magic)]) == Magic {
+					hint = fmt.Sprintf(" (%s names TPM %s)", filepath.Base(p), uuid.UUID(b[20:36]))
+				}
+				return errdefs.New(errdefs.ErrDataLoss, "%s is missing but %s holds sealed state%s", filepath.Join(dir, StateFileName), dir, hint).
+					With(errdefs.Advise("restore %s from backup", StateFileName))
+			}
+		}
+	}
+	return nil
 }
 
 func readHead(path string) ([]byte, error) {
@@ -309,6 +338,11 @@ func (s *Store) Load(name string) ([]byte, error) {
 		return nil, err
 	}
 	sc := s.scanCopies(name)
+	if c := sc.unusable(); c != nil {
+		sc.wipe(nil)
+		return nil, errdefs.Wrap(errdefs.ErrPermissionDenied, c.err, "load %s of TPM %s", name, s.id).
+			With(errdefs.Do(errdefs.ActionRunAsOwner, "path", c.path))
+	}
 	best := sc.best
 	if best == nil {
 		if !sc.present() {
@@ -317,29 +351,46 @@ func (s *Store) Load(name string) ([]byte, error) {
 					filepath.Base(slotPath(s.dir, name, 0)), filepath.Base(slotPath(s.dir, name, 1)), last, s.id, s.dir).
 					with(errdefs.Advise("pass --allow-rollback to start without it deliberately"))
 			}
+			if name == "permall" && last > 0 {
+				s.log.Warn("the TPM's permanent state is missing although it was seen: starting a FRESH, EMPTY TPM in its place (--allow-rollback)",
+					"last_seen", last)
+			}
 			return nil, fmt.Errorf("load %s from %s: %w", name, s.dir, fs.ErrNotExist)
 		}
 		return nil, errdefs.Wrap(errdefs.ErrDataLoss, sc.errs(), "load %s of TPM %s: no copy verifies", name, s.id).
 			With(errdefs.Advise("check the data key, or restore the state directory from backup"))
 	}
-	damaged := sc.damaged()
-	if best.gen < last {
-		// One generation back is the price of surviving a damaged newest
-		// copy: keeping the previous copy is the point of the second slot.
-		fallback := len(damaged) > 0 && best.gen+1 == last
-		switch {
-		case s.allowRollback && !fallback:
-			s.log.Warn("loading an older generation of TPM state (--allow-rollback)", "file", best.path, "generation", best.gen, "last_seen", last)
-		case !fallback:
+	// A damaged copy is a write torn by a crash only when nothing says
+	// otherwise; anything else is refused, keeping the file as evidence.
+	var torn []*sealedCopy
+	for _, c := range sc.damaged() {
+		reasons, names := s.damageReasons(c, best, last)
+		if len(reasons) == 0 {
+			torn = append(torn, c)
+			continue
+		}
+		if !s.allowRollback {
 			sc.wipe(nil)
-			err := s.rollbackErr(filepath.Base(best.path), best.gen, last)
-			if len(damaged) > 0 {
-				err = fmt.Errorf("%w (and %w)", err, sc.errs())
-			}
+			return nil, &DamageError{TPM: s.id, Blob: name, File: filepath.Base(c.path), Damage: c.err,
+				Reasons: reasons, Names: names, Loadable: best.gen, Recorded: last}
+		}
+		moved, err := s.moveAside(c)
+		if err != nil {
+			sc.wipe(nil)
 			return nil, err
 		}
+		s.log.Warn("a copy of TPM state is damaged and no crash explains it; it was moved aside (--allow-rollback)",
+			"file", c.path, "moved_to", moved, "reason", strings.Join(reasons, "; "), "damage", c.err.Error())
+		c.err, c.path = fs.ErrNotExist, moved // gone from its slot
 	}
-	for _, c := range damaged {
+	if best.gen < last {
+		if !s.allowRollback {
+			sc.wipe(nil)
+			return nil, s.rollbackErr(filepath.Base(best.path), best.gen, last)
+		}
+		s.log.Warn("loading an older generation of TPM state (--allow-rollback)", "file", best.path, "generation", best.gen, "last_seen", last)
+	}
+	for _, c := range torn {
 		s.log.Warn("a copy of TPM state does not verify (normal after a crash during a write); using the newest copy that does",
 			"file", c.path, "reason", c.err.Error(), "using", best.path, "generation", best.gen)
 	}
@@ -415,6 +466,12 @@ type writePlan struct {
 // prepareWrite seals data and plans its write, split out so tests can stop
 // after each step as a crash would.
 func (s *Store) prepareWrite(name string, data []byte) (*writePlan, error) {
+	return s.planWrite(s.aead, name, data)
+}
+
+// planWrite is prepareWrite sealing with aead, which Rekey sets to the new
+// key's while the Store still reads with the old one.
+func (s *Store) planWrite(aead cipher.AEAD, name string, data []byte) (*writePlan, error) {
 	b := s.blob(name)
 	var steps []writeStep
 	if !b.migrated {
@@ -445,7 +502,7 @@ func (s *Store) prepareWrite(name string, data []byte) (*writePlan, error) {
 		b.scanned = true
 	}
 	gen := b.gen + 1
-	sealed, err := sealWith(s.aead, s.id, name, gen, data)
+	sealed, err := sealWith(aead, s.id, name, gen, data)
 	if err != nil {
 		return nil, fmt.Errorf("store %s: %w", name, err)
 	}
@@ -584,5 +641,6 @@ func (s *Store) Close() error {
 		errs = append(errs, fmt.Errorf("release lock on %s: %w", s.dir, err))
 	}
 	s.lock = nil
+	s.sealKey.Close()
 	return errors.Join(errs...)
 }

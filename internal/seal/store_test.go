@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io/fs"
 	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -507,25 +509,53 @@ func TestMissingPermallWithHistory(t *testing.T) {
 	}
 }
 
-// TestDamagedSlot covers the second slot's purpose: a newest copy that does
-// not verify falls back one generation, with a warning naming it; an older
-// copy that does not verify is named too, never silently skipped.
+// TestDamagedSlot covers the second slot's purpose: a newest copy torn by
+// a crash in the middle of a write (its generation never recorded) falls
+// back one generation, with a warning naming it; an older copy that does
+// not verify is named too, never silently skipped. A newest copy damaged
+// after it was written completely, or one naming another TPM, is no crash:
+// the load is refused with the reasons and nothing changes on disk, and
+// --allow-rollback moves the damaged file aside rather than writing over it.
 func TestDamagedSlot(t *testing.T) {
 	corrupt := func(b []byte) []byte { b[len(b)-1] ^= 1; return b }
 	truncate := func(b []byte) []byte { return b[:len(b)/2] }
+	foreign := func(b []byte) []byte { id := uuid.New(); copy(b[20:36], id[:]); return b }
 	// After "one", "two", "three": slot a holds 3 (newest), slot b holds 2.
 	tests := []struct {
 		name       string
 		a, b       func([]byte) []byte // nil: leave alone
 		removeA    bool
+		crash      bool   // the third write was never recorded (a crash came first)
+		allow      bool   // --allow-rollback
 		want       string // loaded content; "" means an error
 		wantErr    error
 		errText    []string
 		warnFile   string // a warning must name this file
+		movedAside bool   // the damaged slot a is kept under another name
 		storeAfter bool
 	}{
-		{name: "corrupt newest", a: corrupt, want: "two", warnFile: "permall.a.sealed", storeAfter: true},
-		{name: "torn newest", a: truncate, want: "two", warnFile: "permall.a.sealed", storeAfter: true},
+		{name: "corrupt newest after a crash", a: corrupt, crash: true, want: "two", warnFile: "permall.a.sealed", storeAfter: true},
+		{name: "torn newest after a crash", a: truncate, crash: true, want: "two", warnFile: "permall.a.sealed", storeAfter: true},
+		{
+			name: "corrupt newest after a clean stop", a: corrupt, wantErr: ErrRollback,
+			errText: []string{"permall.a.sealed", "authentication failed", "generation 3 was recorded as written completely", "no write torn by a crash"},
+		},
+		{
+			name: "torn newest after a clean stop", a: truncate, wantErr: ErrRollback,
+			errText: []string{"permall.a.sealed", "truncated", "generation 3 was recorded"},
+		},
+		{
+			name: "newest names another TPM", a: foreign, crash: true, wantErr: errdefs.ErrDataLoss,
+			errText: []string{"permall.a.sealed", "its header names TPM", "another TPM's state"},
+		},
+		{
+			name: "both reasons", a: foreign, wantErr: ErrRollback,
+			errText: []string{"generation 3 was recorded", "another TPM's state"},
+		},
+		{
+			name: "corrupt newest after a clean stop, --allow-rollback", a: corrupt, allow: true, want: "two",
+			warnFile: "permall.a.sealed", movedAside: true, storeAfter: true,
+		},
 		{name: "corrupt older", b: corrupt, want: "three", warnFile: "permall.b.sealed"},
 		{name: "torn older", b: truncate, want: "three", warnFile: "permall.b.sealed"},
 		{
@@ -543,25 +573,36 @@ func TestDamagedSlot(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			e := newEnv(t)
 			s := e.open(t, nil)
-			for _, d := range []string{"one", "two", "three"} {
-				mustStore(t, s, "permall", d)
-			}
+			mustStore(t, s, "permall", "one")
+			mustStore(t, s, "permall", "two")
+			s.Close()
+			s = e.open(t, func(o *Options) {
+				if tt.crash {
+					o.Generations = nil
+				}
+			})
+			mustStore(t, s, "permall", "three")
 			s.Close()
 			a, b := filepath.Join(e.dir, "permall.a.sealed"), filepath.Join(e.dir, "permall.b.sealed")
+			damagedA, _ := os.ReadFile(a)
 			for _, c := range []struct {
 				path string
 				f    func([]byte) []byte
 			}{{a, tt.a}, {b, tt.b}} {
 				if c.f != nil {
 					data, _ := os.ReadFile(c.path)
-					os.WriteFile(c.path, c.f(data), 0o600)
+					data = c.f(data)
+					os.WriteFile(c.path, data, 0o600)
+					if c.path == a {
+						damagedA = data
+					}
 				}
 			}
 			if tt.removeA {
 				os.Remove(a)
 			}
 			before := snapshot(t, filepath.Dir(e.dir))
-			s2 := e.open(t, nil)
+			s2 := e.open(t, func(o *Options) { o.AllowRollback = tt.allow })
 			got, err := s2.Load("permall")
 			if tt.want == "" {
 				if !errors.Is(err, tt.wantErr) {
@@ -584,18 +625,87 @@ func TestDamagedSlot(t *testing.T) {
 			if !strings.Contains(logs, "level=WARN") || !strings.Contains(logs, tt.warnFile) {
 				t.Errorf("no warning naming %s was logged: %s", tt.warnFile, logs)
 			}
+			if tt.movedAside {
+				kept, _ := filepath.Glob(a + ".damaged-*")
+				if len(kept) != 1 {
+					t.Fatalf("damaged slot kept as %v, want one file moved aside", kept)
+				}
+				if data, _ := os.ReadFile(kept[0]); !bytes.Equal(data, damagedA) {
+					t.Errorf("%s does not hold the damaged copy", kept[0])
+				}
+			}
 			if !tt.storeAfter {
 				return
 			}
-			// The damaged newest copy is overwritten, the good one kept.
+			// The damaged newest copy is overwritten (or was moved aside), the good one kept.
 			mustStore(t, s2, "permall", "four")
 			if p, g, err := readCopy(t, e, s2.UUID(), "permall", "permall.b.sealed"); err != nil || p != "two" || g != 2 {
 				t.Errorf("permall.b.sealed after store = (%q, %d, %v), want generation 2 \"two\" kept", p, g, err)
 			}
-			if p, g, err := readCopy(t, e, s2.UUID(), "permall", "permall.a.sealed"); err != nil || p != "four" || g != 4 {
-				t.Errorf("permall.a.sealed after store = (%q, %d, %v), want generation 4 \"four\"", p, g, err)
+			if p, g, err := readCopy(t, e, s2.UUID(), "permall", "permall.a.sealed"); err != nil || p != "four" || g < 3 {
+				t.Errorf("permall.a.sealed after store = (%q, %d, %v), want \"four\"", p, g, err)
 			}
 		})
+	}
+}
+
+// TestUnusableSlot: a slot this process may not read or write is not
+// damage to skip; the load fails naming the file and the permission.
+func TestUnusableSlot(t *testing.T) {
+	if os.Geteuid() == 0 {
+		// Root reads and writes every file: run this test as nobody.
+		runAsNobody(t, "TestUnusableSlot")
+		return
+	}
+	for _, mode := range []os.FileMode{0o000, 0o400} {
+		t.Run(fmt.Sprintf("%04o", mode), func(t *testing.T) {
+			e := newEnv(t)
+			s := e.open(t, nil)
+			mustStore(t, s, "permall", "one")
+			mustStore(t, s, "permall", "two")
+			s.Close()
+			a := filepath.Join(e.dir, "permall.a.sealed")
+			os.Chmod(a, mode)
+			defer os.Chmod(a, 0o600)
+			s2 := e.open(t, nil)
+			_, err := s2.Load("permall")
+			if !errors.Is(err, errdefs.ErrPermissionDenied) || !errors.Is(err, fs.ErrPermission) || !strings.Contains(err.Error(), "permall.a.sealed") {
+				t.Fatalf("Load = %v; want permission denied naming permall.a.sealed", err)
+			}
+		})
+	}
+}
+
+// runAsNobody runs test in a copy of this test binary as uid/gid 65534,
+// with a temporary directory of its own, and fails with its output if it
+// fails (or is skipped).
+func runAsNobody(t *testing.T, test string) {
+	t.Helper()
+	if os.Getenv("VTPM_TEST_AS_NOBODY") != "" {
+		t.Fatal("still root after the change to nobody")
+	}
+	dir, err := os.MkdirTemp("", "vtpm-seal-nobody")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	self, err := os.ReadFile(os.Args[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	exe := filepath.Join(dir, "seal.test")
+	if err := os.WriteFile(exe, self, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(exe, "-test.run=^"+test+"$", "-test.count=1", "-test.v")
+	cmd.Env = append(os.Environ(), "VTPM_TEST_AS_NOBODY=1", "TMPDIR="+dir)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "--- PASS: "+test) {
+		t.Fatalf("%s as nobody: %v\n%s", test, err, out)
 	}
 }
 
@@ -702,15 +812,26 @@ func TestLegacyLayout(t *testing.T) {
 			t.Errorf("Load after two writes = %q, %v; want \"four\"", got, err)
 		}
 	})
-	t.Run("damaged newest falls back to .prev", func(t *testing.T) {
+	// Legacy copies were replaced by rename, which no crash tears: a
+	// damaged newest copy is refused, and --allow-rollback keeps it aside.
+	t.Run("damaged newest is refused", func(t *testing.T) {
 		e, _ := legacyEnv(t)
 		cur := filepath.Join(e.dir, "permall.sealed")
 		b, _ := os.ReadFile(cur)
 		os.WriteFile(cur, b[:40], 0o600)
+		before := snapshot(t, filepath.Dir(e.dir))
 		s := e.open(t, nil)
+		if got, err := s.Load("permall"); !errors.Is(err, ErrRollback) || !strings.Contains(err.Error(), "permall.sealed") {
+			t.Fatalf("Load = %q, %v; want a refusal naming permall.sealed", got, err)
+		}
+		if after := snapshot(t, filepath.Dir(e.dir)); !equalSnapshots(before, after) {
+			t.Errorf("a refused Load changed files on disk")
+		}
+		s.Close()
+		s = e.open(t, func(o *Options) { o.AllowRollback = true })
 		got, err := s.Load("permall")
 		if err != nil || string(got) != "one" {
-			t.Fatalf("Load = %q, %v; want \"one\"", got, err)
+			t.Fatalf("Load with AllowRollback = %q, %v; want \"one\"", got, err)
 		}
 		if !strings.Contains(e.logs.String(), "permall.sealed: truncated") {
 			t.Errorf("no warning naming the damaged permall.sealed: %s", e.logs)
@@ -718,6 +839,9 @@ func TestLegacyLayout(t *testing.T) {
 		mustStore(t, s, "permall", "three")
 		if got, err := s.Load("permall"); err != nil || string(got) != "three" {
 			t.Errorf("Load after the first write = %q, %v; want \"three\"", got, err)
+		}
+		if kept, _ := filepath.Glob(cur + ".damaged-*"); len(kept) != 1 {
+			t.Errorf("damaged copy kept as %v, want one file moved aside", kept)
 		}
 	})
 }

@@ -14,5 +14,9 @@
 // takes, so any two TPM processes on one directory exclude each other.
 //
 // The format of a directory is chosen once, by [Choose], the same way by
-// every caller: the TPM process, manufacture and swtpm_setup.
+// every caller: the TPM process, manufacture and swtpm_setup. A user (or a
+// test) that needs swtpm's files asks for them explicitly with --tpmstate
+// format=swtpm or $VTPM_STATE_FORMAT ([ChooseExplicit]); the request
+// decides for a new directory, and a directory that holds the other format
+// is refused rather than given a second TPM.
 package state

@@ -33,12 +33,22 @@ type Opened struct {
 // Close closes the storage and releases the lock.
 func (o *Opened) Close() error { return o.Storage.Close() }
 
+// SealKey is a TPM's data key as the key broker hands it out
+// (*keybroker.Key): it opens the TPM's sealed store and never shows itself.
+// Close wipes it.
+type SealKey interface {
+	// OpenStore is seal.Open with the key set in opts.
+	OpenStore(dir string, opts seal.Options) (*seal.Store, error)
+	Close()
+}
+
 // Keys hands out the data keys of sealed TPMs: the host's key broker
 // (*keybroker.Broker).
 type Keys interface {
 	// OpenKey returns the data key of the TPM whose state is in dir (a new
-	// dir gets its identity and a fresh key), and the TPM's UUID.
-	OpenKey(dir string) (tpm uuid.UUID, dek []byte, err error)
+	// dir gets its identity and a fresh key), and the TPM's UUID. The
+	// caller closes the key.
+	OpenKey(dir string) (tpm uuid.UUID, key SealKey, err error)
 	// Generations is where the host records the newest generation it has
 	// seen of each TPM's state.
 	Generations() seal.Generations
@@ -49,19 +59,19 @@ type Keys interface {
 // protector owned by this host's guardian. Generations are recorded where
 // keys records them.
 func OpenSealed(keys Keys, dir string, log *slog.Logger) (*Opened, error) {
-	_, dek, err := keys.OpenKey(dir)
+	_, key, err := keys.OpenKey(dir)
 	if err != nil {
 		return nil, err
 	}
-	defer clear(dek)
-	return OpenSealedWith(dir, seal.Options{Key: dek, Generations: keys.Generations(), Logger: log})
+	defer key.Close()
+	return OpenSealedWith(dir, key, seal.Options{Generations: keys.Generations(), Logger: log})
 }
 
 // OpenSealedWith opens (creating) sealed state in dir with a data key
-// already in hand (opts.Key): one opened before privileges were dropped, or
-// given with --data-key.
-func OpenSealedWith(dir string, opts seal.Options) (*Opened, error) {
-	s, err := seal.Open(dir, opts)
+// already in hand: one opened before privileges were dropped, or given with
+// --data-key. opts.Key is set by key.
+func OpenSealedWith(dir string, key SealKey, opts seal.Options) (*Opened, error) {
+	s, err := key.OpenStore(dir, opts)
 	if err != nil {
 		return nil, err
 	}

@@ -13,9 +13,20 @@ import (
 // new TPM (new UUID, new key). The directory and its other files (lock,
 // policy, backups) stay; a missing directory holds nothing to remove.
 //
-// Remove does not take dir's lock: its callers know that no TPM process
-// serves dir. [Locked.Remove] removes under the lock.
-func Remove(dir string) error { return removeState(dir) }
+// Remove takes dir's lock before it removes anything, so the state of a
+// TPM that is running is left whole: the error then matches [ErrLocked]
+// and nothing was changed. Callers that hold the lock use [Locked.Remove].
+func Remove(dir string) error {
+	if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	l, err := Lock(dir)
+	if err != nil {
+		return fmt.Errorf("remove the TPM state in %s: %w; nothing was changed", dir, err)
+	}
+	defer l.Unlock()
+	return l.Remove()
+}
 
 func removeState(dir string) error {
 	entries, err := os.ReadDir(dir)

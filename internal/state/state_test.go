@@ -21,10 +21,20 @@ var testKey = bytes.Repeat([]byte{0x42}, 32)
 // fixedKeys hands out one data key for every TPM, as --data-key does.
 type fixedKeys struct{ dek []byte }
 
-func (k fixedKeys) OpenKey(dir string) (uuid.UUID, []byte, error) {
+func (k fixedKeys) OpenKey(dir string) (uuid.UUID, SealKey, error) {
 	id, err := seal.Identify(dir)
-	return id, bytes.Clone(k.dek), err
+	return id, rawKey(bytes.Clone(k.dek)), err
 }
+
+// rawKey is a test key held in plain memory.
+type rawKey []byte
+
+func (k rawKey) OpenStore(dir string, opts seal.Options) (*seal.Store, error) {
+	opts.Key = k
+	return seal.Open(dir, opts)
+}
+
+func (k rawKey) Close() { clear(k) }
 
 func (fixedKeys) Generations() seal.Generations { return nil }
 
@@ -183,6 +193,27 @@ func TestRemoveKeepsOtherFiles(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestRemoveRunningTPM: Remove takes the lock before it removes anything,
+// so a directory a TPM process holds keeps every file.
+func TestRemoveRunningTPM(t *testing.T) {
+	dir := t.TempDir()
+	files := []string{"permall.a.sealed", "permall.b.sealed", "vtpm-state.json", "protector.json"}
+	touch(t, dir, files...)
+	l, err := Lock(dir) // as the serving TPM process holds it
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Unlock()
+	if err := Remove(dir); !errors.Is(err, ErrLocked) || !strings.Contains(err.Error(), "nothing was changed") {
+		t.Fatalf("Remove of a locked directory = %v; want ErrLocked, nothing changed", err)
+	}
+	for _, n := range files {
+		if _, err := os.Stat(filepath.Join(dir, n)); err != nil {
+			t.Errorf("%s was removed from a locked directory: %v", n, err)
+		}
 	}
 }
 

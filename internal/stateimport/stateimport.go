@@ -40,10 +40,11 @@ type Options struct {
 	Source  string         // swtpm state directory
 	Dest    string         // where the sealed state goes; "" = Source (in place)
 	FileKey *statefile.Key // swtpm's --key; nil for plain state
-	// DataKey returns the 32-byte sealing key for the new state. It is called
-	// with the staging directory, into which it may write files that belong
-	// beside the sealed state (the key protector); they are moved in with it.
-	DataKey     func(staging string) ([]byte, error)
+	// DataKey returns the key that seals the new state. It is called with
+	// the staging directory, into which it may write files that belong
+	// beside the sealed state (the key protector); they are moved in with
+	// it. Import closes the key.
+	DataKey     func(staging string) (state.SealKey, error)
 	Generations seal.Generations // the host's generation records; may be nil
 	FileMode    os.FileMode      // of the sealed files; 0 = 0600
 	Now         func() time.Time // names the backup; nil = time.Now
@@ -310,12 +311,8 @@ func stageAndMove(dest string, states map[string][]byte, opts Options, owner own
 	if err != nil {
 		return uuid.Nil, err
 	}
-	if len(key) != 32 {
-		return uuid.Nil, errdefs.New(errdefs.ErrInvalidArgument, "data key is %d bytes, want 32", len(key))
-	}
-	defer clear(key)
-	s, err := seal.Open(staging, seal.Options{
-		Key:         key,
+	defer key.Close()
+	s, err := key.OpenStore(staging, seal.Options{
 		Generations: opts.Generations,
 		FileMode:    opts.FileMode,
 		Logger:      opts.Logger,

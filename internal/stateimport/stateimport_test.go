@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"vtpm/internal/errdefs"
+	"vtpm/internal/keybroker"
 	"vtpm/internal/libtpms"
 	"vtpm/internal/seal"
 	"vtpm/internal/state"
@@ -153,7 +154,7 @@ func TestImport(t *testing.T) {
 			states := writeSwtpm(t, src, tc.key, tc.names...)
 			before := tree(t, src)
 			gens := seal.NewFileGenerations(t.TempDir())
-			opts := Options{Source: src, FileKey: tc.key, DataKey: fixedKey(dataKey), Generations: gens, Now: func() time.Time { return now }}
+			opts := Options{Source: src, FileKey: tc.key, DataKey: fixedKey(t, dataKey), Generations: gens, Now: func() time.Time { return now }}
 			dest := src
 			if tc.toDest {
 				dest = filepath.Join(t.TempDir(), "new", "sealed")
@@ -363,7 +364,7 @@ func TestImportRefuses(t *testing.T) {
 			kind:    errdefs.ErrInvalidArgument,
 			setup:   func(t *testing.T, src, dest string) { writeSwtpm(t, src, nil, "permall") },
 			dataKey: []byte("short"),
-			wantErr: []string{"data key is 5 bytes, want 32"},
+			wantErr: []string{"binary key has 5 bytes, want 32"},
 		},
 	}
 	for _, tc := range tests {
@@ -380,7 +381,7 @@ func TestImportRefuses(t *testing.T) {
 			if tc.inPlace {
 				d = ""
 			}
-			res, err := Import(Options{Source: src, Dest: d, FileKey: tc.key, DataKey: fixedKey(dk), Now: func() time.Time { return now }})
+			res, err := Import(Options{Source: src, Dest: d, FileKey: tc.key, DataKey: fixedKey(t, dk), Now: func() time.Time { return now }})
 			if err == nil {
 				t.Fatalf("Import succeeded: %+v", res)
 			}
@@ -414,7 +415,7 @@ func TestImportRefuses(t *testing.T) {
 
 func TestImportMissingSource(t *testing.T) {
 	t.Parallel()
-	_, err := Import(Options{Source: filepath.Join(t.TempDir(), "absent"), DataKey: fixedKey(dataKey)})
+	_, err := Import(Options{Source: filepath.Join(t.TempDir(), "absent"), DataKey: fixedKey(t, dataKey)})
 	if !errors.Is(err, fs.ErrNotExist) {
 		t.Fatalf("Import of a missing directory: %v, want fs.ErrNotExist", err)
 	}
@@ -437,7 +438,7 @@ func TestImportKeepsOwner(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		opts := Options{Source: src, DataKey: fixedKey(dataKey)}
+		opts := Options{Source: src, DataKey: fixedKey(t, dataKey)}
 		if toDest {
 			opts.Dest = filepath.Join(t.TempDir(), "sealed")
 		}
@@ -475,7 +476,12 @@ func holdLock(t *testing.T, dir string) {
 	t.Cleanup(func() { l.Unlock() })
 }
 
-// fixedKey returns a DataKey source that hands out a copy of k.
-func fixedKey(k []byte) func(string) ([]byte, error) {
-	return func(string) ([]byte, error) { return bytes.Clone(k), nil }
+// fixedKey returns a DataKey source that hands out k, as --data-key
+// file=…,format=binary reads it.
+func fixedKey(t *testing.T, k []byte) func(string) (state.SealKey, error) {
+	p := filepath.Join(t.TempDir(), "data-key")
+	if err := os.WriteFile(p, k, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return func(string) (state.SealKey, error) { return keybroker.ParseDataKey("file=" + p + ",format=binary") }
 }

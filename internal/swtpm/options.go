@@ -49,7 +49,9 @@ type Options struct {
 	StateModeSet bool
 	Ctrl         *Endpoint
 	Server       *Endpoint
-	DataFD       int // -f/--fd, or -1
+	DataFD       int    // -f/--fd, or -1
+	Chardev      bool   // swtpm chardev: the data channel carries one command per read (a character device or a socket)
+	Device       string // swtpm chardev -c/--chardev: the character device to open
 	Terminate    bool
 	Daemon       bool
 	PidFile      string
@@ -77,6 +79,10 @@ type Extensions struct {
 	// for swtpm must start wherever swtpm did.
 	Isolation     sandbox.Isolation
 	AllowRollback bool // --allow-rollback: accept sealed state older than the last generation seen
+	// StateFormat is the state format asked for, "sealed" or "swtpm"
+	// (--tpmstate format=, else VTPM_STATE_FORMAT); "" lets the directory
+	// decide (see state.ChooseExplicit).
+	StateFormat string
 }
 
 // UsageError is a command-line error; swtpm prints it with the usage and exits 1.
@@ -131,8 +137,11 @@ func Parse(args []string, getenv func(string) string) (*Options, *Extensions, er
 	if c.ShowHelp || c.ShowVersion || c.PrintCaps {
 		return c, x, nil
 	}
-	var err error
-	if err = c.parseState(tpmstate, getenv("TPM_PATH")); err != nil {
+	format, err := c.parseState(tpmstate, getenv("TPM_PATH"))
+	if err != nil {
+		return nil, nil, err
+	}
+	if x.StateFormat, err = stateFormat(format, getenv); err != nil {
 		return nil, nil, err
 	}
 	if c.PrintStates {
@@ -214,20 +223,21 @@ func Parse(args []string, getenv func(string) string) (*Options, *Extensions, er
 	return c, x, nil
 }
 
-func (c *Options) parseState(v, tpmPath string) error {
+// parseState parses --tpmstate; it returns vtpm's format= sub-option.
+func (c *Options) parseState(v, tpmPath string) (format string, err error) {
 	if v == "" {
 		c.StateDir = tpmPath
 		c.StateMode = 0o640
-		return nil
+		return "", nil
 	}
-	o, err := subopt.Parse(v, "dir", "mode", "backend-uri")
+	o, err := subopt.Parse(v, "dir", "mode", "backend-uri", "format")
 	if err != nil {
-		return usagef("--tpmstate: %v", err)
+		return "", usagef("--tpmstate: %v", err)
 	}
 	c.StateDir = o["dir"]
 	if uri, ok := o["backend-uri"]; ok {
 		if c.StateDir != "" {
-			return usagef("--tpmstate: dir= and backend-uri= cannot be combined")
+			return "", usagef("--tpmstate: dir= and backend-uri= cannot be combined")
 		}
 		switch {
 		case strings.HasPrefix(uri, "dir://"):
@@ -235,20 +245,20 @@ func (c *Options) parseState(v, tpmPath string) error {
 		case strings.HasPrefix(uri, "file://"):
 			c.StateFile = strings.TrimPrefix(uri, "file://")
 		default:
-			return usagef("--tpmstate: backend-uri=%q: want dir://PATH or file://PATH", uri)
+			return "", usagef("--tpmstate: backend-uri=%q: want dir://PATH or file://PATH", uri)
 		}
 	}
 	if c.StateDir == "" && c.StateFile == "" {
-		return usagef("--tpmstate: missing dir= or backend-uri=")
+		return "", usagef("--tpmstate: missing dir= or backend-uri=")
 	}
 	c.StateMode = 0o640
 	if m, ok := o["mode"]; ok {
 		if c.StateMode, err = parseMode("--tpmstate", m); err != nil {
-			return err
+			return "", err
 		}
 		c.StateModeSet = true
 	}
-	return nil
+	return o["format"], nil
 }
 
 func parseEndpoint(opt, v string, isCtrl bool) (*Endpoint, error) {
@@ -468,8 +478,10 @@ The following options are supported:
 --server type=unixio[,path=<path>][,fd=<fd>][,mode=0...][,uid=..][,gid=..]
 --ctrl type=unixio[,path=<path>][,fd=<fd>|clientfd=<fd>][,mode=0...][,uid=..][,gid=..]
 --ctrl type=tcp[,port=<port>][,bindaddr=<addr>][,fd=<fd>]
---tpmstate dir=<dir>[,mode=0...]|backend-uri=dir://<dir>
-                        : where the TPM state lives (or TPM_PATH)
+--tpmstate dir=<dir>[,mode=0...][,format=sealed|swtpm]|backend-uri=dir://<dir>|file://<file>
+                        : where the TPM state lives (or TPM_PATH); format= (or
+                          VTPM_STATE_FORMAT) chooses a new directory's format:
+                          sealed (the default) or swtpm's files
 --key file=<path>|fd=<fd>|pwdfile=<path>|pwdfd=<fd>[,mode=aes-cbc|aes-256-cbc][,format=hex|binary][,remove][,kdf=pbkdf2|sha512]
                         : keep the state in swtpm's encrypted format with this key
 --migration-key ...     : same syntax; encrypts state blobs sent to QEMU for migration

@@ -106,6 +106,14 @@ func Start(t testing.TB, exe string, env []string, ready string, args ...string)
 		cmd = exec.Command(exe, append([]string{"socket"}, args...)...)
 	}
 	cmd.Env = append(os.Environ(), env...)
+	return StartCmd(t, cmd, ready)
+}
+
+// StartCmd runs a TPM process prepared by the caller (another interface
+// than socket, inherited files) and stops it at cleanup. ready is as for
+// Start.
+func StartCmd(t testing.TB, cmd *exec.Cmd, ready string) *Proc {
+	t.Helper()
 	p := &Proc{Cmd: cmd, Stderr: &bytes.Buffer{}, done: make(chan struct{})}
 	cmd.Stderr = p.Stderr
 	cmd.Stdout = p.Stderr
@@ -116,7 +124,7 @@ func Start(t testing.TB, exe string, env []string, ready string, args ...string)
 	t.Cleanup(func() { p.Kill() })
 	if ready != "" {
 		if err := p.WaitReady(ready, 10*time.Second); err != nil {
-			t.Fatalf("%s did not come up: %v\n%s", filepath.Base(exe), err, p.Stderr)
+			t.Fatalf("%s did not come up: %v\n%s", filepath.Base(cmd.Path), err, p.Stderr)
 		}
 	}
 	return p

@@ -50,7 +50,7 @@ func TestSetTPMsEnabled(t *testing.T) {
 	}
 	for _, tc := range tests {
 		var seen []string
-		got, failed := h.SetTPMsEnabled(tc.refs, tc.on, func(r BulkResult) { seen = append(seen, r.VM) })
+		got, failed := h.SetTPMsEnabled(tc.refs, tc.on, false, func(r BulkResult) { seen = append(seen, r.VM) })
 		if failed != tc.failed || len(got) != len(tc.want) || !slices.Equal(seen, tc.refs) {
 			t.Fatalf("SetTPMsEnabled(%v, %v): %+v, %d failed, reported %v; want %d results, %d failed, each reported in order",
 				tc.refs, tc.on, got, failed, seen, len(tc.want), tc.failed)
@@ -64,6 +64,35 @@ func TestSetTPMsEnabled(t *testing.T) {
 		v, _ := h.Open("with-tpm")
 		if v.Config.TPMEnabled() != tc.on {
 			t.Errorf("with-tpm's TPM enabled %v, want %v", v.Config.TPMEnabled(), tc.on)
+		}
+	}
+}
+
+// TestSetAllTPMsSkipsVMsWithoutTPM: a change to every VM's TPM does not
+// apply to a VM without one; it is skipped, not failed.
+func TestSetAllTPMsSkipsVMsWithoutTPM(t *testing.T) {
+	h := testHost(t)
+	for _, o := range []CreateOptions{
+		{Name: "with-tpm", OS: Linux, TPM: yes(), NoDisk: true},
+		{Name: "without-tpm", OS: Linux, NoDisk: true},
+	} {
+		if _, err := h.Create(o); err != nil {
+			t.Fatal(err)
+		}
+	}
+	refs, err := h.Targets(nil, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, on := range []bool{false, true} {
+		got, failed := h.SetTPMsEnabled(refs, on, true, nil)
+		if failed != 0 || len(got) != 2 {
+			t.Fatalf("SetTPMsEnabled(all, %v): %+v, %d failed; want 2 results, none failed", on, got, failed)
+		}
+		for _, r := range got {
+			if want := r.VM == "without-tpm"; r.Skipped != want || r.OK == want || r.Err != nil {
+				t.Errorf("SetTPMsEnabled(all, %v): %+v; want without-tpm skipped and with-tpm ok", on, r)
+			}
 		}
 	}
 }

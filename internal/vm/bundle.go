@@ -1,12 +1,14 @@
 package vm
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -78,8 +80,24 @@ func newConfig(o CreateOptions) (*Config, error) {
 	default:
 		return nil, errdefs.New(errdefs.ErrInvalidArgument, "isolation %q: want preferred or required", c.Isolation)
 	}
+	if err := checkCreateSizes(c, o); err != nil {
+		return nil, err
+	}
 	if (c.Kernel == "") != (c.Initrd == "") && c.Initrd != "" {
 		return nil, errdefs.New(errdefs.ErrInvalidArgument, "--initrd needs --kernel")
+	}
+	for _, f := range []struct {
+		flag string
+		path *string
+	}{{"--kernel", &c.Kernel}, {"--initrd", &c.Initrd}} {
+		if *f.path == "" {
+			continue
+		}
+		p, err := bootFile(f.flag, *f.path)
+		if err != nil {
+			return nil, err
+		}
+		*f.path = p
 	}
 	if o.Disk != "" {
 		d, err := diskFor(o.Disk)
@@ -183,13 +201,31 @@ func (h *Registry) Create(o CreateOptions) (_ *Created, err error) {
 		if size == "" {
 			size = "20G"
 		}
-		out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", filepath.Join(dir, diskName), size).CombinedOutput()
+		n, err := ParseDiskSize(size)
+		if err != nil {
+			return nil, errdefs.Wrap(errdefs.ErrInvalidArgument, err, "--disk-size")
+		}
+		// The size is digits by now and "--" ends the options: no value
+		// here can be read as one.
+		out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", "--", filepath.Join(dir, diskName), FormatSize(n)).CombinedOutput()
 		if err != nil {
 			return nil, fmt.Errorf("create a %s disk with qemu-img (install qemu-utils, or give --disk PATH): %v: %s", size, err, strings.TrimSpace(string(out)))
 		}
 		c.Disks = append([]Disk{{Path: diskName, Format: "qcow2"}}, c.Disks...)
 	}
 	if err := os.MkdirAll(filepath.Join(dir, LogDir), 0o700); err != nil {
+		return nil, err
+	}
+	// The paths outside the bundle this command was given are the local
+	// administrator's choice: they join the host's allow list once the VM
+	// exists. Until then the VM is checked as if they had.
+	hc, err := h.HostConfig()
+	if err != nil {
+		return nil, err
+	}
+	outside := c.outsidePaths(hc)
+	withNew := &HostConfig{AllowedPaths: append(slices.Clone(hc.AllowedPaths), outside...)}
+	if err := c.validate(filepath.Join(dir, ConfigFile), dir, withNew); err != nil {
 		return nil, err
 	}
 	if err := v.Save(); err != nil {
@@ -206,7 +242,66 @@ func (h *Registry) Create(o CreateOptions) (_ *Created, err error) {
 		}
 		res.Notes = append(res.Notes, fmt.Sprintf("%s has a manufactured vTPM (EK certificates from this host's CA) and Secure Boot on", c.Name))
 	}
+	if len(outside) > 0 {
+		if _, err := h.AllowPaths(outside...); err != nil {
+			return nil, err
+		}
+		res.Notes = append(res.Notes, fmt.Sprintf("this host now allows its VMs to use %s (given to vm create; bundles name no host paths of their own)",
+			strings.Join(outside, ", ")))
+	}
 	return res, nil
+}
+
+// checkCreateSizes checks the sizes and counts a create was given; zero
+// values are the profile's defaults.
+func checkCreateSizes(c *Config, o CreateOptions) error {
+	if _, err := ParseMemory(c.Memory); err != nil {
+		return errdefs.Wrap(errdefs.ErrInvalidArgument, err, "--memory")
+	}
+	if err := CheckCPUs(c.CPUs); err != nil {
+		return errdefs.Wrap(errdefs.ErrInvalidArgument, err, "--cpus")
+	}
+	if o.DiskSize != "" {
+		if _, err := ParseDiskSize(o.DiskSize); err != nil {
+			return errdefs.Wrap(errdefs.ErrInvalidArgument, err, "--disk-size")
+		}
+	}
+	return nil
+}
+
+// bootFile checks a --kernel or --initrd file and returns its absolute path.
+func bootFile(flag, p string) (string, error) {
+	abs, err := filepath.Abs(p)
+	if err != nil {
+		return "", err
+	}
+	st, err := os.Stat(abs)
+	if errors.Is(err, fs.ErrNotExist) {
+		return "", errdefs.Wrap(errdefs.ErrNotFound, err, "%s %s", flag, p)
+	}
+	if err != nil {
+		return "", errdefs.Wrap(errdefs.ErrInvalidArgument, err, "%s %s", flag, p)
+	}
+	if !st.Mode().IsRegular() {
+		return "", errdefs.New(errdefs.ErrInvalidArgument, "%s %s is not a regular file", flag, p)
+	}
+	return abs, nil
+}
+
+// outsidePaths are the absolute paths c names that hc does not allow yet.
+func (c *Config) outsidePaths(hc *HostConfig) []string {
+	var out []string
+	add := func(p string) {
+		if filepath.IsAbs(p) && !hc.Allows(p) && !slices.Contains(out, p) {
+			out = append(out, p)
+		}
+	}
+	for _, d := range c.Disks {
+		add(d.Path)
+	}
+	add(c.Kernel)
+	add(c.Initrd)
+	return out
 }
 
 // makeBundleDir creates dir, which must not exist or be empty.
@@ -218,28 +313,6 @@ func makeBundleDir(dir string) error {
 		return fmt.Errorf("create bundle directory: %w", err)
 	}
 	return nil
-}
-
-// Delete removes a stopped VM's bundle and unregisters it. The TPM state is
-// moved to a backup under the data root (its path is returned) unless
-// deleteTPM is set. Disks outside the bundle are left alone.
-func (h *Registry) Delete(v *VM, deleteTPM bool) (backup string, err error) {
-	if err := h.requireStopped(v, "delete it"); err != nil {
-		return "", err
-	}
-	if !deleteTPM {
-		if backup, err = h.backupTPM(v); err != nil {
-			return "", err
-		}
-	}
-	if _, err := h.Unregister(v.Config.UUID.String()); err != nil {
-		return backup, err
-	}
-	if err := os.RemoveAll(v.Dir); err != nil {
-		return backup, fmt.Errorf("VM %s is unregistered, but removing %s failed: %w", v.Name(), v.Dir, err)
-	}
-	os.RemoveAll(h.runDir(v))
-	return backup, nil
 }
 
 // TPMMode says what a clone's TPM is.
@@ -348,6 +421,11 @@ func (h *Registry) Clone(src *VM, name string, mode TPMMode, dir string) (*Creat
 	if src.Config.Template {
 		return nil, errdefs.New(errdefs.ErrFailedPrecondition, "%s is a template; make VMs from it", src.Name()).
 			With(do(errdefs.ActionVMDeploy, "template", src.Name(), "new", name))
+	}
+	if mode == TPMNone {
+		if err := requireTPMKept(src.Config, name, "cloning without a TPM (--tpm none)"); err != nil {
+			return nil, err
+		}
 	}
 	if mode == TPMCopy && !src.Config.HasTPM() {
 		return nil, errdefs.New(errdefs.ErrFailedPrecondition, "VM %s has no TPM to copy; clone it with --tpm none", src.Name())

@@ -2,9 +2,6 @@ package vm
 
 import (
 	"encoding/json"
-	"errors"
-	"io/fs"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -144,6 +141,9 @@ type Config struct {
 	// warning, when that user cannot reach the VM's files); "root" keeps it
 	// root. A non-root caller's vTPM runs as the caller.
 	TPMUser string `json:"tpm_user,omitempty"`
+	// QEMUUser is the user QEMU runs as when `vm start` runs as root: ""
+	// = the first of DefaultQEMUUsers that exists. Never root.
+	QEMUUser string `json:"qemu_user,omitempty"`
 	// Template marks a template: it is never started, only deployed.
 	Template bool `json:"template,omitempty"`
 	// TPMRequired: VMs deployed from this template get a fresh vTPM.
@@ -165,29 +165,6 @@ func (c *Config) Passthrough() string {
 		}
 	}
 	return ""
-}
-
-// ReadConfig reads dir/vm.json.
-func ReadConfig(dir string) (*Config, error) {
-	path := filepath.Join(dir, ConfigFile)
-	b, err := os.ReadFile(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, errdefs.New(errdefs.ErrNotFound, "%s is not a VM bundle: it has no %s", dir, ConfigFile)
-	}
-	if err != nil {
-		return nil, err
-	}
-	var c Config
-	if err := json.Unmarshal(b, &c); err != nil {
-		return nil, errdefs.Wrap(errdefs.ErrDataLoss, err, "%s is damaged", path).With(errdefs.Advise("restore it from a backup"))
-	}
-	if c.Format != configFormat {
-		return nil, errdefs.New(errdefs.ErrFailedPrecondition, "%s has format %d; this vtpm reads format %d", path, c.Format, configFormat)
-	}
-	if c.Name == "" || c.UUID == uuid.Nil {
-		return nil, errdefs.New(errdefs.ErrDataLoss, "%s is damaged: it has no name or UUID", path)
-	}
-	return &c, nil
 }
 
 // WriteConfig writes dir/vm.json crash-safely.

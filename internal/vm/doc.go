@@ -17,4 +17,19 @@
 // Run-time files (QEMU's and the vTPM's pid files and sockets) live in a
 // per-bundle directory under $XDG_RUNTIME_DIR/vtpm, /run/vtpm (root) or
 // the temporary directory; a VM's state is derived from its live processes.
+//
+// A bundle travels between hosts, so vm.json is untrusted input: one
+// parser ([ParseConfig]) reads it for every command, bounds every value,
+// takes device models and formats from fixed lists, and keeps paths inside
+// the bundle unless the host's configuration (host.json in the data root,
+// [HostConfig]) allows them. Values that reach a QEMU option string are
+// escaped as QEMU parses them; sizes reach qemu-img as digits after "--".
+//
+// QEMU is confined: under its own seccomp sandbox ([QEMUSandbox]) and, when
+// vm start runs as root, as an unprivileged user ([QEMUUser]). It opens
+// nothing of the VM's by name but the kernel and initrd: disks, the
+// variable store and logs are handed over as descriptors (fd sets), its
+// monitor and serial sockets as listening descriptors, and the vTPM's
+// control socket as a connected one, so QEMU needs no access to the bundle,
+// the run directory or host devices.
 package vm

@@ -83,3 +83,14 @@ func checkProfile(c *Config) error {
 	}
 	return nil
 }
+
+// requireTPMKept refuses to leave a Windows 11 VM without a TPM, the rule
+// create applies, when what (a clone without one, removing it) would.
+func requireTPMKept(c *Config, name, what string) error {
+	if c.OS != Windows11 || c.Template {
+		return nil
+	}
+	return &RuleError{VM: name, Rule: "windows11-needs-tpm", Msg: fmt.Sprintf(
+		"Windows 11 requires a TPM 2.0, and %s would leave VM %s without one; "+
+			"its TPM can be disabled for a while instead (its state and keys stay)", what, name)}
+}

@@ -145,8 +145,18 @@ func (h *Registry) Open(ref string) (*VM, error) {
 	return h.openEntry(e)
 }
 
+// readConfig reads and validates the vm.json of the bundle in dir against
+// this host's configuration.
+func (h *Registry) readConfig(dir string) (*Config, error) {
+	hc, err := h.HostConfig()
+	if err != nil {
+		return nil, err
+	}
+	return ReadConfig(dir, hc)
+}
+
 func (h *Registry) openEntry(e Entry) (*VM, error) {
-	c, err := ReadConfig(e.Path)
+	c, err := h.readConfig(e.Path)
 	if err != nil {
 		return nil, fmt.Errorf("VM %s: %w", e.Name, err)
 	}
@@ -164,6 +174,15 @@ func (v *VM) Save() error { return WriteConfig(v.Dir, v.Config) }
 // Name is the VM's name.
 func (v *VM) Name() string { return v.Config.Name }
 
+// File is the host path of a file vm.json names: relative paths are in
+// the bundle. "" stays "".
+func (v *VM) File(p string) string {
+	if p == "" || filepath.IsAbs(p) {
+		return p
+	}
+	return filepath.Join(v.Dir, p)
+}
+
 // TPMDir is the VM's TPM state directory.
 func (v *VM) TPMDir() string { return filepath.Join(v.Dir, TPMDir) }
 
@@ -174,7 +193,7 @@ func (h *Registry) Register(path, name string) (*VM, error) {
 	if err != nil {
 		return nil, err
 	}
-	c, err := ReadConfig(abs)
+	c, err := h.readConfig(abs)
 	if err != nil {
 		return nil, err
 	}

@@ -10,7 +10,6 @@ import (
 	"io"
 	"os"
 	"os/exec"
-	"os/signal"
 	"os/user"
 	"path/filepath"
 	"slices"
@@ -85,7 +84,9 @@ func (s RunState) String() string {
 // stale pid files and reused pids do not.
 func (h *Registry) State(v *VM) RunState {
 	r := h.run(v)
-	return RunState{QEMU: livePid(r.QEMUPid, r.Dir), TPM: livePid(r.TPMPid, r.Dir)}
+	// QEMU's command line names the run directory's name (its monitor's
+	// id), not its path: its descriptors come from vm start.
+	return RunState{QEMU: livePid(r.QEMUPid, filepath.Base(r.Dir)), TPM: livePid(r.TPMPid, r.Dir)}
 }
 
 func livePid(pidFile, mark string) int {
@@ -207,7 +208,7 @@ func (h *Registry) Preflight(v *VM) error {
 			add("the VM's UEFI variable store is missing: %v; restore it from a backup, or start over with a blank one: `cp %s %s`", err, tmpl, filepath.Join(v.Dir, VarsFile))
 		}
 	}
-	for _, f := range []struct{ what, path string }{{"kernel", c.Kernel}, {"initrd", c.Initrd}} {
+	for _, f := range []struct{ what, path string }{{"kernel", v.File(c.Kernel)}, {"initrd", v.File(c.Initrd)}} {
 		if f.path == "" {
 			continue
 		}
@@ -215,6 +216,7 @@ func (h *Registry) Preflight(v *VM) error {
 			add("the %s for direct boot is missing: %v", f.what, err)
 		}
 	}
+	probs = append(probs, qemuAccessProblems(v)...)
 	for _, d := range c.Disks {
 		p := d.Path
 		if !filepath.IsAbs(p) {
@@ -262,51 +264,69 @@ func (h *Registry) checkTPMKey(v *VM) error {
 	if err != nil {
 		return err
 	}
-	clear(o.DEK)
+	o.Close()
 	return nil
 }
 
 // qemuArgs is QEMU's command line for v; serial is the -chardev of the
-// console ("ser0").
-func qemuArgs(v *VM, r runPaths, accel, serial string) []string {
+// console ("ser0"), io how QEMU reaches files and sockets. Every value
+// that lands in an option string is escaped (optEscape); vm.json's values
+// were validated when it was read.
+func qemuArgs(v *VM, r runPaths, accel, serial string, io qemuIO) ([]string, error) {
 	c := v.Config
 	machine := "q35"
 	if c.SecureBoot {
 		machine = "q35,smm=on"
 	}
+	mem, err := ParseMemory(c.Memory)
+	if err != nil {
+		return nil, err
+	}
 	args := []string{
-		"-name", "guest=" + c.Name, "-uuid", c.UUID.String(),
+		"-name", "guest=" + optEscape(c.Name), "-uuid", c.UUID.String(),
 		"-nodefaults", "-no-user-config", "-display", "none",
 		"-machine", machine, "-accel", accel,
 	}
 	if accel == "kvm" {
 		args = append(args, "-cpu", "host")
 	}
-	args = append(args, "-m", c.Memory, "-smp", strconv.Itoa(c.CPUs))
+	args = append(args, "-m", strconv.FormatInt(mem/MiB, 10)+"M", "-smp", strconv.Itoa(c.CPUs))
 	if c.Firmware == UEFI {
 		code, _ := firmwareFiles(c)
+		vars, err := io.file(filepath.Join(v.Dir, VarsFile), true)
+		if err != nil {
+			return nil, fmt.Errorf("the UEFI variable store: %w", err)
+		}
 		args = append(args,
-			"-drive", "if=pflash,format=raw,unit=0,readonly=on,file="+code,
-			"-drive", "if=pflash,format=raw,unit=1,file="+filepath.Join(v.Dir, VarsFile))
+			"-drive", "if=pflash,format=raw,unit=0,readonly=on,file="+optEscape(code),
+			"-drive", "if=pflash,format=raw,unit=1,file="+vars)
 		if c.SecureBoot {
 			args = append(args, "-global", "driver=cfi.pflash01,property=secure,value=on")
 		}
 	}
 	if c.Kernel != "" {
-		args = append(args, "-kernel", c.Kernel)
+		// Whole arguments, not option strings.
+		args = append(args, "-kernel", v.File(c.Kernel))
 		if c.Initrd != "" {
-			args = append(args, "-initrd", c.Initrd)
+			args = append(args, "-initrd", v.File(c.Initrd))
 		}
 		args = append(args, "-append", strings.TrimSpace("console=ttyS0 "+c.Append))
 	} else {
 		args = append(args, "-vga", "std")
 	}
 	for i, d := range c.Disks {
+		if !oneOf(d.Format, DiskFormats) {
+			return nil, fmt.Errorf("disk %s: format %q", d.Path, d.Format)
+		}
 		p := d.Path
 		if !filepath.IsAbs(p) {
 			p = filepath.Join(v.Dir, p)
 		}
-		opt := fmt.Sprintf("if=virtio,index=%d,format=%s,file=%s", i, d.Format, p)
+		f, err := io.file(p, true)
+		if err != nil {
+			return nil, fmt.Errorf("disk %s: %w", p, err)
+		}
+		opt := fmt.Sprintf("if=virtio,index=%d,format=%s,file=%s", i, d.Format, f)
 		if d.Passthrough {
 			opt += ",cache=none"
 		}
@@ -316,23 +336,39 @@ func qemuArgs(v *VM, r runPaths, accel, serial string) []string {
 	if c.OS.Windows() {
 		nic = "e1000e"
 	}
+	qmp, err := io.socket(r.QMP, true)
+	if err != nil {
+		return nil, fmt.Errorf("QEMU's monitor socket: %w", err)
+	}
 	args = append(args, "-nic", "user,model="+nic)
 	args = append(args,
 		"-chardev", serial, "-serial", "chardev:ser0",
-		"-qmp", "unix:"+r.QMP+",server=on,wait=off",
-		"-pidfile", r.QEMUPid)
+		"-chardev", "socket,id="+qemuMark(r)+","+qmp+",server=on,wait=off", "-mon", "chardev="+qemuMark(r)+",mode=control")
 	if c.TPMEnabled() {
 		dev := c.TPM.Device
 		if dev == "" {
 			dev = DefaultTPMDevice
 		}
+		if !oneOf(dev, TPMDevices) {
+			return nil, fmt.Errorf("TPM device %q", dev)
+		}
+		tpm, err := io.socket(r.TPMSock, false)
+		if err != nil {
+			return nil, fmt.Errorf("the vTPM's control socket: %w", err)
+		}
 		args = append(args,
-			"-chardev", "socket,id=chrtpm,path="+r.TPMSock,
+			"-chardev", "socket,id=chrtpm,"+tpm,
 			"-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
 			"-device", dev+",tpmdev=tpm0")
 	}
-	return args
+	args = append(args, "-sandbox", hostcheck.QEMUSandbox)
+	return args, nil
 }
+
+// qemuMark is the id of a VM's monitor chardev: the run directory's name
+// (hex digits) after a letter, as ids start with one. State finds that name
+// in QEMU's command line to tell its pid file from a reused pid.
+func qemuMark(r runPaths) string { return "vtpm-" + filepath.Base(r.Dir) }
 
 // tpmArgs is the vTPM instance's command line (after the executable);
 // runAs is the user it drops to, "" for none.
@@ -405,50 +441,17 @@ func (h *Registry) Start(ctx context.Context, v *VM, o StartOptions) (*Started, 
 		return nil, err
 	}
 	defer qlog.Close()
-	var serial string
-	switch {
-	case o.Console:
-		serial = "stdio,id=ser0,signal=on,logfile=" + res.SerialLog
-	case o.SerialSocket != "":
-		os.Remove(o.SerialSocket)
-		serial = "socket,id=ser0,path=" + o.SerialSocket + ",server=on,wait=off,logfile=" + res.SerialLog
-	default:
-		serial = "file,id=ser0,path=" + res.SerialLog
-	}
-	args := qemuArgs(v, r, accel, serial)
-	if !o.Console {
-		args = append(args, "-daemonize")
-	}
-	fmt.Fprintf(qlog, "+ %s %s\n", hostcheck.QEMU, strings.Join(args, " "))
-	cmd := exec.CommandContext(ctx, hostcheck.QEMU, args...)
-	var errBuf bytes.Buffer
-	cmd.Stderr = io.MultiWriter(qlog, &errBuf)
+	res.QEMUPid, err = h.startQEMU(ctx, v, r, accel, o, res.SerialLog, qlog)
 	if o.Console {
-		cmd.Stdin, cmd.Stdout = o.Stdin, o.Stdout
-		// Ctrl-C goes to QEMU (signal=on), which stops the VM; this
-		// process stays to see it through.
-		sigs := make(chan os.Signal, 1)
-		signal.Notify(sigs, syscall.SIGINT)
-		defer signal.Stop(sigs)
-		err = cmd.Run()
 		res.QEMUPid = -1
-		if err != nil && ctx.Err() == nil {
-			if errBuf.Len() > 0 {
-				err = fmt.Errorf("%w: %s", err, strings.TrimSpace(errBuf.String()))
-			}
-		}
-		h.afterQEMU(ctx, v, r)
-		if err != nil {
-			return res, fmt.Errorf("QEMU: %w (see %s)", err, qlog.Name())
-		}
-		return res, nil
 	}
-	cmd.Stdout = qlog
-	if err := cmd.Run(); err != nil {
+	if err != nil {
 		stopTPM()
-		return nil, fmt.Errorf("QEMU did not start: %v: %s (full log: %s)", err, strings.TrimSpace(errBuf.String()), qlog.Name())
+		if o.Console {
+			return res, err
+		}
+		return nil, err
 	}
-	res.QEMUPid = livePid(r.QEMUPid, r.Dir)
 	return res, nil
 }
 
@@ -624,12 +627,10 @@ func tpmUser(configured string) (string, error) {
 // then nothing is changed. The state directory itself is handed over by
 // the instance (--runas).
 func (h *Registry) prepareRunAs(v *VM, r runPaths, name string) error {
-	u, err := lookupUser(name)
+	uid, gid, err := sandbox.LookupUser(name) // fails closed: never uid 0
 	if err != nil {
 		return fmt.Errorf("vTPM user %s: %w", name, err)
 	}
-	uid, _ := strconv.Atoi(u.Uid)
-	gid, _ := strconv.Atoi(u.Gid)
 	own := map[string]bool{abs(v.Dir): true, abs(r.Dir): true}
 	shared := map[string]bool{abs(h.Root): true, abs(h.VMsDir()): true, abs(runBase()): true}
 	var fixes []func() error

@@ -134,6 +134,9 @@ func (h *Registry) RemoveTPM(v *VM) (string, error) {
 	if !c.HasTPM() {
 		return "", errdefs.New(errdefs.ErrNotFound, "VM %s has no TPM", c.Name)
 	}
+	if err := requireTPMKept(c, c.Name, "removing its TPM"); err != nil {
+		return "", err
+	}
 	if err := h.requireStopped(v, "remove its TPM"); err != nil {
 		return "", err
 	}

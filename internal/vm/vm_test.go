@@ -146,11 +146,24 @@ func TestQEMUArgs(t *testing.T) {
 			[]string{"-kernel /k", "-initrd /i", "-append console=ttyS0 quiet"}, []string{"-vga"}},
 		{"passthrough", func(c *Config) { c.Disks = []Disk{{Path: "/dev/sdz", Format: "raw", Passthrough: true}} }, "tcg",
 			[]string{"format=raw,file=/dev/sdz,cache=none"}, nil},
+		{"commas are doubled in option strings", func(c *Config) {
+			c.Disks = []Disk{{Path: "/srv/a,format=raw,file=/etc/shadow", Format: "qcow2"}}
+			c.Kernel = "/k,x"
+		}, "tcg",
+			[]string{"format=qcow2,file=/srv/a,,format=raw,,file=/etc/shadow ", "-kernel /k,x "}, []string{"file=/srv/a,format"}},
+		{"kernel inside the bundle", func(c *Config) { c.Kernel, c.Initrd = "boot/vmlinuz", "boot/initrd" }, "tcg",
+			[]string{"-kernel /b/v/boot/vmlinuz", "-initrd /b/v/boot/initrd"}, nil},
+		{"sandboxed", func(c *Config) {}, "tcg",
+			[]string{"-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny", "-m 1024M"}, []string{"-daemonize", "-runas"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := base
 			tc.change(&c)
-			line := strings.Join(qemuArgs(&VM{Dir: "/b/v", Config: &c}, r, tc.accel, "file,id=ser0,path=/b/v/logs/serial.log"), " ")
+			args, err := qemuArgs(&VM{Dir: "/b/v", Config: &c}, r, tc.accel, "file,id=ser0,path=/b/v/logs/serial.log", pathIO{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			line := strings.Join(args, " ")
 			for _, w := range tc.want {
 				if !strings.Contains(line, w) {
 					t.Errorf("QEMU command line lacks %q:\n%s", w, line)
@@ -185,7 +198,7 @@ func TestRegister(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c, _ := ReadConfig(copied); c.Name != "renamed" || v.Config.UUID != res.VM.Config.UUID {
+	if c, _ := ReadConfig(copied, nil); c.Name != "renamed" || v.Config.UUID != res.VM.Config.UUID {
 		t.Errorf("registered as %q with UUID %s; want renamed, %s", c.Name, v.Config.UUID, res.VM.Config.UUID)
 	}
 	if _, err := other.Register(copied, ""); !errors.Is(err, ErrConflict) {
@@ -225,7 +238,7 @@ func TestCloneCopyRekeys(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		s, err := seal.Open(dir, seal.Options{Key: o.DEK})
+		s, err := o.Key.OpenStore(dir, seal.Options{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -241,13 +254,13 @@ func TestCloneCopyRekeys(t *testing.T) {
 	if so.TPM == do.TPM {
 		t.Errorf("the copy kept TPM UUID %s", so.TPM)
 	}
-	if bytes.Equal(so.DEK, do.DEK) {
+	if so.Key.Equal(do.Key) {
 		t.Error("the copy kept the source's data key")
 	}
 	if !bytes.Equal(sb, db) {
 		t.Error("the copy's permanent state differs from the source's")
 	}
-	if s, err := seal.Open(cl.VM.TPMDir(), seal.Options{Key: so.DEK}); err == nil {
+	if s, err := so.Key.OpenStore(cl.VM.TPMDir(), seal.Options{}); err == nil {
 		_, err = s.Load("permall")
 		s.Close()
 		if err == nil {
@@ -267,10 +280,11 @@ func TestDeleteKeepsTPMBackup(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			backup, err := h.Delete(res.VM, tc.deleteTPM)
+			del, err := h.Delete(res.VM, tc.deleteTPM)
 			if err != nil {
 				t.Fatal(err)
 			}
+			backup := del.Backup
 			if _, err := os.Stat(res.VM.Dir); err == nil {
 				t.Error("bundle still there")
 			}
@@ -281,5 +295,77 @@ func TestDeleteKeepsTPMBackup(t *testing.T) {
 				t.Errorf("TPM backup at %q with state: %v; want %v", backup, got, !tc.deleteTPM)
 			}
 		})
+	}
+}
+
+// TestDeleteKeepsUserFiles: vm delete removes what vtpm made and nothing
+// else; a user's files keep the bundle directory.
+func TestDeleteKeepsUserFiles(t *testing.T) {
+	h := testHost(t)
+	res, err := h.Create(CreateOptions{Name: "notes", OS: Linux, TPM: yes(), DiskSize: "1M"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := res.VM.Dir
+	user := map[string]string{"NOTES.txt": "do not lose me", "isos/install.iso": "iso", "logs/mine.txt": "mine"}
+	for rel, body := range user {
+		p := filepath.Join(dir, rel)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	os.WriteFile(filepath.Join(dir, LogDir, "qemu.log"), []byte("log"), 0o600)
+	del, err := h.Delete(res.VM, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rel, body := range user {
+		if b, err := os.ReadFile(filepath.Join(dir, rel)); err != nil || string(b) != body {
+			t.Errorf("user file %s: %q, %v; want it kept", rel, b, err)
+		}
+	}
+	for _, rel := range []string{ConfigFile, VarsFile, diskName, TPMDir, filepath.Join(LogDir, "qemu.log")} {
+		if _, err := os.Stat(filepath.Join(dir, rel)); err == nil {
+			t.Errorf("%s is still in the bundle", rel)
+		}
+	}
+	slices.Sort(del.Kept)
+	if want := []string{filepath.Join(dir, "NOTES.txt"), filepath.Join(dir, "isos"), filepath.Join(dir, LogDir)}; !slices.Equal(del.Kept, want) {
+		t.Errorf("kept %q, want %q", del.Kept, want)
+	}
+	if !seal.HasBlobs(del.Backup) {
+		t.Errorf("no TPM backup at %q", del.Backup)
+	}
+	if _, err := h.Find("notes"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("still registered: %v", err)
+	}
+}
+
+// TestWindows11KeepsItsTPM: the rule create applies holds for the ways a
+// VM could lose its TPM later.
+func TestWindows11KeepsItsTPM(t *testing.T) {
+	h := testHost(t)
+	res, err := h.Create(CreateOptions{Name: "win", OS: Windows11, NoDisk: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.RemoveTPM(res.VM); !IsRule(err, "windows11-needs-tpm") {
+		t.Errorf("tpm remove: %v; want a refusal by rule windows11-needs-tpm", err)
+	}
+	if _, err := h.Clone(res.VM, "bare", TPMNone, ""); !IsRule(err, "windows11-needs-tpm") {
+		t.Errorf("clone --tpm none: %v; want a refusal by rule windows11-needs-tpm", err)
+	}
+	if _, err := h.Find("bare"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("the refused clone is registered: %v", err)
+	}
+	v, err := h.Open("win")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !v.Config.TPMEnabled() || !seal.HasBlobs(v.TPMDir()) {
+		t.Error("the VM lost its TPM")
 	}
 }

@@ -4,9 +4,11 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"math/bits"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -40,6 +42,8 @@ type Linear struct {
 	mu      sync.Mutex
 	f       *os.File
 	entries [linearEntries]linearEntry
+	// capacity bounds a block device, which cannot grow; 0 for a file.
+	capacity int64
 }
 
 // Storage is the method set shared by Dir and Linear.
@@ -119,9 +123,27 @@ func (l *Linear) readHeader() error {
 		l.entries = [linearEntries]linearEntry{}
 		return l.writeHeader()
 	}
+	blockDev := fi.Mode()&fs.ModeDevice != 0 && fi.Mode()&fs.ModeCharDevice == 0
+	if blockDev {
+		// A block device (a Proxmox tpmstate volume, a loop device) has
+		// the size it was given: stat reports 0, seeking to its end tells.
+		if l.capacity, err = l.f.Seek(0, io.SeekEnd); err != nil {
+			return fmt.Errorf("size of %s: %w: %w", l.path, err, tpmrc.TPMFail)
+		}
+		if l.capacity < linearHeaderSize {
+			return fmt.Errorf("block device %s holds %d bytes, too few for a state header (%d): %w", l.path, l.capacity, linearHeaderSize, tpmrc.TPMFail)
+		}
+	}
 	hdr := make([]byte, linearHeaderSize)
 	if _, err := l.f.ReadAt(hdr, 0); err != nil {
 		return fmt.Errorf("reading header of %s: %w: %w", l.path, err, tpmrc.TPMFail)
+	}
+	// A new volume reads as zeros: it is formatted, as an empty file is.
+	// Anything else that is not a state header is refused rather than
+	// overwritten (swtpm would format it).
+	if blockDev && !slices.ContainsFunc(hdr, func(b byte) bool { return b != 0 }) {
+		l.entries = [linearEntries]linearEntry{}
+		return l.writeHeader()
 	}
 	if binary.LittleEndian.Uint64(hdr) != linearMagic {
 		return fmt.Errorf("%s is not a swtpm linear state file (bad magic); point file:// at an empty or swtpm-made file: %w", l.path, tpmrc.TPMFail)
@@ -234,6 +256,9 @@ func (l *Linear) Store(name string, data []byte) error {
 		} else {
 			e = linearEntry{offset: l.usedEnd(), sectionLen: section}
 		}
+	}
+	if l.capacity > 0 && int64(e.end()) > l.capacity {
+		return fmt.Errorf("storing %s: %s holds %d bytes, the state needs %d: %w", name, l.path, l.capacity, e.end(), tpmrc.TPMFail)
 	}
 	if _, err := l.f.WriteAt(enc, int64(e.offset)); err != nil {
 		return fmt.Errorf("writing %s to %s: %w: %w", name, l.path, err, tpmrc.TPMFail)

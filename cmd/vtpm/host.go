@@ -1,0 +1,76 @@
+package main
+
+import (
+	"fmt"
+
+	"github.com/spf13/cobra"
+)
+
+func hostCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "host",
+		Short: "This host's VM configuration: the host files and devices VMs may use",
+		Long: `A VM bundle travels between hosts, so its vm.json cannot grant itself host
+files: a disk, kernel or initrd outside the bundle, and every passthrough
+device, must be allowed by this host (` + "`<data root>/host.json`" + `). vm create
+allows the paths it is given; a bundle registered from elsewhere that names
+other paths is refused until they are allowed here.`,
+	}
+	cmd.AddCommand(hostAllowCmd(true), hostAllowCmd(false), hostPathsCmd())
+	return cmd
+}
+
+func hostAllowCmd(allow bool) *cobra.Command {
+	verb := map[bool]string{true: "allow-path", false: "disallow-path"}[allow]
+	return &cobra.Command{
+		Use: verb + " PATH...",
+		Short: map[bool]string{
+			true:  "Allow VMs to use a host file, directory (and what is below it) or device outside their bundles",
+			false: "Take a path off the list VMs may use",
+		}[allow],
+		Args: cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			h := vmRegistry()
+			change := h.DisallowPaths
+			if allow {
+				change = h.AllowPaths
+			}
+			changed, err := change(args...)
+			if err != nil {
+				return err
+			}
+			w := cmd.OutOrStdout()
+			if len(changed) == 0 {
+				fmt.Fprintln(w, "nothing changed")
+			}
+			for _, p := range changed {
+				fmt.Fprintf(w, "%s: %s\n", map[bool]string{true: "allowed", false: "no longer allowed"}[allow], p)
+			}
+			return nil
+		},
+	}
+}
+
+func hostPathsCmd() *cobra.Command {
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "paths",
+		Short: "List the host paths VMs may use",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := vmRegistry().HostConfig()
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				return printJSON(cmd.OutOrStdout(), append([]string{}, c.AllowedPaths...))
+			}
+			for _, p := range c.AllowedPaths {
+				fmt.Fprintln(cmd.OutOrStdout(), p)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	return cmd
+}

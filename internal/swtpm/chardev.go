@@ -1,0 +1,204 @@
+package swtpm
+
+import (
+	"encoding/binary"
+	"io"
+	"strings"
+
+	"github.com/spf13/pflag"
+
+	"vtpm/internal/sandbox"
+	"vtpm/internal/swtpm/subopt"
+)
+
+// ParseChardev parses the arguments that follow `swtpm chardev`: the TPM
+// serves one data channel, a file descriptor it inherits (--fd) or a
+// character device it opens (--chardev), where every read is one command
+// and every write one response, and it ends when that channel hangs up. The
+// control channel (--ctrl) and everything about state, keys, logs and
+// privileges are those of `swtpm socket`. Linux's vTPM proxy (--vtpm-proxy)
+// is not supported.
+func ParseChardev(args []string, getenv func(string) string) (*Options, *Extensions, error) {
+	fs := pflag.NewFlagSet("swtpm chardev", pflag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	fs.SortFlags = false
+	var (
+		fd                                 int
+		tpmstate, ctrl, pid, log, locality string
+		flags, seccomp, isolation          string
+		vtpmProxy                          bool
+	)
+	c := &Options{DataFD: -1, PidFD: -1, Log: Log{FD: -1}, Chardev: true}
+	x := &Extensions{Isolation: sandbox.Preferred}
+	fs.StringVarP(&c.Device, "chardev", "c", "", "")
+	fs.IntVarP(&fd, "fd", "f", -1, "")
+	fs.BoolVarP(&c.Daemon, "daemon", "d", false, "")
+	fs.StringVar(&ctrl, "ctrl", "", "")
+	fs.StringVar(&tpmstate, "tpmstate", "", "")
+	fs.StringVar(&c.Key, "key", "", "")
+	fs.StringVar(&c.MigrationKey, "migration-key", "", "")
+	fs.StringVar(&x.DataKey, "data-key", "", "")
+	fs.StringVar(&log, "log", "", "")
+	fs.StringVar(&pid, "pid", "", "")
+	fs.StringVar(&locality, "locality", "", "")
+	fs.StringVar(&flags, "flags", "", "")
+	fs.StringVarP(&c.RunAs, "runas", "r", "", "")
+	fs.BoolVar(&vtpmProxy, "vtpm-proxy", false, "")
+	fs.BoolVar(&c.TPM2, "tpm2", false, "")
+	fs.StringVar(&seccomp, "seccomp", "", "")
+	fs.StringVar(&isolation, "isolation", "", "")
+	fs.BoolVar(&c.PrintCaps, "print-capabilities", false, "")
+	fs.BoolVar(&c.PrintStates, "print-states", false, "")
+	fs.BoolVarP(&c.ShowVersion, "version", "v", false, "")
+	fs.BoolVarP(&c.ShowHelp, "help", "h", false, "")
+	fs.BoolVar(&x.AllowRollback, "allow-rollback", false, "")
+	if err := fs.Parse(args); err != nil {
+		return nil, nil, usagef("%s", strings.Replace(err.Error(), "unknown flag", "unrecognized option", 1))
+	}
+	if fs.NArg() > 0 {
+		return nil, nil, usagef("Unknown parameter '%s'", fs.Arg(0))
+	}
+	if c.ShowHelp || c.ShowVersion || c.PrintCaps {
+		return c, x, nil
+	}
+	if vtpmProxy {
+		return nil, nil, usagef("--vtpm-proxy is not supported; give the TPM its channel with --fd or --chardev")
+	}
+	format, err := c.parseState(tpmstate, getenv("TPM_PATH"))
+	if err != nil {
+		return nil, nil, err
+	}
+	if x.StateFormat, err = stateFormat(format, getenv); err != nil {
+		return nil, nil, err
+	}
+	if c.PrintStates {
+		if c.StateDir == "" && c.StateFile == "" {
+			return nil, nil, usagef("--print-states needs --tpmstate or TPM_PATH")
+		}
+		return c, x, nil
+	}
+	switch {
+	case fs.Changed("fd") && c.Device != "":
+		return nil, nil, usagef("--fd and --chardev exclude each other")
+	case fs.Changed("fd") && fd < 0:
+		return nil, nil, usagef("--fd %d is not a file descriptor", fd)
+	case fs.Changed("fd") && fd <= 2:
+		return nil, nil, usagef("--fd %d: file descriptors 0-2 cannot carry the data channel", fd)
+	case !fs.Changed("fd") && c.Device == "":
+		return nil, nil, usagef("missing character device or file descriptor: give --fd or --chardev")
+	}
+	// The TPM ends when its one data channel hangs up, as swtpm chardev.
+	c.DataFD, c.Terminate = fd, true
+	if isolation != "" { // --isolation= keeps the default
+		if x.Isolation, err = sandbox.ParseIsolation(isolation); err != nil {
+			return nil, nil, usagef("%v", err)
+		}
+	}
+	if ctrl != "" {
+		if c.Ctrl, err = parseEndpoint("--ctrl", ctrl, true); err != nil {
+			return nil, nil, err
+		}
+	}
+	if err = c.parsePid(pid); err != nil {
+		return nil, nil, err
+	}
+	if err = c.parseLog(log); err != nil {
+		return nil, nil, err
+	}
+	if err = c.parseLocality(locality); err != nil {
+		return nil, nil, err
+	}
+	if err = c.parseFlags(flags); err != nil {
+		return nil, nil, err
+	}
+	if seccomp != "" {
+		o, err := subopt.Parse(seccomp, "action")
+		if err != nil {
+			return nil, nil, usagef("--seccomp: %v", err)
+		}
+		switch a := o["action"]; a {
+		case "none", "kill", "log":
+			c.Seccomp = a
+		default:
+			return nil, nil, usagef("--seccomp: action=%q: want none, kill or log", a)
+		}
+	}
+	if c.StateDir == "" && c.StateFile == "" {
+		return nil, nil, usagef("no TPM state location: give --tpmstate dir=DIR or set TPM_PATH")
+	}
+	return c, x, nil
+}
+
+// ChardevUsage is printed for `swtpm chardev --help` and after a
+// command-line error.
+const ChardevUsage = `Usage: swtpm chardev [options]
+
+The following options are supported:
+--tpm2                  : choose TPM 2.0 (the only version vtpm emulates)
+-f|--fd <fd>            : use the inherited file descriptor (a character device
+                          or a socket) for TPM commands, one command per read
+-c|--chardev <device>   : open the character device for TPM commands
+-d|--daemon             : run in the background
+--ctrl type=unixio[,path=<path>][,fd=<fd>|clientfd=<fd>][,mode=0...][,uid=..][,gid=..]
+--ctrl type=tcp[,port=<port>][,bindaddr=<addr>][,fd=<fd>]
+--tpmstate dir=<dir>[,mode=0...][,format=sealed|swtpm]|backend-uri=dir://<dir>|file://<file>
+                        : where the TPM state lives (or TPM_PATH); format= (or
+                          VTPM_STATE_FORMAT) chooses a new directory's format:
+                          sealed (the default) or swtpm's files
+--key ...               : keep the state in swtpm's encrypted format with this key
+--migration-key ...     : encrypts state blobs sent for migration
+--data-key file=<path>|fd=<fd>[,format=hex|binary]
+                        : 32-byte key for vtpm's sealed state (default: the host key)
+--allow-rollback        : accept sealed state older than the last generation seen
+--pid file=<path>|fd=<fd>
+--log file=<path>|fd=<fd>[,level=n][,prefix=<p>][,truncate]
+--locality reject-locality-4,allow-set-locality
+--flags not-need-init,startup-clear|startup-state|startup-deactivated|startup-none
+-r|--runas <user>       : drop privileges to this user after set-up
+--seccomp action=none|kill|log
+--isolation required|preferred
+                        : sandbox the process (default: preferred); required refuses to start without every part
+--print-capabilities    : print the supported features as JSON and exit
+--print-states          : print the stored states as JSON and exit
+-h|--help               : this help
+
+The TPM ends when the data channel hangs up. --vtpm-proxy is not supported.
+`
+
+// ChardevReader reads TPM commands as swtpm chardev does: one read is one
+// command (a character device hands over whole messages; so does a socket
+// whose peer writes each command at once), completed only up to the
+// 10-byte header. A command may come wrapped in the TCG simulator's
+// TPM_SEND_COMMAND prefix, as on the other channels.
+type ChardevReader struct {
+	r   io.Reader
+	buf []byte
+}
+
+// NewChardevReader returns a reader over a chardev data channel.
+func NewChardevReader(r io.Reader) *ChardevReader {
+	return &ChardevReader{r: r, buf: make([]byte, maxDataRead)}
+}
+
+// Read returns the next command.
+func (d *ChardevReader) Read() (*DataRequest, error) {
+	n := 0
+	for n < tpmHeaderSize {
+		m, err := d.r.Read(d.buf[n:])
+		n += m
+		if err != nil {
+			if n == 0 || err != io.EOF {
+				return nil, err
+			}
+			return nil, io.ErrUnexpectedEOF
+		}
+	}
+	b := d.buf[:n]
+	req := &DataRequest{}
+	if tag := binary.BigEndian.Uint16(b); tag != 0x8001 && tag != 0x8002 && binary.BigEndian.Uint32(b) == sendCommand {
+		req.Prefixed, req.Locality = true, b[4]
+		b = b[9:]
+	}
+	req.Cmd = append([]byte(nil), b...)
+	return req, nil
+}
