@@ -204,13 +204,9 @@ func protectorCmd() *cobra.Command {
 		Short: "Allow a guardian, given by its public certificates, to open a TPM (needs the owner's key)",
 		Args:  cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			pem, err := os.ReadFile(args[1])
+			g, err := guardian.ReadCertificates(args[1])
 			if err != nil {
 				return err
-			}
-			g, err := guardian.ParseCertificates(pem)
-			if err != nil {
-				return fmt.Errorf("%s: %w", args[1], err)
 			}
 			return withHost(func(h *keybroker.Broker) error {
 				p, err := h.Grant(tpmDir(args[0]), g)
