@@ -84,7 +84,7 @@ func New(opts *swtpm.Options, ext *swtpm.Extensions, log *slog.Logger) (_ *Insta
 	}
 	var genRecord string
 	if format == state.Sealed {
-		if genRecord, err = prepareSealed(opts.StateDir, ext.DataKey, ext.AllowRollback, log); err != nil {
+		if in.sealing, genRecord, err = openSealed(opts.StateDir, ext.DataKey, ext.AllowRollback, log); err != nil {
 			return nil, err
 		}
 	}
@@ -106,8 +106,10 @@ func New(opts *swtpm.Options, ext *swtpm.Extensions, log *slog.Logger) (_ *Insta
 	}
 	// Keys first: a TPM this host cannot open fails before any socket exists.
 	if format == state.Sealed {
-		if in.sealing, err = unlockSealed(opts.StateDir, ext.DataKey, ext.AllowRollback, log); err != nil {
-			return nil, err
+		if ext.DataKey != "" {
+			if err = in.sealing.readDataKey(ext.DataKey); err != nil {
+				return nil, err
+			}
 		}
 		// The key broker keeps the key in locked memory if the host lets it.
 		if err = in.sandbox.KeyMemory(in.sealing.key.LockErr()); err != nil {

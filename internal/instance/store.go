@@ -40,24 +40,27 @@ func openBroker(log *slog.Logger) (*keybroker.Broker, error) {
 	return keybroker.Open(paths.DataRoot(), keystore.Options{HostTPM: os.Getenv("VTPM_HOST_TPM"), Logger: log})
 }
 
-// prepareSealed runs before the sandbox confines the process: it makes what
+// openSealed runs before the sandbox confines the process: it makes what
 // the confined process needs from the data root exist (the keystore, this
 // host's guardian, a new TPM's identity and key protector, the TPM's
 // generation record), so that the process may write nothing of the data
-// root but that record. It returns the record's path. It reads no passed
-// descriptor, so a re-executed image repeats it (finding everything in
-// place). A record missing for a TPM that has state means rollback
-// protection starts over for it: that is said loudly, and remembered for
-// `doctor`. allowRollback (--allow-rollback) accepts an older key
-// protector too.
-func prepareSealed(stateDir, dataKey string, allowRollback bool, log *slog.Logger) (string, error) {
+// root but that record, and returns the record's path. It opens the TPM's
+// data key and pins the record (its file and key kept open, the keystore
+// closed), so the instance keeps recording generations after --runas drops
+// privileges. A --data-key is read after confinement, by readDataKey: its
+// descriptor can be read once, and a re-executed image repeats everything
+// before confinement. A record missing for a TPM that has state means
+// rollback protection starts over for it: that is said loudly, and
+// remembered for `doctor`. allowRollback (--allow-rollback) accepts an
+// older key protector too.
+func openSealed(stateDir, dataKey string, allowRollback bool, log *slog.Logger) (_ *sealingKey, record string, err error) {
 	host, err := openBroker(log)
 	if err != nil {
-		return "", err
+		return nil, "", err
 	}
 	defer host.Close()
 	if _, err := host.Local(); err != nil {
-		return "", err
+		return nil, "", err
 	}
 	// Whether the TPM had a record is looked at before its key is opened,
 	// which records the protector's version in it.
@@ -65,60 +68,12 @@ func prepareSealed(stateDir, dataKey string, allowRollback bool, log *slog.Logge
 	hadRecord := false
 	if seal.Exists(stateDir) {
 		if known, err = seal.Identify(stateDir); err != nil {
-			return "", err
+			return nil, "", err
 		}
 		if hadRecord, err = host.HasGenerations(known); err != nil {
-			return "", err
+			return nil, "", err
 		}
 	}
-	var id uuid.UUID
-	if dataKey != "" {
-		// The key may come from a descriptor only the confined process reads.
-		if id, err = seal.Identify(stateDir); err != nil {
-			return "", err
-		}
-	} else {
-		// Opening the key here creates a new TPM's identity and key
-		// protector, or reprovisions one, and a TPM this host cannot open
-		// fails before its generation record is touched.
-		o, err := host.OpenTPMWith(stateDir, keybroker.OpenOptions{AllowRollback: allowRollback})
-		if err != nil {
-			return "", err
-		}
-		id = o.TPM
-		warnReprovisioned(stateDir, o)
-		o.Close()
-	}
-	reset, err := host.PrepareGenerations(id, stateDir, hadRecord || id != known)
-	if err != nil {
-		return "", fmt.Errorf("open the generation record of TPM %s (it detects rollback of the TPM's state): %w", id, err)
-	}
-	if reset {
-		fmt.Fprintf(os.Stderr, "vtpm: WARNING: ROLLBACK PROTECTION WAS RESET for TPM %s in %s: this host has no record of the TPM's last state generation "+
-			"(the record was deleted, or the TPM comes from another host), so an older copy of its state could not be told from the current one. "+
-			"The current state is taken as genuine and recorded from now on.\n", id, stateDir)
-		log.Warn("rollback protection was reset: no generation record for a TPM that has state", "tpm", id, "state", stateDir)
-	}
-	return host.Keystore().GenerationsPath(id), nil
-}
-
-func warnReprovisioned(dir string, o *keybroker.Opened) {
-	if o.Backup != "" {
-		fmt.Fprintf(os.Stderr, "vtpm: WARNING: the key of the TPM in %s is gone; as its policy says, a FRESH TPM was provisioned. The old state is kept in %s.\n", dir, o.Backup)
-	}
-}
-
-// unlockSealed opens the TPM's data key, from --data-key when given, else
-// from the TPM's key protector (a new state directory gets a fresh key and
-// a protector owned by this host's guardian), pins the TPM's generation
-// record and closes the keystore. allowRollback (--allow-rollback) accepts
-// an older key protector too.
-func unlockSealed(stateDir, dataKey string, allowRollback bool, log *slog.Logger) (_ *sealingKey, err error) {
-	host, err := openBroker(log)
-	if err != nil {
-		return nil, err
-	}
-	defer host.Close()
 	k := &sealingKey{}
 	defer func() {
 		if err != nil {
@@ -126,27 +81,43 @@ func unlockSealed(stateDir, dataKey string, allowRollback bool, log *slog.Logger
 		}
 	}()
 	if dataKey != "" {
-		if k.key, err = keybroker.ParseDataKey(dataKey); err != nil {
-			return nil, err
-		}
 		if k.tpm, err = seal.Identify(stateDir); err != nil {
-			return nil, err
+			return nil, "", err
 		}
 	} else {
+		// Opening the key creates a new TPM's identity and key protector,
+		// or reprovisions one, and a TPM this host cannot open fails before
+		// its generation record is touched.
 		o, err := host.OpenTPMWith(stateDir, keybroker.OpenOptions{AllowRollback: allowRollback})
 		if err != nil {
-			return nil, err
+			return nil, "", err
 		}
 		k.key, k.tpm = o.Key, o.TPM
-		warnReprovisioned(stateDir, o)
+		if o.Backup != "" {
+			fmt.Fprintf(os.Stderr, "vtpm: WARNING: the key of the TPM in %s is gone; as its policy says, a FRESH TPM was provisioned. The old state is kept in %s.\n", stateDir, o.Backup)
+		}
 		log.Info("opened the TPM's data key", "tpm", o.TPM, "by", o.By, "new", o.Created)
 	}
-	// Pinned while the process can still reach the keystore (root's, with
-	// --runas), so that it keeps recording after dropping privileges.
-	if k.pinned, err = host.Keystore().Generations().Pin(k.tpm); err != nil {
-		return nil, fmt.Errorf("open the generation record of TPM %s (it detects rollback of the TPM's state): %w", k.tpm, err)
+	reset, err := host.PrepareGenerations(k.tpm, stateDir, hadRecord || k.tpm != known)
+	if err != nil {
+		return nil, "", fmt.Errorf("open the generation record of TPM %s (it detects rollback of the TPM's state): %w", k.tpm, err)
 	}
-	return k, nil
+	if reset {
+		fmt.Fprintf(os.Stderr, "vtpm: WARNING: ROLLBACK PROTECTION WAS RESET for TPM %s in %s: this host has no record of the TPM's last state generation "+
+			"(the record was deleted, or the TPM comes from another host), so an older copy of its state could not be told from the current one. "+
+			"The current state is taken as genuine and recorded from now on.\n", k.tpm, stateDir)
+		log.Warn("rollback protection was reset: no generation record for a TPM that has state", "tpm", k.tpm, "state", stateDir)
+	}
+	if k.pinned, err = host.Keystore().Generations().Pin(k.tpm); err != nil {
+		return nil, "", fmt.Errorf("open the generation record of TPM %s (it detects rollback of the TPM's state): %w", k.tpm, err)
+	}
+	return k, host.Keystore().GenerationsPath(k.tpm), nil
+}
+
+// readDataKey reads --data-key (file= or fd=) into k, in the confined process.
+func (k *sealingKey) readDataKey(dataKey string) (err error) {
+	k.key, err = keybroker.ParseDataKey(dataKey)
+	return err
 }
 
 // openStore opens the state in its format and proves, before any client is

@@ -138,8 +138,8 @@ type Config struct {
 	Isolation string `json:"isolation,omitempty"`
 	// TPMUser is the user the vTPM process runs as when `vm start` runs as
 	// root: "" = tss if that user exists, else nobody (or root, with a
-	// warning, when that user cannot reach the VM's files); "root" keeps it
-	// root. A non-root caller's vTPM runs as the caller.
+	// warning, when that user cannot reach the VM's files); never root. A
+	// non-root caller's vTPM runs as the caller.
 	TPMUser string `json:"tpm_user,omitempty"`
 	// QEMUUser is the user QEMU runs as when `vm start` runs as root: ""
 	// = the first of DefaultQEMUUsers that exists. Never root.

@@ -597,16 +597,16 @@ func lookupUser(name string) (*user.User, error) {
 var DefaultTPMUsers = []string{"tss", "nobody"}
 
 // tpmUser returns the user a vTPM instance started by this process drops
-// to, from vm.json's tpm_user: "" when this process is not root or the VM
-// asks to keep root, else the named user or the first of DefaultTPMUsers
-// that exists.
+// to, from vm.json's tpm_user: "" when this process is not root, else the
+// named user or the first of DefaultTPMUsers that exists. A bundle never
+// asks for root: vm.json is untrusted, and the validator refuses it.
 func tpmUser(configured string) (string, error) {
-	if os.Geteuid() != 0 || configured == "root" || configured == "0" {
+	if os.Geteuid() != 0 {
 		return "", nil
 	}
 	if configured != "" {
 		if _, err := lookupUser(configured); err != nil {
-			return "", fmt.Errorf("tpm_user %q in %s: no such user; create it, or set tpm_user to another user (\"\" picks tss or nobody, \"root\" keeps the vTPM root)", configured, ConfigFile)
+			return "", fmt.Errorf("tpm_user %q in %s: no such user; create it, or set tpm_user to another user (\"\" picks tss or nobody)", configured, ConfigFile)
 		}
 		return configured, nil
 	}
@@ -615,7 +615,7 @@ func tpmUser(configured string) (string, error) {
 			return name, nil
 		}
 	}
-	return "", fmt.Errorf("none of the users %v exists to run the vTPM as; create one (e.g. `useradd --system tss`), or set tpm_user in %s (\"root\" keeps the vTPM root)", DefaultTPMUsers, ConfigFile)
+	return "", fmt.Errorf("none of the users %v exists to run the vTPM as; create one (e.g. `useradd --system tss`), or set tpm_user in %s to an unprivileged user", DefaultTPMUsers, ConfigFile)
 }
 
 // prepareRunAs lets the vTPM, once it runs as name, reach its state
@@ -688,5 +688,5 @@ func searchable(dir string, uid, gid int, own, shared bool, name string) (func()
 	case shared && int(s.Uid) != uid && int(s.Gid) != gid:
 		return func() error { return os.Chmod(dir, mode|0o001) }, nil
 	}
-	return nil, fmt.Errorf("the vTPM runs as %s, who cannot reach its files through %s (mode %04o, uid %d, gid %d); run `chmod o+x %s`, move the VM's bundle, or set tpm_user to \"root\" in %s", name, dir, mode, s.Uid, s.Gid, dir, ConfigFile)
+	return nil, fmt.Errorf("the vTPM runs as %s, who cannot reach its files through %s (mode %04o, uid %d, gid %d); run `chmod o+x %s`, move the VM's bundle, or set tpm_user in %s to a user that can reach it", name, dir, mode, s.Uid, s.Gid, dir, ConfigFile)
 }

@@ -186,6 +186,9 @@ func (c *Config) validate(file, dir string, host *HostConfig) error {
 	if c.TPMUser != "" && !validUser(c.TPMUser) {
 		return bad("tpm_user", c.TPMUser, "not a user name or uid")
 	}
+	if c.TPMUser == "root" || c.TPMUser == "0" {
+		return bad("tpm_user", c.TPMUser, "a vTPM started as root always drops to an unprivileged user; a bundle cannot ask to keep root")
+	}
 	if c.QEMUUser != "" && !validUser(c.QEMUUser) {
 		return bad("qemu_user", c.QEMUUser, "not a user name or uid")
 	}

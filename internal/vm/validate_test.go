@@ -94,6 +94,8 @@ func TestParseConfig(t *testing.T) {
 		{"control character in append", set("append", "quiet\nroot=/dev/sda"), errdefs.ErrInvalidArgument, "append"},
 		{"isolation", set("isolation", "none"), errdefs.ErrInvalidArgument, "isolation"},
 		{"tpm_user not a user", set("tpm_user", "tss;id"), errdefs.ErrInvalidArgument, "tpm_user"},
+		{"tpm_user root", set("tpm_user", "root"), errdefs.ErrInvalidArgument, "tpm_user"},
+		{"tpm_user uid 0", set("tpm_user", "0"), errdefs.ErrInvalidArgument, "tpm_user"},
 		{"qemu_user root", set("qemu_user", "root"), errdefs.ErrInvalidArgument, "qemu_user"},
 		{"qemu_user", set("qemu_user", "libvirt-qemu"), nil, ""},
 		{"unknown field", set("devices", []any{"virtio-9p-pci"}), errdefs.ErrDataLoss, ""},
