@@ -30,9 +30,9 @@ var (
 // kvmCacheName is the verdict's file in the runtime directory.
 const kvmCacheName = "kvm-probe.json"
 
-// runtimeDir is where the verdict is kept: /run/vtpm for root (0755, so
-// users may read root's), else the user's own $XDG_RUNTIME_DIR/vtpm, else
-// nowhere.
+// runtimeDir is where the verdict is kept: /run/vtpm for root, else the
+// user's own $XDG_RUNTIME_DIR/vtpm, else nowhere (a shared temporary
+// directory would let others plant verdicts).
 func runtimeDir() string {
 	if os.Geteuid() == 0 {
 		return "/run/vtpm"
