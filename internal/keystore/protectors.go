@@ -1,9 +1,6 @@
 package keystore
 
 import (
-	"errors"
-	"io/fs"
-
 	"github.com/google/uuid"
 )
 
@@ -15,15 +12,7 @@ const protectorEntry = "/protector"
 // ProtectorVersion returns the highest key protector version recorded for
 // TPM id, or 0.
 func (g *Generations) ProtectorVersion(id uuid.UUID) (uint64, error) {
-	f, err := g.k.openGenFile(id, false)
-	if errors.Is(err, fs.ErrNotExist) {
-		return 0, nil
-	}
-	if err != nil {
-		return 0, err
-	}
-	defer f.f.Close()
-	return f.last(protectorEntry)
+	return g.Last(id, protectorEntry)
 }
 
 // RecordProtectorVersion notes version as seen for TPM id's key protector,
@@ -33,10 +22,5 @@ func (g *Generations) RecordProtectorVersion(id uuid.UUID, version uint64) error
 	if version == 0 {
 		return nil // the default: nothing to record
 	}
-	f, err := g.k.openGenFile(id, true)
-	if err != nil {
-		return err
-	}
-	defer f.f.Close()
-	return f.record(protectorEntry, version)
+	return g.Record(id, protectorEntry, version)
 }

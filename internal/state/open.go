@@ -119,23 +119,24 @@ type StateInfo struct {
 // States lists the stored blobs.
 func (o *Opened) States() ([]StateInfo, error) {
 	if o.Store != nil {
-		list, err := o.Store.States()
-		if err != nil {
-			return nil, err
-		}
-		out := make([]StateInfo, len(list))
-		for i, x := range list {
-			out[i] = StateInfo{Name: x.Name, Size: x.Size}
-		}
-		return out, nil
+		return infos(o.Store.States())
 	}
-	list, err := o.Storage.(statefile.Storage).States()
+	return infos(o.Storage.(statefile.Storage).States())
+}
+
+// infos converts a listing of either format's blobs.
+func infos[T interface {
+	~struct {
+		Name string
+		Size int64
+	}
+}](list []T, err error) ([]StateInfo, error) {
 	if err != nil {
 		return nil, err
 	}
 	out := make([]StateInfo, len(list))
 	for i, x := range list {
-		out[i] = StateInfo{Name: x.Name, Size: x.Size}
+		out[i] = StateInfo(x)
 	}
 	return out, nil
 }
@@ -144,15 +145,7 @@ func (o *Opened) States() ([]StateInfo, error) {
 // its lock (their sizes are those of the sealed files less the format's
 // overhead).
 func ListSealed(dir string) ([]StateInfo, error) {
-	list, err := seal.ListStates(dir)
-	if err != nil {
-		return nil, err
-	}
-	out := make([]StateInfo, len(list))
-	for i, x := range list {
-		out[i] = StateInfo{Name: x.Name, Size: x.Size}
-	}
-	return out, nil
+	return infos(seal.ListStates(dir))
 }
 
 // Check proves, before any client is served, that the state libtpms loads

@@ -1,14 +1,12 @@
 package swtpm
 
 import (
-	"encoding/binary"
 	"io"
 	"strings"
 
 	"github.com/spf13/pflag"
 
 	"vtpm/internal/sandbox"
-	"vtpm/internal/swtpm/subopt"
 )
 
 // ParseChardev parses the arguments that follow `swtpm chardev`: the TPM
@@ -89,42 +87,11 @@ func ParseChardev(args []string, getenv func(string) string) (*Options, *Extensi
 	}
 	// The TPM ends when its one data channel hangs up, as swtpm chardev.
 	c.DataFD, c.Terminate = fd, true
-	if isolation != "" { // --isolation= keeps the default
-		if x.Isolation, err = sandbox.ParseIsolation(isolation); err != nil {
-			return nil, nil, usagef("%v", err)
-		}
-	}
-	if ctrl != "" {
-		if c.Ctrl, err = parseEndpoint("--ctrl", ctrl, true); err != nil {
-			return nil, nil, err
-		}
-	}
-	if err = c.parsePid(pid); err != nil {
+	if err = c.parseIsolationCtrl(x, isolation, ctrl); err != nil {
 		return nil, nil, err
 	}
-	if err = c.parseLog(log); err != nil {
+	if err = c.parseRest(pid, log, locality, flags, seccomp); err != nil {
 		return nil, nil, err
-	}
-	if err = c.parseLocality(locality); err != nil {
-		return nil, nil, err
-	}
-	if err = c.parseFlags(flags); err != nil {
-		return nil, nil, err
-	}
-	if seccomp != "" {
-		o, err := subopt.Parse(seccomp, "action")
-		if err != nil {
-			return nil, nil, usagef("--seccomp: %v", err)
-		}
-		switch a := o["action"]; a {
-		case "none", "kill", "log":
-			c.Seccomp = a
-		default:
-			return nil, nil, usagef("--seccomp: action=%q: want none, kill or log", a)
-		}
-	}
-	if c.StateDir == "" && c.StateFile == "" {
-		return nil, nil, usagef("no TPM state location: give --tpmstate dir=DIR or set TPM_PATH")
 	}
 	return c, x, nil
 }
@@ -165,40 +132,11 @@ The following options are supported:
 The TPM ends when the data channel hangs up. --vtpm-proxy is not supported.
 `
 
-// ChardevReader reads TPM commands as swtpm chardev does: one read is one
-// command (a character device hands over whole messages; so does a socket
-// whose peer writes each command at once), completed only up to the
-// 10-byte header. A command may come wrapped in the TCG simulator's
-// TPM_SEND_COMMAND prefix, as on the other channels.
-type ChardevReader struct {
-	r   io.Reader
-	buf []byte
-}
-
-// NewChardevReader returns a reader over a chardev data channel.
-func NewChardevReader(r io.Reader) *ChardevReader {
-	return &ChardevReader{r: r, buf: make([]byte, maxDataRead)}
-}
-
-// Read returns the next command.
-func (d *ChardevReader) Read() (*DataRequest, error) {
-	n := 0
-	for n < tpmHeaderSize {
-		m, err := d.r.Read(d.buf[n:])
-		n += m
-		if err != nil {
-			if n == 0 || err != io.EOF {
-				return nil, err
-			}
-			return nil, io.ErrUnexpectedEOF
-		}
-	}
-	b := d.buf[:n]
-	req := &DataRequest{}
-	if tag := binary.BigEndian.Uint16(b); tag != 0x8001 && tag != 0x8002 && binary.BigEndian.Uint32(b) == sendCommand {
-		req.Prefixed, req.Locality = true, b[4]
-		b = b[9:]
-	}
-	req.Cmd = append([]byte(nil), b...)
-	return req, nil
+// NewChardevReader returns a reader that reads TPM commands as swtpm
+// chardev does: one read is one command (a character device hands over whole
+// messages; so does a socket whose peer writes each command at once),
+// completed only up to the 10-byte header. A command may come wrapped in the
+// TCG simulator's TPM_SEND_COMMAND prefix, as on the other channels.
+func NewChardevReader(r io.Reader) *DataReader {
+	return &DataReader{r: r, buf: make([]byte, maxDataRead), oneRead: true}
 }

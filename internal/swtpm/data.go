@@ -35,6 +35,9 @@ type DataRequest struct {
 type DataReader struct {
 	r   io.Reader
 	buf []byte
+	// oneRead: a command is what one read returns (swtpm chardev), never
+	// completed to its declared size.
+	oneRead bool
 }
 
 // NewDataReader returns a reader over a data-channel connection.
@@ -64,6 +67,10 @@ func (d *DataReader) Read() (*DataRequest, error) {
 	if tag != 0x8001 && tag != 0x8002 && binary.BigEndian.Uint32(b) == sendCommand {
 		req.Prefixed, req.Locality = true, b[4]
 		off, size = 9, int(binary.BigEndian.Uint32(b[5:9]))
+	}
+	if d.oneRead {
+		req.Cmd = append([]byte(nil), b[off:n]...)
+		return req, nil
 	}
 	// Complete the command when its declared size is sane; otherwise hand over
 	// what arrived and let the TPM reject it, as swtpm does.

@@ -151,15 +151,8 @@ func Parse(args []string, getenv func(string) string) (*Options, *Extensions, er
 		return c, x, nil
 	}
 	// Like the channels below, checked only when a TPM will run.
-	if isolation != "" { // --isolation= keeps the default
-		if x.Isolation, err = sandbox.ParseIsolation(isolation); err != nil {
-			return nil, nil, usagef("%v", err)
-		}
-	}
-	if ctrl != "" {
-		if c.Ctrl, err = parseEndpoint("--ctrl", ctrl, true); err != nil {
-			return nil, nil, err
-		}
+	if err = c.parseIsolationCtrl(x, isolation, ctrl); err != nil {
+		return nil, nil, err
 	}
 	if server != "" {
 		if c.Server, err = parseEndpoint("--server", server, false); err != nil {
@@ -193,34 +186,60 @@ func Parse(args []string, getenv func(string) string) (*Options, *Extensions, er
 	if c.Server == nil && c.DataFD < 0 && c.Ctrl == nil {
 		return nil, nil, usagef("no data channel: give --server, --port, --fd, or --ctrl type=unixio for a data fd passed by the client")
 	}
-	if err = c.parsePid(pid); err != nil {
+	if err = c.parseRest(pid, log, locality, flags, seccomp); err != nil {
 		return nil, nil, err
 	}
-	if err = c.parseLog(log); err != nil {
-		return nil, nil, err
+	return c, x, nil
+}
+
+// parseIsolationCtrl parses --isolation and --ctrl, checked only when a TPM
+// will run.
+func (c *Options) parseIsolationCtrl(x *Extensions, isolation, ctrl string) (err error) {
+	if isolation != "" { // --isolation= keeps the default
+		if x.Isolation, err = sandbox.ParseIsolation(isolation); err != nil {
+			return usagef("%v", err)
+		}
 	}
-	if err = c.parseLocality(locality); err != nil {
-		return nil, nil, err
+	if ctrl != "" {
+		if c.Ctrl, err = parseEndpoint("--ctrl", ctrl, true); err != nil {
+			return err
+		}
 	}
-	if err = c.parseFlags(flags); err != nil {
-		return nil, nil, err
+	return nil
+}
+
+// parseRest parses the options socket and chardev share after their data
+// channels: --pid, --log, --locality, --flags and --seccomp, and checks
+// that the state has a location.
+func (c *Options) parseRest(pid, log, locality, flags, seccomp string) error {
+	if err := c.parsePid(pid); err != nil {
+		return err
+	}
+	if err := c.parseLog(log); err != nil {
+		return err
+	}
+	if err := c.parseLocality(locality); err != nil {
+		return err
+	}
+	if err := c.parseFlags(flags); err != nil {
+		return err
 	}
 	if seccomp != "" {
 		o, err := subopt.Parse(seccomp, "action")
 		if err != nil {
-			return nil, nil, usagef("--seccomp: %v", err)
+			return usagef("--seccomp: %v", err)
 		}
 		switch a := o["action"]; a {
 		case "none", "kill", "log":
 			c.Seccomp = a
 		default:
-			return nil, nil, usagef("--seccomp: action=%q: want none, kill or log", a)
+			return usagef("--seccomp: action=%q: want none, kill or log", a)
 		}
 	}
 	if c.StateDir == "" && c.StateFile == "" {
-		return nil, nil, usagef("no TPM state location: give --tpmstate dir=DIR or set TPM_PATH")
+		return usagef("no TPM state location: give --tpmstate dir=DIR or set TPM_PATH")
 	}
-	return c, x, nil
+	return nil
 }
 
 // parseState parses --tpmstate; it returns vtpm's format= sub-option.
