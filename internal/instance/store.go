@@ -19,7 +19,8 @@ import (
 // sealingKey is what opens sealed state: the TPM's data key (in the key
 // broker's locked memory) and the TPM's generation record. The instance
 // holds nothing else of the host keystore: the record is pinned (its file
-// and its own key kept) and the keystore closed.
+// and its own key kept) and the keystore closed, but for a TPM just
+// provisioned, which keeps it until the TPM is initialised (adopter).
 type sealingKey struct {
 	key    *keybroker.Key
 	tpm    uuid.UUID
@@ -113,7 +114,7 @@ func openSealed(stateDir, dataKey string, allowRollback, adoptable bool, log *sl
 			return nil, "", err
 		}
 		k.key, k.tpm = o.Key, o.TPM
-		keep = adoptable && o.Created
+		adoptable = adoptable && o.Created
 		if o.Backup != "" {
 			fmt.Fprintf(os.Stderr, "vtpm: WARNING: the key of the TPM in %s is gone; as its policy says, a FRESH TPM was provisioned. The old state is kept in %s.\n", stateDir, o.Backup)
 		}
@@ -132,8 +133,8 @@ func openSealed(stateDir, dataKey string, allowRollback, adoptable bool, log *sl
 	if k.pinned, err = host.Keystore().Generations().Pin(k.tpm); err != nil {
 		return nil, "", fmt.Errorf("open the generation record of TPM %s (it detects rollback of the TPM's state): %w", k.tpm, err)
 	}
-	if keep {
-		k.adopter = host
+	if adoptable && dataKey == "" {
+		k.adopter, keep = host, true
 	}
 	return k, host.Keystore().GenerationsPath(k.tpm), nil
 }
