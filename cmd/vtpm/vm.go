@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -155,13 +156,9 @@ func vmListCmd() *cobra.Command {
 				return printJSON(cmd.OutOrStdout(), rows)
 			}
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "NAME\tUUID\tSTATE\tFIRMWARE\tSECURE BOOT\tTPM")
+			fmt.Fprintln(tw, strings.Join(vm.ListColumns, "\t"))
 			for _, r := range rows {
-				fw, sb := r.Firmware, onOff(r.SecureBoot)
-				if r.State == "broken" {
-					fw, sb = "?", "?"
-				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", r.Name, r.UUID, r.State, fw, sb, r.TPM)
+				fmt.Fprintln(tw, strings.Join(r.Row(), "\t"))
 			}
 			if err := tw.Flush(); err != nil {
 				return err
@@ -237,11 +234,7 @@ func vmUnregisterCmd() *cobra.Command {
 		Short: "Forget a VM on this host; its bundle stays where it is",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			h := vmRegistry()
-			if v, err := h.Open(args[0]); err == nil && h.State(v).Running() {
-				return fmt.Errorf("VM %s is running; stop it with `vtpm vm stop %s` first", v.Name(), v.Name())
-			}
-			e, err := h.Unregister(args[0])
+			e, err := vmRegistry().Unregister(args[0])
 			if err != nil {
 				return err
 			}
@@ -315,12 +308,8 @@ and returns when the VM stops (Ctrl-C stops the VM).`,
 				fmt.Fprintf(cmd.ErrOrStderr(), "VM %s stopped\n", v.Name())
 				return nil
 			}
-			tpm := "no TPM"
-			if res.TPMPid != 0 {
-				tpm = fmt.Sprintf("vTPM pid %d", res.TPMPid)
-			}
 			fmt.Fprintf(cmd.OutOrStdout(), "started VM %s (QEMU pid %d, %s, %s); serial console: %s\n",
-				v.Name(), res.QEMUPid, tpm, res.Accel, res.SerialLog)
+				v.Name(), res.QEMUPid, res.TPM(), res.Accel, res.SerialLog)
 			return nil
 		}),
 	}
@@ -341,14 +330,7 @@ func vmStopCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			how := "powered off"
-			if !res.PoweredOff {
-				how = "quit"
-				if timeout > 0 {
-					how = fmt.Sprintf("quit (the guest did not power off within %v)", timeout)
-				}
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "stopped VM %s: %s; TPM state persisted\n", v.Name(), how)
+			fmt.Fprintf(cmd.OutOrStdout(), "stopped VM %s: %s; TPM state persisted\n", v.Name(), res.How())
 			return nil
 		}),
 	}
@@ -385,17 +367,12 @@ func printCreated(cmd *cobra.Command, h *vm.Registry, res *vm.Created, err error
 		vm.Summary
 		Notes []string         `json:"notes"`
 		Next  []errdefs.Remedy `json:"next,omitempty"`
-	}{h.Summary(res.VM), res.Notes, res.Next}
+	}{h.Summary(res.VM), slices.Concat(res.Notes, res.Warnings), res.Next}
 	return emit(cmd, asJSON, j, func(w io.Writer) {
 		c := res.VM.Config
 		fmt.Fprintf(w, "%s %s (%s) in %s; TPM %s\n", verb, c.Name, c.UUID, res.VM.Dir, c.TPMStatus())
-		for _, n := range res.Notes {
-			if strings.HasPrefix(n, "WARNING") {
-				fmt.Fprintln(cmd.ErrOrStderr(), n)
-			} else {
-				fmt.Fprintln(w, n)
-			}
-		}
+		printNotes(cmd.ErrOrStderr(), res.Warnings)
+		printNotes(w, res.Notes)
 		for _, r := range res.Next {
 			fmt.Fprintln(w, renderRemedy(r))
 		}

@@ -21,6 +21,22 @@ type Summary struct {
 	Error      string `json:"error,omitempty"` // why a broken bundle does not open
 }
 
+// ListColumns head the columns of [Summary.Row].
+var ListColumns = []string{"NAME", "UUID", "STATE", "FIRMWARE", "SECURE BOOT", "TPM"}
+
+// Row is s as a line of a VM list; a broken bundle's firmware and Secure
+// Boot are unknown ("?").
+func (s Summary) Row() []string {
+	fw, sb := s.Firmware, "off"
+	if s.SecureBoot {
+		sb = "on"
+	}
+	if s.State == "broken" {
+		fw, sb = "?", "?"
+	}
+	return []string{s.Name, s.UUID, s.State, fw, sb, s.TPM}
+}
+
 // TPMStatus is "none", "enabled" or "disabled", or "required" for a
 // template whose VMs get a fresh TPM.
 func (c *Config) TPMStatus() string {
