@@ -27,6 +27,7 @@ var commands = map[errdefs.Action]string{
 	errdefs.ActionTPMAdd:              "vtpm tpm add {vm}",
 	errdefs.ActionTPMRemove:           "vtpm tpm remove {vm}",
 	errdefs.ActionTPMEnable:           "vtpm tpm enable {vm}",
+	errdefs.ActionTPMManufacture:      "vtpm tpm manufacture {dir}",
 	errdefs.ActionStateImport:         "vtpm state import {dir}",
 	errdefs.ActionVMStop:              "vtpm vm stop {vm}",
 	errdefs.ActionVMList:              "vtpm vm list -a",

@@ -12,7 +12,6 @@ import (
 
 	"vtpm/internal/keybroker"
 	"vtpm/internal/manufacture"
-	"vtpm/internal/state"
 )
 
 func tpmManufactureCmds() []*cobra.Command {
@@ -97,14 +96,7 @@ func tpmShowCmd() *cobra.Command {
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			dir := tpmDir(args[0])
-			if !state.HasState(dir) {
-				return fmt.Errorf("%s holds no TPM state; create one with `vtpm tpm manufacture %s`", dir, args[0])
-			}
-			var out *manufacture.Summary
-			err := withHost(func(h *keybroker.Broker) (err error) {
-				out, err = manufacture.Show(h, dir, key, warnLogger())
-				return err
-			})
+			out, err := manufacture.Show(openBroker, dir, key, warnLogger())
 			if err != nil {
 				return err
 			}

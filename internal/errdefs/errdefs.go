@@ -89,6 +89,9 @@ const (
 	ActionTPMAdd    Action = "tpm.add"
 	ActionTPMRemove Action = "tpm.remove"
 	ActionTPMEnable Action = "tpm.enable"
+	// ActionTPMManufacture manufactures a TPM in a state directory (args:
+	// dir).
+	ActionTPMManufacture Action = "tpm.manufacture"
 	// ActionStateImport converts swtpm's state files to sealed state
 	// (args: dir).
 	ActionStateImport Action = "state.import"

@@ -104,8 +104,18 @@ func Make(open OpenBroker, dir string, overwrite bool, o Options, log *slog.Logg
 }
 
 // Show describes the TPM in dir without changing it. swtpmKey opens swtpm
-// files encrypted with a key.
-func Show(h *keybroker.Broker, dir, swtpmKey string, log *slog.Logger) (*Summary, error) {
+// files encrypted with a key. A directory without TPM state is refused
+// before the broker is opened.
+func Show(open OpenBroker, dir, swtpmKey string, log *slog.Logger) (*Summary, error) {
+	if !state.HasState(dir) {
+		return nil, errdefs.New(errdefs.ErrNotFound, "%s holds no TPM state", dir).
+			With(errdefs.Do(errdefs.ActionTPMManufacture, "dir", dir).WithNote("create one"))
+	}
+	h, err := open()
+	if err != nil {
+		return nil, err
+	}
+	defer h.Close()
 	s, err := show(h, dir, swtpmKey, log)
 	if errors.Is(err, seal.ErrLocked) {
 		return nil, errdefs.Wrap(errdefs.ErrFailedPrecondition, err, "%s is in use by a running TPM; stop it to inspect it", dir)

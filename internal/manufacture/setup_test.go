@@ -119,6 +119,23 @@ func TestSetupOverwrite(t *testing.T) {
 	}
 }
 
+// TestShowWithoutState: an empty directory is refused with the way to make
+// a TPM there, and the keystore is left alone.
+func TestShowWithoutState(t *testing.T) {
+	dir := t.TempDir()
+	open, opened := setupBroker(t)
+	_, err := Show(open, dir, "", nil)
+	want := errdefs.Do(errdefs.ActionTPMManufacture, "dir", dir)
+	if !errors.Is(err, errdefs.ErrNotFound) || !slices.ContainsFunc(errdefs.Remedies(err), func(r errdefs.Remedy) bool {
+		return r.Action == want.Action && maps.Equal(r.Args, want.Args)
+	}) {
+		t.Errorf("Show of an empty directory: %v, remedies %+v; want not found with %s %v", err, errdefs.Remedies(err), want.Action, want.Args)
+	}
+	if *opened != 0 {
+		t.Errorf("Show of an empty directory opened the keystore %d times", *opened)
+	}
+}
+
 func TestMakeAndShow(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "tpm")
 	open, _ := setupBroker(t)
@@ -134,12 +151,7 @@ func TestMakeAndShow(t *testing.T) {
 	if _, err := Make(open, dir, false, o, nil); !errors.Is(err, errdefs.ErrAlreadyExists) {
 		t.Errorf("Make over a TPM without overwrite: %v; want already exists", err)
 	}
-	h, err := open()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	s, err := Show(h, dir, "", nil)
+	s, err := Show(open, dir, "", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
