@@ -2,6 +2,7 @@ package manufacture
 
 import (
 	"errors"
+	"fmt"
 	"maps"
 	"os"
 	"path/filepath"
@@ -158,6 +159,19 @@ func TestMakeAndShow(t *testing.T) {
 	if s.TPM != made.TPM.String() || s.Generation == nil || s.Format != state.Sealed || len(s.EKs) != 2 || !s.EKs[0].Certificate.Locked ||
 		s.PlatformCert == nil || len(s.Protector) != 1 || !s.Protector[0].Owner || s.EKs[0].Fingerprint != m.EKs[0].Fingerprint {
 		t.Errorf("Show: %+v; want the TPM just made, its generation, locked certificates and its owner", s)
+	}
+	var made1, shown strings.Builder
+	made.WriteText(&made1, dir)
+	s.WriteText(&shown)
+	for _, want := range []string{"manufactured TPM " + made.TPM.String() + " in " + dir + " (sealed state)\n", "certificate in NV 0x1c00002", "  platform certificate in NV 0x1c08000\n", "  PCR banks: sha256\n"} {
+		if !strings.Contains(made1.String(), want) {
+			t.Errorf("made text lacks %q:\n%s", want, made1.String())
+		}
+	}
+	for _, want := range []string{fmt.Sprintf("TPM %s in %s (sealed state, generation %d)\n", s.TPM, dir, *s.Generation), ", write-locked\n", "platform certificate:\n", "  (owner)\n"} {
+		if !strings.Contains(shown.String(), want) {
+			t.Errorf("shown text lacks %q:\n%s", want, shown.String())
+		}
 	}
 	again, err := Make(open, dir, true, Options{RSA: true}, nil)
 	if err != nil || again.TPM == made.TPM {
