@@ -74,7 +74,7 @@ failed. A running VM sees the change at its next start.`,
 			}
 			out := cmd.OutOrStdout()
 			bar := progress.New(out, len(refs), !asJSON && progress.IsTerminal(out))
-			results, failed := h.SetTPMsEnabled(refs, on, all, func(r vm.BulkResult) {
+			results, _ := h.SetTPMsEnabled(refs, on, all, func(r vm.BulkResult) {
 				if !asJSON {
 					bar.Clear()
 					fmt.Fprintln(out, r.Line(formatError))
@@ -82,18 +82,16 @@ failed. A running VM sees the change at its next start.`,
 				bar.Step()
 			})
 			bar.Clear()
+			sum := results.Summary()
 			if asJSON {
 				results.Explain(formatError) // the errors with their remedies
 				if err := printJSON(out, results); err != nil {
 					return err
 				}
 			} else {
-				fmt.Fprintln(out, results.Summary())
+				fmt.Fprintln(out, sum)
 			}
-			if failed > 0 {
-				return fmt.Errorf("tpm %s: %d of %d VMs failed", verb, failed, len(results))
-			}
-			return nil
+			return sum.Err("tpm " + verb)
 		},
 	}
 	cmd.Flags().BoolVar(&all, "all", false, "every registered VM")

@@ -81,9 +81,6 @@ apply).`,
 			if cmd.Flags().Changed("tpm") {
 				o.TPM = &tpm
 			}
-			if o.Disk != "" && (o.DiskSize != "" || o.NoDisk) {
-				return fmt.Errorf("give one of --disk PATH, --disk-size SIZE or --no-disk")
-			}
 			res, err := vmRegistry().Create(o)
 			if err != nil {
 				return err
@@ -91,7 +88,7 @@ apply).`,
 			return emit(cmd, asJSON, vmRegistry().Summary(res.VM), func(w io.Writer) {
 				c := res.VM.Config
 				fmt.Fprintf(w, "created VM %s (%s) in %s: %s, %s, Secure Boot %s, TPM %s\n",
-					c.Name, c.UUID, res.VM.Dir, c.OS, c.Firmware, onOff(c.SecureBoot), c.TPMStatus())
+					c.Name, c.UUID, res.VM.Dir, c.OS, c.Firmware, c.SecureBootStatus(), c.TPMStatus())
 				printNotes(w, res.Notes)
 			})
 		},
@@ -113,13 +110,6 @@ apply).`,
 	f.StringVar(&o.Path, "path", "", "bundle directory (default <data root>/vms/NAME)")
 	f.BoolVar(&asJSON, "json", false, "print JSON")
 	return cmd
-}
-
-func onOff(b bool) string {
-	if b {
-		return "on"
-	}
-	return "off"
 }
 
 // openVM opens the VM ref names in this host's registry.
@@ -184,18 +174,7 @@ func vmShowCmd() *cobra.Command {
 		Args:  cobra.ExactArgs(1),
 		RunE: onVM(func(cmd *cobra.Command, h *vm.Registry, v *vm.VM) error {
 			j := h.Summary(v)
-			return emit(cmd, asJSON, map[string]any{"vm": j, "config": v.Config}, func(w io.Writer) {
-				c := v.Config
-				fmt.Fprintf(w, "name:        %s\nuuid:        %s\nbundle:      %s\nstate:       %s\nos:          %s\nfirmware:    %s\nsecure boot: %s\ntpm:         %s\nmemory:      %s\ncpus:        %d\n",
-					c.Name, c.UUID, v.Dir, j.State, c.OS, c.Firmware, onOff(c.SecureBoot), c.TPMStatus(), c.Memory, c.CPUs)
-				for _, d := range c.Disks {
-					fmt.Fprintf(w, "disk:        %s (%s)\n", d.Path, d.Kind())
-				}
-				if c.Kernel != "" {
-					fmt.Fprintf(w, "kernel:      %s\ninitrd:      %s\nappend:      %s\n", c.Kernel, c.Initrd, c.Append)
-				}
-				fmt.Fprintf(w, "isolation:   %s\n", c.IsolationPolicy())
-			})
+			return emit(cmd, asJSON, map[string]any{"vm": j, "config": v.Config}, func(w io.Writer) { v.WriteText(w, j.State) })
 		}),
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")

@@ -245,6 +245,17 @@ func WritePolicy(dir string, p Policy) error {
 	return atomicfile.Write(filepath.Join(dir, PolicyFile), append(b, '\n'), 0o600)
 }
 
+// UpdatePolicy returns dir's policy, first setting its on-missing-key to
+// *onMissingKey when that is not nil.
+func UpdatePolicy(dir string, onMissingKey *string) (Policy, error) {
+	p, err := ReadPolicy(dir)
+	if err != nil || onMissingKey == nil {
+		return p, err
+	}
+	p.OnMissingKey = *onMissingKey
+	return p, WritePolicy(dir, p)
+}
+
 // Opened is the outcome of opening a TPM's key. Close wipes the key.
 type Opened struct {
 	TPM uuid.UUID

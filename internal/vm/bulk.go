@@ -64,6 +64,15 @@ func (rs BulkResults) Summary() BulkSummary {
 // BulkSummary counts the outcomes of a change made to many VMs.
 type BulkSummary struct{ OK, Skipped, Failed int }
 
+// Err is the failure of the whole change, what, when any VM failed: one
+// line that counts them (each failure has its own line).
+func (s BulkSummary) Err(what string) error {
+	if s.Failed == 0 {
+		return nil
+	}
+	return fmt.Errorf("%s: %d of %d VMs failed", what, s.Failed, s.OK+s.Skipped+s.Failed)
+}
+
 // String is the summary line: skipped VMs are mentioned only when there are
 // some.
 func (s BulkSummary) String() string {

@@ -25,6 +25,12 @@ func TestBulkReport(t *testing.T) {
 	if got, want := rs.Summary(), (BulkSummary{OK: 2, Skipped: 1, Failed: 1}); got != want {
 		t.Errorf("Summary() = %+v, want %+v", got, want)
 	}
+	if err := rs.Summary().Err("tpm disable"); err == nil || err.Error() != "tpm disable: 1 of 4 VMs failed" {
+		t.Errorf("Summary().Err = %v, want tpm disable: 1 of 4 VMs failed", err)
+	}
+	if err := (BulkSummary{OK: 1, Skipped: 1}).Err("tpm enable"); err != nil {
+		t.Errorf("Err without failures = %v, want nil", err)
+	}
 	rs.Explain(explain)
 	if rs[3].Error != "VM d has no TPM\n  fix: something" || rs[0].Error != "" {
 		t.Errorf("Explain: errors %q, %q; want the failure's explained, none for the rest", rs[3].Error, rs[0].Error)

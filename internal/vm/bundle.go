@@ -166,6 +166,9 @@ func diskFor(path string) (Disk, error) {
 // Create makes a bundle, registers it, and manufactures its vTPM when it
 // gets one. On failure nothing is left behind.
 func (h *Registry) Create(o CreateOptions) (_ *Created, err error) {
+	if o.Disk != "" && (o.DiskSize != "" || o.NoDisk) {
+		return nil, errdefs.New(errdefs.ErrInvalidArgument, "give one of --disk PATH, --disk-size SIZE or --no-disk")
+	}
 	c, err := newConfig(o)
 	if err != nil {
 		return nil, err

@@ -400,3 +400,17 @@ func TestUnregisterRefusesARunningVM(t *testing.T) {
 		t.Errorf("the refused VM is no longer registered: %v", err)
 	}
 }
+
+// TestCreateOneDiskChoice: an existing disk excludes a new one's size and
+// no disk at all.
+func TestCreateOneDiskChoice(t *testing.T) {
+	h := testHost(t)
+	for _, o := range []CreateOptions{
+		{Name: "a", OS: Linux, Disk: "/dev/null", DiskSize: "1G"},
+		{Name: "b", OS: Linux, Disk: "/dev/null", NoDisk: true},
+	} {
+		if _, err := h.Create(o); !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), "give one of --disk") {
+			t.Errorf("Create(%+v): %v; want invalid argument, one disk choice", o, err)
+		}
+	}
+}
