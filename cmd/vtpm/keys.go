@@ -70,8 +70,7 @@ func guardianCmd() *cobra.Command {
 			}
 			return emit(cmd, asJSON, out, func(w io.Writer) {
 				for _, g := range out {
-					mark := markIf(g.Local, "  (this host)") + markIf(g.TrustedOnly, "  (trusted only: owns TPMs that open here, not held)")
-					fmt.Fprintf(w, "%s  %s  %s%s\n", g.Fingerprint[:16], g.KEM, g.Name, mark)
+					fmt.Fprintln(w, g.Line())
 				}
 			})
 		}),
@@ -176,12 +175,7 @@ func protectorCmd() *cobra.Command {
 				return err
 			}
 			s := keybroker.SummarizeProtector(p)
-			return emit(cmd, asJSON, s, func(w io.Writer) {
-				fmt.Fprintf(w, "TPM %s, owner %s (%s), protector version %d\n", s.TPM, s.OwnerName, s.Owner, s.Version)
-				for _, r := range s.Rows {
-					fmt.Fprintf(w, "  %s  %s%s\n", r.Fingerprint, r.Name, markIf(r.Owner, "  (owner)"))
-				}
-			})
+			return emit(cmd, asJSON, s, s.WriteText)
 		},
 	}
 	show.Flags().BoolVar(&asJSON, "json", false, "print JSON")

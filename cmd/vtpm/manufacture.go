@@ -120,11 +120,3 @@ func caCmd() *cobra.Command {
 	cmd.AddCommand(show)
 	return cmd
 }
-
-// markIf is mark when b holds, else nothing.
-func markIf(b bool, mark string) string {
-	if b {
-		return mark
-	}
-	return ""
-}

@@ -245,14 +245,7 @@ them the bundle directory; disks outside the bundle are left alone.`,
 			if err != nil {
 				return err
 			}
-			w := cmd.OutOrStdout()
-			fmt.Fprintf(w, "deleted VM %s (%s)\n", v.Name(), v.Dir)
-			if del.Backup != "" {
-				fmt.Fprintf(w, "its TPM state is kept in %s (with its key protector: it opens only with this host's or another admitted guardian)\n", del.Backup)
-			}
-			if len(del.Kept) > 0 {
-				fmt.Fprintf(w, "kept what vtpm did not make, in %s: %s\n", v.Dir, strings.Join(del.Kept, ", "))
-			}
+			del.WriteText(cmd.OutOrStdout())
 			return nil
 		}),
 	}
