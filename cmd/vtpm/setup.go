@@ -20,8 +20,10 @@ certificates come from this host's local CA (` + "`vtpm ca show --pem`" + `).
 
 // runSwtpmSetup is `swtpm_setup …`; it returns the exit code.
 func runSwtpmSetup(args []string, stdout, stderr io.Writer) int {
-	p := manufacture.SetupProgram{Usage: setupUsage, Version: version, Open: openBroker, Log: warnLogger()}
-	return p.Run(args, stdout, stderr)
+	setup := func(o *swtpm.SetupOptions) (*manufacture.SetupResult, error) {
+		return manufacture.Setup(o, openBroker, warnLogger())
+	}
+	return manufacture.SetupProgram{Usage: setupUsage, Version: version, Setup: setup}.Run(args, stdout, stderr)
 }
 
 func swtpmSetupCmd() *cobra.Command {

@@ -3,7 +3,6 @@ package manufacture
 import (
 	"fmt"
 	"io"
-	"log/slog"
 	"os"
 
 	"vtpm/internal/swtpm"
@@ -13,8 +12,9 @@ import (
 type SetupProgram struct {
 	Usage   string // printed for --help and after an option it refuses
 	Version string // vtpm's, printed beside swtpm's
-	Open    OpenBroker
-	Log     *slog.Logger
+	// Setup does what a command line that is not informational asks for
+	// (see [Setup]: the caller chooses the keys it manufactures with).
+	Setup func(*swtpm.SetupOptions) (*SetupResult, error)
 }
 
 // Run runs swtpm_setup with args (its command line after the program's
@@ -49,7 +49,7 @@ func (p SetupProgram) Run(args []string, stdout, stderr io.Writer) int {
 		defer f.Close()
 		stdout, stderr = f, f
 	}
-	res, err := Setup(o, p.Open, p.Log)
+	res, err := p.Setup(o)
 	res.WriteLog(stdout, stderr, err)
 	if err != nil {
 		return 1
