@@ -139,3 +139,16 @@ func (k *Key) WriteDataKeyFile(path string) error {
 	}
 	return writeKeyFile(path, k.bytes())
 }
+
+// FromHost returns the data key of TPM tpm as the host service handed it
+// over, moved into locked memory (dek is wiped).
+func FromHost(tpm uuid.UUID, dek []byte) (*Key, error) { return newKey(tpm, dek) }
+
+// HandOver gives the key's bytes to send, which must not keep them: the
+// host service writes them to an authorized vTPM process's socket.
+func (k *Key) HandOver(send func(dek []byte) error) error {
+	if k.bytes() == nil {
+		return fmt.Errorf("hand over the data key: the key is closed")
+	}
+	return send(k.bytes())
+}

@@ -1,0 +1,213 @@
+package hostsvc
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"time"
+
+	"github.com/google/uuid"
+
+	"vtpm/internal/errdefs"
+	"vtpm/internal/guardian"
+	"vtpm/internal/keybroker"
+	"vtpm/internal/keystore"
+	"vtpm/internal/seal"
+	"vtpm/internal/secret"
+	"vtpm/internal/state"
+)
+
+// Opened is a TPM's key and generation record as the host service handed
+// them over. Close wipes the key and closes the record.
+type Opened struct {
+	TPM     uuid.UUID
+	Key     *keybroker.Key
+	Record  *keystore.Pinned // the TPM's generation record, pinned
+	By      string           // what opened the key: a guardian, or "imported key"
+	Created bool             // the TPM is new: the service made its identity and key protector
+	Backup  string           // where the old state went when the TPM was reprovisioned
+	Reset   bool             // rollback protection started over (no record for a TPM with state)
+}
+
+// Close wipes the key and closes the record. It is safe on nil.
+func (o *Opened) Close() {
+	if o == nil {
+		return
+	}
+	o.Key.Close()
+	if o.Record != nil {
+		o.Record.Close()
+	}
+}
+
+// Client asks the host service at Socket (SocketPath() when empty).
+type Client struct {
+	Socket string
+}
+
+func (c Client) socket() string {
+	if c.Socket != "" {
+		return c.Socket
+	}
+	return SocketPath()
+}
+
+// Open asks the host service for the key of the TPM in dir (created when
+// missing), holding dir's lock while it asks: the service answers only the
+// holder of a state directory. The lock is released when Open returns, so
+// that the caller can open the state (which takes it again).
+func (c Client) Open(dir string, opts keybroker.OpenOptions) (*Opened, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("create state directory: %w", err)
+	}
+	l, err := state.Lock(dir)
+	if err != nil {
+		return nil, err
+	}
+	defer l.Unlock()
+	d, err := os.Open(dir)
+	if err != nil {
+		return nil, err
+	}
+	defer d.Close()
+	conn, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: c.socket(), Net: "unix"})
+	if err != nil {
+		return nil, &UnavailableError{Socket: c.socket(), Err: err}
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(requestTimeout + 5*time.Second))
+	if err := send(conn, request{Op: opOpen, Dir: dir, AllowRollback: opts.AllowRollback}, nil, int(d.Fd())); err != nil {
+		return nil, &UnavailableError{Socket: c.socket(), Err: err}
+	}
+	var a answer
+	files, err := recv(conn, &a, 1)
+	if err != nil {
+		return nil, &UnavailableError{Socket: c.socket(), Err: fmt.Errorf("no answer: %w", err)}
+	}
+	closeFiles := func() {
+		for _, f := range files {
+			f.Close()
+		}
+	}
+	if a.Error != nil {
+		closeFiles()
+		return nil, a.Error.native()
+	}
+	if len(files) != 1 || a.SecretLen != secretLen || a.TPM == uuid.Nil {
+		closeFiles()
+		return nil, errdefs.New(errdefs.ErrInternal, "the host service at %s answered with a malformed message", c.socket())
+	}
+	mem, err := secret.New(secretLen)
+	if err != nil {
+		closeFiles()
+		return nil, err
+	}
+	defer mem.Close()
+	if _, err := io.ReadFull(conn, mem.Bytes()); err != nil {
+		closeFiles()
+		return nil, &UnavailableError{Socket: c.socket(), Err: fmt.Errorf("answer cut short: %w", err)}
+	}
+	o := &Opened{TPM: a.TPM, By: a.By, Created: a.Created, Backup: a.Backup, Reset: a.Reset}
+	if o.Record, err = keystore.PinShared(files[0], a.TPM, mem.Bytes()[guardian.DEKSize:]); err != nil {
+		return nil, err
+	}
+	if o.Key, err = keybroker.FromHost(a.TPM, mem.Bytes()[:guardian.DEKSize]); err != nil {
+		o.Close()
+		return nil, err
+	}
+	return o, nil
+}
+
+// Keys is the host service as state.OpenSealed's key source, for
+// swtpm_setup run as a user who cannot open the keystore.
+type Keys struct {
+	Client Client
+	opened []*Opened
+}
+
+// OpenKey asks the service for dir's key (state.Keys). The record of the
+// last TPM opened serves Generations.
+func (k *Keys) OpenKey(dir string) (uuid.UUID, state.SealKey, error) {
+	o, err := k.Client.Open(dir, keybroker.OpenOptions{})
+	if err != nil {
+		return uuid.Nil, nil, err
+	}
+	k.opened = append(k.opened, o)
+	return o.TPM, o.Key, nil
+}
+
+// Generations is the generation record of the TPM last opened.
+func (k *Keys) Generations() seal.Generations {
+	if len(k.opened) == 0 {
+		return nil
+	}
+	return k.opened[len(k.opened)-1].Record
+}
+
+// Close closes what was opened.
+func (k *Keys) Close() error {
+	for _, o := range k.opened {
+		o.Close()
+	}
+	k.opened = nil
+	return nil
+}
+
+// UnavailableError is a host service that could not be reached.
+type UnavailableError struct {
+	Socket string
+	Err    error
+}
+
+func (e *UnavailableError) Error() string {
+	return fmt.Sprintf("cannot reach the host service at %s: %v", e.Socket, e.Err)
+}
+
+func (e *UnavailableError) Unwrap() error { return e.Err }
+
+// Is makes the error match errdefs.ErrUnavailable.
+func (e *UnavailableError) Is(target error) bool { return target == errdefs.ErrUnavailable }
+
+// Remedies: start the service, socket-activated or in the foreground.
+func (e *UnavailableError) Remedies() []errdefs.Remedy {
+	serve := errdefs.Do(errdefs.ActionHostServe, "socket", e.Socket).WithNote("or run it in the foreground, as root")
+	return []errdefs.Remedy{
+		errdefs.Do(errdefs.ActionHostServiceStart).WithNote("start the host service (as root)"),
+		serve,
+	}
+}
+
+// NoKeysError is a process that could open the TPM's key neither itself
+// (the host keystore, which only root can open) nor through the host
+// service.
+type NoKeysError struct {
+	Keystore error // why the keystore did not open
+	Service  error // why the host service did not answer
+}
+
+func (e *NoKeysError) Error() string {
+	return fmt.Sprintf("cannot open the TPM's key: this process cannot open the host keystore (%v), and the host service did not answer (%v)", e.Keystore, e.Service)
+}
+
+// Unwrap returns both causes; their remedies are the ways out.
+func (e *NoKeysError) Unwrap() []error { return []error{e.Service, e.Keystore} }
+
+// Fallback returns what to report when the keystore failed with ksErr and
+// the host service with svcErr: an unreachable service gives one error
+// naming both attempts; a service that answered gives its own error.
+func Fallback(ksErr, svcErr error) error {
+	var u *UnavailableError
+	if errors.As(svcErr, &u) {
+		return &NoKeysError{Keystore: ksErr, Service: svcErr}
+	}
+	return fmt.Errorf("host service: %w", svcErr)
+}
+
+// UseService reports whether a process whose keystore failed to open with
+// err should ask the host service: it is not root, or the keystore refused
+// it.
+func UseService(err error) bool {
+	return os.Geteuid() != 0 || errors.Is(err, errdefs.ErrPermissionDenied) || errors.Is(err, os.ErrPermission)
+}
