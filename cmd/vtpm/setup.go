@@ -9,7 +9,11 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"vtpm/internal/hostsvc"
+	"vtpm/internal/keybroker"
+	"vtpm/internal/keystore"
 	"vtpm/internal/manufacture"
+	"vtpm/internal/paths"
 	"vtpm/internal/swtpm"
 )
 
@@ -82,13 +86,13 @@ func runSwtpmSetup(args []string, stdout, stderr io.Writer) int {
 		stdout, stderr = f, f
 	}
 	info := func(format string, a ...any) { fmt.Fprintf(stdout, format+"\n", a...) }
-	res, err := manufacture.Setup(o, openBroker, warnLogger())
+	res, err := manufacture.SetupOn(o, setupHost(o), warnLogger())
 	switch {
 	case res.Kept:
 		info("Not overwriting existing state file.")
 		return 0
 	case res.Started.IsZero():
-		fmt.Fprintf(stderr, "%v\n", err)
+		fmt.Fprintln(stderr, formatError(err))
 		return 1
 	}
 	info("Starting vTPM manufacturing as %s @ %s", res.User, res.Started.Format(time.UnixDate))
@@ -111,7 +115,7 @@ func runSwtpmSetup(args []string, stdout, stderr io.Writer) int {
 		}
 	}
 	if err != nil {
-		fmt.Fprintf(stderr, "%v\n", err)
+		fmt.Fprintln(stderr, formatError(err))
 		if res.Failed {
 			fmt.Fprintln(stderr, "An error occurred. Authoring the TPM state failed.")
 		}
@@ -123,6 +127,23 @@ func runSwtpmSetup(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	return 0
+}
+
+// setupHost is the host swtpm_setup manufactures with: the keystore of the
+// host's data root (never one under an inherited $HOME: libvirt runs
+// swtpm_setup as tss with HOME=/root), or, when this process cannot open
+// it, the host service.
+func setupHost(o *swtpm.SetupOptions) manufacture.OpenHost {
+	return func() (manufacture.Host, error) {
+		h, err := keybroker.Open(paths.HostDataRoot(), keystore.Options{HostTPM: os.Getenv("VTPM_HOST_TPM"), Logger: warnLogger()})
+		if err == nil {
+			return manufacture.FromBroker(func() (*keybroker.Broker, error) { return h, nil })()
+		}
+		if !hostsvc.UseService(err) {
+			return nil, err
+		}
+		return &hostsvc.Keys{Dir: strings.TrimPrefix(o.StateDir, "dir://"), KeystoreErr: err}, nil
+	}
 }
 
 func swtpmSetupCmd() *cobra.Command {

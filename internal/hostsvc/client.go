@@ -1,6 +1,8 @@
 package hostsvc
 
 import (
+	"crypto"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -14,6 +16,7 @@ import (
 	"vtpm/internal/guardian"
 	"vtpm/internal/keybroker"
 	"vtpm/internal/keystore"
+	"vtpm/internal/manufacture"
 	"vtpm/internal/seal"
 	"vtpm/internal/secret"
 	"vtpm/internal/state"
@@ -72,28 +75,15 @@ func (c Client) Open(dir string, opts keybroker.OpenOptions) (*Opened, error) {
 		return nil, err
 	}
 	defer d.Close()
-	conn, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: c.socket(), Net: "unix"})
+	a, files, conn, err := c.call(request{Op: opOpen, Dir: dir, AllowRollback: opts.AllowRollback}, d)
 	if err != nil {
-		return nil, &UnavailableError{Socket: c.socket(), Err: err}
+		return nil, err
 	}
 	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(requestTimeout + 5*time.Second))
-	if err := send(conn, request{Op: opOpen, Dir: dir, AllowRollback: opts.AllowRollback}, nil, int(d.Fd())); err != nil {
-		return nil, &UnavailableError{Socket: c.socket(), Err: err}
-	}
-	var a answer
-	files, err := recv(conn, &a, 1)
-	if err != nil {
-		return nil, &UnavailableError{Socket: c.socket(), Err: fmt.Errorf("no answer: %w", err)}
-	}
 	closeFiles := func() {
 		for _, f := range files {
 			f.Close()
 		}
-	}
-	if a.Error != nil {
-		closeFiles()
-		return nil, a.Error.native()
 	}
 	if len(files) != 1 || a.SecretLen != secretLen || a.TPM == uuid.Nil {
 		closeFiles()
@@ -120,11 +110,89 @@ func (c Client) Open(dir string, opts keybroker.OpenOptions) (*Opened, error) {
 	return o, nil
 }
 
+// call sends req with dir's descriptor and reads the answer's header. An
+// error answer is returned as the error; otherwise the caller closes conn
+// and the files.
+func (c Client) call(req request, dir *os.File) (*answer, []*os.File, *net.UnixConn, error) {
+	conn, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: c.socket(), Net: "unix"})
+	if err != nil {
+		return nil, nil, nil, &UnavailableError{Socket: c.socket(), Err: err}
+	}
+	conn.SetDeadline(time.Now().Add(requestTimeout + 5*time.Second))
+	if err := send(conn, req, nil, int(dir.Fd())); err != nil {
+		conn.Close()
+		return nil, nil, nil, &UnavailableError{Socket: c.socket(), Err: err}
+	}
+	var a answer
+	files, err := recv(conn, &a, 1)
+	if err != nil {
+		conn.Close()
+		return nil, nil, nil, &UnavailableError{Socket: c.socket(), Err: fmt.Errorf("no answer: %w", err)}
+	}
+	if a.Error != nil {
+		conn.Close()
+		for _, f := range files {
+			f.Close()
+		}
+		return nil, nil, nil, a.Error.native()
+	}
+	return &a, files, conn, nil
+}
+
+// certify asks for a certificate of kind for the EK public key pub of the
+// TPM in dir, whose lock this process holds.
+func (c Client) certify(dir, kind string, pub crypto.PublicKey, id manufacture.Identity) ([]byte, error) {
+	der, err := x509.MarshalPKIXPublicKey(pub)
+	if err != nil {
+		return nil, err
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return nil, err
+	}
+	defer d.Close()
+	a, files, conn, err := c.call(request{Op: opCertify, Dir: dir, Cert: kind, Public: der, Identity: &id}, d)
+	if err != nil {
+		return nil, err
+	}
+	conn.Close()
+	for _, f := range files {
+		f.Close()
+	}
+	return a.Cert, nil
+}
+
 // Keys is the host service as state.OpenSealed's key source, for
 // swtpm_setup run as a user who cannot open the keystore.
 type Keys struct {
 	Client Client
-	opened []*Opened
+	Dir    string // the state directory being manufactured, for certificates
+	// KeystoreErr is why this process could not open the keystore itself;
+	// an unreachable service is reported together with it (Fallback).
+	KeystoreErr error
+	opened      []*Opened
+}
+
+// CA is the host service's local CA (manufacture.Host): it issues
+// certificates for the TPM in k.Dir while this process holds its lock.
+func (k *Keys) CA() (manufacture.Issuer, error) { return issuer{k}, nil }
+
+type issuer struct{ k *Keys }
+
+func (i issuer) EKCertificate(ek crypto.PublicKey, id manufacture.Identity, _ time.Time) ([]byte, error) {
+	return i.certify(certEK, ek, id)
+}
+
+func (i issuer) PlatformCertificate(ek crypto.PublicKey, id manufacture.Identity, _ time.Time) ([]byte, error) {
+	return i.certify(certPlatform, ek, id)
+}
+
+func (i issuer) certify(kind string, ek crypto.PublicKey, id manufacture.Identity) ([]byte, error) {
+	der, err := i.k.Client.certify(i.k.Dir, kind, ek, id)
+	if err != nil && i.k.KeystoreErr != nil {
+		err = Fallback(i.k.KeystoreErr, err)
+	}
+	return der, err
 }
 
 // OpenKey asks the service for dir's key (state.Keys). The record of the
@@ -132,6 +200,9 @@ type Keys struct {
 func (k *Keys) OpenKey(dir string) (uuid.UUID, state.SealKey, error) {
 	o, err := k.Client.Open(dir, keybroker.OpenOptions{})
 	if err != nil {
+		if k.KeystoreErr != nil {
+			err = Fallback(k.KeystoreErr, err)
+		}
 		return uuid.Nil, nil, err
 	}
 	k.opened = append(k.opened, o)

@@ -2,6 +2,7 @@ package hostsvc
 
 import (
 	"context"
+	"crypto/x509"
 	"fmt"
 	"log/slog"
 	"net"
@@ -15,6 +16,7 @@ import (
 
 	"vtpm/internal/errdefs"
 	"vtpm/internal/keybroker"
+	"vtpm/internal/manufacture"
 	"vtpm/internal/seal"
 	"vtpm/internal/state"
 )
@@ -123,9 +125,17 @@ func (s *Server) handle(c *net.UnixConn) {
 		return
 	}
 	defer secret.close()
-	defer record.Close()
-	if err := send(c, a, secret.bytes(), int(record.Fd())); err != nil {
+	var fds []int
+	if record != nil {
+		defer record.Close()
+		fds = append(fds, int(record.Fd()))
+	}
+	if err := send(c, a, secret.bytes(), fds...); err != nil {
 		s.log.Warn("host service: answer not delivered", "pid", p.pid, "err", err)
+		return
+	}
+	if req.Op == opCertify {
+		s.log.Info("host service: issued a certificate", "cert", req.Cert, "dir", req.Dir, "pid", p.pid, "uid", p.uid)
 		return
 	}
 	s.log.Info("host service: opened a TPM's key", "tpm", a.TPM, "dir", req.Dir, "pid", p.pid, "uid", p.uid, "created", a.Created)
@@ -136,7 +146,7 @@ func (s *Server) answer(p peer, req *request, files []*os.File) (*answer, *secre
 		return nil, nil, nil, errdefs.New(errdefs.ErrPermissionDenied, "the host service does not answer uid %d", p.uid).
 			With(errdefs.Advise("add the user to \"users\" in %s in the host's data root, and restart the service", ConfigFile))
 	}
-	if req.Op != opOpen {
+	if req.Op != opOpen && req.Op != opCertify {
 		return nil, nil, nil, errdefs.New(errdefs.ErrInvalidArgument, "unknown request %q", req.Op)
 	}
 	if len(files) != 1 {
@@ -152,6 +162,10 @@ func (s *Server) answer(p peer, req *request, files []*os.File) (*answer, *secre
 	dir := fmt.Sprintf("/proc/self/fd/%d", dirfd)
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if req.Op == opCertify {
+		a, err := s.certify(dir, req)
+		return a, nil, nil, err
+	}
 	a, sec, rec, err := s.open(dir, req.AllowRollback)
 	handOver(dirfd, owner)
 	if err != nil {
@@ -244,6 +258,45 @@ func (s *Server) open(dir string, allowRollback bool) (*answer, *secrets, *os.Fi
 	}
 	a := &answer{TPM: o.TPM, By: o.By, Created: o.Created, Backup: o.Backup, Reset: reset, SecretLen: len(sec.bytes())}
 	return a, sec, f, nil
+}
+
+// certify issues an EK or platform certificate from the local CA for the
+// holder of a state directory (swtpm_setup --create-ek-cert run as a user
+// who cannot open the keystore). The certificate names the directory's TPM
+// when it has an identity, whatever the caller says.
+func (s *Server) certify(dir string, req *request) (*answer, error) {
+	if req.Identity == nil {
+		return nil, errdefs.New(errdefs.ErrInvalidArgument, "a certificate request names no identity")
+	}
+	id := *req.Identity
+	if seal.Exists(dir) {
+		tpm, err := seal.Identify(dir)
+		if err != nil {
+			return nil, err
+		}
+		id.TPM = tpm
+	}
+	pub, err := x509.ParsePKIXPublicKey(req.Public)
+	if err != nil {
+		return nil, errdefs.Wrap(errdefs.ErrInvalidArgument, err, "EK public key")
+	}
+	ca, err := manufacture.LoadCA(s.broker.Keystore())
+	if err != nil {
+		return nil, err
+	}
+	var der []byte
+	switch req.Cert {
+	case certEK:
+		der, err = ca.EKCertificate(pub, id, time.Now())
+	case certPlatform:
+		der, err = ca.PlatformCertificate(pub, id, time.Now())
+	default:
+		return nil, errdefs.New(errdefs.ErrInvalidArgument, "unknown certificate %q", req.Cert)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return &answer{TPM: id.TPM, Cert: der}, nil
 }
 
 // handOver gives the files the service made in the state directory to the

@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"vtpm/internal/errdefs"
+	"vtpm/internal/manufacture"
 )
 
 // maxHeader bounds a message's JSON: requests and answers are small.
@@ -22,12 +23,27 @@ const maxHeader = 64 << 10
 // request asks for the key of the TPM in the directory whose descriptor
 // comes with it.
 type request struct {
-	Op            string `json:"op"`  // opOpen
+	Op            string `json:"op"`  // opOpen, opCertify
 	Dir           string `json:"dir"` // the caller's name of the directory, for messages
 	AllowRollback bool   `json:"allow_rollback,omitempty"`
+	// A certificate to issue (opCertify): certEK or certPlatform, for the
+	// EK whose public key (PKIX, DER) is Public.
+	Cert     string                `json:"cert,omitempty"`
+	Public   []byte                `json:"public,omitempty"`
+	Identity *manufacture.Identity `json:"identity,omitempty"`
 }
 
-const opOpen = "open"
+// Requests.
+const (
+	opOpen    = "open"    // the TPM's key and generation record
+	opCertify = "certify" // an EK or platform certificate from the local CA
+)
+
+// Certificates.
+const (
+	certEK       = "ek"
+	certPlatform = "platform"
+)
 
 // answer is the service's reply. On success SecretLen bytes follow the
 // JSON: the data key, then the generation record's key; the record's file
@@ -40,6 +56,7 @@ type answer struct {
 	Backup    string     `json:"backup,omitempty"`
 	Reset     bool       `json:"reset,omitempty"` // rollback protection started over
 	SecretLen int        `json:"secret_len,omitempty"`
+	Cert      []byte     `json:"cert,omitempty"` // DER, for opCertify
 }
 
 // wireError is an error as data.
