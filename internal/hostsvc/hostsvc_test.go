@@ -125,7 +125,9 @@ func newEnv(t *testing.T) *env {
 	os.Chmod(e.socket, 0o666)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- NewServer(b, &Config{Users: DefaultUsers}, slog.New(slog.DiscardHandler)).Serve(ctx, l) }()
+	go func() {
+		done <- NewServer(b, &Config{Users: DefaultUsers}, slog.New(slog.DiscardHandler)).Serve(ctx, l)
+	}()
 	t.Cleanup(func() {
 		cancel()
 		if err := <-done; err != nil {
