@@ -27,7 +27,9 @@ type hostEnv struct {
 	svc               *testutil.Proc
 }
 
-func startHostService(t *testing.T, users ...string) *hostEnv {
+// startHostService starts `vtpm host serve` answering users; activated
+// starts it as systemd would, on a socket passed with LISTEN_FDS.
+func startHostService(t *testing.T, activated bool, users ...string) *hostEnv {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		testutil.Missing(t, "the host service's tests run vTPMs as other users: run them as root")
@@ -65,6 +67,15 @@ func startHostService(t *testing.T, users ...string) *hostEnv {
 		t.Fatal(err)
 	}
 	cmd := exec.Command(filepath.Join(e.bin, "vtpm"), "host", "serve", "--socket", e.socket, "--data-root", root)
+	if activated {
+		testutil.Need(t, "systemd-socket-activate")
+		if err := os.MkdirAll(filepath.Dir(e.socket), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		// --socket names another path: the passed socket must win.
+		cmd = exec.Command("systemd-socket-activate", "-l", e.socket,
+			filepath.Join(e.bin, "vtpm"), "host", "serve", "--socket", e.socket+".unused", "--data-root", root)
+	}
 	cmd.Env = append(os.Environ(), "VTPM_HOST_TPM=none")
 	e.svc = testutil.StartCmd(t, cmd, e.socket)
 	return e
@@ -175,7 +186,7 @@ func checkSealed(t *testing.T, dir, user string) {
 // serve TPMs through the host service; with the service stopped, each
 // fails with one error that names both attempts and how to start it.
 func TestHostServiceForUnprivilegedVTPMs(t *testing.T) {
-	e := startHostService(t, "tss", "nobody")
+	e := startHostService(t, false, "tss", "nobody")
 	setupArgs := func(dir string) []string {
 		return []string{"--tpm2", "--tpm-state", dir, "--vmid", "vm1:9c6a2f0e-5a43-4a1e-8f0e-0d7e4e3e6a11",
 			"--createek", "--create-ek-cert", "--create-platform-cert", "--lock-nvram", "--not-overwrite"}
@@ -233,5 +244,21 @@ func TestHostServiceForUnprivilegedVTPMs(t *testing.T) {
 				t.Errorf("%d errors, want one:\n%s", n, out)
 			}
 		})
+	}
+}
+
+// Under systemd the service gets its socket from vtpm-host.socket
+// (LISTEN_FDS) and starts on the first connection.
+func TestHostServeSocketActivated(t *testing.T) {
+	e := startHostService(t, true, "tss")
+	os.Chmod(e.socket, 0o666) // SocketMode= in vtpm-host.socket
+	dir := e.stateDir(t, "tpm", "tss")
+	out, err := e.as(t, "tss", "swtpm_setup", "--tpm2", "--tpm-state", dir, "--createek").CombinedOutput()
+	if err != nil {
+		t.Fatalf("swtpm_setup as tss: %v\n%s", err, out)
+	}
+	checkSealed(t, dir, "tss")
+	if _, err := os.Stat(e.socket + ".unused"); err == nil {
+		t.Error("the service listened on --socket instead of the socket it was passed")
 	}
 }
