@@ -13,7 +13,6 @@ import (
 	"github.com/google/uuid"
 
 	"vtpm/internal/errdefs"
-	"vtpm/internal/guardian"
 	"vtpm/internal/keybroker"
 	"vtpm/internal/keystore"
 	"vtpm/internal/manufacture"
@@ -85,25 +84,28 @@ func (c Client) Open(dir string, opts keybroker.OpenOptions) (*Opened, error) {
 			f.Close()
 		}
 	}
-	if len(files) != 1 || a.SecretLen != secretLen || a.TPM == uuid.Nil {
+	if len(files) != 1 || !a.Keys || a.TPM == uuid.Nil {
 		closeFiles()
 		return nil, errdefs.New(errdefs.ErrInternal, "the host service at %s answered with a malformed message", c.socket())
 	}
-	mem, err := secret.New(secretLen)
-	if err != nil {
-		closeFiles()
-		return nil, err
-	}
-	defer mem.Close()
-	if _, err := io.ReadFull(conn, mem.Bytes()); err != nil {
+	o := &Opened{TPM: a.TPM, By: a.By, Created: a.Created, Backup: a.Backup, Reset: a.Reset}
+	if o.Key, err = keybroker.ReadKey(conn, a.TPM); err != nil {
 		closeFiles()
 		return nil, &UnavailableError{Socket: c.socket(), Err: fmt.Errorf("answer cut short: %w", err)}
 	}
-	o := &Opened{TPM: a.TPM, By: a.By, Created: a.Created, Backup: a.Backup, Reset: a.Reset}
-	if o.Record, err = keystore.PinShared(files[0], a.TPM, mem.Bytes()[guardian.DEKSize:]); err != nil {
+	rk, err := secret.New(recordKeyLen)
+	if err != nil {
+		closeFiles()
+		o.Close()
 		return nil, err
 	}
-	if o.Key, err = keybroker.FromHost(a.TPM, mem.Bytes()[:guardian.DEKSize]); err != nil {
+	defer rk.Close()
+	if _, err := io.ReadFull(conn, rk.Bytes()); err != nil {
+		closeFiles()
+		o.Close()
+		return nil, &UnavailableError{Socket: c.socket(), Err: fmt.Errorf("answer cut short: %w", err)}
+	}
+	if o.Record, err = keystore.PinShared(files[0], a.TPM, rk.Bytes()); err != nil {
 		o.Close()
 		return nil, err
 	}
@@ -119,7 +121,7 @@ func (c Client) call(req request, dir *os.File) (*answer, []*os.File, *net.UnixC
 		return nil, nil, nil, &UnavailableError{Socket: c.socket(), Err: err}
 	}
 	conn.SetDeadline(time.Now().Add(requestTimeout + 5*time.Second))
-	if err := send(conn, req, nil, int(dir.Fd())); err != nil {
+	if err := send(conn, req, int(dir.Fd())); err != nil {
 		conn.Close()
 		return nil, nil, nil, &UnavailableError{Socket: c.socket(), Err: err}
 	}

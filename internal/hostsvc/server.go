@@ -18,6 +18,7 @@ import (
 	"vtpm/internal/keybroker"
 	"vtpm/internal/manufacture"
 	"vtpm/internal/seal"
+	"vtpm/internal/secret"
 	"vtpm/internal/state"
 )
 
@@ -113,7 +114,7 @@ func (s *Server) handle(c *net.UnixConn) {
 			f.Close()
 		}
 	}()
-	a, secret, record, err := s.answer(p, &req, files)
+	a, sent, err := s.answer(p, &req, files)
 	if err != nil {
 		s.log.Warn("host service: refused", "pid", p.pid, "uid", p.uid, "dir", req.Dir, "err", err)
 		// Messages name the directory as the caller does.
@@ -121,16 +122,11 @@ func (s *Server) handle(c *net.UnixConn) {
 		if len(files) == 1 && req.Dir != "" {
 			r = strings.NewReplacer(fmt.Sprintf("/proc/self/fd/%d", files[0].Fd()), req.Dir)
 		}
-		send(c, answer{Error: toWire(err, r)}, nil)
+		send(c, answer{Error: toWire(err, r)})
 		return
 	}
-	defer secret.close()
-	var fds []int
-	if record != nil {
-		defer record.Close()
-		fds = append(fds, int(record.Fd()))
-	}
-	if err := send(c, a, secret.bytes(), fds...); err != nil {
+	defer sent.close()
+	if err := sent.send(c, a); err != nil {
 		s.log.Warn("host service: answer not delivered", "pid", p.pid, "err", err)
 		return
 	}
@@ -141,21 +137,55 @@ func (s *Server) handle(c *net.UnixConn) {
 	s.log.Info("host service: opened a TPM's key", "tpm", a.TPM, "dir", req.Dir, "pid", p.pid, "uid", p.uid, "created", a.Created)
 }
 
-func (s *Server) answer(p peer, req *request, files []*os.File) (*answer, *secrets, *os.File, error) {
+// opened is what an answer hands over besides its header: the TPM's data
+// key, its generation record's file and key (none for a certificate).
+type opened struct {
+	key       *keybroker.Key
+	record    *os.File
+	recordKey *secret.Bytes
+}
+
+func (o *opened) close() {
+	if o == nil {
+		return
+	}
+	o.key.Close()
+	o.record.Close()
+	o.recordKey.Close()
+}
+
+// send writes the answer: its header with the record's descriptor, then the
+// data key and the record's key.
+func (o *opened) send(c *net.UnixConn, a *answer) error {
+	if o == nil {
+		return send(c, a)
+	}
+	a.Keys = true
+	if err := send(c, a, int(o.record.Fd())); err != nil {
+		return err
+	}
+	if _, err := o.key.WriteTo(c); err != nil {
+		return err
+	}
+	_, err := c.Write(o.recordKey.Bytes())
+	return err
+}
+
+func (s *Server) answer(p peer, req *request, files []*os.File) (*answer, *opened, error) {
 	if !s.users[p.uid] {
-		return nil, nil, nil, errdefs.New(errdefs.ErrPermissionDenied, "the host service does not answer uid %d", p.uid).
+		return nil, nil, errdefs.New(errdefs.ErrPermissionDenied, "the host service does not answer uid %d", p.uid).
 			With(errdefs.Advise("add the user to \"users\" in %s in the host's data root, and restart the service", ConfigFile))
 	}
 	if req.Op != opOpen && req.Op != opCertify {
-		return nil, nil, nil, errdefs.New(errdefs.ErrInvalidArgument, "unknown request %q", req.Op)
+		return nil, nil, errdefs.New(errdefs.ErrInvalidArgument, "unknown request %q", req.Op)
 	}
 	if len(files) != 1 {
-		return nil, nil, nil, errdefs.New(errdefs.ErrInvalidArgument, "a request must come with its state directory's descriptor")
+		return nil, nil, errdefs.New(errdefs.ErrInvalidArgument, "a request must come with its state directory's descriptor")
 	}
 	dirfd := int(files[0].Fd())
 	owner, err := checkHolder(dirfd, p, req.Dir)
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, nil, err
 	}
 	// The directory is reached through the caller's descriptor only: a
 	// path could be swapped for another directory between check and use.
@@ -164,17 +194,17 @@ func (s *Server) answer(p peer, req *request, files []*os.File) (*answer, *secre
 	defer s.mu.Unlock()
 	if req.Op == opCertify {
 		a, err := s.certify(dir, req)
-		return a, nil, nil, err
+		return a, nil, err
 	}
-	a, sec, rec, err := s.open(dir, req.AllowRollback)
+	a, o, err := s.open(dir, req.AllowRollback)
 	handOver(dirfd, owner)
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, nil, err
 	}
 	if a.Backup != "" && req.Dir != "" {
 		a.Backup = strings.Replace(a.Backup, dir, req.Dir, 1)
 	}
-	return a, sec, rec, nil
+	return a, o, nil
 }
 
 // checkHolder proves that the caller holds the state directory dirfd: the
@@ -218,46 +248,46 @@ func checkHolder(dirfd int, p peer, name string) (owner [2]int, err error) {
 // open does for the caller what an instance does before it confines
 // itself (internal/instance): the key, the generation record prepared and
 // shared.
-func (s *Server) open(dir string, allowRollback bool) (*answer, *secrets, *os.File, error) {
+func (s *Server) open(dir string, allowRollback bool) (*answer, *opened, error) {
 	host := s.broker
 	if _, err := host.Local(); err != nil {
-		return nil, nil, nil, err
+		return nil, nil, err
 	}
 	var known uuid.UUID
 	hadRecord := false
 	if seal.Exists(dir) {
 		var err error
 		if known, err = seal.Identify(dir); err != nil {
-			return nil, nil, nil, err
+			return nil, nil, err
 		}
 		if hadRecord, err = host.HasGenerations(known); err != nil {
-			return nil, nil, nil, err
+			return nil, nil, err
 		}
 	}
 	o, err := host.OpenTPMHeld(dir, keybroker.OpenOptions{AllowRollback: allowRollback})
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, nil, err
 	}
-	defer o.Close()
+	defer func() {
+		if o.Key != nil {
+			o.Close()
+		}
+	}()
 	reset, err := host.PrepareGenerations(o.TPM, dir, hadRecord || o.TPM != known)
 	if err != nil {
-		return nil, nil, nil, fmt.Errorf("open the generation record of TPM %s (it detects rollback of the TPM's state): %w", o.TPM, err)
+		return nil, nil, fmt.Errorf("open the generation record of TPM %s (it detects rollback of the TPM's state): %w", o.TPM, err)
 	}
 	if reset {
 		s.log.Warn("rollback protection was reset: no generation record for a TPM that has state", "tpm", o.TPM)
 	}
 	f, rk, err := host.Keystore().Generations().Share(o.TPM)
 	if err != nil {
-		return nil, nil, nil, fmt.Errorf("open the generation record of TPM %s (it detects rollback of the TPM's state): %w", o.TPM, err)
+		return nil, nil, fmt.Errorf("open the generation record of TPM %s (it detects rollback of the TPM's state): %w", o.TPM, err)
 	}
-	defer rk.Close()
-	sec, err := newSecrets(o.Key, rk.Bytes())
-	if err != nil {
-		f.Close()
-		return nil, nil, nil, err
-	}
-	a := &answer{TPM: o.TPM, By: o.By, Created: o.Created, Backup: o.Backup, Reset: reset, SecretLen: len(sec.bytes())}
-	return a, sec, f, nil
+	a := &answer{TPM: o.TPM, By: o.By, Created: o.Created, Backup: o.Backup, Reset: reset}
+	out := &opened{key: o.Key, record: f, recordKey: rk}
+	o.Key = nil // the answer has it now
+	return a, out, nil
 }
 
 // certify issues an EK or platform certificate from the local CA for the

@@ -45,18 +45,18 @@ const (
 	certPlatform = "platform"
 )
 
-// answer is the service's reply. On success SecretLen bytes follow the
-// JSON: the data key, then the generation record's key; the record's file
-// comes as a descriptor.
+// answer is the service's reply. With Keys set, the data key and then the
+// generation record's key (recordKeyLen bytes) follow the JSON, and the
+// record's file comes as a descriptor.
 type answer struct {
-	Error     *wireError `json:"error,omitempty"`
-	TPM       uuid.UUID  `json:"tpm"`
-	By        string     `json:"by,omitempty"`
-	Created   bool       `json:"created,omitempty"`
-	Backup    string     `json:"backup,omitempty"`
-	Reset     bool       `json:"reset,omitempty"` // rollback protection started over
-	SecretLen int        `json:"secret_len,omitempty"`
-	Cert      []byte     `json:"cert,omitempty"` // DER, for opCertify
+	Error   *wireError `json:"error,omitempty"`
+	TPM     uuid.UUID  `json:"tpm"`
+	By      string     `json:"by,omitempty"`
+	Created bool       `json:"created,omitempty"`
+	Backup  string     `json:"backup,omitempty"`
+	Reset   bool       `json:"reset,omitempty"` // rollback protection started over
+	Keys    bool       `json:"keys,omitempty"`
+	Cert    []byte     `json:"cert,omitempty"` // DER, for opCertify
 }
 
 // wireError is an error as data.
@@ -111,8 +111,11 @@ func (w *wireError) native() error {
 	return &ServiceError{Kind: kindsByName[w.Kind], Message: w.Message, Fix: w.Remedies}
 }
 
-// send writes one message: header, then secret, with fds on the first write.
-func send(c *net.UnixConn, header any, secret []byte, fds ...int) error {
+// recordKeyLen is the size of a generation record's key.
+const recordKeyLen = 32
+
+// send writes one message's header, with fds.
+func send(c *net.UnixConn, header any, fds ...int) error {
 	js, err := json.Marshal(header)
 	if err != nil {
 		return err
@@ -123,12 +126,7 @@ func send(c *net.UnixConn, header any, secret []byte, fds ...int) error {
 	if len(fds) > 0 {
 		oob = unix.UnixRights(fds...)
 	}
-	if _, _, err := c.WriteMsgUnix(msg, oob, nil); err != nil {
-		return err
-	}
-	if len(secret) > 0 {
-		_, err = c.Write(secret)
-	}
+	_, _, err = c.WriteMsgUnix(msg, oob, nil)
 	return err
 }
 

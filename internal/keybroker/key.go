@@ -3,6 +3,7 @@ package keybroker
 import (
 	"crypto/subtle"
 	"fmt"
+	"io"
 	"time"
 
 	"github.com/google/uuid"
@@ -140,15 +141,26 @@ func (k *Key) WriteDataKeyFile(path string) error {
 	return writeKeyFile(path, k.bytes())
 }
 
-// FromHost returns the data key of TPM tpm as the host service handed it
-// over, moved into locked memory (dek is wiped).
-func FromHost(tpm uuid.UUID, dek []byte) (*Key, error) { return newKey(tpm, dek) }
-
-// HandOver gives the key's bytes to send, which must not keep them: the
-// host service writes them to an authorized vTPM process's socket.
-func (k *Key) HandOver(send func(dek []byte) error) error {
+// WriteTo writes the key's bytes to w: the host service sends them to an
+// authorized vTPM process on its socket, which reads them with [ReadKey].
+func (k *Key) WriteTo(w io.Writer) (int64, error) {
 	if k.bytes() == nil {
-		return fmt.Errorf("hand over the data key: the key is closed")
+		return 0, fmt.Errorf("send the data key: the key is closed")
 	}
-	return send(k.bytes())
+	n, err := w.Write(k.bytes())
+	return int64(n), err
+}
+
+// ReadKey reads the data key of TPM tpm, as [Key.WriteTo] wrote it, from r
+// straight into locked memory.
+func ReadKey(r io.Reader, tpm uuid.UUID) (*Key, error) {
+	mem, err := secret.New(guardian.DEKSize)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := io.ReadFull(r, mem.Bytes()); err != nil {
+		mem.Close()
+		return nil, fmt.Errorf("read the data key: %w", err)
+	}
+	return &Key{tpm: tpm, mem: mem}, nil
 }
