@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"vtpm/internal/errdefs"
+	"vtpm/internal/progress"
 )
 
 // confirm asks on the terminal before what cannot be undone; yes (--yes)
@@ -18,7 +19,7 @@ func confirm(in io.Reader, out io.Writer, question string, yes bool) error {
 		return nil
 	}
 	f, ok := in.(*os.File)
-	if !ok || !isTerminal(f) {
+	if !ok || !progress.IsTerminal(f) {
 		return errdefs.New(errdefs.ErrFailedPrecondition, "%s: not confirmed (no terminal to ask on); give --yes to confirm", question)
 	}
 	fmt.Fprintf(out, "%s [y/N] ", question)

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 	"io"
 	"os"
@@ -93,9 +92,7 @@ func printChecks(w io.Writer, checks []check, asJSON bool) error {
 		}
 	}
 	if asJSON {
-		enc := json.NewEncoder(w)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(checks); err != nil {
+		if err := printJSON(w, checks); err != nil {
 			return err
 		}
 	} else {

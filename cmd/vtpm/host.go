@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"io"
 
 	"github.com/spf13/cobra"
 )
@@ -62,13 +63,11 @@ func hostPathsCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if asJSON {
-				return printJSON(cmd.OutOrStdout(), append([]string{}, c.AllowedPaths...))
-			}
-			for _, p := range c.AllowedPaths {
-				fmt.Fprintln(cmd.OutOrStdout(), p)
-			}
-			return nil
+			return emit(cmd, asJSON, append([]string{}, c.AllowedPaths...), func(w io.Writer) {
+				for _, p := range c.AllowedPaths {
+					fmt.Fprintln(w, p)
+				}
+			})
 		},
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")

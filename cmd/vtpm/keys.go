@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -15,6 +14,7 @@ import (
 	"vtpm/internal/keybroker"
 	"vtpm/internal/keystore"
 	"vtpm/internal/paths"
+	"vtpm/internal/secretfile"
 )
 
 // openBroker opens this host's keystore with the configured host TPM.
@@ -43,46 +43,19 @@ func withHost(f func(h *keybroker.Broker) error) error {
 	return f(h)
 }
 
-// readSecret reads a password or passphrase from a file (the whole first
-// line), or from the named environment variable.
-func readSecret(file, env, what string) (string, error) {
-	if file != "" {
-		b, err := os.ReadFile(file)
-		if err != nil {
-			return "", fmt.Errorf("read %s file: %w", what, err)
-		}
-		s, _, _ := strings.Cut(string(b), "\n")
-		return s, nil
-	}
-	if s := os.Getenv(env); s != "" {
-		return s, nil
-	}
-	return "", fmt.Errorf("no %s: give --%s-file FILE or set %s", what, what, env)
-}
-
-func writeOut(path string, data []byte, perm os.FileMode) error {
-	if path == "" || path == "-" {
-		_, err := os.Stdout.Write(data)
-		return err
-	}
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, perm)
-	if errors.Is(err, os.ErrExist) {
-		return fmt.Errorf("%s already exists; choose another name (nothing was overwritten)", path)
-	}
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	return f.Close()
-}
-
 func printJSON(w io.Writer, v any) error {
 	e := json.NewEncoder(w)
 	e.SetIndent("", "  ")
 	return e.Encode(v)
+}
+
+// emit prints v as JSON when asJSON, else as text prints it.
+func emit(cmd *cobra.Command, asJSON bool, v any, text func(w io.Writer)) error {
+	if asJSON {
+		return printJSON(cmd.OutOrStdout(), v)
+	}
+	text(cmd.OutOrStdout())
+	return nil
 }
 
 func guardianCmd() *cobra.Command {
@@ -95,14 +68,12 @@ func guardianCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if asJSON {
-				return printJSON(cmd.OutOrStdout(), out)
-			}
-			for _, g := range out {
-				mark := markIf(g.Local, "  (this host)") + markIf(g.TrustedOnly, "  (trusted only: owns TPMs that open here, not held)")
-				fmt.Fprintf(cmd.OutOrStdout(), "%s  %s  %s%s\n", g.Fingerprint[:16], g.KEM, g.Name, mark)
-			}
-			return nil
+			return emit(cmd, asJSON, out, func(w io.Writer) {
+				for _, g := range out {
+					mark := markIf(g.Local, "  (this host)") + markIf(g.TrustedOnly, "  (trusted only: owns TPMs that open here, not held)")
+					fmt.Fprintf(w, "%s  %s  %s%s\n", g.Fingerprint[:16], g.KEM, g.Name, mark)
+				}
+			})
 		}),
 	}
 	list.Flags().BoolVar(&asJSON, "json", false, "print JSON")
@@ -114,13 +85,11 @@ func guardianCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if asJSON {
-				return printJSON(cmd.OutOrStdout(), keybroker.Summarize(g, local))
-			}
-			c := g.SigningCertificate()
-			fmt.Fprintf(cmd.OutOrStdout(), "name:        %s\nfingerprint: %s\nsubject:     %s\nkem:         %s\nvalid:       %s to %s\nprivate key: %v\n",
-				g.Name(), g.Fingerprint(), g.Subject(), g.KEM(), c.NotBefore.Format(time.DateOnly), c.NotAfter.Format(time.DateOnly), g.HasPrivate())
-			return nil
+			return emit(cmd, asJSON, keybroker.Summarize(g, local), func(w io.Writer) {
+				c := g.SigningCertificate()
+				fmt.Fprintf(w, "name:        %s\nfingerprint: %s\nsubject:     %s\nkem:         %s\nvalid:       %s to %s\nprivate key: %v\n",
+					g.Name(), g.Fingerprint(), g.Subject(), g.KEM(), c.NotBefore.Format(time.DateOnly), c.NotAfter.Format(time.DateOnly), g.HasPrivate())
+			})
 		}),
 	}
 	show.Flags().BoolVar(&asJSON, "json", false, "print JSON")
@@ -141,12 +110,12 @@ func guardianCmd() *cobra.Command {
 				if err != nil {
 					return err
 				}
-				return writeOut(out, b, 0o644)
+				return secretfile.Create(out, b, 0o644, cmd.OutOrStdout())
 			}
 			if out == "" {
 				return errors.New("a PKCS#12 export holds a private key: give -o FILE")
 			}
-			pw, err := readSecret(pwFile, "VTPM_PASSWORD", "password")
+			pw, err := secretfile.Read(pwFile, "VTPM_PASSWORD", "password")
 			if err != nil {
 				return err
 			}
@@ -154,7 +123,7 @@ func guardianCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return writeOut(out, b, 0o600)
+			return secretfile.Create(out, b, 0o600, cmd.OutOrStdout())
 		}),
 	}
 	export.Flags().StringVarP(&out, "output", "o", "", "file to write (certificates only: - for stdout)")
@@ -169,7 +138,7 @@ func guardianCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			pw, err := readSecret(pwFile, "VTPM_PASSWORD", "password")
+			pw, err := secretfile.Read(pwFile, "VTPM_PASSWORD", "password")
 			if err != nil {
 				return err
 			}
@@ -219,22 +188,13 @@ func protectorCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			type row struct {
-				Name, Fingerprint, Subject string
-				Owner                      bool
-			}
-			var rows []row
-			for _, r := range p.Rows() {
-				rows = append(rows, row{r.Name, r.Fingerprint, r.Subject, r.Fingerprint == p.Owner().Fingerprint()})
-			}
-			if asJSON {
-				return printJSON(cmd.OutOrStdout(), map[string]any{"tpm": p.TPM(), "owner": p.Owner().Fingerprint(), "version": p.Version(), "rows": rows})
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "TPM %s, owner %s (%s), protector version %d\n", p.TPM(), p.Owner().Name(), p.Owner().Fingerprint(), p.Version())
-			for _, r := range rows {
-				fmt.Fprintf(cmd.OutOrStdout(), "  %s  %s%s\n", r.Fingerprint, r.Name, markIf(r.Owner, "  (owner)"))
-			}
-			return nil
+			s := keybroker.SummarizeProtector(p)
+			return emit(cmd, asJSON, s, func(w io.Writer) {
+				fmt.Fprintf(w, "TPM %s, owner %s (%s), protector version %d\n", s.TPM, s.OwnerName, s.Owner, s.Version)
+				for _, r := range s.Rows {
+					fmt.Fprintf(w, "  %s  %s%s\n", r.Fingerprint, r.Name, markIf(r.Owner, "  (owner)"))
+				}
+			})
 		},
 	}
 	show.Flags().BoolVar(&asJSON, "json", false, "print JSON")
@@ -244,13 +204,9 @@ func protectorCmd() *cobra.Command {
 		Short: "Allow a guardian, given by its public certificates, to open a TPM (needs the owner's key)",
 		Args:  cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			pem, err := os.ReadFile(args[1])
+			g, err := guardian.ReadCertificates(args[1])
 			if err != nil {
 				return err
-			}
-			g, err := guardian.ParseCertificates(pem)
-			if err != nil {
-				return fmt.Errorf("%s: %w", args[1], err)
 			}
 			return withHost(func(h *keybroker.Broker) error {
 				p, err := h.Grant(tpmDir(args[0]), g)
@@ -287,7 +243,7 @@ func keyCmd() *cobra.Command {
 			if out == "" {
 				return errors.New("give -o FILE")
 			}
-			pp, err := readSecret(ppFile, "VTPM_PASSPHRASE", "passphrase")
+			pp, err := secretfile.Read(ppFile, "VTPM_PASSPHRASE", "passphrase")
 			if err != nil {
 				return err
 			}
@@ -296,7 +252,7 @@ func keyCmd() *cobra.Command {
 				if err != nil {
 					return err
 				}
-				if err := writeOut(out, b, 0o600); err != nil {
+				if err := secretfile.Create(out, b, 0o600, cmd.OutOrStdout()); err != nil {
 					return err
 				}
 				fmt.Fprintf(cmd.OutOrStdout(), "exported the key of TPM %s to %s\n", id, out)
@@ -315,7 +271,7 @@ func keyCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			pp, err := readSecret(ppFile, "VTPM_PASSPHRASE", "passphrase")
+			pp, err := secretfile.Read(ppFile, "VTPM_PASSPHRASE", "passphrase")
 			if err != nil {
 				return err
 			}

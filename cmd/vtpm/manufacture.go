@@ -1,8 +1,6 @@
 package main
 
 import (
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
 	"io"
 	"log/slog"
@@ -54,23 +52,20 @@ serves it.`,
 			if err != nil {
 				return err
 			}
-			if asJSON {
-				return printJSON(cmd.OutOrStdout(), res.Summary())
-			}
-			w := cmd.OutOrStdout()
-			fmt.Fprintf(w, "manufactured TPM %s in %s (%s state)\n", res.TPM, dir, res.Format)
-			for _, ek := range res.Report.EKs {
-				cert := "no certificate"
-				if ek.Cert != nil {
-					cert = fmt.Sprintf("certificate in NV %#x", uint32(ek.CertIndex))
+			return emit(cmd, asJSON, res.Summary(), func(w io.Writer) {
+				fmt.Fprintf(w, "manufactured TPM %s in %s (%s state)\n", res.TPM, dir, res.Format)
+				for _, ek := range res.Report.EKs {
+					cert := "no certificate"
+					if ek.Cert != nil {
+						cert = fmt.Sprintf("certificate in NV %#x", uint32(ek.CertIndex))
+					}
+					fmt.Fprintf(w, "  EK %-10s %#x  %s\n", ek.Name, uint32(ek.Handle), cert)
 				}
-				fmt.Fprintf(w, "  EK %-10s %#x  %s\n", ek.Name, uint32(ek.Handle), cert)
-			}
-			if res.Report.PlatformCert != nil {
-				fmt.Fprintf(w, "  platform certificate in NV %#x\n", uint32(manufacture.IndexPlatform))
-			}
-			fmt.Fprintf(w, "  PCR banks: %s\n", strings.Join(res.Report.PCRBanks, ","))
-			return nil
+				if res.Report.PlatformCert != nil {
+					fmt.Fprintf(w, "  platform certificate in NV %#x\n", uint32(manufacture.IndexPlatform))
+				}
+				fmt.Fprintf(w, "  PCR banks: %s\n", strings.Join(res.Report.PCRBanks, ","))
+			})
 		},
 	}
 	f := cmd.Flags()
@@ -113,32 +108,29 @@ func tpmShowCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if asJSON {
-				return printJSON(cmd.OutOrStdout(), out)
-			}
-			w := cmd.OutOrStdout()
-			if out.TPM != "" {
-				var gen any // printed as <nil> when unknown
-				if out.Generation != nil {
-					gen = *out.Generation
+			return emit(cmd, asJSON, out, func(w io.Writer) {
+				if out.TPM != "" {
+					var gen any // printed as <nil> when unknown
+					if out.Generation != nil {
+						gen = *out.Generation
+					}
+					fmt.Fprintf(w, "TPM %s in %s (%s state, generation %v)\n", out.TPM, dir, out.Format, gen)
+				} else {
+					fmt.Fprintf(w, "TPM in %s (%s state)\n", dir, out.Format)
 				}
-				fmt.Fprintf(w, "TPM %s in %s (%s state, generation %v)\n", out.TPM, dir, out.Format, gen)
-			} else {
-				fmt.Fprintf(w, "TPM in %s (%s state)\n", dir, out.Format)
-			}
-			for _, ek := range out.EKs {
-				fmt.Fprintf(w, "EK %s at %s, public key sha256 %s\n", ek.Name, ek.Handle, ek.Fingerprint)
-				printCert(w, ek.Certificate)
-			}
-			if out.PlatformCert != nil {
-				fmt.Fprintln(w, "platform certificate:")
-				printCert(w, out.PlatformCert)
-			}
-			fmt.Fprintf(w, "PCR banks: %s (of %s)\n", strings.Join(out.PCRBanks, ","), strings.Join(out.Available, ","))
-			for _, r := range out.Protector {
-				fmt.Fprintf(w, "protector: %s  %s%s\n", r.Fingerprint, r.Name, markIf(r.Owner, "  (owner)"))
-			}
-			return nil
+				for _, ek := range out.EKs {
+					fmt.Fprintf(w, "EK %s at %s, public key sha256 %s\n", ek.Name, ek.Handle, ek.Fingerprint)
+					printCert(w, ek.Certificate)
+				}
+				if out.PlatformCert != nil {
+					fmt.Fprintln(w, "platform certificate:")
+					printCert(w, out.PlatformCert)
+				}
+				fmt.Fprintf(w, "PCR banks: %s (of %s)\n", strings.Join(out.PCRBanks, ","), strings.Join(out.Available, ","))
+				for _, r := range out.Protector {
+					fmt.Fprintf(w, "protector: %s  %s%s\n", r.Fingerprint, r.Name, markIf(r.Owner, "  (owner)"))
+				}
+			})
 		},
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
@@ -175,9 +167,8 @@ func caCmd() *cobra.Command {
 				_, err := cmd.OutOrStdout().Write(ca.PEM())
 				return err
 			}
-			sum := sha256.Sum256(ca.Cert.Raw)
 			fmt.Fprintf(cmd.OutOrStdout(), "subject:     %s\nsha256:      %s\nvalid:       %s to %s\n",
-				ca.Cert.Subject, hex.EncodeToString(sum[:]), ca.Cert.NotBefore.Format(time.DateOnly), ca.Cert.NotAfter.Format(time.DateOnly))
+				ca.Cert.Subject, ca.Fingerprint(), ca.Cert.NotBefore.Format(time.DateOnly), ca.Cert.NotAfter.Format(time.DateOnly))
 			return nil
 		}),
 	}

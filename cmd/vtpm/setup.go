@@ -5,7 +5,6 @@ import (
 	"io"
 	"os"
 	"strings"
-	"time"
 
 	"github.com/spf13/cobra"
 
@@ -23,36 +22,7 @@ Usage: swtpm_setup [options]
 vtpm manufactures the TPM in-process (no swtpm, swtpm_localca or certtool);
 certificates come from this host's local CA (` + "`vtpm ca show --pem`" + `).
 
---tpm-state <dir>, --tpmstate <dir>
-                 : Where the TPM's state is written (dir or dir://dir); mandatory
---tpm2           : Set up a TPM 2 (required: vtpm is TPM 2.0 only)
---createek       : Create the RSA-2048 and ECC EKs
---create-ek-cert : Create EK certificates; implies --createek
---create-platform-cert
-                 : Create a platform certificate; implies --createek
---create-spk     : Create a storage primary key (RSA, or ECC with --ecc) at 0x81000001
---ecc-curve <c>  : ECC EK curve: p256 (default, NV 0x01c0000a) or p384 (as swtpm)
---lock-nvram     : Write-lock the certificate NV indices
---vmid <id>      : VM identifier, the certificates' subject CN
---logfile <file> : Log to this file (appended); default stdout/stderr
---keyfile <file>, --keyfile-fd <fd>, --pwdfile <file>, --pwdfile-fd <fd>
-                 : Keep the state in swtpm's encrypted file format with this key
---cipher <c>     : aes-128-cbc (default) or aes-256-cbc
---overwrite      : Replace existing TPM state
---not-overwrite  : Keep existing TPM state and succeed
---pcr-banks <b>  : Active PCR banks, e.g. sha256 or sha1,sha256; '-' keeps all. Default: sha256
---rsa-keysize <n>: 2048 (or max)
---write-ek-cert-files <dir>
-                 : Also write the certificates (DER) into dir
---reconfigure    : Change the PCR banks of existing state only
---runas <user>   : Leave the state owned by this user
---create-config-files [...]
-                 : No-op: vtpm needs no configuration files
---print-capabilities, --version, --help
-Accepted and ignored: --tpm, --swtpm_ioctl, --config, --display,
---tcsd-system-ps-file, --allow-signing, --decryption, --take-ownership,
---ownerpass, --owner-well-known, --srkpass, --srk-well-known
-`
+` + swtpm.SetupOptionsUsage
 
 // runSwtpmSetup is `swtpm_setup …`; it returns the exit code. Its log goes
 // to --logfile when given, else messages to stdout and errors to stderr.
@@ -85,49 +55,27 @@ func runSwtpmSetup(args []string, stdout, stderr io.Writer) int {
 		defer f.Close()
 		stdout, stderr = f, f
 	}
-	info := func(format string, a ...any) { fmt.Fprintf(stdout, format+"\n", a...) }
 	res, err := manufacture.SetupOn(o, setupHost(o), warnLogger())
-	switch {
-	case res.Kept:
-		info("Not overwriting existing state file.")
-		return 0
-	case res.Started.IsZero():
-		fmt.Fprintln(stderr, formatError(err))
-		return 1
-	}
-	info("Starting vTPM manufacturing as %s @ %s", res.User, res.Started.Format(time.UnixDate))
-	if rep := res.Report; rep != nil {
-		for _, ek := range rep.EKs {
-			kind := "ECC"
-			if strings.HasPrefix(ek.Name, "RSA") {
-				kind = ek.Name
-			}
-			info("Successfully created %s EK with handle %#x.", kind, uint32(ek.Handle))
-			if ek.Cert != nil {
-				info("Successfully created NVRAM area %#x for %s EK certificate.", uint32(ek.CertIndex), kind)
-			}
-		}
-		if rep.PlatformCert != nil {
-			info("Successfully created NVRAM area %#x for platform certificate.", uint32(manufacture.IndexPlatform))
-		}
-		if res.Banks != nil {
-			info("Successfully activated PCR banks %s among %s.", strings.Join(rep.PCRBanks, ","), strings.Join(rep.Available, ","))
-		}
-	}
-	if err != nil {
-		fmt.Fprintln(stderr, formatError(err))
-		if res.Failed {
-			fmt.Fprintln(stderr, "An error occurred. Authoring the TPM state failed.")
-		}
-	} else {
-		info("Successfully authored TPM state.")
-	}
-	info("Ending vTPM manufacturing @ %s", res.Ended.Format(time.UnixDate))
+	res.WriteLog(stdout, stderr, rendered(err))
 	if err != nil {
 		return 1
 	}
 	return 0
 }
+
+// rendered is err with its remedies in its message, as the CLI prints
+// them, for swtpm_setup's log (which prints errors as they are).
+func rendered(err error) error {
+	if err == nil {
+		return nil
+	}
+	return &renderedError{err}
+}
+
+type renderedError struct{ err error }
+
+func (e *renderedError) Error() string { return formatError(e.err) }
+func (e *renderedError) Unwrap() error { return e.err }
 
 // setupHost is the host swtpm_setup manufactures with: the keystore of the
 // host's data root (never one under an inherited $HOME: libvirt runs

@@ -1,13 +1,9 @@
 package main
 
 import (
-	"context"
-	"errors"
 	"fmt"
 	"io"
 	"os"
-	"os/signal"
-	"syscall"
 
 	"github.com/spf13/cobra"
 
@@ -72,47 +68,5 @@ func runSwtpm(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stdout, swtpm.CapabilitiesJSON())
 		return 0
 	}
-	log, closeLog, err := instance.OpenLog(opts.Log, stderr)
-	if err != nil {
-		fmt.Fprintf(stderr, "swtpm: %v\n", err)
-		return 1
-	}
-	defer closeLog()
-	if opts.PrintStates {
-		if err := instance.PrintStates(opts, ext, log, stdout); err != nil {
-			fmt.Fprintf(stderr, "swtpm: %v\n", err)
-			return 1
-		}
-		return 0
-	}
-	if opts.Daemon && !instance.InDaemon() {
-		if err := instance.Daemonize(stderr); err != nil {
-			if !errors.Is(err, instance.ErrDaemonExited) {
-				fmt.Fprintf(stderr, "swtpm: %v\n", err)
-			}
-			return 1
-		}
-		return 0
-	}
-	// Errors go to stderr, and also to the log when it is a separate file.
-	logToo := (opts.Log.File != "" && opts.Log.File != "-") || opts.Log.FD >= 0
-	in, err := instance.New(opts, ext, log)
-	if err != nil {
-		if logToo {
-			log.Error("cannot start the vTPM", "err", formatError(err))
-		}
-		fmt.Fprintf(stderr, "swtpm: %s\n", formatError(err))
-		return 1
-	}
-	in.OnReady = instance.NotifyParent
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-	defer stop()
-	if err := in.Run(ctx); err != nil {
-		if logToo {
-			log.Error("vTPM stopped with an error", "err", err)
-		}
-		fmt.Fprintf(stderr, "swtpm: %v\n", err)
-		return 1
-	}
-	return 0
+	return instance.Serve(opts, ext, stdout, stderr, formatError)
 }

@@ -4,12 +4,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"strings"
 
 	"github.com/spf13/cobra"
-	"golang.org/x/sys/unix"
 
+	"vtpm/internal/progress"
 	"vtpm/internal/vm"
 )
 
@@ -78,15 +77,15 @@ failed. A running VM sees the change at its next start.`,
 				return err
 			}
 			out := cmd.OutOrStdout()
-			bar := newProgress(out, len(refs), !asJSON && isTerminal(out))
+			bar := progress.New(out, len(refs), !asJSON && progress.IsTerminal(out))
 			results, failed := h.SetTPMsEnabled(refs, on, all, func(r vm.BulkResult) {
 				if !asJSON {
-					bar.clear()
+					bar.Clear()
 					printBulk(out, r)
 				}
-				bar.step()
+				bar.Step()
 			})
-			bar.clear()
+			bar.Clear()
 			if asJSON {
 				for i, r := range results {
 					if r.Err != nil {
@@ -131,49 +130,5 @@ func printBulk(w io.Writer, r vm.BulkResult) {
 		fmt.Fprintf(w, "%s: ok (%s)\n", r.VM, r.Note)
 	default:
 		fmt.Fprintf(w, "%s: ok\n", r.VM)
-	}
-}
-
-func isTerminal(w io.Writer) bool {
-	f, ok := w.(*os.File)
-	if !ok {
-		return false
-	}
-	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
-	return err == nil
-}
-
-// progress is a one-line progress bar redrawn in place on a terminal.
-type progress struct {
-	w         io.Writer
-	done, n   int
-	on, drawn bool
-}
-
-func newProgress(w io.Writer, n int, on bool) *progress {
-	p := &progress{w: w, n: n, on: on && n > 0}
-	p.draw()
-	return p
-}
-
-func (p *progress) draw() {
-	if !p.on {
-		return
-	}
-	const width = 30
-	fill := width * p.done / p.n
-	fmt.Fprintf(p.w, "\r[%s%s] %d/%d", strings.Repeat("#", fill), strings.Repeat(" ", width-fill), p.done, p.n)
-	p.drawn = true
-}
-
-func (p *progress) step() {
-	p.done++
-	p.draw()
-}
-
-func (p *progress) clear() {
-	if p.drawn {
-		fmt.Fprint(p.w, "\r\033[K")
-		p.drawn = false
 	}
 }

@@ -2,7 +2,6 @@ package main
 
 import (
 	"fmt"
-	"os"
 
 	"github.com/spf13/cobra"
 
@@ -20,13 +19,9 @@ func trustCmd() *cobra.Command {
 			"check the fingerprint printed here against the one `vtpm guardian show` prints there.",
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			pem, err := os.ReadFile(args[0])
+			g, err := guardian.ReadCertificates(args[0])
 			if err != nil {
 				return err
-			}
-			g, err := guardian.ParseCertificates(pem)
-			if err != nil {
-				return fmt.Errorf("%s: %w", args[0], err)
 			}
 			return withHost(func(h *keybroker.Broker) error {
 				added, err := h.Trust(g)

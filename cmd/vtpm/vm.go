@@ -87,14 +87,12 @@ apply).`,
 			if err != nil {
 				return err
 			}
-			if asJSON {
-				return printJSON(cmd.OutOrStdout(), vmRegistry().Summary(res.VM))
-			}
-			c := res.VM.Config
-			fmt.Fprintf(cmd.OutOrStdout(), "created VM %s (%s) in %s: %s, %s, Secure Boot %s, TPM %s\n",
-				c.Name, c.UUID, res.VM.Dir, c.OS, c.Firmware, onOff(c.SecureBoot), c.TPMStatus())
-			printNotes(cmd.OutOrStdout(), res.Notes)
-			return nil
+			return emit(cmd, asJSON, vmRegistry().Summary(res.VM), func(w io.Writer) {
+				c := res.VM.Config
+				fmt.Fprintf(w, "created VM %s (%s) in %s: %s, %s, Secure Boot %s, TPM %s\n",
+					c.Name, c.UUID, res.VM.Dir, c.OS, c.Firmware, onOff(c.SecureBoot), c.TPMStatus())
+				printNotes(w, res.Notes)
+			})
 		},
 	}
 	f := cmd.Flags()
@@ -189,25 +187,18 @@ func vmShowCmd() *cobra.Command {
 		Args:  cobra.ExactArgs(1),
 		RunE: onVM(func(cmd *cobra.Command, h *vm.Registry, v *vm.VM) error {
 			j := h.Summary(v)
-			if asJSON {
-				return printJSON(cmd.OutOrStdout(), map[string]any{"vm": j, "config": v.Config})
-			}
-			c := v.Config
-			w := cmd.OutOrStdout()
-			fmt.Fprintf(w, "name:        %s\nuuid:        %s\nbundle:      %s\nstate:       %s\nos:          %s\nfirmware:    %s\nsecure boot: %s\ntpm:         %s\nmemory:      %s\ncpus:        %d\n",
-				c.Name, c.UUID, v.Dir, j.State, c.OS, c.Firmware, onOff(c.SecureBoot), c.TPMStatus(), c.Memory, c.CPUs)
-			for _, d := range c.Disks {
-				kind := d.Format
-				if d.Passthrough {
-					kind = "passthrough"
+			return emit(cmd, asJSON, map[string]any{"vm": j, "config": v.Config}, func(w io.Writer) {
+				c := v.Config
+				fmt.Fprintf(w, "name:        %s\nuuid:        %s\nbundle:      %s\nstate:       %s\nos:          %s\nfirmware:    %s\nsecure boot: %s\ntpm:         %s\nmemory:      %s\ncpus:        %d\n",
+					c.Name, c.UUID, v.Dir, j.State, c.OS, c.Firmware, onOff(c.SecureBoot), c.TPMStatus(), c.Memory, c.CPUs)
+				for _, d := range c.Disks {
+					fmt.Fprintf(w, "disk:        %s (%s)\n", d.Path, d.Kind())
 				}
-				fmt.Fprintf(w, "disk:        %s (%s)\n", d.Path, kind)
-			}
-			if c.Kernel != "" {
-				fmt.Fprintf(w, "kernel:      %s\ninitrd:      %s\nappend:      %s\n", c.Kernel, c.Initrd, c.Append)
-			}
-			fmt.Fprintf(w, "isolation:   %s\n", c.IsolationPolicy())
-			return nil
+				if c.Kernel != "" {
+					fmt.Fprintf(w, "kernel:      %s\ninitrd:      %s\nappend:      %s\n", c.Kernel, c.Initrd, c.Append)
+				}
+				fmt.Fprintf(w, "isolation:   %s\n", c.IsolationPolicy())
+			})
 		}),
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
@@ -230,11 +221,9 @@ host. Its TPM opens only if one of its key protector's guardians is held here;
 			if err != nil {
 				return err
 			}
-			if asJSON {
-				return printJSON(cmd.OutOrStdout(), h.Summary(v))
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "registered VM %s (%s) at %s\n", v.Name(), v.Config.UUID, v.Dir)
-			return nil
+			return emit(cmd, asJSON, h.Summary(v), func(w io.Writer) {
+				fmt.Fprintf(w, "registered VM %s (%s) at %s\n", v.Name(), v.Config.UUID, v.Dir)
+			})
 		},
 	}
 	cmd.Flags().StringVar(&name, "name", "", "register under this name (renames the VM)")
@@ -392,27 +381,25 @@ func printCreated(cmd *cobra.Command, h *vm.Registry, res *vm.Created, err error
 	if err != nil {
 		return err
 	}
-	if asJSON {
-		j := struct {
-			vm.Summary
-			Notes []string         `json:"notes"`
-			Next  []errdefs.Remedy `json:"next,omitempty"`
-		}{h.Summary(res.VM), res.Notes, res.Next}
-		return printJSON(cmd.OutOrStdout(), j)
-	}
-	c := res.VM.Config
-	fmt.Fprintf(cmd.OutOrStdout(), "%s %s (%s) in %s; TPM %s\n", verb, c.Name, c.UUID, res.VM.Dir, c.TPMStatus())
-	for _, n := range res.Notes {
-		if strings.HasPrefix(n, "WARNING") {
-			fmt.Fprintln(cmd.ErrOrStderr(), n)
-		} else {
-			fmt.Fprintln(cmd.OutOrStdout(), n)
+	j := struct {
+		vm.Summary
+		Notes []string         `json:"notes"`
+		Next  []errdefs.Remedy `json:"next,omitempty"`
+	}{h.Summary(res.VM), res.Notes, res.Next}
+	return emit(cmd, asJSON, j, func(w io.Writer) {
+		c := res.VM.Config
+		fmt.Fprintf(w, "%s %s (%s) in %s; TPM %s\n", verb, c.Name, c.UUID, res.VM.Dir, c.TPMStatus())
+		for _, n := range res.Notes {
+			if strings.HasPrefix(n, "WARNING") {
+				fmt.Fprintln(cmd.ErrOrStderr(), n)
+			} else {
+				fmt.Fprintln(w, n)
+			}
 		}
-	}
-	for _, r := range res.Next {
-		fmt.Fprintln(cmd.OutOrStdout(), renderRemedy(r))
-	}
-	return nil
+		for _, r := range res.Next {
+			fmt.Fprintln(w, renderRemedy(r))
+		}
+	})
 }
 
 func vmTemplateCmd() *cobra.Command {

@@ -8,6 +8,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"os"
 
 	"software.sslmate.com/src/go-pkcs12"
 
@@ -68,6 +69,20 @@ func Parse(data []byte) (*Guardian, error) {
 // a key sent by mistake is noticed rather than silently dropped.
 func ParseCertificates(data []byte) (*Guardian, error) {
 	return parsePEM(data, false)
+}
+
+// ReadCertificates is ParseCertificates of the file at path; its errors
+// name the file.
+func ReadCertificates(path string) (*Guardian, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	g, err := ParseCertificates(data)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return g, nil
 }
 
 func parsePEM(data []byte, allowKey bool) (*Guardian, error) {

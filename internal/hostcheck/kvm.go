@@ -49,25 +49,34 @@ func (e *apiVersionError) Error() string {
 	return fmt.Sprintf("KVM_GET_API_VERSION = %d, %v (want %d)", e.version, e.err, kvmAPIVersion)
 }
 
-var (
-	kvmOnce sync.Once
-	kvmErr  error
-)
+// kvm is the process's KVM verdict.
+var kvm struct {
+	sync.Mutex
+	known bool
+	err   error
+}
 
 // KVMUsable reports whether QEMU can run guests under KVM here, and if not,
 // why. A /dev/kvm that opens is not enough: nested setups may accept the
 // device and then abort on the first register writes or instructions (an
 // MSR QEMU cannot set), so QEMU runs firmware under KVM for a moment and
-// must still be running. The probe runs once per process.
-func KVMUsable() error {
-	kvmOnce.Do(func() { kvmErr = probeKVM() })
-	return kvmErr
+// must still be running. That takes seconds, so its verdict is kept for
+// the process and, in the runtime directory, for the rest of the boot
+// (kvmcache.go); the device itself is checked every time.
+func KVMUsable() error { return kvmUsable(false) }
+
+// kvmUsable answers from the process's verdict, else the boot's, else
+// probes; fresh always probes and refreshes both.
+func kvmUsable(fresh bool) error {
+	kvm.Lock()
+	defer kvm.Unlock()
+	if fresh || !kvm.known {
+		kvm.err, kvm.known = checkKVM(fresh), true
+	}
+	return kvm.err
 }
 
-// kvmProbeRun is how long the probe lets the firmware run.
-const kvmProbeRun = 2 * time.Second
-
-func probeKVM() error {
+func checkKVM(fresh bool) error {
 	if err := kvmDevice(); err != nil {
 		return err
 	}
@@ -75,7 +84,23 @@ func probeKVM() error {
 	if err != nil {
 		return fmt.Errorf("%s is not installed to try KVM with", QEMU)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	return cachedKVMProbe(exe, fresh)
+}
+
+// kvmProbeRun is how long the probe lets the firmware run.
+const kvmProbeRun = 2 * time.Second
+
+// kvmRefusal is the probe's verdict that QEMU cannot run a guest under KVM
+// here. Other probe errors (QEMU did not start, or did not answer in time)
+// say nothing lasting about the host.
+type kvmRefusal struct{ why string }
+
+func (e *kvmRefusal) Error() string { return "QEMU cannot run a guest under KVM: " + e.why }
+
+// probeKVM runs firmware under KVM in exe for kvmProbeRun.
+func probeKVM(exe string) error {
+	const timeout = 20 * time.Second
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	args := []string{"-nodefaults", "-no-user-config", "-display", "none",
 		"-machine", "q35", "-accel", "kvm", "-cpu", "host", "-m", "128M", "-qmp", "stdio"}
@@ -93,18 +118,27 @@ func probeKVM() error {
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("run %s: %w", exe, err)
 	}
-	// Let the firmware run long enough to hit any emulation failure.
-	time.Sleep(kvmProbeRun)
-	_, _ = io.WriteString(stdin, `{"execute":"qmp_capabilities"}`+"\n"+`{"execute":"query-status"}`+"\n"+`{"execute":"quit"}`+"\n")
-	_ = cmd.Wait()
-	if !strings.Contains(out.String(), `"status": "running"`) {
-		why := strings.TrimSpace(stderr.String())
-		if why == "" {
-			why = "the guest did not keep running"
-		}
-		return fmt.Errorf("QEMU cannot run a guest under KVM: %s", lastLine(why))
+	exited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(exited) }()
+	// Let the firmware run long enough to hit any emulation failure; a QEMU
+	// that exits before then has failed already, so it is not waited for.
+	select {
+	case <-exited:
+	case <-time.After(kvmProbeRun):
+		_, _ = io.WriteString(stdin, `{"execute":"qmp_capabilities"}`+"\n"+`{"execute":"query-status"}`+"\n"+`{"execute":"quit"}`+"\n")
+		<-exited
 	}
-	return nil
+	if strings.Contains(out.String(), `"status": "running"`) {
+		return nil
+	}
+	if ctx.Err() != nil {
+		return fmt.Errorf("%s did not answer within %v while trying KVM", exe, timeout)
+	}
+	why := strings.TrimSpace(stderr.String())
+	if why == "" {
+		why = "the guest did not keep running"
+	}
+	return &kvmRefusal{lastLine(why)}
 }
 
 func lastLine(s string) string {
@@ -149,7 +183,8 @@ func KVMCheck() Check {
 	if _, err := exec.LookPath(QEMU); err != nil {
 		return ok(name, fmt.Sprintf("%s usable, API version %d (QEMU is not installed to try it)", KVMDevice, kvmAPIVersion))
 	}
-	if err := KVMUsable(); err != nil {
+	// Doctor tries again rather than trust an earlier verdict.
+	if err := kvmUsable(true); err != nil {
 		return missing(name, fmt.Sprintf("%s opens, but %v; VMs run under TCG (slow)", KVMDevice, err),
 			advise("on a nested host, enable nested virtualisation in the outer hypervisor and give this VM the host's CPU model; or set VTPM_ACCEL=tcg"))
 	}

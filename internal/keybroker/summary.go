@@ -3,6 +3,8 @@ package keybroker
 import (
 	"fmt"
 
+	"github.com/google/uuid"
+
 	"vtpm/internal/guardian"
 )
 
@@ -45,4 +47,30 @@ func (h *Broker) GuardianSummaries() ([]GuardianSummary, error) {
 		out = append(out, s)
 	}
 	return out, nil
+}
+
+// ProtectorSummary is a TPM's key protector as shown to people: who owns it
+// and which guardians it admits. (JSON fields are in the order of their
+// names; rows keep their Go field names.)
+type ProtectorSummary struct {
+	Owner     string         `json:"owner"` // the owner's fingerprint
+	OwnerName string         `json:"-"`
+	Rows      []ProtectorRow `json:"rows"`
+	TPM       uuid.UUID      `json:"tpm"`
+	Version   uint64         `json:"version"` // the protector's, raised by every change
+}
+
+// ProtectorRow is a guardian a protector admits.
+type ProtectorRow struct {
+	Name, Fingerprint, Subject string
+	Owner                      bool
+}
+
+// SummarizeProtector returns p as shown to people.
+func SummarizeProtector(p *guardian.Protector) ProtectorSummary {
+	s := ProtectorSummary{Owner: p.Owner().Fingerprint(), OwnerName: p.Owner().Name(), TPM: p.TPM(), Version: p.Version()}
+	for _, r := range p.Rows() {
+		s.Rows = append(s.Rows, ProtectorRow{r.Name, r.Fingerprint, r.Subject, r.Fingerprint == s.Owner})
+	}
+	return s
 }

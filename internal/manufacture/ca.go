@@ -5,8 +5,10 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
@@ -121,6 +123,13 @@ func newCA() (*CA, []byte, error) {
 // PEM returns the CA certificate in PEM, for `openssl verify -CAfile`.
 func (c *CA) PEM() []byte {
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Cert.Raw})
+}
+
+// Fingerprint is the SHA-256 of the CA certificate, in hex, as `openssl x509
+// -fingerprint -sha256` shows it (without the colons).
+func (c *CA) Fingerprint() string {
+	sum := sha256.Sum256(c.Cert.Raw)
+	return hex.EncodeToString(sum[:])
 }
 
 // Pool returns a pool holding the CA certificate, for x509 verification.

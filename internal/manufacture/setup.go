@@ -2,6 +2,7 @@ package manufacture
 
 import (
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/user"
@@ -235,4 +236,47 @@ func chownState(dir string, u *user.User) error {
 		}
 	}
 	return nil
+}
+
+// WriteLog writes r as swtpm_setup logs a run: messages to w, and err (what
+// Setup returned) to errw. libvirt shows this log when a TPM cannot be set
+// up, so its lines are swtpm_setup's.
+func (r *SetupResult) WriteLog(w, errw io.Writer, err error) {
+	info := func(format string, a ...any) { fmt.Fprintf(w, format+"\n", a...) }
+	switch {
+	case r.Kept:
+		info("Not overwriting existing state file.")
+		return
+	case r.Started.IsZero():
+		fmt.Fprintf(errw, "%v\n", err)
+		return
+	}
+	info("Starting vTPM manufacturing as %s @ %s", r.User, r.Started.Format(time.UnixDate))
+	if rep := r.Report; rep != nil {
+		for _, ek := range rep.EKs {
+			kind := "ECC"
+			if strings.HasPrefix(ek.Name, "RSA") {
+				kind = ek.Name
+			}
+			info("Successfully created %s EK with handle %#x.", kind, uint32(ek.Handle))
+			if ek.Cert != nil {
+				info("Successfully created NVRAM area %#x for %s EK certificate.", uint32(ek.CertIndex), kind)
+			}
+		}
+		if rep.PlatformCert != nil {
+			info("Successfully created NVRAM area %#x for platform certificate.", uint32(IndexPlatform))
+		}
+		if r.Banks != nil {
+			info("Successfully activated PCR banks %s among %s.", strings.Join(rep.PCRBanks, ","), strings.Join(rep.Available, ","))
+		}
+	}
+	if err != nil {
+		fmt.Fprintf(errw, "%v\n", err)
+		if r.Failed {
+			fmt.Fprintln(errw, "An error occurred. Authoring the TPM state failed.")
+		}
+	} else {
+		info("Successfully authored TPM state.")
+	}
+	info("Ending vTPM manufacturing @ %s", r.Ended.Format(time.UnixDate))
 }

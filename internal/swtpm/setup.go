@@ -47,6 +47,38 @@ type SetupOptions struct {
 // vtpm does: TPM 2.0 only, RSA-2048 EKs.
 const SetupCapabilitiesJSON = `{ "type": "swtpm_setup", "features": [ "tpm-2.0", "cmdarg-keyfile-fd", "cmdarg-pwdfile-fd", "cmdarg-write-ek-cert-files", "cmdarg-create-config-files", "cmdarg-reconfigure-pcr-banks", "tpm2-rsa-keysize-2048" ], "version": "` + Version + `" }`
 
+// SetupOptionsUsage lists the options ParseSetup accepts, for --help.
+const SetupOptionsUsage = `--tpm-state <dir>, --tpmstate <dir>
+                 : Where the TPM's state is written (dir or dir://dir); mandatory
+--tpm2           : Set up a TPM 2 (required: vtpm is TPM 2.0 only)
+--createek       : Create the RSA-2048 and ECC EKs
+--create-ek-cert : Create EK certificates; implies --createek
+--create-platform-cert
+                 : Create a platform certificate; implies --createek
+--create-spk     : Create a storage primary key (RSA, or ECC with --ecc) at 0x81000001
+--ecc-curve <c>  : ECC EK curve: p256 (default, NV 0x01c0000a) or p384 (as swtpm)
+--lock-nvram     : Write-lock the certificate NV indices
+--vmid <id>      : VM identifier, the certificates' subject CN
+--logfile <file> : Log to this file (appended); default stdout/stderr
+--keyfile <file>, --keyfile-fd <fd>, --pwdfile <file>, --pwdfile-fd <fd>
+                 : Keep the state in swtpm's encrypted file format with this key
+--cipher <c>     : aes-128-cbc (default) or aes-256-cbc
+--overwrite      : Replace existing TPM state
+--not-overwrite  : Keep existing TPM state and succeed
+--pcr-banks <b>  : Active PCR banks, e.g. sha256 or sha1,sha256; '-' keeps all. Default: sha256
+--rsa-keysize <n>: 2048 (or max)
+--write-ek-cert-files <dir>
+                 : Also write the certificates (DER) into dir
+--reconfigure    : Change the PCR banks of existing state only
+--runas <user>   : Leave the state owned by this user
+--create-config-files [...]
+                 : No-op: vtpm needs no configuration files
+--print-capabilities, --version, --help
+Accepted and ignored: --tpm, --swtpm_ioctl, --config, --display,
+--tcsd-system-ps-file, --allow-signing, --decryption, --take-ownership,
+--ownerpass, --owner-well-known, --srkpass, --srk-well-known
+`
+
 // present is the value pflag gives a switch named without a value; any other
 // value (--tpm2=true) is refused, as getopt_long refuses it.
 const present = "\x00"

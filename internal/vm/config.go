@@ -87,6 +87,14 @@ type Disk struct {
 	Passthrough bool `json:"passthrough,omitempty"`
 }
 
+// Kind is d's format, or "passthrough" for a device handed to the guest.
+func (d Disk) Kind() string {
+	if d.Passthrough {
+		return "passthrough"
+	}
+	return d.Format
+}
+
 // TPM is a VM's vTPM.
 type TPM struct {
 	// Enabled attaches the TPM when the VM starts; a disabled TPM keeps its

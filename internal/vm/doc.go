@@ -25,8 +25,8 @@
 // [HostConfig]) allows them. Values that reach a QEMU option string are
 // escaped as QEMU parses them; sizes reach qemu-img as digits after "--".
 //
-// QEMU is confined: under its own seccomp sandbox ([QEMUSandbox]) and, when
-// vm start runs as root, as an unprivileged user ([QEMUUser]). It opens
+// QEMU is confined: under its own seccomp sandbox ([hostcheck.QEMUSandbox]) and, when
+// vm start runs as root, as an unprivileged user ([hostcheck.QEMUUser]). It opens
 // nothing of the VM's by name but the kernel and initrd: disks, the
 // variable store and logs are handed over as descriptors (fd sets), its
 // monitor and serial sockets as listening descriptors, and the vTPM's
