@@ -19,7 +19,9 @@
 // holder: one compromised vTPM cannot ask for another running VM's key. (A
 // directory no TPM is serving can be locked by any process of its owner,
 // which can equally start a vTPM on it: holding the directory is the right
-// being checked.)
+// being checked.) The service reads vtpm's files there as root, so a
+// protector, policy or identity file that is not a regular file (a link the
+// caller planted) is refused.
 //
 // What the service does is what an instance does itself when it can open
 // the keystore (internal/instance): it opens the TPM's data key (a new

@@ -239,6 +239,10 @@ func TestOnlyTheHolderGetsTheKey(t *testing.T) {
 	if out := e.run("tss", "open", idle); !strings.HasPrefix(out, "ok ") {
 		t.Fatal(out)
 	}
+	linked := e.stateDir("linked", "tss")
+	if err := os.Symlink("/etc/shadow", filepath.Join(linked, state.ProtectorFile)); err != nil {
+		t.Fatal(err)
+	}
 	others := e.stateDir("others", "nobody")
 	os.Chmod(others, 0o755) // readable, so its descriptor can be sent
 	tests := []struct {
@@ -249,6 +253,11 @@ func TestOnlyTheHolderGetsTheKey(t *testing.T) {
 		{"another user's directory", "tss", "steal", others},
 		{"a user the service does not answer", "nobody", "open", others},
 	}
+	t.Run("a key protector linked to a root file", func(t *testing.T) {
+		if out := e.run("tss", "open", linked); !strings.HasPrefix(out, "err "+errdefs.ErrInvalidArgument.Error()+":") {
+			t.Errorf("got %q, want the link refused", out)
+		}
+	})
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			out := e.run(tt.as, tt.mode, tt.dir)

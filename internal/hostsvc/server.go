@@ -242,6 +242,14 @@ func checkHolder(dirfd int, p peer, name string) (owner [2]int, err error) {
 	if lk.Type == unix.F_UNLCK || lk.Pid != p.pid {
 		return owner, errdefs.New(errdefs.ErrPermissionDenied, "the caller (pid %d) does not hold the lock of state directory %s", p.pid, name)
 	}
+	// The service reads vtpm's files in the directory as root: a name the
+	// caller made a symbolic link (to a file only root may read) is refused.
+	for _, f := range []string{state.ProtectorFile, state.PolicyFile, seal.StateFileName} {
+		var fst unix.Stat_t
+		if unix.Fstatat(dirfd, f, &fst, unix.AT_SYMLINK_NOFOLLOW) == nil && fst.Mode&unix.S_IFMT != unix.S_IFREG {
+			return owner, errdefs.New(errdefs.ErrInvalidArgument, "%s/%s is not a regular file", name, f)
+		}
+	}
 	return [2]int{int(st.Uid), int(st.Gid)}, nil
 }
 
