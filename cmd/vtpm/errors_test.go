@@ -39,7 +39,7 @@ func TestEveryActionHasACommand(t *testing.T) {
 		errdefs.ActionTPMRemove, errdefs.ActionTPMEnable, errdefs.ActionTPMManufacture, errdefs.ActionStateImport, errdefs.ActionVMStop, errdefs.ActionVMList,
 		errdefs.ActionVMRegister, errdefs.ActionVMUnregister, errdefs.ActionVMClone, errdefs.ActionVMCreate, errdefs.ActionVMTemplate,
 		errdefs.ActionVMDeploy, errdefs.ActionIsolationPreferred, errdefs.ActionRunAsOwner,
-		errdefs.ActionHostAllowPath} {
+		errdefs.ActionHostAllowPath, errdefs.ActionHostServiceStart, errdefs.ActionHostServe} {
 		if _, ok := commands[a]; !ok {
 			t.Errorf("action %q has no command line", a)
 		}

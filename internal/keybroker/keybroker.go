@@ -311,6 +311,17 @@ func (h *Broker) OpenTPMWith(dir string, opts OpenOptions) (*Opened, error) {
 	return h.openTPM(dir, true, opts)
 }
 
+// OpenTPMHeld is OpenTPMWith for a directory whose lock another process
+// holds for this call: the host service, opening the key of a vTPM that
+// proved it holds its state directory's lock, creates or reprovisions the
+// TPM under that lock.
+func (h *Broker) OpenTPMHeld(dir string, opts OpenOptions) (*Opened, error) {
+	if err := checkMissingState(dir); err != nil {
+		return nil, err
+	}
+	return h.openTPM(dir, true, opts)
+}
+
 // A Broker is what opens sealed state (state.OpenSealed).
 var _ state.Keys = (*Broker)(nil)
 
