@@ -3,15 +3,11 @@ package main
 import (
 	"io"
 	"os"
-	"strings"
 
 	"github.com/spf13/cobra"
 
 	"vtpm/internal/hostsvc"
-	"vtpm/internal/keybroker"
-	"vtpm/internal/keystore"
 	"vtpm/internal/manufacture"
-	"vtpm/internal/paths"
 	"vtpm/internal/swtpm"
 )
 
@@ -26,7 +22,7 @@ certificates come from this host's local CA (` + "`vtpm ca show --pem`" + `).
 // runSwtpmSetup is `swtpm_setup …`; it returns the exit code.
 func runSwtpmSetup(args []string, stdout, stderr io.Writer) int {
 	setup := func(o *swtpm.SetupOptions) (*manufacture.SetupResult, error) {
-		res, err := manufacture.SetupOn(o, setupHost(o), warnLogger())
+		res, err := manufacture.SetupOn(o, hostsvc.SetupHost(o.StateDir, warnLogger()), warnLogger())
 		return res, rendered(err)
 	}
 	return manufacture.SetupProgram{Usage: setupUsage, Version: version, Setup: setup}.Run(args, stdout, stderr)
@@ -45,23 +41,6 @@ type renderedError struct{ err error }
 
 func (e *renderedError) Error() string { return formatError(e.err) }
 func (e *renderedError) Unwrap() error { return e.err }
-
-// setupHost is the host swtpm_setup manufactures with: the keystore of the
-// host's data root (never one under an inherited $HOME: libvirt runs
-// swtpm_setup as tss with HOME=/root), or, when this process cannot open
-// it, the host service.
-func setupHost(o *swtpm.SetupOptions) manufacture.OpenHost {
-	return func() (manufacture.Host, error) {
-		h, err := keybroker.Open(paths.HostDataRoot(), keystore.Options{HostTPM: os.Getenv("VTPM_HOST_TPM"), Logger: warnLogger()})
-		if err == nil {
-			return manufacture.FromBroker(func() (*keybroker.Broker, error) { return h, nil })()
-		}
-		if !hostsvc.UseService(err) {
-			return nil, err
-		}
-		return &hostsvc.Keys{Dir: strings.TrimPrefix(o.StateDir, "dir://"), KeystoreErr: err}, nil
-	}
-}
 
 func swtpmSetupCmd() *cobra.Command {
 	return &cobra.Command{

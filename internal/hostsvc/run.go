@@ -11,10 +11,13 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 
 	"vtpm/internal/keybroker"
 	"vtpm/internal/keystore"
+	"vtpm/internal/manufacture"
+	"vtpm/internal/paths"
 )
 
 // Run runs the host service until ctx ends or SIGTERM/SIGINT: it opens the
@@ -90,4 +93,21 @@ func Listen(path string) (*net.UnixListener, func(), error) {
 		return nil, nil, err
 	}
 	return l, func() { l.Close() }, nil
+}
+
+// SetupHost is the host swtpm_setup manufactures with, for the state in
+// stateDir (a path or dir:// URI): the keystore of the host's data root
+// (never one under an inherited $HOME: libvirt runs swtpm_setup as tss with
+// HOME=/root), or, when this process cannot open it, the host service.
+func SetupHost(stateDir string, log *slog.Logger) manufacture.OpenHost {
+	return func() (manufacture.Host, error) {
+		h, err := keybroker.Open(paths.HostDataRoot(), keystore.Options{HostTPM: os.Getenv("VTPM_HOST_TPM"), Logger: log})
+		if err == nil {
+			return manufacture.FromBroker(func() (*keybroker.Broker, error) { return h, nil })()
+		}
+		if !UseService(err) {
+			return nil, err
+		}
+		return &Keys{Dir: strings.TrimPrefix(stateDir, "dir://"), KeystoreErr: err}, nil
+	}
 }
