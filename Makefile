@@ -1,7 +1,11 @@
 GO ?= go
 BIN := bin
 
-.PHONY: all build test vet fuzz demo bench clean
+.PHONY: all build test vet fuzz demo bench clean install uninstall
+
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+UNITDIR ?= /etc/systemd/system
 
 all: build
 
@@ -34,3 +38,25 @@ bench: build
 
 clean:
 	rm -rf $(BIN)
+
+# vtpm in BINDIR with swtpm and swtpm_setup beside it (/usr/local/bin comes
+# before /usr/bin in libvirtd's PATH, so libvirt runs vtpm), and the host
+# service's socket-activated units. README: "libvirt hosts".
+install: build
+	install -D -m 0755 $(BIN)/vtpm $(DESTDIR)$(BINDIR)/vtpm
+	ln -sf vtpm $(DESTDIR)$(BINDIR)/swtpm
+	ln -sf vtpm $(DESTDIR)$(BINDIR)/swtpm_setup
+	install -D -m 0644 dist/systemd/vtpm-host.socket $(DESTDIR)$(UNITDIR)/vtpm-host.socket
+	sed 's|@BINDIR@|$(BINDIR)|g' dist/systemd/vtpm-host.service > $(BIN)/vtpm-host.service
+	install -D -m 0644 $(BIN)/vtpm-host.service $(DESTDIR)$(UNITDIR)/vtpm-host.service
+	@if [ -z "$(DESTDIR)" ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then \
+		systemctl daemon-reload && systemctl enable --now vtpm-host.socket; fi
+
+uninstall:
+	@if [ -z "$(DESTDIR)" ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then \
+		systemctl disable --now vtpm-host.socket vtpm-host.service || true; fi
+	rm -f $(DESTDIR)$(UNITDIR)/vtpm-host.socket $(DESTDIR)$(UNITDIR)/vtpm-host.service
+	@for l in swtpm swtpm_setup; do \
+		if [ "$$(readlink $(DESTDIR)$(BINDIR)/$$l)" = vtpm ]; then rm -f $(DESTDIR)$(BINDIR)/$$l; fi; done
+	rm -f $(DESTDIR)$(BINDIR)/vtpm
+	@if [ -z "$(DESTDIR)" ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi

@@ -27,6 +27,7 @@ var commands = map[errdefs.Action]string{
 	errdefs.ActionTPMAdd:              "vtpm tpm add {vm}",
 	errdefs.ActionTPMRemove:           "vtpm tpm remove {vm}",
 	errdefs.ActionTPMEnable:           "vtpm tpm enable {vm}",
+	errdefs.ActionTPMManufacture:      "vtpm tpm manufacture {dir}",
 	errdefs.ActionStateImport:         "vtpm state import {dir}",
 	errdefs.ActionVMStop:              "vtpm vm stop {vm}",
 	errdefs.ActionVMList:              "vtpm vm list -a",
@@ -39,6 +40,8 @@ var commands = map[errdefs.Action]string{
 	errdefs.ActionIsolationPreferred:  "--isolation preferred",
 	errdefs.ActionHostAllowPath:       "vtpm host allow-path {path}",
 	errdefs.ActionRunAsOwner:          "run vtpm as the owner of {path} (usually root: sudo)",
+	errdefs.ActionHostServiceStart:    "systemctl start vtpm-host.socket",
+	errdefs.ActionHostServe:           "vtpm host serve --socket {socket}",
 }
 
 // Compiled on first use: every vTPM start runs this package's initialisation.

@@ -36,10 +36,10 @@ func TestFormatError(t *testing.T) {
 func TestEveryActionHasACommand(t *testing.T) {
 	for _, a := range []errdefs.Action{errdefs.ActionDoctor, errdefs.ActionSandboxProbe, errdefs.ActionGuardianList, errdefs.ActionGuardianExport, errdefs.ActionGuardianExportCerts, errdefs.ActionGuardianImport, errdefs.ActionGuardianTrust,
 		errdefs.ActionProtectorGrant, errdefs.ActionProtectorShow, errdefs.ActionKeyExport, errdefs.ActionKeyImport, errdefs.ActionTPMReprovision, errdefs.ActionTPMAdd,
-		errdefs.ActionTPMRemove, errdefs.ActionTPMEnable, errdefs.ActionStateImport, errdefs.ActionVMStop, errdefs.ActionVMList,
+		errdefs.ActionTPMRemove, errdefs.ActionTPMEnable, errdefs.ActionTPMManufacture, errdefs.ActionStateImport, errdefs.ActionVMStop, errdefs.ActionVMList,
 		errdefs.ActionVMRegister, errdefs.ActionVMUnregister, errdefs.ActionVMClone, errdefs.ActionVMCreate, errdefs.ActionVMTemplate,
 		errdefs.ActionVMDeploy, errdefs.ActionIsolationPreferred, errdefs.ActionRunAsOwner,
-		errdefs.ActionHostAllowPath} {
+		errdefs.ActionHostAllowPath, errdefs.ActionHostServiceStart, errdefs.ActionHostServe} {
 		if _, ok := commands[a]; !ok {
 			t.Errorf("action %q has no command line", a)
 		}

@@ -17,7 +17,7 @@ device, must be allowed by this host (` + "`<data root>/host.json`" + `). vm cre
 allows the paths it is given; a bundle registered from elsewhere that names
 other paths is refused until they are allowed here.`,
 	}
-	cmd.AddCommand(hostAllowCmd(true), hostAllowCmd(false), hostPathsCmd())
+	cmd.AddCommand(hostAllowCmd(true), hostAllowCmd(false), hostPathsCmd(), hostServeCmd())
 	return cmd
 }
 

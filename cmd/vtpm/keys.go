@@ -70,8 +70,7 @@ func guardianCmd() *cobra.Command {
 			}
 			return emit(cmd, asJSON, out, func(w io.Writer) {
 				for _, g := range out {
-					mark := markIf(g.Local, "  (this host)") + markIf(g.TrustedOnly, "  (trusted only: owns TPMs that open here, not held)")
-					fmt.Fprintf(w, "%s  %s  %s%s\n", g.Fingerprint[:16], g.KEM, g.Name, mark)
+					fmt.Fprintln(w, g.Line())
 				}
 			})
 		}),
@@ -101,29 +100,16 @@ func guardianCmd() *cobra.Command {
 		Short: "Export a guardian as password-protected PKCS#12 (private key included), or its certificates only",
 		Args:  cobra.MaximumNArgs(1),
 		RunE: onHost(func(cmd *cobra.Command, h *keybroker.Broker, args []string) error {
-			g, _, err := h.Pick(argOr(args, 0))
-			if err != nil {
-				return err
-			}
-			if certsOnly {
-				b, err := g.ExportCertificates()
-				if err != nil {
-					return err
+			b, perm, err := h.ExportGuardian(argOr(args, 0), certsOnly, func() (string, error) {
+				if out == "" {
+					return "", errors.New("a PKCS#12 export holds a private key: give -o FILE")
 				}
-				return secretfile.Create(out, b, 0o644, cmd.OutOrStdout())
-			}
-			if out == "" {
-				return errors.New("a PKCS#12 export holds a private key: give -o FILE")
-			}
-			pw, err := secretfile.Read(pwFile, "VTPM_PASSWORD", "password")
+				return secretfile.Read(pwFile, "VTPM_PASSWORD", "password")
+			})
 			if err != nil {
 				return err
 			}
-			b, err := g.ExportPKCS12(pw)
-			if err != nil {
-				return err
-			}
-			return secretfile.Create(out, b, 0o600, cmd.OutOrStdout())
+			return secretfile.Create(out, b, perm, cmd.OutOrStdout())
 		}),
 	}
 	export.Flags().StringVarP(&out, "output", "o", "", "file to write (certificates only: - for stdout)")
@@ -189,12 +175,7 @@ func protectorCmd() *cobra.Command {
 				return err
 			}
 			s := keybroker.SummarizeProtector(p)
-			return emit(cmd, asJSON, s, func(w io.Writer) {
-				fmt.Fprintf(w, "TPM %s, owner %s (%s), protector version %d\n", s.TPM, s.OwnerName, s.Owner, s.Version)
-				for _, r := range s.Rows {
-					fmt.Fprintf(w, "  %s  %s%s\n", r.Fingerprint, r.Name, markIf(r.Owner, "  (owner)"))
-				}
-			})
+			return emit(cmd, asJSON, s, s.WriteText)
 		},
 	}
 	show.Flags().BoolVar(&asJSON, "json", false, "print JSON")
@@ -276,10 +257,7 @@ func keyCmd() *cobra.Command {
 				return err
 			}
 			return withHost(func(h *keybroker.Broker) error {
-				id, err := h.ImportKeyFile(data, pp, replace)
-				if kf := (*keybroker.KeyFileError)(nil); errors.As(err, &kf) {
-					return fmt.Errorf("%s: %w", args[0], kf.Err)
-				}
+				id, err := h.ImportKeyFile(args[0], data, pp, replace)
 				if err != nil {
 					return err
 				}

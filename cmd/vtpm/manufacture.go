@@ -12,7 +12,6 @@ import (
 
 	"vtpm/internal/keybroker"
 	"vtpm/internal/manufacture"
-	"vtpm/internal/state"
 )
 
 func tpmManufactureCmds() []*cobra.Command {
@@ -52,20 +51,7 @@ serves it.`,
 			if err != nil {
 				return err
 			}
-			return emit(cmd, asJSON, res.Summary(), func(w io.Writer) {
-				fmt.Fprintf(w, "manufactured TPM %s in %s (%s state)\n", res.TPM, dir, res.Format)
-				for _, ek := range res.Report.EKs {
-					cert := "no certificate"
-					if ek.Cert != nil {
-						cert = fmt.Sprintf("certificate in NV %#x", uint32(ek.CertIndex))
-					}
-					fmt.Fprintf(w, "  EK %-10s %#x  %s\n", ek.Name, uint32(ek.Handle), cert)
-				}
-				if res.Report.PlatformCert != nil {
-					fmt.Fprintf(w, "  platform certificate in NV %#x\n", uint32(manufacture.IndexPlatform))
-				}
-				fmt.Fprintf(w, "  PCR banks: %s\n", strings.Join(res.Report.PCRBanks, ","))
-			})
+			return emit(cmd, asJSON, res.Summary(), func(w io.Writer) { res.WriteText(w, dir) })
 		},
 	}
 	f := cmd.Flags()
@@ -97,58 +83,16 @@ func tpmShowCmd() *cobra.Command {
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			dir := tpmDir(args[0])
-			if !state.HasState(dir) {
-				return fmt.Errorf("%s holds no TPM state; create one with `vtpm tpm manufacture %s`", dir, args[0])
-			}
-			var out *manufacture.Summary
-			err := withHost(func(h *keybroker.Broker) (err error) {
-				out, err = manufacture.Show(h, dir, key, warnLogger())
-				return err
-			})
+			out, err := manufacture.Show(openBroker, dir, key, warnLogger())
 			if err != nil {
 				return err
 			}
-			return emit(cmd, asJSON, out, func(w io.Writer) {
-				if out.TPM != "" {
-					var gen any // printed as <nil> when unknown
-					if out.Generation != nil {
-						gen = *out.Generation
-					}
-					fmt.Fprintf(w, "TPM %s in %s (%s state, generation %v)\n", out.TPM, dir, out.Format, gen)
-				} else {
-					fmt.Fprintf(w, "TPM in %s (%s state)\n", dir, out.Format)
-				}
-				for _, ek := range out.EKs {
-					fmt.Fprintf(w, "EK %s at %s, public key sha256 %s\n", ek.Name, ek.Handle, ek.Fingerprint)
-					printCert(w, ek.Certificate)
-				}
-				if out.PlatformCert != nil {
-					fmt.Fprintln(w, "platform certificate:")
-					printCert(w, out.PlatformCert)
-				}
-				fmt.Fprintf(w, "PCR banks: %s (of %s)\n", strings.Join(out.PCRBanks, ","), strings.Join(out.Available, ","))
-				for _, r := range out.Protector {
-					fmt.Fprintf(w, "protector: %s  %s%s\n", r.Fingerprint, r.Name, markIf(r.Owner, "  (owner)"))
-				}
-			})
+			return emit(cmd, asJSON, out, out.WriteText)
 		},
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	cmd.Flags().StringVar(&key, "key", "", "swtpm --key option for swtpm-format state encrypted with a key")
 	return cmd
-}
-
-func printCert(w io.Writer, c *manufacture.CertSummary) {
-	if c == nil {
-		fmt.Fprintln(w, "  no certificate")
-		return
-	}
-	lock := ""
-	if c.Locked {
-		lock = ", write-locked"
-	}
-	fmt.Fprintf(w, "  certificate in NV %s%s\n    subject: %s\n    issuer:  %s\n    valid:   %s to %s\n",
-		c.Index, lock, c.Subject, c.Issuer, c.NotBefore.Format(time.DateOnly), c.NotAfter.Format(time.DateOnly))
 }
 
 func caCmd() *cobra.Command {
@@ -175,12 +119,4 @@ func caCmd() *cobra.Command {
 	show.Flags().BoolVar(&asPEM, "pem", false, "print the CA certificate in PEM")
 	cmd.AddCommand(show)
 	return cmd
-}
-
-// markIf is mark when b holds, else nothing.
-func markIf(b bool, mark string) string {
-	if b {
-		return mark
-	}
-	return ""
 }

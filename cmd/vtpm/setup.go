@@ -1,12 +1,12 @@
 package main
 
 import (
-	"fmt"
 	"io"
 	"os"
 
 	"github.com/spf13/cobra"
 
+	"vtpm/internal/hostsvc"
 	"vtpm/internal/manufacture"
 	"vtpm/internal/swtpm"
 )
@@ -19,44 +19,28 @@ certificates come from this host's local CA (` + "`vtpm ca show --pem`" + `).
 
 ` + swtpm.SetupOptionsUsage
 
-// runSwtpmSetup is `swtpm_setup …`; it returns the exit code. Its log goes
-// to --logfile when given, else messages to stdout and errors to stderr.
+// runSwtpmSetup is `swtpm_setup …`; it returns the exit code.
 func runSwtpmSetup(args []string, stdout, stderr io.Writer) int {
-	o, err := swtpm.ParseSetup(args)
-	if err != nil {
-		fmt.Fprintf(stderr, "swtpm_setup: %v\n", err)
-		fmt.Fprint(stdout, setupUsage)
-		return 1
+	setup := func(o *swtpm.SetupOptions) (*manufacture.SetupResult, error) {
+		res, err := manufacture.SetupOn(o, hostsvc.SetupHost(o.StateDir, warnLogger()), warnLogger())
+		return res, rendered(err)
 	}
-	switch {
-	case o.Help:
-		fmt.Fprint(stdout, setupUsage)
-		return 0
-	case o.Version:
-		fmt.Fprintf(stdout, "TPM emulator setup tool version %s, vtpm %s\n", swtpm.Version, version)
-		return 0
-	case o.PrintCaps:
-		fmt.Fprintln(stdout, swtpm.SetupCapabilitiesJSON)
-		return 0
-	case o.CreateConfigFiles:
-		return 0
-	}
-	if o.Logfile != "" && o.Logfile != "-" {
-		f, err := os.OpenFile(o.Logfile, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
-		if err != nil {
-			fmt.Fprintf(stderr, "Could not open logfile %s: %v\n", o.Logfile, err)
-			return 1
-		}
-		defer f.Close()
-		stdout, stderr = f, f
-	}
-	res, err := manufacture.Setup(o, openBroker, warnLogger())
-	res.WriteLog(stdout, stderr, err)
-	if err != nil {
-		return 1
-	}
-	return 0
+	return manufacture.SetupProgram{Usage: setupUsage, Version: version, Setup: setup}.Run(args, stdout, stderr)
 }
+
+// rendered is err with its remedies in its message, as the CLI prints
+// them, for swtpm_setup's log (which prints errors as they are).
+func rendered(err error) error {
+	if err == nil {
+		return nil
+	}
+	return &renderedError{err}
+}
+
+type renderedError struct{ err error }
+
+func (e *renderedError) Error() string { return formatError(e.err) }
+func (e *renderedError) Unwrap() error { return e.err }
 
 func swtpmSetupCmd() *cobra.Command {
 	return &cobra.Command{

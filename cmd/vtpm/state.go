@@ -3,7 +3,6 @@ package main
 import (
 	"fmt"
 	"log/slog"
-	"strings"
 
 	"github.com/spf13/cobra"
 
@@ -67,12 +66,7 @@ TPM process may use DIR while it is imported.`,
 				Logger:      slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: slog.LevelWarn})),
 			})
 			if res != nil {
-				out := cmd.OutOrStdout()
-				fmt.Fprintf(out, "Imported %s from %s into vtpm sealed state in %s (TPM %s).\n",
-					strings.Join(res.States, ", "), args[0], res.Dest, res.UUID)
-				if res.Backup != "" {
-					fmt.Fprintf(out, "The swtpm files are kept in %s.\n", res.Backup)
-				}
+				res.WriteText(cmd.OutOrStdout())
 			}
 			if err != nil {
 				return fmt.Errorf("state import: %w", err)

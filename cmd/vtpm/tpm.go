@@ -20,16 +20,13 @@ into a timestamped backup beside it and provisions a fresh TPM: secrets sealed
 to the old TPM (BitLocker, LUKS) will need their recovery keys.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			dir := tpmDir(args[0])
-			p, err := keybroker.ReadPolicy(dir)
+			var set *string // only when given
+			if cmd.Flags().Changed("on-missing-key") {
+				set = &onMissing
+			}
+			p, err := keybroker.UpdatePolicy(tpmDir(args[0]), set)
 			if err != nil {
 				return err
-			}
-			if cmd.Flags().Changed("on-missing-key") {
-				p.OnMissingKey = onMissing
-				if err := keybroker.WritePolicy(dir, p); err != nil {
-					return err
-				}
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "on-missing-key: %s\n", p.OnMissingKey)
 			return nil

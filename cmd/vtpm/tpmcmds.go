@@ -3,8 +3,6 @@ package main
 import (
 	"errors"
 	"fmt"
-	"io"
-	"strings"
 
 	"github.com/spf13/cobra"
 
@@ -45,14 +43,12 @@ func tpmRemoveCmd() *cobra.Command {
 		Short: "Remove a stopped VM's vTPM, keeping its state in a backup",
 		Args:  cobra.ExactArgs(1),
 		RunE: onVM(func(cmd *cobra.Command, h *vm.Registry, v *vm.VM) error {
-			backup, err := h.RemoveTPM(v)
+			res, err := h.RemoveTPM(v)
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "removed the vTPM of VM %s; its state is kept in %s\n", v.Name(), backup)
-			fmt.Fprintf(cmd.ErrOrStderr(), "WARNING: secrets the guest sealed to this TPM no longer open: BitLocker will ask for its recovery key at the next boot "+
-				"(have it ready), and LUKS volumes bound to the TPM need their passphrase. To get the TPM back, stop the VM and move %s back to %s.\n",
-				backup, v.TPMDir())
+			fmt.Fprintf(cmd.OutOrStdout(), "removed the vTPM of VM %s; its state is kept in %s\n", v.Name(), res.Backup)
+			fmt.Fprintln(cmd.ErrOrStderr(), res.Warning)
 			return nil
 		}),
 	}
@@ -78,57 +74,27 @@ failed. A running VM sees the change at its next start.`,
 			}
 			out := cmd.OutOrStdout()
 			bar := progress.New(out, len(refs), !asJSON && progress.IsTerminal(out))
-			results, failed := h.SetTPMsEnabled(refs, on, all, func(r vm.BulkResult) {
+			results, _ := h.SetTPMsEnabled(refs, on, all, func(r vm.BulkResult) {
 				if !asJSON {
 					bar.Clear()
-					printBulk(out, r)
+					fmt.Fprintln(out, r.Line(formatError))
 				}
 				bar.Step()
 			})
 			bar.Clear()
+			sum := results.Summary()
 			if asJSON {
-				for i, r := range results {
-					if r.Err != nil {
-						results[i].Error = formatError(r.Err) // with its remedies
-					}
-				}
+				results.Explain(formatError) // the errors with their remedies
 				if err := printJSON(out, results); err != nil {
 					return err
 				}
 			} else {
-				skipped := 0
-				for _, r := range results {
-					if r.Skipped {
-						skipped++
-					}
-				}
-				if skipped > 0 {
-					fmt.Fprintf(out, "%d ok, %d skipped, %d failed\n", len(results)-failed-skipped, skipped, failed)
-				} else {
-					fmt.Fprintf(out, "%d ok, %d failed\n", len(results)-failed, failed)
-				}
+				fmt.Fprintln(out, sum)
 			}
-			if failed > 0 {
-				return fmt.Errorf("tpm %s: %d of %d VMs failed", verb, failed, len(results))
-			}
-			return nil
+			return sum.Err("tpm " + verb)
 		},
 	}
 	cmd.Flags().BoolVar(&all, "all", false, "every registered VM")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON: an array of {vm, ok, skipped, error}")
 	return cmd
-}
-
-func printBulk(w io.Writer, r vm.BulkResult) {
-	switch {
-	case r.Skipped:
-		fmt.Fprintf(w, "%s: skipped (%s)\n", r.VM, r.Note)
-	case !r.OK:
-		// One line per VM: longer explanations are joined.
-		fmt.Fprintf(w, "%s: failed: %s\n", r.VM, strings.Join(strings.Fields(formatError(r.Err)), " "))
-	case r.Note != "":
-		fmt.Fprintf(w, "%s: ok (%s)\n", r.VM, r.Note)
-	default:
-		fmt.Fprintf(w, "%s: ok\n", r.VM)
-	}
 }

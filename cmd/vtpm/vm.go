@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -80,9 +81,6 @@ apply).`,
 			if cmd.Flags().Changed("tpm") {
 				o.TPM = &tpm
 			}
-			if o.Disk != "" && (o.DiskSize != "" || o.NoDisk) {
-				return fmt.Errorf("give one of --disk PATH, --disk-size SIZE or --no-disk")
-			}
 			res, err := vmRegistry().Create(o)
 			if err != nil {
 				return err
@@ -90,7 +88,7 @@ apply).`,
 			return emit(cmd, asJSON, vmRegistry().Summary(res.VM), func(w io.Writer) {
 				c := res.VM.Config
 				fmt.Fprintf(w, "created VM %s (%s) in %s: %s, %s, Secure Boot %s, TPM %s\n",
-					c.Name, c.UUID, res.VM.Dir, c.OS, c.Firmware, onOff(c.SecureBoot), c.TPMStatus())
+					c.Name, c.UUID, res.VM.Dir, c.OS, c.Firmware, c.SecureBootStatus(), c.TPMStatus())
 				printNotes(w, res.Notes)
 			})
 		},
@@ -112,13 +110,6 @@ apply).`,
 	f.StringVar(&o.Path, "path", "", "bundle directory (default <data root>/vms/NAME)")
 	f.BoolVar(&asJSON, "json", false, "print JSON")
 	return cmd
-}
-
-func onOff(b bool) string {
-	if b {
-		return "on"
-	}
-	return "off"
 }
 
 // openVM opens the VM ref names in this host's registry.
@@ -155,13 +146,9 @@ func vmListCmd() *cobra.Command {
 				return printJSON(cmd.OutOrStdout(), rows)
 			}
 			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "NAME\tUUID\tSTATE\tFIRMWARE\tSECURE BOOT\tTPM")
+			fmt.Fprintln(tw, strings.Join(vm.ListColumns, "\t"))
 			for _, r := range rows {
-				fw, sb := r.Firmware, onOff(r.SecureBoot)
-				if r.State == "broken" {
-					fw, sb = "?", "?"
-				}
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", r.Name, r.UUID, r.State, fw, sb, r.TPM)
+				fmt.Fprintln(tw, strings.Join(r.Row(), "\t"))
 			}
 			if err := tw.Flush(); err != nil {
 				return err
@@ -187,18 +174,7 @@ func vmShowCmd() *cobra.Command {
 		Args:  cobra.ExactArgs(1),
 		RunE: onVM(func(cmd *cobra.Command, h *vm.Registry, v *vm.VM) error {
 			j := h.Summary(v)
-			return emit(cmd, asJSON, map[string]any{"vm": j, "config": v.Config}, func(w io.Writer) {
-				c := v.Config
-				fmt.Fprintf(w, "name:        %s\nuuid:        %s\nbundle:      %s\nstate:       %s\nos:          %s\nfirmware:    %s\nsecure boot: %s\ntpm:         %s\nmemory:      %s\ncpus:        %d\n",
-					c.Name, c.UUID, v.Dir, j.State, c.OS, c.Firmware, onOff(c.SecureBoot), c.TPMStatus(), c.Memory, c.CPUs)
-				for _, d := range c.Disks {
-					fmt.Fprintf(w, "disk:        %s (%s)\n", d.Path, d.Kind())
-				}
-				if c.Kernel != "" {
-					fmt.Fprintf(w, "kernel:      %s\ninitrd:      %s\nappend:      %s\n", c.Kernel, c.Initrd, c.Append)
-				}
-				fmt.Fprintf(w, "isolation:   %s\n", c.IsolationPolicy())
-			})
+			return emit(cmd, asJSON, map[string]any{"vm": j, "config": v.Config}, func(w io.Writer) { v.WriteText(w, j.State) })
 		}),
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
@@ -237,11 +213,7 @@ func vmUnregisterCmd() *cobra.Command {
 		Short: "Forget a VM on this host; its bundle stays where it is",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			h := vmRegistry()
-			if v, err := h.Open(args[0]); err == nil && h.State(v).Running() {
-				return fmt.Errorf("VM %s is running; stop it with `vtpm vm stop %s` first", v.Name(), v.Name())
-			}
-			e, err := h.Unregister(args[0])
+			e, err := vmRegistry().Unregister(args[0])
 			if err != nil {
 				return err
 			}
@@ -273,14 +245,7 @@ them the bundle directory; disks outside the bundle are left alone.`,
 			if err != nil {
 				return err
 			}
-			w := cmd.OutOrStdout()
-			fmt.Fprintf(w, "deleted VM %s (%s)\n", v.Name(), v.Dir)
-			if del.Backup != "" {
-				fmt.Fprintf(w, "its TPM state is kept in %s (with its key protector: it opens only with this host's or another admitted guardian)\n", del.Backup)
-			}
-			if len(del.Kept) > 0 {
-				fmt.Fprintf(w, "kept what vtpm did not make, in %s: %s\n", v.Dir, strings.Join(del.Kept, ", "))
-			}
+			del.WriteText(cmd.OutOrStdout())
 			return nil
 		}),
 	}
@@ -315,12 +280,8 @@ and returns when the VM stops (Ctrl-C stops the VM).`,
 				fmt.Fprintf(cmd.ErrOrStderr(), "VM %s stopped\n", v.Name())
 				return nil
 			}
-			tpm := "no TPM"
-			if res.TPMPid != 0 {
-				tpm = fmt.Sprintf("vTPM pid %d", res.TPMPid)
-			}
 			fmt.Fprintf(cmd.OutOrStdout(), "started VM %s (QEMU pid %d, %s, %s); serial console: %s\n",
-				v.Name(), res.QEMUPid, tpm, res.Accel, res.SerialLog)
+				v.Name(), res.QEMUPid, res.TPM(), res.Accel, res.SerialLog)
 			return nil
 		}),
 	}
@@ -341,14 +302,7 @@ func vmStopCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			how := "powered off"
-			if !res.PoweredOff {
-				how = "quit"
-				if timeout > 0 {
-					how = fmt.Sprintf("quit (the guest did not power off within %v)", timeout)
-				}
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "stopped VM %s: %s; TPM state persisted\n", v.Name(), how)
+			fmt.Fprintf(cmd.OutOrStdout(), "stopped VM %s: %s; TPM state persisted\n", v.Name(), res.How())
 			return nil
 		}),
 	}
@@ -385,17 +339,12 @@ func printCreated(cmd *cobra.Command, h *vm.Registry, res *vm.Created, err error
 		vm.Summary
 		Notes []string         `json:"notes"`
 		Next  []errdefs.Remedy `json:"next,omitempty"`
-	}{h.Summary(res.VM), res.Notes, res.Next}
+	}{h.Summary(res.VM), slices.Concat(res.Notes, res.Warnings), res.Next}
 	return emit(cmd, asJSON, j, func(w io.Writer) {
 		c := res.VM.Config
 		fmt.Fprintf(w, "%s %s (%s) in %s; TPM %s\n", verb, c.Name, c.UUID, res.VM.Dir, c.TPMStatus())
-		for _, n := range res.Notes {
-			if strings.HasPrefix(n, "WARNING") {
-				fmt.Fprintln(cmd.ErrOrStderr(), n)
-			} else {
-				fmt.Fprintln(w, n)
-			}
-		}
+		printNotes(cmd.ErrOrStderr(), res.Warnings)
+		printNotes(w, res.Notes)
 		for _, r := range res.Next {
 			fmt.Fprintln(w, renderRemedy(r))
 		}

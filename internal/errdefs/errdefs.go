@@ -89,6 +89,9 @@ const (
 	ActionTPMAdd    Action = "tpm.add"
 	ActionTPMRemove Action = "tpm.remove"
 	ActionTPMEnable Action = "tpm.enable"
+	// ActionTPMManufacture manufactures a TPM in a state directory (args:
+	// dir).
+	ActionTPMManufacture Action = "tpm.manufacture"
 	// ActionStateImport converts swtpm's state files to sealed state
 	// (args: dir).
 	ActionStateImport Action = "state.import"
@@ -117,6 +120,12 @@ const (
 	// ActionRunAsOwner runs vtpm as the user who owns a file or directory
 	// (args: path; user when known).
 	ActionRunAsOwner Action = "run-as-owner"
+	// ActionHostServiceStart starts this host's host service, which opens
+	// keys for vTPMs that cannot open the keystore themselves.
+	ActionHostServiceStart Action = "host.service.start"
+	// ActionHostServe runs the host service in the foreground (args:
+	// socket, when not the default).
+	ActionHostServe Action = "host.serve"
 )
 
 // Remedy is one way out of a failure. Action, when set, is the operation to

@@ -233,6 +233,11 @@ func dropPrivileges(name, stateDir, stateFile string) error {
 	if err != nil {
 		return err
 	}
+	// Started as that user already (as libvirt starts its vTPMs): there is
+	// nothing to drop, and no right to change groups.
+	if os.Getuid() == uid && os.Geteuid() == uid && os.Getgid() == gid && os.Getegid() == gid {
+		return nil
+	}
 	if stateDir != "" {
 		if err := chownTree(stateDir, uid, gid); err != nil {
 			return fmt.Errorf("--runas %s: give it the state directory: %w", name, err)

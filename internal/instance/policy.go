@@ -34,7 +34,10 @@ func SandboxPolicy(opts *swtpm.Options, iso sandbox.Isolation, keystoreFiles ...
 		addDir(&p.WriteDirs, opts.StateDir)
 	}
 	for _, f := range keystoreFiles {
-		if f = abs(f); f != "" && !slices.Contains(p.WriteFiles, f) {
+		if f == "" {
+			continue // no file of the data root: the host service handed the record over
+		}
+		if f = abs(f); !slices.Contains(p.WriteFiles, f) {
 			p.WriteFiles = append(p.WriteFiles, f)
 		}
 	}

@@ -112,3 +112,19 @@ func TestSandboxPolicy(t *testing.T) {
 		})
 	}
 }
+
+// A vTPM the host service serves holds its generation record by descriptor:
+// no file of the data root (and never the working directory) is writable.
+func TestSandboxPolicyRecordByDescriptor(t *testing.T) {
+	state := filepath.Join(t.TempDir(), "state")
+	got := SandboxPolicy(&swtpm.Options{StateDir: state}, sandbox.Required, "")
+	cwd, _ := os.Getwd()
+	for _, f := range got.WriteFiles {
+		if f == cwd || f == "" {
+			t.Errorf("WriteFiles %v holds %q", got.WriteFiles, f)
+		}
+	}
+	if !reflect.DeepEqual(got.WriteDirs, []string{state}) {
+		t.Errorf("WriteDirs %v, want only the state directory", got.WriteDirs)
+	}
+}

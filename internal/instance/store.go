@@ -7,6 +7,7 @@ import (
 
 	"github.com/google/uuid"
 
+	"vtpm/internal/hostsvc"
 	"vtpm/internal/keybroker"
 	"vtpm/internal/keystore"
 	"vtpm/internal/paths"
@@ -52,7 +53,7 @@ func (k *sealingKey) dropAdopter() {
 }
 
 func openBroker(log *slog.Logger) (*keybroker.Broker, error) {
-	return keybroker.Open(paths.DataRoot(), keystore.Options{HostTPM: os.Getenv("VTPM_HOST_TPM"), Logger: log})
+	return keybroker.Open(paths.HostDataRoot(), keystore.Options{HostTPM: os.Getenv("VTPM_HOST_TPM"), Logger: log})
 }
 
 // openSealed runs before the sandbox confines the process: it makes what
@@ -69,9 +70,20 @@ func openBroker(log *slog.Logger) (*keybroker.Broker, error) {
 // remembered for `doctor`. allowRollback (--allow-rollback) accepts an
 // older key protector too. With adoptable, a TPM it provisions in an empty
 // directory keeps the broker open for an adoption (sealingKey.adopter).
+//
+// A process that cannot open the keystore (one libvirt starts as tss) asks
+// the host service instead, which hands over the key and the record's open
+// file: no path of the data root is then needed, and record is empty.
 func openSealed(stateDir, dataKey string, allowRollback, adoptable bool, log *slog.Logger) (_ *sealingKey, record string, err error) {
 	host, err := openBroker(log)
 	if err != nil {
+		if dataKey == "" && hostsvc.UseService(err) {
+			k, serr := openFromService(stateDir, allowRollback, log)
+			if serr != nil {
+				return nil, "", hostsvc.Fallback(err, serr)
+			}
+			return k, "", nil
+		}
 		return nil, "", err
 	}
 	keep := false
@@ -137,6 +149,24 @@ func openSealed(stateDir, dataKey string, allowRollback, adoptable bool, log *sl
 		k.adopter, keep = host, true
 	}
 	return k, host.Keystore().GenerationsPath(k.tpm), nil
+}
+
+// openFromService asks the host service for the TPM's key and generation
+// record.
+func openFromService(stateDir string, allowRollback bool, log *slog.Logger) (*sealingKey, error) {
+	o, err := hostsvc.Client{}.Open(stateDir, keybroker.OpenOptions{AllowRollback: allowRollback})
+	if err != nil {
+		return nil, err
+	}
+	if o.Backup != "" {
+		fmt.Fprintf(os.Stderr, "vtpm: WARNING: the key of the TPM in %s is gone; as its policy says, a FRESH TPM was provisioned. The old state is kept in %s.\n", stateDir, o.Backup)
+	}
+	if o.Reset {
+		fmt.Fprintf(os.Stderr, "vtpm: WARNING: ROLLBACK PROTECTION WAS RESET for TPM %s in %s: this host has no record of the TPM's last state generation; "+
+			"the current state is taken as genuine and recorded from now on.\n", o.TPM, stateDir)
+	}
+	log.Info("opened the TPM's data key through the host service", "tpm", o.TPM, "by", o.By, "new", o.Created, "socket", hostsvc.SocketPath())
+	return &sealingKey{key: o.Key, tpm: o.TPM, pinned: o.Record}, nil
 }
 
 // readDataKey reads --data-key (file= or fd=) into k, in the confined process.

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"os"
 	"strings"
 	"time"
 
@@ -27,6 +28,27 @@ func (h *Broker) Pick(ref string) (g *guardian.Guardian, local bool, err error) 
 		return nil, false, err
 	}
 	return g, g.Fingerprint() == own.Fingerprint(), nil
+}
+
+// ExportGuardian encodes the guardian ref names (see [Broker.Pick]): its
+// public certificates (PEM) when certsOnly, else a PKCS#12 file, private
+// key included, under the password password returns (asked for only then).
+// perm is the mode its file should have: a private key is its owner's alone.
+func (h *Broker) ExportGuardian(ref string, certsOnly bool, password func() (string, error)) (data []byte, perm os.FileMode, err error) {
+	g, _, err := h.Pick(ref)
+	if err != nil {
+		return nil, 0, err
+	}
+	if certsOnly {
+		data, err = g.ExportCertificates()
+		return data, 0o644, err
+	}
+	pw, err := password()
+	if err != nil {
+		return nil, 0, err
+	}
+	data, err = g.ExportPKCS12(pw)
+	return data, 0o600, err
 }
 
 // ImportPKCS12 adds the guardian in a PKCS#12 file (name is for messages)
@@ -192,13 +214,14 @@ func (h *Broker) ExportKey(dir, passphrase string) (uuid.UUID, []byte, error) {
 	return o.TPM, b, err
 }
 
-// ImportKeyFile decrypts a key file made by [Broker.ExportKey] with
-// passphrase and stores its key (see importKey). It returns the TPM the
-// key belongs to; a file that does not decrypt is a *KeyFileError.
-func (h *Broker) ImportKeyFile(data []byte, passphrase string, replace bool) (uuid.UUID, error) {
+// ImportKeyFile decrypts data, a key file made by [Broker.ExportKey] (name
+// is its file's, for messages), with passphrase and stores its key (see
+// importKey). It returns the TPM the key belongs to; a file that does not
+// decrypt is a *KeyFileError.
+func (h *Broker) ImportKeyFile(name string, data []byte, passphrase string, replace bool) (uuid.UUID, error) {
 	k, err := keyfile.Decrypt(data, passphrase)
 	if err != nil {
-		return uuid.Nil, &KeyFileError{Err: err}
+		return uuid.Nil, &KeyFileError{File: name, Err: err}
 	}
 	defer clear(k.DEK)
 	return k.TPM, h.importKey(k.TPM, k.DEK, replace)
@@ -206,9 +229,18 @@ func (h *Broker) ImportKeyFile(data []byte, passphrase string, replace bool) (uu
 
 // KeyFileError is a key file that does not decrypt (wrong passphrase, not a
 // key file, damaged).
-type KeyFileError struct{ Err error }
+type KeyFileError struct {
+	File string // the file's name, when known
+	Err  error
+}
 
-func (e *KeyFileError) Error() string { return e.Err.Error() }
+func (e *KeyFileError) Error() string {
+	if e.File == "" {
+		return e.Err.Error()
+	}
+	return e.File + ": " + e.Err.Error()
+}
+
 func (e *KeyFileError) Unwrap() error { return e.Err }
 
 // KeyFor returns how a TPM whose state is being made in a directory gets

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 
 	"vtpm/internal/errdefs"
@@ -102,10 +103,10 @@ func TestExportImportKey(t *testing.T) {
 		t.Fatalf("ExportKey: %v, TPM %s; want %s", err, id, o.TPM)
 	}
 	var kf *KeyFileError
-	if _, err := b.ImportKeyFile(file, "wrong", false); !errors.As(err, &kf) {
-		t.Errorf("import with a wrong passphrase: %v; want a KeyFileError", err)
+	if _, err := b.ImportKeyFile("tpm.key", file, "wrong", false); !errors.As(err, &kf) || !strings.HasPrefix(err.Error(), "tpm.key: ") {
+		t.Errorf("import with a wrong passphrase: %v; want a KeyFileError naming tpm.key", err)
 	}
-	if id, err := b.ImportKeyFile(file, "a long passphrase", false); err != nil || id != o.TPM {
+	if id, err := b.ImportKeyFile("tpm.key", file, "a long passphrase", false); err != nil || id != o.TPM {
 		t.Fatalf("ImportKeyFile: %v, TPM %s", err, id)
 	}
 	got, err := b.OpenTPM(dir)
@@ -169,5 +170,48 @@ func TestKeyFor(t *testing.T) {
 	}
 	if o, err := h.OpenTPM(dir); err != nil || !bytes.Equal(o.Key.bytes(), keyBytes(k)) {
 		t.Errorf("the new key is not the one the directory's protector holds: %v", err)
+	}
+}
+
+// TestExportGuardian: certificates only need no password and are public; a
+// PKCS#12 export asks for its password and is its owner's alone.
+func TestExportGuardian(t *testing.T) {
+	h := newHost(t)
+	asked := 0
+	pw := func() (string, error) { asked++; return "pw", nil }
+	tests := []struct {
+		name      string
+		ref       string
+		certsOnly bool
+		password  func() (string, error)
+		perm      os.FileMode
+		asked     int
+		fails     bool
+	}{
+		{"certificates", "", true, pw, 0o644, 0, false},
+		{"pkcs12", "", false, pw, 0o600, 1, false},
+		{"no password", "", false, func() (string, error) { asked++; return "", errors.New("no password") }, 0, 1, true},
+		{"unknown guardian", "nope", false, pw, 0, 0, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			asked = 0
+			data, perm, err := h.ExportGuardian(tt.ref, tt.certsOnly, tt.password)
+			if (err != nil) != tt.fails || perm != tt.perm || asked != tt.asked {
+				t.Fatalf("ExportGuardian: %v, mode %o, password asked %d times; want failure %v, mode %o, asked %d",
+					err, perm, asked, tt.fails, tt.perm, tt.asked)
+			}
+			switch {
+			case tt.fails:
+			case tt.certsOnly:
+				if _, err := guardian.ParseCertificates(data); err != nil {
+					t.Errorf("exported certificates do not parse: %v", err)
+				}
+			default:
+				if _, err := guardian.ImportPKCS12(data, "pw"); err != nil {
+					t.Errorf("exported PKCS#12 does not import: %v", err)
+				}
+			}
+		})
 	}
 }

@@ -3,6 +3,7 @@ package keybroker
 import (
 	"crypto/subtle"
 	"fmt"
+	"io"
 	"time"
 
 	"github.com/google/uuid"
@@ -138,4 +139,28 @@ func (k *Key) WriteDataKeyFile(path string) error {
 		return fmt.Errorf("write data key: the key is closed")
 	}
 	return writeKeyFile(path, k.bytes())
+}
+
+// WriteTo writes the key's bytes to w: the host service sends them to an
+// authorized vTPM process on its socket, which reads them with [ReadKey].
+func (k *Key) WriteTo(w io.Writer) (int64, error) {
+	if k.bytes() == nil {
+		return 0, fmt.Errorf("send the data key: the key is closed")
+	}
+	n, err := w.Write(k.bytes())
+	return int64(n), err
+}
+
+// ReadKey reads the data key of TPM tpm, as [Key.WriteTo] wrote it, from r
+// straight into locked memory.
+func ReadKey(r io.Reader, tpm uuid.UUID) (*Key, error) {
+	mem, err := secret.New(guardian.DEKSize)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := io.ReadFull(r, mem.Bytes()); err != nil {
+		mem.Close()
+		return nil, fmt.Errorf("read the data key: %w", err)
+	}
+	return &Key{tpm: tpm, mem: mem}, nil
 }

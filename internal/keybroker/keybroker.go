@@ -245,6 +245,17 @@ func WritePolicy(dir string, p Policy) error {
 	return atomicfile.Write(filepath.Join(dir, PolicyFile), append(b, '\n'), 0o600)
 }
 
+// UpdatePolicy returns dir's policy, first setting its on-missing-key to
+// *onMissingKey when that is not nil.
+func UpdatePolicy(dir string, onMissingKey *string) (Policy, error) {
+	p, err := ReadPolicy(dir)
+	if err != nil || onMissingKey == nil {
+		return p, err
+	}
+	p.OnMissingKey = *onMissingKey
+	return p, WritePolicy(dir, p)
+}
+
 // Opened is the outcome of opening a TPM's key. Close wipes the key.
 type Opened struct {
 	TPM uuid.UUID
@@ -297,6 +308,17 @@ func (h *Broker) OpenTPMWith(dir string, opts OpenOptions) (*Opened, error) {
 		return nil, err
 	}
 	defer l.Unlock()
+	return h.openTPM(dir, true, opts)
+}
+
+// OpenTPMHeld is OpenTPMWith for a directory whose lock another process
+// holds for this call: the host service, opening the key of a vTPM that
+// proved it holds its state directory's lock, creates or reprovisions the
+// TPM under that lock.
+func (h *Broker) OpenTPMHeld(dir string, opts OpenOptions) (*Opened, error) {
+	if err := checkMissingState(dir); err != nil {
+		return nil, err
+	}
 	return h.openTPM(dir, true, opts)
 }
 

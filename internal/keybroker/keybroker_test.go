@@ -885,3 +885,29 @@ func offers(err error, want errdefs.Remedy) bool {
 		return r.Action == want.Action
 	})
 }
+
+// TestUpdatePolicy: without a value the policy is only read; with one it is
+// checked and written.
+func TestUpdatePolicy(t *testing.T) {
+	dir := t.TempDir()
+	set := func(s string) *string { return &s }
+	tests := []struct {
+		set     *string
+		want    string
+		wantErr bool
+	}{
+		{nil, "fail", false},
+		{set("reprovision"), "reprovision", false},
+		{nil, "reprovision", false},
+		{set("sometimes"), "reprovision", true},
+	}
+	for i, tc := range tests {
+		p, err := UpdatePolicy(dir, tc.set)
+		if (err != nil) != tc.wantErr {
+			t.Errorf("%d: UpdatePolicy: %v, want error %v", i, err, tc.wantErr)
+		}
+		if got, _ := ReadPolicy(dir); got.OnMissingKey != tc.want || (!tc.wantErr && p.OnMissingKey != tc.want) {
+			t.Errorf("%d: policy %q (returned %q), want %q", i, got.OnMissingKey, p.OnMissingKey, tc.want)
+		}
+	}
+}

@@ -2,6 +2,7 @@ package keybroker
 
 import (
 	"fmt"
+	"io"
 
 	"github.com/google/uuid"
 
@@ -18,6 +19,19 @@ type GuardianSummary struct {
 	// TrustedOnly marks a guardian this host does not hold but trusts as
 	// the owner of key protectors (see [Broker.Trust]).
 	TrustedOnly bool `json:"trusted_only,omitempty"`
+}
+
+// Line is s as a line of a guardian list: the start of its fingerprint,
+// its KEM, its name and whether it is this host's or only trusted.
+func (s GuardianSummary) Line() string {
+	mark := ""
+	if s.Local {
+		mark += "  (this host)"
+	}
+	if s.TrustedOnly {
+		mark += "  (trusted only: owns TPMs that open here, not held)"
+	}
+	return fmt.Sprintf("%s  %s  %s%s", s.Fingerprint[:16], s.KEM, s.Name, mark)
 }
 
 // Summarize returns g as lists show it; local says whether it is this
@@ -73,4 +87,17 @@ func SummarizeProtector(p *guardian.Protector) ProtectorSummary {
 		s.Rows = append(s.Rows, ProtectorRow{r.Name, r.Fingerprint, r.Subject, r.Fingerprint == s.Owner})
 	}
 	return s
+}
+
+// WriteText writes s as text: the TPM and its owner, then one line a
+// guardian admitted.
+func (s ProtectorSummary) WriteText(w io.Writer) {
+	fmt.Fprintf(w, "TPM %s, owner %s (%s), protector version %d\n", s.TPM, s.OwnerName, s.Owner, s.Version)
+	for _, r := range s.Rows {
+		owner := ""
+		if r.Owner {
+			owner = "  (owner)"
+		}
+		fmt.Fprintf(w, "  %s  %s%s\n", r.Fingerprint, r.Name, owner)
+	}
 }

@@ -41,6 +41,63 @@ var readers = []struct {
 		t.Cleanup(func() { p.Close() })
 		return p
 	}},
+	{"Shared", func(t *testing.T, dir string, id uuid.UUID) generations { return share(t, openFile(t, dir), id) }},
+}
+
+// share pins id's record as a process served by the host service does:
+// from the record's file and key alone.
+func share(t *testing.T, k *Keystore, id uuid.UUID) *Pinned {
+	t.Helper()
+	f, key, err := k.Generations().Share(id)
+	if err != nil {
+		t.Fatalf("Share: %v", err)
+	}
+	defer key.Close()
+	p, err := PinShared(f, id, key.Bytes())
+	if err != nil {
+		t.Fatalf("PinShared: %v", err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return p
+}
+
+// A shared record opens only with its own key and for its own TPM.
+func TestPinSharedRefusesWrongKeyOrTPM(t *testing.T) {
+	a, b := uuid.New(), uuid.New()
+	k := openFile(t, filepath.Join(t.TempDir(), "ks"))
+	if err := share(t, k, a).Record(a, "permall", 7); err != nil {
+		t.Fatal(err)
+	}
+	_, keyB, err := k.Generations().Share(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer keyB.Close()
+	tests := []struct {
+		name string
+		id   uuid.UUID
+		key  []byte
+	}{
+		{"another TPM's key", a, keyB.Bytes()},
+		{"another TPM's id", b, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			f, key, err := k.Generations().Share(a)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer key.Close()
+			use := tt.key
+			if use == nil {
+				use = key.Bytes()
+			}
+			if p, err := PinShared(f, tt.id, use); err == nil {
+				p.Close()
+				t.Error("PinShared opened the record")
+			}
+		})
+	}
 }
 
 func TestPinnedRoundTrip(t *testing.T) {

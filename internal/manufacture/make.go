@@ -1,10 +1,12 @@
 package manufacture
 
 import (
+	"crypto"
 	"errors"
 	"fmt"
 	"log/slog"
 	"os"
+	"time"
 
 	"github.com/google/uuid"
 
@@ -19,10 +21,45 @@ import (
 // needs keys, so that refused requests leave the keystore alone.
 type OpenBroker func() (*keybroker.Broker, error)
 
+// Issuer issues EK and platform certificates: this host's local CA (*CA),
+// or the host service's for a process that cannot open the keystore.
+type Issuer interface {
+	EKCertificate(ek crypto.PublicKey, id Identity, now time.Time) ([]byte, error)
+	PlatformCertificate(ek crypto.PublicKey, id Identity, now time.Time) ([]byte, error)
+}
+
+// Host is what manufacturing needs of this host: TPMs' data keys and
+// generation records, and the local CA.
+type Host interface {
+	state.Keys
+	// CA returns the local CA, creating it on first use.
+	CA() (Issuer, error)
+	Close() error
+}
+
+// OpenHost opens a Host; like OpenBroker, it is called only once a
+// command needs keys.
+type OpenHost func() (Host, error)
+
+// FromBroker is the host as open opens its key broker.
+func FromBroker(open OpenBroker) OpenHost {
+	return func() (Host, error) {
+		h, err := open()
+		if err != nil {
+			return nil, err
+		}
+		return brokerHost{h}, nil
+	}
+}
+
+type brokerHost struct{ *keybroker.Broker }
+
+func (h brokerHost) CA() (Issuer, error) { return LoadCA(h.Keystore()) }
+
 // Open opens dir in the format the swtpm socket instance will serve it in:
 // swtpmKey (an swtpm --key option) selects swtpm's encrypted files, and
 // $VTPM_STATE_FORMAT, when set, chooses a new directory's format.
-func Open(h *keybroker.Broker, dir, swtpmKey string, log *slog.Logger) (*state.Opened, error) {
+func Open(h state.Keys, dir, swtpmKey string, log *slog.Logger) (*state.Opened, error) {
 	want, err := state.FormatFromEnv(os.Getenv)
 	if err != nil {
 		return nil, err
@@ -61,14 +98,17 @@ type Result struct {
 }
 
 // Run manufactures the TPM in r.Dir in-process, with this host's CA.
-func Run(open OpenBroker, r Request) (*Result, error) {
+func Run(open OpenBroker, r Request) (*Result, error) { return RunOn(FromBroker(open), r) }
+
+// RunOn is Run on the host open opens.
+func RunOn(open OpenHost, r Request) (*Result, error) {
 	h, err := open()
 	if err != nil {
 		return nil, err
 	}
 	defer h.Close()
 	if r.Options.EKCerts || r.Options.PlatformCert {
-		if r.Options.CA, err = LoadCA(h.Keystore()); err != nil {
+		if r.Options.CA, err = h.CA(); err != nil {
 			return nil, err
 		}
 	}
@@ -104,8 +144,18 @@ func Make(open OpenBroker, dir string, overwrite bool, o Options, log *slog.Logg
 }
 
 // Show describes the TPM in dir without changing it. swtpmKey opens swtpm
-// files encrypted with a key.
-func Show(h *keybroker.Broker, dir, swtpmKey string, log *slog.Logger) (*Summary, error) {
+// files encrypted with a key. A directory without TPM state is refused
+// before the broker is opened.
+func Show(open OpenBroker, dir, swtpmKey string, log *slog.Logger) (*Summary, error) {
+	if !state.HasState(dir) {
+		return nil, errdefs.New(errdefs.ErrNotFound, "%s holds no TPM state", dir).
+			With(errdefs.Do(errdefs.ActionTPMManufacture, "dir", dir).WithNote("create one"))
+	}
+	h, err := open()
+	if err != nil {
+		return nil, err
+	}
+	defer h.Close()
 	s, err := show(h, dir, swtpmKey, log)
 	if errors.Is(err, seal.ErrLocked) {
 		return nil, errdefs.Wrap(errdefs.ErrFailedPrecondition, err, "%s is in use by a running TPM; stop it to inspect it", dir)

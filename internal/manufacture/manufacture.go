@@ -73,7 +73,7 @@ type Options struct {
 	// leaves the TPM's banks as they are.
 	PCRBanks []string
 	Identity Identity // TPM UUID, VM name, platform attributes; TPM fields are filled in
-	CA       *CA
+	CA       Issuer
 	Now      time.Time // certificate NotBefore; zero means now
 }
 

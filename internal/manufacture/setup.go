@@ -40,6 +40,11 @@ type SetupResult struct {
 // banks), writes the certificate files and hands the state to --runas. The
 // error's message is swtpm_setup's; the result is never nil.
 func Setup(o *swtpm.SetupOptions, open OpenBroker, log *slog.Logger) (*SetupResult, error) {
+	return SetupOn(o, FromBroker(open), log)
+}
+
+// SetupOn is Setup on the host open opens.
+func SetupOn(o *swtpm.SetupOptions, open OpenHost, log *slog.Logger) (*SetupResult, error) {
 	res := &SetupResult{User: currentUser()}
 	dir, key, owner, err := checkSetup(o, res.User)
 	if err != nil {
@@ -76,7 +81,7 @@ func Setup(o *swtpm.SetupOptions, open OpenBroker, log *slog.Logger) (*SetupResu
 	if opts.PCRBanks != nil && len(opts.PCRBanks) == 0 {
 		return fail(errdefs.New(errdefs.ErrInvalidArgument, "No PCR banks could be allocated. None of the selected algorithms are supported."))
 	}
-	made, err := Run(open, Request{Dir: dir, SwtpmKey: key, Options: opts, Log: log})
+	made, err := RunOn(open, Request{Dir: dir, SwtpmKey: key, Options: opts, Log: log})
 	if err != nil {
 		return fail(err)
 	}

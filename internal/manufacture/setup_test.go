@@ -2,6 +2,7 @@ package manufacture
 
 import (
 	"errors"
+	"fmt"
 	"maps"
 	"os"
 	"path/filepath"
@@ -119,6 +120,23 @@ func TestSetupOverwrite(t *testing.T) {
 	}
 }
 
+// TestShowWithoutState: an empty directory is refused with the way to make
+// a TPM there, and the keystore is left alone.
+func TestShowWithoutState(t *testing.T) {
+	dir := t.TempDir()
+	open, opened := setupBroker(t)
+	_, err := Show(open, dir, "", nil)
+	want := errdefs.Do(errdefs.ActionTPMManufacture, "dir", dir)
+	if !errors.Is(err, errdefs.ErrNotFound) || !slices.ContainsFunc(errdefs.Remedies(err), func(r errdefs.Remedy) bool {
+		return r.Action == want.Action && maps.Equal(r.Args, want.Args)
+	}) {
+		t.Errorf("Show of an empty directory: %v, remedies %+v; want not found with %s %v", err, errdefs.Remedies(err), want.Action, want.Args)
+	}
+	if *opened != 0 {
+		t.Errorf("Show of an empty directory opened the keystore %d times", *opened)
+	}
+}
+
 func TestMakeAndShow(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "tpm")
 	open, _ := setupBroker(t)
@@ -134,18 +152,26 @@ func TestMakeAndShow(t *testing.T) {
 	if _, err := Make(open, dir, false, o, nil); !errors.Is(err, errdefs.ErrAlreadyExists) {
 		t.Errorf("Make over a TPM without overwrite: %v; want already exists", err)
 	}
-	h, err := open()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	s, err := Show(h, dir, "", nil)
+	s, err := Show(open, dir, "", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if s.TPM != made.TPM.String() || s.Generation == nil || s.Format != state.Sealed || len(s.EKs) != 2 || !s.EKs[0].Certificate.Locked ||
 		s.PlatformCert == nil || len(s.Protector) != 1 || !s.Protector[0].Owner || s.EKs[0].Fingerprint != m.EKs[0].Fingerprint {
 		t.Errorf("Show: %+v; want the TPM just made, its generation, locked certificates and its owner", s)
+	}
+	var made1, shown strings.Builder
+	made.WriteText(&made1, dir)
+	s.WriteText(&shown)
+	for _, want := range []string{"manufactured TPM " + made.TPM.String() + " in " + dir + " (sealed state)\n", "certificate in NV 0x1c00002", "  platform certificate in NV 0x1c08000\n", "  PCR banks: sha256\n"} {
+		if !strings.Contains(made1.String(), want) {
+			t.Errorf("made text lacks %q:\n%s", want, made1.String())
+		}
+	}
+	for _, want := range []string{fmt.Sprintf("TPM %s in %s (sealed state, generation %d)\n", s.TPM, dir, *s.Generation), ", write-locked\n", "platform certificate:\n", "  (owner)\n"} {
+		if !strings.Contains(shown.String(), want) {
+			t.Errorf("shown text lacks %q:\n%s", want, shown.String())
+		}
 	}
 	again, err := Make(open, dir, true, Options{RSA: true}, nil)
 	if err != nil || again.TPM == made.TPM {

@@ -24,3 +24,16 @@ func DataRoot() string {
 	}
 	return filepath.Join(home, ".local", "share", "vtpm")
 }
+
+// HostDataRoot is the data root of a vTPM process (swtpm, swtpm_setup):
+// $VTPM_HOME if set, else the host's, /var/lib/vtpm, whoever runs it.
+// Never one derived from $HOME: libvirt starts them as its swtpm user
+// (tss) with the HOME it inherited (/root), and a vTPM must find the host's
+// keystore (or, when it cannot open it, the host service), not one of its
+// own.
+func HostDataRoot() string {
+	if d := os.Getenv("VTPM_HOME"); d != "" {
+		return d
+	}
+	return "/var/lib/vtpm"
+}

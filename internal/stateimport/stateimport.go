@@ -16,11 +16,13 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -53,6 +55,7 @@ type Options struct {
 
 // Result reports what Import did.
 type Result struct {
+	Source string    // the swtpm state directory, as given
 	Dest   string    // the sealed state directory
 	UUID   uuid.UUID // the new TPM identity the sealed blobs are bound to
 	States []string  // blob names imported, e.g. permall, volatilestate
@@ -60,6 +63,14 @@ type Result struct {
 	// import; empty when the destination was another directory and the
 	// source was left untouched.
 	Backup string
+}
+
+// WriteText writes what r imported and where the swtpm files are kept.
+func (r *Result) WriteText(w io.Writer) {
+	fmt.Fprintf(w, "Imported %s from %s into vtpm sealed state in %s (TPM %s).\n", strings.Join(r.States, ", "), r.Source, r.Dest, r.UUID)
+	if r.Backup != "" {
+		fmt.Fprintf(w, "The swtpm files are kept in %s.\n", r.Backup)
+	}
 }
 
 // BackupPrefix starts the name of the directory an in-place import moves
@@ -164,7 +175,7 @@ func Import(opts Options) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
-	res := &Result{Dest: dest, UUID: id}
+	res := &Result{Source: opts.Source, Dest: dest, UUID: id}
 	for _, n := range swtpmNames {
 		if _, ok := states[n]; ok {
 			res.States = append(res.States, n)

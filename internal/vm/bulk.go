@@ -1,5 +1,10 @@
 package vm
 
+import (
+	"fmt"
+	"strings"
+)
+
 // BulkResult is one VM's outcome in a change made to many VMs.
 type BulkResult struct {
 	VM string `json:"vm"`
@@ -10,6 +15,71 @@ type BulkResult struct {
 	Error   string `json:"error,omitempty"`
 	Note    string `json:"note,omitempty"`
 	Err     error  `json:"-"` // the failure as returned, for its kind and remedies
+}
+
+// Line is r as one line of a bulk command's report; explain renders a
+// failure (with its remedies), and a longer explanation is joined onto the
+// line.
+func (r BulkResult) Line(explain func(error) string) string {
+	switch {
+	case r.Skipped:
+		return fmt.Sprintf("%s: skipped (%s)", r.VM, r.Note)
+	case !r.OK:
+		return fmt.Sprintf("%s: failed: %s", r.VM, strings.Join(strings.Fields(explain(r.Err)), " "))
+	case r.Note != "":
+		return fmt.Sprintf("%s: ok (%s)", r.VM, r.Note)
+	}
+	return r.VM + ": ok"
+}
+
+// BulkResults are the outcomes of a change made to many VMs, in order.
+type BulkResults []BulkResult
+
+// Explain sets each failure's Error to explain's rendering of it (with its
+// remedies, for a report that carries no error values).
+func (rs BulkResults) Explain(explain func(error) string) {
+	for i, r := range rs {
+		if r.Err != nil {
+			rs[i].Error = explain(r.Err)
+		}
+	}
+}
+
+// Summary counts rs' outcomes.
+func (rs BulkResults) Summary() BulkSummary {
+	var s BulkSummary
+	for _, r := range rs {
+		switch {
+		case r.Skipped:
+			s.Skipped++
+		case r.OK:
+			s.OK++
+		default:
+			s.Failed++
+		}
+	}
+	return s
+}
+
+// BulkSummary counts the outcomes of a change made to many VMs.
+type BulkSummary struct{ OK, Skipped, Failed int }
+
+// Err is the failure of the whole change, what, when any VM failed: one
+// line that counts them (each failure has its own line).
+func (s BulkSummary) Err(what string) error {
+	if s.Failed == 0 {
+		return nil
+	}
+	return fmt.Errorf("%s: %d of %d VMs failed", what, s.Failed, s.OK+s.Skipped+s.Failed)
+}
+
+// String is the summary line: skipped VMs are mentioned only when there are
+// some.
+func (s BulkSummary) String() string {
+	if s.Skipped > 0 {
+		return fmt.Sprintf("%d ok, %d skipped, %d failed", s.OK, s.Skipped, s.Failed)
+	}
+	return fmt.Sprintf("%d ok, %d failed", s.OK, s.Failed)
 }
 
 // Targets returns refs or, with all, the name of every registered VM that
@@ -37,12 +107,12 @@ func (h *Registry) Targets(refs []string, all bool) ([]string, error) {
 // all says refs are every VM (Targets with all): a VM without a TPM is
 // then skipped, where a VM named on its own fails. done, when not nil, is
 // called with each result as it is known.
-func (h *Registry) SetTPMsEnabled(refs []string, on, all bool, done func(BulkResult)) (results []BulkResult, failed int) {
+func (h *Registry) SetTPMsEnabled(refs []string, on, all bool, done func(BulkResult)) (results BulkResults, failed int) {
 	return h.setTPMsEnabled(refs, on, all, done)
 }
 
-func (h *Registry) setTPMsEnabled(refs []string, on, skipNoTPM bool, done func(BulkResult)) (results []BulkResult, failed int) {
-	results = make([]BulkResult, 0, len(refs))
+func (h *Registry) setTPMsEnabled(refs []string, on, skipNoTPM bool, done func(BulkResult)) (results BulkResults, failed int) {
+	results = make(BulkResults, 0, len(refs))
 	for _, ref := range refs {
 		r := BulkResult{VM: ref}
 		v, err := h.Open(ref)

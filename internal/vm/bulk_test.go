@@ -1,9 +1,54 @@
 package vm
 
 import (
+	"errors"
 	"slices"
 	"testing"
 )
+
+// TestBulkReport: each result's line, the errors a JSON report carries and
+// the summary line.
+func TestBulkReport(t *testing.T) {
+	explain := func(err error) string { return err.Error() + "\n  fix: something" }
+	rs := BulkResults{
+		{VM: "a", OK: true},
+		{VM: "b", OK: true, Note: "already disabled"},
+		{VM: "c", Skipped: true, Note: "no TPM"},
+		{VM: "d", Err: errors.New("VM d has no TPM"), Error: "VM d has no TPM"},
+	}
+	want := []string{"a: ok", "b: ok (already disabled)", "c: skipped (no TPM)", "d: failed: VM d has no TPM fix: something"}
+	for i, r := range rs {
+		if got := r.Line(explain); got != want[i] {
+			t.Errorf("line %d = %q, want %q", i, got, want[i])
+		}
+	}
+	if got, want := rs.Summary(), (BulkSummary{OK: 2, Skipped: 1, Failed: 1}); got != want {
+		t.Errorf("Summary() = %+v, want %+v", got, want)
+	}
+	if err := rs.Summary().Err("tpm disable"); err == nil || err.Error() != "tpm disable: 1 of 4 VMs failed" {
+		t.Errorf("Summary().Err = %v, want tpm disable: 1 of 4 VMs failed", err)
+	}
+	if err := (BulkSummary{OK: 1, Skipped: 1}).Err("tpm enable"); err != nil {
+		t.Errorf("Err without failures = %v, want nil", err)
+	}
+	rs.Explain(explain)
+	if rs[3].Error != "VM d has no TPM\n  fix: something" || rs[0].Error != "" {
+		t.Errorf("Explain: errors %q, %q; want the failure's explained, none for the rest", rs[3].Error, rs[0].Error)
+	}
+	tests := []struct {
+		s    BulkSummary
+		want string
+	}{
+		{BulkSummary{OK: 2, Failed: 1}, "2 ok, 1 failed"},
+		{BulkSummary{OK: 2, Skipped: 1, Failed: 0}, "2 ok, 1 skipped, 0 failed"},
+		{BulkSummary{}, "0 ok, 0 failed"},
+	}
+	for _, tt := range tests {
+		if got := tt.s.String(); got != tt.want {
+			t.Errorf("%+v.String() = %q, want %q", tt.s, got, tt.want)
+		}
+	}
+}
 
 func TestSetTPMsEnabled(t *testing.T) {
 	h := testHost(t)

@@ -46,6 +46,9 @@ type CreateOptions struct {
 type Created struct {
 	VM    *VM
 	Notes []string
+	// Warnings are what the user must know about the VM made (a shared
+	// EK), apart from the notes.
+	Warnings []string
 	// Next are actions the user may want to take now.
 	Next []errdefs.Remedy
 }
@@ -163,6 +166,9 @@ func diskFor(path string) (Disk, error) {
 // Create makes a bundle, registers it, and manufactures its vTPM when it
 // gets one. On failure nothing is left behind.
 func (h *Registry) Create(o CreateOptions) (_ *Created, err error) {
+	if o.Disk != "" && (o.DiskSize != "" || o.NoDisk) {
+		return nil, errdefs.New(errdefs.ErrInvalidArgument, "give one of --disk PATH, --disk-size SIZE or --no-disk")
+	}
 	c, err := newConfig(o)
 	if err != nil {
 		return nil, err
@@ -450,7 +456,7 @@ func (h *Registry) Clone(src *VM, name string, mode TPMMode, dir string) (*Creat
 		res.Notes = append(res.Notes, fmt.Sprintf("%s has a new vTPM: its own EK and certificates; secrets sealed to %s's TPM do not open in it", name, src.Name()))
 	case mode == TPMCopy:
 		tpm = func() error { return h.copyTPM(src.TPMDir(), v.TPMDir()) }
-		res.Notes = append(res.Notes, fmt.Sprintf("WARNING: %s and %s now share one EK (the TPM was copied): attestation cannot tell them apart, "+
+		res.Warnings = append(res.Warnings, fmt.Sprintf("WARNING: %s and %s now share one EK (the TPM was copied): attestation cannot tell them apart, "+
 			"and whatever trusts that EK trusts both. Use --tpm new unless the copy replaces the original", name, src.Name()))
 	}
 	return res, h.finish(v, tpm)

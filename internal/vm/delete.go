@@ -3,6 +3,7 @@ package vm
 import (
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -15,12 +16,24 @@ var logFiles = []string{"serial.log", "qemu.log", "tpm.log"}
 
 // Deleted is what Delete did.
 type Deleted struct {
+	VM, Dir string // the VM's name and bundle directory
 	// Backup is where the TPM state was moved, "" when it was deleted or
 	// the VM had none.
 	Backup string
 	// Kept are the files and directories in the bundle that vtpm did not
 	// make, left where they were (with the bundle directory).
 	Kept []string
+}
+
+// WriteText writes what d deleted and kept as text.
+func (d *Deleted) WriteText(w io.Writer) {
+	fmt.Fprintf(w, "deleted VM %s (%s)\n", d.VM, d.Dir)
+	if d.Backup != "" {
+		fmt.Fprintf(w, "its TPM state is kept in %s (with its key protector: it opens only with this host's or another admitted guardian)\n", d.Backup)
+	}
+	if len(d.Kept) > 0 {
+		fmt.Fprintf(w, "kept what vtpm did not make, in %s: %s\n", d.Dir, strings.Join(d.Kept, ", "))
+	}
 }
 
 // Delete removes a stopped VM's bundle and unregisters it. Only what vtpm
@@ -33,7 +46,7 @@ func (h *Registry) Delete(v *VM, deleteTPM bool) (*Deleted, error) {
 	if err := h.requireStopped(v, "delete it"); err != nil {
 		return nil, err
 	}
-	res := &Deleted{}
+	res := &Deleted{VM: v.Name(), Dir: v.Dir}
 	if !deleteTPM {
 		var err error
 		if res.Backup, err = h.backupTPM(v); err != nil {

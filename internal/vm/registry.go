@@ -237,8 +237,12 @@ func (r *registry) add(e Entry) error {
 	return nil
 }
 
-// Unregister removes a VM from this host's registry; its files stay.
+// Unregister removes a VM from this host's registry; its files stay. A
+// running VM is refused: nothing could stop it afterwards.
 func (h *Registry) Unregister(ref string) (Entry, error) {
+	if v, err := h.Open(ref); err == nil && h.State(v).Running() {
+		return Entry{}, precondition([]errdefs.Remedy{do(errdefs.ActionVMStop, "vm", v.Name())}, "VM %s is running; stop it first", v.Name())
+	}
 	var gone Entry
 	err := h.update(func(r *registry) error {
 		for i, e := range r.VMs {

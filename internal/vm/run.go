@@ -393,6 +393,14 @@ type Started struct {
 	TPMPid    int
 }
 
+// TPM says which vTPM the VM runs with: "vTPM pid N", or "no TPM".
+func (s *Started) TPM() string {
+	if s.TPMPid == 0 {
+		return "no TPM"
+	}
+	return fmt.Sprintf("vTPM pid %d", s.TPMPid)
+}
+
 // Start runs the pre-flight checks, then the vTPM instance (when the VM has
 // an enabled TPM), then QEMU. Headless, it returns once QEMU runs; with
 // Console it returns when the VM has stopped.
@@ -535,6 +543,19 @@ type Stopped struct {
 	// PoweredOff: the guest shut down by itself after the ACPI power
 	// button; otherwise QEMU was told to quit after the timeout.
 	PoweredOff bool
+	// Timeout is how long the guest had to power off (0: none).
+	Timeout time.Duration
+}
+
+// How says how the VM stopped.
+func (s *Stopped) How() string {
+	switch {
+	case s.PoweredOff:
+		return "powered off"
+	case s.Timeout > 0:
+		return fmt.Sprintf("quit (the guest did not power off within %v)", s.Timeout)
+	}
+	return "quit"
 }
 
 // Stop shuts a VM down: the ACPI power button, then QEMU's quit after
@@ -543,7 +564,7 @@ type Stopped struct {
 func (h *Registry) Stop(ctx context.Context, v *VM, timeout time.Duration) (*Stopped, error) {
 	r := h.run(v)
 	st := h.State(v)
-	res := &Stopped{}
+	res := &Stopped{Timeout: timeout}
 	if !st.Running() {
 		if st.TPM == 0 {
 			return nil, precondition(nil, "VM %s is not running", v.Name())

@@ -1,6 +1,8 @@
 package vm
 
 import (
+	"fmt"
+	"io"
 	"os"
 	"strings"
 )
@@ -19,6 +21,44 @@ type Summary struct {
 	QEMUPid    int    `json:"qemu_pid,omitempty"`
 	TPMPid     int    `json:"tpm_pid,omitempty"`
 	Error      string `json:"error,omitempty"` // why a broken bundle does not open
+}
+
+// ListColumns head the columns of [Summary.Row].
+var ListColumns = []string{"NAME", "UUID", "STATE", "FIRMWARE", "SECURE BOOT", "TPM"}
+
+// Row is s as a line of a VM list; a broken bundle's firmware and Secure
+// Boot are unknown ("?").
+func (s Summary) Row() []string {
+	fw, sb := s.Firmware, onOff(s.SecureBoot)
+	if s.State == "broken" {
+		fw, sb = "?", "?"
+	}
+	return []string{s.Name, s.UUID, s.State, fw, sb, s.TPM}
+}
+
+// SecureBootStatus is "on" or "off".
+func (c *Config) SecureBootStatus() string { return onOff(c.SecureBoot) }
+
+func onOff(b bool) string {
+	if b {
+		return "on"
+	}
+	return "off"
+}
+
+// WriteText writes v, whose run state is state (see [Summary]), as text:
+// one setting a line.
+func (v *VM) WriteText(w io.Writer, state string) {
+	c := v.Config
+	fmt.Fprintf(w, "name:        %s\nuuid:        %s\nbundle:      %s\nstate:       %s\nos:          %s\nfirmware:    %s\nsecure boot: %s\ntpm:         %s\nmemory:      %s\ncpus:        %d\n",
+		c.Name, c.UUID, v.Dir, state, c.OS, c.Firmware, c.SecureBootStatus(), c.TPMStatus(), c.Memory, c.CPUs)
+	for _, d := range c.Disks {
+		fmt.Fprintf(w, "disk:        %s (%s)\n", d.Path, d.Kind())
+	}
+	if c.Kernel != "" {
+		fmt.Fprintf(w, "kernel:      %s\ninitrd:      %s\nappend:      %s\n", c.Kernel, c.Initrd, c.Append)
+	}
+	fmt.Fprintf(w, "isolation:   %s\n", c.IsolationPolicy())
 }
 
 // TPMStatus is "none", "enabled" or "disabled", or "required" for a

@@ -3,8 +3,48 @@ package vm
 import (
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
+	"time"
 )
+
+func TestSummaryRow(t *testing.T) {
+	tests := []struct {
+		s    Summary
+		want []string
+	}{
+		{Summary{Name: "a", UUID: "u", State: "running", Firmware: "uefi", SecureBoot: true, TPM: "enabled"}, []string{"a", "u", "running", "uefi", "on", "enabled"}},
+		{Summary{Name: "b", UUID: "v", State: "stopped", Firmware: "bios", TPM: "none"}, []string{"b", "v", "stopped", "bios", "off", "none"}},
+		{Summary{Name: "c", UUID: "w", State: "broken", TPM: "?"}, []string{"c", "w", "broken", "?", "?", "?"}},
+	}
+	for _, tt := range tests {
+		if got := tt.s.Row(); !slices.Equal(got, tt.want) || len(got) != len(ListColumns) {
+			t.Errorf("Row() = %q, want %q", got, tt.want)
+		}
+	}
+}
+
+func TestStopAndStartWording(t *testing.T) {
+	stops := []struct {
+		s    Stopped
+		want string
+	}{
+		{Stopped{PoweredOff: true, Timeout: time.Minute}, "powered off"},
+		{Stopped{Timeout: time.Minute}, "quit (the guest did not power off within 1m0s)"},
+		{Stopped{}, "quit"},
+	}
+	for _, tt := range stops {
+		if got := tt.s.How(); got != tt.want {
+			t.Errorf("%+v.How() = %q, want %q", tt.s, got, tt.want)
+		}
+	}
+	if got := (&Started{TPMPid: 42}).TPM(); got != "vTPM pid 42" {
+		t.Errorf("Started.TPM() = %q, want vTPM pid 42", got)
+	}
+	if got := (&Started{}).TPM(); got != "no TPM" {
+		t.Errorf("Started.TPM() without one = %q, want no TPM", got)
+	}
+}
 
 func TestTPMStatus(t *testing.T) {
 	tests := []struct {

@@ -127,25 +127,34 @@ func (v *VM) enableSecureBoot() (string, error) {
 		"that has Microsoft's keys enrolled; the old store is kept as %s, and the firmware recreates its boot entries", c.Name, old), nil
 }
 
+// RemovedTPM is what RemoveTPM did.
+type RemovedTPM struct {
+	// Backup is where the TPM's state is kept.
+	Backup string
+	// Warning says what the guest loses, and how to get the TPM back.
+	Warning string
+}
+
 // RemoveTPM detaches and removes a stopped VM's TPM, moving its state into
-// a backup under the data root. It returns the backup's path.
-func (h *Registry) RemoveTPM(v *VM) (string, error) {
+// a backup under the data root.
+func (h *Registry) RemoveTPM(v *VM) (*RemovedTPM, error) {
 	c := v.Config
 	if !c.HasTPM() {
-		return "", errdefs.New(errdefs.ErrNotFound, "VM %s has no TPM", c.Name)
+		return nil, errdefs.New(errdefs.ErrNotFound, "VM %s has no TPM", c.Name)
 	}
 	if err := requireTPMKept(c, c.Name, "removing its TPM"); err != nil {
-		return "", err
+		return nil, err
 	}
 	if err := h.requireStopped(v, "remove its TPM"); err != nil {
-		return "", err
+		return nil, err
 	}
 	backup, err := h.backupTPM(v)
 	if err != nil {
-		return "", err
+		return nil, err
 	}
 	c.TPM = nil
-	return backup, v.Save()
+	return &RemovedTPM{Backup: backup, Warning: fmt.Sprintf("WARNING: secrets the guest sealed to this TPM no longer open: BitLocker will ask for its recovery key at the next boot "+
+		"(have it ready), and LUKS volumes bound to the TPM need their passphrase. To get the TPM back, stop the VM and move %s back to %s.", backup, v.TPMDir())}, v.Save()
 }
 
 // backupTPM moves v's tpm directory to <root>/backups/<name>-<uuid>-<time>/tpm.

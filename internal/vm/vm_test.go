@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -224,8 +225,8 @@ func TestCloneCopyRekeys(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !slices.ContainsFunc(cl.Notes, func(n string) bool { return strings.Contains(n, "share one EK") }) {
-		t.Errorf("notes %q do not warn about the shared EK", cl.Notes)
+	if !slices.ContainsFunc(cl.Warnings, func(n string) bool { return strings.Contains(n, "share one EK") }) {
+		t.Errorf("warnings %q do not warn about the shared EK", cl.Warnings)
 	}
 	k, err := h.Keys()
 	if err != nil {
@@ -367,5 +368,49 @@ func TestWindows11KeepsItsTPM(t *testing.T) {
 	}
 	if !v.Config.TPMEnabled() || !seal.HasBlobs(v.TPMDir()) {
 		t.Error("the VM lost its TPM")
+	}
+}
+
+// TestUnregisterRefusesARunningVM: a running VM stays registered, and the
+// refusal says to stop it.
+func TestUnregisterRefusesARunningVM(t *testing.T) {
+	h := testHost(t)
+	res, err := h.Create(CreateOptions{Name: "web", OS: Linux, NoDisk: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A process whose command line names the run directory passes for QEMU.
+	r := h.run(res.VM)
+	qemu := exec.Command("sh", "-c", "sleep 60", filepath.Base(r.Dir))
+	if err := qemu.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { qemu.Process.Kill(); qemu.Wait() }()
+	if err := os.MkdirAll(r.Dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(r.QEMUPid, []byte(strconv.Itoa(qemu.Process.Pid)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err = h.Unregister("web")
+	if !errors.Is(err, errdefs.ErrFailedPrecondition) || !hasRemedy(err, errdefs.ActionVMStop, "vm", "web") {
+		t.Errorf("unregister a running VM: %v, remedies %+v; want a failed precondition with vm stop web", err, errdefs.Remedies(err))
+	}
+	if _, err := h.Open("web"); err != nil {
+		t.Errorf("the refused VM is no longer registered: %v", err)
+	}
+}
+
+// TestCreateOneDiskChoice: an existing disk excludes a new one's size and
+// no disk at all.
+func TestCreateOneDiskChoice(t *testing.T) {
+	h := testHost(t)
+	for _, o := range []CreateOptions{
+		{Name: "a", OS: Linux, Disk: "/dev/null", DiskSize: "1G"},
+		{Name: "b", OS: Linux, Disk: "/dev/null", NoDisk: true},
+	} {
+		if _, err := h.Create(o); !errors.Is(err, errdefs.ErrInvalidArgument) || !strings.Contains(err.Error(), "give one of --disk") {
+			t.Errorf("Create(%+v): %v; want invalid argument, one disk choice", o, err)
+		}
 	}
 }

@@ -1,0 +1,46 @@
+// Package hostsvc is the host service's local socket: it opens the keys of
+// vTPMs that cannot open the host keystore themselves (an instance or
+// swtpm_setup that libvirt starts as tss, a swtpm_setup --runas nobody).
+//
+// The service runs as root and holds the keystore. A caller is admitted by
+// its peer credentials (SO_PEERCRED): root, or a user named in
+// <data root>/hostsvc.json ({"users": ["tss"]}; tss when the file is
+// absent). Every vTPM libvirt starts runs as that same user, so the user
+// alone opens nothing: a caller gets only the key of the TPM whose state
+// directory it holds. It sends an open descriptor of the directory
+// (SCM_RIGHTS) and must, at that moment, hold the directory's lock: the
+// POSIX record lock on its .lock file that every TPM process serving the
+// directory holds, vtpm's and swtpm's alike. The service opens .lock
+// through the descriptor (never by path, so the directory cannot be swapped
+// under it) and asks the kernel (F_GETLK) which process holds the lock; it
+// must be the peer's pid. The directory must belong to the caller's user.
+// A running vTPM holds its own directory's lock for as long as it runs, so
+// another process of the same user can neither take it nor pass for its
+// holder: one compromised vTPM cannot ask for another running VM's key. (A
+// directory no TPM is serving can be locked by any process of its owner,
+// which can equally start a vTPM on it: holding the directory is the right
+// being checked.) The service reads vtpm's files there as root, so a
+// protector, policy or identity file that is not a regular file (a link the
+// caller planted) is refused.
+//
+// What the service does is what an instance does itself when it can open
+// the keystore (internal/instance): it opens the TPM's data key (a new
+// directory gets its identity and a key protector owned by this host's
+// guardian, written through the descriptor and handed to the directory's
+// owner), prepares the TPM's generation record, and hands the caller that
+// record's open file and its key (keystore.Generations.Share), so the
+// caller records generations itself as a vTPM pins its record
+// (keystore.PinShared). The data key is sent on the socket to the
+// authorized local peer and lands in locked memory there (secret).
+//
+// # Protocol
+//
+// One request and one answer per connection, on a SOCK_STREAM socket.
+// Each message is a 4-byte big-endian length, that many bytes of JSON, and
+// then as many raw bytes as the JSON's "secret_len" says (the data key,
+// then the generation record's key), so key bytes never pass through a
+// JSON encoder. Descriptors ride as SCM_RIGHTS on the message's first
+// write: the state directory with a request, the generation record with an
+// answer. Errors come back as data (kind, message, remedies), and the
+// client rebuilds an errdefs error from them.
+package hostsvc
