@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what vtpm needs to build and what its tests drive: libtpms (the TPM
 # engine), QEMU + OVMF, and the peers and clients we test against (swtpm,
-# swtpm-tools, tpm2-tools). Debian 12.
+# swtpm-tools, tpm2-tools, libvirt 9.0 with its QEMU driver). Debian 12.
 set -euo pipefail
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
@@ -11,7 +11,8 @@ $SUDO apt-get install -y -q --no-install-recommends \
 	gcc make pkg-config libtpms-dev \
 	qemu-system-x86 qemu-utils ovmf \
 	tpm2-tools libtss2-tcti-swtpm0 swtpm swtpm-tools \
-	busybox-static cpio gzip openssl ca-certificates
+	busybox-static cpio gzip openssl ca-certificates \
+	libvirt-daemon-system libvirt-clients
 if ! command -v go >/dev/null; then
 	echo "setup: Go 1.26 or newer is required (https://go.dev/dl/)" >&2
 	exit 1
