@@ -199,19 +199,17 @@ func (k *keys) open() ([]row, error) {
 }
 
 // grant times granting a guardian on one TPM, in process and with
-// `vtpm protector grant`; the protector is put back between runs (not
-// timed).
+// `vtpm protector grant`. Each run grants on a TPM of its own, made before
+// it (not timed): a protector cannot be put back once a newer version of it
+// was seen.
 func (k *keys) grant() ([]row, error) {
-	dir, err := k.newTPM("keys-grant")
-	if err != nil {
-		return nil, err
+	var dir string
+	n := 0
+	restore := func() (err error) {
+		n++
+		dir, err = k.newTPM(fmt.Sprintf("keys-grant-%d", n))
+		return err
 	}
-	path := filepath.Join(dir, keybroker.ProtectorFile)
-	orig, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
-	restore := func() error { return os.WriteFile(path, orig, 0o600) }
 	certs, err := k.other.ExportCertificates()
 	if err != nil {
 		return nil, err
