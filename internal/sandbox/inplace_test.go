@@ -14,6 +14,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"vtpm/internal/testutil"
 )
 
 // enterChildEnv makes the test binary a child that enters the sandbox with
@@ -76,7 +78,7 @@ func enterChild(dir string) string {
 // and every thread of the new image is confined.
 func TestEnterFallsBackToReexec(t *testing.T) {
 	if _, err := LandlockABI(); err != nil {
-		t.Skip(err)
+		testutil.Missing(t, "%v", err)
 	}
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), enterChildEnv+"="+t.TempDir())
