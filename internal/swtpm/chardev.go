@@ -2,9 +2,6 @@ package swtpm
 
 import (
 	"io"
-	"strings"
-
-	"github.com/spf13/pflag"
 
 	"vtpm/internal/sandbox"
 )
@@ -17,44 +14,19 @@ import (
 // privileges are those of `swtpm socket`. Linux's vTPM proxy (--vtpm-proxy)
 // is not supported.
 func ParseChardev(args []string, getenv func(string) string) (*Options, *Extensions, error) {
-	fs := pflag.NewFlagSet("swtpm chardev", pflag.ContinueOnError)
-	fs.SetOutput(io.Discard)
-	fs.SortFlags = false
 	var (
-		fd                                 int
-		tpmstate, ctrl, pid, log, locality string
-		flags, seccomp, isolation          string
-		vtpmProxy                          bool
+		a         shared
+		fd        int
+		vtpmProxy bool
 	)
 	c := &Options{DataFD: -1, PidFD: -1, Log: Log{FD: -1}, Chardev: true}
 	x := &Extensions{Isolation: sandbox.Preferred}
+	fs := newFlagSet("swtpm chardev", c, x, &a)
 	fs.StringVarP(&c.Device, "chardev", "c", "", "")
 	fs.IntVarP(&fd, "fd", "f", -1, "")
-	fs.BoolVarP(&c.Daemon, "daemon", "d", false, "")
-	fs.StringVar(&ctrl, "ctrl", "", "")
-	fs.StringVar(&tpmstate, "tpmstate", "", "")
-	fs.StringVar(&c.Key, "key", "", "")
-	fs.StringVar(&c.MigrationKey, "migration-key", "", "")
-	fs.StringVar(&x.DataKey, "data-key", "", "")
-	fs.StringVar(&log, "log", "", "")
-	fs.StringVar(&pid, "pid", "", "")
-	fs.StringVar(&locality, "locality", "", "")
-	fs.StringVar(&flags, "flags", "", "")
-	fs.StringVarP(&c.RunAs, "runas", "r", "", "")
 	fs.BoolVar(&vtpmProxy, "vtpm-proxy", false, "")
-	fs.BoolVar(&c.TPM2, "tpm2", false, "")
-	fs.StringVar(&seccomp, "seccomp", "", "")
-	fs.StringVar(&isolation, "isolation", "", "")
-	fs.BoolVar(&c.PrintCaps, "print-capabilities", false, "")
-	fs.BoolVar(&c.PrintStates, "print-states", false, "")
-	fs.BoolVarP(&c.ShowVersion, "version", "v", false, "")
-	fs.BoolVarP(&c.ShowHelp, "help", "h", false, "")
-	fs.BoolVar(&x.AllowRollback, "allow-rollback", false, "")
-	if err := fs.Parse(args); err != nil {
-		return nil, nil, usagef("%s", strings.Replace(err.Error(), "unknown flag", "unrecognized option", 1))
-	}
-	if fs.NArg() > 0 {
-		return nil, nil, usagef("Unknown parameter '%s'", fs.Arg(0))
+	if err := parseArgs(fs, args); err != nil {
+		return nil, nil, err
 	}
 	if c.ShowHelp || c.ShowVersion || c.PrintCaps {
 		return c, x, nil
@@ -62,17 +34,10 @@ func ParseChardev(args []string, getenv func(string) string) (*Options, *Extensi
 	if vtpmProxy {
 		return nil, nil, usagef("--vtpm-proxy is not supported; give the TPM its channel with --fd or --chardev")
 	}
-	format, err := c.parseState(tpmstate, getenv("TPM_PATH"))
-	if err != nil {
-		return nil, nil, err
-	}
-	if x.StateFormat, err = stateFormat(format, getenv); err != nil {
+	if err := c.parseStateOptions(x, a.tpmstate, getenv); err != nil {
 		return nil, nil, err
 	}
 	if c.PrintStates {
-		if c.StateDir == "" && c.StateFile == "" {
-			return nil, nil, usagef("--print-states needs --tpmstate or TPM_PATH")
-		}
 		return c, x, nil
 	}
 	switch {
@@ -87,10 +52,10 @@ func ParseChardev(args []string, getenv func(string) string) (*Options, *Extensi
 	}
 	// The TPM ends when its one data channel hangs up, as swtpm chardev.
 	c.DataFD, c.Terminate = fd, true
-	if err = c.parseIsolationCtrl(x, isolation, ctrl); err != nil {
+	if err := c.parseIsolationCtrl(x, a.isolation, a.ctrl); err != nil {
 		return nil, nil, err
 	}
-	if err = c.parseRest(pid, log, locality, flags, seccomp); err != nil {
+	if err := c.parseRest(&a); err != nil {
 		return nil, nil, err
 	}
 	return c, x, nil

@@ -95,63 +95,33 @@ func usagef(format string, a ...any) error { return &UsageError{fmt.Sprintf(form
 // Parse parses the arguments that follow `swtpm socket` into swtpm's
 // options and vtpm's extensions. getenv supplies TPM_PATH and TPM_PORT.
 func Parse(args []string, getenv func(string) string) (*Options, *Extensions, error) {
-	fs := pflag.NewFlagSet("swtpm socket", pflag.ContinueOnError)
-	fs.SetOutput(io.Discard)
-	fs.SortFlags = false
 	var (
-		port, fd                                   int
-		tpmstate, ctrl, server, pid, log, locality string
-		flags, seccomp, isolation                  string
+		a        shared
+		port, fd int
+		server   string
 	)
 	c := &Options{DataFD: -1, PidFD: -1, Log: Log{FD: -1}}
 	x := &Extensions{Isolation: sandbox.Preferred}
+	fs := newFlagSet("swtpm socket", c, x, &a)
 	fs.IntVarP(&port, "port", "p", -1, "")
 	fs.IntVarP(&fd, "fd", "f", -1, "")
 	fs.BoolVarP(&c.Terminate, "terminate", "t", false, "")
-	fs.BoolVarP(&c.Daemon, "daemon", "d", false, "")
 	fs.StringVar(&server, "server", "", "")
-	fs.StringVar(&ctrl, "ctrl", "", "")
-	fs.StringVar(&tpmstate, "tpmstate", "", "")
-	fs.StringVar(&c.Key, "key", "", "")
-	fs.StringVar(&c.MigrationKey, "migration-key", "", "")
-	fs.StringVar(&x.DataKey, "data-key", "", "")
-	fs.StringVar(&log, "log", "", "")
-	fs.StringVar(&pid, "pid", "", "")
-	fs.StringVar(&locality, "locality", "", "")
-	fs.StringVar(&flags, "flags", "", "")
-	fs.StringVarP(&c.RunAs, "runas", "r", "", "")
-	fs.BoolVar(&c.TPM2, "tpm2", false, "")
-	fs.StringVar(&seccomp, "seccomp", "", "")
-	fs.StringVar(&isolation, "isolation", "", "")
-	fs.BoolVar(&c.PrintCaps, "print-capabilities", false, "")
-	fs.BoolVar(&c.PrintStates, "print-states", false, "")
-	fs.BoolVarP(&c.ShowVersion, "version", "v", false, "")
-	fs.BoolVarP(&c.ShowHelp, "help", "h", false, "")
-	fs.BoolVar(&x.AllowRollback, "allow-rollback", false, "")
-	if err := fs.Parse(args); err != nil {
-		return nil, nil, usagef("%s", strings.Replace(err.Error(), "unknown flag", "unrecognized option", 1))
-	}
-	if fs.NArg() > 0 {
-		return nil, nil, usagef("Unknown parameter '%s'", fs.Arg(0))
+	if err := parseArgs(fs, args); err != nil {
+		return nil, nil, err
 	}
 	if c.ShowHelp || c.ShowVersion || c.PrintCaps {
 		return c, x, nil
 	}
-	format, err := c.parseState(tpmstate, getenv("TPM_PATH"))
-	if err != nil {
-		return nil, nil, err
-	}
-	if x.StateFormat, err = stateFormat(format, getenv); err != nil {
+	if err := c.parseStateOptions(x, a.tpmstate, getenv); err != nil {
 		return nil, nil, err
 	}
 	if c.PrintStates {
-		if c.StateDir == "" && c.StateFile == "" {
-			return nil, nil, usagef("--print-states needs --tpmstate or TPM_PATH")
-		}
 		return c, x, nil
 	}
+	var err error
 	// Like the channels below, checked only when a TPM will run.
-	if err = c.parseIsolationCtrl(x, isolation, ctrl); err != nil {
+	if err = c.parseIsolationCtrl(x, a.isolation, a.ctrl); err != nil {
 		return nil, nil, err
 	}
 	if server != "" {
@@ -186,10 +156,72 @@ func Parse(args []string, getenv func(string) string) (*Options, *Extensions, er
 	if c.Server == nil && c.DataFD < 0 && c.Ctrl == nil {
 		return nil, nil, usagef("no data channel: give --server, --port, --fd, or --ctrl type=unixio for a data fd passed by the client")
 	}
-	if err = c.parseRest(pid, log, locality, flags, seccomp); err != nil {
+	if err = c.parseRest(&a); err != nil {
 		return nil, nil, err
 	}
 	return c, x, nil
+}
+
+// shared holds the raw values of the options `swtpm socket` and `swtpm
+// chardev` share, parsed after the flags.
+type shared struct {
+	tpmstate, ctrl, pid, log, locality, flags, seccomp, isolation string
+}
+
+// newFlagSet returns the flag set of an interface (name), with the options
+// socket and chardev share bound to c, x and a.
+func newFlagSet(name string, c *Options, x *Extensions, a *shared) *pflag.FlagSet {
+	fs := pflag.NewFlagSet(name, pflag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	fs.SortFlags = false
+	fs.BoolVarP(&c.Daemon, "daemon", "d", false, "")
+	fs.StringVar(&a.ctrl, "ctrl", "", "")
+	fs.StringVar(&a.tpmstate, "tpmstate", "", "")
+	fs.StringVar(&c.Key, "key", "", "")
+	fs.StringVar(&c.MigrationKey, "migration-key", "", "")
+	fs.StringVar(&x.DataKey, "data-key", "", "")
+	fs.StringVar(&a.log, "log", "", "")
+	fs.StringVar(&a.pid, "pid", "", "")
+	fs.StringVar(&a.locality, "locality", "", "")
+	fs.StringVar(&a.flags, "flags", "", "")
+	fs.StringVarP(&c.RunAs, "runas", "r", "", "")
+	fs.BoolVar(&c.TPM2, "tpm2", false, "")
+	fs.StringVar(&a.seccomp, "seccomp", "", "")
+	fs.StringVar(&a.isolation, "isolation", "", "")
+	fs.BoolVar(&c.PrintCaps, "print-capabilities", false, "")
+	fs.BoolVar(&c.PrintStates, "print-states", false, "")
+	fs.BoolVarP(&c.ShowVersion, "version", "v", false, "")
+	fs.BoolVarP(&c.ShowHelp, "help", "h", false, "")
+	fs.BoolVar(&x.AllowRollback, "allow-rollback", false, "")
+	return fs
+}
+
+// parseArgs parses args with swtpm's messages for an unknown option and a
+// stray argument.
+func parseArgs(fs *pflag.FlagSet, args []string) error {
+	if err := fs.Parse(args); err != nil {
+		return usagef("%s", strings.Replace(err.Error(), "unknown flag", "unrecognized option", 1))
+	}
+	if fs.NArg() > 0 {
+		return usagef("Unknown parameter '%s'", fs.Arg(0))
+	}
+	return nil
+}
+
+// parseStateOptions parses --tpmstate (or TPM_PATH) and the state format
+// asked for; --print-states needs a location and nothing else.
+func (c *Options) parseStateOptions(x *Extensions, tpmstate string, getenv func(string) string) error {
+	format, err := c.parseState(tpmstate, getenv("TPM_PATH"))
+	if err != nil {
+		return err
+	}
+	if x.StateFormat, err = stateFormat(format, getenv); err != nil {
+		return err
+	}
+	if c.PrintStates && c.StateDir == "" && c.StateFile == "" {
+		return usagef("--print-states needs --tpmstate or TPM_PATH")
+	}
+	return nil
 }
 
 // parseIsolationCtrl parses --isolation and --ctrl, checked only when a TPM
@@ -211,21 +243,21 @@ func (c *Options) parseIsolationCtrl(x *Extensions, isolation, ctrl string) (err
 // parseRest parses the options socket and chardev share after their data
 // channels: --pid, --log, --locality, --flags and --seccomp, and checks
 // that the state has a location.
-func (c *Options) parseRest(pid, log, locality, flags, seccomp string) error {
-	if err := c.parsePid(pid); err != nil {
+func (c *Options) parseRest(a *shared) error {
+	if err := c.parsePid(a.pid); err != nil {
 		return err
 	}
-	if err := c.parseLog(log); err != nil {
+	if err := c.parseLog(a.log); err != nil {
 		return err
 	}
-	if err := c.parseLocality(locality); err != nil {
+	if err := c.parseLocality(a.locality); err != nil {
 		return err
 	}
-	if err := c.parseFlags(flags); err != nil {
+	if err := c.parseFlags(a.flags); err != nil {
 		return err
 	}
-	if seccomp != "" {
-		o, err := subopt.Parse(seccomp, "action")
+	if a.seccomp != "" {
+		o, err := subopt.Parse(a.seccomp, "action")
 		if err != nil {
 			return usagef("--seccomp: %v", err)
 		}
