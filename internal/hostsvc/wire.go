@@ -23,9 +23,14 @@ const maxHeader = 64 << 10
 // request asks for the key of the TPM in the directory whose descriptor
 // comes with it.
 type request struct {
-	Op            string `json:"op"`  // opOpen, opCertify
+	Op            string `json:"op"`  // opOpen, opCertify, opHold, opAdopt
 	Dir           string `json:"dir"` // the caller's name of the directory, for messages
 	AllowRollback bool   `json:"allow_rollback,omitempty"`
+	// opAdopt: the permanent-state migration blob (with the TPM's
+	// adoption record) follows the JSON, BlobLen raw bytes; Mode is the
+	// state files' mode.
+	BlobLen int    `json:"blob_len,omitempty"`
+	Mode    uint32 `json:"mode,omitempty"`
 	// A certificate to issue (opCertify): certEK or certPlatform, for the
 	// EK whose public key (PKIX, DER) is Public.
 	Cert     string                `json:"cert,omitempty"`
@@ -37,7 +42,16 @@ type request struct {
 const (
 	opOpen    = "open"    // the TPM's key and generation record
 	opCertify = "certify" // an EK or platform certificate from the local CA
+	// opHold keeps the connection for one later request, opAdopt: a vTPM
+	// connects while it may still make sockets, and asks once a TPM
+	// arrives in a migration stream.
+	opHold  = "hold"
+	opAdopt = "adopt" // take the TPM of a migration stream into the directory
 )
+
+// maxBlob bounds an adoption's migration blob (libtpms' permanent state is
+// tens of kilobytes).
+const maxBlob = 4 << 20
 
 // Certificates.
 const (

@@ -90,7 +90,7 @@ func New(opts *swtpm.Options, ext *swtpm.Extensions, log *slog.Logger) (_ *Insta
 		// Only a TPM whose migration key is derived from its data key can
 		// be adopted from a migration stream.
 		adoptable := ext.DataKey == "" && opts.MigrationKey == ""
-		if in.sealing, genRecord, err = openSealed(opts.StateDir, ext.DataKey, ext.AllowRollback, adoptable, log); err != nil {
+		if in.sealing, genRecord, err = openSealed(opts.StateDir, ext.DataKey, opts.RunAs, ext.AllowRollback, adoptable, log); err != nil {
 			return nil, err
 		}
 	}
