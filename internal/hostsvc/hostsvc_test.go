@@ -116,8 +116,8 @@ func helper(mode, dir string) int {
 type env struct {
 	t      *testing.T
 	broker *keybroker.Broker // the service's
-	base   string // searchable by every user
-	exe    string // the test binary, where other users can run it
+	base   string            // searchable by every user
+	exe    string            // the test binary, where other users can run it
 	socket string
 }
 
