@@ -378,3 +378,37 @@ func Fallback(ksErr, svcErr error) error {
 func UseService(err error) bool {
 	return os.Geteuid() != 0 || errors.Is(err, errdefs.ErrPermissionDenied) || errors.Is(err, os.ErrPermission)
 }
+
+// Status is what the host service says of itself (Client.Ping).
+type Status struct {
+	Socket   string
+	Users    []string // the users it answers besides root, as configured
+	Unknown  []string // configured names that are no user on this host
+	Admitted bool     // it answers this process's user
+}
+
+// Ping asks the host service whether it answers, and whom. An unreachable
+// service is an *UnavailableError.
+func (c Client) Ping() (*Status, error) {
+	conn, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: c.socket(), Net: "unix"})
+	if err != nil {
+		return nil, &UnavailableError{Socket: c.socket(), Err: err}
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(5 * time.Second))
+	if err := send(conn, request{Op: opPing}); err != nil {
+		return nil, &UnavailableError{Socket: c.socket(), Err: err}
+	}
+	var a answer
+	files, err := recv(conn, &a, 0)
+	if err != nil {
+		return nil, &UnavailableError{Socket: c.socket(), Err: fmt.Errorf("no answer: %w", err)}
+	}
+	for _, f := range files {
+		f.Close()
+	}
+	if a.Error != nil {
+		return nil, a.Error.native()
+	}
+	return &Status{Socket: c.socket(), Users: a.Users, Unknown: a.Unknown, Admitted: a.Admitted}, nil
+}

@@ -33,6 +33,7 @@ const requestTimeout = 30 * time.Second
 type Server struct {
 	broker *keybroker.Broker
 	users  map[uint32]bool
+	cfg    Config
 	log    *slog.Logger
 	// mu serialises requests: the keystore and new TPMs' identities are
 	// changed by at most one at a time.
@@ -51,7 +52,7 @@ func NewServer(broker *keybroker.Broker, cfg *Config, log *slog.Logger) *Server 
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Server{broker: broker, users: cfg.uids(), log: log}
+	return &Server{broker: broker, users: cfg.uids(), cfg: *cfg, log: log}
 }
 
 // Serve answers connections on l until ctx is done or l fails; it closes l.
@@ -117,6 +118,14 @@ func (s *Server) handle(c *net.UnixConn) {
 	}
 	var req request
 	files, err := recv(c, &req, 1)
+	if err == nil && req.Op == opPing {
+		for _, f := range files {
+			f.Close()
+		}
+		_, unknown := s.cfg.resolve()
+		send(c, answer{Users: s.cfg.Users, Unknown: unknown, Admitted: s.users[p.uid]})
+		return
+	}
 	if err == nil && req.Op == opHold {
 		for _, f := range files {
 			f.Close()

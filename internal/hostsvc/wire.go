@@ -47,6 +47,9 @@ const (
 	// arrives in a migration stream.
 	opHold  = "hold"
 	opAdopt = "adopt" // take the TPM of a migration stream into the directory
+	// opPing asks whether the service answers, and whom (no descriptor;
+	// any caller gets the answer: it holds no secret).
+	opPing = "ping"
 )
 
 // maxBlob bounds an adoption's migration blob (libtpms' permanent state is
@@ -71,6 +74,12 @@ type answer struct {
 	Reset   bool       `json:"reset,omitempty"` // rollback protection started over
 	Keys    bool       `json:"keys,omitempty"`
 	Cert    []byte     `json:"cert,omitempty"` // DER, for opCertify
+	// For opPing: the users the service answers (besides root), the
+	// configured names that are no user here, and whether it answers the
+	// caller.
+	Users    []string `json:"users,omitempty"`
+	Unknown  []string `json:"unknown_users,omitempty"`
+	Admitted bool     `json:"admitted,omitempty"`
 }
 
 // wireError is an error as data.
