@@ -51,6 +51,10 @@ func helper(mode, dir string) int {
 			kind = k.Error()
 		}
 		fmt.Printf("err %s: %v\n", kind, err)
+		var se *ServiceError
+		if errors.As(err, &se) && len(se.Guardians) > 0 {
+			fmt.Printf("guardians: %s\n", strings.Join(se.Guardians, ", "))
+		}
 		return 1
 	}
 	switch mode {
@@ -421,7 +425,7 @@ func TestAdoptThroughTheService(t *testing.T) {
 		{"a record that does not verify", "adopt", e.stateDir("t1", "tss"), tampered, errdefs.ErrPermissionDenied, "does not verify"},
 		{"a directory the caller does not hold", "adopt-unlocked", e.stateDir("t2", "tss"), blob, errdefs.ErrPermissionDenied, "does not hold the lock"},
 		{"a directory with sealed state", "adopt", withBlobs, blob, errdefs.ErrFailedPrecondition, "already holds sealed state"},
-		{"a TPM this host is not admitted to", "adopt", e.stateDir("t3", "tss"), foreign, errdefs.ErrPermissionDenied, "Its key protector admits"},
+		{"a TPM this host is not admitted to", "adopt", e.stateDir("t3", "tss"), foreign, errdefs.ErrPermissionDenied, "\nguardians: host:"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			cmd := e.helperCmd("tss", tt.mode, tt.dir)

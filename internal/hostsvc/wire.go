@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"vtpm/internal/errdefs"
+	"vtpm/internal/keybroker"
 	"vtpm/internal/manufacture"
 )
 
@@ -87,6 +88,9 @@ type wireError struct {
 	Kind     string           `json:"kind,omitempty"`
 	Message  string           `json:"message"`
 	Remedies []errdefs.Remedy `json:"remedies,omitempty"`
+	// Guardians that could open the TPM, when this host cannot
+	// (keybroker.MissingKeyError): "name (fingerprint)".
+	Guardians []string `json:"guardians,omitempty"`
 }
 
 var kindsByName = map[string]error{}
@@ -115,15 +119,22 @@ func toWire(err error, r *strings.Replacer) *wireError {
 	if k := errdefs.KindOf(err); k != nil {
 		w.Kind = k.Error()
 	}
+	var mk *keybroker.MissingKeyError
+	if errors.As(err, &mk) {
+		for _, r := range mk.Rows {
+			w.Guardians = append(w.Guardians, fmt.Sprintf("%s (%s)", r.Name, r.Fingerprint))
+		}
+	}
 	return w
 }
 
 // ServiceError is an error the host service answered with: its kind and
 // remedies as the service's error had them.
 type ServiceError struct {
-	Kind    error // an errdefs kind, or nil
-	Message string
-	Fix     []errdefs.Remedy
+	Kind      error // an errdefs kind, or nil
+	Message   string
+	Fix       []errdefs.Remedy
+	Guardians []string // that could open the TPM, when the service cannot
 }
 
 func (e *ServiceError) Error() string              { return e.Message }
@@ -131,7 +142,7 @@ func (e *ServiceError) Is(target error) bool       { return e.Kind != nil && tar
 func (e *ServiceError) Remedies() []errdefs.Remedy { return e.Fix }
 
 func (w *wireError) native() error {
-	return &ServiceError{Kind: kindsByName[w.Kind], Message: w.Message, Fix: w.Remedies}
+	return &ServiceError{Kind: kindsByName[w.Kind], Message: w.Message, Fix: w.Remedies, Guardians: w.Guardians}
 }
 
 // recordKeyLen is the size of a generation record's key.

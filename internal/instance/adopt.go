@@ -13,6 +13,7 @@ import (
 
 	"vtpm/internal/errdefs"
 	"vtpm/internal/guardian"
+	"vtpm/internal/hostsvc"
 	"vtpm/internal/keybroker"
 	"vtpm/internal/keystore"
 	"vtpm/internal/seal"
@@ -338,12 +339,17 @@ func (in *Instance) logAdoptError(err error) {
 	}
 	attrs := []any{"tpm", ae.TPM, "err", err}
 	var mk *keybroker.MissingKeyError
-	if errors.As(err, &mk) {
+	var se *hostsvc.ServiceError
+	switch {
+	case errors.As(err, &mk):
 		var gs []string
 		for _, r := range mk.Rows {
 			gs = append(gs, fmt.Sprintf("%s (%s)", r.Name, r.Fingerprint))
 		}
 		attrs = append(attrs, "guardians", strings.Join(gs, ", "))
+	case errors.As(err, &se) && len(se.Guardians) > 0:
+		// The host service's refusal, as data.
+		attrs = append(attrs, "guardians", strings.Join(se.Guardians, ", "))
 	}
 	var fix []string
 	for _, r := range errdefs.Remedies(err) {
