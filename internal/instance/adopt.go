@@ -151,6 +151,12 @@ func (in *Instance) adoptFromBlob(blob []byte) ([]byte, error) {
 		if record != nil {
 			record.Close()
 		}
+		if prot == nil && err != nil {
+			// The host service has written the TPM's identity into the
+			// directory, which no longer names the TPM this instance
+			// serves: it cannot go on.
+			in.finish(err)
+		}
 		return nil, err
 	}
 	if err := in.sandbox.KeyMemory(key.LockErr()); err != nil {
