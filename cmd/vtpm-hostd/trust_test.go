@@ -44,6 +44,7 @@ func (h *host) env() []string {
 // vtpm runs `vtpm ARGS…` on h (host commands forward to vtpm-hostd).
 func (h *host) vtpm(t *testing.T, args ...string) (string, error) {
 	t.Helper()
+	testutil.HostdBinary(t) // beside vtpm, where vtpm looks for it
 	cmd := exec.Command(testutil.Binary(t), args...)
 	cmd.Env = append(os.Environ(), h.env()...)
 	out, err := cmd.CombinedOutput()
@@ -259,6 +260,18 @@ func TestHostsTrustEachOther(t *testing.T) {
 			t.Errorf("key-open failures: %v", families["vtpm_host_key_open_failures_total"])
 		}
 	})
+}
+
+// TestServiceNotRunning: the client commands say how to start the service
+// they could not reach.
+func TestServiceNotRunning(t *testing.T) {
+	h := newHost(t, "a")
+	out, err := h.vtpm(t, "host", "list")
+	if err == nil {
+		t.Fatalf("host list without a service succeeded:\n%s", out)
+	}
+	wantAll(t, "host list", out, "cannot reach the host service at "+h.apiSock, "fix: start it: `systemctl start vtpm-host.socket`",
+		"fix: or run it in the foreground: `vtpm host serve --socket "+h.keySock+"`")
 }
 
 // selfSigned is a client certificate no guardian issued.

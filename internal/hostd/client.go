@@ -79,9 +79,14 @@ func (e *UnreachableError) Is(target error) bool { return target == errdefs.ErrU
 
 // Remedies: start the service.
 func (e *UnreachableError) Remedies() []errdefs.Remedy {
+	serve := errdefs.Do(errdefs.ActionHostServe)
+	// The key socket of the service whose API socket this is, when known.
+	if keys := hostsvc.SocketPath(); APISocketBeside(keys) == e.Socket {
+		serve = errdefs.Do(errdefs.ActionHostServe, "socket", keys)
+	}
 	return []errdefs.Remedy{
 		errdefs.Do(errdefs.ActionHostServiceStart).WithNote("start it"),
-		errdefs.Do(errdefs.ActionHostServe).WithNote("or run it in the foreground"),
+		serve.WithNote("or run it in the foreground"),
 	}
 }
 
