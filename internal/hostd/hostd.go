@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"slices"
 	"sync"
 	"time"
 
@@ -65,8 +66,44 @@ type Server struct {
 	cert   tls.Certificate // set when the TLS API is on
 	hasTLS bool
 
-	ready chan struct{}
+	services []Service
+	ready    chan struct{}
 }
+
+// Service is an API service that another part of the host service
+// provides (migration, transfer), as its Connect handler: path and handler
+// as hostv1connect.NewXServiceHandler returns them.
+type Service struct {
+	Path    string
+	Handler http.Handler
+	// Local mounts it on the local API (this host's CLI); Remote on the
+	// TLS API, for trusted peers only (PeerFrom names the caller).
+	Local, Remote bool
+}
+
+// Register adds services to the API. Call it before Run.
+func (s *Server) Register(svcs ...Service) { s.services = append(s.services, svcs...) }
+
+// Name is this host's name, as its certificate and GetInfo give it.
+func (s *Server) Name() string { return s.opts.Name }
+
+// DataRoot is the host's data root.
+func (s *Server) DataRoot() string { return s.opts.DataRoot }
+
+// Logger is the service's log.
+func (s *Server) Logger() *slog.Logger { return s.log }
+
+// Broker is the host's keystore and guardians, open while Run runs.
+func (s *Server) Broker() *keybroker.Broker { return s.broker }
+
+// Guardian is the host's own guardian, set while Run runs.
+func (s *Server) Guardian() *guardian.Guardian { return s.local }
+
+// VMs is the host's VM registry.
+func (s *Server) VMs() *vm.Registry { return s.vms }
+
+// Peers returns the hosts this host trusts now.
+func (s *Server) Peers() []*Peer { return slices.Clone(s.currentPeers()) }
 
 // New checks opts and returns a server; nothing is opened until Run.
 func New(opts Options) (*Server, error) {
@@ -297,6 +334,11 @@ func (s *Server) localHandler() http.Handler {
 	mux.Handle(hostv1connect.NewHostServiceHandler(&hostService{s: s}))
 	mux.Handle(hostv1connect.NewPeerServiceHandler(&peerService{s: s}))
 	mux.Handle("/metrics", s.metrics.Handler())
+	for _, svc := range s.services {
+		if svc.Local {
+			mux.Handle(svc.Path, svc.Handler)
+		}
+	}
 	return mux
 }
 
@@ -306,5 +348,10 @@ func (s *Server) remoteHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle(hostv1connect.NewHostServiceHandler(&hostService{s: s}))
 	mux.Handle("/metrics", s.metrics.Handler())
+	for _, svc := range s.services {
+		if svc.Remote {
+			mux.Handle(svc.Path, svc.Handler)
+		}
+	}
 	return s.admit(mux)
 }

@@ -14,6 +14,7 @@ import (
 	"connectrpc.com/connect"
 
 	hostv1 "vtpm/api/vtpm/host/v1"
+	"vtpm/api/vtpm/host/v1/hostv1connect"
 	"vtpm/internal/apierr"
 	"vtpm/internal/clirender"
 	"vtpm/internal/errdefs"
@@ -74,8 +75,12 @@ func TestUntrustedOnAnOpenConnection(t *testing.T) {
 		t.Fatal(err)
 	}
 	// One transport: the second call reuses the first call's connection.
-	c, tr := b.peerClient(pa, nil)
-	defer tr.CloseIdleConnections()
+	hc, base, err := b.PeerClient(pa.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hc.CloseIdleConnections()
+	c := hostv1connect.NewHostServiceClient(hc, base)
 	ctx := context.Background()
 	info, err := c.GetInfo(ctx, connect.NewRequest(&hostv1.GetInfoRequest{}))
 	if err != nil {

@@ -64,7 +64,7 @@ func (ps *peerService) PeerInfo(ctx context.Context, req *connect.Request[hostv1
 	if err != nil {
 		return nil, apierr.ToConnect(err, ps.s.opts.Name)
 	}
-	info, _, err := ps.s.callInfo(ctx, p)
+	info, err := ps.s.callInfo(ctx, p)
 	if err != nil {
 		return nil, apierr.ToConnect(err, ps.s.opts.Name)
 	}
@@ -139,58 +139,64 @@ func (s *Server) Untrust(name string) (*Peer, error) {
 	return p, nil
 }
 
-// callInfo asks peer p for its GetInfo. It also reports whether p's
-// certificate was checked and trusted (the TLS handshake got that far).
-func (s *Server) callInfo(ctx context.Context, p *Peer) (*hostv1.GetInfoResponse, bool, error) {
-	if !s.hasTLS {
-		return nil, false, ErrNoTLS
+// callInfo asks peer p for its GetInfo.
+func (s *Server) callInfo(ctx context.Context, p *Peer) (*hostv1.GetInfoResponse, error) {
+	c, base, err := s.peerHTTPClient(p)
+	if err != nil {
+		return nil, err
 	}
-	var mu sync.Mutex
-	var checked bool
-	var verr error
-	c, tr := s.peerClient(p, func(err error) {
-		mu.Lock()
-		checked, verr = true, err
-		mu.Unlock()
-	})
-	defer tr.CloseIdleConnections()
+	defer c.CloseIdleConnections()
 	ctx, cancel := context.WithTimeout(ctx, callTimeout)
 	defer cancel()
-	rsp, err := c.GetInfo(ctx, connect.NewRequest(&hostv1.GetInfoRequest{}))
-	mu.Lock()
-	defer mu.Unlock()
-	switch {
-	case err == nil:
-		return rsp.Msg, true, nil
-	case verr != nil:
-		var changed *CertChangedError
-		if errors.As(verr, &changed) {
-			return nil, false, changed
-		}
-		return nil, false, errdefs.Wrap(errdefs.ErrPermissionDenied, verr, "host %s (%s) presented a certificate that does not verify", p.Name, p.Address)
-	case checked && remoteRefusal(err):
-		return nil, true, &RefusedError{Peer: p.Name, Host: s.opts.Name, Address: s.advertised()}
-	case checked:
-		return nil, true, fmt.Errorf("host %s: %w", p.Name, apierr.FromConnect(err, "on host "+p.Name))
+	rsp, err := hostv1connect.NewHostServiceClient(c, base).GetInfo(ctx, connect.NewRequest(&hostv1.GetInfoRequest{}))
+	if err != nil {
+		return nil, s.PeerError(p.Name, err)
 	}
-	return nil, false, errdefs.Wrap(errdefs.ErrUnavailable, unwrapConnect(err), "host %s at %s does not answer", p.Name, p.Address)
+	return rsp.Msg, nil
 }
 
 // probe fills st with what calling p shows.
 func (s *Server) probe(ctx context.Context, p *Peer, st *hostv1.PeerStatus) {
-	info, trusted, err := s.callInfo(ctx, p)
+	info, err := s.callInfo(ctx, p)
 	if err == nil {
 		st.Reachable, st.CertStatus, st.Version = true, hostv1.CertStatus_CERT_STATUS_TRUSTED, info.GetVersion()
 		return
 	}
 	st.Error = err.Error()
 	var changed *CertChangedError
+	var refused *RefusedError
+	var answered *apierr.Error
 	switch {
 	case errors.As(err, &changed):
 		st.Reachable, st.CertStatus, st.PresentedGuardianFingerprint = true, hostv1.CertStatus_CERT_STATUS_CHANGED, changed.Presented
-	case trusted:
+	case errors.As(err, &refused), errors.As(err, &answered):
+		// Its certificate was checked before it refused, or answered.
 		st.Reachable, st.CertStatus = true, hostv1.CertStatus_CERT_STATUS_TRUSTED
 	}
+}
+
+// PeerError is the error of a failed call to peer name, as data: its
+// certificate changed (*CertChangedError), it refused this host in the
+// handshake (*RefusedError), it answered with an error (an *apierr.Error
+// whose remedies run "on host NAME"), or it did not answer
+// (errdefs.ErrUnavailable).
+func (s *Server) PeerError(name string, err error) error {
+	var changed *CertChangedError
+	switch {
+	case err == nil:
+		return nil
+	case errors.As(err, &changed):
+		return changed
+	case remoteRefusal(err):
+		return &RefusedError{Peer: name, Host: s.opts.Name, Address: s.advertised()}
+	case apierr.Detailed(err):
+		return fmt.Errorf("host %s: %w", name, apierr.FromConnect(err, "on host "+name))
+	}
+	addr := ""
+	if p, perr := findPeer(s.currentPeers(), name); perr == nil {
+		addr = p.Address
+	}
+	return errdefs.Wrap(errdefs.ErrUnavailable, unwrapConnect(err), "host %s at %s does not answer", name, addr)
 }
 
 // advertised is this host's API address as peers would dial it, "" when
