@@ -1,7 +1,7 @@
 GO ?= go
 BIN := bin
 
-.PHONY: all build test vet fuzz demo bench clean install uninstall
+.PHONY: all build test vet fuzz demo bench clean install uninstall proto proto-keyservice
 
 PREFIX ?= /usr/local
 BINDIR ?= $(PREFIX)/bin
@@ -12,6 +12,23 @@ all: build
 build:
 	$(GO) build -o $(BIN)/vtpm ./cmd/vtpm
 	ln -sf vtpm $(BIN)/swtpm
+	$(GO) build -o $(BIN)/vtpm-keyservice ./cmd/vtpm-keyservice
+
+# The API's generated Go code (committed). protoc is Debian's
+# protobuf-compiler; the plugins are built at pinned versions.
+PROTOC_GEN_GO_VERSION := v1.36.12
+PROTOC_GEN_CONNECT_GO_VERSION := v1.21.1
+PROTOC_PLUGINS := --plugin=protoc-gen-go=$(BIN)/tools/protoc-gen-go --plugin=protoc-gen-connect-go=$(BIN)/tools/protoc-gen-connect-go
+PROTOC_OUT := --go_out=api --go_opt=paths=source_relative --connect-go_out=api --connect-go_opt=paths=source_relative
+
+proto: proto-keyservice
+
+$(BIN)/tools/protoc-gen-go $(BIN)/tools/protoc-gen-connect-go:
+	GOBIN=$(CURDIR)/$(BIN)/tools $(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
+	GOBIN=$(CURDIR)/$(BIN)/tools $(GO) install connectrpc.com/connect/cmd/protoc-gen-connect-go@$(PROTOC_GEN_CONNECT_GO_VERSION)
+
+proto-keyservice: $(BIN)/tools/protoc-gen-go $(BIN)/tools/protoc-gen-connect-go
+	protoc -I api $(PROTOC_PLUGINS) $(PROTOC_OUT) api/vtpm/keyservice/v1/keyservice.proto
 
 vet:
 	$(GO) vet ./...
@@ -44,6 +61,7 @@ clean:
 # service's socket-activated units. README: "libvirt hosts".
 install: build
 	install -D -m 0755 $(BIN)/vtpm $(DESTDIR)$(BINDIR)/vtpm
+	install -D -m 0755 $(BIN)/vtpm-keyservice $(DESTDIR)$(BINDIR)/vtpm-keyservice
 	ln -sf vtpm $(DESTDIR)$(BINDIR)/swtpm
 	ln -sf vtpm $(DESTDIR)$(BINDIR)/swtpm_setup
 	install -D -m 0644 dist/systemd/vtpm-host.socket $(DESTDIR)$(UNITDIR)/vtpm-host.socket
@@ -58,5 +76,5 @@ uninstall:
 	rm -f $(DESTDIR)$(UNITDIR)/vtpm-host.socket $(DESTDIR)$(UNITDIR)/vtpm-host.service
 	@for l in swtpm swtpm_setup; do \
 		if [ "$$(readlink $(DESTDIR)$(BINDIR)/$$l)" = vtpm ]; then rm -f $(DESTDIR)$(BINDIR)/$$l; fi; done
-	rm -f $(DESTDIR)$(BINDIR)/vtpm
+	rm -f $(DESTDIR)$(BINDIR)/vtpm $(DESTDIR)$(BINDIR)/vtpm-keyservice
 	@if [ -z "$(DESTDIR)" ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
