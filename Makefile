@@ -1,7 +1,7 @@
 GO ?= go
 BIN := bin
 
-.PHONY: all build test vet fuzz demo bench clean install uninstall proto proto-keyservice
+.PHONY: all build test vet fuzz demo bench clean install uninstall proto
 
 PREFIX ?= /usr/local
 BINDIR ?= $(PREFIX)/bin
@@ -12,23 +12,20 @@ all: build
 build:
 	$(GO) build -o $(BIN)/vtpm ./cmd/vtpm
 	ln -sf vtpm $(BIN)/swtpm
+	$(GO) build -o $(BIN)/vtpm-hostd ./cmd/vtpm-hostd
 	$(GO) build -o $(BIN)/vtpm-keyservice ./cmd/vtpm-keyservice
 
-# The API's generated Go code (committed). protoc is Debian's
-# protobuf-compiler; the plugins are built at pinned versions.
-PROTOC_GEN_GO_VERSION := v1.36.12
-PROTOC_GEN_CONNECT_GO_VERSION := v1.21.1
-PROTOC_PLUGINS := --plugin=protoc-gen-go=$(BIN)/tools/protoc-gen-go --plugin=protoc-gen-connect-go=$(BIN)/tools/protoc-gen-connect-go
-PROTOC_OUT := --go_out=api --go_opt=paths=source_relative --connect-go_out=api --connect-go_opt=paths=source_relative
-
-proto: proto-keyservice
-
-$(BIN)/tools/protoc-gen-go $(BIN)/tools/protoc-gen-connect-go:
-	GOBIN=$(CURDIR)/$(BIN)/tools $(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
-	GOBIN=$(CURDIR)/$(BIN)/tools $(GO) install connectrpc.com/connect/cmd/protoc-gen-connect-go@$(PROTOC_GEN_CONNECT_GO_VERSION)
-
-proto-keyservice: $(BIN)/tools/protoc-gen-go $(BIN)/tools/protoc-gen-connect-go
-	protoc -I api $(PROTOC_PLUGINS) $(PROTOC_OUT) api/vtpm/keyservice/v1/keyservice.proto
+# The API's generated code (committed) from api/**/*.proto: protoc from
+# Debian's protobuf-compiler, its Go plugins at pinned versions.
+PROTOC_GEN_GO := google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12
+PROTOC_GEN_CONNECT_GO := connectrpc.com/connect/cmd/protoc-gen-connect-go@v1.21.1
+proto:
+	GOBIN=$(abspath $(BIN)) $(GO) install $(PROTOC_GEN_GO)
+	GOBIN=$(abspath $(BIN)) $(GO) install $(PROTOC_GEN_CONNECT_GO)
+	cd api && protoc -I . \
+		--plugin=protoc-gen-go=$(abspath $(BIN))/protoc-gen-go --go_out=. --go_opt=paths=source_relative \
+		--plugin=protoc-gen-connect-go=$(abspath $(BIN))/protoc-gen-connect-go --connect-go_out=. --connect-go_opt=paths=source_relative \
+		$$(find . -name '*.proto' | sort)
 
 vet:
 	$(GO) vet ./...
