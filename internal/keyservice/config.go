@@ -19,7 +19,7 @@ const (
 	DefaultListen         = "127.0.0.1:7443"
 	DefaultClientURL      = "http://127.0.0.1:7444"
 	DefaultPeerURL        = "http://127.0.0.1:7445"
-	DefaultName           = "default"
+	DefaultName           = "keyservice"
 	DefaultHealthLifetime = 8 * time.Hour
 	DefaultRequestTimeout = 3 * time.Second
 )

@@ -60,7 +60,7 @@ func (s *Service) TLSConfig() *tls.Config {
 				Certificates: []tls.Certificate{*s.server.Load()},
 				ClientAuth:   tls.VerifyClientCertIfGiven,
 				ClientCAs:    s.ca.Load().pool,
-				NextProtos:   []string{"h2"},
+				NextProtos:   []string{"h2", "http/1.1"},
 			}, nil
 		},
 	}
@@ -76,12 +76,9 @@ func (s *Service) Serve(ctx context.Context, ln net.Listener) error {
 		Handler:           s.Handler(),
 		TLSConfig:         s.TLSConfig(),
 		ReadHeaderTimeout: 10 * time.Second,
-		ErrorLog:          nil,
 	}
-	srv.Protocols = new(http.Protocols)
-	srv.Protocols.SetHTTP2(true)
 	errc := make(chan error, 2)
-	go func() { errc <- srv.Serve(tls.NewListener(ln, srv.TLSConfig)) }()
+	go func() { errc <- srv.ServeTLS(ln, "", "") }()
 	var msrv *http.Server
 	if s.cfg.MetricsListen != "" {
 		mln, err := net.Listen("tcp", s.cfg.MetricsListen)
@@ -118,16 +115,17 @@ func Run(ctx context.Context, cfg Config, ready func(*Service)) error {
 	if err := cfg.Validate(); err != nil {
 		return err
 	}
-	ln, err := net.Listen("tcp", cfg.Listen)
-	if err != nil {
-		return errdefs.Wrap(errdefs.ErrUnavailable, err, "--listen %s", cfg.Listen)
-	}
-	defer ln.Close()
 	s, err := New(ctx, cfg)
 	if err != nil {
 		return err
 	}
 	defer s.Close()
+	// Listen once the node can answer: a connection means ready.
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return errdefs.Wrap(errdefs.ErrUnavailable, err, "--listen %s", cfg.Listen)
+	}
+	defer ln.Close()
 	if ready != nil {
 		ready(s)
 	}
