@@ -28,7 +28,16 @@ import (
 var version = "dev"
 
 func main() {
-	if err := rootCmd().Execute(); err != nil {
+	// `vtpm keyservice ARGS` runs `vtpm-keyservice keyservice ARGS`.
+	// Its usage then names `vtpm keyservice`.
+	root := rootCmd()
+	if len(os.Args) > 1 && os.Args[1] == "keyservice" {
+		vtpm := &cobra.Command{Use: "vtpm", SilenceUsage: true, SilenceErrors: true}
+		root.Use = "keyservice"
+		vtpm.AddCommand(root)
+		root = vtpm
+	}
+	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "vtpm-keyservice:", clirender.Error(err))
 		os.Exit(1)
 	}
@@ -41,10 +50,6 @@ func rootCmd() *cobra.Command {
 		Version:       version,
 		SilenceUsage:  true,
 		SilenceErrors: true,
-	}
-	// Invoked as `vtpm keyservice …`, usage says so.
-	if len(os.Args) > 0 && os.Getenv("VTPM_FORWARDED") == "keyservice" {
-		root.Use = "vtpm keyservice"
 	}
 	root.AddCommand(serveCmd(), initCmd(), joinCmd(), hostCmd(), policyCmd(), vmPolicyCmd(), clientCmd(),
 		auditCmd(), statusCmd(), backupCmd(), restoreCmd(), fleetCmd())
