@@ -48,6 +48,7 @@ type store struct {
 	timeout  time.Duration
 	log      *slog.Logger
 	metrics  *Metrics
+	logLevel zap.AtomicLevel
 
 	mu      sync.Mutex
 	members []memberInfo // the last member list seen, for errors without quorum
@@ -63,12 +64,12 @@ type memberInfo struct {
 // openStore starts the embedded member, or connects to the external
 // cluster, and waits until it is ready.
 func openStore(ctx context.Context, c *Config) (*store, error) {
-	s := &store{timeout: c.RequestTimeout, log: c.Logger}
+	s := &store{timeout: c.RequestTimeout, log: c.Logger, logLevel: zap.NewAtomicLevelAt(zapcore.WarnLevel)}
 	if len(c.EtcdEndpoints) > 0 {
 		cli, err := clientv3.New(clientv3.Config{
 			Endpoints:   c.EtcdEndpoints,
 			DialTimeout: 5 * time.Second,
-			Logger:      quietZap(),
+			Logger:      quietZap(s.logLevel),
 		})
 		if err != nil {
 			return nil, errdefs.Wrap(errdefs.ErrUnavailable, err, "connect to etcd at %s", strings.Join(c.EtcdEndpoints, ", "))
@@ -79,7 +80,7 @@ func openStore(ctx context.Context, c *Config) (*store, error) {
 		}
 		return s, nil
 	}
-	cfg, err := c.etcdConfig()
+	cfg, err := c.etcdConfig(s.logLevel)
 	if err != nil {
 		return nil, err
 	}
@@ -103,9 +104,12 @@ func openStore(ctx context.Context, c *Config) (*store, error) {
 	return s, nil
 }
 
-func quietZap() *zap.Logger {
+// quietZap is etcd's logger: warnings and errors only, and nothing once
+// level is raised for shutdown (a closing member reports its closed
+// listeners as errors).
+func quietZap(level zap.AtomicLevel) *zap.Logger {
 	zc := zap.NewProductionConfig()
-	zc.Level = zap.NewAtomicLevelAt(zapcore.WarnLevel)
+	zc.Level = level
 	zc.OutputPaths = []string{"stderr"}
 	zc.ErrorOutputPaths = []string{"stderr"}
 	lg, err := zc.Build()
@@ -117,7 +121,7 @@ func quietZap() *zap.Logger {
 
 // etcdConfig is the embedded member's configuration: ports on the
 // configured loopback URLs, logging at warn.
-func (c *Config) etcdConfig() (*embed.Config, error) {
+func (c *Config) etcdConfig(level zap.AtomicLevel) (*embed.Config, error) {
 	cfg := embed.NewConfig()
 	cfg.Name = c.Name
 	cfg.Dir = filepath.Join(c.DataDir, "etcd")
@@ -143,7 +147,7 @@ func (c *Config) etcdConfig() (*embed.Config, error) {
 	cfg.Logger = "zap"
 	cfg.LogLevel = "warn"
 	cfg.LogOutputs = []string{"stderr"}
-	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(quietZap())
+	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(quietZap(level))
 	// Compact the history hourly: the service keeps state, not history.
 	cfg.AutoCompactionMode = "periodic"
 	cfg.AutoCompactionRetention = "1h"
@@ -154,6 +158,7 @@ func (c *Config) etcdConfig() (*embed.Config, error) {
 }
 
 func (s *store) close() {
+	s.logLevel.SetLevel(zapcore.FatalLevel)
 	if s.cli != nil {
 		s.cli.Close()
 	}
