@@ -167,7 +167,9 @@ func fleetProtector(t *testing.T, fleet *guardian.Guardian) ([]byte, []byte, uui
 	return p.Marshal(), dek, id
 }
 
-func keyBytes(t *testing.T, k interface{ WriteTo(io.Writer) (int64, error) }) []byte {
+func keyBytes(t *testing.T, k interface {
+	WriteTo(io.Writer) (int64, error)
+}) []byte {
 	var b bytes.Buffer
 	if _, err := k.WriteTo(&b); err != nil {
 		t.Fatal(err)
