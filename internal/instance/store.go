@@ -1,6 +1,7 @@
 package instance
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -139,6 +140,22 @@ func openSealed(stateDir, dataKey, runAs string, allowRollback, adoptable bool, 
 		// or reprovisions one, and a TPM this host cannot open fails before
 		// its generation record is touched.
 		o, err := host.OpenTPMWith(stateDir, keybroker.OpenOptions{AllowRollback: allowRollback})
+		var missing *keybroker.MissingKeyError
+		if errors.As(err, &missing) {
+			if row, ok := hostsvc.FleetRow(paths.HostDataRoot(), missing.Rows); ok {
+				// The protector has the fleet guardian's row: the host
+				// service asks the key service for the key (this process
+				// links no network client).
+				log.Info("no guardian of this host opens the TPM; asking the host service for its key from the key service", "tpm", missing.TPM, "fleet_guardian", row.Name)
+				host.Close()
+				keep = true // closed already
+				sk, _, serr := openFromService(stateDir, allowRollback, log)
+				if serr != nil {
+					return nil, "", &hostsvc.FleetError{Missing: missing, Service: serr}
+				}
+				return sk, "", nil
+			}
+		}
 		if err != nil {
 			return nil, "", err
 		}
