@@ -251,7 +251,8 @@ func (s *store) unavailable(what string, cause error) error {
 	for i, m := range ms {
 		e.Members[i] = MemberState{Name: m.Name, URL: strings.Join(m.ClientURLs, ",")}
 		if len(m.ClientURLs) == 0 {
-			e.Members[i].State = "not started"
+			// Added, never started: etcd knows its peer URL only.
+			e.Members[i] = MemberState{Name: "new member", URL: strings.Join(m.PeerURLs, ","), State: "not started"}
 			continue
 		}
 		wg.Add(1)
