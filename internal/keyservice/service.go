@@ -589,6 +589,11 @@ func (s *Service) AddMember(ctx context.Context, who Identity, name string, peer
 	if s.st.etcd == nil {
 		return "", nil, errdefs.New(errdefs.ErrFailedPrecondition, "this key service uses an external etcd: add members to that cluster, and start the node with the same endpoints")
 	}
+	// Audited first: until the new member starts, a cluster of two has
+	// no quorum.
+	if _, _, err := s.appendAudit(ctx, AuditRecord{Event: EventMember, Actor: who.Name, Outcome: "ok", Detail: fmt.Sprintf("member %s at %s", name, strings.Join(peerURLs, ","))}); err != nil {
+		return "", nil, err
+	}
 	var resp *clientv3.MemberAddResponse
 	err := s.st.op(ctx, "add member "+name, func(ctx context.Context) error {
 		var err error
@@ -607,9 +612,6 @@ func (s *Service) AddMember(ctx context.Context, who Identity, name string, peer
 		for _, u := range m.PeerURLs {
 			parts = append(parts, n+"="+u)
 		}
-	}
-	if _, _, err := s.appendAudit(ctx, AuditRecord{Event: EventMember, Actor: who.Name, Outcome: "ok", Detail: fmt.Sprintf("member %s at %s", name, strings.Join(peerURLs, ","))}); err != nil {
-		return "", nil, err
 	}
 	return strings.Join(parts, ","), append([]byte(nil), s.key.raw...), nil
 }

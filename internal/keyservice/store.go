@@ -14,11 +14,14 @@ import (
 	"sync"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.etcd.io/etcd/server/v3/etcdserver/api/v3client"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"vtpm/internal/errdefs"
 )
@@ -198,6 +201,16 @@ func (s *store) op(ctx context.Context, what string, f func(ctx context.Context)
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
 	err := f(ctx)
+	// A leader change or an election in progress passes: try again until
+	// the deadline. Every write the service makes is a compare-and-swap or
+	// idempotent, so a retried write that had in fact committed is noticed.
+	for err != nil && isTransient(err) && ctx.Err() == nil {
+		select {
+		case <-ctx.Done():
+		case <-time.After(50 * time.Millisecond):
+			err = f(ctx)
+		}
+	}
 	if err == nil || !isEtcdUnavailable(err) {
 		if s.metrics != nil {
 			s.metrics.etcd(true)
@@ -210,11 +223,21 @@ func (s *store) op(ctx context.Context, what string, f func(ctx context.Context)
 	return s.unavailable(what, err)
 }
 
+// isTransient reports etcd's errors of a cluster between leaders.
+func isTransient(err error) bool {
+	switch rpctypes.Error(err) {
+	case rpctypes.ErrLeaderChanged, rpctypes.ErrNoLeader, rpctypes.ErrTimeout, rpctypes.ErrTimeoutDueToLeaderFail,
+		rpctypes.ErrTimeoutDueToConnectionLost, rpctypes.ErrTimeoutWaitAppliedIndex, rpctypes.ErrTooManyRequests:
+		return true
+	}
+	return false
+}
+
 func isEtcdUnavailable(err error) bool {
-	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) ||
-		strings.Contains(err.Error(), "etcdserver: request timed out") ||
-		strings.Contains(err.Error(), "etcdserver: no leader") ||
-		strings.Contains(err.Error(), "Unavailable")
+	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) || isTransient(err) {
+		return true
+	}
+	return status.Code(err) == codes.Unavailable || status.Code(err) == codes.DeadlineExceeded
 }
 
 // unavailable probes every member briefly and describes the cluster.
@@ -228,7 +251,8 @@ func (s *store) unavailable(what string, cause error) error {
 	for i, m := range ms {
 		e.Members[i] = MemberState{Name: m.Name, URL: strings.Join(m.ClientURLs, ",")}
 		if len(m.ClientURLs) == 0 {
-			e.Members[i].State = "not started"
+			// Added, never started: etcd knows its peer URL only.
+			e.Members[i] = MemberState{Name: "new member", URL: strings.Join(m.PeerURLs, ","), State: "not started"}
 			continue
 		}
 		wg.Add(1)
