@@ -115,7 +115,7 @@ type ReleaseError struct {
 }
 
 func (e *ReleaseError) Error() string {
-	return fmt.Sprintf("TPM %s: no guardian of this host opens it, and the key service did not release its key (fleet guardian %s): %v", e.TPM, e.Fleet, e.Err)
+	return fmt.Sprintf("no guardian of this host opens TPM %s, and the key service did not release its key (fleet guardian %s): %v", e.TPM, e.Fleet, e.Err)
 }
 
 func (e *ReleaseError) Unwrap() error { return e.Err }
@@ -132,8 +132,13 @@ type FleetError struct {
 }
 
 func (e *FleetError) Error() string {
-	return fmt.Sprintf("TPM %s (%s): no guardian of this host opens it, and its key could not be had from the key service through the host service: %v",
-		e.Missing.TPM, e.Missing.Dir, e.Service)
+	var u *UnavailableError
+	if errors.As(e.Service, &u) {
+		return fmt.Sprintf("no guardian of this host opens TPM %s (%s), and the host service, which would ask the key service for its key, did not answer: %v",
+			e.Missing.TPM, e.Missing.Dir, e.Service)
+	}
+	// The service's answer says what it tried.
+	return fmt.Sprintf("%s: %v", e.Missing.Dir, e.Service)
 }
 
 func (e *FleetError) Unwrap() error { return e.Service }
