@@ -20,6 +20,8 @@ import (
 
 	"vtpm/internal/errdefs"
 	"vtpm/internal/hostcheck"
+	"vtpm/internal/hostsvc"
+	"vtpm/internal/keybroker"
 	"vtpm/internal/qmp"
 	"vtpm/internal/sandbox"
 	"vtpm/internal/state"
@@ -261,6 +263,18 @@ func (h *Registry) checkTPMKey(v *VM) error {
 	}
 	defer k.Close()
 	o, err := k.OpenTPM(dir)
+	var missing *keybroker.MissingKeyError
+	if errors.As(err, &missing) {
+		if _, ok := hostsvc.FleetRow(h.Root, missing.Rows); ok {
+			// The vTPM will get the key from the key service through the
+			// host service; asking for it here would release it twice.
+			// The service must answer, though.
+			if _, perr := (hostsvc.Client{}).Ping(); perr != nil {
+				return &hostsvc.FleetError{Missing: missing, Service: perr}
+			}
+			return nil
+		}
+	}
 	if err != nil {
 		return err
 	}

@@ -1,0 +1,115 @@
+package keybroker
+
+import (
+	"errors"
+	"path/filepath"
+	"testing"
+
+	"vtpm/internal/errdefs"
+	"vtpm/internal/guardian"
+)
+
+// A key the key service released (its fleet row opened elsewhere) opens a
+// TPM on a host that holds no guardian of it, whoever owns the protector;
+// a key that is not the TPM's, and a protector older than one this host
+// has seen, are refused.
+func TestAcceptReleased(t *testing.T) {
+	owner := newHost(t)
+	dir, o := newTPM(t, owner)
+	o.Close()
+	v1, err := ReadProtector(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fleet, err := guardian.New("fleet", guardian.MLKEM768X25519)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := owner.Grant(dir, fleet); err != nil {
+		t.Fatal(err)
+	}
+	other, _ := newTPM(t, owner)
+
+	host := newHost(t)
+	here := filepath.Join(t.TempDir(), "tpm")
+	copyState(t, dir, here)
+	if _, err := host.OpenTPM(here); !errors.As(err, new(*MissingKeyError)) {
+		t.Fatalf("OpenTPM on a host the protector does not admit: %v, want a MissingKeyError", err)
+	}
+	// release is what the key service does: open the fleet row.
+	release := func(t *testing.T, dir string) (*guardian.Protector, *Key) {
+		t.Helper()
+		p, err := ReadProtector(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		dek, _, err := p.Open([]*guardian.Guardian{fleet})
+		if err != nil {
+			// A protector without the fleet row: the owner's key.
+			if dek, _, err = p.Open([]*guardian.Guardian{local(t, owner)}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		k, err := newKey(p.TPM(), dek)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p, k
+	}
+
+	tests := []struct {
+		name     string
+		key      func(t *testing.T) (*guardian.Protector, *Key)
+		opts     OpenOptions
+		wantKind error // nil: accepted
+	}{
+		// First: this host records the protector's version as seen.
+		{"the released key", func(t *testing.T) (*guardian.Protector, *Key) { return release(t, here) }, OpenOptions{}, nil},
+		{"a key of another TPM", func(t *testing.T) (*guardian.Protector, *Key) {
+			p, _ := release(t, here)
+			_, k := release(t, other)
+			return p, k
+		}, OpenOptions{}, errdefs.ErrDataLoss},
+		{"a random key", func(t *testing.T) (*guardian.Protector, *Key) {
+			p, _ := release(t, here)
+			k, err := randomKey(p.TPM())
+			if err != nil {
+				t.Fatal(err)
+			}
+			return p, k
+		}, OpenOptions{}, errdefs.ErrDataLoss},
+		{"an older protector than seen here", func(t *testing.T) (*guardian.Protector, *Key) {
+			_, k := release(t, here)
+			return v1, k
+		}, OpenOptions{}, errdefs.ErrDataLoss},
+		{"an older protector, rollback allowed", func(t *testing.T) (*guardian.Protector, *Key) {
+			_, k := release(t, here)
+			return v1, k
+		}, OpenOptions{AllowRollback: true}, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p, k := tt.key(t)
+			got, err := host.AcceptReleased(here, p, k, "key service (fleet)", tt.opts)
+			if tt.wantKind == nil {
+				if err != nil {
+					t.Fatalf("AcceptReleased: %v", err)
+				}
+				defer got.Close()
+				if got.TPM != p.TPM() || got.By != "key service (fleet)" {
+					t.Errorf("opened TPM %s by %q", got.TPM, got.By)
+				}
+				return
+			}
+			if !errors.Is(err, tt.wantKind) {
+				t.Fatalf("AcceptReleased: %v, want %v", err, tt.wantKind)
+			}
+		})
+	}
+	// The older protector's refusal says so, with the versions.
+	_, k := release(t, here)
+	var rb *ProtectorRollbackError
+	if _, err := host.AcceptReleased(here, v1, k, "key service", OpenOptions{}); !errors.As(err, &rb) || rb.Version != 1 || rb.Seen != 2 {
+		t.Errorf("an older protector: %v, want a ProtectorRollbackError of version 1, seen 2", err)
+	}
+}
