@@ -281,6 +281,21 @@ func TestFleetKeyRelease(t *testing.T) {
 	got := a.mustVTPM(t, "protector", "grant", own, "--key-service", ks.url())
 	wantAll(t, "grant --key-service", got, "granted fleet")
 
+	// A VM born with the fleet row.
+	got = a.mustVTPM(t, "vm", "create", "fleetvm", "--os", "linux", "--tpm", "--no-disk", "--key-service", ks.url())
+	wantAll(t, "vm create --key-service", got, "granted the key service's fleet guardian fleet")
+	var shown struct {
+		Rows []struct {
+			Name string `json:"name"`
+		} `json:"rows"`
+	}
+	if err := json.Unmarshal([]byte(a.mustVTPM(t, "protector", "show", "fleetvm", "--json")), &shown); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(shown.Rows); n != 2 || shown.Rows[1].Name != "fleet" {
+		t.Errorf("fleetvm's protector rows: %+v, want the host's and the fleet's", shown.Rows)
+	}
+
 	audit := ks.ks(t, append([]string{"audit", "--json"}, ks.args()...)...)
 	var log struct {
 		Records []auditRecord `json:"records"`
@@ -303,4 +318,15 @@ func TestFleetKeyRelease(t *testing.T) {
 	out = refused(t, a, onA)
 	wantAll(t, "alpha's start without the key service", out, "key service unavailable; tried "+ks.url()+" (unreachable")
 	serveTPM(t, a, own)
+
+	// Nor is a VM born for the fleet while the key service is down: the
+	// fleet guardian is asked for first, and no VM is left behind.
+	out, err := a.vtpm(t, "vm", "create", "late", "--os", "linux", "--tpm", "--no-disk", "--key-service", ks.url())
+	if err == nil {
+		t.Fatalf("vm create --key-service with the key service down:\n%s", out)
+	}
+	wantAll(t, "vm create without the key service", out, "cannot fetch the fleet guardian from the key service at "+ks.url())
+	if out, err := a.vtpm(t, "vm", "show", "late"); err == nil {
+		t.Errorf("a VM was left behind:\n%s", out)
+	}
 }
