@@ -29,6 +29,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -72,6 +73,9 @@ type Releaser struct {
 	name     string
 	log      *slog.Logger
 	fleet    atomic.Pointer[guardian.Guardian]
+	// attesting keeps a renewal from superseding the health certificate
+	// of a release in flight (the service refuses a superseded one).
+	attesting sync.RWMutex
 }
 
 var _ hostsvc.Releaser = (*Releaser)(nil)
@@ -142,7 +146,9 @@ func (r *Releaser) FleetCertificates(ctx context.Context) ([]byte, error) {
 
 // Attest attests the host now.
 func (r *Releaser) Attest(ctx context.Context) (time.Time, error) {
+	r.attesting.Lock()
 	notAfter, err := r.host.Attest(ctx)
+	r.attesting.Unlock()
 	if err != nil {
 		return time.Time{}, err
 	}
@@ -154,7 +160,9 @@ func (r *Releaser) Attest(ctx context.Context) (time.Time, error) {
 // protector is given, attesting first when the health certificate is
 // missing or about to expire.
 func (r *Releaser) Release(ctx context.Context, protector []byte) (*keybroker.Key, error) {
+	r.attesting.RLock()
 	k, err := r.host.Release(ctx, protector)
+	r.attesting.RUnlock()
 	if err != nil {
 		r.log.Warn("key service: no key released", "err", err)
 		return nil, err
