@@ -92,8 +92,16 @@ func TestUntrustedOnAnOpenConnection(t *testing.T) {
 	if info.Msg.GetName() != "a" || info.Msg.GetGuardianFingerprint() != a.local.Fingerprint() {
 		t.Errorf("b's view of a: %v", info.Msg)
 	}
+	if err := b.diagnose(pa); err != nil {
+		t.Errorf("a handshake with a, which trusts b: %v", err)
+	}
 	if _, err := a.Untrust("b"); err != nil {
 		t.Fatal(err)
+	}
+	// New connections are refused in the handshake.
+	var refused *RefusedError
+	if err := b.diagnose(pa); !errors.As(err, &refused) || refused.Peer != "a" || refused.Host != "b" {
+		t.Errorf("a handshake with a, which no longer trusts b: %v", err)
 	}
 	_, err = c.GetInfo(ctx, connect.NewRequest(&hostv1.GetInfoRequest{}))
 	got := apierr.FromConnect(err, "on host a")
