@@ -210,3 +210,35 @@ func TestLocalJSON(t *testing.T) {
 		t.Errorf("error detail: %v", debug)
 	}
 }
+
+// TestRunFailsCleanly: a listen address in use stops Run before it
+// serves, and leaves no socket behind.
+func TestRunFailsCleanly(t *testing.T) {
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	dir := t.TempDir()
+	s, err := New(Options{DataRoot: dir, Socket: filepath.Join(dir, "host.sock"), Listen: busy.Addr().String(), Name: "a", HostTPM: "none",
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Run(context.Background()); err == nil || !strings.Contains(err.Error(), "address already in use") {
+		t.Fatalf("Run on a busy address: %v", err)
+	}
+	for _, p := range []string{s.opts.APISocket, s.opts.Socket} {
+		if _, err := os.Lstat(p); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s left behind (%v)", p, err)
+		}
+	}
+}
+
+func TestNewChecksAddresses(t *testing.T) {
+	for _, o := range []Options{{Listen: "7443"}, {Metrics: "localhost"}} {
+		if _, err := New(o); err == nil {
+			t.Errorf("New(%+v) accepted it", o)
+		}
+	}
+}
