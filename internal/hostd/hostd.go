@@ -63,8 +63,11 @@ type Server struct {
 	peers  []*Peer
 	broker *keybroker.Broker
 	local  *guardian.Guardian
-	cert   tls.Certificate // set when the TLS API is on
 	hasTLS bool
+	// certMu guards cert, renewed while the service runs (certificate).
+	certMu sync.Mutex
+	cert   tls.Certificate
+	ips    []net.IP
 
 	services []Service
 	ready    chan struct{}
@@ -223,8 +226,8 @@ func (s *Server) Run(ctx context.Context) (err error) {
 	var tcp net.Listener
 	var remote *http.Server
 	if s.opts.Listen != "" {
-		ips := listenIPs(s.opts.Listen)
-		if s.cert, err = hostCertificate(b.Keystore(), s.local, s.opts.Name, ips); err != nil {
+		s.ips = listenIPs(s.opts.Listen)
+		if s.cert, err = hostCertificate(b.Keystore(), s.local, s.opts.Name, s.ips); err != nil {
 			return fail(fmt.Errorf("the host's TLS certificate: %w", err))
 		}
 		s.hasTLS = true
@@ -232,7 +235,7 @@ func (s *Server) Run(ctx context.Context) (err error) {
 			return fail(err)
 		}
 		opened = append(opened, tcp)
-		remote = &http.Server{Handler: s.remoteHandler(), TLSConfig: serverTLS(s.cert, s.currentPeers),
+		remote = &http.Server{Handler: s.remoteHandler(), TLSConfig: serverTLS(s.certificate, s.currentPeers),
 			ReadHeaderTimeout: 10 * time.Second, ErrorLog: errorLog(s.log)}
 		servers = append(servers, remote)
 	}

@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"connectrpc.com/connect"
 
@@ -173,6 +174,19 @@ func TestCertificateKept(t *testing.T) {
 	}
 	if err := s.local.Issued(renamed.Leaf); err != nil {
 		t.Errorf("the certificate is not the guardian's: %v", err)
+	}
+	// A certificate near its end is renewed while the service runs.
+	s.certMu.Lock()
+	ending := *s.cert.Leaf
+	ending.NotAfter = time.Now().Add(time.Hour)
+	s.cert.Leaf = &ending
+	s.certMu.Unlock()
+	c, err := s.certificate()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if time.Until(c.Leaf.NotAfter) < renewBefore || s.local.Issued(c.Leaf) != nil || c.Leaf.Subject.CommonName != "a" {
+		t.Errorf("renewed certificate: %s until %v", c.Leaf.Subject.CommonName, c.Leaf.NotAfter)
 	}
 }
 

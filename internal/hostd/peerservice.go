@@ -212,7 +212,7 @@ func (s *Server) PeerError(name string, err error) error {
 // one that refuses it sends an alert. It returns the refusal, a changed
 // certificate, or nil when it learns nothing.
 func (s *Server) diagnose(p *Peer) error {
-	d := &tls.Dialer{NetDialer: &net.Dialer{Timeout: callTimeout}, Config: clientTLS(s.cert, p)}
+	d := &tls.Dialer{NetDialer: &net.Dialer{Timeout: callTimeout}, Config: clientTLS(s.certificate, p)}
 	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
 	defer cancel()
 	c, err := d.DialContext(ctx, "tcp", p.Address)
