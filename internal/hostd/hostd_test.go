@@ -22,16 +22,26 @@ import (
 	"vtpm/internal/apierr"
 	"vtpm/internal/clirender"
 	"vtpm/internal/errdefs"
+	"vtpm/internal/hostcheck"
+	"vtpm/internal/keybroker"
+	"vtpm/internal/keystore"
 	"vtpm/internal/testutil"
+	"vtpm/internal/vm"
 )
 
 // runServer runs a host service named name in this process, with its own
 // data root and sockets, and stops it at cleanup.
 func runServer(t *testing.T, name string) *Server {
 	t.Helper()
+	return runServerAt(t, name, filepath.Join(t.TempDir(), "root"))
+}
+
+// runServerAt is runServer on an existing data root.
+func runServerAt(t *testing.T, name, root string) *Server {
+	t.Helper()
 	dir := t.TempDir()
 	s, err := New(Options{
-		DataRoot: filepath.Join(dir, "root"), Socket: filepath.Join(dir, "host.sock"),
+		DataRoot: root, Socket: filepath.Join(dir, "host.sock"),
 		Listen: "127.0.0.1:" + strconv.Itoa(testutil.FreePorts(t, 1)), Name: name, Version: "test", HostTPM: "none",
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
 	})
@@ -254,5 +264,43 @@ func TestNewChecksAddresses(t *testing.T) {
 		if _, err := New(o); err == nil {
 			t.Errorf("New(%+v) accepted it", o)
 		}
+	}
+}
+
+// TestListVMs: the VMs of the host's registry, with their TPMs' identity
+// and owner, read without opening a key.
+func TestListVMs(t *testing.T) {
+	if _, err := os.Stat(filepath.Join(hostcheck.FirmwareDir, hostcheck.OVMFVarsMS)); err != nil {
+		testutil.Missing(t, "OVMF is not installed: %v", err)
+	}
+	root := t.TempDir()
+	reg := vm.NewRegistry(root, func() (*keybroker.Broker, error) { return keybroker.Open(root, keystore.Options{HostTPM: "none"}) })
+	yes, no := true, false
+	withTPM, err := reg.Create(vm.CreateOptions{Name: "web", OS: vm.Linux, TPM: &yes, NoDisk: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := reg.Create(vm.CreateOptions{Name: "plain", OS: vm.Linux, TPM: &no, NoDisk: true}); err != nil {
+		t.Fatal(err)
+	}
+	s := runServerAt(t, "a", root)
+	rsp, err := (&hostService{s: s}).ListVMs(context.Background(), connect.NewRequest(&hostv1.ListVMsRequest{}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]*hostv1.VM{}
+	for _, v := range rsp.Msg.GetVms() {
+		got[v.GetName()] = v
+	}
+	web, plain := got["web"], got["plain"]
+	if len(got) != 2 || web == nil || plain == nil {
+		t.Fatalf("ListVMs: %v", rsp.Msg.GetVms())
+	}
+	if web.GetUuid() != withTPM.VM.Config.UUID.String() || !web.GetTpmEnabled() || web.GetRunning() || web.GetTpmUuid() == "" ||
+		web.GetTpmOwnerFingerprint() != s.local.Fingerprint() {
+		t.Errorf("web: %v (this host's guardian %s)", web, s.local.Fingerprint())
+	}
+	if plain.GetTpmEnabled() || plain.GetTpmUuid() != "" {
+		t.Errorf("plain: %v", plain)
 	}
 }
