@@ -106,6 +106,18 @@ func TestUntrustedOnAnOpenConnection(t *testing.T) {
 	if err := b.diagnose(pa); err != nil {
 		t.Errorf("a handshake with a, which trusts b: %v", err)
 	}
+	metrics := func() (int, string) {
+		rsp, err := hc.Get(base + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rsp.Body.Close()
+		body, _ := io.ReadAll(rsp.Body)
+		return rsp.StatusCode, string(body)
+	}
+	if code, body := metrics(); code != http.StatusOK || !strings.Contains(body, "vtpm_host_running_vtpms 0") {
+		t.Errorf("a's metrics for b: %d\n%s", code, body)
+	}
 	if _, err := a.Untrust("b"); err != nil {
 		t.Fatal(err)
 	}
@@ -118,6 +130,9 @@ func TestUntrustedOnAnOpenConnection(t *testing.T) {
 	got := apierr.FromConnect(err, "on host a")
 	if connect.CodeOf(err) != connect.CodePermissionDenied || !errors.Is(got, errdefs.ErrPermissionDenied) {
 		t.Fatalf("b's call after a untrusted it: %v (code %v)", err, connect.CodeOf(err))
+	}
+	if code, _ := metrics(); code != http.StatusForbidden {
+		t.Errorf("a's metrics for b, no longer trusted: %d", code)
 	}
 	r := clirender.Error(got)
 	for _, want := range []string{"host a does not trust the calling host", "`vtpm host trust NAME ADDRESS CERTS` (on host a)"} {
