@@ -21,6 +21,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	ksv1 "vtpm/api/vtpm/keyservice/v1"
+	"vtpm/internal/clirender"
 	"vtpm/internal/errdefs"
 	"vtpm/internal/guardian"
 	"vtpm/internal/keyservice"
@@ -36,7 +37,7 @@ type node struct {
 	done   chan error
 }
 
-func nodeConfig(t *testing.T, dir string) keyservice.Config {
+func nodeConfig(t testing.TB, dir string) keyservice.Config {
 	base := testutil.FreePorts(t, 4)
 	return keyservice.Config{
 		Name:           "n1",
@@ -50,7 +51,7 @@ func nodeConfig(t *testing.T, dir string) keyservice.Config {
 	}
 }
 
-func startNode(t *testing.T, cfg keyservice.Config) *node {
+func startNode(t testing.TB, cfg keyservice.Config) *node {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	n := &node{cfg: cfg, cancel: cancel, done: make(chan error, 1)}
@@ -79,7 +80,7 @@ func (n *node) url() string { return "https://" + n.cfg.Listen }
 
 // initService runs init on n and returns an admin client and the fleet
 // guardian.
-func initService(t *testing.T, n *node) (*client.Client, *guardian.Guardian) {
+func initService(t testing.TB, n *node) (*client.Client, *guardian.Guardian) {
 	t.Helper()
 	token, err := keyservice.ReadInitToken(filepath.Join(n.cfg.DataDir, "service.key"))
 	if err != nil {
@@ -121,7 +122,7 @@ type testHost struct {
 	ks       *client.Host
 }
 
-func addHost(t *testing.T, admin *client.Client, name string, groups ...string) *testHost {
+func addHost(t testing.TB, admin *client.Client, name string, groups ...string) *testHost {
 	t.Helper()
 	g, err := guardian.New("host:"+name, guardian.MLKEM768X25519)
 	if err != nil {
@@ -140,7 +141,7 @@ func addHost(t *testing.T, admin *client.Client, name string, groups ...string) 
 	return hostFromBundle(t, name, g, b)
 }
 
-func hostFromBundle(t *testing.T, name string, g *guardian.Guardian, b *client.Bundle) *testHost {
+func hostFromBundle(t testing.TB, name string, g *guardian.Guardian, b *client.Bundle) *testHost {
 	c, err := client.New(b, client.Options{})
 	if err != nil {
 		t.Fatal(err)
@@ -151,7 +152,7 @@ func hostFromBundle(t *testing.T, name string, g *guardian.Guardian, b *client.B
 // fleetProtector is the protector of a new TPM owned by a guardian that
 // no test host holds, admitting the fleet guardian: only the key service
 // can open it for them.
-func fleetProtector(t *testing.T, fleet *guardian.Guardian) ([]byte, []byte, uuid.UUID) {
+func fleetProtector(t testing.TB, fleet *guardian.Guardian) ([]byte, []byte, uuid.UUID) {
 	t.Helper()
 	owner, err := guardian.New("host:owner", guardian.MLKEM768X25519)
 	if err != nil {
@@ -226,6 +227,10 @@ func TestReleaseToAttestedHostsOnly(t *testing.T) {
 	_, err = b.ks.Release(ctx, prot)
 	if msg := denial(t, err); !strings.Contains(msg, "not registered") {
 		t.Errorf("unregistered host: %v", err)
+	}
+	// The remote denial renders like a local one, with its way out.
+	if out := clirender.Error(err); !strings.Contains(out, "fix: register the host: `vtpm keyservice host add b --mode key --guardian CERTS.pem` (an admin of the key service)") {
+		t.Errorf("rendered denial:\n%s", out)
 	}
 	if err := admin.RevokeHost(ctx, "a"); err != nil {
 		t.Fatal(err)
