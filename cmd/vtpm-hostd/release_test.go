@@ -10,9 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -22,30 +20,6 @@ import (
 	"vtpm/internal/keyrelease"
 	"vtpm/internal/testutil"
 )
-
-var (
-	ksOnce sync.Once
-	ksErr  error
-)
-
-// keyserviceBinary builds cmd/vtpm-keyservice beside the test's vtpm
-// (where `vtpm keyservice …` looks for it).
-func keyserviceBinary(t *testing.T) string {
-	t.Helper()
-	dir := filepath.Dir(testutil.Binary(t))
-	ksOnce.Do(func() {
-		_, file, _, _ := runtime.Caller(0)
-		cmd := exec.Command("go", "build", "-o", filepath.Join(dir, "vtpm-keyservice"), "./cmd/vtpm-keyservice")
-		cmd.Dir = filepath.Join(filepath.Dir(file), "..", "..")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			ksErr = fmt.Errorf("go build ./cmd/vtpm-keyservice: %v\n%s", err, out)
-		}
-	})
-	if ksErr != nil {
-		t.Fatal(ksErr)
-	}
-	return filepath.Join(dir, "vtpm-keyservice")
-}
 
 // keyService is a single-node vtpm-keyservice (embedded etcd) on loopback.
 type keyService struct {
@@ -67,7 +41,7 @@ func newKeyService(t *testing.T) *keyService {
 // start runs `vtpm keyservice serve` (through vtpm, as a user would).
 func (k *keyService) start(t *testing.T) {
 	t.Helper()
-	keyserviceBinary(t)
+	testutil.KeyserviceBinary(t)
 	cmd := exec.Command(testutil.Binary(t), "keyservice", "serve", "--data-dir", k.dir, "--listen", k.listen,
 		"--client-url", k.clientURL, "--peer-url", k.peerURL, "--request-timeout", "2s")
 	k.proc = testutil.StartCmd(t, cmd, "")
