@@ -246,7 +246,7 @@ func TestFleetKeyRelease(t *testing.T) {
 	// beta: refused, and the reason said where the vTPM's start failed.
 	out := refused(t, b, onB)
 	wantAll(t, "beta's refused start", out, "no guardian of this host opens TPM", "the key service did not release its key",
-		"host beta denied: the host is not registered", "fix: have an admin of the key service register host beta")
+		"host beta denied: the host is not registered", "fix: register the host: `vtpm keyservice host add beta")
 
 	// A TPM of alpha's own, granted to the fleet with --key-service: its
 	// own row opens it whatever the key service's state.
