@@ -164,9 +164,9 @@ func Accept(ctx context.Context, h *vm.Registry, req *Request, r io.Reader, lim 
 
 // Result is what a transfer did.
 type Result struct {
-	Op   vm.Op  `json:"op"`
-	VM   string `json:"vm"` // the source VM
-	To   string `json:"to"`
+	Op vm.Op  `json:"op"`
+	VM string `json:"vm"` // the source VM
+	To string `json:"to"`
 	*Arrived
 	Bytes    int64         `json:"bytes"` // data sent
 	Duration time.Duration `json:"duration_ns"`
