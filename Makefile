@@ -1,7 +1,7 @@
 GO ?= go
 BIN := bin
 
-.PHONY: all build test vet fuzz demo bench clean install uninstall
+.PHONY: all build test vet fuzz demo bench clean install uninstall proto
 
 PREFIX ?= /usr/local
 BINDIR ?= $(PREFIX)/bin
@@ -12,6 +12,19 @@ all: build
 build:
 	$(GO) build -o $(BIN)/vtpm ./cmd/vtpm
 	ln -sf vtpm $(BIN)/swtpm
+	$(GO) build -o $(BIN)/vtpm-hostd ./cmd/vtpm-hostd
+
+# The API's generated code (committed) from api/**/*.proto: protoc from
+# Debian's protobuf-compiler, its Go plugins at pinned versions.
+PROTOC_GEN_GO := google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12
+PROTOC_GEN_CONNECT_GO := connectrpc.com/connect/cmd/protoc-gen-connect-go@v1.21.1
+proto:
+	GOBIN=$(abspath $(BIN)) $(GO) install $(PROTOC_GEN_GO)
+	GOBIN=$(abspath $(BIN)) $(GO) install $(PROTOC_GEN_CONNECT_GO)
+	cd api && protoc -I . \
+		--plugin=protoc-gen-go=$(abspath $(BIN))/protoc-gen-go --go_out=. --go_opt=paths=source_relative \
+		--plugin=protoc-gen-connect-go=$(abspath $(BIN))/protoc-gen-connect-go --connect-go_out=. --connect-go_opt=paths=source_relative \
+		$$(find . -name '*.proto' | sort)
 
 vet:
 	$(GO) vet ./...
