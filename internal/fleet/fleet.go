@@ -219,13 +219,24 @@ func hostState(reachable bool) string {
 
 func oneLine(s string) string { return strings.Join(strings.Fields(s), " ") }
 
+// VM is one VM in a fleet-wide list.
+type VM struct {
+	Name  string `json:"name"`
+	UUID  string `json:"uuid"`
+	State string `json:"state"` // running or stopped
+	TPM   string `json:"tpm"`   // enabled, disabled or none
+}
+
+// ListColumns head the columns of a fleet-wide list.
+var ListColumns = []string{"HOST", "NAME", "UUID", "STATE", "TPM"}
+
 // HostList is one host's VMs.
 type HostList struct {
-	Host      string       `json:"host"`
-	Reachable bool         `json:"reachable"`
-	Error     string       `json:"error,omitempty"`
-	Err       error        `json:"-"`
-	VMs       []vm.Summary `json:"vms"`
+	Host      string `json:"host"`
+	Reachable bool   `json:"reachable"`
+	Error     string `json:"error,omitempty"`
+	Err       error  `json:"-"`
+	VMs       []VM   `json:"vms"`
 }
 
 // ListReport is the VMs of many hosts.
@@ -235,13 +246,13 @@ type ListReport struct {
 }
 
 // Lists collects outcomes of a listing into a report.
-func Lists(outs []Outcome[[]vm.Summary], explain func(error) string) *ListReport {
+func Lists(outs []Outcome[[]VM], explain func(error) string) *ListReport {
 	r := &ListReport{Hosts: []HostList{}}
 	r.Summary.Hosts = len(outs)
 	for _, o := range outs {
 		hl := HostList{Host: o.Host, Reachable: o.Err == nil || !Unreachable(o.Err), VMs: o.Value}
 		if hl.VMs == nil {
-			hl.VMs = []vm.Summary{}
+			hl.VMs = []VM{}
 		}
 		if o.Err != nil {
 			hl.Err, hl.Error = o.Err, explain(o.Err)
@@ -261,13 +272,13 @@ func Lists(outs []Outcome[[]vm.Summary], explain func(error) string) *ListReport
 // that did not answer, and the summary.
 func (r *ListReport) WriteText(w io.Writer) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "HOST\t"+strings.Join(vm.ListColumns, "\t"))
+	fmt.Fprintln(tw, strings.Join(ListColumns, "\t"))
 	for _, h := range r.Hosts {
 		if h.Err != nil {
 			fmt.Fprintf(tw, "%s\t(%s: %s)\n", h.Host, hostState(h.Reachable), oneLine(h.Error))
 		}
 		for _, v := range h.VMs {
-			fmt.Fprintln(tw, h.Host+"\t"+strings.Join(v.Row(), "\t"))
+			fmt.Fprintln(tw, strings.Join([]string{h.Host, v.Name, v.UUID, v.State, v.TPM}, "\t"))
 		}
 	}
 	if err := tw.Flush(); err != nil {

@@ -84,3 +84,26 @@ func TestHosts(t *testing.T) {
 		}
 	}
 }
+
+func TestListReport(t *testing.T) {
+	outs := []Outcome[[]VM]{
+		{Host: "a", Value: []VM{{Name: "w1", UUID: "u1", State: "stopped", TPM: "enabled"}}},
+		{Host: "c", Err: &UnreachableError{Host: "c", Err: errors.New("connection refused")}},
+	}
+	r := Lists(outs, explain)
+	if want := (Summary{Hosts: 2, Unreachable: 1, VMs: 1}); r.Summary != want {
+		t.Errorf("summary %+v, want %+v", r.Summary, want)
+	}
+	var text bytes.Buffer
+	if err := r.WriteText(&text); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range []string{"HOST", "w1", "(unreachable: host c is unreachable: connection refused)", "2 hosts, 1 VMs; 1 unreachable"} {
+		if !strings.Contains(text.String(), s) {
+			t.Errorf("list lacks %q:\n%s", s, text.String())
+		}
+	}
+	if !errors.Is(r.Summary.Err("list"), errdefs.ErrUnavailable) {
+		t.Error("an unreachable host does not fail the list")
+	}
+}
