@@ -57,6 +57,8 @@ var Commands = map[errdefs.Action]string{
 	errdefs.ActionHostList:            "vtpm host list",
 	errdefs.ActionHostServeListen:     "vtpm host serve --listen {address}",
 	errdefs.ActionBuild:               "make build",
+	errdefs.ActionVMMoveGrant:         "vtpm vm move {vm} --to {to} --grant",
+	errdefs.ActionVMCopyGrant:         "vtpm vm copy {vm} --to {to} --name {name} --tpm copy --grant",
 }
 
 // Compiled on first use: every vTPM start runs this package's initialisation.

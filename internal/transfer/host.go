@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/google/uuid"
@@ -154,13 +155,19 @@ func Accept(ctx context.Context, h *vm.Registry, req *Request, r io.Reader, lim 
 		os.RemoveAll(got.Dir)
 		return nil, err
 	}
+	// libtpms hosts one TPM per process: arrivals that manufacture a TPM
+	// take turns in a long-running service.
+	arriveMu.Lock()
 	res, err := h.Arrive(got.Dir, req.TPM)
+	arriveMu.Unlock()
 	if err != nil {
 		return nil, err
 	}
 	c := res.VM.Config
 	return &Arrived{Name: c.Name, UUID: c.UUID.String(), Path: res.VM.Dir, TPM: c.TPMStatus()}, nil
 }
+
+var arriveMu sync.Mutex
 
 // Result is what a transfer did.
 type Result struct {
@@ -184,6 +191,9 @@ type Options struct {
 	TPM  vm.TPMMode // a copy's TPM
 	// From names this host to the destination.
 	From string
+	// Grant, when set, is the destination's guardian (public): a TPM that
+	// travels first admits it to its key protector, as the owner would.
+	Grant *guardian.Guardian
 	// Progress, when set, sees the bytes of data sent so far, of total.
 	Progress func(sent, total int64)
 }
@@ -197,6 +207,13 @@ func Send(ctx context.Context, h *vm.Registry, v *vm.VM, dst Destination, o Opti
 	out, err := h.Outgoing(v, o.Op, o.Name, o.TPM)
 	if err != nil {
 		return nil, err
+	}
+	var notes []string
+	if o.Grant != nil && out.TPMTravels() {
+		if err := grant(h, v, o.Grant); err != nil {
+			return nil, err
+		}
+		notes = append(notes, fmt.Sprintf("granted guardian %s (%s) of %s on the TPM of %s", o.Grant.Name(), o.Grant.Fingerprint(), o.To, v.Name()))
 	}
 	cfg, err := vm.MarshalConfig(out.Config)
 	if err != nil {
@@ -217,7 +234,7 @@ func Send(ctx context.Context, h *vm.Registry, v *vm.VM, dst Destination, o Opti
 		}
 	}
 	if err := dst.Preflight(ctx, req); err != nil {
-		return nil, &PreflightError{VM: v.Name(), To: o.To, Err: err}
+		return nil, &PreflightError{VM: v.Name(), To: o.To, Op: o.Op, Name: out.Config.Name, TPMTravels: out.TPMTravels(), Err: err}
 	}
 	if o.Progress != nil {
 		total := req.Data
@@ -230,7 +247,7 @@ func Send(ctx context.Context, h *vm.Registry, v *vm.VM, dst Destination, o Opti
 	if err != nil {
 		return nil, fmt.Errorf("%s VM %s to %s: %w", o.Op, v.Name(), o.To, err)
 	}
-	res := &Result{Op: o.Op, VM: v.Name(), To: o.To, Arrived: arrived, Bytes: req.Data, Notes: out.Notes, Warnings: out.Warnings}
+	res := &Result{Op: o.Op, VM: v.Name(), To: o.To, Arrived: arrived, Bytes: req.Data, Notes: append(notes, out.Notes...), Warnings: out.Warnings}
 	if o.Op == vm.OpMove {
 		del, err := h.Delete(v, false)
 		if err != nil {
@@ -246,10 +263,28 @@ func Send(ctx context.Context, h *vm.Registry, v *vm.VM, dst Destination, o Opti
 	return res, nil
 }
 
+// grant admits g to the key protector of v's TPM (this host owns it).
+func grant(h *vm.Registry, v *vm.VM, g *guardian.Guardian) error {
+	k, err := h.Keys()
+	if err != nil {
+		return err
+	}
+	defer k.Close()
+	if _, err := k.Grant(v.TPMDir(), g); err != nil {
+		return fmt.Errorf("grant %s on the TPM of %s: %w", g.Name(), v.Name(), err)
+	}
+	return nil
+}
+
 // PreflightError is a destination's refusal before anything was sent.
 type PreflightError struct {
 	VM, To string
-	Err    error
+	Op     vm.Op
+	Name   string // the VM's name there
+	// TPMTravels: the TPM was to travel, so a destination that cannot
+	// open it may be granted.
+	TPMTravels bool
+	Err        error
 }
 
 func (e *PreflightError) Error() string {
@@ -257,6 +292,21 @@ func (e *PreflightError) Error() string {
 }
 
 func (e *PreflightError) Unwrap() error { return e.Err }
+
+// Remedies: a destination that cannot open the TPM that travels is
+// granted by the same command with --grant (this host owns the TPM).
+func (e *PreflightError) Remedies() []errdefs.Remedy {
+	if !e.TPMTravels || !errors.Is(e.Err, errdefs.ErrPermissionDenied) {
+		return nil
+	}
+	switch e.Op {
+	case vm.OpMove:
+		return []errdefs.Remedy{errdefs.Do(errdefs.ActionVMMoveGrant, "vm", e.VM, "to", e.To).WithNote("admit %s's guardian to the TPM's key protector, and move", e.To)}
+	case vm.OpCopy:
+		return []errdefs.Remedy{errdefs.Do(errdefs.ActionVMCopyGrant, "vm", e.VM, "to", e.To, "name", e.Name).WithNote("admit %s's guardian to the TPM's key protector, and copy", e.To)}
+	}
+	return nil
+}
 
 // Local is a destination in this process: h's registry. Tests and the
 // benchmark use it; a host service serves the same calls to its peers.

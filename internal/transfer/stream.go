@@ -188,6 +188,13 @@ func (s *Sender) writeFile(ctx context.Context, w *countWriter, f planned, buf [
 			return err
 		}
 		defer file.Close()
+		st, err := file.Stat()
+		if err != nil {
+			return err
+		}
+		if st.Size() != f.size {
+			return fmt.Errorf("it changed since the manifest was made (size %d, now %d): stop what writes it", f.size, st.Size())
+		}
 		in = file
 	} else {
 		in = strings.NewReader(string(f.Content))

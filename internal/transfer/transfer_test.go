@@ -139,8 +139,8 @@ func TestMove(t *testing.T) {
 	if !errors.As(err, &pf) || !errors.As(err, &missing) || !errors.Is(err, errdefs.ErrPermissionDenied) {
 		t.Fatalf("move to a host that cannot open the TPM: %v; want a pre-flight refusal naming the guardians", err)
 	}
-	if len(errdefs.Remedies(err)) == 0 {
-		t.Error("the refusal offers no remedies")
+	if rs := errdefs.Remedies(err); len(rs) == 0 || rs[0].Action != errdefs.ActionVMMoveGrant || rs[0].Args["to"] != "b" {
+		t.Errorf("the refusal's first remedy is not the move with --grant: %+v", rs)
 	}
 	if got := registered(b); len(got) != 0 {
 		t.Fatalf("B registered %v after a refused move", got)
@@ -149,8 +149,16 @@ func TestMove(t *testing.T) {
 		t.Fatalf("the VM left A after a refused move: %v", err)
 	}
 
-	admit(t, a, b, v.TPMDir())
-	res, err := Send(ctx, a, v, Local{Registry: b}, Options{Op: vm.OpMove, To: "b"})
+	// B trusts A's guardian as an owner (as trusting host A does); --grant
+	// admits B's guardian to the protector.
+	ka, _ := a.Keys()
+	ga, _ := ka.Local()
+	ka.Close()
+	kb, _ := b.Keys()
+	gb, _ := kb.Local()
+	kb.Trust(ga.Public())
+	kb.Close()
+	res, err := Send(ctx, a, v, Local{Registry: b}, Options{Op: vm.OpMove, To: "b", Grant: gb.Public()})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -586,7 +586,10 @@ type SendVMRequest struct {
 	// name is the new VM's name for a copy or deploy.
 	Name string `protobuf:"bytes,4,opt,name=name,proto3" json:"name,omitempty"`
 	// tpm is a copy's TPM: new, copy or none.
-	Tpm           string `protobuf:"bytes,5,opt,name=tpm,proto3" json:"tpm,omitempty"`
+	Tpm string `protobuf:"bytes,5,opt,name=tpm,proto3" json:"tpm,omitempty"`
+	// grant admits the peer's guardian to the key protector of a TPM that
+	// travels (this host owns it) before pre-flight.
+	Grant         bool `protobuf:"varint,6,opt,name=grant,proto3" json:"grant,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -654,6 +657,13 @@ func (x *SendVMRequest) GetTpm() string {
 		return x.Tpm
 	}
 	return ""
+}
+
+func (x *SendVMRequest) GetGrant() bool {
+	if x != nil {
+		return x.Grant
+	}
+	return false
 }
 
 type SendVMResponse struct {
@@ -1279,13 +1289,14 @@ const file_vtpm_host_v1_transfer_proto_rawDesc = "" +
 	"\x04note\x18\x04 \x01(\tR\x04note\x12/\n" +
 	"\x05error\x18\x05 \x01(\v2\x19.vtpm.host.v1.ErrorDetailR\x05error\"C\n" +
 	"\x0fSetTPMsResponse\x120\n" +
-	"\aresults\x18\x01 \x03(\v2\x16.vtpm.host.v1.VMResultR\aresults\"e\n" +
+	"\aresults\x18\x01 \x03(\v2\x16.vtpm.host.v1.VMResultR\aresults\"{\n" +
 	"\rSendVMRequest\x12\x0e\n" +
 	"\x02op\x18\x01 \x01(\tR\x02op\x12\x0e\n" +
 	"\x02vm\x18\x02 \x01(\tR\x02vm\x12\x0e\n" +
 	"\x02to\x18\x03 \x01(\tR\x02to\x12\x12\n" +
 	"\x04name\x18\x04 \x01(\tR\x04name\x12\x10\n" +
-	"\x03tpm\x18\x05 \x01(\tR\x03tpm\"\x85\x01\n" +
+	"\x03tpm\x18\x05 \x01(\tR\x03tpm\x12\x14\n" +
+	"\x05grant\x18\x06 \x01(\bR\x05grant\"\x85\x01\n" +
 	"\x0eSendVMResponse\x124\n" +
 	"\bprogress\x18\x01 \x01(\v2\x16.vtpm.host.v1.ProgressH\x00R\bprogress\x124\n" +
 	"\x06result\x18\x02 \x01(\v2\x1a.vtpm.host.v1.SendVMResultH\x00R\x06resultB\a\n" +
