@@ -53,10 +53,12 @@ clean:
 	rm -rf $(BIN)
 
 # vtpm in BINDIR with swtpm and swtpm_setup beside it (/usr/local/bin comes
-# before /usr/bin in libvirtd's PATH, so libvirt runs vtpm), and the host
-# service's socket-activated units. README: "libvirt hosts".
+# before /usr/bin in libvirtd's PATH, so libvirt runs vtpm), vtpm-hostd (the
+# host service, which vtpm finds beside itself), and the host service's
+# socket-activated units. README: "libvirt hosts".
 install: build
 	install -D -m 0755 $(BIN)/vtpm $(DESTDIR)$(BINDIR)/vtpm
+	install -D -m 0755 $(BIN)/vtpm-hostd $(DESTDIR)$(BINDIR)/vtpm-hostd
 	ln -sf vtpm $(DESTDIR)$(BINDIR)/swtpm
 	ln -sf vtpm $(DESTDIR)$(BINDIR)/swtpm_setup
 	install -D -m 0644 dist/systemd/vtpm-host.socket $(DESTDIR)$(UNITDIR)/vtpm-host.socket
@@ -71,5 +73,5 @@ uninstall:
 	rm -f $(DESTDIR)$(UNITDIR)/vtpm-host.socket $(DESTDIR)$(UNITDIR)/vtpm-host.service
 	@for l in swtpm swtpm_setup; do \
 		if [ "$$(readlink $(DESTDIR)$(BINDIR)/$$l)" = vtpm ]; then rm -f $(DESTDIR)$(BINDIR)/$$l; fi; done
-	rm -f $(DESTDIR)$(BINDIR)/vtpm
+	rm -f $(DESTDIR)$(BINDIR)/vtpm $(DESTDIR)$(BINDIR)/vtpm-hostd
 	@if [ -z "$(DESTDIR)" ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
