@@ -32,8 +32,8 @@ Boot, disks, TPM), its UEFI variable store, its disk and tpm/ (the vTPM's sealed
 state). Bundles are made under <data root>/vms, or anywhere with --path, and
 listed in the data root's registry; VMs are named by name or UUID.`,
 	}
-	cmd.AddCommand(vmCreateCmd(), vmListCmd(), vmShowCmd(), vmRegisterCmd(), vmUnregisterCmd(), vmDeleteCmd(),
-		vmStartCmd(), vmStopCmd(), vmCloneCmd(), vmTemplateCmd(), vmDeployCmd())
+	cmd.AddCommand(vmCreateCmd(), onOtherHosts(vmListCmd(), "hosts"), vmShowCmd(), vmRegisterCmd(), vmUnregisterCmd(), vmDeleteCmd(),
+		vmStartCmd(), vmStopCmd(), vmCloneCmd(), vmTemplateCmd(), onOtherHosts(vmDeployCmd(), "on"), vmMoveCmd(), vmCopyToCmd())
 	return cmd
 }
 
