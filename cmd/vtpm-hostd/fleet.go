@@ -35,30 +35,32 @@ func tpmCmd() *cobra.Command {
 
 func vmMoveCmd() *cobra.Command {
 	var to string
-	var asJSON bool
+	var asJSON, grant bool
 	cmd := &cobra.Command{
-		Use:   "move VM --to HOST",
+		Use:   "move VM --to HOST [--grant]",
 		Short: "Move a stopped VM or template to a trusted host: same name, UUID and TPM",
 		Long: `Move a stopped VM (or template) to HOST, a host this host trusts. Its bundle
 travels over the hosts' authenticated channel, is verified on arrival and
 registered there; only then does the VM leave this host, whose TPM state is
 kept as a backup under the data root. The TPM travels sealed: HOST must hold a
 guardian its key protector admits (and trust its owner), which pre-flight checks
-before anything is sent. Disks outside the bundle are carried into it.`,
+before anything is sent; --grant admits HOST's guardian to the protector first
+(this host must own it). Disks outside the bundle are carried into it.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return sendVM(cmd, &hostv1.SendVMRequest{Op: string(vm.OpMove), Vm: args[0], To: to}, "moved", asJSON)
+			return sendVM(cmd, &hostv1.SendVMRequest{Op: string(vm.OpMove), Vm: args[0], To: to, Grant: grant}, "moved", asJSON)
 		},
 	}
 	cmd.Flags().StringVar(&to, "to", "", "the trusted host to move it to")
 	cmd.MarkFlagRequired("to")
+	cmd.Flags().BoolVar(&grant, "grant", false, "admit HOST's guardian to the TPM's key protector first")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	return cmd
 }
 
 func vmCopyCmd() *cobra.Command {
 	var to, name, tpm string
-	var asJSON bool
+	var asJSON, grant bool
 	cmd := &cobra.Command{
 		Use:   "copy VM --to HOST [--name NEW] [--tpm new|copy|none]",
 		Short: "Copy a stopped VM or template to a trusted host, as vm clone does: its own UUID, a new, copied or no TPM",
@@ -66,20 +68,22 @@ func vmCopyCmd() *cobra.Command {
 same name). --tpm new (default) manufactures a fresh vTPM there: a new identity,
 EK and certificates. --tpm copy sends the TPM sealed (HOST must be able to open
 it) and re-keys it there under a new data key and TPM UUID owned by HOST: the
-two VMs then share one EK. --tpm none leaves the copy without a TPM.`,
+two VMs then share one EK (--grant admits HOST's guardian to the protector
+first). --tpm none leaves the copy without a TPM.`,
 		Args: cobra.ExactArgs(1),
 		PreRunE: func(*cobra.Command, []string) error {
 			_, err := vm.ParseTPMMode(tpm)
 			return err
 		},
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return sendVM(cmd, &hostv1.SendVMRequest{Op: string(vm.OpCopy), Vm: args[0], To: to, Name: name, Tpm: tpm}, "copied", asJSON)
+			return sendVM(cmd, &hostv1.SendVMRequest{Op: string(vm.OpCopy), Vm: args[0], To: to, Name: name, Tpm: tpm, Grant: grant}, "copied", asJSON)
 		},
 	}
 	cmd.Flags().StringVar(&to, "to", "", "the trusted host to copy it to")
 	cmd.MarkFlagRequired("to")
 	cmd.Flags().StringVar(&name, "name", "", "the copy's name (default the VM's)")
 	cmd.Flags().StringVar(&tpm, "tpm", "new", "the copy's TPM: new, copy or none")
+	cmd.Flags().BoolVar(&grant, "grant", false, "with --tpm copy: admit HOST's guardian to the TPM's key protector first")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	return cmd
 }
