@@ -21,7 +21,7 @@ import (
 
 // testHost is a VM registry on a data root of its own, with its own
 // keystore and guardian: one host.
-func testHost(t *testing.T) *vm.Registry {
+func testHost(t testing.TB) *vm.Registry {
 	t.Helper()
 	if _, err := os.Stat(filepath.Join(hostcheck.FirmwareDir, hostcheck.OVMFVarsMS)); err != nil {
 		testutil.Missing(t, "OVMF is not installed: %v", err)
@@ -71,7 +71,7 @@ func newVM(t *testing.T, h *vm.Registry, name string, marker []byte) *vm.VM {
 
 // admit lets to open the TPMs from's guardian owns, as `protector grant`
 // on from and `guardian trust` on to would.
-func admit(t *testing.T, from, to *vm.Registry, tpmDir string) {
+func admit(t testing.TB, from, to *vm.Registry, tpmDir string) {
 	t.Helper()
 	kf, err := from.Keys()
 	if err != nil {
