@@ -2,9 +2,12 @@ package hostd
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"io"
 	"log/slog"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -162,5 +165,40 @@ func TestCertificateKept(t *testing.T) {
 	}
 	if err := s.local.Issued(renamed.Leaf); err != nil {
 		t.Errorf("the certificate is not the guardian's: %v", err)
+	}
+}
+
+// TestLocalJSON: a script on the host posts JSON to the local API, and a
+// failure comes back as data: its kind, message and remedies.
+func TestLocalJSON(t *testing.T) {
+	s := runServer(t, "a")
+	c := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", s.opts.APISocket)
+	}}}
+	post := func(path, body string) map[string]any {
+		t.Helper()
+		rsp, err := c.Post("http://localhost"+path, "application/json", strings.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rsp.Body.Close()
+		var v map[string]any
+		if err := json.NewDecoder(rsp.Body).Decode(&v); err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	if got := post("/vtpm.host.v1.HostService/GetInfo", "{}"); got["name"] != "a" || got["guardianFingerprint"] != s.local.Fingerprint() {
+		t.Errorf("GetInfo: %v", got)
+	}
+	got := post("/vtpm.host.v1.PeerService/PeerInfo", `{"name": "b"}`)
+	details, _ := got["details"].([]any)
+	if got["code"] != "not_found" || len(details) != 1 {
+		t.Fatalf("PeerInfo of an unknown host: %v", got)
+	}
+	debug, _ := details[0].(map[string]any)["debug"].(map[string]any)
+	remedies, _ := debug["remedies"].([]any)
+	if debug["kind"] != "not_found" || debug["host"] != "a" || len(remedies) != 1 || remedies[0].(map[string]any)["action"] != "host.list" {
+		t.Errorf("error detail: %v", debug)
 	}
 }
