@@ -247,6 +247,13 @@ func TestCopyAndDeploy(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// A template copied to B is a template there, still without a TPM.
+	if _, err := Send(ctx, a, tmpl.VM, Local{Registry: b}, Options{Op: vm.OpCopy, To: "b", Name: "tmpl-b"}); err != nil {
+		t.Fatal(err)
+	}
+	if c, err := b.Open("tmpl-b"); err != nil || !c.Config.Template || !c.Config.TPMRequired || c.Config.HasTPM() {
+		t.Errorf("the template copied to B: %v %+v", err, c)
+	}
 	res, err = Send(ctx, a, tmpl.VM, Local{Registry: b}, Options{Op: vm.OpDeploy, To: "b", Name: "desk1"})
 	if err != nil {
 		t.Fatal(err)

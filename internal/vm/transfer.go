@@ -267,6 +267,10 @@ func (h *Registry) Arrive(staged string, tpm TPMMode) (_ *Created, err error) {
 	v := &VM{Dir: dir, Config: c, host: h}
 	var fn func() error
 	switch tpm {
+	case TPMKeep:
+		// Verified bytes are not yet a TPM that runs here: its key must
+		// open, and its state read whole, before the source lets it go.
+		fn = func() error { return h.checkTPMOpens(v.TPMDir()) }
 	case TPMNew:
 		fn = func() error { _, err := h.manufactureTPM(v); return err }
 	case TPMCopy:
@@ -274,6 +278,22 @@ func (h *Registry) Arrive(staged string, tpm TPMMode) (_ *Created, err error) {
 	}
 	os.MkdirAll(filepath.Join(dir, LogDir), 0o700)
 	return &Created{VM: v}, h.finish(v, fn)
+}
+
+// checkTPMOpens opens the TPM in dir with this host's keys and reads its
+// state through (both slots verified).
+func (h *Registry) checkTPMOpens(dir string) error {
+	k, err := h.keys()
+	if err != nil {
+		return err
+	}
+	defer k.Close()
+	st, err := state.OpenSealed(k, dir, h.log())
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	return st.Check()
 }
 
 // CheckArrival refuses a VM that cannot arrive here: its name or UUID is
