@@ -143,6 +143,12 @@ func TestMoveCopyDeploy(t *testing.T) {
 	if got := b.ek(t, "w1"); got != ek0 {
 		t.Errorf("EK after the move %s, want %s", got, ek0)
 	}
+	// The backup stays on a until it is purged.
+	out = a.mustVTPM(t, "vm", "delete", "w1", "--purge-backup", "--yes")
+	wantAll(t, "vm delete --purge-backup", out, "removed the backup of VM w1's TPM state")
+	if _, err := os.Stat(res.Backup); !os.IsNotExist(err) {
+		t.Errorf("the purged backup: %v", err)
+	}
 	data, err := os.ReadFile(filepath.Join(moved.VM.Path, "disk0-w1.raw"))
 	if err != nil || string(data) != "the guest's disk" {
 		t.Errorf("the disk on b: %q, %v", data, err)

@@ -324,3 +324,57 @@ func MarshalConfig(c *Config) ([]byte, error) {
 	}
 	return append(b, '\n'), nil
 }
+
+// Backup is a TPM state kept under the data root's backups: of a deleted
+// VM, a removed TPM, or a VM that moved to another host.
+type Backup struct {
+	Dir  string    `json:"dir"`
+	VM   string    `json:"vm"`
+	UUID uuid.UUID `json:"uuid"`
+}
+
+// Backups lists the kept TPM states of the VM ref names (its name or
+// UUID), found by the vm.json kept beside each.
+func (h *Registry) Backups(ref string) ([]Backup, error) {
+	entries, err := os.ReadDir(h.BackupsDir())
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []Backup
+	for _, e := range entries {
+		dir := filepath.Join(h.BackupsDir(), e.Name())
+		b, err := os.ReadFile(filepath.Join(dir, ConfigFile))
+		if !e.IsDir() || err != nil {
+			continue
+		}
+		var c struct {
+			Name string    `json:"name"`
+			UUID uuid.UUID `json:"uuid"`
+		}
+		if json.Unmarshal(b, &c) != nil {
+			continue
+		}
+		if c.Name == ref || c.UUID.String() == strings.ToLower(ref) {
+			out = append(out, Backup{Dir: dir, VM: c.Name, UUID: c.UUID})
+		}
+	}
+	return out, nil
+}
+
+// PurgeBackups removes the kept TPM states of the VM ref names, for good,
+// and returns what it removed.
+func (h *Registry) PurgeBackups(ref string) ([]Backup, error) {
+	bs, err := h.Backups(ref)
+	if err != nil {
+		return nil, err
+	}
+	for i, b := range bs {
+		if err := os.RemoveAll(b.Dir); err != nil {
+			return bs[:i], err
+		}
+	}
+	return bs, nil
+}
