@@ -147,6 +147,7 @@ func Accept(ctx context.Context, h *vm.Registry, req *Request, r io.Reader, lim 
 	if err != nil {
 		return nil, err
 	}
+	defer got.Close()
 	b, err := os.ReadFile(filepath.Join(got.Dir, vm.ConfigFile))
 	if err == nil && string(b) != string(req.Config) {
 		err = refuse(vm.ConfigFile, "differs from the one the request announced")

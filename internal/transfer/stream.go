@@ -350,9 +350,58 @@ func checkPath(p string) error {
 }
 
 // Received is a bundle that arrived whole: its files verified, in Dir.
+// Close it once Dir is moved away or removed.
 type Received struct {
 	Dir      string
 	Manifest Manifest
+	lock     *os.File
+}
+
+// Close releases the staging directory's lock: CleanIncoming may remove
+// it from now on.
+func (r *Received) Close() error { return r.lock.Close() }
+
+const stagingPrefix = ".incoming-"
+
+// lockDir takes an exclusive lock on the directory dir, held until the
+// file returned is closed (or its process ends).
+func lockDir(dir string, wait bool) (*os.File, error) {
+	f, err := os.OpenFile(dir, os.O_RDONLY|syscall.O_DIRECTORY|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		return nil, err
+	}
+	how := syscall.LOCK_EX
+	if !wait {
+		how |= syscall.LOCK_NB
+	}
+	if err := syscall.Flock(int(f.Fd()), how); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
+}
+
+// CleanIncoming removes the staging directories under parent that no
+// receiver holds: left by a receiver that died mid-way. It returns their
+// names.
+func CleanIncoming(parent string) []string {
+	entries, _ := os.ReadDir(parent)
+	var gone []string
+	for _, e := range entries {
+		if !e.IsDir() || !strings.HasPrefix(e.Name(), stagingPrefix) {
+			continue
+		}
+		dir := filepath.Join(parent, e.Name())
+		l, err := lockDir(dir, false)
+		if err != nil {
+			continue // in use, or gone
+		}
+		if os.RemoveAll(dir) == nil {
+			gone = append(gone, e.Name())
+		}
+		l.Close()
+	}
+	return gone
 }
 
 // Receive reads a bundle's stream from r into a new staging directory
@@ -398,13 +447,20 @@ func Receive(ctx context.Context, r io.Reader, parent string, lim Limits, accept
 			return nil, err
 		}
 	}
-	dir, err := os.MkdirTemp(parent, ".incoming-")
+	CleanIncoming(parent)
+	dir, err := os.MkdirTemp(parent, stagingPrefix)
 	if err != nil {
+		return nil, err
+	}
+	lock, err := lockDir(dir, true)
+	if err != nil {
+		os.RemoveAll(dir)
 		return nil, err
 	}
 	defer func() {
 		if err != nil {
 			os.RemoveAll(dir)
+			lock.Close()
 		}
 	}()
 	buf := make([]byte, chunkSize)
@@ -420,7 +476,7 @@ func Receive(ctx context.Context, r io.Reader, parent string, lim Limits, accept
 	if n, _ := br.Read(end[:1]); n != 0 {
 		return nil, refuse("", "data after the trailer")
 	}
-	return &Received{Dir: dir, Manifest: m}, nil
+	return &Received{Dir: dir, Manifest: m, lock: lock}, nil
 }
 
 func receiveFile(ctx context.Context, r io.Reader, dir string, f File, buf []byte) error {

@@ -364,9 +364,35 @@ func TestSparseRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer got.Close()
 	a, _ := os.ReadFile(src)
 	b, _ := os.ReadFile(filepath.Join(got.Dir, "d", "sparse"))
 	if !bytes.Equal(a, b) {
 		t.Error("the received file differs")
+	}
+}
+
+func TestCleanIncoming(t *testing.T) {
+	parent := t.TempDir()
+	held := filepath.Join(parent, stagingPrefix+"held")
+	left := filepath.Join(parent, stagingPrefix+"left")
+	other := filepath.Join(parent, "not-staging")
+	for _, d := range []string{held, left, other} {
+		if err := os.MkdirAll(filepath.Join(d, "tpm"), 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l, err := lockDir(held, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	if gone := CleanIncoming(parent); len(gone) != 1 || gone[0] != filepath.Base(left) {
+		t.Errorf("removed %v, want only %s", gone, filepath.Base(left))
+	}
+	for _, d := range []string{held, other} {
+		if _, err := os.Stat(d); err != nil {
+			t.Errorf("%s: %v", d, err)
+		}
 	}
 }

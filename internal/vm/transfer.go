@@ -244,15 +244,13 @@ func (h *Registry) Arrive(staged string, tpm TPMMode) (_ *Created, err error) {
 	default:
 		return nil, errdefs.New(errdefs.ErrInvalidArgument, "unknown TPM mode %q", tpm)
 	}
-	received := ""
+	// The TPM that travels for a copy is re-keyed into the bundle's tpm/,
+	// then removed; it waits beside it, inside the bundle.
+	const received = ".tpm-received"
 	if tpm == TPMCopy {
-		// The TPM that travelled is re-keyed into the bundle's tpm/ and
-		// then removed.
-		received = staged + ".tpm"
-		if err := os.Rename(tpmDir, received); err != nil {
+		if err := os.Rename(tpmDir, filepath.Join(staged, received)); err != nil {
 			return nil, err
 		}
-		defer os.RemoveAll(received)
 	}
 	dir := filepath.Join(h.VMsDir(), c.Name)
 	if entries, err := os.ReadDir(dir); err == nil && len(entries) > 0 {
@@ -274,7 +272,13 @@ func (h *Registry) Arrive(staged string, tpm TPMMode) (_ *Created, err error) {
 	case TPMNew:
 		fn = func() error { _, err := h.manufactureTPM(v); return err }
 	case TPMCopy:
-		fn = func() error { return h.copyTPM(received, v.TPMDir()) }
+		fn = func() error {
+			from := filepath.Join(dir, received)
+			if err := h.copyTPM(from, v.TPMDir()); err != nil {
+				return err
+			}
+			return os.RemoveAll(from)
+		}
 	}
 	os.MkdirAll(filepath.Join(dir, LogDir), 0o700)
 	return &Created{VM: v}, h.finish(v, fn)
