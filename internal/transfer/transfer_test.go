@@ -396,3 +396,40 @@ func TestCleanIncoming(t *testing.T) {
 		}
 	}
 }
+
+// TestOutsidePathsNeedTheDestinationsAllowList: a kernel outside the
+// bundle stays a host path; the destination takes the VM only when its own
+// allow list admits it.
+func TestOutsidePathsNeedTheDestinationsAllowList(t *testing.T) {
+	a, b := testHost(t), testHost(t)
+	boot := t.TempDir()
+	kernel, initrd := filepath.Join(boot, "vmlinuz"), filepath.Join(boot, "initrd.img")
+	for _, f := range []string{kernel, initrd} {
+		if err := os.WriteFile(f, []byte("boot file"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	res, err := a.Create(vm.CreateOptions{Name: "direct", OS: vm.Linux, NoDisk: true, Kernel: kernel, Initrd: initrd})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	_, err = Send(ctx, a, res.VM, Local{Registry: b}, Options{Op: vm.OpCopy, To: "b"})
+	var pna *vm.PathNotAllowedError
+	if !errors.As(err, &pna) || pna.Path != kernel {
+		t.Fatalf("a kernel b does not allow: %v; want refused in pre-flight", err)
+	}
+	if rs := errdefs.Remedies(err); len(rs) == 0 || rs[len(rs)-1].Action != errdefs.ActionHostAllowPath {
+		t.Errorf("remedies %+v: want allow-path", rs)
+	}
+	if _, err := b.AllowPaths(boot); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Send(ctx, a, res.VM, Local{Registry: b}, Options{Op: vm.OpCopy, To: "b"}); err != nil {
+		t.Fatal(err)
+	}
+	v, err := b.Open("direct")
+	if err != nil || v.Config.Kernel != kernel {
+		t.Errorf("on b: %v, kernel %q", err, v.Config.Kernel)
+	}
+}
