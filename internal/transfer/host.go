@@ -54,6 +54,14 @@ type Destination interface {
 	Receive(ctx context.Context, req *Request, send func(io.Writer) error) (*Arrived, error)
 }
 
+// Confirmer is a Destination that can tell whether a VM is registered
+// there: a move whose answer was lost asks before it keeps the VM here
+// too.
+type Confirmer interface {
+	// Registered returns the VM with that UUID, or nil.
+	Registered(ctx context.Context, id uuid.UUID) (*Arrived, error)
+}
+
 // IncomingDir is where bundles arrive before they are verified: beside
 // the VMs directory, on the same file system, so the verified bundle is
 // renamed into place.
@@ -245,6 +253,16 @@ func Send(ctx context.Context, h *vm.Registry, v *vm.VM, dst Destination, o Opti
 		_, err := s.WriteTo(ctx, w)
 		return err
 	})
+	if err != nil && o.Op == vm.OpMove && errors.Is(err, errdefs.ErrUnavailable) {
+		// The answer may be what was lost: a VM with this UUID there is
+		// this one (pre-flight found the UUID free), registered whole.
+		if c, ok := dst.(Confirmer); ok {
+			if a, cerr := c.Registered(context.WithoutCancel(ctx), out.Config.UUID); cerr == nil && a != nil {
+				notes = append(notes, fmt.Sprintf("%s's answer was lost (%v), but it has VM %s registered", o.To, err, v.Name()))
+				arrived, err = a, nil
+			}
+		}
+	}
 	if err != nil {
 		return nil, fmt.Errorf("%s VM %s to %s: %w", o.Op, v.Name(), o.To, err)
 	}
@@ -320,6 +338,18 @@ type Local struct {
 func (l Local) Preflight(_ context.Context, req *Request) error {
 	_, err := Preflight(l.Registry, req)
 	return err
+}
+
+// Registered implements Confirmer.
+func (l Local) Registered(_ context.Context, id uuid.UUID) (*Arrived, error) {
+	v, err := l.Registry.Open(id.String())
+	if errors.Is(err, vm.ErrNotFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	return &Arrived{Name: v.Name(), UUID: id.String(), Path: v.Dir, TPM: v.Config.TPMStatus()}, nil
 }
 
 // Receive implements Destination through a pipe.

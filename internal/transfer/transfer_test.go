@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"vtpm/internal/errdefs"
@@ -431,5 +432,37 @@ func TestOutsidePathsNeedTheDestinationsAllowList(t *testing.T) {
 	v, err := b.Open("direct")
 	if err != nil || v.Config.Kernel != kernel {
 		t.Errorf("on b: %v, kernel %q", err, v.Config.Kernel)
+	}
+}
+
+// lostAnswer is a destination whose answer to a stream is lost after it
+// took the VM.
+type lostAnswer struct{ Local }
+
+func (d lostAnswer) Receive(ctx context.Context, req *Request, send func(io.Writer) error) (*Arrived, error) {
+	if _, err := d.Local.Receive(ctx, req, send); err != nil {
+		return nil, err
+	}
+	return nil, errdefs.New(errdefs.ErrUnavailable, "connection reset")
+}
+
+// TestMoveWhoseAnswerWasLost: the destination registered the VM but its
+// answer never came; asked, it confirms, and the VM leaves this host
+// rather than living on both.
+func TestMoveWhoseAnswerWasLost(t *testing.T) {
+	a, b := testHost(t), testHost(t)
+	res, err := a.Create(vm.CreateOptions{Name: "lost", OS: vm.Linux, NoDisk: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := Send(context.Background(), a, res.VM, lostAnswer{Local{Registry: b}}, Options{Op: vm.OpMove, To: "b"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.UUID != res.VM.Config.UUID.String() || len(got.Notes) == 0 || !strings.Contains(got.Notes[0], "answer was lost (connection reset)") {
+		t.Errorf("result %+v", got)
+	}
+	if _, err := a.Open("lost"); !errors.Is(err, vm.ErrNotFound) {
+		t.Errorf("the VM is still on a: %v", err)
 	}
 }

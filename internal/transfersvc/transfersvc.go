@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"github.com/google/uuid"
 
 	hostv1 "vtpm/api/vtpm/host/v1"
 	"vtpm/api/vtpm/host/v1/hostv1connect"
@@ -198,6 +199,32 @@ type peerDestination struct {
 	name    string
 	client  hostv1connect.TransferServiceClient
 	peerErr func(name string, err error) error // the server's PeerError
+	host    hostv1connect.HostServiceClient    // for Registered; may be nil
+}
+
+var _ transfer.Confirmer = (*peerDestination)(nil)
+
+// Registered implements transfer.Confirmer with the peer's VM list.
+func (d *peerDestination) Registered(ctx context.Context, id uuid.UUID) (*transfer.Arrived, error) {
+	if d.host == nil {
+		return nil, errors.New("no host service client")
+	}
+	rsp, err := d.host.ListVMs(ctx, connect.NewRequest(&hostv1.ListVMsRequest{}))
+	if err != nil {
+		return nil, d.peerErr(d.name, err)
+	}
+	for _, v := range rsp.Msg.GetVms() {
+		if v.GetUuid() == id.String() {
+			tpm := "none"
+			if v.GetTpmEnabled() {
+				tpm = "enabled"
+			} else if v.GetTpmUuid() != "" {
+				tpm = "disabled"
+			}
+			return &transfer.Arrived{Name: v.GetName(), UUID: v.GetUuid(), TPM: tpm}, nil
+		}
+	}
+	return nil, nil
 }
 
 func bundleMsg(r *transfer.Request) *hostv1.BundleRequest {
@@ -274,7 +301,8 @@ func (f *fleetService) SendVM(ctx context.Context, req *connect.Request[hostv1.S
 		o.Grant = p.Guardian()
 	}
 	f.log().Info("sending a VM", "vm", v.Name(), "op", o.Op, "to", p.Name)
-	dst := &peerDestination{name: p.Name, client: hostv1connect.NewTransferServiceClient(c, base), peerErr: f.s.PeerError}
+	dst := &peerDestination{name: p.Name, client: hostv1connect.NewTransferServiceClient(c, base), peerErr: f.s.PeerError,
+		host: hostv1connect.NewHostServiceClient(c, base)}
 	res, err := transfer.Send(ctx, h, v, dst, o)
 	if err != nil {
 		f.log().Warn("sending a VM failed", "vm", v.Name(), "op", o.Op, "to", p.Name, "err", err)
