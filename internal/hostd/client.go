@@ -98,7 +98,7 @@ func (s *Server) peerHTTPClient(p *Peer) (*http.Client, string, error) {
 		return nil, "", ErrNoTLS
 	}
 	tr := &http.Transport{
-		TLSClientConfig:     clientTLS(s.cert, p),
+		TLSClientConfig:     clientTLS(s.certificate, p),
 		ForceAttemptHTTP2:   true,
 		TLSHandshakeTimeout: 10 * time.Second,
 		DialContext:         (&net.Dialer{Timeout: 10 * time.Second}).DialContext,

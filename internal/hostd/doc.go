@@ -8,7 +8,8 @@
 //
 // A host is its guardian. The service's TLS certificate is a fresh ECDSA
 // P-256 key's, issued under the guardian's signing key (kept in the
-// keystore, renewed when the guardian, the name or the addresses change),
+// keystore, renewed when the guardian, the name or the addresses change,
+// and before it ends),
 // and each side presents it with the guardian's signing certificate. A
 // peer is admitted by `host trust NAME ADDRESS CERTS.pem`, the other host's
 // public guardian certificates: <data root>/peers.json records it, and its

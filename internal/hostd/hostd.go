@@ -63,8 +63,11 @@ type Server struct {
 	peers  []*Peer
 	broker *keybroker.Broker
 	local  *guardian.Guardian
-	cert   tls.Certificate // set when the TLS API is on
 	hasTLS bool
+	// certMu guards cert, renewed while the service runs (certificate).
+	certMu sync.Mutex
+	cert   tls.Certificate
+	ips    []net.IP
 
 	services []Service
 	ready    chan struct{}
@@ -203,10 +206,19 @@ func (s *Server) Run(ctx context.Context) (err error) {
 	ksvc := hostsvc.NewServer(b, cfg, s.log)
 	ksvc.Refused = s.metrics.KeyOpenFailure
 
+	// The listeners opened so far, closed if a later one fails.
+	var opened []net.Listener
+	fail := func(err error) error {
+		for _, l := range opened {
+			l.Close()
+		}
+		return err
+	}
 	api, err := listenAPI(s.opts.APISocket)
 	if err != nil {
 		return err
 	}
+	opened = append(opened, api)
 	var servers []*http.Server
 	local := &http.Server{Handler: s.localHandler(), Protocols: h2c(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: errorLog(s.log)}
 	servers = append(servers, local)
@@ -214,17 +226,16 @@ func (s *Server) Run(ctx context.Context) (err error) {
 	var tcp net.Listener
 	var remote *http.Server
 	if s.opts.Listen != "" {
-		ips := listenIPs(s.opts.Listen)
-		if s.cert, err = hostCertificate(b.Keystore(), s.local, s.opts.Name, ips); err != nil {
-			api.Close()
-			return fmt.Errorf("the host's TLS certificate: %w", err)
+		s.ips = listenIPs(s.opts.Listen)
+		if s.cert, err = hostCertificate(b.Keystore(), s.local, s.opts.Name, s.ips); err != nil {
+			return fail(fmt.Errorf("the host's TLS certificate: %w", err))
 		}
 		s.hasTLS = true
 		if tcp, err = net.Listen("tcp", s.opts.Listen); err != nil {
-			api.Close()
-			return err
+			return fail(err)
 		}
-		remote = &http.Server{Handler: s.remoteHandler(), TLSConfig: serverTLS(s.cert, s.currentPeers),
+		opened = append(opened, tcp)
+		remote = &http.Server{Handler: s.remoteHandler(), TLSConfig: serverTLS(s.certificate, s.currentPeers),
 			ReadHeaderTimeout: 10 * time.Second, ErrorLog: errorLog(s.log)}
 		servers = append(servers, remote)
 	}
@@ -232,11 +243,7 @@ func (s *Server) Run(ctx context.Context) (err error) {
 	var ml net.Listener
 	if s.opts.Metrics != "" {
 		if ml, err = net.Listen("tcp", s.opts.Metrics); err != nil {
-			api.Close()
-			if tcp != nil {
-				tcp.Close()
-			}
-			return err
+			return fail(err)
 		}
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", s.metrics.Handler())

@@ -2,6 +2,7 @@ package hostd
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -75,10 +76,17 @@ func (p *Peer) proto() *hostv1.Peer {
 	return &hostv1.Peer{Name: p.Name, Address: p.Address, GuardianName: p.g.Name(), GuardianFingerprint: p.g.Fingerprint()}
 }
 
+// errNotRunning refuses a change to a server that is not running.
+var errNotRunning = errdefs.New(errdefs.ErrFailedPrecondition, "the host service is not running")
+
 // Trust admits the host name at address whose guardian's public
 // certificates are certs, and trusts that guardian as an owner of key
-// protectors unless it is trusted or held already.
+// protectors unless it is trusted or held already. The server must be
+// running (Run).
 func (s *Server) Trust(name, address string, certs []byte) (*Peer, error) {
+	if s.broker == nil || s.local == nil {
+		return nil, errNotRunning
+	}
 	p, err := NewPeer(name, address, certs)
 	if err != nil {
 		return nil, err
@@ -117,8 +125,12 @@ func (s *Server) Trust(name, address string, certs []byte) (*Peer, error) {
 
 // Untrust withdraws the admission of peer name, and the trust in its
 // guardian as an owner when trusting the peer had added it (an owner
-// trusted before, with `guardian trust`, stays trusted).
+// trusted on its own before, keybroker.Trust, stays trusted). The server must
+// be running (Run).
 func (s *Server) Untrust(name string) (*Peer, error) {
+	if s.broker == nil {
+		return nil, errNotRunning
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	p, err := findPeer(s.peers, name)
@@ -192,11 +204,42 @@ func (s *Server) PeerError(name string, err error) error {
 	case apierr.Detailed(err):
 		return fmt.Errorf("host %s: %w", name, apierr.FromConnect(err, "on host "+name))
 	}
-	addr := ""
-	if p, perr := findPeer(s.currentPeers(), name); perr == nil {
-		addr = p.Address
+	p, perr := findPeer(s.currentPeers(), name)
+	if perr != nil {
+		return errdefs.Wrap(errdefs.ErrUnavailable, unwrapConnect(err), "host %s does not answer", name)
 	}
-	return errdefs.Wrap(errdefs.ErrUnavailable, unwrapConnect(err), "host %s at %s does not answer", name, addr)
+	// A peer that refuses this host's certificate sends its alert after
+	// this side's handshake is done; a request already on its way then
+	// meets a reset connection, and the alert is lost. A handshake that
+	// sends nothing after it reads the verdict.
+	if diag := s.diagnose(p); diag != nil {
+		return diag
+	}
+	return errdefs.Wrap(errdefs.ErrUnavailable, unwrapConnect(err), "host %s at %s does not answer", name, p.Address)
+}
+
+// diagnose connects to p, completes a TLS handshake and reads without
+// writing: a peer that admits this host speaks first (HTTP/2's settings),
+// one that refuses it sends an alert. It returns the refusal, a changed
+// certificate, or nil when it learns nothing.
+func (s *Server) diagnose(p *Peer) error {
+	d := &tls.Dialer{NetDialer: &net.Dialer{Timeout: callTimeout}, Config: clientTLS(s.certificate, p)}
+	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
+	defer cancel()
+	c, err := d.DialContext(ctx, "tcp", p.Address)
+	var changed *CertChangedError
+	if errors.As(err, &changed) {
+		return changed
+	}
+	if err != nil {
+		return nil
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(callTimeout))
+	if _, err := c.Read(make([]byte, 1)); remoteRefusal(err) {
+		return &RefusedError{Peer: p.Name, Host: s.opts.Name, Address: s.advertised()}
+	}
+	return nil
 }
 
 // advertised is this host's API address as peers would dial it, "" when

@@ -189,13 +189,32 @@ func fingerprint(der []byte) string {
 	return hex.EncodeToString(sum[:])
 }
 
+// certificate is the host's certificate, renewed when it nears its end
+// (a service runs for longer than a certificate lasts); on a failed
+// renewal the current one serves while it is valid.
+func (s *Server) certificate() (*tls.Certificate, error) {
+	s.certMu.Lock()
+	defer s.certMu.Unlock()
+	if time.Until(s.cert.Leaf.NotAfter) < renewBefore {
+		c, err := hostCertificate(s.broker.Keystore(), s.local, s.opts.Name, s.ips)
+		if err == nil {
+			s.cert = c
+			s.log.Info("renewed the host's TLS certificate", "not_after", c.Leaf.NotAfter)
+		} else {
+			s.log.Error("cannot renew the host's TLS certificate", "err", err, "not_after", s.cert.Leaf.NotAfter)
+		}
+	}
+	c := s.cert
+	return &c, nil
+}
+
 // serverTLS admits clients whose certificates a trusted peer's guardian
 // issued; peers is read at each handshake.
-func serverTLS(cert tls.Certificate, peers func() []*Peer) *tls.Config {
+func serverTLS(cert func() (*tls.Certificate, error), peers func() []*Peer) *tls.Config {
 	return &tls.Config{
-		MinVersion:   tls.VersionTLS13,
-		Certificates: []tls.Certificate{cert},
-		ClientAuth:   tls.RequireAnyClientCert,
+		MinVersion:     tls.VersionTLS13,
+		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return cert() },
+		ClientAuth:     tls.RequireAnyClientCert,
 		// The chain is verified against the peers' guardians, not a CA.
 		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
 			ci, err := parseChain(raw, x509.ExtKeyUsageClientAuth)
@@ -211,12 +230,12 @@ func serverTLS(cert tls.Certificate, peers func() []*Peer) *tls.Config {
 }
 
 // clientTLS accepts only a certificate issued under p's guardian.
-func clientTLS(cert tls.Certificate, p *Peer) *tls.Config {
+func clientTLS(cert func() (*tls.Certificate, error), p *Peer) *tls.Config {
 	return &tls.Config{
-		MinVersion:         tls.VersionTLS13,
-		Certificates:       []tls.Certificate{cert},
-		InsecureSkipVerify: true, // verified below, against p's guardian
-		NextProtos:         []string{"h2"},
+		MinVersion:           tls.VersionTLS13,
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return cert() },
+		InsecureSkipVerify:   true, // verified below, against p's guardian
+		NextProtos:           []string{"h2"},
 		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
 			return verifyPeer(p, raw)
 		},
