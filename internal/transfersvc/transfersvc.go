@@ -32,8 +32,8 @@ import (
 // FleetService for this host's CLI. Register them before s runs.
 func Services(s *hostd.Server) []hostd.Service {
 	svc := &service{s: s}
-	tp, th := hostv1connect.NewTransferServiceHandler(&transferService{svc})
-	fp, fh := hostv1connect.NewFleetServiceHandler(&fleetService{svc})
+	tp, th := hostv1connect.NewTransferServiceHandler(&transferService{service: svc})
+	fp, fh := hostv1connect.NewFleetServiceHandler(&fleetService{service: svc})
 	return []hostd.Service{{Path: tp, Handler: th, Remote: true}, {Path: fp, Handler: fh, Local: true}}
 }
 
@@ -61,6 +61,7 @@ func (v *service) registry() *vm.Registry {
 // transferService implements TransferService: what this host does for a
 // trusted peer.
 type transferService struct {
+	hostv1connect.UnimplementedTransferServiceHandler
 	*service
 }
 
@@ -189,6 +190,7 @@ func ErrorFrom(d *hostv1.ErrorDetail) error {
 // fleetService implements FleetService: this host's CLI asking its service
 // to act on its peers.
 type fleetService struct {
+	hostv1connect.UnimplementedFleetServiceHandler
 	*service
 }
 
