@@ -12,6 +12,7 @@ import (
 	"vtpm/internal/hostsvc"
 	"vtpm/internal/keyrelease"
 	"vtpm/internal/paths"
+	"vtpm/internal/transfersvc"
 )
 
 func serveCmd() *cobra.Command {
@@ -60,6 +61,7 @@ from the key service (--key-service URL,… replaces the bundle's nodes).`,
 			if err != nil {
 				return err
 			}
+			s.Register(transfersvc.Services(s)...)
 			return s.Run(cmd.Context())
 		},
 	}

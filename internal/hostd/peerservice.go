@@ -76,10 +76,17 @@ func (p *Peer) proto() *hostv1.Peer {
 	return &hostv1.Peer{Name: p.Name, Address: p.Address, GuardianName: p.g.Name(), GuardianFingerprint: p.g.Fingerprint()}
 }
 
+// errNotRunning refuses a change to a server that is not running.
+var errNotRunning = errdefs.New(errdefs.ErrFailedPrecondition, "the host service is not running")
+
 // Trust admits the host name at address whose guardian's public
 // certificates are certs, and trusts that guardian as an owner of key
-// protectors unless it is trusted or held already.
+// protectors unless it is trusted or held already. The server must be
+// running (Run).
 func (s *Server) Trust(name, address string, certs []byte) (*Peer, error) {
+	if s.broker == nil || s.local == nil {
+		return nil, errNotRunning
+	}
 	p, err := NewPeer(name, address, certs)
 	if err != nil {
 		return nil, err
@@ -118,8 +125,12 @@ func (s *Server) Trust(name, address string, certs []byte) (*Peer, error) {
 
 // Untrust withdraws the admission of peer name, and the trust in its
 // guardian as an owner when trusting the peer had added it (an owner
-// trusted before, with `guardian trust`, stays trusted).
+// trusted on its own before, keybroker.Trust, stays trusted). The server must
+// be running (Run).
 func (s *Server) Untrust(name string) (*Peer, error) {
+	if s.broker == nil {
+		return nil, errNotRunning
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	p, err := findPeer(s.peers, name)
