@@ -75,6 +75,7 @@ func TestLiveMigrationIntoEmptyDirectoryRunAs(t *testing.T) {
 				dstHome = filepath.Join(dir, "home-c")
 			}
 			sock := filepath.Join(dir, "host.sock")
+			testutil.HostdBinary(t) // `vtpm host serve` is vtpm-hostd's, beside vtpm
 			svc := testutil.StartCmd(t, exec.CommandContext(ctx, testutil.Binary(t), "host", "serve", "--socket", sock, "--data-root", dstHome), "")
 			if err := svc.WaitReady(sock, 30*time.Second); err != nil {
 				t.Fatalf("vtpm host serve: %v\n%s", err, svc.Stderr)
