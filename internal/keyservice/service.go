@@ -861,6 +861,10 @@ func ReleaseInfo(tpm uuid.UUID, requestID string) []byte {
 // service's CA for this host, unexpired, and the host's current one.
 func (s *Service) checkHealth(h *HostRecord, der []byte, tpm string) error {
 	if len(der) == 0 || h.HealthSerial == "" {
+		if h.LastFailure != "" {
+			// Say why: its last attestation failed (PCR 7 differs from …).
+			return &DenialError{Host: h.Name, TPM: tpm, Reason: DenyNoHealth, Detail: "last attestation: " + h.LastFailure}
+		}
 		return &DenialError{Host: h.Name, TPM: tpm, Reason: DenyNoHealth}
 	}
 	c, err := x509.ParseCertificate(der)
