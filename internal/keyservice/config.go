@@ -71,6 +71,12 @@ func (c *Config) Validate() error {
 		return errdefs.Wrap(errdefs.ErrInvalidArgument, err, "--listen %q: want HOST:PORT", c.Listen)
 	}
 	if c.APIURL == "" {
+		// Clients need an address they can dial, and the node's TLS
+		// certificate names it.
+		host, _, _ := net.SplitHostPort(c.Listen)
+		if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+			return errdefs.New(errdefs.ErrInvalidArgument, "--listen %s accepts any address: give --advertise-url, the URL clients use (https://HOST:PORT)", c.Listen)
+		}
 		c.APIURL = "https://" + c.Listen
 	}
 	if c.PeerURL == "" {
