@@ -19,7 +19,7 @@ func chain(n int) ([]AuditRecord, auditHead) {
 	return recs, auditHead{Seq: uint64(n), Hash: prev}
 }
 
-var testKey, _ = newServiceKey(make([]byte, ServiceKeySize), "test")
+var testKey, _ = newServiceKey(make([]byte, ServiceKeySize), "test", "test", true)
 
 func testMAC(hash []byte) []byte { return testKey.auditMAC(hash) }
 

@@ -47,6 +47,7 @@ type Config struct {
 	EtcdEndpoints []string
 
 	ServiceKeyFile string        // the service key; <DataDir>/service.key by default
+	HostTPM        string        // seal a new service key to this host TPM (keystore.Options.HostTPM's form); "" or "none": a file
 	MetricsListen  string        // Prometheus metrics (plain HTTP); none when empty
 	HealthLifetime time.Duration // how long a health certificate is valid
 	RequestTimeout time.Duration // how long a request waits for etcd

@@ -139,7 +139,7 @@ func (s *Service) bootstrap(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	k, err := loadServiceKey(s.cfg.ServiceKeyFile, !found)
+	k, err := loadServiceKey(s.cfg.ServiceKeyFile, !found, s.cfg.HostTPM)
 	if err != nil {
 		return err
 	}
@@ -887,5 +887,5 @@ func (s *Service) checkHealth(h *HostRecord, der []byte, tpm string) error {
 // ServiceKeyStorage says where this node keeps its service key, and
 // whether that is weaker than a key sealed to a host TPM.
 func (s *Service) ServiceKeyStorage() (string, bool) {
-	return fmt.Sprintf("file %s (mode 0600; weaker than a key sealed to the host's TPM)", s.key.path), true
+	return s.key.storage, s.key.weaker
 }
