@@ -126,6 +126,25 @@ func fileStorage(path string) string {
 	return fmt.Sprintf("file %s (mode 0600; weaker than a key sealed to the host's TPM)", path)
 }
 
+// SaveServiceKey keeps a node's service key: sealed to hostTPM beside path
+// (path+".tpm") unless hostTPM is "" or "none", else as WriteServiceKey.
+func SaveServiceKey(path string, raw []byte, hostTPM string) error {
+	if hostTPM == "" || hostTPM == "none" {
+		return WriteServiceKey(path, raw)
+	}
+	if _, err := os.Stat(path + sealedSuffix); err == nil {
+		return errdefs.New(errdefs.ErrAlreadyExists, "service key %s already exists", path+sealedSuffix)
+	}
+	sealed, err := keystore.SealToHostTPM(hostTPM, raw)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return err
+	}
+	return atomicfile.Write(path+sealedSuffix, sealed, 0o600)
+}
+
 // WriteServiceKey writes raw to path as hex, mode 0600, never over an
 // existing file.
 func WriteServiceKey(path string, raw []byte) error {
