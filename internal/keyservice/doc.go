@@ -105,7 +105,8 @@
 // # Without quorum
 //
 // Every etcd request has a deadline (Config.RequestTimeout, 3 s); a leader
-// change within it is retried. When etcd cannot answer, the request fails
+// change within it is retried. An embedded member that has had no leader
+// for a second fails the request at once. When etcd cannot answer, the request fails
 // with an *UnavailableError naming every member and its state (probed
 // with a 1 s deadline); clients then try the next node, and report every
 // node they tried and its state. Running VMs hold their keys already; only

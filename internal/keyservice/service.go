@@ -115,6 +115,12 @@ func New(ctx context.Context, cfg Config) (*Service, error) {
 	}
 	s.st = st
 	st.metrics = s.metrics
+	// A member that just started or joined learns its leader first.
+	if st.etcd != nil && !st.awaitLeader(ctx, time.Minute) {
+		err := st.unavailable("start", errors.New("no leader elected within a minute"))
+		st.close()
+		return nil, err
+	}
 	if err := s.bootstrap(ctx); err != nil {
 		st.close()
 		return nil, err
