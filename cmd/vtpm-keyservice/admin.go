@@ -131,7 +131,7 @@ type joinInfo struct {
 }
 
 func joinCmd() *cobra.Command {
-	var name, peer, dataDir string
+	var name, peer, dataDir, hostTPM string
 	cmd := &cobra.Command{
 		Use:   "join",
 		Short: "Add a node to a running cluster (then serve with the same --data-dir)",
@@ -155,7 +155,7 @@ API) and the cluster to join. Then run serve with that --data-dir, the same
 			if err != nil {
 				return err
 			}
-			if err := keyservice.WriteServiceKey(filepath.Join(dataDir, "service.key"), r.ServiceKey); err != nil {
+			if err := keyservice.SaveServiceKey(filepath.Join(dataDir, "service.key"), r.ServiceKey, hostTPM); err != nil {
 				return err
 			}
 			if err := writeJSON(filepath.Join(dataDir, joinFile), joinInfo{Name: name, PeerURL: peer, InitialCluster: r.InitialCluster}); err != nil {
@@ -170,6 +170,7 @@ API) and the cluster to join. Then run serve with that --data-dir, the same
 	f.StringVar(&name, "name", "", "the new node's name")
 	f.StringVar(&peer, "peer-url", "", "the new node's etcd peer URL")
 	f.StringVar(&dataDir, "data-dir", "", "the new node's data directory")
+	f.StringVar(&hostTPM, "host-tpm", os.Getenv("VTPM_HOST_TPM"), "seal the service key to this host TPM (default $VTPM_HOST_TPM; none: a 0600 file)")
 	return cmd
 }
 

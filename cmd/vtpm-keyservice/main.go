@@ -100,6 +100,7 @@ handed over by join). --etcd-endpoints uses an external etcd cluster instead.`,
 	f.StringVar(&cfg.ClusterState, "initial-cluster-state", "", "new, or existing for a node added with join")
 	f.StringVar(&endpoints, "etcd-endpoints", "", "use an external etcd cluster at these comma-separated URLs")
 	f.StringVar(&cfg.ServiceKeyFile, "service-key", "", "the service key file (default DATA-DIR/service.key)")
+	f.StringVar(&cfg.HostTPM, "host-tpm", os.Getenv("VTPM_HOST_TPM"), "seal a new service key to this host TPM (device:PATH or tcp:HOST:PORT; default $VTPM_HOST_TPM; none: a 0600 file)")
 	f.StringVar(&cfg.MetricsListen, "metrics", "", "serve Prometheus metrics on this address (plain HTTP, /metrics)")
 	f.DurationVar(&cfg.HealthLifetime, "health-lifetime", keyservice.DefaultHealthLifetime, "how long a health certificate is valid")
 	f.DurationVar(&cfg.RequestTimeout, "request-timeout", keyservice.DefaultRequestTimeout, "how long a request waits for etcd")

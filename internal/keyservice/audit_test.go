@@ -2,6 +2,7 @@ package keyservice
 
 import (
 	"crypto/sha256"
+	"strings"
 	"testing"
 )
 
@@ -18,7 +19,7 @@ func chain(n int) ([]AuditRecord, auditHead) {
 	return recs, auditHead{Seq: uint64(n), Hash: prev}
 }
 
-var testKey, _ = newServiceKey(make([]byte, ServiceKeySize), "test")
+var testKey, _ = newServiceKey(make([]byte, ServiceKeySize), "test", "test", true)
 
 func testMAC(hash []byte) []byte { return testKey.auditMAC(hash) }
 
@@ -61,6 +62,30 @@ func TestCheckChain(t *testing.T) {
 			v := checkChain(recs, head, true, testMAC)
 			if v.FirstBad != tt.firstBad {
 				t.Errorf("first bad %d (%s), want %d", v.FirstBad, v.Problem, tt.firstBad)
+			}
+		})
+	}
+}
+
+func TestValidateNamesTheFlag(t *testing.T) {
+	tests := []struct {
+		name string
+		cfg  Config
+		flag string
+	}{
+		{"listen without a port", Config{Listen: "127.0.0.1"}, "--listen"},
+		{"any address without an advertised URL", Config{Listen: "0.0.0.0:7443"}, "--advertise-url"},
+		{"a cluster without this node", Config{Name: "n4", InitialCluster: "n1=http://127.0.0.1:1"}, "--initial-cluster"},
+		{"external etcd and members", Config{Name: "n1", InitialCluster: "n1=http://127.0.0.1:1", EtcdEndpoints: []string{"http://127.0.0.1:2"}}, "--etcd-endpoints"},
+		{"a bad cluster state", Config{ClusterState: "old"}, "--initial-cluster-state"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := tt.cfg
+			c.DataDir = t.TempDir()
+			err := c.Validate()
+			if err == nil || !strings.Contains(err.Error(), tt.flag) {
+				t.Errorf("Validate: %v; want an error naming %s", err, tt.flag)
 			}
 		})
 	}

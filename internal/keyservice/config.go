@@ -47,6 +47,7 @@ type Config struct {
 	EtcdEndpoints []string
 
 	ServiceKeyFile string        // the service key; <DataDir>/service.key by default
+	HostTPM        string        // seal a new service key to this host TPM (keystore.Options.HostTPM's form); "" or "none": a file
 	MetricsListen  string        // Prometheus metrics (plain HTTP); none when empty
 	HealthLifetime time.Duration // how long a health certificate is valid
 	RequestTimeout time.Duration // how long a request waits for etcd
@@ -71,6 +72,12 @@ func (c *Config) Validate() error {
 		return errdefs.Wrap(errdefs.ErrInvalidArgument, err, "--listen %q: want HOST:PORT", c.Listen)
 	}
 	if c.APIURL == "" {
+		// Clients need an address they can dial, and the node's TLS
+		// certificate names it.
+		host, _, _ := net.SplitHostPort(c.Listen)
+		if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+			return errdefs.New(errdefs.ErrInvalidArgument, "--listen %s accepts any address: give --advertise-url, the URL clients use (https://HOST:PORT)", c.Listen)
+		}
 		c.APIURL = "https://" + c.Listen
 	}
 	if c.PeerURL == "" {

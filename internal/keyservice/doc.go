@@ -35,12 +35,14 @@
 // 32 random bytes, hex, in <data dir>/service.key (mode 0600): the first
 // node of a cluster makes it; every other node is given the same file, or
 // receives it from join over the authenticated API (AddMember, admin role).
-// It seals the CA's and the fleet guardian's private keys and the
-// attestation sessions, and derives the init token (HMAC-SHA256(key,
+// With --host-tpm (or $VTPM_HOST_TPM) a new node's key is instead sealed
+// to the host's TPM (keystore.SealToHostTPM) in <data dir>/service.key.tpm
+// and never written in clear. It seals the CA's and the fleet guardian's
+// private keys and the attestation sessions, and derives the init token (HMAC-SHA256(key,
 // "vtpm keyservice init token v1")) that authorizes Init and Restore, the
 // two calls made before any client certificate exists: whoever can read a
 // node's service key may bootstrap it. A key in a file is weaker than one
-// sealed to the host's TPM; status says so.
+// sealed to the host's TPM; status says which it is.
 //
 // # Identities and roles
 //
@@ -103,7 +105,8 @@
 // # Without quorum
 //
 // Every etcd request has a deadline (Config.RequestTimeout, 3 s); a leader
-// change within it is retried. When etcd cannot answer, the request fails
+// change within it is retried. An embedded member that has had no leader
+// for a second fails the request at once. When etcd cannot answer, the request fails
 // with an *UnavailableError naming every member and its state (probed
 // with a 1 s deadline); clients then try the next node, and report every
 // node they tried and its state. Running VMs hold their keys already; only

@@ -3,9 +3,13 @@ package keyservice_test
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
+	"io/fs"
+	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	ksv1 "vtpm/api/vtpm/keyservice/v1"
@@ -88,5 +92,45 @@ func TestJoin(t *testing.T) {
 	}
 	if len(st.Members) != 2 || !st.Quorum {
 		t.Errorf("status after join: %d members, quorum %v; want 2 with quorum", len(st.Members), st.Quorum)
+	}
+}
+
+// TestServiceKeySealedToHostTPM: with a host TPM (a swtpm process standing
+// in for the hardware), the service key is sealed to it, never written in
+// clear, and opens again at the node's next start.
+func TestServiceKeySealedToHostTPM(t *testing.T) {
+	testutil.Need(t, "swtpm")
+	port := testutil.FreePorts(t, 2)
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	testutil.Start(t, "swtpm", nil, addr, "--tpm2",
+		"--server", fmt.Sprintf("type=tcp,port=%d", port), "--ctrl", fmt.Sprintf("type=tcp,port=%d", port+1),
+		"--flags", "not-need-init,startup-clear", "--tpmstate", "dir="+t.TempDir())
+
+	cfg := nodeConfig(t, t.TempDir())
+	cfg.HostTPM = "tcp:" + addr
+	n := startNode(t, cfg)
+	admin, fleet := initService(t, n)
+	if _, err := os.Stat(filepath.Join(cfg.DataDir, "service.key")); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("a service key file exists beside the sealed one: %v", err)
+	}
+	st, err := admin.Status(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.ServiceKeyWeaker || !strings.Contains(st.ServiceKeyStorage, "sealed to the host TPM") {
+		t.Errorf("status: service key %q (weaker %v)", st.ServiceKeyStorage, st.ServiceKeyWeaker)
+	}
+
+	// The next start unseals it: the fleet guardian still opens.
+	n.stop()
+	n = startNode(t, cfg)
+	a := addHost(t, admin, "a")
+	prot, dek, _ := fleetProtector(t, fleet)
+	k, err := a.ks.Release(context.Background(), prot)
+	if err != nil {
+		t.Fatalf("release after restart: %v", err)
+	}
+	if !bytes.Equal(keyBytes(t, k), dek) {
+		t.Error("released key differs")
 	}
 }

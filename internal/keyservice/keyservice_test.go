@@ -259,6 +259,21 @@ func TestReleaseToAttestedHostsOnly(t *testing.T) {
 		t.Errorf("host revoking: %v, want permission denied", err)
 	}
 
+	// A reviewer reads the audit log but changes nothing.
+	rkey, rpub, _ := client.NewKey()
+	ir, err := admin.IssueClient(ctx, &ksv1.IssueClientRequest{Name: "rita", Role: "reviewer", PublicKey: rpub})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rb, _ := client.NewBundle("rita", "reviewer", ir.Client.Endpoints, ir.Client.CaCertificate, ir.Client.Certificate, rkey)
+	reviewer, _ := client.New(rb, client.Options{})
+	if _, err := reviewer.Audit(ctx, 0, true); err != nil {
+		t.Errorf("reviewer reading the audit log: %v", err)
+	}
+	if err := reviewer.RevokeHost(ctx, "c"); !errors.Is(err, errdefs.ErrPermissionDenied) {
+		t.Errorf("reviewer revoking a host: %v, want permission denied", err)
+	}
+
 	// Every release and denial is in the audit log with its reason (c
 	// attested at its first release and once more above).
 	r, err := admin.Audit(ctx, 0, true)
@@ -274,7 +289,7 @@ func TestReleaseToAttestedHostsOnly(t *testing.T) {
 	}
 	want := map[string]int{
 		"release/": 2, "deny/not-in-group": 1, "deny/not-registered": 1, "deny/revoked": 1, "deny/no-fleet-row": 1,
-		"register/": 3, "attest/": 4, "init/": 1, "revoke/": 1, "remove/": 1, "policy/": 1,
+		"register/": 3, "attest/": 4, "init/": 1, "revoke/": 1, "remove/": 1, "policy/": 1, "client/": 1,
 	}
 	for k, v := range want {
 		if count[k] != v {

@@ -115,6 +115,12 @@ func New(ctx context.Context, cfg Config) (*Service, error) {
 	}
 	s.st = st
 	st.metrics = s.metrics
+	// A member that just started or joined learns its leader first.
+	if st.etcd != nil && !st.awaitLeader(ctx, time.Minute) {
+		err := st.unavailable("start", errors.New("no leader elected within a minute"))
+		st.close()
+		return nil, err
+	}
 	if err := s.bootstrap(ctx); err != nil {
 		st.close()
 		return nil, err
@@ -139,7 +145,7 @@ func (s *Service) bootstrap(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	k, err := loadServiceKey(s.cfg.ServiceKeyFile, !found)
+	k, err := loadServiceKey(s.cfg.ServiceKeyFile, !found, s.cfg.HostTPM)
 	if err != nil {
 		return err
 	}
@@ -861,6 +867,10 @@ func ReleaseInfo(tpm uuid.UUID, requestID string) []byte {
 // service's CA for this host, unexpired, and the host's current one.
 func (s *Service) checkHealth(h *HostRecord, der []byte, tpm string) error {
 	if len(der) == 0 || h.HealthSerial == "" {
+		if h.LastFailure != "" {
+			// Say why: its last attestation failed (PCR 7 differs from …).
+			return &DenialError{Host: h.Name, TPM: tpm, Reason: DenyNoHealth, Detail: "last attestation: " + h.LastFailure}
+		}
 		return &DenialError{Host: h.Name, TPM: tpm, Reason: DenyNoHealth}
 	}
 	c, err := x509.ParseCertificate(der)
@@ -883,5 +893,5 @@ func (s *Service) checkHealth(h *HostRecord, der []byte, tpm string) error {
 // ServiceKeyStorage says where this node keeps its service key, and
 // whether that is weaker than a key sealed to a host TPM.
 func (s *Service) ServiceKeyStorage() (string, bool) {
-	return fmt.Sprintf("file %s (mode 0600; weaker than a key sealed to the host's TPM)", s.key.path), true
+	return s.key.storage, s.key.weaker
 }

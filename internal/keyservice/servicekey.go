@@ -16,6 +16,7 @@ import (
 
 	"vtpm/internal/atomicfile"
 	"vtpm/internal/errdefs"
+	"vtpm/internal/keystore"
 )
 
 // ServiceKeySize is the size of the service key in bytes.
@@ -37,13 +38,15 @@ type serviceKey struct {
 	aead    cipher.AEAD
 	session cipher.AEAD
 	path    string
+	storage string // where it is kept, for status
+	weaker  bool   // a file, not sealed to a TPM
 }
 
-func newServiceKey(raw []byte, path string) (*serviceKey, error) {
+func newServiceKey(raw []byte, path, storage string, weaker bool) (*serviceKey, error) {
 	if len(raw) != ServiceKeySize {
 		return nil, fmt.Errorf("service key is %d bytes, want %d", len(raw), ServiceKeySize)
 	}
-	k := &serviceKey{raw: raw, path: path}
+	k := &serviceKey{raw: raw, path: path, storage: storage, weaker: weaker}
 	var err error
 	if k.aead, err = deriveAEAD(raw, sealLabel); err != nil {
 		return nil, err
@@ -66,17 +69,47 @@ func deriveAEAD(secret []byte, label string) (cipher.AEAD, error) {
 	return cipher.NewGCM(block)
 }
 
-// LoadServiceKey reads the service key from path (64 hex digits), creating
-// a fresh one (mode 0600) when create is set and the file does not exist.
-func loadServiceKey(path string, create bool) (*serviceKey, error) {
+// sealedSuffix names the service key sealed to the host TPM, beside
+// where its file would be.
+const sealedSuffix = ".tpm"
+
+// loadServiceKey reads the service key: sealed to the host TPM
+// (path+".tpm") or a file at path (64 hex digits). When neither exists
+// and create is set it makes one, sealed to hostTPM unless that is "" or
+// "none" (then a file, mode 0600).
+func loadServiceKey(path string, create bool, hostTPM string) (*serviceKey, error) {
+	if sealed, err := os.ReadFile(path + sealedSuffix); err == nil {
+		spec := hostTPM
+		if spec == "none" {
+			spec = ""
+		}
+		raw, err := keystore.UnsealFromHostTPM(spec, sealed)
+		if err != nil {
+			return nil, fmt.Errorf("the service key %s: %w", path+sealedSuffix, err)
+		}
+		return newServiceKey(raw, path, fmt.Sprintf("sealed to the host TPM (%s)", path+sealedSuffix), false)
+	}
 	b, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) && create {
 		raw := make([]byte, ServiceKeySize)
 		rand.Read(raw)
+		if hostTPM != "" && hostTPM != "none" {
+			sealed, err := keystore.SealToHostTPM(hostTPM, raw)
+			if err != nil {
+				return nil, err
+			}
+			if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+				return nil, err
+			}
+			if err := atomicfile.Write(path+sealedSuffix, sealed, 0o600); err != nil {
+				return nil, err
+			}
+			return newServiceKey(raw, path, fmt.Sprintf("sealed to the host TPM at %s (%s)", hostTPM, path+sealedSuffix), false)
+		}
 		if err := WriteServiceKey(path, raw); err != nil {
 			return nil, err
 		}
-		return newServiceKey(raw, path)
+		return newServiceKey(raw, path, fileStorage(path), true)
 	}
 	if err != nil {
 		return nil, errdefs.Wrap(errdefs.ErrNotFound, err, "read the service key").With(
@@ -86,7 +119,30 @@ func loadServiceKey(path string, create bool) (*serviceKey, error) {
 	if err != nil {
 		return nil, errdefs.Wrap(errdefs.ErrInvalidArgument, err, "service key %s is not 64 hex digits", path)
 	}
-	return newServiceKey(raw, path)
+	return newServiceKey(raw, path, fileStorage(path), true)
+}
+
+func fileStorage(path string) string {
+	return fmt.Sprintf("file %s (mode 0600; weaker than a key sealed to the host's TPM)", path)
+}
+
+// SaveServiceKey keeps a node's service key: sealed to hostTPM beside path
+// (path+".tpm") unless hostTPM is "" or "none", else as WriteServiceKey.
+func SaveServiceKey(path string, raw []byte, hostTPM string) error {
+	if hostTPM == "" || hostTPM == "none" {
+		return WriteServiceKey(path, raw)
+	}
+	if _, err := os.Stat(path + sealedSuffix); err == nil {
+		return errdefs.New(errdefs.ErrAlreadyExists, "service key %s already exists", path+sealedSuffix)
+	}
+	sealed, err := keystore.SealToHostTPM(hostTPM, raw)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return err
+	}
+	return atomicfile.Write(path+sealedSuffix, sealed, 0o600)
 }
 
 // WriteServiceKey writes raw to path as hex, mode 0600, never over an
@@ -145,10 +201,10 @@ func InitToken(raw []byte) []byte {
 	return m.Sum(nil)
 }
 
-// ReadInitToken reads the service key file at path and returns its init
-// token.
+// ReadInitToken reads the service key at path (or sealed beside it, with
+// the host TPM it was sealed through) and returns its init token.
 func ReadInitToken(path string) ([]byte, error) {
-	k, err := loadServiceKey(path, false)
+	k, err := loadServiceKey(path, false, "")
 	if err != nil {
 		return nil, err
 	}

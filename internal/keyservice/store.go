@@ -200,6 +200,14 @@ func (s *store) memberList() []memberInfo {
 func (s *store) op(ctx context.Context, what string, f func(ctx context.Context) error) error {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
+	// Fail fast without quorum: a member that has no leader for longer
+	// than an election takes will not answer before the deadline.
+	if s.etcd != nil && !s.awaitLeader(ctx, time.Second) {
+		if s.metrics != nil {
+			s.metrics.etcd(false)
+		}
+		return s.unavailable(what, errors.New("this member has no leader"))
+	}
 	err := f(ctx)
 	// A leader change or an election in progress passes: try again until
 	// the deadline. Every write the service makes is a compare-and-swap or
@@ -221,6 +229,19 @@ func (s *store) op(ctx context.Context, what string, f func(ctx context.Context)
 		s.metrics.etcd(false)
 	}
 	return s.unavailable(what, err)
+}
+
+// awaitLeader reports whether the embedded member has a leader, waiting
+// up to d (or ctx) for an election to end.
+func (s *store) awaitLeader(ctx context.Context, d time.Duration) bool {
+	deadline := time.Now().Add(d)
+	for s.etcd.Server.Leader() == 0 {
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return false
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return true
 }
 
 // isTransient reports etcd's errors of a cluster between leaders.
