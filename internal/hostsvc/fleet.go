@@ -74,6 +74,16 @@ func WriteFleet(dataRoot string, certs []byte) error {
 	return os.Rename(tmp, path)
 }
 
+// releasable says whether rows include the fleet guardian's row, which the
+// key service may open for this host.
+func (s *Server) releasable(rows []guardian.Row) bool {
+	if s.Releaser == nil {
+		return false
+	}
+	_, ok := rowOf(s.Releaser.Fleet(), rows)
+	return ok
+}
+
 // release opens the TPM in dir through the key service, after the broker
 // found no guardian of this host for it (missing). The protector must have
 // the fleet guardian's row; the released key is checked as a key opened

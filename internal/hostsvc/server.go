@@ -394,7 +394,7 @@ func (s *Server) open(dir string, allowRollback bool) (*answer, *opened, error) 
 			return nil, nil, err
 		}
 	}
-	o, err := host.OpenTPMHeld(dir, keybroker.OpenOptions{AllowRollback: allowRollback})
+	o, err := host.OpenTPMHeld(dir, keybroker.OpenOptions{AllowRollback: allowRollback, Releasable: s.releasable})
 	var missing *keybroker.MissingKeyError
 	if errors.As(err, &missing) {
 		// No guardian here: the key service may release the key through

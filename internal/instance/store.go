@@ -8,6 +8,7 @@ import (
 
 	"github.com/google/uuid"
 
+	"vtpm/internal/guardian"
 	"vtpm/internal/hostsvc"
 	"vtpm/internal/keybroker"
 	"vtpm/internal/keystore"
@@ -139,7 +140,10 @@ func openSealed(stateDir, dataKey, runAs string, allowRollback, adoptable bool, 
 		// Opening the key creates a new TPM's identity and key protector,
 		// or reprovisions one, and a TPM this host cannot open fails before
 		// its generation record is touched.
-		o, err := host.OpenTPMWith(stateDir, keybroker.OpenOptions{AllowRollback: allowRollback})
+		o, err := host.OpenTPMWith(stateDir, keybroker.OpenOptions{AllowRollback: allowRollback, Releasable: func(rows []guardian.Row) bool {
+			_, ok := hostsvc.FleetRow(paths.HostDataRoot(), rows)
+			return ok
+		}})
 		var missing *keybroker.MissingKeyError
 		if errors.As(err, &missing) {
 			if row, ok := hostsvc.FleetRow(paths.HostDataRoot(), missing.Rows); ok {

@@ -113,3 +113,56 @@ func TestAcceptReleased(t *testing.T) {
 		t.Errorf("an older protector: %v, want a ProtectorRollbackError of version 1, seen 2", err)
 	}
 }
+
+// A TPM whose policy says to reprovision when its key is missing is not
+// reprovisioned on a host that may have its key released (its protector
+// has the fleet guardian's row): the key is not lost, and the caller gets
+// the MissingKeyError to ask for it.
+func TestReleasableIsNotReprovisioned(t *testing.T) {
+	owner := newHost(t)
+	dir, o := newTPM(t, owner)
+	o.Close()
+	fleet, err := guardian.New("fleet", guardian.MLKEM768X25519)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := owner.Grant(dir, fleet); err != nil {
+		t.Fatal(err)
+	}
+	if err := WritePolicy(dir, Policy{OnMissingKey: "reprovision"}); err != nil {
+		t.Fatal(err)
+	}
+	host := newHost(t)
+	for _, tt := range []struct {
+		name       string
+		releasable func([]guardian.Row) bool
+		reprovision bool
+	}{
+		{"a fleet row", func(rows []guardian.Row) bool {
+			for _, r := range rows {
+				if r.Fingerprint == fleet.Fingerprint() {
+					return true
+				}
+			}
+			return false
+		}, false},
+		{"another host's row only", func([]guardian.Row) bool { return false }, true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			here := filepath.Join(t.TempDir(), "tpm")
+			copyState(t, dir, here)
+			before := snapshot(t, here)
+			got, err := host.OpenTPMWith(here, OpenOptions{Releasable: tt.releasable})
+			if !tt.reprovision {
+				if !errors.As(err, new(*MissingKeyError)) || !sameFiles(before, snapshot(t, here)) {
+					t.Fatalf("OpenTPMWith: %v, want a MissingKeyError and the files unchanged", err)
+				}
+				return
+			}
+			if err != nil || got.Backup == "" {
+				t.Fatalf("OpenTPMWith: %v, want a reprovisioned TPM", err)
+			}
+			got.Close()
+		})
+	}
+}

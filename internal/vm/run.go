@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"vtpm/internal/errdefs"
+	"vtpm/internal/guardian"
 	"vtpm/internal/hostcheck"
 	"vtpm/internal/hostsvc"
 	"vtpm/internal/keybroker"
@@ -262,10 +263,14 @@ func (h *Registry) checkTPMKey(v *VM) error {
 		return fmt.Errorf("open this host's keystore: %w", err)
 	}
 	defer k.Close()
-	o, err := k.OpenTPM(dir)
+	fleet := func(rows []guardian.Row) bool {
+		_, ok := hostsvc.FleetRow(h.Root, rows)
+		return ok
+	}
+	o, err := k.OpenTPMWith(dir, keybroker.OpenOptions{Releasable: fleet})
 	var missing *keybroker.MissingKeyError
 	if errors.As(err, &missing) {
-		if _, ok := hostsvc.FleetRow(h.Root, missing.Rows); ok {
+		if fleet(missing.Rows) {
 			// The vTPM will get the key from the key service through the
 			// host service; asking for it here would release it twice.
 			// The service must answer, though.
