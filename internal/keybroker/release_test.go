@@ -134,8 +134,8 @@ func TestReleasableIsNotReprovisioned(t *testing.T) {
 	}
 	host := newHost(t)
 	for _, tt := range []struct {
-		name       string
-		releasable func([]guardian.Row) bool
+		name        string
+		releasable  func([]guardian.Row) bool
 		reprovision bool
 	}{
 		{"a fleet row", func(rows []guardian.Row) bool {
