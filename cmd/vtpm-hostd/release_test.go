@@ -304,3 +304,27 @@ func TestFleetKeyRelease(t *testing.T) {
 		t.Errorf("a VM was left behind:\n%s", out)
 	}
 }
+
+// Asking for the key service without this host's client bundle says what
+// is missing, before anything starts.
+func TestKeyServiceNeedsTheHostsBundle(t *testing.T) {
+	h := newHost(t, "lone")
+	tpm := filepath.Join(h.dir, "tpm")
+	h.mustVTPM(t, "tpm", "manufacture", tpm)
+	for _, tt := range []struct {
+		args []string
+		want []string
+	}{
+		{[]string{"host", "serve", "--socket", h.keySock, "--data-root", h.root, "--key-service", "https://127.0.0.1:1"},
+			[]string{"--key-service needs this host's client bundle of the key service", keyrelease.BundleFile}},
+		{[]string{"protector", "grant", tpm, "--key-service", "https://127.0.0.1:1"},
+			[]string{"cannot fetch the fleet guardian from the key service at https://127.0.0.1:1", "key service client bundle"}},
+	} {
+		out, err := h.vtpm(t, tt.args...)
+		if err == nil {
+			t.Errorf("vtpm %s succeeded:\n%s", strings.Join(tt.args, " "), out)
+			continue
+		}
+		wantAll(t, "vtpm "+strings.Join(tt.args, " "), out, tt.want...)
+	}
+}
