@@ -114,6 +114,26 @@ func (s *Server) release(dir string, missing *keybroker.MissingKeyError, allowRo
 	return s.broker.AcceptReleased(dir, p, k, "key service ("+row.Name+")", keybroker.OpenOptions{AllowRollback: allowRollback})
 }
 
+// adoptReleased opens the key of the TPM a migration stream carries
+// through the key service, after the broker found no guardian of this host
+// for the record's protector (missing).
+func (s *Server) adoptReleased(rec *keybroker.AdoptRecord, missing *keybroker.MissingKeyError, allowRollback bool) (*keybroker.Opened, *guardian.Protector, error) {
+	if s.Releaser == nil {
+		return nil, nil, missing
+	}
+	row, ok := rowOf(s.Releaser.Fleet(), missing.Rows)
+	if !ok {
+		return nil, nil, missing
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), releaseTimeout)
+	defer cancel()
+	k, err := s.Releaser.Release(ctx, rec.Protector)
+	if err != nil {
+		return nil, nil, &ReleaseError{TPM: rec.TPM.String(), Fleet: row.Name, Err: err}
+	}
+	return s.broker.AdoptReleased(rec, k, "key service ("+row.Name+")", keybroker.OpenOptions{AllowRollback: allowRollback})
+}
+
 // ReleaseError: no guardian of this host opens a TPM, and the key service
 // did not release its key through the protector's fleet row. Err says why
 // (the key service's denial and its reason, or the nodes tried and their

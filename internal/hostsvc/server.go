@@ -452,6 +452,12 @@ func (s *Server) adopt(dir string, req *request, blob []byte) (*answer, *opened,
 		return nil, nil, errdefs.New(errdefs.ErrFailedPrecondition, "%s already holds sealed state: a TPM arriving from elsewhere is adopted only into a directory without any", dir)
 	}
 	o, p, err := host.OpenAdopted(dir, rec, keybroker.OpenOptions{AllowRollback: req.AllowRollback})
+	var missing *keybroker.MissingKeyError
+	if errors.As(err, &missing) {
+		// No guardian here: the key service may release the key through
+		// the protector's fleet row.
+		o, p, err = s.adoptReleased(rec, missing, req.AllowRollback)
+	}
 	if err != nil {
 		return nil, nil, err
 	}
