@@ -60,7 +60,9 @@
 // which links the key service's client; see internal/keyrelease): the key
 // service releases the data key to this attested host, sealed to a
 // one-time key, and the service checks it against the protector and the
-// state (keybroker.AcceptReleased) and answers as for any open. The fleet
+// state (keybroker.AcceptReleased) and answers as for any open; an
+// adoption likewise, the key checked against the stream's protector and
+// record (keybroker.AdoptReleased). The fleet
 // guardian's certificates are kept in <data root>/fleet-guardian.pem
 // (FleetFile), so a vTPM that opens the keystore itself and finds no row
 // it holds asks the service only when the fleet's row is there. A release
