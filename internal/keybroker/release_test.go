@@ -1,12 +1,15 @@
 package keybroker
 
 import (
+	"bytes"
 	"errors"
+	"os"
 	"path/filepath"
 	"testing"
 
 	"vtpm/internal/errdefs"
 	"vtpm/internal/guardian"
+	"vtpm/internal/swtpm/statefile"
 )
 
 // A key the key service released (its fleet row opened elsewhere) opens a
@@ -163,6 +166,81 @@ func TestReleasableIsNotReprovisioned(t *testing.T) {
 				t.Fatalf("OpenTPMWith: %v, want a reprovisioned TPM", err)
 			}
 			got.Close()
+		})
+	}
+}
+
+// A released key adopts the TPM a migration stream carries only when it is
+// the key of the stream's protector and the stream's record verifies
+// under it.
+func TestAdoptReleased(t *testing.T) {
+	owner := newHost(t)
+	dir, o := newTPM(t, owner)
+	defer o.Close()
+	raw, err := os.ReadFile(filepath.Join(dir, ProtectorFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	record := func(t *testing.T, k *Key) *AdoptRecord {
+		t.Helper()
+		mig, err := k.MigrationKey()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer mig.Close()
+		blob, _, err := statefile.EncodeMigration([]byte("permanent state"), nil, &statefile.Key{Bytes: mig.Bytes()}, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ext, err := AppendAdoptRecord(blob, &AdoptRecord{TPM: o.TPM, Protector: raw}, mig.Bytes())
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, rec, err := ParseAdoptRecord(ext)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return rec
+	}
+	released := func(t *testing.T) *Key {
+		t.Helper()
+		k, err := newKey(o.TPM, bytes.Clone(o.Key.bytes()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	other, err := randomKey(o.TPM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	host := newHost(t)
+	for _, tt := range []struct {
+		name string
+		rec  *AdoptRecord
+		key  *Key
+		ok   bool
+	}{
+		{"the stream's key", record(t, o.Key), released(t), true},
+		{"a stream made under another key", record(t, other), released(t), false},
+		{"another key", record(t, o.Key), other, false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			got, p, err := host.AdoptReleased(tt.rec, tt.key, "key service", OpenOptions{})
+			if !tt.ok {
+				if err == nil {
+					got.Close()
+					t.Fatal("AdoptReleased accepted it")
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("AdoptReleased: %v", err)
+			}
+			defer got.Close()
+			if got.TPM != o.TPM || p.TPM() != o.TPM {
+				t.Errorf("adopted TPM %s, protector of %s; want %s", got.TPM, p.TPM(), o.TPM)
+			}
 		})
 	}
 }
