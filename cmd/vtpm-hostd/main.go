@@ -48,5 +48,6 @@ func rootCmd() *cobra.Command {
 	host := &cobra.Command{Use: "host", Short: "This host's service and the hosts it trusts"}
 	host.AddCommand(serveCmd(), trustCmd(), untrustCmd(), listCmd(), infoCmd())
 	root.AddCommand(serveCmd(), host)
+	root.AddCommand(vmCmd(), tpmCmd())
 	return root
 }

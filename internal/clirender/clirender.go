@@ -61,6 +61,8 @@ var Commands = map[errdefs.Action]string{
 	errdefs.ActionKeyServiceVMPolicy:  "vtpm keyservice vm-policy set {tpm} --group {group}",
 	errdefs.ActionKeyServiceStatus:    "vtpm keyservice status",
 	errdefs.ActionKeyServiceInit:      "vtpm keyservice init",
+	errdefs.ActionVMMoveGrant:         "vtpm vm move {vm} --to {to} --grant",
+	errdefs.ActionVMCopyGrant:         "vtpm vm copy {vm} --to {to} --name {name} --tpm copy --grant",
 }
 
 // Compiled on first use: every vTPM start runs this package's initialisation.

@@ -148,6 +148,13 @@ const (
 	ActionKeyServiceStatus Action = "keyservice.status"
 	// ActionKeyServiceInit creates the key service's fleet guardian.
 	ActionKeyServiceInit Action = "keyservice.init"
+	// ActionVMMoveGrant moves a VM to another host after admitting that
+	// host's guardian to its TPM's key protector (args: vm, to).
+	ActionVMMoveGrant Action = "vm.move.grant"
+	// ActionVMCopyGrant copies a VM with its TPM to another host after
+	// admitting that host's guardian to the TPM's key protector (args: vm,
+	// to, name).
+	ActionVMCopyGrant Action = "vm.copy.grant"
 )
 
 // Remedy is one way out of a failure. Action, when set, is the operation to
