@@ -3,6 +3,7 @@ module vtpm
 go 1.26.0
 
 require (
+	github.com/google/go-attestation v0.6.4
 	github.com/google/go-tpm v0.9.8
 	github.com/google/uuid v1.6.0
 	github.com/spf13/cobra v1.10.2
