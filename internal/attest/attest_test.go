@@ -329,3 +329,137 @@ func TestEventLogMissing(t *testing.T) {
 		t.Fatalf("got %v", err)
 	}
 }
+
+// TestCaptureHost: a reference host captures its own boot; a host of the
+// same boot passes it without naming a class (a host registered with a
+// policy only), another db does not.
+func TestCaptureHost(t *testing.T) {
+	ref := attesttest.Start(t, attesttest.Reference)
+	p, err := attest.CaptureHost(attest.HostOptions{TPM: ref.Spec, EventLog: ref.EventLog}, "fleet", "x86-ovmf")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !p.SecureBoot || len(p.Classes["x86-ovmf"]) != 1 {
+		t.Fatalf("policy %s", p)
+	}
+	_, h := host(t, attesttest.Reference, "")
+	r, err := attestOnce(t, h, registered(t, h))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Evaluate("", r); err != nil {
+		t.Fatal(err)
+	}
+	_, other := host(t, attesttest.OtherDB, "")
+	r2, err := attestOnce(t, other, registered(t, other))
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = p.Evaluate("", r2)
+	if err == nil || !strings.Contains(err.Error(), "PCR 7 differs from policy fleet (class x86-ovmf)") {
+		t.Fatalf("got %v", err)
+	}
+
+	// Capturing again from another reference adds its boot once.
+	p.Merge(mustCapture(t, "fleet", "x86-ovmf", r2))
+	p.Merge(mustCapture(t, "fleet", "x86-ovmf", r2))
+	if len(p.Classes["x86-ovmf"]) != 2 {
+		t.Fatalf("after merging: %s", p)
+	}
+	if err := p.Evaluate("", r2); err != nil {
+		t.Fatal(err)
+	}
+
+	off := attesttest.Start(t, attesttest.SecureBootOff)
+	if _, err := attest.CaptureHost(attest.HostOptions{TPM: off.Spec, EventLog: off.EventLog}, "fleet", "x86-ovmf"); !errors.Is(err, errdefs.ErrFailedPrecondition) {
+		t.Fatalf("capture with Secure Boot off: %v", err)
+	}
+}
+
+func mustCapture(t *testing.T, name, class string, r *attest.Result) *attest.Policy {
+	t.Helper()
+	p, err := attest.Capture(name, class, r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// TestPublicAreaForms: the EK and AK may come as TPMT_PUBLIC or
+// TPM2B_PUBLIC, the EK also as a PEM public key.
+func TestPublicAreaForms(t *testing.T) {
+	_, h := host(t, attesttest.Reference, attest.EKECC)
+	ek := registered(t, h)
+	sized := func(b []byte) []byte { return append([]byte{byte(len(b) >> 8), byte(len(b))}, b...) }
+	pemEK, err := attest.MarshalEK(ek)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, form := range map[string][]byte{"TPMT_PUBLIC": h.EKPublic(), "TPM2B_PUBLIC": sized(h.EKPublic()), "PEM": pemEK} {
+		got, err := attest.ParseEK(form)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if attest.EKFingerprint(got) != attest.EKFingerprint(ek) {
+			t.Errorf("%s: another key", name)
+		}
+	}
+	s, c, err := attest.NewSession(ek, sized(h.EKPublic()), sized(h.AKPublic()), now, 0, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ev, err := h.Answer(*c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Verify(ev, now); err != nil {
+		t.Fatal(err)
+	}
+	// The EK is not an AK.
+	if _, _, err := attest.CheckAK(h.EKPublic()); err == nil {
+		t.Fatal("the EK passed as an AK")
+	} else {
+		evidenceReason(t, err, attest.ReasonBadAK)
+	}
+}
+
+// TestEventLogFixture: the fixture's log parses and replays, with
+// go-attestation, to the PCR values its extends give, and its Secure Boot
+// state is what the boot says; variants differ in PCR 7 only.
+func TestEventLogFixture(t *testing.T) {
+	ref := attesttest.Reference.PCRs()
+	for _, tc := range []struct {
+		name       string
+		boot       attesttest.Boot
+		secureBoot bool
+		differ     []int
+	}{
+		{"reference", attesttest.Reference, true, nil},
+		{"other db", attesttest.OtherDB, true, []int{7}},
+		{"Secure Boot off", attesttest.SecureBootOff, false, []int{7}},
+		{"other firmware", attesttest.Boot{Firmware: "2.0"}, true, []int{0}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			pcrs := tc.boot.PCRs()
+			var differ []int
+			for i := range pcrs {
+				if !bytes.Equal(pcrs[i], ref[i]) {
+					differ = append(differ, i)
+				}
+			}
+			if !slices.Equal(differ, tc.differ) {
+				t.Errorf("PCRs %v differ from the reference, want %v", differ, tc.differ)
+			}
+			sb, err := attest.ReplayLog(tc.boot.Log(), pcrs)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if sb != tc.secureBoot {
+				t.Errorf("Secure Boot %v, want %v", sb, tc.secureBoot)
+			}
+			if _, err := attest.ReplayLog(tc.boot.Log(), attesttest.Boot{Firmware: "3.0", DB: "x"}.PCRs()); err == nil {
+				t.Error("the log replays to another boot's PCRs")
+			}
+		})
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/x509"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/pem"
 	"fmt"
@@ -17,7 +18,7 @@ import (
 
 // ParseEK parses a registered endorsement key: a PEM public key or
 // certificate, a DER certificate or SubjectPublicKeyInfo, or a TPMT_PUBLIC
-// as the host sends it. Only RSA 2048 and ECC P-256 keys (the TCG EK
+// or TPM2B_PUBLIC as the host sends it. Only RSA 2048 and ECC P-256 keys (the TCG EK
 // templates' low range) are accepted.
 func ParseEK(data []byte) (crypto.PublicKey, error) {
 	if blk, _ := pem.Decode(data); blk != nil {
@@ -28,7 +29,7 @@ func ParseEK(data []byte) (crypto.PublicKey, error) {
 		pub = c.PublicKey
 	} else if k, err := x509.ParsePKIXPublicKey(data); err == nil {
 		pub = k
-	} else if p, err := tpm2.Unmarshal[tpm2.TPMTPublic](data); err == nil {
+	} else if p, err := unmarshalPublic(data); err == nil {
 		if pub, err = tpm2.Pub(*p); err != nil {
 			return nil, newEvidenceError(ReasonBadEK, err, "")
 		}
@@ -127,11 +128,21 @@ var akTemplate = tpm2.TPMTPublic{
 	}),
 }
 
-// CheckAK parses an AK's TPMT_PUBLIC and checks that it can only sign
+// unmarshalPublic parses a public area given as TPMT_PUBLIC or as
+// TPM2B_PUBLIC (the same, with a big-endian size in front; a TPMT_PUBLIC
+// starts with its type, never with its own length).
+func unmarshalPublic(b []byte) (*tpm2.TPMTPublic, error) {
+	if len(b) > 2 && int(binary.BigEndian.Uint16(b)) == len(b)-2 {
+		b = b[2:]
+	}
+	return tpm2.Unmarshal[tpm2.TPMTPublic](b)
+}
+
+// CheckAK parses an AK's TPMT_PUBLIC (or TPM2B_PUBLIC) and checks that it can only sign
 // TPM-made structures and never leaves its TPM. It returns the public area
 // and its name.
 func CheckAK(public []byte) (*tpm2.TPMTPublic, []byte, error) {
-	p, err := tpm2.Unmarshal[tpm2.TPMTPublic](public)
+	p, err := unmarshalPublic(public)
 	if err != nil {
 		return nil, nil, newEvidenceError(ReasonBadAK, err, "")
 	}

@@ -141,7 +141,9 @@ type Mismatch struct {
 
 func (e *PolicyError) Error() string {
 	var parts []string
-	if e.NoClass {
+	if e.NoClass && e.Class == "" {
+		parts = append(parts, fmt.Sprintf("policy %s accepts no boot yet", e.Policy))
+	} else if e.NoClass {
 		parts = append(parts, fmt.Sprintf("policy %s accepts no hardware class %q", e.Policy, e.Class))
 	}
 	if len(e.Mismatches) > 0 {
@@ -173,8 +175,11 @@ func (e *PolicyError) Remedies() []errdefs.Remedy {
 	if e.SecureBootOff {
 		out = append(out, errdefs.Advise("turn Secure Boot on in the host's firmware"))
 	}
-	if e.NoClass || len(e.Mismatches) > 0 {
+	switch {
+	case (e.NoClass || len(e.Mismatches) > 0) && e.Class != "":
 		out = append(out, errdefs.Advise("if the host's firmware or boot configuration changed on purpose, capture policy %s again from a reference host of class %s", e.Policy, e.Class))
+	case e.NoClass:
+		out = append(out, errdefs.Advise("capture policy %s from a reference host", e.Policy))
 	}
 	return out
 }

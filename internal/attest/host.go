@@ -1,6 +1,7 @@
 package attest
 
 import (
+	"crypto"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -146,7 +147,7 @@ func (h *Host) Close() error {
 func (h *Host) EKPublic() []byte { return append([]byte(nil), h.ek.public...) }
 
 // EK returns the EK's public key, as an administrator registers it.
-func (h *Host) EK() (any, error) {
+func (h *Host) EK() (crypto.PublicKey, error) {
 	return ParseEK(h.ek.public)
 }
 
@@ -294,4 +295,34 @@ func eventLogError(path string, err error) error {
 		e.Fix = []errdefs.Remedy{errdefs.Advise("read it as root: the host service runs as root")}
 	}
 	return e
+}
+
+// CaptureHost makes a policy from this host's boot: it attests the host to
+// itself (the same checks a key service makes, with the host's own EK as
+// the registered one) and captures the proven PCR values for class. Run it
+// on a reference host, booted with Secure Boot on.
+func CaptureHost(opts HostOptions, name, class string) (*Policy, error) {
+	h, err := OpenHost(opts)
+	if err != nil {
+		return nil, err
+	}
+	defer h.Close()
+	ek, err := h.EK()
+	if err != nil {
+		return nil, err
+	}
+	now := time.Now()
+	s, c, err := NewSession(ek, h.EKPublic(), h.AKPublic(), now, 0, nil)
+	if err != nil {
+		return nil, err
+	}
+	ev, err := h.Answer(*c)
+	if err != nil {
+		return nil, err
+	}
+	r, err := s.Verify(ev, now)
+	if err != nil {
+		return nil, fmt.Errorf("this host's own evidence does not verify: %w", err)
+	}
+	return Capture(name, class, r)
 }

@@ -124,23 +124,26 @@ func ParsePolicy(b []byte) (*Policy, error) {
 
 // Evaluate judges a verified boot of a host of the given hardware class: its
 // PCR values must be one of the boots accepted for the class, and Secure
-// Boot on if the policy requires it. A refusal is a *PolicyError naming the
-// PCRs that differ (from the closest accepted boot).
+// Boot on if the policy requires it. An empty class accepts the boots of
+// every class (a host registered without one). A refusal is a *PolicyError
+// naming the PCRs that differ from the closest accepted boot.
 func (p *Policy) Evaluate(class string, r *Result) error {
 	e := &PolicyError{Policy: p.Name, Class: class}
-	sets := p.Classes[class]
-	if len(sets) == 0 {
-		e.NoClass = true
-	} else {
-		var best []Mismatch
-		for i, v := range sets {
-			d := diff(v, r.PCRs)
-			if i == 0 || len(d) < len(best) {
-				best = d
-			}
-		}
-		e.Mismatches = best
+	classes := []string{class}
+	if class == "" {
+		classes = slices.Sorted(maps.Keys(p.Classes))
 	}
+	found := false
+	for _, c := range classes {
+		for _, v := range p.Classes[c] {
+			d := diff(v, r.PCRs)
+			if !found || len(d) < len(e.Mismatches) {
+				e.Class, e.Mismatches = c, d
+			}
+			found = true
+		}
+	}
+	e.NoClass = !found
 	e.SecureBootOff = p.SecureBoot && !r.SecureBoot
 	if e.NoClass || len(e.Mismatches) > 0 || e.SecureBootOff {
 		return e

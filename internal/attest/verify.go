@@ -74,13 +74,13 @@ func NewSession(registered crypto.PublicKey, presentedEK, akPublic []byte, now t
 	if err != nil {
 		return nil, nil, err
 	}
-	_, akName, err := CheckAK(akPublic)
+	ak, akName, err := CheckAK(akPublic)
 	if err != nil {
 		return nil, nil, err
 	}
 	s := &Session{
 		EKFingerprint: EKFingerprint(registered),
-		AKPublic:      bytes.Clone(akPublic),
+		AKPublic:      tpm2.Marshal(ak), // TPMT_PUBLIC, whichever form came
 		Nonce:         make([]byte, nonceSize),
 		Secret:        make([]byte, secretSize),
 		Expires:       now.Add(ttl),
@@ -206,4 +206,25 @@ func replay(log []byte, pcrs []gattest.PCR) ([]gattest.Event, error) {
 		return nil, &EvidenceError{Reason: ReasonReplay, PCRs: bad, Detail: "the log has no events for them"}
 	}
 	return events, nil
+}
+
+// ReplayLog replays an event log against SHA-256 values of PCRs 0–7 (not
+// quoted: for tools and tests) and returns the Secure Boot state it shows.
+func ReplayLog(log []byte, values [][]byte) (secureBoot bool, err error) {
+	if len(values) != len(PCRs) {
+		return false, newEvidenceError(ReasonQuote, nil, "%d PCR values, want %d", len(values), len(PCRs))
+	}
+	pcrs := make([]gattest.PCR, len(PCRs))
+	for i, p := range PCRs {
+		pcrs[i] = gattest.PCR{Index: p, Digest: values[i], DigestAlg: crypto.SHA256}
+	}
+	events, err := replay(log, pcrs)
+	if err != nil {
+		return false, err
+	}
+	sb, err := gattest.ParseSecurebootState(events)
+	if err != nil {
+		return false, newEvidenceError(ReasonEventLog, err, "Secure Boot state")
+	}
+	return sb.Enabled, nil
 }
