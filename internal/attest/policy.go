@@ -128,6 +128,12 @@ func ParsePolicy(b []byte) (*Policy, error) {
 // every class (a host registered without one). A refusal is a *PolicyError
 // naming the PCRs that differ from the closest accepted boot.
 func (p *Policy) Evaluate(class string, r *Result) error {
+	_, err := p.Match(class, r)
+	return err
+}
+
+// Match is Evaluate that also returns the class whose boot matched.
+func (p *Policy) Match(class string, r *Result) (string, error) {
 	e := &PolicyError{Policy: p.Name, Class: class}
 	classes := []string{class}
 	if class == "" {
@@ -146,9 +152,9 @@ func (p *Policy) Evaluate(class string, r *Result) error {
 	e.NoClass = !found
 	e.SecureBootOff = p.SecureBoot && !r.SecureBoot
 	if e.NoClass || len(e.Mismatches) > 0 || e.SecureBootOff {
-		return e
+		return "", e
 	}
-	return nil
+	return e.Class, nil
 }
 
 // diff lists the PCRs whose value in got differs from want.
