@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -14,6 +15,7 @@ import (
 	"vtpm/internal/attest"
 	"vtpm/internal/attest/attesttest"
 	"vtpm/internal/errdefs"
+	"vtpm/internal/testutil"
 )
 
 var now = time.Date(2026, 12, 7, 12, 0, 0, 0, time.UTC)
@@ -461,5 +463,39 @@ func TestEventLogFixture(t *testing.T) {
 				t.Error("the log replays to another boot's PCRs")
 			}
 		})
+	}
+}
+
+// TestUnixSocketTPM: a host TPM on a unix socket ("unix:PATH", as a swtpm
+// or vtpm data socket) attests as one on TCP does.
+func TestUnixSocketTPM(t *testing.T) {
+	testutil.Need(t, "swtpm")
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "tpm.sock")
+	testutil.Start(t, "swtpm", nil, sock,
+		"--tpm2",
+		"--server", "type=unixio,path="+sock,
+		"--ctrl", "type=unixio,path="+filepath.Join(dir, "ctrl.sock"),
+		"--flags", "not-need-init,startup-clear",
+		"--tpmstate", "dir="+dir)
+	spec := "unix:" + sock
+	if err := attesttest.Extend(spec, attesttest.Reference.Events()); err != nil {
+		t.Fatal(err)
+	}
+	log := filepath.Join(dir, "binary_bios_measurements")
+	if err := os.WriteFile(log, attesttest.Reference.Log(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	h, err := attest.OpenHost(attest.HostOptions{TPM: spec, EventLog: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	r, err := attestOnce(t, h, registered(t, h))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !r.SecureBoot {
+		t.Error("Secure Boot not seen on")
 	}
 }
