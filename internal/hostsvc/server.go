@@ -32,6 +32,9 @@ type Server struct {
 	broker *keybroker.Broker
 	users  map[uint32]bool
 	log    *slog.Logger
+	// Refused, when set, is told of every request refused or failed (the
+	// host service's metrics count them).
+	Refused func(error)
 	// mu serialises requests: the keystore and new TPMs' identities are
 	// changed by at most one at a time.
 	mu sync.Mutex
@@ -117,6 +120,9 @@ func (s *Server) handle(c *net.UnixConn) {
 	a, sent, err := s.answer(p, &req, files)
 	if err != nil {
 		s.log.Warn("host service: refused", "pid", p.pid, "uid", p.uid, "dir", req.Dir, "err", err)
+		if s.Refused != nil {
+			s.Refused(err)
+		}
 		// Messages name the directory as the caller does.
 		r := strings.NewReplacer()
 		if len(files) == 1 && req.Dir != "" {

@@ -164,9 +164,12 @@ func install(t *testing.T, vtpm, dir string) string {
 	if err := os.Mkdir(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	copyFile(t, vtpm, filepath.Join(dir, "vtpm"))
-	if err := os.Chmod(filepath.Join(dir, "vtpm"), 0o755); err != nil {
-		t.Fatal(err)
+	// `vtpm host serve` is vtpm-hostd's, found beside vtpm.
+	for name, src := range map[string]string{"vtpm": vtpm, "vtpm-hostd": testutil.HostdBinary(t)} {
+		copyFile(t, src, filepath.Join(dir, name))
+		if err := os.Chmod(filepath.Join(dir, name), 0o755); err != nil {
+			t.Fatal(err)
+		}
 	}
 	for _, name := range []string{"swtpm", "swtpm_setup"} {
 		if err := os.Symlink("vtpm", filepath.Join(dir, name)); err != nil {
