@@ -297,7 +297,7 @@ func hostCmd() *cobra.Command {
 	}
 	bundleFlag(ls)
 	ls.Flags().BoolVar(&asJSON, "json", false, "print JSON")
-	cmd.AddCommand(add, remove, revoke, ls)
+	cmd.AddCommand(add, remove, revoke, ls, hostEKCmd())
 	return cmd
 }
 
@@ -352,7 +352,7 @@ func policyCmd() *cobra.Command {
 		},
 	}
 	bundleFlag(ls)
-	cmd.AddCommand(set, ls)
+	cmd.AddCommand(set, ls, policyCaptureCmd())
 	return cmd
 }
 
