@@ -113,13 +113,22 @@ func (v Verifier) Verify(ctx context.Context, h *verify.Host, c *verify.Challeng
 func failure(h *verify.Host, err error) error {
 	var pe *attest.PolicyError
 	if errors.As(err, &pe) {
+		// Failure's message names the first PCR and the policy; the detail
+		// adds the rest of the facts.
 		f := verify.Fail(h, verify.ReasonPCRMismatch, "%s", pe.Error())
 		f.Policy = pe.Policy
 		switch {
 		case len(pe.Mismatches) > 0:
 			f.PCR = pe.Mismatches[0].PCR
+			f.Detail = "hardware class " + pe.Class
+			for _, m := range pe.Mismatches[1:] {
+				f.Detail += fmt.Sprintf("; PCR %d differs too", m.PCR)
+			}
+			if pe.SecureBootOff {
+				f.Detail += "; Secure Boot is off"
+			}
 		case pe.SecureBootOff:
-			f.Reason = verify.ReasonSecureBootOff
+			f.Reason, f.Detail = verify.ReasonSecureBootOff, "the host booted with Secure Boot off"
 		}
 		return f
 	}
