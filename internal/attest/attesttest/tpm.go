@@ -30,7 +30,13 @@ func Start(t testing.TB, boot Boot) *HostTPM {
 	t.Helper()
 	testutil.Need(t, "swtpm")
 	port := testutil.FreePorts(t, 2)
-	dir := t.TempDir()
+	// Not t.TempDir: a test's name may hold a comma, which ends a swtpm
+	// option.
+	dir, err := os.MkdirTemp("", "attesttest-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
 	state := filepath.Join(dir, "state")
 	if err := os.Mkdir(state, 0o700); err != nil {
 		t.Fatal(err)
