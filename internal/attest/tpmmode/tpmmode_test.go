@@ -44,6 +44,9 @@ func startService(t *testing.T) (*client.Client, *guardian.Guardian) {
 		PeerURL:        fmt.Sprintf("http://127.0.0.1:%d", base+2),
 		Logger:         slog.New(slog.NewTextHandler(io.Discard, nil)),
 		RequestTimeout: 3 * time.Second,
+		// Shorter than the margin within which a host renews its health
+		// certificate, so each release attests the host again.
+		HealthLifetime: 30 * time.Second,
 		Verifiers:      []verify.Verifier{tpmmode.Verifier{}},
 	}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -168,9 +171,10 @@ func fleetProtector(t *testing.T, fleet *guardian.Guardian) []byte {
 
 // TestTPMModeThroughKeyService: a policy captured from a reference host;
 // a host that booted the same way attests in TPM mode, gets a health
-// certificate and a key; a host whose PCR 7 differs, and a host whose TPM
-// is not the registered one, are refused; each outcome is in the audit log
-// with its reason.
+// certificate and a key, attesting again when its health certificate nears
+// its end; a host whose PCR 7 differs, and a host whose TPM is not the
+// registered one, are refused; each outcome is in the audit log with its
+// reason.
 func TestTPMModeThroughKeyService(t *testing.T) {
 	admin, fleet := startService(t)
 	ctx := context.Background()
@@ -200,8 +204,10 @@ func TestTPMModeThroughKeyService(t *testing.T) {
 		t.Fatalf("health certificate %d bytes until %v", len(cert), notAfter)
 	}
 	prot := fleetProtector(t, fleet)
-	if _, err := good.Release(ctx, prot); err != nil {
-		t.Fatalf("release to the attested host: %v", err)
+	for i := range 2 {
+		if _, err := good.Release(ctx, prot); err != nil {
+			t.Fatalf("release %d to the attested host: %v", i+1, err)
+		}
 	}
 
 	_, err = pcr7.Attest(ctx)
@@ -225,9 +231,16 @@ func TestTPMModeThroughKeyService(t *testing.T) {
 		"swapped": {"denied", string(verify.ReasonWrongEK), "not the one registered"},
 	}
 	seen := map[string]bool{}
+	attests := 0
 	for _, r := range audit.Records {
 		w, ok := want[r.Host]
-		if !ok || r.Event != "attest" || seen[r.Host] {
+		if !ok || r.Event != "attest" {
+			continue
+		}
+		if r.Host == "good" {
+			attests++
+		}
+		if seen[r.Host] {
 			continue
 		}
 		seen[r.Host] = true
@@ -239,5 +252,10 @@ func TestTPMModeThroughKeyService(t *testing.T) {
 		if !seen[h] {
 			t.Errorf("no attestation of %s in the audit log", h)
 		}
+	}
+	// A health certificate near its end is renewed by attesting again with
+	// the TPM: once at first, once before each release.
+	if attests != 3 {
+		t.Errorf("the good host attested %d times, want 3", attests)
 	}
 }
