@@ -131,6 +131,24 @@ func (e *Error) Is(target error) bool { return e.Kind != nil && target == e.Kind
 // Remedies returns the ways out the service sent.
 func (e *Error) Remedies() []errdefs.Remedy { return e.Fix }
 
+// Detailed reports whether err is a Connect error that carries an
+// ErrorDetail: a vtpm service answered with it (rather than the call
+// failing on its way).
+func Detailed(err error) bool {
+	var ce *connect.Error
+	if !errors.As(err, &ce) {
+		return false
+	}
+	for _, d := range ce.Details() {
+		if v, derr := d.Value(); derr == nil {
+			if _, ok := v.(*hostv1.ErrorDetail); ok {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // FromConnect turns an error a Connect client returned into an *Error;
 // other errors pass unchanged. where, when set, says where the service's
 // remedies run (such as "on host b"): it replaces a remedy's empty or

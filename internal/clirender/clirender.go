@@ -57,6 +57,10 @@ var Commands = map[errdefs.Action]string{
 	errdefs.ActionHostList:            "vtpm host list",
 	errdefs.ActionHostServeListen:     "vtpm host serve --listen {address}",
 	errdefs.ActionBuild:               "make build",
+	errdefs.ActionKeyServiceHostAdd:   "vtpm keyservice host add {host} --mode key --guardian CERTS.pem",
+	errdefs.ActionKeyServiceVMPolicy:  "vtpm keyservice vm-policy set {tpm} --group {group}",
+	errdefs.ActionKeyServiceStatus:    "vtpm keyservice status",
+	errdefs.ActionKeyServiceInit:      "vtpm keyservice init",
 }
 
 // Compiled on first use: every vTPM start runs this package's initialisation.

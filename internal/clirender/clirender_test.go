@@ -42,7 +42,8 @@ func TestEveryActionHasACommand(t *testing.T) {
 		errdefs.ActionVMRegister, errdefs.ActionVMUnregister, errdefs.ActionVMClone, errdefs.ActionVMCreate, errdefs.ActionVMTemplate,
 		errdefs.ActionVMDeploy, errdefs.ActionIsolationPreferred, errdefs.ActionRunAsOwner,
 		errdefs.ActionHostAllowPath, errdefs.ActionHostServiceStart, errdefs.ActionHostServe,
-		errdefs.ActionHostTrust, errdefs.ActionHostUntrust, errdefs.ActionHostList, errdefs.ActionHostServeListen, errdefs.ActionBuild} {
+		errdefs.ActionHostTrust, errdefs.ActionHostUntrust, errdefs.ActionHostList, errdefs.ActionHostServeListen, errdefs.ActionBuild,
+		errdefs.ActionKeyServiceHostAdd, errdefs.ActionKeyServiceVMPolicy, errdefs.ActionKeyServiceStatus, errdefs.ActionKeyServiceInit} {
 		if _, ok := Commands[a]; !ok {
 			t.Errorf("action %q has no command line", a)
 		}

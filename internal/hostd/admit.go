@@ -2,6 +2,7 @@ package hostd
 
 import (
 	"context"
+	"crypto/x509"
 	"net/http"
 
 	"connectrpc.com/connect"
@@ -31,7 +32,7 @@ func (s *Server) admit(next http.Handler) http.Handler {
 			for i, c := range r.TLS.PeerCertificates {
 				raw[i] = c.Raw
 			}
-			if ci, err := parseChain(raw); err == nil {
+			if ci, err := parseChain(raw, x509.ExtKeyUsageClientAuth); err == nil {
 				p = issuer(s.currentPeers(), ci)
 			}
 		}

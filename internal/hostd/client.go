@@ -90,20 +90,34 @@ func (e *UnreachableError) Remedies() []errdefs.Remedy {
 	}
 }
 
-// peerClient returns a client of peer p's HostService over TLS, pinned to
-// p's guardian; verified is told the outcome of the server's
-// certificate check. Its connections are its own: close it with
-// CloseIdleConnections.
-func (s *Server) peerClient(p *Peer, verified func(error)) (hostv1connect.HostServiceClient, *http.Transport) {
+// peerHTTPClient is an HTTP/2 client of peer p over TLS, pinned to p's
+// guardian, and p's base URL. Its connections are its own: close them
+// with CloseIdleConnections.
+func (s *Server) peerHTTPClient(p *Peer) (*http.Client, string, error) {
+	if !s.hasTLS {
+		return nil, "", ErrNoTLS
+	}
 	tr := &http.Transport{
-		TLSClientConfig:     clientTLS(s.cert, p, verified),
+		TLSClientConfig:     clientTLS(s.certificate, p),
 		ForceAttemptHTTP2:   true,
 		TLSHandshakeTimeout: 10 * time.Second,
 		DialContext:         (&net.Dialer{Timeout: 10 * time.Second}).DialContext,
 	}
 	tr.Protocols = new(http.Protocols)
 	tr.Protocols.SetHTTP2(true)
-	return hostv1connect.NewHostServiceClient(&http.Client{Transport: tr}, "https://"+p.Address), tr
+	return &http.Client{Transport: tr}, "https://" + p.Address, nil
+}
+
+// PeerClient returns an HTTP/2 client of trusted peer name's API over
+// TLS, pinned to its guardian, and the API's base URL, for a Connect
+// client of any of its services (NewXServiceClient(c, base)). Pass a
+// failed call's error through PeerError.
+func (s *Server) PeerClient(name string) (*http.Client, string, error) {
+	p, err := findPeer(s.currentPeers(), name)
+	if err != nil {
+		return nil, "", err
+	}
+	return s.peerHTTPClient(p)
 }
 
 // remoteRefusal reports whether err is the peer refusing this host's

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"slices"
 	"sync"
 	"time"
 
@@ -62,11 +63,50 @@ type Server struct {
 	peers  []*Peer
 	broker *keybroker.Broker
 	local  *guardian.Guardian
-	cert   tls.Certificate // set when the TLS API is on
 	hasTLS bool
+	// certMu guards cert, renewed while the service runs (certificate).
+	certMu sync.Mutex
+	cert   tls.Certificate
+	ips    []net.IP
 
-	ready chan struct{}
+	services []Service
+	ready    chan struct{}
 }
+
+// Service is an API service that another part of the host service
+// provides (migration, transfer), as its Connect handler: path and handler
+// as hostv1connect.NewXServiceHandler returns them.
+type Service struct {
+	Path    string
+	Handler http.Handler
+	// Local mounts it on the local API (this host's CLI); Remote on the
+	// TLS API, for trusted peers only (PeerFrom names the caller).
+	Local, Remote bool
+}
+
+// Register adds services to the API. Call it before Run.
+func (s *Server) Register(svcs ...Service) { s.services = append(s.services, svcs...) }
+
+// Name is this host's name, as its certificate and GetInfo give it.
+func (s *Server) Name() string { return s.opts.Name }
+
+// DataRoot is the host's data root.
+func (s *Server) DataRoot() string { return s.opts.DataRoot }
+
+// Logger is the service's log.
+func (s *Server) Logger() *slog.Logger { return s.log }
+
+// Broker is the host's keystore and guardians, open while Run runs.
+func (s *Server) Broker() *keybroker.Broker { return s.broker }
+
+// Guardian is the host's own guardian, set while Run runs.
+func (s *Server) Guardian() *guardian.Guardian { return s.local }
+
+// VMs is the host's VM registry.
+func (s *Server) VMs() *vm.Registry { return s.vms }
+
+// Peers returns the hosts this host trusts now.
+func (s *Server) Peers() []*Peer { return slices.Clone(s.currentPeers()) }
 
 // New checks opts and returns a server; nothing is opened until Run.
 func New(opts Options) (*Server, error) {
@@ -166,10 +206,19 @@ func (s *Server) Run(ctx context.Context) (err error) {
 	ksvc := hostsvc.NewServer(b, cfg, s.log)
 	ksvc.Refused = s.metrics.KeyOpenFailure
 
+	// The listeners opened so far, closed if a later one fails.
+	var opened []net.Listener
+	fail := func(err error) error {
+		for _, l := range opened {
+			l.Close()
+		}
+		return err
+	}
 	api, err := listenAPI(s.opts.APISocket)
 	if err != nil {
 		return err
 	}
+	opened = append(opened, api)
 	var servers []*http.Server
 	local := &http.Server{Handler: s.localHandler(), Protocols: h2c(), ReadHeaderTimeout: 10 * time.Second, ErrorLog: errorLog(s.log)}
 	servers = append(servers, local)
@@ -177,17 +226,16 @@ func (s *Server) Run(ctx context.Context) (err error) {
 	var tcp net.Listener
 	var remote *http.Server
 	if s.opts.Listen != "" {
-		ips := listenIPs(s.opts.Listen)
-		if s.cert, err = hostCertificate(b.Keystore(), s.local, s.opts.Name, ips); err != nil {
-			api.Close()
-			return fmt.Errorf("the host's TLS certificate: %w", err)
+		s.ips = listenIPs(s.opts.Listen)
+		if s.cert, err = hostCertificate(b.Keystore(), s.local, s.opts.Name, s.ips); err != nil {
+			return fail(fmt.Errorf("the host's TLS certificate: %w", err))
 		}
 		s.hasTLS = true
 		if tcp, err = net.Listen("tcp", s.opts.Listen); err != nil {
-			api.Close()
-			return err
+			return fail(err)
 		}
-		remote = &http.Server{Handler: s.remoteHandler(), TLSConfig: serverTLS(s.cert, s.currentPeers),
+		opened = append(opened, tcp)
+		remote = &http.Server{Handler: s.remoteHandler(), TLSConfig: serverTLS(s.certificate, s.currentPeers),
 			ReadHeaderTimeout: 10 * time.Second, ErrorLog: errorLog(s.log)}
 		servers = append(servers, remote)
 	}
@@ -195,11 +243,7 @@ func (s *Server) Run(ctx context.Context) (err error) {
 	var ml net.Listener
 	if s.opts.Metrics != "" {
 		if ml, err = net.Listen("tcp", s.opts.Metrics); err != nil {
-			api.Close()
-			if tcp != nil {
-				tcp.Close()
-			}
-			return err
+			return fail(err)
 		}
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", s.metrics.Handler())
@@ -297,6 +341,11 @@ func (s *Server) localHandler() http.Handler {
 	mux.Handle(hostv1connect.NewHostServiceHandler(&hostService{s: s}))
 	mux.Handle(hostv1connect.NewPeerServiceHandler(&peerService{s: s}))
 	mux.Handle("/metrics", s.metrics.Handler())
+	for _, svc := range s.services {
+		if svc.Local {
+			mux.Handle(svc.Path, svc.Handler)
+		}
+	}
 	return mux
 }
 
@@ -306,5 +355,10 @@ func (s *Server) remoteHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle(hostv1connect.NewHostServiceHandler(&hostService{s: s}))
 	mux.Handle("/metrics", s.metrics.Handler())
+	for _, svc := range s.services {
+		if svc.Remote {
+			mux.Handle(svc.Path, svc.Handler)
+		}
+	}
 	return s.admit(mux)
 }

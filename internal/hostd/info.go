@@ -82,9 +82,8 @@ type qemu struct {
 }
 
 var (
-	qemuVersionRE = regexp.MustCompile(`version (\d+\.\d+(?:\.\d+)?)`)
-	qemuOnce      sync.Once
-	qemuFound     qemu
+	qemuOnce  sync.Once
+	qemuFound qemu
 )
 
 // qemuInfo asks QEMU its version and machine types, once per process.
@@ -97,7 +96,7 @@ func qemuInfo() qemu {
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 		defer cancel()
 		out, _ := exec.CommandContext(ctx, exe, "--version").Output()
-		if m := qemuVersionRE.FindSubmatch(out); m != nil {
+		if m := regexp.MustCompile(`version (\d+\.\d+(?:\.\d+)?)`).FindSubmatch(out); m != nil {
 			qemuFound.version = string(m[1])
 		}
 		// "Supported machines are:" then "name  description" lines.

@@ -8,7 +8,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strings"
 
@@ -43,11 +42,24 @@ type peersJSON struct {
 	Peers []*Peer `json:"peers"`
 }
 
-var peerName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`)
+// validName reports whether name is a peer's name: 1 to 63 letters,
+// digits, '.', '_' and '-', starting with a letter or digit.
+func validName(name string) bool {
+	if name == "" || len(name) > 63 {
+		return false
+	}
+	for i, c := range name {
+		alnum := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9'
+		if !alnum && (i == 0 || !strings.ContainsRune("._-", c)) {
+			return false
+		}
+	}
+	return true
+}
 
 // NewPeer checks a peer's name, address and certificates.
 func NewPeer(name, address string, certs []byte) (*Peer, error) {
-	if !peerName.MatchString(name) {
+	if !validName(name) {
 		return nil, errdefs.New(errdefs.ErrInvalidArgument, "peer name %q: use letters, digits, '.', '_' and '-' (at most 63), starting with a letter or digit", name)
 	}
 	if _, port, err := net.SplitHostPort(address); err != nil || port == "" {

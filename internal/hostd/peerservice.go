@@ -2,6 +2,7 @@ package hostd
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -64,7 +65,7 @@ func (ps *peerService) PeerInfo(ctx context.Context, req *connect.Request[hostv1
 	if err != nil {
 		return nil, apierr.ToConnect(err, ps.s.opts.Name)
 	}
-	info, _, err := ps.s.callInfo(ctx, p)
+	info, err := ps.s.callInfo(ctx, p)
 	if err != nil {
 		return nil, apierr.ToConnect(err, ps.s.opts.Name)
 	}
@@ -75,10 +76,17 @@ func (p *Peer) proto() *hostv1.Peer {
 	return &hostv1.Peer{Name: p.Name, Address: p.Address, GuardianName: p.g.Name(), GuardianFingerprint: p.g.Fingerprint()}
 }
 
+// errNotRunning refuses a change to a server that is not running.
+var errNotRunning = errdefs.New(errdefs.ErrFailedPrecondition, "the host service is not running")
+
 // Trust admits the host name at address whose guardian's public
 // certificates are certs, and trusts that guardian as an owner of key
-// protectors unless it is trusted or held already.
+// protectors unless it is trusted or held already. The server must be
+// running (Run).
 func (s *Server) Trust(name, address string, certs []byte) (*Peer, error) {
+	if s.broker == nil || s.local == nil {
+		return nil, errNotRunning
+	}
 	p, err := NewPeer(name, address, certs)
 	if err != nil {
 		return nil, err
@@ -117,8 +125,12 @@ func (s *Server) Trust(name, address string, certs []byte) (*Peer, error) {
 
 // Untrust withdraws the admission of peer name, and the trust in its
 // guardian as an owner when trusting the peer had added it (an owner
-// trusted before, with `guardian trust`, stays trusted).
+// trusted on its own before, keybroker.Trust, stays trusted). The server must
+// be running (Run).
 func (s *Server) Untrust(name string) (*Peer, error) {
+	if s.broker == nil {
+		return nil, errNotRunning
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	p, err := findPeer(s.peers, name)
@@ -139,58 +151,95 @@ func (s *Server) Untrust(name string) (*Peer, error) {
 	return p, nil
 }
 
-// callInfo asks peer p for its GetInfo. It also reports whether p's
-// certificate was checked and trusted (the TLS handshake got that far).
-func (s *Server) callInfo(ctx context.Context, p *Peer) (*hostv1.GetInfoResponse, bool, error) {
-	if !s.hasTLS {
-		return nil, false, ErrNoTLS
+// callInfo asks peer p for its GetInfo.
+func (s *Server) callInfo(ctx context.Context, p *Peer) (*hostv1.GetInfoResponse, error) {
+	c, base, err := s.peerHTTPClient(p)
+	if err != nil {
+		return nil, err
 	}
-	var mu sync.Mutex
-	var checked bool
-	var verr error
-	c, tr := s.peerClient(p, func(err error) {
-		mu.Lock()
-		checked, verr = true, err
-		mu.Unlock()
-	})
-	defer tr.CloseIdleConnections()
+	defer c.CloseIdleConnections()
 	ctx, cancel := context.WithTimeout(ctx, callTimeout)
 	defer cancel()
-	rsp, err := c.GetInfo(ctx, connect.NewRequest(&hostv1.GetInfoRequest{}))
-	mu.Lock()
-	defer mu.Unlock()
-	switch {
-	case err == nil:
-		return rsp.Msg, true, nil
-	case verr != nil:
-		var changed *CertChangedError
-		if errors.As(verr, &changed) {
-			return nil, false, changed
-		}
-		return nil, false, errdefs.Wrap(errdefs.ErrPermissionDenied, verr, "host %s (%s) presented a certificate that does not verify", p.Name, p.Address)
-	case checked && remoteRefusal(err):
-		return nil, true, &RefusedError{Peer: p.Name, Host: s.opts.Name, Address: s.advertised()}
-	case checked:
-		return nil, true, fmt.Errorf("host %s: %w", p.Name, apierr.FromConnect(err, "on host "+p.Name))
+	rsp, err := hostv1connect.NewHostServiceClient(c, base).GetInfo(ctx, connect.NewRequest(&hostv1.GetInfoRequest{}))
+	if err != nil {
+		return nil, s.PeerError(p.Name, err)
 	}
-	return nil, false, errdefs.Wrap(errdefs.ErrUnavailable, unwrapConnect(err), "host %s at %s does not answer", p.Name, p.Address)
+	return rsp.Msg, nil
 }
 
 // probe fills st with what calling p shows.
 func (s *Server) probe(ctx context.Context, p *Peer, st *hostv1.PeerStatus) {
-	info, trusted, err := s.callInfo(ctx, p)
+	info, err := s.callInfo(ctx, p)
 	if err == nil {
 		st.Reachable, st.CertStatus, st.Version = true, hostv1.CertStatus_CERT_STATUS_TRUSTED, info.GetVersion()
 		return
 	}
 	st.Error = err.Error()
 	var changed *CertChangedError
+	var refused *RefusedError
+	var answered *apierr.Error
 	switch {
 	case errors.As(err, &changed):
 		st.Reachable, st.CertStatus, st.PresentedGuardianFingerprint = true, hostv1.CertStatus_CERT_STATUS_CHANGED, changed.Presented
-	case trusted:
+	case errors.As(err, &refused), errors.As(err, &answered):
+		// Its certificate was checked before it refused, or answered.
 		st.Reachable, st.CertStatus = true, hostv1.CertStatus_CERT_STATUS_TRUSTED
 	}
+}
+
+// PeerError is the error of a failed call to peer name, as data: its
+// certificate changed (*CertChangedError), it refused this host in the
+// handshake (*RefusedError), it answered with an error (an *apierr.Error
+// whose remedies run "on host NAME"), or it did not answer
+// (errdefs.ErrUnavailable).
+func (s *Server) PeerError(name string, err error) error {
+	var changed *CertChangedError
+	switch {
+	case err == nil:
+		return nil
+	case errors.As(err, &changed):
+		return changed
+	case remoteRefusal(err):
+		return &RefusedError{Peer: name, Host: s.opts.Name, Address: s.advertised()}
+	case apierr.Detailed(err):
+		return fmt.Errorf("host %s: %w", name, apierr.FromConnect(err, "on host "+name))
+	}
+	p, perr := findPeer(s.currentPeers(), name)
+	if perr != nil {
+		return errdefs.Wrap(errdefs.ErrUnavailable, unwrapConnect(err), "host %s does not answer", name)
+	}
+	// A peer that refuses this host's certificate sends its alert after
+	// this side's handshake is done; a request already on its way then
+	// meets a reset connection, and the alert is lost. A handshake that
+	// sends nothing after it reads the verdict.
+	if diag := s.diagnose(p); diag != nil {
+		return diag
+	}
+	return errdefs.Wrap(errdefs.ErrUnavailable, unwrapConnect(err), "host %s at %s does not answer", name, p.Address)
+}
+
+// diagnose connects to p, completes a TLS handshake and reads without
+// writing: a peer that admits this host speaks first (HTTP/2's settings),
+// one that refuses it sends an alert. It returns the refusal, a changed
+// certificate, or nil when it learns nothing.
+func (s *Server) diagnose(p *Peer) error {
+	d := &tls.Dialer{NetDialer: &net.Dialer{Timeout: callTimeout}, Config: clientTLS(s.certificate, p)}
+	ctx, cancel := context.WithTimeout(context.Background(), callTimeout)
+	defer cancel()
+	c, err := d.DialContext(ctx, "tcp", p.Address)
+	var changed *CertChangedError
+	if errors.As(err, &changed) {
+		return changed
+	}
+	if err != nil {
+		return nil
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(callTimeout))
+	if _, err := c.Read(make([]byte, 1)); remoteRefusal(err) {
+		return &RefusedError{Peer: p.Name, Host: s.opts.Name, Address: s.advertised()}
+	}
+	return nil
 }
 
 // advertised is this host's API address as peers would dial it, "" when

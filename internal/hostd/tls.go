@@ -124,8 +124,10 @@ type certInfo struct {
 	guardianFingerprint string
 }
 
-// parseChain parses a presented chain: a leaf valid now, for TLS.
-func parseChain(raw [][]byte) (*certInfo, error) {
+// parseChain parses a presented chain: a leaf valid now, for usage (a
+// guardian issues other certificates than hosts', such as its own
+// encryption certificate, and those carry no TLS usage).
+func parseChain(raw [][]byte, usage x509.ExtKeyUsage) (*certInfo, error) {
 	if len(raw) == 0 {
 		return nil, errors.New("no certificate presented")
 	}
@@ -136,6 +138,9 @@ func parseChain(raw [][]byte) (*certInfo, error) {
 	now := time.Now()
 	if now.Before(leaf.NotBefore) || now.After(leaf.NotAfter) {
 		return nil, fmt.Errorf("presented certificate %q is valid from %s to %s only", leaf.Subject.CommonName, leaf.NotBefore.Format(time.RFC3339), leaf.NotAfter.Format(time.RFC3339))
+	}
+	if !slices.Contains(leaf.ExtKeyUsage, usage) {
+		return nil, fmt.Errorf("presented certificate %q is not for TLS (extended key usage %v)", leaf.Subject.CommonName, leaf.ExtKeyUsage)
 	}
 	ci := &certInfo{leaf: leaf}
 	if len(raw) > 1 {
@@ -184,16 +189,35 @@ func fingerprint(der []byte) string {
 	return hex.EncodeToString(sum[:])
 }
 
+// certificate is the host's certificate, renewed when it nears its end
+// (a service runs for longer than a certificate lasts); on a failed
+// renewal the current one serves while it is valid.
+func (s *Server) certificate() (*tls.Certificate, error) {
+	s.certMu.Lock()
+	defer s.certMu.Unlock()
+	if time.Until(s.cert.Leaf.NotAfter) < renewBefore {
+		c, err := hostCertificate(s.broker.Keystore(), s.local, s.opts.Name, s.ips)
+		if err == nil {
+			s.cert = c
+			s.log.Info("renewed the host's TLS certificate", "not_after", c.Leaf.NotAfter)
+		} else {
+			s.log.Error("cannot renew the host's TLS certificate", "err", err, "not_after", s.cert.Leaf.NotAfter)
+		}
+	}
+	c := s.cert
+	return &c, nil
+}
+
 // serverTLS admits clients whose certificates a trusted peer's guardian
 // issued; peers is read at each handshake.
-func serverTLS(cert tls.Certificate, peers func() []*Peer) *tls.Config {
+func serverTLS(cert func() (*tls.Certificate, error), peers func() []*Peer) *tls.Config {
 	return &tls.Config{
-		MinVersion:   tls.VersionTLS13,
-		Certificates: []tls.Certificate{cert},
-		ClientAuth:   tls.RequireAnyClientCert,
+		MinVersion:     tls.VersionTLS13,
+		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return cert() },
+		ClientAuth:     tls.RequireAnyClientCert,
 		// The chain is verified against the peers' guardians, not a CA.
 		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
-			ci, err := parseChain(raw)
+			ci, err := parseChain(raw, x509.ExtKeyUsageClientAuth)
 			if err != nil {
 				return err
 			}
@@ -205,26 +229,21 @@ func serverTLS(cert tls.Certificate, peers func() []*Peer) *tls.Config {
 	}
 }
 
-// clientTLS accepts only a certificate issued under p's guardian; verified
-// is called with the outcome of the check.
-func clientTLS(cert tls.Certificate, p *Peer, verified func(error)) *tls.Config {
+// clientTLS accepts only a certificate issued under p's guardian.
+func clientTLS(cert func() (*tls.Certificate, error), p *Peer) *tls.Config {
 	return &tls.Config{
-		MinVersion:         tls.VersionTLS13,
-		Certificates:       []tls.Certificate{cert},
-		InsecureSkipVerify: true, // verified below, against p's guardian
-		NextProtos:         []string{"h2"},
+		MinVersion:           tls.VersionTLS13,
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return cert() },
+		InsecureSkipVerify:   true, // verified below, against p's guardian
+		NextProtos:           []string{"h2"},
 		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
-			err := verifyPeer(p, raw)
-			if verified != nil {
-				verified(err)
-			}
-			return err
+			return verifyPeer(p, raw)
 		},
 	}
 }
 
 func verifyPeer(p *Peer, raw [][]byte) error {
-	ci, err := parseChain(raw)
+	ci, err := parseChain(raw, x509.ExtKeyUsageServerAuth)
 	if err != nil {
 		return err
 	}

@@ -291,7 +291,7 @@ func (a *api) Backup(ctx context.Context, r *connect.Request[ksv1.BackupRequest]
 func AuditToProto(r AuditRecord) *ksv1.AuditRecord {
 	return &ksv1.AuditRecord{
 		Seq: r.Seq, TimeUnixNano: r.Time.UnixNano(), Node: r.Node, Event: r.Event, Actor: r.Actor, Host: r.Host, Tpm: r.TPM,
-		Outcome: r.Outcome, Reason: r.Reason, RequestId: r.RequestID, Detail: r.Detail, PrevHash: r.Prev, Hash: r.Hash,
+		Outcome: r.Outcome, Reason: r.Reason, RequestId: r.RequestID, Detail: r.Detail, PrevHash: r.Prev, Hash: r.Hash, Mac: r.MAC,
 	}
 }
 

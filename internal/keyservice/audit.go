@@ -3,6 +3,7 @@ package keyservice
 import (
 	"bytes"
 	"context"
+	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/json"
 	"fmt"
@@ -30,9 +31,11 @@ const (
 )
 
 // AuditRecord is one entry of the hash-chained audit log. Hash is
-// SHA-256 over the record's JSON with Hash empty; Prev is the previous
-// record's Hash (32 zero bytes for the first), so editing, removing or
-// reordering a record breaks the chain at that record.
+// SHA-256 over the record's JSON with Hash and MAC empty; Prev is the
+// previous record's Hash (32 zero bytes for the first), so editing,
+// removing or reordering a record breaks the chain at that record. MAC is
+// HMAC-SHA256 of Hash under a key derived from the service key, so that
+// rewriting the chain from a record on needs the service key too.
 type AuditRecord struct {
 	Seq       uint64    `json:"seq"`
 	Time      time.Time `json:"time"`
@@ -47,6 +50,7 @@ type AuditRecord struct {
 	Detail    string    `json:"detail,omitempty"`
 	Prev      []byte    `json:"prev"`
 	Hash      []byte    `json:"hash,omitempty"`
+	MAC       []byte    `json:"mac,omitempty"`
 }
 
 type auditHead struct {
@@ -56,7 +60,7 @@ type auditHead struct {
 
 func (r *AuditRecord) computeHash() []byte {
 	c := *r
-	c.Hash = nil
+	c.Hash, c.MAC = nil, nil
 	b, err := json.Marshal(&c)
 	if err != nil {
 		panic(err)
@@ -87,6 +91,7 @@ func (s *Service) appendAudit(ctx context.Context, r AuditRecord) (seq uint64, d
 		rec.Time = time.Now().UTC()
 		rec.Prev = head.Hash
 		rec.Hash = rec.computeHash()
+		rec.MAC = s.key.auditMAC(rec.Hash)
 		cmps := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(keyAuditHead), "=", rev)}
 		then := []clientv3.Op{
 			clientv3.OpPut(keyAuditHead, mustJSON(auditHead{Seq: rec.Seq, Hash: rec.Hash})),
@@ -161,10 +166,12 @@ func (s *Service) verifyAudit(ctx context.Context) (AuditVerdict, error) {
 	if err != nil {
 		return AuditVerdict{}, err
 	}
-	return checkChain(recs, head, found), nil
+	return checkChain(recs, head, found, s.key.auditMAC), nil
 }
 
-func checkChain(recs []AuditRecord, head auditHead, headFound bool) AuditVerdict {
+// checkChain checks recs against each other, the head and, when mac is
+// not nil, each record's MAC.
+func checkChain(recs []AuditRecord, head auditHead, headFound bool, mac func([]byte) []byte) AuditVerdict {
 	v := AuditVerdict{Records: uint64(len(recs))}
 	prev := make([]byte, sha256.Size)
 	for i, r := range recs {
@@ -180,6 +187,8 @@ func checkChain(recs []AuditRecord, head auditHead, headFound bool) AuditVerdict
 			return bad("does not follow record %d (its previous hash differs)", want-1)
 		case !bytes.Equal(r.computeHash(), r.Hash):
 			return bad("its hash does not match its contents (edited)")
+		case mac != nil && !hmac.Equal(mac(r.Hash), r.MAC):
+			return bad("its MAC does not verify (written without the service key)")
 		}
 		prev = r.Hash
 	}

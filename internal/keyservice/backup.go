@@ -157,6 +157,18 @@ func (s *Service) Restore(ctx context.Context, token, data []byte, passphrase st
 	}
 	fr.Sealed = s.key.seal(keyFleet, plain.Fleet)
 	plain.KVs[keyCA], plain.KVs[keyFleet] = []byte(mustJSON(ca)), []byte(mustJSON(fr))
+	// The audit records keep their hashes; their MACs are this cluster's.
+	for k, v := range plain.KVs {
+		if !strings.HasPrefix(k, keyAuditRec) {
+			continue
+		}
+		var r AuditRecord
+		if err := json.Unmarshal(v, &r); err != nil {
+			return "", 0, errdefs.Wrap(errdefs.ErrDataLoss, err, "the backup's audit record %s", k)
+		}
+		r.MAC = s.key.auditMAC(r.Hash)
+		plain.KVs[k] = []byte(mustJSON(&r))
+	}
 
 	// Only onto a service without a fleet guardian; the old state (CA,
 	// audit, hosts) goes, the nodes and the key check stay. etcd bounds a

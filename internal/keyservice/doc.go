@@ -86,8 +86,12 @@
 // Every registration, removal, revocation, attestation (passed or failed,
 // with the reason), release, denial, policy change, client certificate,
 // member, backup and restore appends an AuditRecord. A record's Hash is
-// SHA-256 over its JSON with Hash empty; its Prev is the previous record's
-// Hash (32 zero bytes for the first). An append is one etcd transaction
+// SHA-256 over its JSON with Hash and MAC empty; its Prev is the previous
+// record's Hash (32 zero bytes for the first); its MAC is HMAC-SHA256 of
+// Hash under HKDF-SHA256(service key, "vtpm keyservice audit v1"), so that
+// whoever can write etcd but holds no service key cannot rewrite the chain
+// from a record on (Restore re-MACs the records under its cluster's key).
+// An append is one etcd transaction
 // that compares the head's revision, writes the record and the new head,
 // and — for a request with an ID — creates audit/req/<id> only if it does
 // not exist: concurrent nodes never fork the chain, and a request retried

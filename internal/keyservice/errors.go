@@ -86,19 +86,28 @@ func (e *DenialError) Is(target error) bool {
 	return target == errdefs.ErrPermissionDenied
 }
 
-// Remedies says who can change the outcome.
+// Remedies says who can change the outcome: the admin actions run where
+// the key service's admin bundle is.
 func (e *DenialError) Remedies() []errdefs.Remedy {
+	const admin = "an admin of the key service"
 	switch e.Reason {
 	case DenyNotRegistered:
-		return []errdefs.Remedy{errdefs.Advise("have an admin of the key service register host %s", e.Host)}
+		return []errdefs.Remedy{errdefs.Do(errdefs.ActionKeyServiceHostAdd, "host", e.Host).On(admin).WithNote("register the host")}
 	case DenyRevoked:
 		return []errdefs.Remedy{errdefs.Advise("a revoked host stays refused; an admin may remove it and register it again")}
 	case DenyNoHealth, DenyHealthExpired, DenyHealthInvalid:
 		return []errdefs.Remedy{errdefs.Advise("attest the host again to get a new health certificate")}
 	case DenyNotInGroup:
-		return []errdefs.Remedy{errdefs.Advise("have an admin of the key service add host %s to group %s, or change the VM's policy", e.Host, strings.Join(e.Groups, " or "))}
+		fix := []errdefs.Remedy{errdefs.Advise("have an admin of the key service register host %s in group %s", e.Host, strings.Join(e.Groups, " or "))}
+		if e.TPM != "" {
+			fix = append(fix, errdefs.Do(errdefs.ActionKeyServiceVMPolicy, "tpm", e.TPM).On(admin).WithNote("or let the host's group run the VM"))
+		}
+		return fix
 	case DenyNoFleetRow:
-		return []errdefs.Remedy{errdefs.Advise("grant the fleet guardian's certificates to the TPM's protector on a host that can open it")}
+		return []errdefs.Remedy{errdefs.Do(errdefs.ActionProtectorGrant, "tpm", e.TPM).On("the TPM's owner").
+			WithNote("grant the fleet guardian (the key service's fleet-guardian certificates)")}
+	case DenyNotInitialized:
+		return []errdefs.Remedy{errdefs.Do(errdefs.ActionKeyServiceInit).On("a key service node")}
 	}
 	return nil
 }

@@ -21,6 +21,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	ksv1 "vtpm/api/vtpm/keyservice/v1"
+	"vtpm/internal/clirender"
 	"vtpm/internal/errdefs"
 	"vtpm/internal/guardian"
 	"vtpm/internal/keyservice"
@@ -226,6 +227,10 @@ func TestReleaseToAttestedHostsOnly(t *testing.T) {
 	_, err = b.ks.Release(ctx, prot)
 	if msg := denial(t, err); !strings.Contains(msg, "not registered") {
 		t.Errorf("unregistered host: %v", err)
+	}
+	// The remote denial renders like a local one, with its way out.
+	if out := clirender.Error(err); !strings.Contains(out, "fix: register the host: `vtpm keyservice host add b --mode key --guardian CERTS.pem` (an admin of the key service)") {
+		t.Errorf("rendered denial:\n%s", out)
 	}
 	if err := admin.RevokeHost(ctx, "a"); err != nil {
 		t.Fatal(err)

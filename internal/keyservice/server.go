@@ -72,6 +72,7 @@ func (s *Service) Serve(ctx context.Context, ln net.Listener) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	go s.watchCA(ctx)
+	go s.watchHealth(ctx)
 	srv := &http.Server{
 		Handler:           s.Handler(),
 		TLSConfig:         s.TLSConfig(),
@@ -107,6 +108,22 @@ func (s *Service) Serve(ctx context.Context, ln net.Listener) error {
 		err = nil
 	}
 	return err
+}
+
+// watchHealth reads from etcd every few seconds, so that the etcd health
+// metric is current even while no request comes.
+func (s *Service) watchHealth(ctx context.Context) {
+	t := time.NewTicker(5 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			var check []byte
+			s.st.getJSON(ctx, keyCheck, &check)
+		}
+	}
 }
 
 // Run starts a node with cfg and serves until ctx ends. ready, when not

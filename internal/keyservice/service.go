@@ -347,7 +347,7 @@ func (s *Service) FleetGuardian(ctx context.Context) (*guardian.Guardian, []byte
 	}
 	if !found {
 		return nil, nil, errdefs.New(errdefs.ErrFailedPrecondition, "the key service has no fleet guardian yet").With(
-			errdefs.Advise("initialize the key service"))
+			errdefs.Do(errdefs.ActionKeyServiceInit).On("a key service node"))
 	}
 	g, err := guardian.ParseCertificates(rec.Certs)
 	return g, rec.Certs, err

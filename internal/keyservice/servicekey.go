@@ -26,6 +26,7 @@ const (
 	checkLabel     = "vtpm keyservice key check v1"
 	initTokenLabel = "vtpm keyservice init token v1"
 	sessionLabel   = "vtpm keyservice session v1"
+	auditLabel     = "vtpm keyservice audit v1"
 )
 
 // serviceKey is the key every node holds: it seals the service's private
@@ -118,6 +119,15 @@ func (k *serviceKey) open(name string, sealed []byte) ([]byte, error) {
 		return nil, &WrongServiceKeyError{Key: name, Path: k.path}
 	}
 	return plain, nil
+}
+
+// auditMAC authenticates an audit record's hash: whoever can write etcd
+// but holds no service key cannot rewrite the chain from a record on.
+func (k *serviceKey) auditMAC(hash []byte) []byte {
+	key, _ := hkdf.Key(sha256.New, k.raw, nil, auditLabel, 32)
+	m := hmac.New(sha256.New, key)
+	m.Write(hash)
+	return m.Sum(nil)
 }
 
 // check is the value stored in etcd that tells whether a node's service

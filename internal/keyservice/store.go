@@ -333,7 +333,10 @@ func (e *UnavailableError) Is(target error) bool { return target == errdefs.ErrU
 
 // Remedies: bring members back.
 func (e *UnavailableError) Remedies() []errdefs.Remedy {
-	return []errdefs.Remedy{errdefs.Advise("start the unreachable nodes of the key service; running VMs keep running meanwhile")}
+	return []errdefs.Remedy{
+		errdefs.Advise("start the unreachable nodes of the key service; running VMs keep running meanwhile"),
+		errdefs.Do(errdefs.ActionKeyServiceStatus).WithNote("see the members and the quorum"),
+	}
 }
 
 // getJSON reads key into v; found is false when it does not exist.

@@ -24,7 +24,8 @@ var (
 )
 
 // Binary builds cmd/vtpm once per test process and returns its path. A
-// symlink named "swtpm" sits beside it for multi-call tests.
+// symlink named "swtpm" sits beside it for multi-call tests. Commands vtpm
+// hands to vtpm-hostd (host serve, trust, list, …) need HostdBinary too.
 func Binary(t testing.TB) string {
 	t.Helper()
 	buildOnce.Do(func() {

@@ -1618,6 +1618,7 @@ type AuditRecord struct {
 	Detail        string                 `protobuf:"bytes,11,opt,name=detail,proto3" json:"detail,omitempty"`
 	PrevHash      []byte                 `protobuf:"bytes,12,opt,name=prev_hash,json=prevHash,proto3" json:"prev_hash,omitempty"`
 	Hash          []byte                 `protobuf:"bytes,13,opt,name=hash,proto3" json:"hash,omitempty"`
+	Mac           []byte                 `protobuf:"bytes,14,opt,name=mac,proto3" json:"mac,omitempty"` // HMAC of hash under a key derived from the service key
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1739,6 +1740,13 @@ func (x *AuditRecord) GetPrevHash() []byte {
 func (x *AuditRecord) GetHash() []byte {
 	if x != nil {
 		return x.Hash
+	}
+	return nil
+}
+
+func (x *AuditRecord) GetMac() []byte {
+	if x != nil {
+		return x.Mac
 	}
 	return nil
 }
@@ -2836,7 +2844,7 @@ const file_vtpm_keyservice_v1_keyservice_proto_rawDesc = "" +
 	"passphrase\x18\x01 \x01(\tR\n" +
 	"passphrase\"(\n" +
 	"\x0eBackupResponse\x12\x16\n" +
-	"\x06backup\x18\x01 \x01(\fR\x06backup\"\xc5\x02\n" +
+	"\x06backup\x18\x01 \x01(\fR\x06backup\"\xd7\x02\n" +
 	"\vAuditRecord\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12$\n" +
 	"\x0etime_unix_nano\x18\x02 \x01(\x03R\ftimeUnixNano\x12\x12\n" +
@@ -2852,7 +2860,8 @@ const file_vtpm_keyservice_v1_keyservice_proto_rawDesc = "" +
 	" \x01(\tR\trequestId\x12\x16\n" +
 	"\x06detail\x18\v \x01(\tR\x06detail\x12\x1b\n" +
 	"\tprev_hash\x18\f \x01(\fR\bprevHash\x12\x12\n" +
-	"\x04hash\x18\r \x01(\fR\x04hash\"?\n" +
+	"\x04hash\x18\r \x01(\fR\x04hash\x12\x10\n" +
+	"\x03mac\x18\x0e \x01(\fR\x03mac\"?\n" +
 	"\x0fGetAuditRequest\x12\x14\n" +
 	"\x05after\x18\x01 \x01(\x04R\x05after\x12\x16\n" +
 	"\x06verify\x18\x02 \x01(\bR\x06verify\"\xa0\x01\n" +
