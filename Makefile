@@ -34,7 +34,7 @@ vet:
 # The whole suite: unit, compatibility (swtpm_ioctl, tpm2-tools, real swtpm),
 # QEMU guests, crash and tamper tests, then each fuzz target briefly.
 test: vet
-	$(GO) test -count=1 -timeout 15m ./...
+	$(GO) test -count=1 -timeout 30m ./...
 	$(MAKE) fuzz FUZZTIME=15s
 
 FUZZTIME ?= 30s

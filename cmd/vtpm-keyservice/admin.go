@@ -298,7 +298,7 @@ func hostCmd() *cobra.Command {
 	}
 	bundleFlag(ls)
 	ls.Flags().BoolVar(&asJSON, "json", false, "print JSON")
-	cmd.AddCommand(add, remove, revoke, ls)
+	cmd.AddCommand(add, remove, revoke, ls, hostEKCmd())
 	return cmd
 }
 
@@ -353,7 +353,7 @@ func policyCmd() *cobra.Command {
 		},
 	}
 	bundleFlag(ls)
-	cmd.AddCommand(set, ls)
+	cmd.AddCommand(set, ls, policyCaptureCmd())
 	return cmd
 }
 

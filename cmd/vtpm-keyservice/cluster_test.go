@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"google.golang.org/protobuf/encoding/protojson"
 
 	ksv1 "vtpm/api/vtpm/keyservice/v1"
 	"vtpm/internal/guardian"
@@ -405,11 +406,16 @@ func TestSingleNodeDefault(t *testing.T) {
 	os.WriteFile(certFile, certs, 0o644)
 	vtpm("host", "add", "b", "--guardian", certFile, "--group", "prod", "-o", filepath.Join(home, "b.json"))
 	vtpm("host", "revoke", "b")
-	if out := vtpm("host", "list", "--json"); !strings.Contains(out, `"revoked": true`) || !strings.Contains(out, `"prod"`) {
+	// (protojson varies its spacing on purpose: parse, never match text.)
+	var hosts ksv1.ListHostsResponse
+	if out := vtpm("host", "list", "--json"); protojson.Unmarshal([]byte(out), &hosts) != nil ||
+		len(hosts.Hosts) != 1 || !hosts.Hosts[0].Revoked || !slices.Equal(hosts.Hosts[0].Groups, []string{"prod"}) {
 		t.Errorf("host list --json:\n%s", out)
 	}
-	if out := vtpm("audit", "--json"); !strings.Contains(out, `"event": "revoke"`) {
-		t.Errorf("audit --json lacks the revocation:\n%s", out)
+	var audit ksv1.GetAuditResponse
+	out = vtpm("audit", "--json")
+	if err := protojson.Unmarshal([]byte(out), &audit); err != nil || !slices.ContainsFunc(audit.Records, func(r *ksv1.AuditRecord) bool { return r.Event == keyservice.EventRevoke && r.Host == "b" }) {
+		t.Errorf("audit --json lacks the revocation (%v):\n%s", err, out)
 	}
 	pass := filepath.Join(home, "pass")
 	os.WriteFile(pass, []byte("correct horse battery\n"), 0o600)

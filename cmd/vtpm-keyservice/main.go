@@ -20,6 +20,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"vtpm/internal/attest/tpmmode"
 	"vtpm/internal/clirender"
 	"vtpm/internal/keyservice"
 )
@@ -81,6 +82,7 @@ handed over by join). --etcd-endpoints uses an external etcd cluster instead.`,
 			if err := readJoin(&cfg); err != nil {
 				return err
 			}
+			cfg.Verifiers = append(cfg.Verifiers, tpmmode.Verifier{})
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			return keyservice.Run(ctx, cfg, func(s *keyservice.Service) {

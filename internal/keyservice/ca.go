@@ -155,8 +155,9 @@ func (a *authority) issueHealth(host string, pub crypto.PublicKey, lifetime time
 
 // Identity is who a client certificate names.
 type Identity struct {
-	Name string
-	Role Role
+	Name   string
+	Role   Role
+	Serial string // the certificate's serial number (hex)
 }
 
 // identityOf returns the name and role a verified client certificate
@@ -166,7 +167,7 @@ func identityOf(c *x509.Certificate) (Identity, bool) {
 		if len(ou) > len(roleUnit) && ou[:len(roleUnit)] == roleUnit {
 			r, err := ParseRole(ou[len(roleUnit):])
 			if err == nil {
-				return Identity{Name: c.Subject.CommonName, Role: r}, true
+				return Identity{Name: c.Subject.CommonName, Role: r, Serial: c.SerialNumber.Text(16)}, true
 			}
 		}
 	}

@@ -19,7 +19,7 @@
 //	ca                 {"cert": DER, "sealed_key": seal(PKCS#8)}: the service CA
 //	fleet              {"name", "fingerprint", "certs": PEM, "sealed": seal(guardian PEM with its private key)}
 //	nodes/<name>       {"name", "api_url"}: every node's API URL, for client bundles
-//	hosts/<name>       HostRecord: mode, groups, guardian certificates, EK, policy, revocation, current health certificate
+//	hosts/<name>       HostRecord: mode, groups, guardian certificates, EK, policy, revocation, current health and client certificates
 //	policies/<name>    verify.Policy: accepted PCR values per hardware class
 //	vms/<tpm uuid>     VMPolicy: the host groups that may run it; vms/default for every other TPM
 //	audit/head         {"seq", "hash"}: the last record
@@ -52,7 +52,9 @@
 // admin" (changes hosts and policies, reads), "… reviewer" (reads hosts,
 // policies, the audit log, status), "… host" (attests, asks for keys; its
 // common name is the host's registered name). A client makes its key pair
-// and sends only the public key; the private key never leaves it. TLS 1.3
+// and sends only the public key; the private key never leaves it. A
+// host's record keeps its client certificate's serial, so the certificate
+// of a host removed and registered again under the same name is refused. TLS 1.3
 // only; the client certificate is verified against the CA, and every call
 // but Init and Restore checks the role.
 //

@@ -232,6 +232,15 @@ func TestReleaseToAttestedHostsOnly(t *testing.T) {
 	if out := clirender.Error(err); !strings.Contains(out, "fix: register the host: `vtpm keyservice host add b --mode key --guardian CERTS.pem` (an admin of the key service)") {
 		t.Errorf("rendered denial:\n%s", out)
 	}
+	// Registered again, b gets a new certificate; its old one stays refused.
+	b2 := addHost(t, admin, "b", "prod")
+	_, err = b.ks.Release(ctx, prot)
+	if msg := denial(t, err); !strings.Contains(msg, "earlier registration") {
+		t.Errorf("the certificate of an earlier registration: %v", err)
+	}
+	if _, err := b2.ks.Release(ctx, prot); err != nil {
+		t.Errorf("b registered again: %v", err)
+	}
 	if err := admin.RevokeHost(ctx, "a"); err != nil {
 		t.Fatal(err)
 	}
@@ -288,8 +297,8 @@ func TestReleaseToAttestedHostsOnly(t *testing.T) {
 		count[x.Event+"/"+x.Reason]++
 	}
 	want := map[string]int{
-		"release/": 2, "deny/not-in-group": 1, "deny/not-registered": 1, "deny/revoked": 1, "deny/no-fleet-row": 1,
-		"register/": 3, "attest/": 4, "init/": 1, "revoke/": 1, "remove/": 1, "policy/": 1, "client/": 1,
+		"release/": 3, "deny/not-in-group": 1, "deny/not-registered": 2, "deny/revoked": 1, "deny/no-fleet-row": 1,
+		"register/": 4, "attest/": 5, "init/": 1, "revoke/": 1, "remove/": 1, "policy/": 1, "client/": 1,
 	}
 	for k, v := range want {
 		if count[k] != v {
@@ -304,7 +313,7 @@ func TestReleaseToAttestedHostsOnly(t *testing.T) {
 	}
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	for _, line := range []string{"vtpm_keyservice_releases_total 2", `vtpm_keyservice_denials_total{reason="revoked"} 1`, `vtpm_keyservice_etcd_healthy 1`} {
+	for _, line := range []string{"vtpm_keyservice_releases_total 3", `vtpm_keyservice_denials_total{reason="revoked"} 1`, `vtpm_keyservice_etcd_healthy 1`} {
 		if !strings.Contains(string(body), line) {
 			t.Errorf("metrics lack %q", line)
 		}

@@ -53,7 +53,7 @@ func (m *Metrics) release(time.Duration) { m.releases.Inc() }
 
 func (m *Metrics) denial(reason string) { m.denials.WithLabelValues(reason).Inc() }
 
-func (m *Metrics) attestation(mode, result string, _ time.Duration) {
+func (m *Metrics) attestation(mode, result string) {
 	m.attestations.WithLabelValues(mode, result).Inc()
 }
 

@@ -80,6 +80,7 @@ type HostRecord struct {
 	HealthSerial   string    `json:"health_serial,omitempty"`
 	HealthNotAfter time.Time `json:"health_not_after,omitzero"`
 	LastFailure    string    `json:"last_failure,omitempty"`
+	ClientSerial   string    `json:"client_serial,omitempty"` // the host's client certificate: an earlier one (of a host removed and registered again) is refused
 }
 
 // VMPolicy says which host groups may run a TPM's VM; TPM "default"
@@ -416,7 +417,12 @@ func (s *Service) AddHost(ctx context.Context, who Identity, h HostSpec, pub cry
 	if h.Mode == verify.ModeTPM && len(h.EK) == 0 {
 		return nil, errdefs.New(errdefs.ErrInvalidArgument, "host %s: TPM mode needs the host TPM's EK", h.Name)
 	}
-	rec := HostRecord{Name: h.Name, Mode: h.Mode, Groups: h.Groups, Guardian: h.Guardian, EK: h.EK, Policy: h.Policy, Registered: time.Now().UTC()}
+	cert, err := s.ca.Load().issueClient(h.Name, RoleHost, pub)
+	if err != nil {
+		return nil, err
+	}
+	rec := HostRecord{Name: h.Name, Mode: h.Mode, Groups: h.Groups, Guardian: h.Guardian, EK: h.EK, Policy: h.Policy,
+		Registered: time.Now().UTC(), ClientSerial: cert.SerialNumber.Text(16)}
 	key := keyHosts + h.Name
 	resp, err := s.st.txn(ctx, "register host "+h.Name,
 		[]clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(key), "=", 0)},
@@ -426,10 +432,6 @@ func (s *Service) AddHost(ctx context.Context, who Identity, h HostSpec, pub cry
 	}
 	if !resp.Succeeded {
 		return nil, errdefs.New(errdefs.ErrAlreadyExists, "host %s is already registered", h.Name)
-	}
-	cert, err := s.ca.Load().issueClient(h.Name, RoleHost, pub)
-	if err != nil {
-		return nil, err
 	}
 	if _, _, err := s.appendAudit(ctx, AuditRecord{Event: EventRegister, Actor: who.Name, Host: h.Name, Outcome: "ok",
 		Detail: fmt.Sprintf("mode %s, groups %s", h.Mode, strings.Join(h.Groups, ","))}); err != nil {
@@ -660,6 +662,10 @@ func (s *Service) callerHost(ctx context.Context, who Identity, tpm string) (*Ho
 	if h == nil {
 		return nil, &DenialError{Host: who.Name, TPM: tpm, Reason: DenyNotRegistered}
 	}
+	if h.ClientSerial != "" && who.Serial != h.ClientSerial {
+		// A certificate of a host of that name removed before.
+		return nil, &DenialError{Host: who.Name, TPM: tpm, Reason: DenyNotRegistered, Detail: "this client certificate was issued to an earlier registration of the host"}
+	}
 	if h.Revoked {
 		return nil, &DenialError{Host: who.Name, TPM: tpm, Reason: DenyRevoked}
 	}
@@ -716,7 +722,6 @@ func (s *Service) CompleteAttestation(ctx context.Context, who Identity, session
 		s.attestFailed(ctx, h, f)
 		return nil, f
 	}
-	start := time.Now()
 	verdict, err := s.verifiers[h.Mode].Verify(ctx, h.verifyHost(), sess.Challenge, e, s)
 	if err != nil {
 		s.attestFailed(ctx, h, err)
@@ -746,7 +751,7 @@ func (s *Service) CompleteAttestation(ctx context.Context, who Identity, session
 	if _, _, err := s.appendAudit(ctx, AuditRecord{Event: EventAttest, Actor: who.Name, Host: h.Name, Outcome: "ok", Detail: detail}); err != nil {
 		return nil, err
 	}
-	s.metrics.attestation(h.Mode, "pass", time.Since(start))
+	s.metrics.attestation(h.Mode, "pass")
 	return cert, nil
 }
 
@@ -758,7 +763,7 @@ func (s *Service) attestFailed(ctx context.Context, h *HostRecord, err error) {
 	if errors.As(err, &f) {
 		reason = string(f.Reason)
 	}
-	s.metrics.attestation(h.Mode, "fail", 0)
+	s.metrics.attestation(h.Mode, "fail")
 	s.updateHost(ctx, h.Name, func(r *HostRecord) error { r.LastFailure = err.Error(); return nil })
 	if _, _, aerr := s.appendAudit(ctx, AuditRecord{Event: EventAttest, Actor: h.Name, Host: h.Name, Outcome: "denied", Reason: reason, Detail: err.Error()}); aerr != nil {
 		s.cfg.Logger.Warn("audit a failed attestation", "host", h.Name, "err", aerr)

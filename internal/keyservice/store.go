@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -49,7 +48,6 @@ type store struct {
 	etcd     *embed.Etcd // nil for an external cluster
 	external []string    // external endpoints
 	timeout  time.Duration
-	log      *slog.Logger
 	metrics  *Metrics
 	logLevel zap.AtomicLevel
 
@@ -67,7 +65,7 @@ type memberInfo struct {
 // openStore starts the embedded member, or connects to the external
 // cluster, and waits until it is ready.
 func openStore(ctx context.Context, c *Config) (*store, error) {
-	s := &store{timeout: c.RequestTimeout, log: c.Logger, logLevel: zap.NewAtomicLevelAt(zapcore.WarnLevel)}
+	s := &store{timeout: c.RequestTimeout, logLevel: zap.NewAtomicLevelAt(zapcore.WarnLevel)}
 	if len(c.EtcdEndpoints) > 0 {
 		cli, err := clientv3.New(clientv3.Config{
 			Endpoints:   c.EtcdEndpoints,
