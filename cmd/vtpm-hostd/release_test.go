@@ -16,6 +16,7 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 
+	"vtpm/internal/attest/attesttest"
 	"vtpm/internal/hostsvc"
 	"vtpm/internal/keyrelease"
 	"vtpm/internal/testutil"
@@ -327,4 +328,55 @@ func TestKeyServiceNeedsTheHostsBundle(t *testing.T) {
 		}
 		wantAll(t, "vtpm "+strings.Join(tt.args, " "), out, tt.want...)
 	}
+}
+
+// TPM mode: the admin captures the attestation policy on a reference host
+// and registers two hosts with their TPMs' EKs; each host service attests
+// with its TPM (a swtpm booted as the reference, and one whose PCR 7
+// differs). A fleet-only TPM opens on the first; on the second the start
+// fails with the reason its attestation failed.
+func TestFleetKeyReleaseTPMMode(t *testing.T) {
+	if os.Geteuid() != 0 {
+		testutil.Missing(t, "the host service runs as root")
+	}
+	testutil.HostdBinary(t)
+	ks := newKeyService(t)
+	ks.start(t)
+	ks.ks(t, "init", "--data-dir", ks.dir, "--server", ks.url())
+	ref := attesttest.Start(t, attesttest.Reference)
+	ks.ks(t, append([]string{"policy", "capture", "fleet-boot", "--class", "x86-ovmf", "--tpm", ref.Spec, "--event-log", ref.EventLog}, ks.args()...)...)
+
+	hosts := map[string]*host{}
+	for name, boot := range map[string]attesttest.Boot{"good": attesttest.Reference, "pcr7": attesttest.OtherDB} {
+		h := newHost(t, name)
+		tpm := attesttest.Start(t, boot)
+		ek := filepath.Join(h.dir, "ek.pem")
+		ks.ks(t, "host", "ek", "--tpm", tpm.Spec, "-o", ek)
+		ks.ks(t, append([]string{"host", "add", name, "--mode", "tpm", "--ek", ek, "--policy", "fleet-boot", "--guardian", h.certs(t),
+			"-o", filepath.Join(h.root, keyrelease.BundleFile)}, ks.args()...)...)
+		h.start(t, "--attest", "tpm", "--attest-tpm", tpm.Spec, "--event-log", tpm.EventLog)
+		hosts[name] = h
+	}
+	waitFleet(t, hosts["good"])
+
+	owner := newHost(t, "owner")
+	src := filepath.Join(owner.dir, "tpm")
+	owner.mustVTPM(t, "tpm", "manufacture", src)
+	fleetPEM := filepath.Join(owner.dir, "fleet.pem")
+	ks.ks(t, append([]string{"fleet-guardian", "-o", fleetPEM}, ks.args()...)...)
+	owner.mustVTPM(t, "protector", "grant", src, fleetPEM)
+
+	good, pcr7 := hosts["good"], hosts["pcr7"]
+	onGood, onPCR7 := filepath.Join(good.dir, "tpm"), filepath.Join(pcr7.dir, "tpm")
+	copyDir(t, src, onGood)
+	copyDir(t, src, onPCR7)
+	serveTPM(t, good, onGood)
+	// pcr7's service knows the fleet guardian once it has asked, whether
+	// or not its attestation passed.
+	deadline := time.Now().Add(30 * time.Second)
+	for !strings.Contains(pcr7.proc.Stderr.String(), "key service: fleet guardian") && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	out := refused(t, pcr7, onPCR7)
+	wantAll(t, "pcr7's refused start", out, "the key service did not release its key", "PCR 7 differs from policy fleet-boot")
 }

@@ -7,6 +7,8 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"vtpm/internal/attest"
+	"vtpm/internal/attest/tpmmode"
 	"vtpm/internal/errdefs"
 	"vtpm/internal/hostd"
 	"vtpm/internal/hostsvc"
@@ -17,7 +19,7 @@ import (
 
 func serveCmd() *cobra.Command {
 	var o hostd.Options
-	var keyService string
+	var keyService, attestMode, attestTPM, eventLog string
 	cmd := &cobra.Command{
 		Use:   "serve",
 		Short: "Run the host service: keys for vTPMs that cannot open the keystore, and the API",
@@ -51,6 +53,16 @@ from the key service (--key-service URL,… replaces the bundle's nodes).`,
 			o.APISocket = apiSocket
 			o.Version = version
 			o.Logger = slog.New(slog.NewTextHandler(os.Stderr, nil))
+			switch attestMode {
+			case "key":
+			case "tpm":
+				if attestTPM == "" {
+					attestTPM = os.Getenv("VTPM_HOST_TPM")
+				}
+				o.KeyService.Prover = tpmmode.Prover{Options: attest.HostOptions{TPM: attestTPM, EventLog: eventLog}}
+			default:
+				return errdefs.New(errdefs.ErrInvalidArgument, "--attest %q: key or tpm, as the host was registered with the key service", attestMode)
+			}
 			if keyService != "" {
 				o.KeyService.Endpoints = strings.Split(keyService, ",")
 				if !o.KeyService.Configured(dataRoot(o.DataRoot)) {
@@ -73,6 +85,9 @@ from the key service (--key-service URL,… replaces the bundle's nodes).`,
 	f.StringVar(&o.Name, "name", "", "this host's name in its certificate (default the system's host name)")
 	f.StringVar(&o.KeyService.Bundle, "key-service-client", "", "this host's key service client bundle (default DATA-ROOT/"+keyrelease.BundleFile+" when it exists)")
 	f.StringVar(&keyService, "key-service", "", "the key service's node URLs, comma-separated (default the bundle's)")
+	f.StringVar(&attestMode, "attest", "key", "how this host attests to the key service, as it was registered: key (its guardian's key) or tpm (its TPM's quote of its boot)")
+	f.StringVar(&attestTPM, "attest-tpm", "", "--attest tpm: the host TPM (device:PATH, tcp:HOST:PORT, unix:PATH; default $VTPM_HOST_TPM, else "+attest.DefaultTPM+")")
+	f.StringVar(&eventLog, "event-log", "", "--attest tpm: the measured-boot event log (default "+attest.DefaultEventLog+")")
 	return cmd
 }
 

@@ -15,6 +15,10 @@
 // replaces the bundle's node URLs. Without a bundle the host service runs
 // without a key service.
 //
+// The host attests in key mode (it proves it holds its guardian's key) or,
+// registered in TPM mode, with its TPM (Options.Prover: tpmmode.Prover,
+// which reads the host TPM and its measured-boot event log).
+//
 // The fleet guardian's certificates, once fetched, are kept in
 // <data root>/fleet-guardian.pem (hostsvc.FleetFile), so that a vTPM
 // that opens the keystore itself knows a fleet row when it sees one, even
@@ -51,7 +55,11 @@ type Options struct {
 	Endpoints []string
 	// Timeout bounds one call to one node (the client's default when 0).
 	Timeout time.Duration
-	Logger  *slog.Logger
+	// Prover attests the host; nil is key mode (the host proves it holds
+	// its guardian's key). TPM mode (the host's TPM quotes its boot) is
+	// tpmmode.Prover, for a host registered with --mode tpm.
+	Prover client.Prover
+	Logger *slog.Logger
 }
 
 // Configured reports whether opts, or dataRoot's default bundle, give a
@@ -103,8 +111,11 @@ func New(dataRoot string, local *guardian.Guardian, opts Options) (*Releaser, er
 	if log == nil {
 		log = slog.Default()
 	}
-	r := &Releaser{dataRoot: dataRoot, c: c, name: b.Name, log: log,
-		host: client.NewHost(c, client.KeyProver{Host: b.Name, Guardian: local})}
+	prover := opts.Prover
+	if prover == nil {
+		prover = client.KeyProver{Host: b.Name, Guardian: local}
+	}
+	r := &Releaser{dataRoot: dataRoot, c: c, name: b.Name, log: log, host: client.NewHost(c, prover)}
 	// The fleet guardian known from an earlier run serves until the key
 	// service answers.
 	if g, err := guardian.ReadCertificates(filepath.Join(dataRoot, hostsvc.FleetFile)); err == nil {
