@@ -84,6 +84,19 @@ func (s *Server) releasable(rows []guardian.Row) bool {
 	return ok
 }
 
+// askKeyService asks the key service for the key of protector. The
+// caller holds s.mu, which is let go meanwhile: nothing of this host has
+// changed yet, the caller holds the TPM's state directory, and the other
+// vTPMs need not wait for the key service (up to releaseTimeout when its
+// nodes do not answer).
+func (s *Server) askKeyService(protector []byte) (*keybroker.Key, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), releaseTimeout)
+	defer cancel()
+	s.mu.Unlock()
+	defer s.mu.Lock()
+	return s.Releaser.Release(ctx, protector)
+}
+
 // release opens the TPM in dir through the key service, after the broker
 // found no guardian of this host for it (missing). The protector must have
 // the fleet guardian's row; the released key is checked as a key opened
@@ -105,9 +118,7 @@ func (s *Server) release(dir string, missing *keybroker.MissingKeyError, allowRo
 	if err != nil {
 		return nil, err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), releaseTimeout)
-	defer cancel()
-	k, err := s.Releaser.Release(ctx, raw)
+	k, err := s.askKeyService(raw)
 	if err != nil {
 		return nil, &ReleaseError{TPM: missing.TPM.String(), Fleet: row.Name, Err: err}
 	}
@@ -125,9 +136,7 @@ func (s *Server) adoptReleased(rec *keybroker.AdoptRecord, missing *keybroker.Mi
 	if !ok {
 		return nil, nil, missing
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), releaseTimeout)
-	defer cancel()
-	k, err := s.Releaser.Release(ctx, rec.Protector)
+	k, err := s.askKeyService(rec.Protector)
 	if err != nil {
 		return nil, nil, &ReleaseError{TPM: rec.TPM.String(), Fleet: row.Name, Err: err}
 	}

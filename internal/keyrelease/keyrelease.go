@@ -171,6 +171,7 @@ func (r *Releaser) Attest(ctx context.Context) (time.Time, error) {
 // protector is given, attesting first when the health certificate is
 // missing or about to expire.
 func (r *Releaser) Release(ctx context.Context, protector []byte) (*keybroker.Key, error) {
+	r.ensureHealthy(ctx)
 	r.attesting.RLock()
 	k, err := r.host.Release(ctx, protector)
 	r.attesting.RUnlock()
@@ -181,6 +182,30 @@ func (r *Releaser) Release(ctx context.Context, protector []byte) (*keybroker.Ke
 	r.log.Info("key service: released a TPM's key", "tpm", k.TPM())
 	return k, nil
 }
+
+// ensureHealthy attests when the health certificate is missing or near
+// its end, once for releases that ask at the same time, and never while a
+// release is in flight. Its failure shows in the release that follows.
+func (r *Releaser) ensureHealthy(ctx context.Context) {
+	stale := func() bool {
+		cert, notAfter := r.host.Health()
+		return cert == nil || time.Until(notAfter) < renewSpare
+	}
+	if !stale() {
+		return
+	}
+	r.attesting.Lock()
+	defer r.attesting.Unlock()
+	if stale() {
+		if _, err := r.host.Attest(ctx); err == nil {
+			r.log.Info("key service: attested before a release", "host", r.name)
+		}
+	}
+}
+
+// renewSpare: a health certificate with less left than this is renewed
+// before a release uses it.
+const renewSpare = 2 * time.Minute
 
 // Run keeps the host known to the key service until ctx ends: it fetches
 // the fleet guardian and attests at start, and attests again before the
@@ -224,6 +249,6 @@ func (r *Releaser) Run(ctx context.Context) {
 // has left: with a fifth of it to spare, at least a minute before its end
 // (Release renews a certificate within a minute of its end itself).
 func renewIn(left time.Duration) time.Duration {
-	spare := max(left/5, 2*time.Minute)
+	spare := max(left/5, renewSpare)
 	return max(left-spare, 5*time.Second)
 }
