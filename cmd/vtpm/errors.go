@@ -42,6 +42,7 @@ var commands = map[errdefs.Action]string{
 	errdefs.ActionRunAsOwner:          "run vtpm as the owner of {path} (usually root: sudo)",
 	errdefs.ActionHostServiceStart:    "systemctl start vtpm-host.socket",
 	errdefs.ActionHostServe:           "vtpm host serve --socket {socket}",
+	errdefs.ActionVMMigrateGrant:      "vtpm vm migrate {vm} --to {host} --grant",
 }
 
 // Compiled on first use: every vTPM start runs this package's initialisation.

@@ -39,7 +39,8 @@ func TestEveryActionHasACommand(t *testing.T) {
 		errdefs.ActionTPMRemove, errdefs.ActionTPMEnable, errdefs.ActionTPMManufacture, errdefs.ActionStateImport, errdefs.ActionVMStop, errdefs.ActionVMList,
 		errdefs.ActionVMRegister, errdefs.ActionVMUnregister, errdefs.ActionVMClone, errdefs.ActionVMCreate, errdefs.ActionVMTemplate,
 		errdefs.ActionVMDeploy, errdefs.ActionIsolationPreferred, errdefs.ActionRunAsOwner,
-		errdefs.ActionHostAllowPath, errdefs.ActionHostServiceStart, errdefs.ActionHostServe} {
+		errdefs.ActionHostAllowPath, errdefs.ActionHostServiceStart, errdefs.ActionHostServe,
+		errdefs.ActionVMMigrateGrant} {
 		if _, ok := commands[a]; !ok {
 			t.Errorf("action %q has no command line", a)
 		}

@@ -126,6 +126,9 @@ const (
 	// ActionHostServe runs the host service in the foreground (args:
 	// socket, when not the default).
 	ActionHostServe Action = "host.serve"
+	// ActionVMMigrateGrant migrates a VM to another host after admitting
+	// that host's guardian to the TPM's key protector (args: vm, host).
+	ActionVMMigrateGrant Action = "vm.migrate.grant"
 )
 
 // Remedy is one way out of a failure. Action, when set, is the operation to
