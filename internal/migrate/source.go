@@ -239,6 +239,8 @@ func (r *run) live(ctx context.Context, spec *vm.IncomingSpec) error {
 		return r.fail(StepCommit, err)
 	}
 	r.progress("retire", nil)
+	// QEMU's monitor takes one client: Stop dials its own.
+	r.q.Close()
 	d, err := r.s.Registry.Retire(context.WithoutCancel(ctx), r.v)
 	if err != nil {
 		return &StepError{VM: r.v.Name(), Host: r.host, Step: StepRetire, Err: err}

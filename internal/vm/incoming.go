@@ -523,3 +523,37 @@ func (h *Registry) Retire(ctx context.Context, v *VM) (*Deleted, error) {
 	}
 	return h.Delete(v, false)
 }
+
+// CleanIncoming removes what migrations into this host left half-done
+// (a host service that stopped mid-way): the QEMU and vTPM of every
+// bundle still marked as incoming, and the bundle. A host service calls it
+// when it starts. It returns the names of the VMs removed.
+func (h *Registry) CleanIncoming(ctx context.Context) ([]string, error) {
+	entries, err := os.ReadDir(h.VMsDir())
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var gone []string
+	var errs []error
+	for _, e := range entries {
+		if !e.IsDir() {
+			continue
+		}
+		dir := filepath.Join(h.VMsDir(), e.Name())
+		if _, err := os.Stat(filepath.Join(dir, incomingMark)); err != nil {
+			continue
+		}
+		// The bundle's vm.json may be missing or bad: the directory's
+		// name is the VM's, which is all the run paths need.
+		v := &VM{Dir: dir, Config: &Config{Name: e.Name()}, host: h}
+		if err := h.AbortIncoming(ctx, v); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		gone = append(gone, e.Name())
+	}
+	return gone, errors.Join(errs...)
+}
