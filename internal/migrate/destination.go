@@ -8,7 +8,8 @@ import (
 
 // Destination is the host a VM migrates to, as the source sees it: its
 // host service over the API, or Local in process. Calls for one VM come in
-// order: Preflight (any number of times), Prepare, then Commit or Abort.
+// order: Preflight (any number of times), Prepare, Ready, then Commit or
+// Abort.
 type Destination interface {
 	// Name is the destination host's name, for messages.
 	Name() string
@@ -21,6 +22,10 @@ type Destination interface {
 	// listens for the stream, both over TLS admitting only certificates
 	// issued under req.SourceCA.
 	Prepare(ctx context.Context, req *PrepareRequest) (*Incoming, error)
+	// Ready reports whether the destination still waits for the VM's
+	// stream. The source asks before the switch-over, while it can still
+	// resume the guest: after it, the source's disks are handed over.
+	Ready(ctx context.Context, vm string) error
 	// Commit runs and registers the VM once the stream has arrived.
 	Commit(ctx context.Context, vm string) error
 	// Abort stops what Prepare started and removes the bundle; it is

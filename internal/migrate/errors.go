@@ -31,8 +31,11 @@ type StepError struct {
 	VM, Host string
 	Step     Step
 	Err      error
-	// CleanupErr is what went wrong undoing the migration, if anything.
-	CleanupErr error
+	// CleanupErr is what went wrong undoing the migration, if anything;
+	// DestinationLeft says the destination could not be told to clean up
+	// (its host service then removes what it prepared when it starts).
+	CleanupErr      error
+	DestinationLeft bool
 }
 
 func (e *StepError) Error() string {
@@ -40,6 +43,8 @@ func (e *StepError) Error() string {
 	fmt.Fprintf(&b, "migrate VM %s to %s: %s failed: %v", e.VM, e.Host, e.Step, e.Err)
 	if e.Step == StepRetire {
 		fmt.Fprintf(&b, "\nThe VM runs on %s now; its files stay here.", e.Host)
+	} else if e.DestinationLeft {
+		fmt.Fprintf(&b, "\nThe VM keeps running here; %s did not answer the request to clean up (nothing is registered there; its host service removes what it prepared when it runs again).", e.Host)
 	} else {
 		fmt.Fprintf(&b, "\nThe VM keeps running here; nothing is left on %s.", e.Host)
 	}

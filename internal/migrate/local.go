@@ -164,6 +164,24 @@ func (l *Local) Prepare(ctx context.Context, req *PrepareRequest) (_ *Incoming, 
 	return inc, nil
 }
 
+// Ready checks that the VM's QEMU still waits for the stream.
+func (l *Local) Ready(ctx context.Context, name string) error {
+	l.mu.Lock()
+	q := l.vms[name]
+	l.mu.Unlock()
+	if q == nil {
+		return errdefs.New(errdefs.ErrNotFound, "no VM %s is being received here", name)
+	}
+	st, err := q.Status(ctx)
+	if err != nil {
+		return err
+	}
+	if st != "inmigrate" {
+		return errdefs.New(errdefs.ErrFailedPrecondition, "the VM being received is %s, not waiting for its stream", st)
+	}
+	return nil
+}
+
 // Commit waits for the stream to be loaded, stops serving the disks,
 // resumes the guest and registers the VM.
 func (l *Local) Commit(ctx context.Context, name string) error {

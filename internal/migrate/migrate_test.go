@@ -1,6 +1,7 @@
 package migrate
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -20,6 +21,7 @@ import (
 	"vtpm/internal/keybroker"
 	"vtpm/internal/keystore"
 	"vtpm/internal/qemutest"
+	"vtpm/internal/seal"
 	"vtpm/internal/testutil"
 	"vtpm/internal/vm"
 )
@@ -274,9 +276,20 @@ tpm2_load -Q -C 0x80000000 -u /tmp/k.pub -r /tmp/k.priv -c /tmp/k.ctx`)
 	// Written just before the migration: must arrive too.
 	late := "vtpm-late-write-77ab"
 	g.must(ctx, t, "printf "+late+" | dd of=/dev/vda bs=512 seek=4096 conv=fsync 2>/dev/null")
+	ramMarker := "vtpm-ram-marker-5e0f"
+	g.must(ctx, t, "echo "+ramMarker+" > /tmp/ram-marker")
+	va, err := a.reg.Open(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tpmID, err := seal.Identify(va.TPMDir())
+	if err != nil {
+		t.Fatal(err)
+	}
 	var mu sync.Mutex
 	var phases []string
-	res, err := src.Migrate(ctx, name, b.dst, Options{Grant: true, Progress: func(p Progress) {
+	tapB := &tapped{Local: b.dst, t: t}
+	res, err := src.Migrate(ctx, name, tapB, Options{Grant: true, Progress: func(p Progress) {
 		mu.Lock()
 		defer mu.Unlock()
 		if len(phases) == 0 || phases[len(phases)-1] != p.Phase {
@@ -298,6 +311,25 @@ tpm2_load -Q -C 0x80000000 -u /tmp/k.pub -r /tmp/k.priv -c /tmp/k.ctx`)
 	}
 	if res.DiskBytes < 64<<20 || res.RAMBytes == 0 {
 		t.Errorf("result: %d disk bytes, %d RAM bytes; want the whole 64 MiB disk and some memory", res.DiskBytes, res.RAMBytes)
+	}
+
+	// What crossed the network was TLS, and none of the guest's memory,
+	// disk or TPM state shows in it.
+	for what, tp := range map[string]*tap{"migration stream": tapB.mig, "NBD": tapB.nbd} {
+		seen := tp.bytes()
+		if tp.conns == 0 || len(seen) < 1<<20 {
+			t.Errorf("%s: %d connections, %d bytes through the tap", what, tp.conns, len(seen))
+			continue
+		}
+		if seen[0] != 0x16 || seen[1] != 0x03 {
+			t.Errorf("%s does not start with a TLS handshake: % x", what, seen[:8])
+		}
+		for _, clear := range []string{marker, late, ramMarker, tpmID.String(), "vtpm-test-secret", `"protector"`} {
+			if bytes.Contains(seen, []byte(clear)) {
+				t.Errorf("%s carries %q in clear", what, clear)
+			}
+		}
+		t.Logf("%s: %d bytes over %d TLS connections", what, len(seen), tp.conns)
 	}
 
 	// A: gone, the TPM state kept as a backup.
@@ -331,6 +363,9 @@ tpm2_sign -c 0x80000001 -g sha256 -o /tmp/sig /tmp/msg &&
 tpm2_verifysignature -c 0x80000001 -g sha256 -m /tmp/msg -s /tmp/sig`)
 	if got := gb.must(ctx, t, "tpmtest unseal 0x81000001"); got != "vtpm-test-secret" {
 		t.Errorf("unseal on B = %q", got)
+	}
+	if got := gb.must(ctx, t, "cat /tmp/ram-marker"); got != ramMarker {
+		t.Errorf("guest memory on B: %q", got)
 	}
 	gb.must(ctx, t, "test -b /dev/vda && echo 3 > /proc/sys/vm/drop_caches")
 	for off, want := range map[string]string{"2048": marker, "4096": late} {
@@ -387,6 +422,13 @@ func (d *dying) Commit(ctx context.Context, vm string) error {
 	return d.Local.Commit(ctx, vm)
 }
 
+func (d *dying) Ready(ctx context.Context, vm string) error {
+	if err := d.gone(); err != nil {
+		return err
+	}
+	return d.Local.Ready(ctx, vm)
+}
+
 func (d *dying) Abort(ctx context.Context, vm string) error {
 	if err := d.gone(); err != nil {
 		return err
@@ -417,7 +459,7 @@ func TestMigrationFailures(t *testing.T) {
 				t.Error("no QEMU on B to kill")
 			}
 		}, StepMemory},
-		{"destination-service-killed", func(_ *testing.T, _ *testHost, d *dying) { d.kill() }, StepCommit},
+		{"destination-service-killed", func(_ *testing.T, _ *testHost, d *dying) { d.kill() }, StepMemory},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx, a, b := setUp(t)

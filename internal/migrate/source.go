@@ -361,6 +361,9 @@ func (r *run) migrate(ctx context.Context, inc *Incoming) error {
 		case "pre-switchover":
 			if !switched {
 				r.progress("switchover", p)
+				if err := r.dst.Ready(ctx, r.v.Name()); err != nil {
+					return fmt.Errorf("the destination is not ready for the switch-over: %w", err)
+				}
 				if err := r.endMirrors(ctx, false); err != nil {
 					return err
 				}
@@ -471,6 +474,7 @@ func (r *run) fail(step Step, err error) error {
 	}
 	if r.prepared {
 		if err := r.dst.Abort(ctx, r.v.Name()); err != nil {
+			e.DestinationLeft = true
 			errs = append(errs, fmt.Errorf("clean up %s: %w", r.host, err))
 		}
 	}
@@ -501,5 +505,3 @@ func sleep(ctx context.Context, d time.Duration) error {
 		return ctx.Err()
 	}
 }
-
-

@@ -26,7 +26,7 @@ func addTLSCreds(ctx context.Context, q *qmp.Conn, endpoint string, id *hostcert
 	}
 	defer os.RemoveAll(dir)
 	files := map[string][]byte{
-		"ca-cert.pem":           ca,
+		"ca-cert.pem":          ca,
 		endpoint + "-cert.pem": id.CertPEM,
 		endpoint + "-key.pem":  id.KeyPEM,
 	}
