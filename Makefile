@@ -1,7 +1,7 @@
 GO ?= go
 BIN := bin
 
-.PHONY: all build test vet fuzz demo bench clean install uninstall
+.PHONY: all build test vet fuzz demo bench clean install uninstall proto
 
 PREFIX ?= /usr/local
 BINDIR ?= $(PREFIX)/bin
@@ -12,6 +12,19 @@ all: build
 build:
 	$(GO) build -o $(BIN)/vtpm ./cmd/vtpm
 	ln -sf vtpm $(BIN)/swtpm
+	$(GO) build -o $(BIN)/vtpm-hostd ./cmd/vtpm-hostd
+
+# The API's generated code (committed) from api/**/*.proto: protoc from
+# Debian's protobuf-compiler, its Go plugins at pinned versions.
+PROTOC_GEN_GO := google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12
+PROTOC_GEN_CONNECT_GO := connectrpc.com/connect/cmd/protoc-gen-connect-go@v1.21.1
+proto:
+	GOBIN=$(abspath $(BIN)) $(GO) install $(PROTOC_GEN_GO)
+	GOBIN=$(abspath $(BIN)) $(GO) install $(PROTOC_GEN_CONNECT_GO)
+	cd api && protoc -I . \
+		--plugin=protoc-gen-go=$(abspath $(BIN))/protoc-gen-go --go_out=. --go_opt=paths=source_relative \
+		--plugin=protoc-gen-connect-go=$(abspath $(BIN))/protoc-gen-connect-go --connect-go_out=. --connect-go_opt=paths=source_relative \
+		$$(find . -name '*.proto' | sort)
 
 vet:
 	$(GO) vet ./...
@@ -40,10 +53,12 @@ clean:
 	rm -rf $(BIN)
 
 # vtpm in BINDIR with swtpm and swtpm_setup beside it (/usr/local/bin comes
-# before /usr/bin in libvirtd's PATH, so libvirt runs vtpm), and the host
-# service's socket-activated units. README: "libvirt hosts".
+# before /usr/bin in libvirtd's PATH, so libvirt runs vtpm), vtpm-hostd (the
+# host service, which vtpm finds beside itself), and the host service's
+# socket-activated units. README: "libvirt hosts".
 install: build
 	install -D -m 0755 $(BIN)/vtpm $(DESTDIR)$(BINDIR)/vtpm
+	install -D -m 0755 $(BIN)/vtpm-hostd $(DESTDIR)$(BINDIR)/vtpm-hostd
 	ln -sf vtpm $(DESTDIR)$(BINDIR)/swtpm
 	ln -sf vtpm $(DESTDIR)$(BINDIR)/swtpm_setup
 	install -D -m 0644 dist/systemd/vtpm-host.socket $(DESTDIR)$(UNITDIR)/vtpm-host.socket
@@ -58,5 +73,5 @@ uninstall:
 	rm -f $(DESTDIR)$(UNITDIR)/vtpm-host.socket $(DESTDIR)$(UNITDIR)/vtpm-host.service
 	@for l in swtpm swtpm_setup; do \
 		if [ "$$(readlink $(DESTDIR)$(BINDIR)/$$l)" = vtpm ]; then rm -f $(DESTDIR)$(BINDIR)/$$l; fi; done
-	rm -f $(DESTDIR)$(BINDIR)/vtpm
+	rm -f $(DESTDIR)$(BINDIR)/vtpm $(DESTDIR)$(BINDIR)/vtpm-hostd
 	@if [ -z "$(DESTDIR)" ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi

@@ -11,7 +11,7 @@ $SUDO apt-get install -y -q --no-install-recommends \
 	gcc make pkg-config libtpms-dev \
 	qemu-system-x86 qemu-utils ovmf \
 	tpm2-tools libtss2-tcti-swtpm0 swtpm swtpm-tools \
-	busybox-static cpio gzip openssl ca-certificates \
+	busybox-static cpio gzip openssl ca-certificates protobuf-compiler \
 	libvirt-daemon-system libvirt-clients
 if ! command -v go >/dev/null; then
 	echo "setup: Go 1.26 or newer is required (https://go.dev/dl/)" >&2

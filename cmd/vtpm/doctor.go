@@ -41,7 +41,8 @@ func doctorCmd() *cobra.Command {
 		Long: `Check this host: the sandbox of the vTPM processes (seccomp, Landlock,
 no_new_privs, namespaces, locked memory), KVM, QEMU and its TPM emulator
 support, the user and seccomp sandbox QEMU runs under, the OVMF firmware files, how the keystore's master key is protected,
-and the data root's permissions. Each check is ok, warning or missing, with
+the data root's permissions, and the host service (its socket, whether it
+answers, and the users it answers). Each check is ok, warning or missing, with
 the fix. The exit status is 1 if anything is missing.
 
 The sandbox is checked for real: a child process confines itself exactly as

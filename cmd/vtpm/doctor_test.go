@@ -60,7 +60,7 @@ func TestDoctor(t *testing.T) {
 			if (err != nil) != missing {
 				t.Errorf("exit error %v with a missing check: %v\n%s", err, missing, out)
 			}
-			for _, name := range []string{"seccomp", "landlock", "no_new_privs", "user", "namespaces", "locked memory", "kvm", "qemu", "ovmf", "keystore", "rollback records", "data root"} {
+			for _, name := range []string{"seccomp", "landlock", "no_new_privs", "user", "namespaces", "locked memory", "kvm", "qemu", "ovmf", "keystore", "rollback records", "data root", "host service"} {
 				if _, ok := byName[name]; !ok {
 					t.Errorf("no %q check in %s", name, js)
 				}

@@ -10,14 +10,23 @@ import (
 func hostCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "host",
-		Short: "This host's VM configuration: the host files and devices VMs may use",
+		Short: "This host: the host files and devices VMs may use, its host service, the hosts it trusts",
 		Long: `A VM bundle travels between hosts, so its vm.json cannot grant itself host
 files: a disk, kernel or initrd outside the bundle, and every passthrough
 device, must be allowed by this host (` + "`<data root>/host.json`" + `). vm create
 allows the paths it is given; a bundle registered from elsewhere that names
-other paths is refused until they are allowed here.`,
+other paths is refused until they are allowed here.
+
+serve, trust, untrust, list and info are the host service's, run by
+` + hostHelper + ` (found beside vtpm, else in PATH).`,
 	}
-	cmd.AddCommand(hostAllowCmd(true), hostAllowCmd(false), hostPathsCmd(), hostServeCmd())
+	cmd.AddCommand(hostAllowCmd(true), hostAllowCmd(false), hostPathsCmd())
+	cmd.AddCommand(
+		forwardCmd(hostHelper, "serve", "Run the host service: keys for vTPMs that cannot open the keystore, and the API"),
+		forwardCmd(hostHelper, "trust NAME ADDRESS CERTS.pem", "Trust another host: it may call this host's API, and its guardian owns TPMs that open here"),
+		forwardCmd(hostHelper, "untrust NAME", "Stop trusting a host"),
+		forwardCmd(hostHelper, "list", "List the hosts this host trusts, with their state"),
+		forwardCmd(hostHelper, "info [NAME]", "Describe this host, or a trusted host"))
 	return cmd
 }
 

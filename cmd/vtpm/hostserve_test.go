@@ -53,6 +53,14 @@ func startHostService(t *testing.T, activated bool, users ...string) *hostEnv {
 	if err := os.WriteFile(filepath.Join(e.bin, "vtpm"), b, 0o755); err != nil {
 		t.Fatal(err)
 	}
+	// `vtpm host serve` is vtpm-hostd's, found beside vtpm.
+	hb, err := os.ReadFile(testutil.HostdBinary(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(e.bin, "vtpm-hostd"), hb, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	for _, name := range []string{"swtpm", "swtpm_setup"} {
 		if err := os.Symlink("vtpm", filepath.Join(e.bin, name)); err != nil {
 			t.Fatal(err)

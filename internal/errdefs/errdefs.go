@@ -126,6 +126,18 @@ const (
 	// ActionHostServe runs the host service in the foreground (args:
 	// socket, when not the default).
 	ActionHostServe Action = "host.serve"
+	// ActionHostTrust admits a peer host: it may call this host's API and
+	// its guardian is trusted as an owner (args: name, address, certs).
+	ActionHostTrust Action = "host.trust"
+	// ActionHostUntrust withdraws a peer's admission (args: name).
+	ActionHostUntrust Action = "host.untrust"
+	// ActionHostList lists the peer hosts with their state.
+	ActionHostList Action = "host.list"
+	// ActionHostServeListen runs the host service with its API on a TCP
+	// address (args: address).
+	ActionHostServeListen Action = "host.serve.listen"
+	// ActionBuild builds vtpm's executables from its source tree.
+	ActionBuild Action = "build"
 	// ActionVMMigrateGrant migrates a VM to another host after admitting
 	// that host's guardian to the TPM's key protector (args: vm, host).
 	ActionVMMigrateGrant Action = "vm.migrate.grant"

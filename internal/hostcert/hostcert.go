@@ -63,7 +63,7 @@ func Issue(g *guardian.Guardian, host string, ips []net.IP, validity time.Durati
 		DNSNames:              []string{host},
 		IPAddresses:           ips,
 	}
-	cert, err := g.IssueCertificate(tmpl, &key.PublicKey)
+	cert, err := g.Issue(tmpl, &key.PublicKey)
 	if err != nil {
 		return nil, err
 	}

@@ -49,6 +49,8 @@ type Options struct {
 	// Exe is the vtpm executable that runs the sandbox probe (its
 	// ProbeArgs); empty skips the probe and reports the sandbox missing.
 	Exe string
+	// HostSocket is the host service's socket; empty: its default.
+	HostSocket string
 }
 
 // Run checks everything, in the order `vtpm doctor` prints it.
@@ -59,6 +61,7 @@ func Run(ctx context.Context, o Options) []Check {
 	cs = append(cs, QEMUChecks(ctx)...)
 	cs = append(cs, QEMUConfinementCheck(ctx))
 	cs = append(cs, FirmwareCheck(), KeystoreCheck(o.DataRoot, o.HostTPM), RollbackCheck(o.DataRoot, o.HostTPM), DataRootCheck(o.DataRoot))
+	cs = append(cs, HostServiceCheck(o.HostSocket))
 	return cs
 }
 

@@ -79,6 +79,12 @@ func (c Client) Open(dir string, opts keybroker.OpenOptions) (*Opened, error) {
 		return nil, err
 	}
 	defer conn.Close()
+	return readOpened(c.socket(), conn, a, files)
+}
+
+// readOpened reads what follows an answer with keys: the data key, the
+// generation record's key; files holds the record's descriptor.
+func readOpened(socket string, conn *net.UnixConn, a *answer, files []*os.File) (*Opened, error) {
 	closeFiles := func() {
 		for _, f := range files {
 			f.Close()
@@ -86,12 +92,13 @@ func (c Client) Open(dir string, opts keybroker.OpenOptions) (*Opened, error) {
 	}
 	if len(files) != 1 || !a.Keys || a.TPM == uuid.Nil {
 		closeFiles()
-		return nil, errdefs.New(errdefs.ErrInternal, "the host service at %s answered with a malformed message", c.socket())
+		return nil, errdefs.New(errdefs.ErrInternal, "the host service at %s answered with a malformed message", socket)
 	}
 	o := &Opened{TPM: a.TPM, By: a.By, Created: a.Created, Backup: a.Backup, Reset: a.Reset}
+	var err error
 	if o.Key, err = keybroker.ReadKey(conn, a.TPM); err != nil {
 		closeFiles()
-		return nil, &UnavailableError{Socket: c.socket(), Err: fmt.Errorf("answer cut short: %w", err)}
+		return nil, &UnavailableError{Socket: socket, Err: fmt.Errorf("answer cut short: %w", err)}
 	}
 	rk, err := secret.New(recordKeyLen)
 	if err != nil {
@@ -103,13 +110,100 @@ func (c Client) Open(dir string, opts keybroker.OpenOptions) (*Opened, error) {
 	if _, err := io.ReadFull(conn, rk.Bytes()); err != nil {
 		closeFiles()
 		o.Close()
-		return nil, &UnavailableError{Socket: c.socket(), Err: fmt.Errorf("answer cut short: %w", err)}
+		return nil, &UnavailableError{Socket: socket, Err: fmt.Errorf("answer cut short: %w", err)}
 	}
 	if o.Record, err = keystore.PinShared(files[0], a.TPM, rk.Bytes()); err != nil {
 		o.Close()
 		return nil, err
 	}
 	return o, nil
+}
+
+// Reserve connects to the host service for one later Adopt: a vTPM that
+// runs as another user than root makes it while it may still make sockets
+// (its sandbox refuses them once it serves), and asks if a TPM arrives in
+// a migration stream before its own is initialised. The service admits the
+// caller's user now and checks the rest when asked.
+func (c Client) Reserve() (*Reservation, error) {
+	conn, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: c.socket(), Net: "unix"})
+	if err != nil {
+		return nil, &UnavailableError{Socket: c.socket(), Err: err}
+	}
+	conn.SetDeadline(time.Now().Add(requestTimeout))
+	fail := func(err error) (*Reservation, error) {
+		conn.Close()
+		return nil, err
+	}
+	if err := send(conn, request{Op: opHold}); err != nil {
+		return fail(&UnavailableError{Socket: c.socket(), Err: err})
+	}
+	var a answer
+	files, err := recv(conn, &a, 0)
+	if err != nil {
+		return fail(&UnavailableError{Socket: c.socket(), Err: fmt.Errorf("no answer: %w", err)})
+	}
+	for _, f := range files {
+		f.Close()
+	}
+	if a.Error != nil {
+		return fail(a.Error.native())
+	}
+	conn.SetDeadline(time.Time{})
+	return &Reservation{socket: c.socket(), conn: conn}, nil
+}
+
+// Reservation is a connection to the host service kept for one adoption.
+type Reservation struct {
+	socket string
+	conn   *net.UnixConn
+}
+
+// Close gives the connection up. It is safe on nil.
+func (r *Reservation) Close() {
+	if r != nil && r.conn != nil {
+		r.conn.Close()
+		r.conn = nil
+	}
+}
+
+// Adopt asks the host service to take the TPM that blob (a permanent-state
+// migration blob with vtpm's adoption record) carries into dir, whose lock
+// this process holds: the service opens the TPM's key from the carried
+// protector under this host's rules, checks the record against the
+// stream, writes the TPM's identity and protector into dir (files of the
+// given mode) and hands over the key and the TPM's generation record. A
+// reservation serves one request.
+func (r *Reservation) Adopt(dir string, blob []byte, mode os.FileMode, opts keybroker.OpenOptions) (*Opened, error) {
+	if r == nil || r.conn == nil {
+		return nil, errdefs.New(errdefs.ErrFailedPrecondition, "no connection to the host service is kept for an adoption")
+	}
+	defer r.Close()
+	d, err := os.Open(dir)
+	if err != nil {
+		return nil, err
+	}
+	defer d.Close()
+	conn := r.conn
+	conn.SetDeadline(time.Now().Add(requestTimeout + 5*time.Second))
+	req := request{Op: opAdopt, Dir: dir, AllowRollback: opts.AllowRollback, BlobLen: len(blob), Mode: uint32(mode.Perm())}
+	if err := send(conn, req, int(d.Fd())); err != nil {
+		return nil, &UnavailableError{Socket: r.socket, Err: err}
+	}
+	if _, err := conn.Write(blob); err != nil {
+		return nil, &UnavailableError{Socket: r.socket, Err: err}
+	}
+	var a answer
+	files, err := recv(conn, &a, 1)
+	if err != nil {
+		return nil, &UnavailableError{Socket: r.socket, Err: fmt.Errorf("no answer: %w", err)}
+	}
+	if a.Error != nil {
+		for _, f := range files {
+			f.Close()
+		}
+		return nil, a.Error.native()
+	}
+	return readOpened(r.socket, conn, &a, files)
 }
 
 // call sends req with dir's descriptor and reads the answer's header. An
@@ -283,4 +377,38 @@ func Fallback(ksErr, svcErr error) error {
 // it.
 func UseService(err error) bool {
 	return os.Geteuid() != 0 || errors.Is(err, errdefs.ErrPermissionDenied) || errors.Is(err, os.ErrPermission)
+}
+
+// Status is what the host service says of itself (Client.Ping).
+type Status struct {
+	Socket   string
+	Users    []string // the users it answers besides root, as configured
+	Unknown  []string // configured names that are no user on this host
+	Admitted bool     // it answers this process's user
+}
+
+// Ping asks the host service whether it answers, and whom. An unreachable
+// service is an *UnavailableError.
+func (c Client) Ping() (*Status, error) {
+	conn, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: c.socket(), Net: "unix"})
+	if err != nil {
+		return nil, &UnavailableError{Socket: c.socket(), Err: err}
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(5 * time.Second))
+	if err := send(conn, request{Op: opPing}); err != nil {
+		return nil, &UnavailableError{Socket: c.socket(), Err: err}
+	}
+	var a answer
+	files, err := recv(conn, &a, 0)
+	if err != nil {
+		return nil, &UnavailableError{Socket: c.socket(), Err: fmt.Errorf("no answer: %w", err)}
+	}
+	for _, f := range files {
+		f.Close()
+	}
+	if a.Error != nil {
+		return nil, a.Error.native()
+	}
+	return &Status{Socket: c.socket(), Users: a.Users, Unknown: a.Unknown, Admitted: a.Admitted}, nil
 }

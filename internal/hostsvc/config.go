@@ -60,15 +60,26 @@ func ReadConfig(dataRoot string) (*Config, error) {
 // uids resolves the configured users; names that do not resolve are
 // skipped (a host without tss answers root only).
 func (c *Config) uids() map[uint32]bool {
+	out, _ := c.resolve()
+	return out
+}
+
+// resolve returns the uids of the configured users (and root's) and the
+// names that are no user on this host.
+func (c *Config) resolve() (map[uint32]bool, []string) {
 	out := map[uint32]bool{0: true}
+	var unknown []string
 	for _, u := range c.Users {
 		id := u
 		if lu, err := user.Lookup(u); err == nil {
 			id = lu.Uid
 		}
-		if n, err := strconv.ParseUint(id, 10, 32); err == nil {
-			out[uint32(n)] = true
+		n, err := strconv.ParseUint(id, 10, 32)
+		if err != nil {
+			unknown = append(unknown, u)
+			continue
 		}
+		out[uint32(n)] = true
 	}
-	return out
+	return out, unknown
 }

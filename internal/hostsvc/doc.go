@@ -33,13 +33,38 @@
 // (keystore.PinShared). The data key is sent on the socket to the
 // authorized local peer and lands in locked memory there (secret).
 //
+// A vTPM that starts on an empty directory may be the destination of a live
+// migration: the TPM then arrives in the stream, sealed under a key only a
+// host its protector admits can open (internal/instance, adopt.go). A vTPM
+// that cannot read the keystore (it runs as tss) asks the service to adopt
+// it. Its sandbox refuses new connections once it serves, so it connects
+// before (a "hold" request, admitted by user only) and keeps the
+// connection, without a deadline, until its TPM is first initialised. The
+// "adopt" request that may follow carries the state directory's descriptor
+// (checked as for any request: the caller holds the lock) and the
+// permanent-state migration blob with the TPM's adoption record. The
+// service opens the key from the record's protector under this host's
+// rules (a guardian admitted and the owner held or trusted, or an imported
+// key; never an older protector than one seen here), checks the record's
+// MAC under the migration key derived from that key (so the caller holds a
+// stream of that TPM, not only its protector), refuses a directory that
+// holds sealed state, writes the TPM's identity and protector through the
+// descriptor, hands them to the directory's owner, and answers as "open"
+// does: the key and the TPM's generation record. A refusal is an error as
+// data: a host the protector does not admit answers the broker's
+// MissingKeyError (the TPM, the guardians that could open it, the ways out).
+//
+// "ping" answers anyone, with no descriptor: the users the service
+// answers, and whether it answers the caller (`doctor` asks).
+//
 // # Protocol
 //
-// One request and one answer per connection, on a SOCK_STREAM socket.
+// One request and one answer per connection, on a SOCK_STREAM socket
+// ("hold" is answered, then one more request).
 // Each message is a 4-byte big-endian length, that many bytes of JSON, and
-// then as many raw bytes as the JSON's "secret_len" says (the data key,
-// then the generation record's key), so key bytes never pass through a
-// JSON encoder. Descriptors ride as SCM_RIGHTS on the message's first
+// then, in an answer with keys, the data key and the generation record's
+// key as raw bytes, so key bytes never pass through a JSON encoder; an
+// "adopt" request is followed by its migration blob, "blob_len" raw bytes. Descriptors ride as SCM_RIGHTS on the message's first
 // write: the state directory with a request, the generation record with an
 // answer. Errors come back as data (kind, message, remedies), and the
 // client rebuilds an errdefs error from them.

@@ -17,18 +17,22 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/google/uuid"
+
 	"vtpm/internal/errdefs"
 	"vtpm/internal/keybroker"
 	"vtpm/internal/keystore"
 	"vtpm/internal/state"
+	"vtpm/internal/swtpm/statefile"
 	"vtpm/internal/testutil"
 )
 
 // The helper process: the test binary re-executed as another user, asking
 // the service as a vTPM would (or as a compromised one might).
 const (
-	helperEnv    = "VTPM_HOSTSVC_HELPER" // what to do: open, steal, hold
-	helperDirEnv = "VTPM_HOSTSVC_DIR"
+	helperEnv     = "VTPM_HOSTSVC_HELPER" // what to do: open, steal, hold, adopt, adopt-unlocked
+	helperDirEnv  = "VTPM_HOSTSVC_DIR"
+	helperBlobEnv = "VTPM_HOSTSVC_BLOB" // the migration blob to adopt from
 )
 
 func TestMain(m *testing.M) {
@@ -47,6 +51,10 @@ func helper(mode, dir string) int {
 			kind = k.Error()
 		}
 		fmt.Printf("err %s: %v\n", kind, err)
+		var se *ServiceError
+		if errors.As(err, &se) && len(se.Guardians) > 0 {
+			fmt.Printf("guardians: %s\n", strings.Join(se.Guardians, ", "))
+		}
 		return 1
 	}
 	switch mode {
@@ -73,6 +81,29 @@ func helper(mode, dir string) int {
 		}
 		fmt.Println("ok", a.TPM)
 		return 0
+	case "adopt", "adopt-unlocked": // a vTPM on an empty directory, a TPM arriving
+		blob, err := os.ReadFile(os.Getenv(helperBlobEnv))
+		if err != nil {
+			return report(err)
+		}
+		r, err := Client{}.Reserve()
+		if err != nil {
+			return report(err)
+		}
+		if mode == "adopt" {
+			l, err := state.Lock(dir)
+			if err != nil {
+				return report(err)
+			}
+			defer l.Unlock()
+		}
+		o, err := r.Adopt(dir, blob, 0o600, keybroker.OpenOptions{})
+		if err != nil {
+			return report(err)
+		}
+		defer o.Close()
+		fmt.Println("ok", o.TPM)
+		return 0
 	case "hold":
 		l, err := state.Lock(dir)
 		if err != nil {
@@ -88,8 +119,9 @@ func helper(mode, dir string) int {
 
 type env struct {
 	t      *testing.T
-	base   string // searchable by every user
-	exe    string // the test binary, where other users can run it
+	broker *keybroker.Broker // the service's
+	base   string            // searchable by every user
+	exe    string            // the test binary, where other users can run it
 	socket string
 }
 
@@ -118,6 +150,7 @@ func newEnv(t *testing.T) *env {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { b.Close() })
+	e.broker = b
 	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: e.socket, Net: "unix"})
 	if err != nil {
 		t.Fatal(err)
@@ -298,5 +331,114 @@ func TestFallbackNamesBothAttemptsAndTheFix(t *testing.T) {
 	refused := &ServiceError{Kind: errdefs.ErrPermissionDenied, Message: "no"}
 	if err := Fallback(ksErr, refused); errors.As(err, &both) || !errors.Is(err, errdefs.ErrPermissionDenied) {
 		t.Errorf("Fallback of an answer = %v", err)
+	}
+}
+
+// migrationBlob is a permanent-state migration blob of the TPM in dir
+// (opened with broker), carrying its adoption record; tamper changes a
+// byte the record's MAC covers.
+func migrationBlob(t *testing.T, broker *keybroker.Broker, dir, out string, tamper bool) (string, uuid.UUID) {
+	t.Helper()
+	o, err := broker.OpenTPMWith(dir, keybroker.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer o.Close()
+	prot, err := os.ReadFile(filepath.Join(dir, state.ProtectorFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mig, err := o.Key.MigrationKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mig.Close()
+	plain, _, err := statefile.EncodeMigration([]byte("permanent state"), nil, &statefile.Key{Bytes: mig.Bytes()}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	blob, err := keybroker.AppendAdoptRecord(plain, &keybroker.AdoptRecord{TPM: o.TPM, Protector: prot}, mig.Bytes())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tamper {
+		blob[len(plain)-1] ^= 1
+	}
+	if err := os.WriteFile(out, blob, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return out, o.TPM
+}
+
+// A vTPM on an empty directory that runs as tss adopts a TPM arriving in a
+// migration stream through a connection it kept to the service: the
+// service writes the TPM's identity and protector into the directory the
+// caller holds (and gives them to its owner) and hands over the key. It
+// refuses a stream whose record does not verify, a directory the caller
+// does not hold or that holds sealed state, and a TPM whose protector does
+// not admit this host (naming the guardians that could open it).
+func TestAdoptThroughTheService(t *testing.T) {
+	e := newEnv(t)
+	srcDir := filepath.Join(e.base, "src")
+	blob, tpm := migrationBlob(t, e.broker, srcDir, filepath.Join(e.base, "blob"), false)
+	tampered, _ := migrationBlob(t, e.broker, srcDir, filepath.Join(e.base, "tampered"), true)
+
+	// A TPM of another host, whose protector admits only that host.
+	other, err := keybroker.Open(filepath.Join(e.base, "other-root"), keystore.Options{HostTPM: "none", Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	foreign, _ := migrationBlob(t, other, filepath.Join(e.base, "foreign"), filepath.Join(e.base, "foreign-blob"), false)
+
+	dst := e.stateDir("dst", "tss")
+	cmd := e.helperCmd("tss", "adopt", dst)
+	cmd.Env = append(cmd.Env, helperBlobEnv+"="+blob)
+	out, _ := cmd.CombinedOutput()
+	if got := strings.TrimSpace(string(out)); got != "ok "+tpm.String() {
+		t.Fatalf("adopt: %q, want ok %s", got, tpm)
+	}
+	for _, name := range []string{state.ProtectorFile, "vtpm-state.json"} {
+		b, err := os.ReadFile(filepath.Join(dst, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		src, _ := os.ReadFile(filepath.Join(srcDir, name))
+		if string(b) != string(src) {
+			t.Errorf("%s: %q, want the source's %q", name, b, src)
+		}
+		st, _ := os.Stat(filepath.Join(dst, name))
+		if uid, _ := lookup(t, "tss"); int(st.Sys().(*syscall.Stat_t).Uid) != uid {
+			t.Errorf("%s belongs to uid %d, want the directory's owner tss", name, st.Sys().(*syscall.Stat_t).Uid)
+		}
+	}
+
+	withBlobs := e.stateDir("with-blobs", "tss")
+	if err := os.WriteFile(filepath.Join(withBlobs, "permall.a.sealed"), []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range []struct {
+		name, mode, dir, blob string
+		kind                  error
+		says                  string
+	}{
+		{"a record that does not verify", "adopt", e.stateDir("t1", "tss"), tampered, errdefs.ErrPermissionDenied, "does not verify"},
+		{"a directory the caller does not hold", "adopt-unlocked", e.stateDir("t2", "tss"), blob, errdefs.ErrPermissionDenied, "does not hold the lock"},
+		{"a directory with sealed state", "adopt", withBlobs, blob, errdefs.ErrFailedPrecondition, "already holds sealed state"},
+		{"a TPM this host is not admitted to", "adopt", e.stateDir("t3", "tss"), foreign, errdefs.ErrPermissionDenied, "\nguardians: host:"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			cmd := e.helperCmd("tss", tt.mode, tt.dir)
+			cmd.Env = append(cmd.Env, helperBlobEnv+"="+tt.blob)
+			out, _ := cmd.CombinedOutput()
+			got := strings.TrimSpace(string(out))
+			t.Log(got)
+			if !strings.HasPrefix(got, "err "+tt.kind.Error()+":") || !strings.Contains(got, tt.says) {
+				t.Errorf("got %q, want %v saying %q", got, tt.kind, tt.says)
+			}
+			if _, err := os.Stat(filepath.Join(tt.dir, state.ProtectorFile)); err == nil && tt.dir != withBlobs {
+				t.Errorf("a refused adoption wrote %s", state.ProtectorFile)
+			}
+		})
 	}
 }

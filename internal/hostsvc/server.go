@@ -4,11 +4,13 @@ import (
 	"context"
 	"crypto/x509"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/uuid"
@@ -31,11 +33,21 @@ const requestTimeout = 30 * time.Second
 type Server struct {
 	broker *keybroker.Broker
 	users  map[uint32]bool
+	cfg    Config
 	log    *slog.Logger
+	// Refused, when set, is told of every request refused or failed (the
+	// host service's metrics count them).
+	Refused func(error)
 	// mu serialises requests: the keystore and new TPMs' identities are
 	// changed by at most one at a time.
 	mu sync.Mutex
+	// held counts connections kept for a later adoption (opHold).
+	held atomic.Int32
 }
+
+// maxHeld bounds the connections kept for a later adoption: one per vTPM
+// that started on an empty directory and has not initialised its TPM yet.
+const maxHeld = 1024
 
 // NewServer returns a server that opens keys with broker for root and the
 // users cfg names.
@@ -43,7 +55,7 @@ func NewServer(broker *keybroker.Broker, cfg *Config, log *slog.Logger) *Server 
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Server{broker: broker, users: cfg.uids(), log: log}
+	return &Server{broker: broker, users: cfg.uids(), cfg: *cfg, log: log}
 }
 
 // Serve answers connections on l until ctx is done or l fails; it closes l.
@@ -67,6 +79,10 @@ func (s *Server) Serve(ctx context.Context, l *net.UnixListener) error {
 		go func() {
 			defer wg.Done()
 			defer c.Close()
+			// A held connection waits without a deadline: closing it
+			// ends the wait when the service stops.
+			stop := context.AfterFunc(ctx, func() { c.Close() })
+			defer stop()
 			s.handle(c)
 		}()
 	}
@@ -105,18 +121,48 @@ func (s *Server) handle(c *net.UnixConn) {
 	}
 	var req request
 	files, err := recv(c, &req, 1)
+	if err == nil && req.Op == opPing {
+		for _, f := range files {
+			f.Close()
+		}
+		_, unknown := s.cfg.resolve()
+		send(c, answer{Users: s.cfg.Users, Unknown: unknown, Admitted: s.users[p.uid]})
+		return
+	}
+	if err == nil && req.Op == opHold {
+		for _, f := range files {
+			f.Close()
+		}
+		files, err = s.hold(c, p, &req)
+		if err != nil {
+			return
+		}
+	}
 	if err != nil {
 		s.log.Warn("host service: bad request", "pid", p.pid, "uid", p.uid, "err", err)
 		return
+	}
+	var blob []byte
+	if req.Op == opAdopt {
+		if blob, err = readBlob(c, req.BlobLen); err != nil {
+			s.log.Warn("host service: bad request", "pid", p.pid, "uid", p.uid, "err", err)
+			for _, f := range files {
+				f.Close()
+			}
+			return
+		}
 	}
 	defer func() {
 		for _, f := range files {
 			f.Close()
 		}
 	}()
-	a, sent, err := s.answer(p, &req, files)
+	a, sent, err := s.answer(p, &req, files, blob)
 	if err != nil {
 		s.log.Warn("host service: refused", "pid", p.pid, "uid", p.uid, "dir", req.Dir, "err", err)
+		if s.Refused != nil {
+			s.Refused(err)
+		}
 		// Messages name the directory as the caller does.
 		r := strings.NewReplacer()
 		if len(files) == 1 && req.Dir != "" {
@@ -130,8 +176,12 @@ func (s *Server) handle(c *net.UnixConn) {
 		s.log.Warn("host service: answer not delivered", "pid", p.pid, "err", err)
 		return
 	}
-	if req.Op == opCertify {
+	switch req.Op {
+	case opCertify:
 		s.log.Info("host service: issued a certificate", "cert", req.Cert, "dir", req.Dir, "pid", p.pid, "uid", p.uid)
+		return
+	case opAdopt:
+		s.log.Info("host service: adopted a TPM from a migration stream", "tpm", a.TPM, "by", a.By, "dir", req.Dir, "pid", p.pid, "uid", p.uid)
 		return
 	}
 	s.log.Info("host service: opened a TPM's key", "tpm", a.TPM, "dir", req.Dir, "pid", p.pid, "uid", p.uid, "created", a.Created)
@@ -171,21 +221,80 @@ func (o *opened) send(c *net.UnixConn, a *answer) error {
 	return err
 }
 
-func (s *Server) answer(p peer, req *request, files []*os.File) (*answer, *opened, error) {
+// hold answers an opHold request: it admits the caller's user now, then
+// waits, without a deadline, for the one request the connection is kept
+// for (opAdopt), which is checked as any other when it comes.
+func (s *Server) hold(c *net.UnixConn, p peer, req *request) ([]*os.File, error) {
+	if err := s.admit(p); err != nil {
+		s.log.Warn("host service: refused", "pid", p.pid, "uid", p.uid, "err", err)
+		send(c, answer{Error: toWire(err, strings.NewReplacer())})
+		return nil, err
+	}
+	if s.held.Add(1) > maxHeld {
+		s.held.Add(-1)
+		err := errdefs.New(errdefs.ErrUnavailable, "the host service holds %d connections for adoptions already", maxHeld)
+		s.log.Warn("host service: refused", "pid", p.pid, "uid", p.uid, "err", err)
+		send(c, answer{Error: toWire(err, strings.NewReplacer())})
+		return nil, err
+	}
+	defer s.held.Add(-1)
+	if err := send(c, answer{}); err != nil {
+		return nil, err
+	}
+	c.SetDeadline(time.Time{})
+	*req = request{}
+	files, err := recv(c, req, 1)
+	if err != nil {
+		return nil, err // the vTPM initialised its TPM, or went away
+	}
+	c.SetDeadline(time.Now().Add(requestTimeout))
+	if req.Op != opAdopt {
+		for _, f := range files {
+			f.Close()
+		}
+		err := errdefs.New(errdefs.ErrInvalidArgument, "a held connection serves an adoption, not %q", req.Op)
+		send(c, answer{Error: toWire(err, strings.NewReplacer())})
+		return nil, err
+	}
+	return files, nil
+}
+
+// readBlob reads an adoption's migration blob, n raw bytes after the
+// request's JSON.
+func readBlob(c *net.UnixConn, n int) ([]byte, error) {
+	if n <= 0 || n > maxBlob {
+		return nil, fmt.Errorf("a migration blob of %d bytes", n)
+	}
+	b := make([]byte, n)
+	if _, err := io.ReadFull(c, b); err != nil {
+		return nil, err
+	}
+	return b, nil
+}
+
+// admit refuses users the service does not answer.
+func (s *Server) admit(p peer) error {
 	if !s.users[p.uid] {
-		return nil, nil, errdefs.New(errdefs.ErrPermissionDenied, "the host service does not answer uid %d", p.uid).
+		return errdefs.New(errdefs.ErrPermissionDenied, "the host service does not answer uid %d", p.uid).
 			With(errdefs.Advise("add the user to \"users\" in %s in the host's data root, and restart the service", ConfigFile))
 	}
-	if req.Op != opOpen && req.Op != opCertify {
+	return nil
+}
+
+func (s *Server) answer(p peer, req *request, files []*os.File, blob []byte) (*answer, *opened, error) {
+	if err := s.admit(p); err != nil {
+		return nil, nil, err
+	}
+	if req.Op != opOpen && req.Op != opCertify && req.Op != opAdopt {
 		return nil, nil, errdefs.New(errdefs.ErrInvalidArgument, "unknown request %q", req.Op)
 	}
 	if len(files) != 1 {
 		return nil, nil, errdefs.New(errdefs.ErrInvalidArgument, "a request must come with its state directory's descriptor")
 	}
 	dirfd := int(files[0].Fd())
-	owner, err := checkHolder(dirfd, p, req.Dir)
-	if err != nil {
-		return nil, nil, err
+	owner, cerr := checkHolder(dirfd, p, req.Dir)
+	if cerr != nil {
+		return nil, nil, cerr
 	}
 	// The directory is reached through the caller's descriptor only: a
 	// path could be swapped for another directory between check and use.
@@ -196,7 +305,16 @@ func (s *Server) answer(p peer, req *request, files []*os.File) (*answer, *opene
 		a, err := s.certify(dir, req)
 		return a, nil, err
 	}
-	a, o, err := s.open(dir, req.AllowRollback)
+	var (
+		a   *answer
+		o   *opened
+		err error
+	)
+	if req.Op == opAdopt {
+		a, o, err = s.adopt(dir, req, blob)
+	} else {
+		a, o, err = s.open(dir, req.AllowRollback)
+	}
 	handOver(dirfd, owner)
 	if err != nil {
 		return nil, nil, err
@@ -296,6 +414,64 @@ func (s *Server) open(dir string, allowRollback bool) (*answer, *opened, error) 
 	out := &opened{key: o.Key, record: f, recordKey: rk}
 	o.Key = nil // the answer has it now
 	return a, out, nil
+}
+
+// adopt takes the TPM that a migration stream carries into the caller's
+// state directory, as an instance that can read the keystore does itself
+// (internal/instance, adopt.go): the key opens from the stream's protector
+// under this host's rules (a guardian admitted, its owner held or trusted,
+// or an imported key; never an older protector than one seen here), the
+// record must verify under the migration key derived from that key (so the
+// caller holds a real stream, not only a protector), and the directory must
+// hold no sealed state. The TPM's identity and protector are written
+// through the descriptor, its generation record prepared, and the key and
+// record handed over as open does.
+func (s *Server) adopt(dir string, req *request, blob []byte) (*answer, *opened, error) {
+	host := s.broker
+	if _, err := host.Local(); err != nil {
+		return nil, nil, err
+	}
+	_, rec, err := keybroker.ParseAdoptRecord(blob)
+	if err != nil {
+		return nil, nil, err
+	}
+	if rec == nil {
+		return nil, nil, errdefs.New(errdefs.ErrInvalidArgument, "the migration blob carries no TPM to adopt")
+	}
+	if seal.HasBlobs(dir) {
+		return nil, nil, errdefs.New(errdefs.ErrFailedPrecondition, "%s already holds sealed state: a TPM arriving from elsewhere is adopted only into a directory without any", dir)
+	}
+	o, p, err := host.OpenAdopted(dir, rec, keybroker.OpenOptions{AllowRollback: req.AllowRollback})
+	if err != nil {
+		return nil, nil, err
+	}
+	defer func() {
+		if o.Key != nil {
+			o.Close()
+		}
+	}()
+	mode := os.FileMode(req.Mode) & 0o777
+	if mode == 0 {
+		mode = 0o600
+	}
+	if err := seal.Adopt(dir, rec.TPM, mode); err != nil {
+		return nil, nil, err
+	}
+	if err := keybroker.WriteProtector(dir, p); err != nil {
+		return nil, nil, err
+	}
+	// No blob is here yet: nothing to reset, whether or not the TPM had
+	// a record on this host.
+	if _, err := host.PrepareGenerations(rec.TPM, dir, true); err != nil {
+		return nil, nil, fmt.Errorf("open the generation record of TPM %s (it detects rollback of the TPM's state): %w", rec.TPM, err)
+	}
+	f, rk, err := host.Keystore().Generations().Share(rec.TPM)
+	if err != nil {
+		return nil, nil, fmt.Errorf("open the generation record of TPM %s (it detects rollback of the TPM's state): %w", rec.TPM, err)
+	}
+	out := &opened{key: o.Key, record: f, recordKey: rk}
+	o.Key = nil // the answer has it now
+	return &answer{TPM: rec.TPM, By: o.By}, out, nil
 }
 
 // certify issues an EK or platform certificate from the local CA for the

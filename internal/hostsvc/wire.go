@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"vtpm/internal/errdefs"
+	"vtpm/internal/keybroker"
 	"vtpm/internal/manufacture"
 )
 
@@ -23,9 +24,14 @@ const maxHeader = 64 << 10
 // request asks for the key of the TPM in the directory whose descriptor
 // comes with it.
 type request struct {
-	Op            string `json:"op"`  // opOpen, opCertify
+	Op            string `json:"op"`  // opOpen, opCertify, opHold, opAdopt
 	Dir           string `json:"dir"` // the caller's name of the directory, for messages
 	AllowRollback bool   `json:"allow_rollback,omitempty"`
+	// opAdopt: the permanent-state migration blob (with the TPM's
+	// adoption record) follows the JSON, BlobLen raw bytes; Mode is the
+	// state files' mode.
+	BlobLen int    `json:"blob_len,omitempty"`
+	Mode    uint32 `json:"mode,omitempty"`
 	// A certificate to issue (opCertify): certEK or certPlatform, for the
 	// EK whose public key (PKIX, DER) is Public.
 	Cert     string                `json:"cert,omitempty"`
@@ -37,7 +43,19 @@ type request struct {
 const (
 	opOpen    = "open"    // the TPM's key and generation record
 	opCertify = "certify" // an EK or platform certificate from the local CA
+	// opHold keeps the connection for one later request, opAdopt: a vTPM
+	// connects while it may still make sockets, and asks once a TPM
+	// arrives in a migration stream.
+	opHold  = "hold"
+	opAdopt = "adopt" // take the TPM of a migration stream into the directory
+	// opPing asks whether the service answers, and whom (no descriptor;
+	// any caller gets the answer: it holds no secret).
+	opPing = "ping"
 )
+
+// maxBlob bounds an adoption's migration blob (libtpms' permanent state is
+// tens of kilobytes).
+const maxBlob = 4 << 20
 
 // Certificates.
 const (
@@ -57,6 +75,12 @@ type answer struct {
 	Reset   bool       `json:"reset,omitempty"` // rollback protection started over
 	Keys    bool       `json:"keys,omitempty"`
 	Cert    []byte     `json:"cert,omitempty"` // DER, for opCertify
+	// For opPing: the users the service answers (besides root), the
+	// configured names that are no user here, and whether it answers the
+	// caller.
+	Users    []string `json:"users,omitempty"`
+	Unknown  []string `json:"unknown_users,omitempty"`
+	Admitted bool     `json:"admitted,omitempty"`
 }
 
 // wireError is an error as data.
@@ -64,6 +88,9 @@ type wireError struct {
 	Kind     string           `json:"kind,omitempty"`
 	Message  string           `json:"message"`
 	Remedies []errdefs.Remedy `json:"remedies,omitempty"`
+	// Guardians that could open the TPM, when this host cannot
+	// (keybroker.MissingKeyError): "name (fingerprint)".
+	Guardians []string `json:"guardians,omitempty"`
 }
 
 var kindsByName = map[string]error{}
@@ -92,15 +119,22 @@ func toWire(err error, r *strings.Replacer) *wireError {
 	if k := errdefs.KindOf(err); k != nil {
 		w.Kind = k.Error()
 	}
+	var mk *keybroker.MissingKeyError
+	if errors.As(err, &mk) {
+		for _, r := range mk.Rows {
+			w.Guardians = append(w.Guardians, fmt.Sprintf("%s (%s)", r.Name, r.Fingerprint))
+		}
+	}
 	return w
 }
 
 // ServiceError is an error the host service answered with: its kind and
 // remedies as the service's error had them.
 type ServiceError struct {
-	Kind    error // an errdefs kind, or nil
-	Message string
-	Fix     []errdefs.Remedy
+	Kind      error // an errdefs kind, or nil
+	Message   string
+	Fix       []errdefs.Remedy
+	Guardians []string // that could open the TPM, when the service cannot
 }
 
 func (e *ServiceError) Error() string              { return e.Message }
@@ -108,7 +142,7 @@ func (e *ServiceError) Is(target error) bool       { return e.Kind != nil && tar
 func (e *ServiceError) Remedies() []errdefs.Remedy { return e.Fix }
 
 func (w *wireError) native() error {
-	return &ServiceError{Kind: kindsByName[w.Kind], Message: w.Message, Fix: w.Remedies}
+	return &ServiceError{Kind: kindsByName[w.Kind], Message: w.Message, Fix: w.Remedies, Guardians: w.Guardians}
 }
 
 // recordKeyLen is the size of a generation record's key.

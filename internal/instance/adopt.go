@@ -1,10 +1,6 @@
 package instance
 
 import (
-	"crypto/hmac"
-	"crypto/sha256"
-	"encoding/binary"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -17,7 +13,9 @@ import (
 
 	"vtpm/internal/errdefs"
 	"vtpm/internal/guardian"
+	"vtpm/internal/hostsvc"
 	"vtpm/internal/keybroker"
+	"vtpm/internal/keystore"
 	"vtpm/internal/seal"
 	"vtpm/internal/state"
 	"vtpm/internal/swtpm/statefile"
@@ -47,31 +45,10 @@ import (
 // directory and reopens the sealed store with the TPM's key. The broker is
 // closed then, or at CMD_INIT, whichever comes first.
 
-const (
-	adoptLabel = "vtpm adopt record v1"
-	// adoptMargin lifts the adopted TPM's generations above the source's:
-	// the source may still write a few (its TPM2_Shutdown when QEMU stops
-	// it) after the blob was taken, and this host may have recorded them.
-	adoptMargin = 1 << 16
-)
-
-// adoptRecord is the content of the TagVTPM record before its MAC.
-type adoptRecord struct {
-	TPM         uuid.UUID         `json:"tpm"`
-	Protector   []byte            `json:"protector"`
-	Generations map[string]uint64 `json:"generations,omitempty"`
-}
-
-func adoptMAC(migKey []byte, body, rest []byte) []byte {
-	m := hmac.New(sha256.New, migKey)
-	m.Write([]byte(adoptLabel))
-	var n [8]byte
-	binary.BigEndian.PutUint64(n[:], uint64(len(body)))
-	m.Write(n[:])
-	m.Write(body)
-	m.Write(rest)
-	return m.Sum(nil)
-}
+// adoptMargin lifts the adopted TPM's generations above the source's: the
+// source may still write a few (its TPM2_Shutdown when QEMU stops it) after
+// the blob was taken, and this host may have recorded them.
+const adoptMargin = 1 << 16
 
 // withAdoptRecord appends the adoption record to a permanent-state blob
 // when the stream's key is derived from the TPM's data key (a destination
@@ -87,17 +64,13 @@ func (in *Instance) withAdoptRecord(blob []byte) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read the key protector to migrate with the TPM: %w", err)
 	}
-	rec := adoptRecord{TPM: in.sealing.tpm, Protector: prot, Generations: map[string]uint64{}}
+	rec := &keybroker.AdoptRecord{TPM: in.sealing.tpm, Protector: prot, Generations: map[string]uint64{}}
 	for _, n := range seal.Names {
 		if g, err := in.sealed.Generation(n); err == nil {
 			rec.Generations[n] = g
 		}
 	}
-	body, err := json.Marshal(rec)
-	if err != nil {
-		return nil, err
-	}
-	return statefile.AppendRecord(blob, statefile.TagVTPM, append(body, adoptMAC(in.migMem.Bytes(), body, blob)...))
+	return keybroker.AppendAdoptRecord(blob, rec, in.migMem.Bytes())
 }
 
 // AdoptError refuses a TPM arriving in a migration stream: which TPM, and
@@ -120,58 +93,86 @@ func (e *AdoptError) Remedies() []errdefs.Remedy { return errdefs.Remedies(e.Err
 // adoptFromBlob handles the adoption record of a permanent-state blob and
 // returns the blob without it. See the package's migration notes above.
 func (in *Instance) adoptFromBlob(blob []byte) ([]byte, error) {
-	rest, value, ok := statefile.CutRecord(blob, statefile.TagVTPM)
-	if !ok || in.sealing == nil {
+	rest, rec, err := keybroker.ParseAdoptRecord(blob)
+	if err != nil {
+		return nil, err
+	}
+	if rec == nil || in.sealing == nil {
 		return rest, nil
-	}
-	if len(value) < sha256.Size {
-		return nil, errdefs.New(errdefs.ErrInvalidArgument, "the migration stream's vtpm record is %d bytes, too short", len(value))
-	}
-	body, mac := value[:len(value)-sha256.Size], value[len(value)-sha256.Size:]
-	var rec adoptRecord
-	if err := json.Unmarshal(body, &rec); err != nil {
-		return nil, errdefs.Wrap(errdefs.ErrInvalidArgument, err, "the migration stream's vtpm record is damaged")
 	}
 	if rec.TPM == in.sealing.tpm {
 		// The directory already holds this TPM (prepared, or adopted by
 		// an earlier blob): the stream's key is ours.
-		if in.migMem != nil && !hmac.Equal(mac, adoptMAC(in.migMem.Bytes(), body, rest)) {
+		if in.migMem != nil && !rec.Verify(in.migMem.Bytes()) {
 			return nil, &AdoptError{TPM: rec.TPM, Err: errdefs.New(errdefs.ErrPermissionDenied, "the vtpm record does not verify under the TPM's migration key")}
 		}
 		return rest, nil
 	}
-	if in.sealing.adopter == nil || seal.HasBlobs(in.opts.StateDir) {
+	if (in.sealing.adopter == nil && in.sealing.service == nil) || seal.HasBlobs(in.opts.StateDir) {
 		return nil, &AdoptError{TPM: rec.TPM, Err: errdefs.New(errdefs.ErrFailedPrecondition,
 			"this instance serves TPM %s in %s; it adopts a TPM from the stream only when started on an empty state directory, before the TPM is initialised", in.sealing.tpm, in.opts.StateDir)}
 	}
-	p, err := guardian.ParseProtector(rec.Protector)
-	if err != nil {
-		return nil, &AdoptError{TPM: rec.TPM, Err: errdefs.Wrap(errdefs.ErrPermissionDenied, err, "the key protector in the stream is rejected")}
+	opts := keybroker.OpenOptions{AllowRollback: in.ext.AllowRollback}
+	var (
+		key    *keybroker.Key
+		by     string
+		prot   *guardian.Protector // to write; nil when the host service wrote it
+		record *keystore.Pinned    // the TPM's record here, when the host service shared it
+	)
+	if in.sealing.adopter != nil {
+		o, p, err := in.sealing.adopter.OpenAdopted(in.opts.StateDir, rec, opts)
+		if err != nil {
+			return nil, &AdoptError{TPM: rec.TPM, Err: err}
+		}
+		key, by, prot = o.Key, o.By, p
+	} else {
+		// This process cannot read the keystore (it runs as another
+		// user): the host service, on the connection kept for this,
+		// checks the stream, writes the TPM's identity and protector into
+		// the directory this process holds, and hands over the key and
+		// the TPM's generation record.
+		mode := os.FileMode(0o600)
+		if in.opts.StateModeSet {
+			mode = in.opts.StateMode
+		}
+		o, err := in.sealing.service.Adopt(in.opts.StateDir, blob, mode, opts)
+		in.sealing.dropAdopter() // one request per connection
+		if err != nil {
+			return nil, &AdoptError{TPM: rec.TPM, Err: err}
+		}
+		if o.TPM != rec.TPM {
+			o.Close()
+			return nil, &AdoptError{TPM: rec.TPM, Err: errdefs.New(errdefs.ErrInternal, "the host service adopted TPM %s", o.TPM)}
+		}
+		key, by, record = o.Key, o.By, o.Record
 	}
-	if p.TPM() != rec.TPM {
-		return nil, &AdoptError{TPM: rec.TPM, Err: errdefs.New(errdefs.ErrPermissionDenied, "the key protector in the stream belongs to TPM %s", p.TPM())}
-	}
-	o, err := in.sealing.adopter.OpenProtector(in.opts.StateDir, p, keybroker.OpenOptions{AllowRollback: in.ext.AllowRollback})
-	if err != nil {
-		return nil, &AdoptError{TPM: rec.TPM, Err: err}
-	}
-	if err := in.sandbox.KeyMemory(o.Key.LockErr()); err != nil {
-		o.Close()
-		return nil, &AdoptError{TPM: rec.TPM, Err: err}
-	}
-	mig, err := o.Key.MigrationKey()
-	if err != nil {
-		o.Close()
+	fail := func(err error) ([]byte, error) {
+		key.Close()
+		if record != nil {
+			record.Close()
+		}
+		if prot == nil && err != nil {
+			// The host service has written the TPM's identity into the
+			// directory, which no longer names the TPM this instance
+			// serves: it cannot go on.
+			in.finish(err)
+		}
 		return nil, err
 	}
-	if !hmac.Equal(mac, adoptMAC(mig.Bytes(), body, rest)) {
-		o.Close()
-		mig.Close()
-		return nil, &AdoptError{TPM: rec.TPM, Err: errdefs.New(errdefs.ErrPermissionDenied, "the vtpm record does not verify under the key its protector holds")}
+	if err := in.sandbox.KeyMemory(key.LockErr()); err != nil {
+		return fail(&AdoptError{TPM: rec.TPM, Err: err})
 	}
-	if err := in.switchTo(p, o.Key, rec.Generations); err != nil {
-		o.Close()
+	mig, err := key.MigrationKey()
+	if err != nil {
+		return fail(err)
+	}
+	if !rec.Verify(mig.Bytes()) {
 		mig.Close()
+		return fail(&AdoptError{TPM: rec.TPM, Err: errdefs.New(errdefs.ErrPermissionDenied, "the vtpm record does not verify under the key its protector holds")})
+	}
+	if err := in.switchTo(rec.TPM, prot, key, rec.Generations, record); err != nil {
+		mig.Close()
+		fail(nil)
 		// The directory may be half switched: this instance cannot go on.
 		in.finish(err)
 		return nil, err
@@ -179,13 +180,18 @@ func (in *Instance) adoptFromBlob(blob []byte) ([]byte, error) {
 	in.migMem.Close()
 	in.migMem = mig
 	in.migKey = &statefile.Key{Bytes: mig.Bytes()}
-	in.log.Info("adopted the TPM from the migration stream", "tpm", rec.TPM, "by", o.By, "state", in.opts.StateDir)
-	in.log.Warn("rollback protection of the adopted TPM is recorded on this host from its next start", "tpm", rec.TPM)
+	in.log.Info("adopted the TPM from the migration stream", "tpm", rec.TPM, "by", by, "state", in.opts.StateDir)
+	if record == nil {
+		in.log.Warn("rollback protection of the adopted TPM is recorded on this host from its next start", "tpm", rec.TPM)
+	}
 	return rest, nil
 }
 
-// switchTo makes the state directory TPM p.TPM()'s, sealed with key.
-func (in *Instance) switchTo(p *guardian.Protector, key *keybroker.Key, gens map[string]uint64) error {
+// switchTo makes the state directory TPM id's, sealed with key. p is the
+// protector to write (nil when it is written already, with the identity);
+// record is the TPM's generation record on this host, if this process has
+// one (else generations are not recorded until the next start).
+func (in *Instance) switchTo(id uuid.UUID, p *guardian.Protector, key *keybroker.Key, gens map[string]uint64, record *keystore.Pinned) error {
 	if err := in.swap.close(); err != nil {
 		return err
 	}
@@ -193,13 +199,18 @@ func (in *Instance) switchTo(p *guardian.Protector, key *keybroker.Key, gens map
 	if in.opts.StateModeSet {
 		mode = in.opts.StateMode
 	}
-	if err := seal.Adopt(in.opts.StateDir, p.TPM(), mode); err != nil {
-		return err
+	if p != nil {
+		if err := seal.Adopt(in.opts.StateDir, id, mode); err != nil {
+			return err
+		}
+		if err := keybroker.WriteProtector(in.opts.StateDir, p); err != nil {
+			return err
+		}
 	}
-	if err := keybroker.WriteProtector(in.opts.StateDir, p); err != nil {
-		return err
+	floor := &floorGenerations{id: id, last: map[string]uint64{}}
+	if record != nil {
+		floor.record = record
 	}
-	floor := &floorGenerations{id: p.TPM(), last: map[string]uint64{}}
 	for n, g := range gens {
 		floor.last[n] = g + adoptMargin
 	}
@@ -210,33 +221,49 @@ func (in *Instance) switchTo(p *guardian.Protector, key *keybroker.Key, gens map
 		return err
 	}
 	in.sealing.key.Close()
-	in.sealing.key, in.sealing.tpm = key, p.TPM()
+	in.sealing.key, in.sealing.tpm = key, id
 	in.sealing.dropAdopter()
 	if in.sealing.pinned != nil {
 		in.sealing.pinned.Close() // the abandoned identity's record
-		in.sealing.pinned = nil
 	}
+	in.sealing.pinned = record
 	in.sealed = o.Store
 	in.swap.set(o.Storage)
 	return nil
 }
 
-// floorGenerations starts an adopted TPM's generations above the source's
-// and records nothing: the confined instance cannot create the TPM's
-// record on this host, which its next start does.
+// floorGenerations starts an adopted TPM's generations above the source's.
+// With record (the TPM's record on this host, handed over by the host
+// service) it records there and never starts below it; without, it records
+// nothing: the confined instance cannot create the TPM's record on this
+// host, which its next start does.
 type floorGenerations struct {
-	id   uuid.UUID
-	last map[string]uint64
+	id     uuid.UUID
+	last   map[string]uint64
+	record seal.Generations
 }
 
 func (f *floorGenerations) Last(id uuid.UUID, name string) (uint64, error) {
 	if id != f.id {
 		return 0, fmt.Errorf("generations of TPM %s asked of TPM %s's", id, f.id)
 	}
-	return f.last[name], nil
+	last := f.last[name]
+	if f.record != nil {
+		r, err := f.record.Last(id, name)
+		if err != nil {
+			return 0, err
+		}
+		last = max(last, r)
+	}
+	return last, nil
 }
 
-func (f *floorGenerations) Record(uuid.UUID, string, uint64) error { return nil }
+func (f *floorGenerations) Record(id uuid.UUID, name string, gen uint64) error {
+	if f.record == nil {
+		return nil
+	}
+	return f.record.Record(id, name, gen)
+}
 
 // swapStore is the storage libtpms holds (fixed when it is opened), which
 // an adoption points at the adopted TPM's store.
@@ -318,12 +345,17 @@ func (in *Instance) logAdoptError(err error) {
 	}
 	attrs := []any{"tpm", ae.TPM, "err", err}
 	var mk *keybroker.MissingKeyError
-	if errors.As(err, &mk) {
+	var se *hostsvc.ServiceError
+	switch {
+	case errors.As(err, &mk):
 		var gs []string
 		for _, r := range mk.Rows {
 			gs = append(gs, fmt.Sprintf("%s (%s)", r.Name, r.Fingerprint))
 		}
 		attrs = append(attrs, "guardians", strings.Join(gs, ", "))
+	case errors.As(err, &se) && len(se.Guardians) > 0:
+		// The host service's refusal, as data.
+		attrs = append(attrs, "guardians", strings.Join(se.Guardians, ", "))
 	}
 	var fix []string
 	for _, r := range errdefs.Remedies(err) {

@@ -15,22 +15,26 @@ import (
 	"vtpm/internal/swtpm"
 )
 
-// listen creates the listening sockets before privileges are dropped.
+// listen creates the listening sockets (and opens the chardev) before
+// privileges are dropped. It makes only those not made yet, so New calls it
+// once before the keys are opened, so that a client that waits for the
+// control socket to appear (libvirt gives it a second) finds it while the
+// keys open, and once more where a socket could not be made that early.
 func (in *Instance) listen() error {
 	var err error
-	if in.opts.Chardev {
+	if in.opts.Chardev && in.chardev == nil {
 		if err = in.openChardev(); err != nil {
 			return err
 		}
 	}
-	if c := in.opts.Ctrl; c != nil && c.ClientFD < 0 {
+	if c := in.opts.Ctrl; c != nil && c.ClientFD < 0 && in.ctrlLn == nil {
 		if in.ctrlLn, err = in.listenEndpoint("--ctrl", c); err != nil {
 			return err
 		}
 	}
 	// --server type=tcp,fd=N is an already connected socket (swtpm_setup
 	// passes a socketpair end); only the other forms listen.
-	if s := in.opts.Server; s != nil && !(s.Type == "tcp" && s.FD >= 0) {
+	if s := in.opts.Server; s != nil && !(s.Type == "tcp" && s.FD >= 0) && in.dataLn == nil {
 		if in.dataLn, err = in.listenEndpoint("--server", s); err != nil {
 			return err
 		}

@@ -79,6 +79,15 @@ func New(opts *swtpm.Options, ext *swtpm.Extensions, log *slog.Logger) (_ *Insta
 			return nil, err
 		}
 	}
+	// The sockets come first, before the keys (a keystore sealed to the
+	// host's TPM, or the host service's round trip, may take a while):
+	// clients that wait for the control socket to appear find it, and
+	// their requests wait in its backlog until Run serves them. A socket
+	// that cannot be made yet (its directory is the state directory, made
+	// with the TPM) is made after the keys, as before.
+	if lerr := in.listen(); lerr != nil {
+		log.Debug("sockets made after the keys", "err", lerr)
+	}
 	// What the confined process needs of the data root is made to exist
 	// first: it may then write only its own generation record there.
 	format, err := state.ChooseExplicit(opts.StateDir, opts.Key != "", state.Format(ext.StateFormat))
@@ -90,13 +99,15 @@ func New(opts *swtpm.Options, ext *swtpm.Extensions, log *slog.Logger) (_ *Insta
 		// Only a TPM whose migration key is derived from its data key can
 		// be adopted from a migration stream.
 		adoptable := ext.DataKey == "" && opts.MigrationKey == ""
-		if in.sealing, genRecord, err = openSealed(opts.StateDir, ext.DataKey, ext.AllowRollback, adoptable, log); err != nil {
+		if in.sealing, genRecord, err = openSealed(opts.StateDir, ext.DataKey, opts.RunAs, ext.AllowRollback, adoptable, log); err != nil {
 			return nil, err
 		}
 	}
 	// Sandbox, step 1 (internal/sandbox): confines this process to writing
 	// its own state, re-executing it where the threads cannot be confined in
-	// place, so it comes before anything is read or bound.
+	// place (the re-executed image makes its sockets again, inside the
+	// sandbox, which allows exactly those), so it comes before anything
+	// else is read.
 	if in.sandbox, err = sandbox.Enter(SandboxPolicy(opts, ext.Isolation, genRecord), log); err != nil {
 		return nil, err
 	}
@@ -110,7 +121,6 @@ func New(opts *swtpm.Options, ext *swtpm.Extensions, log *slog.Logger) (_ *Insta
 			return nil, fmt.Errorf("--migration-key: %w", err)
 		}
 	}
-	// Keys first: a TPM this host cannot open fails before any socket exists.
 	if format == state.Sealed {
 		if ext.DataKey != "" {
 			if err = in.sealing.readDataKey(ext.DataKey); err != nil {

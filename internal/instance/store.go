@@ -30,6 +30,10 @@ type sealingKey struct {
 	// TPM just provisioned in an empty directory may still be replaced by
 	// one arriving in a migration stream (see adopt.go); nil otherwise.
 	adopter *keybroker.Broker
+	// service is the same for a process that cannot read the keystore
+	// once it runs as its user: a connection to the host service, made
+	// while sockets may still be made, on which it asks for the adoption.
+	service *hostsvc.Reservation
 }
 
 func (k *sealingKey) close() {
@@ -46,9 +50,16 @@ func (k *sealingKey) close() {
 // dropAdopter closes the key broker kept for an adoption, wiping the
 // keystore's keys: once the TPM is in use it stays the one it is.
 func (k *sealingKey) dropAdopter() {
-	if k != nil && k.adopter != nil {
+	if k == nil {
+		return
+	}
+	if k.adopter != nil {
 		k.adopter.Close()
 		k.adopter = nil
+	}
+	if k.service != nil {
+		k.service.Close()
+		k.service = nil
 	}
 }
 
@@ -69,18 +80,24 @@ func openBroker(log *slog.Logger) (*keybroker.Broker, error) {
 // rollback protection starts over for it: that is said loudly, and
 // remembered for `doctor`. allowRollback (--allow-rollback) accepts an
 // older key protector too. With adoptable, a TPM it provisions in an empty
-// directory keeps the broker open for an adoption (sealingKey.adopter).
+// directory keeps the broker open for an adoption (sealingKey.adopter); a
+// process that will run as another user (runAs, --runas) cannot read the
+// keystore then, and keeps a connection to the host service for it instead
+// (sealingKey.service).
 //
 // A process that cannot open the keystore (one libvirt starts as tss) asks
 // the host service instead, which hands over the key and the record's open
 // file: no path of the data root is then needed, and record is empty.
-func openSealed(stateDir, dataKey string, allowRollback, adoptable bool, log *slog.Logger) (_ *sealingKey, record string, err error) {
+func openSealed(stateDir, dataKey, runAs string, allowRollback, adoptable bool, log *slog.Logger) (_ *sealingKey, record string, err error) {
 	host, err := openBroker(log)
 	if err != nil {
 		if dataKey == "" && hostsvc.UseService(err) {
-			k, serr := openFromService(stateDir, allowRollback, log)
+			k, created, serr := openFromService(stateDir, allowRollback, log)
 			if serr != nil {
 				return nil, "", hostsvc.Fallback(err, serr)
+			}
+			if adoptable && created {
+				k.service = reserveService(log)
 			}
 			return k, "", nil
 		}
@@ -146,17 +163,32 @@ func openSealed(stateDir, dataKey string, allowRollback, adoptable bool, log *sl
 		return nil, "", fmt.Errorf("open the generation record of TPM %s (it detects rollback of the TPM's state): %w", k.tpm, err)
 	}
 	if adoptable && dataKey == "" {
-		k.adopter, keep = host, true
+		if runAs == "" {
+			k.adopter, keep = host, true
+		} else {
+			k.service = reserveService(log)
+		}
 	}
 	return k, host.Keystore().GenerationsPath(k.tpm), nil
 }
 
+// reserveService connects to the host service for a later adoption, or
+// returns nil (said in the log): the TPM serves as it is either way.
+func reserveService(log *slog.Logger) *hostsvc.Reservation {
+	r, err := hostsvc.Client{}.Reserve()
+	if err != nil {
+		log.Warn("this vTPM cannot take a TPM from a migration stream: it runs as another user and the host service did not answer", "err", err)
+		return nil
+	}
+	return r
+}
+
 // openFromService asks the host service for the TPM's key and generation
-// record.
-func openFromService(stateDir string, allowRollback bool, log *slog.Logger) (*sealingKey, error) {
+// record; created says the TPM is new.
+func openFromService(stateDir string, allowRollback bool, log *slog.Logger) (*sealingKey, bool, error) {
 	o, err := hostsvc.Client{}.Open(stateDir, keybroker.OpenOptions{AllowRollback: allowRollback})
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	if o.Backup != "" {
 		fmt.Fprintf(os.Stderr, "vtpm: WARNING: the key of the TPM in %s is gone; as its policy says, a FRESH TPM was provisioned. The old state is kept in %s.\n", stateDir, o.Backup)
@@ -166,7 +198,7 @@ func openFromService(stateDir string, allowRollback bool, log *slog.Logger) (*se
 			"the current state is taken as genuine and recorded from now on.\n", o.TPM, stateDir)
 	}
 	log.Info("opened the TPM's data key through the host service", "tpm", o.TPM, "by", o.By, "new", o.Created, "socket", hostsvc.SocketPath())
-	return &sealingKey{key: o.Key, tpm: o.TPM, pinned: o.Record}, nil
+	return &sealingKey{key: o.Key, tpm: o.TPM, pinned: o.Record}, o.Created, nil
 }
 
 // readDataKey reads --data-key (file= or fd=) into k, in the confined process.

@@ -24,7 +24,8 @@ var (
 )
 
 // Binary builds cmd/vtpm once per test process and returns its path. A
-// symlink named "swtpm" sits beside it for multi-call tests.
+// symlink named "swtpm" sits beside it for multi-call tests. Commands vtpm
+// hands to vtpm-hostd (host serve, trust, list, …) need HostdBinary too.
 func Binary(t testing.TB) string {
 	t.Helper()
 	buildOnce.Do(func() {
@@ -46,6 +47,30 @@ func Binary(t testing.TB) string {
 		t.Fatal(buildErr)
 	}
 	return filepath.Join(buildDir, "vtpm")
+}
+
+var (
+	hostdOnce sync.Once
+	hostdErr  error
+)
+
+// HostdBinary builds cmd/vtpm-hostd once per test process, beside the vtpm
+// of Binary (where vtpm looks for it first), and returns its path.
+func HostdBinary(t testing.TB) string {
+	t.Helper()
+	dir := filepath.Dir(Binary(t))
+	hostdOnce.Do(func() {
+		_, file, _, _ := runtime.Caller(0)
+		cmd := exec.Command("go", "build", "-o", filepath.Join(dir, "vtpm-hostd"), "./cmd/vtpm-hostd")
+		cmd.Dir = filepath.Join(filepath.Dir(file), "..", "..")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			hostdErr = fmt.Errorf("go build ./cmd/vtpm-hostd: %v\n%s", err, out)
+		}
+	})
+	if hostdErr != nil {
+		t.Fatal(hostdErr)
+	}
+	return filepath.Join(dir, "vtpm-hostd")
 }
 
 // Need skips the test when a peer tool is not installed.

@@ -1,4 +1,4 @@
-package main
+package clirender
 
 import (
 	"fmt"
@@ -7,7 +7,7 @@ import (
 	"vtpm/internal/errdefs"
 )
 
-func TestFormatError(t *testing.T) {
+func TestError(t *testing.T) {
 	inner := errdefs.New(errdefs.ErrFailedPrecondition, "VM web is running").
 		With(errdefs.Do(errdefs.ActionVMStop, "vm", "web").WithNote("stop it first"))
 	tests := []struct {
@@ -23,11 +23,13 @@ func TestFormatError(t *testing.T) {
 			"x\n  fix: `vtpm guardian export --certs-only -o host.pem` (here)"},
 		{"advice alone", errdefs.New(errdefs.ErrDataLoss, "damaged").With(errdefs.Advise("restore it from a backup")),
 			"damaged\n  fix: restore it from a backup"},
+		{"another host", errdefs.New(errdefs.ErrPermissionDenied, "refused").With(errdefs.Do(errdefs.ActionHostTrust, "name", "a", "address", "10.0.0.1:7443", "certs", "a.pem").On("on host b")),
+			"refused\n  fix: `vtpm host trust a 10.0.0.1:7443 a.pem` (on host b)"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			if got := formatError(tt.err); got != tt.want {
-				t.Errorf("formatError = %q\nwant %q", got, tt.want)
+			if got := Error(tt.err); got != tt.want {
+				t.Errorf("Error = %q\nwant %q", got, tt.want)
 			}
 		})
 	}
@@ -40,8 +42,9 @@ func TestEveryActionHasACommand(t *testing.T) {
 		errdefs.ActionVMRegister, errdefs.ActionVMUnregister, errdefs.ActionVMClone, errdefs.ActionVMCreate, errdefs.ActionVMTemplate,
 		errdefs.ActionVMDeploy, errdefs.ActionIsolationPreferred, errdefs.ActionRunAsOwner,
 		errdefs.ActionHostAllowPath, errdefs.ActionHostServiceStart, errdefs.ActionHostServe,
+		errdefs.ActionHostTrust, errdefs.ActionHostUntrust, errdefs.ActionHostList, errdefs.ActionHostServeListen, errdefs.ActionBuild,
 		errdefs.ActionVMMigrateGrant} {
-		if _, ok := commands[a]; !ok {
+		if _, ok := Commands[a]; !ok {
 			t.Errorf("action %q has no command line", a)
 		}
 	}
