@@ -8,6 +8,7 @@ import (
 
 	"vtpm/internal/hostd"
 	"vtpm/internal/hostsvc"
+	"vtpm/internal/migrate/migrateapi"
 )
 
 func serveCmd() *cobra.Command {
@@ -42,6 +43,7 @@ guardian. With --metrics ADDRESS:PORT, Prometheus metrics are served at
 			if err != nil {
 				return err
 			}
+			s.Register(migrateapi.Services(s)...)
 			return s.Run(cmd.Context())
 		},
 	}

@@ -34,6 +34,8 @@ listed in the data root's registry; VMs are named by name or UUID.`,
 	}
 	cmd.AddCommand(vmCreateCmd(), vmListCmd(), vmShowCmd(), vmRegisterCmd(), vmUnregisterCmd(), vmDeleteCmd(),
 		vmStartCmd(), vmStopCmd(), vmCloneCmd(), vmTemplateCmd(), vmDeployCmd())
+	// Across hosts: performed by the host service's client, vtpm-hostd.
+	cmd.AddCommand(forwardCmd(hostHelper, "migrate VM --to HOST [--grant] [--json]", "Move a running VM to a trusted host, live"))
 	return cmd
 }
 

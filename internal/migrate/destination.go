@@ -42,6 +42,9 @@ type Report struct {
 	// Refusal lists what stands in the way (a *vm.IncomingError); nil
 	// when the destination is ready.
 	Refusal error
+	// NeedsGrant: among the problems, the TPM's key protector does not
+	// admit the destination's guardian.
+	NeedsGrant bool
 }
 
 // PrepareRequest asks a destination to get ready for a VM.

@@ -20,7 +20,8 @@ import (
 type Local struct {
 	Registry *vm.Registry
 	// Host is this host's name; IP the address QEMU listens on for the
-	// stream and NBD (an address the source reaches).
+	// stream and NBD (an address the source reaches; "": the one a
+	// Prepare's context carries, WithListenIP).
 	Host string
 	IP   string
 	// Options for the received VM's QEMU; SerialSocket, when set, gives
@@ -57,6 +58,7 @@ func (l *Local) Preflight(ctx context.Context, spec *vm.IncomingSpec) (*Report, 
 			return nil, err
 		}
 		rep.Refusal = err
+		rep.NeedsGrant = missingKey(err)
 	}
 	return rep, nil
 }
@@ -93,11 +95,18 @@ func (l *Local) Prepare(ctx context.Context, req *PrepareRequest) (_ *Incoming, 
 	l.vms[v.Name()] = q
 	l.mu.Unlock()
 
+	ip := l.IP
+	if ip == "" {
+		ip, _ = ctx.Value(listenIPKey{}).(string)
+	}
+	if net.ParseIP(ip) == nil {
+		return nil, fmt.Errorf("no address to receive VM %s on (%q)", v.Name(), ip)
+	}
 	k, err := l.Registry.Keys()
 	if err != nil {
 		return nil, err
 	}
-	id, err := localIdentity(k, l.Host, l.IP)
+	id, err := localIdentity(k, l.Host, ip)
 	k.Close()
 	if err != nil {
 		return nil, err
@@ -116,7 +125,7 @@ func (l *Local) Prepare(ctx context.Context, req *PrepareRequest) (_ *Incoming, 
 	if _, err := q.Execute(ctx, "migrate-set-parameters", map[string]any{"tls-creds": tlsID}); err != nil {
 		return nil, err
 	}
-	inc := &Incoming{NBDHost: l.IP, Exports: map[int]string{}, CA: hostcert.CertsPEM(id.Issuer)}
+	inc := &Incoming{NBDHost: ip, Exports: map[int]string{}, CA: hostcert.CertsPEM(id.Issuer)}
 	devs, err := q.QueryBlock(ctx)
 	if err != nil {
 		return nil, err
@@ -126,11 +135,11 @@ func (l *Local) Prepare(ctx context.Context, req *PrepareRequest) (_ *Incoming, 
 			continue
 		}
 		if inc.NBDPort == "" {
-			if inc.NBDPort, err = freePort(l.IP); err != nil {
+			if inc.NBDPort, err = freePort(ip); err != nil {
 				return nil, err
 			}
 			if _, err := q.Execute(ctx, "nbd-server-start", map[string]any{
-				"addr":      map[string]any{"type": "inet", "data": map[string]any{"host": l.IP, "port": inc.NBDPort}},
+				"addr":      map[string]any{"type": "inet", "data": map[string]any{"host": ip, "port": inc.NBDPort}},
 				"tls-creds": tlsID,
 			}); err != nil {
 				return nil, fmt.Errorf("serve the disks over NBD: %w", err)
@@ -153,11 +162,11 @@ func (l *Local) Prepare(ctx context.Context, req *PrepareRequest) (_ *Incoming, 
 		}
 		inc.Exports[i] = export
 	}
-	port, err := freePort(l.IP)
+	port, err := freePort(ip)
 	if err != nil {
 		return nil, err
 	}
-	inc.MigrateURI = "tcp:" + net.JoinHostPort(l.IP, port)
+	inc.MigrateURI = "tcp:" + net.JoinHostPort(ip, port)
 	if _, err := q.Execute(ctx, "migrate-incoming", map[string]any{"uri": inc.MigrateURI}); err != nil {
 		return nil, fmt.Errorf("wait for the migration stream: %w", err)
 	}
@@ -245,6 +254,14 @@ func (l *Local) Abort(ctx context.Context, name string) error {
 		return err
 	}
 	return l.Registry.AbortIncoming(ctx, v)
+}
+
+type listenIPKey struct{}
+
+// WithListenIP tells a Local with no IP of its own the address to receive
+// on: for a host service, the address the source reached it at.
+func WithListenIP(ctx context.Context, ip string) context.Context {
+	return context.WithValue(ctx, listenIPKey{}, ip)
 }
 
 // freePort picks a TCP port free on ip for QEMU to listen on.

@@ -151,9 +151,9 @@ func (r *run) preflight(ctx context.Context) (*vm.IncomingSpec, error) {
 		return spec, nil
 	}
 	g, gerr := guardian.ParseCertificates(rep.Guardian)
-	if !missingKey(rep.Refusal) || gerr != nil || !r.o.Grant {
+	if !rep.NeedsGrant || gerr != nil || !r.o.Grant {
 		pe := &PreflightError{VM: r.v.Name(), Host: r.host, Refusal: rep.Refusal}
-		if missingKey(rep.Refusal) && gerr == nil {
+		if rep.NeedsGrant && gerr == nil {
 			pe.Guardian = fmt.Sprintf("%s (fingerprint %s)", g.Name(), g.Fingerprint())
 		}
 		return nil, pe
