@@ -317,7 +317,9 @@ tpm2_load -Q -C 0x80000000 -u /tmp/k.pub -r /tmp/k.priv -c /tmp/k.ctx`)
 	// disk or TPM state shows in it.
 	for what, tp := range map[string]*tap{"migration stream": tapB.mig, "NBD": tapB.nbd} {
 		seen := tp.bytes()
-		if tp.conns == 0 || len(seen) < 1<<20 {
+		// NBD carries little: QEMU sends the empty parts of the disk as
+		// write-zeroes requests.
+		if tp.conns == 0 || len(seen) < 4096 {
 			t.Errorf("%s: %d connections, %d bytes through the tap", what, tp.conns, len(seen))
 			continue
 		}
