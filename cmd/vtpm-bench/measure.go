@@ -32,6 +32,8 @@ type config struct {
 	rewrapN           int           // protectors re-wrapped per round
 	keyStarts         int           // process starts with each kind of key
 	migrations        int           // live migrations per implementation (and without a TPM)
+	moves             int           // offline moves, and cp -r runs
+	moveMiB           int           // the moved VM's disk, MiB
 }
 
 // row is one line of the results table. Index 0 of the samples is swtpm,

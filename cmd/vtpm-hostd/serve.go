@@ -9,6 +9,7 @@ import (
 	"vtpm/internal/hostd"
 	"vtpm/internal/hostsvc"
 	"vtpm/internal/migrate/migrateapi"
+	"vtpm/internal/transfersvc"
 )
 
 func serveCmd() *cobra.Command {
@@ -44,6 +45,7 @@ guardian. With --metrics ADDRESS:PORT, Prometheus metrics are served at
 				return err
 			}
 			s.Register(migrateapi.Services(s)...)
+			s.Register(transfersvc.Services(s)...)
 			return s.Run(cmd.Context())
 		},
 	}

@@ -19,13 +19,6 @@ import (
 	"vtpm/internal/progress"
 )
 
-// vmCmd holds the VM commands that involve other hosts; vtpm forwards them.
-func vmCmd() *cobra.Command {
-	cmd := &cobra.Command{Use: "vm", Short: "VMs across hosts"}
-	cmd.AddCommand(vmMigrateCmd())
-	return cmd
-}
-
 func vmMigrateCmd() *cobra.Command {
 	var to string
 	var grant, asJSON bool

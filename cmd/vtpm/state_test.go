@@ -53,7 +53,11 @@ func startTPM(t *testing.T, exe, home, stateDir string, args ...string) *tpmRun 
 	if err := p.WaitReady(sock+".ctrl", 10*time.Second); err != nil {
 		t.Fatal(err)
 	}
-	return &tpmRun{Proc: p, sock: sock}
+	// The sockets exist before the state is opened and locked; the first
+	// answer on the control channel says the TPM is running.
+	r := &tpmRun{Proc: p, sock: sock}
+	r.ioctl(t, "-c")
+	return r
 }
 
 func (r *tpmRun) ioctl(t *testing.T, args ...string) {

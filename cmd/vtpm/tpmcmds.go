@@ -12,7 +12,7 @@ import (
 
 // tpmVMCmds are the `vtpm tpm` subcommands that act on VMs.
 func tpmVMCmds() []*cobra.Command {
-	return []*cobra.Command{tpmAddCmd(), tpmRemoveCmd(), tpmEnableCmd(true), tpmEnableCmd(false)}
+	return []*cobra.Command{tpmAddCmd(), tpmRemoveCmd(), onOtherHosts(tpmEnableCmd(true), "hosts"), onOtherHosts(tpmEnableCmd(false), "hosts")}
 }
 
 func tpmAddCmd() *cobra.Command {

@@ -32,8 +32,8 @@ Boot, disks, TPM), its UEFI variable store, its disk and tpm/ (the vTPM's sealed
 state). Bundles are made under <data root>/vms, or anywhere with --path, and
 listed in the data root's registry; VMs are named by name or UUID.`,
 	}
-	cmd.AddCommand(vmCreateCmd(), vmListCmd(), vmShowCmd(), vmRegisterCmd(), vmUnregisterCmd(), vmDeleteCmd(),
-		vmStartCmd(), vmStopCmd(), vmCloneCmd(), vmTemplateCmd(), vmDeployCmd())
+	cmd.AddCommand(vmCreateCmd(), onOtherHosts(vmListCmd(), "hosts"), vmShowCmd(), vmRegisterCmd(), vmUnregisterCmd(), vmDeleteCmd(),
+		vmStartCmd(), vmStopCmd(), vmCloneCmd(), vmTemplateCmd(), onOtherHosts(vmDeployCmd(), "on"), vmMoveCmd(), vmCopyToCmd())
 	// Across hosts: performed by the host service's client, vtpm-hostd.
 	cmd.AddCommand(forwardCmd(hostHelper, "migrate VM --to HOST [--grant] [--json]", "Move a running VM to a trusted host, live"))
 	return cmd
@@ -226,15 +226,18 @@ func vmUnregisterCmd() *cobra.Command {
 }
 
 func vmDeleteCmd() *cobra.Command {
-	var deleteTPM, yes bool
+	var deleteTPM, purge, yes bool
 	cmd := &cobra.Command{
-		Use:   "delete VM [--delete-tpm [--yes]]",
+		Use:   "delete VM [--delete-tpm|--purge-backup [--yes]]",
 		Short: "Delete a stopped VM's bundle, keeping a backup of its TPM state unless --delete-tpm",
 		Long: `Delete what vtpm made in a stopped VM's bundle (vm.json, the UEFI variable
 store, the disks inside the bundle, logs) and unregister it. Its TPM state is
 moved to a backup under the data root, unless --delete-tpm, which asks first on
 a terminal (--yes confirms for scripts). Files vtpm did not make stay, and with
-them the bundle directory; disks outside the bundle are left alone.`,
+them the bundle directory; disks outside the bundle are left alone.
+--purge-backup then removes every backup of its TPM state kept under the data
+root (asking first, as --delete-tpm does); for a VM that moved to another host,
+and so is no longer registered here, it removes the backup the move kept.`,
 		Args: cobra.ExactArgs(1),
 		RunE: onVM(func(cmd *cobra.Command, h *vm.Registry, v *vm.VM) error {
 			if deleteTPM && v.Config.HasTPM() {
@@ -252,7 +255,9 @@ them the bundle directory; disks outside the bundle are left alone.`,
 		}),
 	}
 	cmd.Flags().BoolVar(&deleteTPM, "delete-tpm", false, "delete the TPM state too: secrets sealed to it (BitLocker, LUKS) are gone for good")
-	cmd.Flags().BoolVarP(&yes, "yes", "y", false, "confirm --delete-tpm without asking")
+	cmd.Flags().BoolVar(&purge, "purge-backup", false, "also remove the backups of its TPM state kept under the data root (a moved VM's too)")
+	cmd.Flags().BoolVarP(&yes, "yes", "y", false, "confirm --delete-tpm or --purge-backup without asking")
+	withPurge(cmd, &purge, &yes)
 	return cmd
 }
 

@@ -57,6 +57,8 @@ var Commands = map[errdefs.Action]string{
 	errdefs.ActionHostList:            "vtpm host list",
 	errdefs.ActionHostServeListen:     "vtpm host serve --listen {address}",
 	errdefs.ActionBuild:               "make build",
+	errdefs.ActionVMMoveGrant:         "vtpm vm move {vm} --to {to} --grant",
+	errdefs.ActionVMCopyGrant:         "vtpm vm copy {vm} --to {to} --name {name} --tpm copy --grant",
 	errdefs.ActionVMMigrateGrant:      "vtpm vm migrate {vm} --to {host} --grant",
 }
 

@@ -138,6 +138,13 @@ const (
 	ActionHostServeListen Action = "host.serve.listen"
 	// ActionBuild builds vtpm's executables from its source tree.
 	ActionBuild Action = "build"
+	// ActionVMMoveGrant moves a VM to another host after admitting that
+	// host's guardian to its TPM's key protector (args: vm, to).
+	ActionVMMoveGrant Action = "vm.move.grant"
+	// ActionVMCopyGrant copies a VM with its TPM to another host after
+	// admitting that host's guardian to the TPM's key protector (args: vm,
+	// to, name).
+	ActionVMCopyGrant Action = "vm.copy.grant"
 	// ActionVMMigrateGrant migrates a VM to another host after admitting
 	// that host's guardian to the TPM's key protector (args: vm, host).
 	ActionVMMigrateGrant Action = "vm.migrate.grant"
