@@ -111,4 +111,120 @@ func TestVMMigrate(t *testing.T) {
 	if !strings.Contains(vms, `"name":"mig"`) && !strings.Contains(vms, `"name": "mig"`) || !strings.Contains(vms, "running") {
 		t.Errorf("B's VMs after the migration:\n%s", vms)
 	}
+	// A keeps the TPM state as a backup until it is purged.
+	if _, err := os.Stat(res.Backup); err != nil {
+		t.Errorf("the TPM backup on A: %v", err)
+	}
+	out = a.mustVTPM(t, "vm", "delete", "mig", "--purge-backup", "--yes")
+	wantAll(t, "vm delete --purge-backup", out, "removed the backup of VM mig's TPM state")
+	if _, err := os.Stat(res.Backup); !os.IsNotExist(err) {
+		t.Errorf("the TPM backup on A after --purge-backup: %v", err)
+	}
+}
+
+// startVM sets up hosts a and b trusting each other, and VM mig on a with
+// a vTPM whose protector admits b, running; it returns the guest's serial
+// channel.
+func migrationHosts(ctx context.Context, t *testing.T) (a, b *host, s *qemutest.Serial) {
+	t.Helper()
+	run := qemutest.ShortTempDir(t)
+	t.Setenv("XDG_RUNTIME_DIR", run)
+	accel := "tcg"
+	if qemutest.KVMAvailable() {
+		accel = "kvm"
+	}
+	t.Setenv("VTPM_ACCEL", accel)
+	img, err := qemutest.BuildImage(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, b = newHost(t, "a"), newHost(t, "b")
+	a.start(t)
+	b.start(t)
+	a.mustVTPM(t, "host", "trust", "b", b.addr, b.certs(t))
+	b.mustVTPM(t, "host", "trust", "a", a.addr, a.certs(t))
+	b.mustVTPM(t, "host", "allow-path", img.Kernel, img.Initrd)
+	a.mustVTPM(t, "vm", "create", "mig", "--os", "linux", "--tpm", "--disk-size", "64M", "--memory", "256M", "--cpus", "1",
+		"--kernel", img.Kernel, "--initrd", img.Initrd, "--append", "quiet rdinit=/init no_timer_check")
+	a.mustVTPM(t, "protector", "grant", "mig", b.certs(t))
+	sock := filepath.Join(run, "ser.sock")
+	a.mustVTPM(t, "vm", "start", "mig", "--serial-socket", sock)
+	t.Cleanup(func() {
+		a.vtpm(t, "vm", "stop", "mig", "--timeout", "0")
+		b.vtpm(t, "vm", "stop", "mig", "--timeout", "0")
+	})
+	bctx, cancel := context.WithTimeout(ctx, 4*time.Minute)
+	defer cancel()
+	if s, err = qemutest.DialSerial(bctx, sock); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return a, b, s
+}
+
+// TestVMMigrateDestinationServiceKilled: B's host service is killed while
+// the memory is sent. The migration fails naming its step, the guest on A
+// keeps running and its TPM answers, B registers nothing, and B's service,
+// started again, removes what it had prepared (bundle and processes).
+func TestVMMigrateDestinationServiceKilled(t *testing.T) {
+	qemutest.SkipIfUnavailable(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	a, b, s := migrationHosts(ctx, t)
+	digest := strings.Repeat("cd", 32)
+	if _, err := s.Run(ctx, "tpm2_pcrextend 16:sha256="+digest); err != nil {
+		t.Fatal(err)
+	}
+	want, err := s.Run(ctx, "tpmtest pcr 16")
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	cmd := exec.Command(testutil.Binary(t), "vm", "migrate", "mig", "--to", "b", "--json")
+	cmd.Env = append(os.Environ(), a.env()...)
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	killed := false
+	sc := bufio.NewScanner(stdout)
+	for sc.Scan() {
+		if !killed && strings.Contains(sc.Text(), `"phase":"memory"`) {
+			b.stop()
+			killed = true
+		}
+	}
+	err = cmd.Wait()
+	if !killed {
+		t.Fatalf("no memory phase was reported; migrate: %v\n%s", err, stderr.String())
+	}
+	if err == nil {
+		t.Fatal("the migration succeeded with the destination's service killed")
+	}
+	wantAll(t, "the failure", stderr.String(), "migrate VM mig to b", "failed", "keeps running here")
+	t.Logf("failed as expected:\n%s", stderr.String())
+	if got, err := s.Run(ctx, "tpmtest pcr 16"); err != nil || got != want {
+		t.Fatalf("guest on A after the failure: PCR 16 %q, %v; want %q", got, err, want)
+	}
+	if _, err := s.Run(ctx, "tpmtest seal 0x81000001 && tpmtest unseal 0x81000001"); err != nil {
+		t.Errorf("TPM on A after the failure: %v", err)
+	}
+	if vms := a.mustVTPM(t, "vm", "list", "-a"); !strings.Contains(vms, "running") {
+		t.Errorf("A's VMs after the failure:\n%s", vms)
+	}
+	if vms := b.mustVTPM(t, "vm", "list", "-a"); strings.Contains(vms, "mig") {
+		t.Errorf("B registered the VM:\n%s", vms)
+	}
+	b.start(t)
+	if _, err := os.Stat(filepath.Join(b.root, "vms", "mig")); !os.IsNotExist(err) {
+		t.Errorf("B's service, started again, left the prepared bundle: %v", err)
+	}
+	if out, _ := exec.Command("pgrep", "-f", filepath.Join(b.root, "vms", "mig")).Output(); len(out) > 0 {
+		t.Errorf("processes of the prepared VM left on B: %s", out)
+	}
 }
