@@ -267,6 +267,12 @@ func (h *Registry) PreflightIncoming(ctx context.Context, spec *IncomingSpec) (*
 			}
 		}
 	}
+	for rel := range spec.Files {
+		// Only the files vm.json names travel, and only into the bundle.
+		if !filepath.IsLocal(rel) || (rel != VarsFile && rel != c.Kernel && rel != c.Initrd) {
+			add(errdefs.ErrInvalidArgument, "file %q came with the VM; only its variable store and boot files may", rel)
+		}
+	}
 	if len(spec.Disks) != len(c.Disks) {
 		add(errdefs.ErrInvalidArgument, "%d disk sizes for %d disks", len(spec.Disks), len(c.Disks))
 	} else {
