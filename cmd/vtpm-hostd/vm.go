@@ -16,7 +16,9 @@ import (
 	"vtpm/internal/hostd"
 	"vtpm/internal/migrate"
 	"vtpm/internal/migrate/migrateapi"
+	"vtpm/internal/paths"
 	"vtpm/internal/progress"
+	"vtpm/internal/vm"
 )
 
 func vmMigrateCmd() *cobra.Command {
@@ -24,9 +26,10 @@ func vmMigrateCmd() *cobra.Command {
 	var grant, asJSON bool
 	cmd := &cobra.Command{
 		Use:   "migrate VM --to HOST",
-		Short: "Move a running VM to a trusted host, live",
+		Short: "Move a VM to a trusted host: live when it runs, offline otherwise",
 		Long: `Move a running VM, with its vTPM, its disks and its firmware variables, to
-HOST (a host this one trusts: vtpm host trust), while the guest runs.
+HOST (a host this one trusts: vtpm host trust), while the guest runs. A VM
+that is not running moves offline, as vm move does.
 
 Both hosts check everything first, and nothing starts when either finds a
 problem; each is reported with its fix. The destination's guardian must be
@@ -43,6 +46,15 @@ and HOST is cleaned up; the error names the step that failed.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if to == "" {
 				return errors.New("--to HOST is required: the trusted host to migrate to (vtpm host list)")
+			}
+			// A stopped VM (or a template) has no memory to carry: it
+			// moves offline, its bundle streamed as vm move does.
+			h := vm.NewRegistry(paths.DataRoot(), nil)
+			if v, err := h.Open(args[0]); err == nil && !h.State(v).Running() {
+				if !asJSON {
+					fmt.Fprintf(cmd.ErrOrStderr(), "VM %s is not running: moving it offline\n", v.Name())
+				}
+				return sendVM(cmd, &hostv1.SendVMRequest{Op: string(vm.OpMove), Vm: args[0], To: to, Grant: grant}, "moved", asJSON)
 			}
 			c := hostd.DialLocal(apiSocket)
 			client := hostv1connect.NewLocalMigrationServiceClient(c.HTTP, c.Base)
