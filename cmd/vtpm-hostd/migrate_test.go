@@ -120,6 +120,14 @@ func TestVMMigrate(t *testing.T) {
 	if _, err := os.Stat(res.Backup); !os.IsNotExist(err) {
 		t.Errorf("the TPM backup on A after --purge-backup: %v", err)
 	}
+
+	// Stopped, it goes back offline.
+	b.mustVTPM(t, "vm", "stop", "mig", "--timeout", "0")
+	out = b.mustVTPM(t, "vm", "migrate", "mig", "--to", "a")
+	wantAll(t, "the offline migration", out, "not running: moving it offline")
+	if vms := a.mustVTPM(t, "vm", "list", "-a"); !strings.Contains(vms, "mig") {
+		t.Errorf("A does not list the VM moved back:\n%s", vms)
+	}
 }
 
 // startVM sets up hosts a and b trusting each other, and VM mig on a with
