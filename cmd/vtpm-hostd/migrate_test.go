@@ -130,7 +130,7 @@ func TestVMMigrate(t *testing.T) {
 	}
 }
 
-// startVM sets up hosts a and b trusting each other, and VM mig on a with
+// migrationHosts sets up hosts a and b trusting each other, and VM mig on a with
 // a vTPM whose protector admits b, running; it returns the guest's serial
 // channel.
 func migrationHosts(ctx context.Context, t *testing.T) (a, b *host, s *qemutest.Serial) {
@@ -149,12 +149,13 @@ func migrationHosts(ctx context.Context, t *testing.T) (a, b *host, s *qemutest.
 	a, b = newHost(t, "a"), newHost(t, "b")
 	a.start(t)
 	b.start(t)
-	a.mustVTPM(t, "host", "trust", "b", b.addr, b.certs(t))
+	bCerts := b.certs(t)
+	a.mustVTPM(t, "host", "trust", "b", b.addr, bCerts)
 	b.mustVTPM(t, "host", "trust", "a", a.addr, a.certs(t))
 	b.mustVTPM(t, "host", "allow-path", img.Kernel, img.Initrd)
 	a.mustVTPM(t, "vm", "create", "mig", "--os", "linux", "--tpm", "--disk-size", "64M", "--memory", "256M", "--cpus", "1",
 		"--kernel", img.Kernel, "--initrd", img.Initrd, "--append", "quiet rdinit=/init no_timer_check")
-	a.mustVTPM(t, "protector", "grant", "mig", b.certs(t))
+	a.mustVTPM(t, "protector", "grant", "mig", bCerts)
 	sock := filepath.Join(run, "ser.sock")
 	a.mustVTPM(t, "vm", "start", "mig", "--serial-socket", sock)
 	t.Cleanup(func() {
