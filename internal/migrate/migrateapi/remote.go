@@ -17,6 +17,9 @@ import (
 type Remote struct {
 	Host   string
 	Client hostv1connect.MigrationServiceClient
+	// Explain turns a failed call into data (hostd.Server.PeerError); nil:
+	// apierr.FromConnect.
+	Explain func(error) error
 }
 
 var _ migrate.Destination = (*Remote)(nil)
@@ -24,7 +27,12 @@ var _ migrate.Destination = (*Remote)(nil)
 // Name is the peer's name.
 func (d *Remote) Name() string { return d.Host }
 
-func (d *Remote) err(err error) error { return apierr.FromConnect(err, "on "+d.Host) }
+func (d *Remote) err(err error) error {
+	if d.Explain != nil {
+		return d.Explain(err)
+	}
+	return apierr.FromConnect(err, "on "+d.Host)
+}
 
 // Preflight asks the peer.
 func (d *Remote) Preflight(ctx context.Context, spec *vm.IncomingSpec) (*migrate.Report, error) {

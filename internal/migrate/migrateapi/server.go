@@ -127,7 +127,8 @@ func (m *service) Migrate(ctx context.Context, req *connect.Request[hostv1.Migra
 		return m.fail(err)
 	}
 	defer c.CloseIdleConnections()
-	remote := &Remote{Host: to, Client: hostv1connect.NewMigrationServiceClient(c, base)}
+	remote := &Remote{Host: to, Client: hostv1connect.NewMigrationServiceClient(c, base),
+		Explain: func(err error) error { return m.s.PeerError(to, err) }}
 	src := &migrate.Source{Registry: m.reg, Host: m.s.Name(), Log: m.s.Logger()}
 	var sendErr error
 	res, err := src.Migrate(ctx, req.Msg.GetVm(), remote, migrate.Options{Grant: req.Msg.GetGrant(), Progress: func(p migrate.Progress) {
