@@ -2,6 +2,7 @@ package migrate
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -68,7 +69,7 @@ func (l *Local) Prepare(ctx context.Context, req *PrepareRequest) (_ *Incoming, 
 	var c struct {
 		Name string `json:"name"`
 	}
-	if err := jsonUnmarshal(req.Spec.Config, &c); err != nil {
+	if err := json.Unmarshal(req.Spec.Config, &c); err != nil {
 		return nil, errdefs.Wrap(errdefs.ErrInvalidArgument, err, "the VM's configuration")
 	}
 	o := vm.IncomingOptions{Accel: l.Accel}

@@ -2,6 +2,7 @@ package migrate
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -78,7 +79,7 @@ func removeFD(ctx context.Context, q *qmp.Conn, raw []byte, fd int) {
 			FD int `json:"fd"`
 		} `json:"fds"`
 	}
-	if err := jsonUnmarshal(raw, &sets); err != nil {
+	if err := json.Unmarshal(raw, &sets); err != nil {
 		return
 	}
 	for _, s := range sets {
