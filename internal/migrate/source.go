@@ -17,7 +17,6 @@ import (
 	"vtpm/internal/vm"
 )
 
-func jsonUnmarshal(b []byte, v any) error { return json.Unmarshal(b, v) }
 
 // Source is the host a VM migrates from.
 type Source struct {
