@@ -17,7 +17,6 @@ import (
 	"vtpm/internal/vm"
 )
 
-
 // Source is the host a VM migrates from.
 type Source struct {
 	Registry *vm.Registry
