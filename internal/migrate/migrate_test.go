@@ -403,6 +403,9 @@ type dying struct {
 	*Local
 	mu   sync.Mutex
 	dead bool
+	// noCommit fails the commit only: the destination goes wrong after
+	// the switch-over, when the source has handed its disks over.
+	noCommit bool
 }
 
 func (d *dying) kill() {
@@ -424,6 +427,12 @@ func (d *dying) Commit(ctx context.Context, vm string) error {
 	if err := d.gone(); err != nil {
 		return err
 	}
+	d.mu.Lock()
+	no := d.noCommit
+	d.mu.Unlock()
+	if no {
+		return errdefs.New(errdefs.ErrInternal, "host %s: the received VM did not resume", d.Host)
+	}
 	return d.Local.Commit(ctx, vm)
 }
 
@@ -442,7 +451,8 @@ func (d *dying) Abort(ctx context.Context, vm string) error {
 }
 
 // TestMigrationFailures: the destination's QEMU killed, or its host service
-// gone, during the migration: the migration fails naming the step, the
+// gone, during the migration, or the destination failing once the source
+// has switched over: the migration fails naming the step, the
 // source guest keeps running and its TPM answers, and B has no VM
 // registered and (once its service is back) nothing left of it.
 func TestMigrationFailures(t *testing.T) {
@@ -465,6 +475,11 @@ func TestMigrationFailures(t *testing.T) {
 			}
 		}, StepMemory},
 		{"destination-service-killed", func(_ *testing.T, _ *testHost, d *dying) { d.kill() }, StepMemory},
+		{"destination-fails-after-switchover", func(_ *testing.T, _ *testHost, d *dying) {
+			d.mu.Lock()
+			d.noCommit = true
+			d.mu.Unlock()
+		}, StepCommit},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx, a, b := setUp(t)

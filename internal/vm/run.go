@@ -304,7 +304,7 @@ func qemuArgs(v *VM, r runPaths, accel, serial string, io qemuIO) ([]string, err
 		}
 		args = append(args,
 			"-drive", "if=pflash,format=raw,unit=0,readonly=on,file="+optEscape(code),
-			"-drive", "if=pflash,format=raw,unit=1,file="+vars)
+			"-drive", "file.auto-read-only=off,if=pflash,format=raw,unit=1,file="+vars)
 		if c.SecureBoot {
 			args = append(args, "-global", "driver=cfi.pflash01,property=secure,value=on")
 		}
@@ -331,7 +331,8 @@ func qemuArgs(v *VM, r runPaths, accel, serial string, io qemuIO) ([]string, err
 		if err != nil {
 			return nil, fmt.Errorf("disk %s: %w", p, err)
 		}
-		opt := fmt.Sprintf("if=virtio,index=%d,format=%s,file=%s", i, d.Format, f)
+		// Opened read-write at once: see fdIO.file.
+		opt := fmt.Sprintf("file.auto-read-only=off,if=virtio,index=%d,format=%s,file=%s", i, d.Format, f)
 		if d.Passthrough {
 			opt += ",cache=none"
 		}
