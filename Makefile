@@ -13,6 +13,7 @@ build:
 	$(GO) build -o $(BIN)/vtpm ./cmd/vtpm
 	ln -sf vtpm $(BIN)/swtpm
 	$(GO) build -o $(BIN)/vtpm-hostd ./cmd/vtpm-hostd
+	$(GO) build -o $(BIN)/vtpm-keyservice ./cmd/vtpm-keyservice
 
 # The API's generated code (committed) from api/**/*.proto: protoc from
 # Debian's protobuf-compiler, its Go plugins at pinned versions.
@@ -33,7 +34,7 @@ vet:
 # The whole suite: unit, compatibility (swtpm_ioctl, tpm2-tools, real swtpm),
 # QEMU guests, crash and tamper tests, then each fuzz target briefly.
 test: vet
-	$(GO) test -count=1 -timeout 15m ./...
+	$(GO) test -count=1 -timeout 30m ./...
 	$(MAKE) fuzz FUZZTIME=15s
 
 FUZZTIME ?= 30s
@@ -59,6 +60,7 @@ clean:
 install: build
 	install -D -m 0755 $(BIN)/vtpm $(DESTDIR)$(BINDIR)/vtpm
 	install -D -m 0755 $(BIN)/vtpm-hostd $(DESTDIR)$(BINDIR)/vtpm-hostd
+	install -D -m 0755 $(BIN)/vtpm-keyservice $(DESTDIR)$(BINDIR)/vtpm-keyservice
 	ln -sf vtpm $(DESTDIR)$(BINDIR)/swtpm
 	ln -sf vtpm $(DESTDIR)$(BINDIR)/swtpm_setup
 	install -D -m 0644 dist/systemd/vtpm-host.socket $(DESTDIR)$(UNITDIR)/vtpm-host.socket
@@ -73,5 +75,5 @@ uninstall:
 	rm -f $(DESTDIR)$(UNITDIR)/vtpm-host.socket $(DESTDIR)$(UNITDIR)/vtpm-host.service
 	@for l in swtpm swtpm_setup; do \
 		if [ "$$(readlink $(DESTDIR)$(BINDIR)/$$l)" = vtpm ]; then rm -f $(DESTDIR)$(BINDIR)/$$l; fi; done
-	rm -f $(DESTDIR)$(BINDIR)/vtpm $(DESTDIR)$(BINDIR)/vtpm-hostd
+	rm -f $(DESTDIR)$(BINDIR)/vtpm $(DESTDIR)$(BINDIR)/vtpm-hostd $(DESTDIR)$(BINDIR)/vtpm-keyservice
 	@if [ -z "$(DESTDIR)" ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi

@@ -13,6 +13,9 @@ $SUDO apt-get install -y -q --no-install-recommends \
 	tpm2-tools libtss2-tcti-swtpm0 swtpm swtpm-tools \
 	busybox-static cpio gzip openssl ca-certificates protobuf-compiler \
 	libvirt-daemon-system libvirt-clients
+# etcd 3.4: an external etcd for the key service's tests of that mode (the
+# service embeds its own by default).
+$SUDO apt-get install -y -q --no-install-recommends etcd-server
 if ! command -v go >/dev/null; then
 	echo "setup: Go 1.26 or newer is required (https://go.dev/dl/)" >&2
 	exit 1

@@ -48,5 +48,7 @@ func rootCmd() *cobra.Command {
 	root.AddCommand(stateCmd(), guardianCmd(), protectorCmd(), keyCmd(), tpmCmd())
 	root.AddCommand(doctorCmd())
 	root.AddCommand(vmCmd(), hostCmd())
+	// The key service links etcd; its commands run in vtpm-keyservice.
+	root.AddCommand(forwardCmd("vtpm-keyservice", "keyservice", "The key service: fleet guardian, hosts, attestation, key release, audit"))
 	return root
 }

@@ -43,6 +43,7 @@ func TestEveryActionHasACommand(t *testing.T) {
 		errdefs.ActionVMDeploy, errdefs.ActionIsolationPreferred, errdefs.ActionRunAsOwner,
 		errdefs.ActionHostAllowPath, errdefs.ActionHostServiceStart, errdefs.ActionHostServe,
 		errdefs.ActionHostTrust, errdefs.ActionHostUntrust, errdefs.ActionHostList, errdefs.ActionHostServeListen, errdefs.ActionBuild,
+		errdefs.ActionKeyServiceHostAdd, errdefs.ActionKeyServiceVMPolicy, errdefs.ActionKeyServiceStatus, errdefs.ActionKeyServiceInit,
 		errdefs.ActionVMMoveGrant, errdefs.ActionVMCopyGrant,
 		errdefs.ActionVMMigrateGrant} {
 		if _, ok := Commands[a]; !ok {

@@ -138,6 +138,16 @@ const (
 	ActionHostServeListen Action = "host.serve.listen"
 	// ActionBuild builds vtpm's executables from its source tree.
 	ActionBuild Action = "build"
+	// ActionKeyServiceHostAdd registers a host with the key service (args:
+	// host).
+	ActionKeyServiceHostAdd Action = "keyservice.host.add"
+	// ActionKeyServiceVMPolicy sets which host groups may run a TPM's VM
+	// (args: tpm).
+	ActionKeyServiceVMPolicy Action = "keyservice.vm-policy.set"
+	// ActionKeyServiceStatus shows the key service's members and quorum.
+	ActionKeyServiceStatus Action = "keyservice.status"
+	// ActionKeyServiceInit creates the key service's fleet guardian.
+	ActionKeyServiceInit Action = "keyservice.init"
 	// ActionVMMoveGrant moves a VM to another host after admitting that
 	// host's guardian to its TPM's key protector (args: vm, to).
 	ActionVMMoveGrant Action = "vm.move.grant"

@@ -34,7 +34,14 @@ const (
 // errBadSpec reports a malformed Options.HostTPM.
 var errBadSpec = errors.New("invalid host TPM setting")
 
-// openHostTPM opens the TPM named by spec ("device:PATH" or "tcp:HOST:PORT").
+// OpenHostTPM opens the host TPM named by spec ("device:PATH",
+// "tcp:HOST:PORT" or "unix:PATH", the last two a swtpm-style raw data
+// channel) for other rooms that use the host TPM directly, such as
+// attestation.
+func OpenHostTPM(spec string) (transport.TPMCloser, error) { return openHostTPM(spec) }
+
+// openHostTPM opens the TPM named by spec ("device:PATH", "tcp:HOST:PORT" or
+// "unix:PATH").
 func openHostTPM(spec string) (transport.TPMCloser, error) {
 	kind, arg, ok := strings.Cut(spec, ":")
 	switch {
@@ -48,14 +55,14 @@ func openHostTPM(spec string) (transport.TPMCloser, error) {
 		default:
 			return nil, errf(ErrHostTPMMissing, err, "no host TPM at %s (%v); enable the TPM in the firmware and load the tpm_tis or tpm_crb driver, or set VTPM_HOST_TPM to the TPM to use", arg, err)
 		}
-	case ok && kind == "tcp" && arg != "":
-		c, err := net.DialTimeout("tcp", arg, tpmDialTimeout)
+	case ok && (kind == "tcp" || kind == "unix") && arg != "":
+		c, err := net.DialTimeout(kind, arg, tpmDialTimeout)
 		if err != nil {
 			return nil, errf(ErrHostTPMMissing, err, "no host TPM listening at %s (%v); start the TPM service there, or set VTPM_HOST_TPM to the TPM to use", arg, err)
 		}
 		return &tcpTPM{conn: c}, nil
 	}
-	return nil, errf(errBadSpec, nil, "host TPM setting %q is invalid; use \"device:/dev/tpmrm0\", \"tcp:HOST:PORT\", \"none\" (file protection) or \"\" (auto)", spec)
+	return nil, errf(errBadSpec, nil, "host TPM setting %q is invalid; use \"device:/dev/tpmrm0\", \"tcp:HOST:PORT\", \"unix:PATH\", \"none\" (file protection) or \"\" (auto)", spec)
 }
 
 // tcpTPM sends raw TPM commands over a stream, one response per command,

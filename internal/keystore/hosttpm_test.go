@@ -314,3 +314,20 @@ func BenchmarkOpen(b *testing.B) {
 		})
 	}
 }
+
+func TestSealSecretToHostTPM(t *testing.T) {
+	h := startHostTPM(t)
+	secret := []byte("0123456789abcdef0123456789abcdef")
+	sealed, err := SealToHostTPM(h.spec(), secret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := UnsealFromHostTPM("", sealed)
+	if err != nil || string(got) != string(secret) {
+		t.Fatalf("UnsealFromHostTPM = %q, %v", got, err)
+	}
+	h.replace()
+	if _, err := UnsealFromHostTPM(h.spec(), sealed); !errors.Is(err, ErrHostTPMChanged) {
+		t.Errorf("unseal on a replaced TPM: %v, want ErrHostTPMChanged", err)
+	}
+}
