@@ -32,7 +32,7 @@ func run() error {
 		out       = flag.String("out", "BENCHMARKS.md", "report to rewrite (- for standard output)")
 		dir       = flag.String("dir", os.TempDir(), "where to create state directories (its file system decides what fsync costs)")
 		setupPath = flag.String("swtpm-setup", "swtpm_setup", "swtpm's swtpm_setup, for measurement 7 (skipped if not found)")
-		only      = flag.String("only", "1,2,3,4,5,6,7,8,9,11", "measurements to run (comma-separated numbers)")
+		only      = flag.String("only", "1,2,3,4,5,6,7,8,9,11,12", "measurements to run (comma-separated numbers)")
 		cfg       config
 	)
 	flag.IntVar(&cfg.rtt, "rtt", 5000, "GetRandom and PCR_Extend round trips per implementation")
@@ -52,6 +52,7 @@ func run() error {
 	flag.IntVar(&cfg.rewrapN, "rewrap-n", 1000, "protectors re-wrapped per round")
 	flag.IntVar(&cfg.keyStarts, "key-starts", 40, "vtpm starts with a key protector and with --data-key, each")
 	flag.IntVar(&cfg.migrations, "migrations", 3, "live migrations of a QEMU guest per implementation and without a TPM (0 skips measurement 9; skipped too when QEMU cannot run guests)")
+	flag.IntVar(&cfg.hostMigrations, "host-migrations", 2, "live migrations between two data roots (vm migrate), with a vTPM and without a TPM each (0 skips measurement 12)")
 	flag.IntVar(&cfg.moves, "moves", 5, "offline moves of a stopped VM, and as many cp -r of its bundle (0 skips measurement 11)")
 	flag.IntVar(&cfg.moveMiB, "move-mib", 256, "MiB of the moved VM's disk")
 	flag.DurationVar(&cfg.settle, "settle", 500*time.Millisecond, "idle time before reading an instance's memory use")
@@ -111,7 +112,7 @@ func run() error {
 		{"1", b.latency}, {"2", b.nvWrites}, {"3", b.createPrimaries},
 		{"4", b.startup}, {"5", b.memory}, {"6", b.many},
 		{"7", b.setup}, {"8", b.keyManagement}, {"9", b.migrationDowntime},
-		{"11", b.offlineMove},
+		{"11", b.offlineMove}, {"12", b.hostMigrations},
 	} {
 		if !which[m.id] {
 			continue

@@ -33,6 +33,7 @@ type config struct {
 	keyStarts         int           // process starts with each kind of key
 	migrations        int           // live migrations per implementation (and without a TPM)
 	moves             int           // offline moves, and cp -r runs
+	hostMigrations    int           // vm migrate runs, with a vTPM and without a TPM each
 	moveMiB           int           // the moved VM's disk, MiB
 }
 

@@ -23,7 +23,7 @@ import (
 
 func vmCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "vm", Short: "Move, copy and deploy VMs to other hosts; list the VMs of many hosts"}
-	cmd.AddCommand(vmMoveCmd(), vmCopyCmd(), vmDeployCmd(), vmListCmd())
+	cmd.AddCommand(vmMoveCmd(), vmCopyCmd(), vmDeployCmd(), vmListCmd(), vmMigrateCmd())
 	return cmd
 }
 

@@ -13,6 +13,7 @@ import (
 	"vtpm/internal/hostd"
 	"vtpm/internal/hostsvc"
 	"vtpm/internal/keyrelease"
+	"vtpm/internal/migrate/migrateapi"
 	"vtpm/internal/paths"
 	"vtpm/internal/transfersvc"
 )
@@ -73,6 +74,7 @@ from the key service (--key-service URL,… replaces the bundle's nodes).`,
 			if err != nil {
 				return err
 			}
+			s.Register(migrateapi.Services(s)...)
 			s.Register(transfersvc.Services(s)...)
 			return s.Run(cmd.Context())
 		},

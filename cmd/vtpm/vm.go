@@ -35,6 +35,8 @@ listed in the data root's registry; VMs are named by name or UUID.`,
 	}
 	cmd.AddCommand(vmCreateCmd(), onOtherHosts(vmListCmd(), "hosts"), vmShowCmd(), vmRegisterCmd(), vmUnregisterCmd(), vmDeleteCmd(),
 		vmStartCmd(), vmStopCmd(), vmCloneCmd(), vmTemplateCmd(), onOtherHosts(vmDeployCmd(), "on"), vmMoveCmd(), vmCopyToCmd())
+	// Across hosts: performed by the host service's client, vtpm-hostd.
+	cmd.AddCommand(forwardCmd(hostHelper, "migrate VM --to HOST [--grant] [--json]", "Move a VM to a trusted host: live when it runs, offline otherwise"))
 	return cmd
 }
 

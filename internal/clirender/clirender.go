@@ -63,6 +63,7 @@ var Commands = map[errdefs.Action]string{
 	errdefs.ActionKeyServiceInit:      "vtpm keyservice init",
 	errdefs.ActionVMMoveGrant:         "vtpm vm move {vm} --to {to} --grant",
 	errdefs.ActionVMCopyGrant:         "vtpm vm copy {vm} --to {to} --name {name} --tpm copy --grant",
+	errdefs.ActionVMMigrateGrant:      "vtpm vm migrate {vm} --to {host} --grant",
 }
 
 // Compiled on first use: every vTPM start runs this package's initialisation.

@@ -44,7 +44,8 @@ func TestEveryActionHasACommand(t *testing.T) {
 		errdefs.ActionHostAllowPath, errdefs.ActionHostServiceStart, errdefs.ActionHostServe,
 		errdefs.ActionHostTrust, errdefs.ActionHostUntrust, errdefs.ActionHostList, errdefs.ActionHostServeListen, errdefs.ActionBuild,
 		errdefs.ActionKeyServiceHostAdd, errdefs.ActionKeyServiceVMPolicy, errdefs.ActionKeyServiceStatus, errdefs.ActionKeyServiceInit,
-		errdefs.ActionVMMoveGrant, errdefs.ActionVMCopyGrant} {
+		errdefs.ActionVMMoveGrant, errdefs.ActionVMCopyGrant,
+		errdefs.ActionVMMigrateGrant} {
 		if _, ok := Commands[a]; !ok {
 			t.Errorf("action %q has no command line", a)
 		}

@@ -155,6 +155,9 @@ const (
 	// admitting that host's guardian to the TPM's key protector (args: vm,
 	// to, name).
 	ActionVMCopyGrant Action = "vm.copy.grant"
+	// ActionVMMigrateGrant migrates a VM to another host after admitting
+	// that host's guardian to the TPM's key protector (args: vm, host).
+	ActionVMMigrateGrant Action = "vm.migrate.grant"
 )
 
 // Remedy is one way out of a failure. Action, when set, is the operation to

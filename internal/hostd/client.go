@@ -19,6 +19,10 @@ type LocalClient struct {
 	Peers hostv1connect.PeerServiceClient
 	// Socket is the socket it dials.
 	Socket string
+	// HTTP and Base reach the local API for clients of other services
+	// (NewXServiceClient(HTTP, Base)).
+	HTTP *http.Client
+	Base string
 }
 
 // DialLocal returns a client of the local API at socket (default
@@ -34,7 +38,7 @@ func DialLocal(socket string) *LocalClient {
 	tr.Protocols.SetHTTP1(false)
 	c := &http.Client{Transport: tr}
 	const base = "http://localhost"
-	return &LocalClient{Host: hostv1connect.NewHostServiceClient(c, base), Peers: hostv1connect.NewPeerServiceClient(c, base), Socket: socket}
+	return &LocalClient{Host: hostv1connect.NewHostServiceClient(c, base), Peers: hostv1connect.NewPeerServiceClient(c, base), Socket: socket, HTTP: c, Base: base}
 }
 
 // dialLocal dials the API socket. When nothing listens there but the key

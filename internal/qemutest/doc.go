@@ -10,7 +10,9 @@
 // download and unpacked with dpkg -x, never installed; TPM TIS and CRB
 // drivers are built in, which the build checks), busybox-static, tpm2-tools
 // with every library it loads (including the dlopen'ed TCTI modules), the
-// dynamic loader, the /init in guest/init and the helper guest/tpmtest.sh.
+// dynamic loader, the kernel's virtio-blk modules (the guest loads them,
+// so a VM's disks are /dev/vda…), the /init in guest/init and the helper
+// guest/tpmtest.sh.
 // Builds happen in a temporary directory that is renamed into place under a
 // flock, so parallel test binaries share one image safely. Start calls
 // BuildImage itself.

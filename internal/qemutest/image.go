@@ -147,6 +147,10 @@ func buildImage(ctx context.Context) (*Image, error) {
 	if err := fetchKernel(ctx, pkg, tmp); err != nil {
 		return nil, err
 	}
+	mods, _ := filepath.Glob(filepath.Join(tmp, "modules", "*.ko"))
+	for _, m := range mods {
+		files = append(files, guestFile{host: m, guest: "usr/lib/modules/" + filepath.Base(m)})
+	}
 	if err := writeInitramfs(filepath.Join(tmp, "initrd.img"), files, links); err != nil {
 		return nil, err
 	}
@@ -255,6 +259,20 @@ func fetchKernel(ctx context.Context, pkg, dir string) error {
 	if err := os.WriteFile(filepath.Join(dir, "config"), config, 0o644); err != nil {
 		return fmt.Errorf("save kernel config: %w", err)
 	}
+	// Virtio block is a module: the guest loads these (init, in this
+	// order) to see a VM's disks.
+	if err := os.Mkdir(filepath.Join(dir, "modules"), 0o755); err != nil {
+		return err
+	}
+	for _, m := range guestModules {
+		found, _ := filepath.Glob(filepath.Join(root, "lib", "modules", release, "kernel", "drivers", "*", m+".ko"))
+		if len(found) != 1 {
+			return fmt.Errorf("kernel %s: module %s.ko not found (%d matches)", pkg, m, len(found))
+		}
+		if err := os.Rename(found[0], filepath.Join(dir, "modules", m+".ko")); err != nil {
+			return fmt.Errorf("save module %s: %w", m, err)
+		}
+	}
 	if err := os.Rename(filepath.Join(root, "boot", "vmlinuz-"+release), filepath.Join(dir, "vmlinuz")); err != nil {
 		return fmt.Errorf("save kernel: %w", err)
 	}
@@ -262,6 +280,10 @@ func fetchKernel(ctx context.Context, pkg, dir string) error {
 }
 
 const libDir = "usr/lib/x86_64-linux-gnu"
+
+// guestModules are the kernel modules the guest loads at boot (the guest's
+// init names them in the same order): a VM's virtio disks.
+var guestModules = []string{"virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci", "virtio_blk"}
 
 // hostFiles lists what the initramfs takes from the host: busybox, the
 // tpm2-tools multi-call binary, the libraries both load (including the TCTI

@@ -25,7 +25,9 @@
 //     default limit).
 //
 // The typed helpers cover what vtpm uses: system_powerdown, quit,
-// query-status, migrate, migrate-set-capabilities and query-migrate;
-// [Conn.Execute] runs any other command (block mirroring: drive-mirror,
-// block-job-complete, with BLOCK_JOB_READY events).
+// query-status, query-version, query-block, query-block-jobs, migrate,
+// migrate-set-capabilities, query-migrate (with its statistics) and
+// add-fd, which passes a descriptor over the socket (SCM_RIGHTS);
+// [Conn.Execute] runs any other command (blockdev-mirror, block-job-cancel,
+// nbd-server-start, object-add).
 package qmp

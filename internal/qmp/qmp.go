@@ -8,7 +8,9 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"sync"
+	"syscall"
 
 	"vtpm/internal/errdefs"
 )
@@ -246,6 +248,62 @@ func (q *Conn) Execute(ctx context.Context, cmd string, args any) (json.RawMessa
 		return nil, fmt.Errorf("QMP %s: %w", cmd, err)
 	case <-ctx.Done():
 		return nil, fmt.Errorf("QMP %s: %w", cmd, ctx.Err())
+	}
+}
+
+// AddFD hands f to QEMU over the monitor socket (SCM_RIGHTS) into a new fd
+// set and returns the descriptor's number inside QEMU, which
+// /proc/self/fd/N names there: how a QEMU confined as another user reads a
+// directory (TLS credentials) it could not reach by path. The session must
+// be on a unix socket; the descriptor lives while a monitor is connected.
+func (q *Conn) AddFD(ctx context.Context, f *os.File) (int, error) {
+	uc, ok := q.conn.(*net.UnixConn)
+	if !ok {
+		return 0, fmt.Errorf("QMP add-fd: the monitor is not a unix socket")
+	}
+	q.mu.Lock()
+	if q.err != nil {
+		err := q.err
+		q.mu.Unlock()
+		return 0, fmt.Errorf("QMP add-fd: %w", err)
+	}
+	q.nextID++
+	id := q.nextID
+	ch := make(chan reply, 1)
+	q.pending[id] = ch
+	q.mu.Unlock()
+	defer func() {
+		q.mu.Lock()
+		delete(q.pending, id)
+		q.mu.Unlock()
+	}()
+	msg, err := json.Marshal(map[string]any{"execute": "add-fd", "id": id})
+	if err != nil {
+		return 0, err
+	}
+	q.writeMu.Lock()
+	_, _, err = uc.WriteMsgUnix(append(msg, '\n'), syscall.UnixRights(int(f.Fd())), nil)
+	q.writeMu.Unlock()
+	if err != nil {
+		return 0, fmt.Errorf("QMP add-fd: send: %w", err)
+	}
+	select {
+	case rep := <-ch:
+		if rep.Error != nil {
+			rep.Error.Command = "add-fd"
+			return 0, rep.Error
+		}
+		var r struct {
+			FD int `json:"fd"`
+		}
+		if err := json.Unmarshal(rep.Return, &r); err != nil {
+			return 0, fmt.Errorf("decode add-fd: %w", err)
+		}
+		return r.FD, nil
+	case <-q.closed:
+		return 0, fmt.Errorf("QMP add-fd: %w", ErrClosed)
+	case <-ctx.Done():
+		return 0, fmt.Errorf("QMP add-fd: %w", ctx.Err())
 	}
 }
 

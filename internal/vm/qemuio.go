@@ -54,13 +54,16 @@ func (x *fdIO) add(f *os.File) int {
 }
 
 func (x *fdIO) file(path string, write bool) (string, error) {
-	// QEMU's block layer may open a file read-only first (probing,
-	// auto-read-only) and then read-write: a set holds one of each.
-	modes := []int{os.O_RDONLY}
+	// A writable image is opened read-write at once (qemuArgs gives its
+	// drive file.auto-read-only=off), so its set holds that descriptor
+	// alone: a read-only one beside it would be another open file
+	// description, whose image locks conflict with the read-write one's
+	// when QEMU takes its images back after a completed migration (cont).
+	mode := os.O_RDONLY
 	if write {
-		modes = append(modes, os.O_RDWR)
+		mode = os.O_RDWR
 	}
-	return x.set(path, modes)
+	return x.set(path, []int{mode})
 }
 
 func (x *fdIO) log(path string) (string, error) {

@@ -120,6 +120,9 @@ func (h *Registry) startQEMU(ctx context.Context, v *VM, r runPaths, accel strin
 	if err != nil {
 		return 0, err
 	}
+	if o.incoming {
+		args = incomingArgs(args, v.Config, o.machine)
+	}
 	args = append(fio.args, args...)
 	who := "this user"
 	if cred != nil {
@@ -227,4 +230,20 @@ func qemuErrors(log string) string {
 		}
 	}
 	return strings.Join(lines, "\n")
+}
+
+// incomingArgs makes QEMU's command line wait, paused, for a migration
+// (started later with migrate-incoming, after its TLS credentials are in
+// place) on the source's resolved machine type.
+func incomingArgs(args []string, c *Config, machine string) []string {
+	for i := 0; i+1 < len(args); i++ {
+		if args[i] == "-machine" && machine != "" {
+			m := optEscape(machine)
+			if c.SecureBoot {
+				m += ",smm=on"
+			}
+			args[i+1] = m
+		}
+	}
+	return append(args, "-incoming", "defer", "-S")
 }

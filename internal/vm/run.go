@@ -128,6 +128,11 @@ type StartOptions struct {
 	// Accel is "kvm", "tcg" or "" ($VTPM_ACCEL, else KVM when QEMU can
 	// use it, else TCG: hostcheck.Accel).
 	Accel string
+
+	// incoming starts QEMU paused, waiting for a migration (-incoming
+	// defer -S), on machine type machine (the source's, resolved).
+	incoming bool
+	machine  string
 }
 
 // PreflightError lists every reason a VM cannot start; nothing was started.
@@ -318,7 +323,7 @@ func qemuArgs(v *VM, r runPaths, accel, serial string, io qemuIO) ([]string, err
 		}
 		args = append(args,
 			"-drive", "if=pflash,format=raw,unit=0,readonly=on,file="+optEscape(code),
-			"-drive", "if=pflash,format=raw,unit=1,file="+vars)
+			"-drive", "file.auto-read-only=off,if=pflash,format=raw,unit=1,file="+vars)
 		if c.SecureBoot {
 			args = append(args, "-global", "driver=cfi.pflash01,property=secure,value=on")
 		}
@@ -345,7 +350,8 @@ func qemuArgs(v *VM, r runPaths, accel, serial string, io qemuIO) ([]string, err
 		if err != nil {
 			return nil, fmt.Errorf("disk %s: %w", p, err)
 		}
-		opt := fmt.Sprintf("if=virtio,index=%d,format=%s,file=%s", i, d.Format, f)
+		// Opened read-write at once: see fdIO.file.
+		opt := fmt.Sprintf("file.auto-read-only=off,if=virtio,index=%d,format=%s,file=%s", i, d.Format, f)
 		if d.Passthrough {
 			opt += ",cache=none"
 		}
@@ -485,6 +491,15 @@ func (h *Registry) Start(ctx context.Context, v *VM, o StartOptions) (*Started, 
 // startTPM starts the vTPM instance from this executable and waits until it
 // serves its control socket.
 func (h *Registry) startTPM(ctx context.Context, v *VM, r runPaths) error {
+	return h.startTPMFor(ctx, v, r, false)
+}
+
+// startTPMFor is startTPM; adopt starts the instance of a live
+// migration's destination, on an empty state directory: it keeps root's
+// user (confined all the same) until the VM's next start, since a process
+// that dropped privileges can no longer read the keystore to open the key
+// protector arriving in the stream.
+func (h *Registry) startTPMFor(ctx context.Context, v *VM, r runPaths, adopt bool) error {
 	exe := h.Exe
 	if exe == "" {
 		var err error
@@ -495,6 +510,9 @@ func (h *Registry) startTPM(ctx context.Context, v *VM, r runPaths) error {
 	runAs, err := tpmUser(v.Config.TPMUser)
 	if err != nil {
 		return err
+	}
+	if adopt {
+		runAs = ""
 	}
 	if err := os.MkdirAll(r.TPMRun, 0o700); err != nil {
 		return fmt.Errorf("create the vTPM's run directory: %w", err)
@@ -511,6 +529,9 @@ func (h *Registry) startTPM(ctx context.Context, v *VM, r runPaths) error {
 		}
 	}
 	cmd := exec.CommandContext(ctx, exe, h.tpmArgs(v, r, runAs)...)
+	// The instance opens this registry's keystore, whatever the caller's
+	// environment names.
+	cmd.Env = append(os.Environ(), "VTPM_HOME="+h.Root)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		msg := strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(string(out)), "swtpm: "))

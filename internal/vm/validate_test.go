@@ -420,10 +420,10 @@ var optionKeys = map[string][]string{
 }
 
 var driveShapes = map[string]bool{
-	"if,format,unit,readonly,file": true, // firmware code
-	"if,format,unit,file":          true, // variable store
-	"if,index,format,file":         true, // disk
-	"if,index,format,file,cache":   true, // passthrough disk
+	"if,format,unit,readonly,file":                   true, // firmware code
+	"file.auto-read-only,if,format,unit,file":        true, // variable store
+	"file.auto-read-only,if,index,format,file":       true, // disk
+	"file.auto-read-only,if,index,format,file,cache": true, // passthrough disk
 }
 
 var chardevKeys = map[string]bool{"file": true, "socket": true, "stdio": true, "id": true, "path": true,
