@@ -31,8 +31,9 @@ func run() error {
 		swtpmPath = flag.String("swtpm", "swtpm", "the swtpm binary (run as: swtpm socket …)")
 		out       = flag.String("out", "BENCHMARKS.md", "report to rewrite (- for standard output)")
 		dir       = flag.String("dir", os.TempDir(), "where to create state directories (its file system decides what fsync costs)")
+		ksPath    = flag.String("keyservice", "", "the vtpm-keyservice binary, for measurement 13 (default: beside -vtpm)")
 		setupPath = flag.String("swtpm-setup", "swtpm_setup", "swtpm's swtpm_setup, for measurement 7 (skipped if not found)")
-		only      = flag.String("only", "1,2,3,4,5,6,7,8,9,11,12", "measurements to run (comma-separated numbers)")
+		only      = flag.String("only", "1,2,3,4,5,6,7,8,9,11,12,13", "measurements to run (comma-separated numbers)")
 		cfg       config
 	)
 	flag.IntVar(&cfg.rtt, "rtt", 5000, "GetRandom and PCR_Extend round trips per implementation")
@@ -55,6 +56,9 @@ func run() error {
 	flag.IntVar(&cfg.hostMigrations, "host-migrations", 2, "live migrations between two data roots (vm migrate), with a vTPM and without a TPM each (0 skips measurement 12)")
 	flag.IntVar(&cfg.moves, "moves", 5, "offline moves of a stopped VM, and as many cp -r of its bundle (0 skips measurement 11)")
 	flag.IntVar(&cfg.moveMiB, "move-mib", 256, "MiB of the moved VM's disk")
+	flag.IntVar(&cfg.ksReleases, "ks-releases", 200, "key releases per series: 1 and -ks-hosts hosts, on 1 and 3 nodes (0 skips measurement 13)")
+	flag.IntVar(&cfg.ksHosts, "ks-hosts", 10, "hosts releasing keys at once")
+	flag.IntVar(&cfg.ksKills, "ks-kills", 1, "kill -9 recoveries of a 3-node key service, each on a fresh cluster")
 	flag.DurationVar(&cfg.settle, "settle", 500*time.Millisecond, "idle time before reading an instance's memory use")
 	flag.Parse()
 	if flag.NArg() != 0 {
@@ -85,16 +89,21 @@ func run() error {
 	if err != nil {
 		setup = "" // measurement 7 says it was skipped
 	}
+	ks := *ksPath
+	if ks == "" {
+		ks = filepath.Join(filepath.Dir(vt), "vtpm-keyservice")
+	}
 	env := []string{"VTPM_HOME=" + filepath.Join(base, "vtpm-home")}
 	b := &bench{
 		impls: [2]*impl{
 			{name: "swtpm", argv: []string{sw, "socket"}, env: env},
 			{name: "vtpm", argv: []string{vt, "swtpm", "socket"}, env: env},
 		},
-		swtpmSetup: setup,
-		base:       base,
-		cfg:        cfg,
-		log:        os.Stderr,
+		swtpmSetup:    setup,
+		keyserviceBin: ks,
+		base:          base,
+		cfg:           cfg,
+		log:           os.Stderr,
 	}
 
 	start := time.Now()
@@ -112,7 +121,7 @@ func run() error {
 		{"1", b.latency}, {"2", b.nvWrites}, {"3", b.createPrimaries},
 		{"4", b.startup}, {"5", b.memory}, {"6", b.many},
 		{"7", b.setup}, {"8", b.keyManagement}, {"9", b.migrationDowntime},
-		{"11", b.offlineMove}, {"12", b.hostMigrations},
+		{"11", b.offlineMove}, {"12", b.hostMigrations}, {"13", b.keyService},
 	} {
 		if !which[m.id] {
 			continue

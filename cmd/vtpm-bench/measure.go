@@ -35,6 +35,9 @@ type config struct {
 	moves             int           // offline moves, and cp -r runs
 	hostMigrations    int           // vm migrate runs, with a vTPM and without a TPM each
 	moveMiB           int           // the moved VM's disk, MiB
+	ksReleases        int           // key releases per series (0 skips section 13)
+	ksHosts           int           // hosts releasing at once
+	ksKills           int           // kill -9 recoveries, each on a fresh cluster of 3
 }
 
 // row is one line of the results table. Index 0 of the samples is swtpm,
@@ -54,6 +57,9 @@ type row struct {
 	// skip, when set, says why the section was not measured; such a row
 	// has no samples.
 	skip string
+	// table, when set, is the section's own rendered table (its columns
+	// fit no comparison with swtpm); such a row has no samples.
+	table string
 
 	// Set by judge.
 	sum    [2]summary
@@ -65,12 +71,13 @@ type row struct {
 
 // bench runs the measurements; impls[0] is swtpm, impls[1] vtpm.
 type bench struct {
-	impls      [2]*impl
-	swtpmSetup string // swtpm's swtpm_setup; "" if not found
-	base       string
-	cfg        config
-	golden     *golden
-	log        io.Writer
+	impls         [2]*impl
+	swtpmSetup    string // swtpm's swtpm_setup; "" if not found
+	keyserviceBin string // vtpm-keyservice, for section 13
+	base          string
+	cfg           config
+	golden        *golden
+	log           io.Writer
 }
 
 // order alternates which implementation goes first, so that neither always

@@ -220,6 +220,9 @@ func (r *row) judge() {
 	case r.skip != "":
 		r.result = "skipped"
 		return
+	case r.table != "":
+		r.result = "report only"
+		return
 	case r.vtpmOnly:
 		r.ratio, r.lo, r.hi = math.NaN(), math.NaN(), math.NaN()
 		if r.limit == 0 {
@@ -271,7 +274,7 @@ func (r *report) tables() string {
 			section = x.section
 			fmt.Fprintf(&sb, "\n### %s\n\n", section)
 			switch {
-			case x.skip != "":
+			case x.skip != "", x.table != "":
 			case x.vtpmOnly:
 				sb.WriteString("| measurement | unit | n | vtpm median | vtpm p95 | swtpm | target | result |\n")
 				sb.WriteString("|---|---|--:|--:|--:|---|---|---|\n")
@@ -284,6 +287,9 @@ func (r *report) tables() string {
 		switch {
 		case x.skip != "":
 			fmt.Fprintf(&sb, "Skipped: %s.\n", x.skip)
+			continue
+		case x.table != "":
+			sb.WriteString(x.table)
 			continue
 		case x.vtpmOnly:
 			target := "—"
