@@ -176,7 +176,8 @@ func (b *bench) keyService() ([]row, error) {
 		"in an etcd transaction. Releases/s is all releases over the wall time of the series. The local open is "+
 		"`guardian.ParseProtector` + `Open` with the host's own guardian (ML-KEM-768 + X25519), interleaved with the releases. "+
 		"Recovery: %d hosts release in a stream, each listing the leader first; time from its kill until a release begun "+
-		"after it succeeds (p99 column: the largest).\n", b.keyserviceBin, ksStreamHosts)
+		"after it succeeds (p99 column: the largest).\n\nThis section alone: `vtpm-bench -only 13 -ks-releases %d -ks-hosts %d -ks-kills %d`.\n",
+		b.keyserviceShown, ksStreamHosts, b.cfg.ksReleases, b.cfg.ksHosts, b.cfg.ksKills)
 	return []row{{section: ksSection, name: "key service", table: sb.String()}}, nil
 }
 

@@ -89,9 +89,13 @@ func run() error {
 	if err != nil {
 		setup = "" // measurement 7 says it was skipped
 	}
-	ks := *ksPath
-	if ks == "" {
-		ks = filepath.Join(filepath.Dir(vt), "vtpm-keyservice")
+	ksShown := *ksPath
+	if ksShown == "" {
+		ksShown = filepath.Join(filepath.Dir(*vtpmPath), "vtpm-keyservice")
+	}
+	ks, err := filepath.Abs(ksShown)
+	if err != nil {
+		return fmt.Errorf("vtpm-keyservice: %w", err)
 	}
 	env := []string{"VTPM_HOME=" + filepath.Join(base, "vtpm-home")}
 	b := &bench{
@@ -100,10 +104,10 @@ func run() error {
 			{name: "vtpm", argv: []string{vt, "swtpm", "socket"}, env: env},
 		},
 		swtpmSetup:    setup,
-		keyserviceBin: ks,
-		base:          base,
-		cfg:           cfg,
-		log:           os.Stderr,
+		keyserviceBin: ks, keyserviceShown: ksShown,
+		base: base,
+		cfg:  cfg,
+		log:  os.Stderr,
 	}
 
 	start := time.Now()

@@ -71,13 +71,14 @@ type row struct {
 
 // bench runs the measurements; impls[0] is swtpm, impls[1] vtpm.
 type bench struct {
-	impls         [2]*impl
-	swtpmSetup    string // swtpm's swtpm_setup; "" if not found
-	keyserviceBin string // vtpm-keyservice, for section 13
-	base          string
-	cfg           config
-	golden        *golden
-	log           io.Writer
+	impls           [2]*impl
+	swtpmSetup      string // swtpm's swtpm_setup; "" if not found
+	keyserviceBin   string // vtpm-keyservice, for section 13
+	keyserviceShown string // the same as given: the report names no local directories
+	base            string
+	cfg             config
+	golden          *golden
+	log             io.Writer
 }
 
 // order alternates which implementation goes first, so that neither always

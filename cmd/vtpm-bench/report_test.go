@@ -48,3 +48,18 @@ func TestVtpmOnlyAndSkippedRows(t *testing.T) {
 		t.Errorf("summaryLine() = %q, want %q", got, want)
 	}
 }
+
+func TestTableRow(t *testing.T) {
+	rows := []row{{section: "13. K", name: "k", table: "| a | b |\n|---|---|\n| 1 | 2 |\n"}}
+	rows[0].judge()
+	r := report{rows: rows}
+	if got, want := r.tables(), "\n### 13. K\n\n| a | b |\n|---|---|\n| 1 | 2 |\n"; got != want {
+		t.Errorf("tables() = %q, want %q", got, want)
+	}
+	if rows[0].result != "report only" {
+		t.Errorf("result = %q, want report only", rows[0].result)
+	}
+	if got, want := r.summaryLine(), "0 of 0 targets met."; got != want {
+		t.Errorf("summaryLine() = %q, want %q", got, want)
+	}
+}
