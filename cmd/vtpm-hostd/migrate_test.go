@@ -6,14 +6,18 @@ import (
 	"encoding/json"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"vtpm/internal/migrate"
 	"vtpm/internal/qemutest"
+	"vtpm/internal/seal"
 	"vtpm/internal/testutil"
+	"vtpm/internal/vm"
 )
 
 // TestVMMigrate migrates a running VM between two host services through
@@ -37,6 +41,9 @@ func TestVMMigrate(t *testing.T) {
 		t.Fatal(err)
 	}
 	a, b := newHost(t, "a"), newHost(t, "b")
+	// The vTPM user reaches B's bundles and run directories, as it does
+	// under /var/lib/vtpm and /run/vtpm.
+	searchable(t, run, b.dir)
 	a.start(t)
 	b.start(t)
 	a.mustVTPM(t, "host", "trust", "b", b.addr, b.certs(t))
@@ -111,6 +118,7 @@ func TestVMMigrate(t *testing.T) {
 	if !strings.Contains(vms, `"name":"mig"`) && !strings.Contains(vms, `"name": "mig"`) || !strings.Contains(vms, "running") {
 		t.Errorf("B's VMs after the migration:\n%s", vms)
 	}
+	assertAdoptedUnprivileged(t, b, "mig")
 	// A keeps the TPM state as a backup until it is purged.
 	if _, err := os.Stat(res.Backup); err != nil {
 		t.Errorf("the TPM backup on A: %v", err)
@@ -127,6 +135,66 @@ func TestVMMigrate(t *testing.T) {
 	wantAll(t, "the offline migration", out, "not running: moving it offline")
 	if vms := a.mustVTPM(t, "vm", "list", "-a"); !strings.Contains(vms, "mig") {
 		t.Errorf("A does not list the VM moved back:\n%s", vms)
+	}
+}
+
+// searchable lets every user search dirs and the directories above them,
+// so that a vTPM that dropped to its user reaches what vm start gives it.
+func searchable(t *testing.T, dirs ...string) {
+	t.Helper()
+	for _, d := range dirs {
+		for ; d != "/" && d != "."; d = filepath.Dir(d) {
+			st, err := os.Stat(d)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Chmod(d, st.Mode().Perm()|0o001); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+}
+
+// assertAdoptedUnprivileged checks that VM name's vTPM on h runs as the
+// vTPM user (tss), not root, and that h records its TPM's generations.
+func assertAdoptedUnprivileged(t *testing.T, h *host, name string) {
+	t.Helper()
+	var vms []vm.Summary
+	if err := json.Unmarshal([]byte(h.mustVTPM(t, "vm", "list", "-a", "--json")), &vms); err != nil {
+		t.Fatal(err)
+	}
+	pid := 0
+	for _, v := range vms {
+		if v.Name == name {
+			pid = v.TPMPid
+		}
+	}
+	if pid == 0 {
+		t.Fatalf("%s lists no vTPM for %s: %+v", h.name, name, vms)
+	}
+	tss, err := user.Lookup("tss")
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "status"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(st), "\n") {
+		if f := strings.Fields(l); len(f) > 1 && f[0] == "Uid:" && f[1] != tss.Uid {
+			t.Errorf("the received VM's vTPM (pid %d) runs as uid %s, not the vTPM user tss (%s)", pid, f[1], tss.Uid)
+		}
+	}
+	dir := filepath.Join(h.root, "vms", name)
+	id, err := seal.Identify(filepath.Join(dir, "tpm"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(h.root, "keystore", "generations", id.String())); err != nil {
+		t.Errorf("%s keeps no generation record for the adopted TPM %s: %v", h.name, id, err)
+	}
+	if log, _ := os.ReadFile(filepath.Join(dir, "logs", "tpm.log")); strings.Contains(string(log), "from its next start") {
+		t.Errorf("the adopted TPM's generations wait for its next start:\n%s", log)
 	}
 }
 
