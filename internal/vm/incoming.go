@@ -122,7 +122,6 @@ func sharedHere(d Disk, in IncomingDisk) error {
 	return nil
 }
 
-
 // incomingMark marks a bundle a live migration is filling: not registered,
 // removed when the migration fails.
 const incomingMark = ".incoming"
