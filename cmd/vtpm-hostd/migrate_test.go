@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"vtpm/internal/guardian"
 	"vtpm/internal/migrate"
 	"vtpm/internal/qemutest"
 	"vtpm/internal/seal"
@@ -52,6 +53,21 @@ func TestVMMigrate(t *testing.T) {
 
 	a.mustVTPM(t, "vm", "create", "mig", "--os", "linux", "--tpm", "--disk-size", "64M", "--memory", "256M", "--cpus", "1",
 		"--kernel", img.Kernel, "--initrd", img.Initrd, "--append", "quiet rdinit=/init no_timer_check")
+	// The protector also admits a guardian that is no host's, as a key
+	// service's fleet guardian: the refusal offers that path too.
+	fleet, err := guardian.New("fleet", guardian.MLKEM768X25519)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fleetPEM, err := fleet.ExportCertificates()
+	if err != nil {
+		t.Fatal(err)
+	}
+	fleetFile := filepath.Join(a.dir, "fleet.pem")
+	if err := os.WriteFile(fleetFile, fleetPEM, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	a.mustVTPM(t, "protector", "grant", "mig", fleetFile)
 	sock := filepath.Join(run, "ser.sock")
 	a.mustVTPM(t, "vm", "start", "mig", "--serial-socket", sock)
 	t.Cleanup(func() {
@@ -74,6 +90,7 @@ func TestVMMigrate(t *testing.T) {
 		t.Fatalf("migration to a host the protector does not admit succeeded:\n%s", out)
 	}
 	wantAll(t, "the refusal", out, "cannot migrate to b", "nothing was started", b.fingerprint(t), "fix:", "vtpm vm migrate mig --to b --grant")
+	wantAll(t, "the key service path", out, "fleet (fingerprint "+fleet.Fingerprint()+")", "vtpm keyservice host add b", "attest")
 	if _, err := s.Run(ctx, "tpmtest pcr 16"); err != nil {
 		t.Fatalf("guest on A after the refusal: %v", err)
 	}
