@@ -47,7 +47,7 @@ func rootCmd() *cobra.Command {
 	// `vtpm host …` arrives as `vtpm-hostd host …`, its arguments unchanged.
 	host := &cobra.Command{Use: "host", Short: "This host's service and the hosts it trusts"}
 	host.AddCommand(serveCmd(), trustCmd(), untrustCmd(), listCmd(), infoCmd())
-	root.AddCommand(serveCmd(), host)
+	root.AddCommand(serveCmd(), host, fleetGuardianCmd())
 	root.AddCommand(vmCmd(), tpmCmd())
 	return root
 }

@@ -180,12 +180,29 @@ func protectorCmd() *cobra.Command {
 	}
 	show.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 
+	var keyService string
 	grant := &cobra.Command{
-		Use:   "grant VM|TPM-DIR CERTS.pem",
+		Use:   "grant VM|TPM-DIR CERTS.pem | grant VM|TPM-DIR --key-service URL",
 		Short: "Allow a guardian, given by its public certificates, to open a TPM (needs the owner's key)",
-		Args:  cobra.ExactArgs(2),
+		Long: `Allow a guardian, given by its public certificates, to open a TPM (needs the
+owner's key). With --key-service URL[,URL…] the guardian is the key service's
+fleet guardian, asked of the key service with this host's client bundle (by
+vtpm-hostd): any host the key service has registered and attested may then
+get the TPM's key from it.`,
+		Args: func(cmd *cobra.Command, args []string) error {
+			if keyService != "" {
+				return cobra.ExactArgs(1)(cmd, args)
+			}
+			return cobra.ExactArgs(2)(cmd, args)
+		},
 		RunE: func(cmd *cobra.Command, args []string) error {
-			g, err := guardian.ReadCertificates(args[1])
+			var g *guardian.Guardian
+			var err error
+			if keyService != "" {
+				g, err = fleetGuardian(keyService)
+			} else {
+				g, err = guardian.ReadCertificates(args[1])
+			}
 			if err != nil {
 				return err
 			}
@@ -195,6 +212,7 @@ func protectorCmd() *cobra.Command {
 			})
 		},
 	}
+	grant.Flags().StringVar(&keyService, "key-service", "", "grant the fleet guardian of the key service at these URLs (comma-separated) instead of CERTS.pem")
 	revoke := &cobra.Command{
 		Use:   "revoke VM|TPM-DIR NAME|FINGERPRINT",
 		Short: "Stop a guardian from opening a TPM for good: re-keys the TPM, which must be stopped (needs the owner's key)",

@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"vtpm/internal/errdefs"
+	"vtpm/internal/guardian"
 	"vtpm/internal/paths"
 	"vtpm/internal/vm"
 )
@@ -50,6 +51,7 @@ func vmCreateCmd() *cobra.Command {
 		o                vm.CreateOptions
 		osName, firmware string
 		tpm, asJSON      bool
+		keyService       string
 	)
 	cmd := &cobra.Command{
 		Use:   "create NAME --os windows11|windows10|windows-server|linux|other",
@@ -83,9 +85,27 @@ apply).`,
 			if cmd.Flags().Changed("tpm") {
 				o.TPM = &tpm
 			}
+			// The fleet guardian is fetched first: a key service that
+			// cannot be reached leaves no VM behind.
+			var fleet *guardian.Guardian
+			if keyService != "" {
+				if fleet, err = fleetGuardian(keyService); err != nil {
+					return err
+				}
+			}
 			res, err := vmRegistry().Create(o)
 			if err != nil {
 				return err
+			}
+			if fleet != nil {
+				if !res.VM.Config.HasTPM() {
+					return errdefs.New(errdefs.ErrInvalidArgument, "VM %s was created without a TPM: --key-service grants the fleet guardian a TPM's key (add --tpm)", o.Name)
+				}
+				p, err := grantFleet(res.VM.TPMDir(), fleet)
+				if err != nil {
+					return fmt.Errorf("VM %s was created, but the fleet guardian was not granted its TPM: %w", o.Name, err)
+				}
+				res.Notes = append(res.Notes, fmt.Sprintf("granted the key service's fleet guardian %s (protector version %d)", fleet.Name(), p.Version()))
 			}
 			return emit(cmd, asJSON, vmRegistry().Summary(res.VM), func(w io.Writer) {
 				c := res.VM.Config
@@ -111,6 +131,7 @@ apply).`,
 	f.StringVar(&o.Isolation, "isolation", "", "isolation the vTPM process must have: required (default: refuse to start without it) or preferred")
 	f.StringVar(&o.Path, "path", "", "bundle directory (default <data root>/vms/NAME)")
 	f.BoolVar(&asJSON, "json", false, "print JSON")
+	f.StringVar(&keyService, "key-service", "", "grant the TPM to the fleet guardian of the key service at these URLs (comma-separated), so attested hosts of the fleet can open it")
 	return cmd
 }
 

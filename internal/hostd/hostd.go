@@ -17,6 +17,7 @@ import (
 	"vtpm/internal/guardian"
 	"vtpm/internal/hostsvc"
 	"vtpm/internal/keybroker"
+	"vtpm/internal/keyrelease"
 	"vtpm/internal/keystore"
 	"vtpm/internal/paths"
 	"vtpm/internal/vm"
@@ -47,7 +48,10 @@ type Options struct {
 	// HostTPM is the keystore's hardware TPM (keystore.Options.HostTPM;
 	// default $VTPM_HOST_TPM).
 	HostTPM string
-	Logger  *slog.Logger
+	// KeyService is the key service this host asks for the keys of TPMs
+	// that only the fleet guardian opens (none: no bundle configured).
+	KeyService keyrelease.Options
+	Logger     *slog.Logger
 }
 
 // Server is a host service. Make one with New, run it with Run.
@@ -210,6 +214,17 @@ func (s *Server) Run(ctx context.Context) (err error) {
 	defer cleanup()
 	ksvc := hostsvc.NewServer(b, cfg, s.log)
 	ksvc.Refused = s.metrics.KeyOpenFailure
+	if s.opts.KeyService.Configured(s.opts.DataRoot) {
+		ko := s.opts.KeyService
+		ko.Logger = s.log
+		rel, err := keyrelease.New(s.opts.DataRoot, s.local, ko)
+		if err != nil {
+			return err
+		}
+		ksvc.Releaser = rel
+		serve("key service", func() error { rel.Run(ctx); return nil })
+		s.log.Info("host service: keys of fleet TPMs come from the key service", "host", rel.Name(), "endpoints", rel.Endpoints())
+	}
 
 	// The listeners opened so far, closed if a later one fails.
 	var opened []net.Listener

@@ -54,6 +54,21 @@
 // data: a host the protector does not admit answers the broker's
 // MissingKeyError (the TPM, the guardians that could open it, the ways out).
 //
+// A TPM that no guardian of this host opens, but whose protector has a row
+// for the fleet guardian of the key service this host belongs to, opens
+// through the service's Releaser (set by the host service's executable,
+// which links the key service's client; see internal/keyrelease): the key
+// service releases the data key to this attested host, sealed to a
+// one-time key, and the service checks it against the protector and the
+// state (keybroker.AcceptReleased) and answers as for any open; an
+// adoption likewise, the key checked against the stream's protector and
+// record (keybroker.AdoptReleased). The fleet
+// guardian's certificates are kept in <data root>/fleet-guardian.pem
+// (FleetFile), so a vTPM that opens the keystore itself and finds no row
+// it holds asks the service only when the fleet's row is there. A release
+// that fails is answered as data: ReleaseError, wrapping the key
+// service's denial and its reason, or the nodes tried and their state.
+//
 // "ping" answers anyone, with no descriptor: the users the service
 // answers, and whether it answers the caller (`doctor` asks).
 //

@@ -3,6 +3,7 @@ package hostsvc
 import (
 	"context"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -43,6 +44,9 @@ type Server struct {
 	mu sync.Mutex
 	// held counts connections kept for a later adoption (opHold).
 	held atomic.Int32
+	// Releaser, when set, gets keys from the key service for TPMs that no
+	// guardian of this host opens but whose protector has a fleet row.
+	Releaser Releaser
 }
 
 // maxHeld bounds the connections kept for a later adoption: one per vTPM
@@ -390,7 +394,13 @@ func (s *Server) open(dir string, allowRollback bool) (*answer, *opened, error) 
 			return nil, nil, err
 		}
 	}
-	o, err := host.OpenTPMHeld(dir, keybroker.OpenOptions{AllowRollback: allowRollback})
+	o, err := host.OpenTPMHeld(dir, keybroker.OpenOptions{AllowRollback: allowRollback, Releasable: s.releasable})
+	var missing *keybroker.MissingKeyError
+	if errors.As(err, &missing) {
+		// No guardian here: the key service may release the key through
+		// the protector's fleet row.
+		o, err = s.release(dir, missing, allowRollback)
+	}
 	if err != nil {
 		return nil, nil, err
 	}
@@ -442,6 +452,12 @@ func (s *Server) adopt(dir string, req *request, blob []byte) (*answer, *opened,
 		return nil, nil, errdefs.New(errdefs.ErrFailedPrecondition, "%s already holds sealed state: a TPM arriving from elsewhere is adopted only into a directory without any", dir)
 	}
 	o, p, err := host.OpenAdopted(dir, rec, keybroker.OpenOptions{AllowRollback: req.AllowRollback})
+	var missing *keybroker.MissingKeyError
+	if errors.As(err, &missing) {
+		// No guardian here: the key service may release the key through
+		// the protector's fleet row.
+		o, p, err = s.adoptReleased(rec, missing, req.AllowRollback)
+	}
 	if err != nil {
 		return nil, nil, err
 	}

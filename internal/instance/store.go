@@ -1,12 +1,14 @@
 package instance
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
 
 	"github.com/google/uuid"
 
+	"vtpm/internal/guardian"
 	"vtpm/internal/hostsvc"
 	"vtpm/internal/keybroker"
 	"vtpm/internal/keystore"
@@ -138,7 +140,26 @@ func openSealed(stateDir, dataKey, runAs string, allowRollback, adoptable bool, 
 		// Opening the key creates a new TPM's identity and key protector,
 		// or reprovisions one, and a TPM this host cannot open fails before
 		// its generation record is touched.
-		o, err := host.OpenTPMWith(stateDir, keybroker.OpenOptions{AllowRollback: allowRollback})
+		o, err := host.OpenTPMWith(stateDir, keybroker.OpenOptions{AllowRollback: allowRollback, Releasable: func(rows []guardian.Row) bool {
+			_, ok := hostsvc.FleetRow(paths.HostDataRoot(), rows)
+			return ok
+		}})
+		var missing *keybroker.MissingKeyError
+		if errors.As(err, &missing) {
+			if row, ok := hostsvc.FleetRow(paths.HostDataRoot(), missing.Rows); ok {
+				// The protector has the fleet guardian's row: the host
+				// service asks the key service for the key (this process
+				// links no network client).
+				log.Info("no guardian of this host opens the TPM; asking the host service for its key from the key service", "tpm", missing.TPM, "fleet_guardian", row.Name)
+				host.Close()
+				keep = true // closed already
+				sk, _, serr := openFromService(stateDir, allowRollback, log)
+				if serr != nil {
+					return nil, "", &hostsvc.FleetError{Missing: missing, Service: serr}
+				}
+				return sk, "", nil
+			}
+		}
 		if err != nil {
 			return nil, "", err
 		}

@@ -393,7 +393,7 @@ func (h *Broker) openTPM(dir string, locked bool, opts OpenOptions) (*Opened, er
 	if perr != nil {
 		return nil, perr
 	}
-	if pol.OnMissingKey == "reprovision" {
+	if pol.OnMissingKey == "reprovision" && (opts.Releasable == nil || !opts.Releasable(none.Rows)) {
 		if !locked {
 			return nil, errNeedLock
 		}

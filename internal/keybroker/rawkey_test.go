@@ -13,9 +13,11 @@ import (
 
 // keyRooms are the packages that may hold a TPM's raw data key: the broker,
 // the sealed store that encrypts with it, the locked memory it lives in,
-// and the two formats that wrap it (a key protector, a key file), which
-// only the broker calls.
-var keyRooms = []string{"internal/keybroker", "internal/seal", "internal/secret", "internal/guardian", "internal/keyfile"}
+// the two formats that wrap it (a key protector, a key file), which only
+// the broker calls, and the key service, which opens a protector's fleet
+// row and seals the key to a host's one-time key (its client opens it into
+// a keybroker.Key).
+var keyRooms = []string{"internal/keybroker", "internal/seal", "internal/secret", "internal/guardian", "internal/keyfile", "internal/keyservice"}
 
 // rawKeyFuncs take or return a raw data key.
 var rawKeyFuncs = map[string]map[string]bool{

@@ -16,6 +16,12 @@ type OpenOptions struct {
 	// AllowRollback accepts a key protector older than the newest version
 	// this host has seen, as seal.Options.AllowRollback accepts older state.
 	AllowRollback bool
+	// Releasable, when set, says whether one of a protector's rows is a
+	// guardian that a key service may open for this host (the fleet
+	// guardian's). A TPM that no guardian here opens is then reported as a
+	// MissingKeyError, for the caller to ask for its key, and never
+	// reprovisioned by its on-missing-key policy: its key is not lost.
+	Releasable func(rows []guardian.Row) bool
 }
 
 // ProtectorRollbackError refuses a key protector older than one this host

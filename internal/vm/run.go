@@ -19,8 +19,10 @@ import (
 	"time"
 
 	"vtpm/internal/errdefs"
+	"vtpm/internal/guardian"
 	"vtpm/internal/hostcheck"
 	"vtpm/internal/hostsvc"
+	"vtpm/internal/keybroker"
 	"vtpm/internal/qmp"
 	"vtpm/internal/sandbox"
 	"vtpm/internal/state"
@@ -266,7 +268,23 @@ func (h *Registry) checkTPMKey(v *VM) error {
 		return fmt.Errorf("open this host's keystore: %w", err)
 	}
 	defer k.Close()
-	o, err := k.OpenTPM(dir)
+	fleet := func(rows []guardian.Row) bool {
+		_, ok := hostsvc.FleetRow(h.Root, rows)
+		return ok
+	}
+	o, err := k.OpenTPMWith(dir, keybroker.OpenOptions{Releasable: fleet})
+	var missing *keybroker.MissingKeyError
+	if errors.As(err, &missing) {
+		if fleet(missing.Rows) {
+			// The vTPM will get the key from the key service through the
+			// host service; asking for it here would release it twice.
+			// The service must answer, though.
+			if _, perr := (hostsvc.Client{}).Ping(); perr != nil {
+				return &hostsvc.FleetError{Missing: missing, Service: perr}
+			}
+			return nil
+		}
+	}
 	if err != nil {
 		return err
 	}
