@@ -7,6 +7,7 @@ import (
 
 	"vtpm/internal/errdefs"
 	"vtpm/internal/guardian"
+	"vtpm/internal/hostsvc"
 	"vtpm/internal/keybroker"
 )
 
@@ -138,18 +139,23 @@ func missingKeyRemedy(r errdefs.Remedy) bool {
 // names it "host:" and the host's name).
 const hostGuardianPrefix = "host:"
 
-// fleetRows names the rows of protector (JSON) whose guardians are no
-// host's: a host's guardian is named "host:NAME", a key service's fleet
-// guardian is not.
-func fleetRows(protector []byte) []string {
+// fleetRows names the rows of protector (JSON) a key service may open:
+// the row of the fleet guardian this host's service knows (dataRoot's
+// hostsvc.FleetFile), or else those of guardians that are no host's (a
+// host's guardian is named "host:NAME", a fleet guardian is not).
+func fleetRows(dataRoot string, protector []byte) []string {
 	p, err := guardian.ParseProtector(protector)
 	if err != nil {
 		return nil
 	}
+	name := func(r guardian.Row) string { return fmt.Sprintf("%s (fingerprint %s)", r.Name, r.Fingerprint) }
+	if r, ok := hostsvc.FleetRow(dataRoot, p.Rows()); ok {
+		return []string{name(r)}
+	}
 	var names []string
 	for _, r := range p.Rows() {
 		if !strings.HasPrefix(r.Name, hostGuardianPrefix) {
-			names = append(names, fmt.Sprintf("%s (fingerprint %s)", r.Name, r.Fingerprint))
+			names = append(names, name(r))
 		}
 	}
 	return names

@@ -9,6 +9,7 @@ import (
 
 	"vtpm/internal/errdefs"
 	"vtpm/internal/guardian"
+	"vtpm/internal/hostsvc"
 )
 
 // TestPreflightErrorKeyService: a refusal for a protector that also
@@ -42,7 +43,7 @@ func TestPreflightErrorKeyService(t *testing.T) {
 				t.Fatal(err)
 			}
 			raw := p.Marshal()
-			e := &PreflightError{VM: "v", Host: "b", Guardian: "host:b (fingerprint x)", Fleet: fleetRows(raw), Refusal: refusal}
+			e := &PreflightError{VM: "v", Host: "b", Guardian: "host:b (fingerprint x)", Fleet: fleetRows(t.TempDir(), raw), Refusal: refusal}
 			var add *errdefs.Remedy
 			rs := e.Remedies()
 			for i, r := range rs {
@@ -69,5 +70,24 @@ func TestPreflightErrorKeyService(t *testing.T) {
 				t.Errorf("message does not name the fleet row:\n%s", msg)
 			}
 		})
+	}
+
+	// A host whose service knows the fleet guardian names its row alone,
+	// whatever the guardians are named.
+	odd := newG("host:odd")
+	p, err := guardian.NewProtector(uuid.New(), dek, owner, newG("backup"), odd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	root := t.TempDir()
+	certs, err := odd.ExportCertificates()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := hostsvc.WriteFleet(root, certs); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := fleetRows(root, p.Marshal()), "host:odd (fingerprint "+odd.Fingerprint()+")"; len(got) != 1 || got[0] != want {
+		t.Errorf("fleet rows %q, want only %q", got, want)
 	}
 }

@@ -170,7 +170,7 @@ func (r *run) preflight(ctx context.Context) (*vm.IncomingSpec, error) {
 		pe := &PreflightError{VM: r.v.Name(), Host: r.host, Refusal: rep.Refusal}
 		if rep.NeedsGrant && gerr == nil {
 			pe.Guardian = fmt.Sprintf("%s (fingerprint %s)", g.Name(), g.Fingerprint())
-			pe.Fleet = fleetRows(spec.Protector)
+			pe.Fleet = fleetRows(r.s.Registry.Root, spec.Protector)
 		}
 		return nil, pe
 	}

@@ -22,6 +22,7 @@ import (
 	"vtpm/internal/errdefs"
 	"vtpm/internal/guardian"
 	"vtpm/internal/hostcheck"
+	"vtpm/internal/hostsvc"
 	"vtpm/internal/keybroker"
 	"vtpm/internal/qmp"
 	"vtpm/internal/sandbox"
@@ -416,6 +417,16 @@ func (h *Registry) checkIncomingTPM(dir string, protector []byte) error {
 	}
 	defer k.Close()
 	o, err := k.OpenProtector(dir, p, keybroker.OpenOptions{})
+	var missing *keybroker.MissingKeyError
+	if errors.As(err, &missing) && h.HostSocket != "" {
+		if _, ok := hostsvc.FleetRow(h.Root, missing.Rows); ok {
+			// The protector has the row of the fleet guardian this
+			// host's service asks the key service for: the vTPM adopts
+			// the TPM through that service, with the key it releases
+			// then (asking here would release it twice).
+			return nil
+		}
+	}
 	if err != nil {
 		return err
 	}

@@ -10,6 +10,8 @@ import (
 	"testing"
 
 	"vtpm/internal/errdefs"
+	"vtpm/internal/guardian"
+	"vtpm/internal/hostsvc"
 	"vtpm/internal/keybroker"
 	"vtpm/internal/qmp"
 	"vtpm/internal/testutil"
@@ -103,10 +105,39 @@ func TestPreflightIncoming(t *testing.T) {
 	ks, kd := mustKeys(t, src), mustKeys(t, dst)
 	gs, _ := ks.Local()
 	gd, _ := kd.Local()
-	if _, err := ks.Grant(v.TPMDir(), gd.Public()); err != nil {
+	if _, err := kd.Trust(gs.Public()); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := kd.Trust(gs.Public()); err != nil {
+	// A fleet host: no guardian here is admitted, but the protector has
+	// the row of the fleet guardian this host's service asks the key
+	// service for, so the TPM can be adopted with the key it releases.
+	fleet, err := guardian.New("fleet", guardian.MLKEM768X25519)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ks.Grant(v.TPMDir(), fleet.Public()); err != nil {
+		t.Fatal(err)
+	}
+	fs := good()
+	if fs.Protector, err = os.ReadFile(filepath.Join(v.TPMDir(), keybroker.ProtectorFile)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := dst.PreflightIncoming(context.Background(), fs); !errors.Is(err, errdefs.ErrPermissionDenied) {
+		t.Errorf("a protector with a fleet row, on a host that knows no fleet guardian: %v, want permission denied", err)
+	}
+	certs, err := fleet.ExportCertificates()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := hostsvc.WriteFleet(dst.Root, certs); err != nil {
+		t.Fatal(err)
+	}
+	dst.HostSocket = filepath.Join(dst.Root, "host.sock")
+	if _, err := dst.PreflightIncoming(context.Background(), fs); err != nil {
+		t.Errorf("a fleet host refuses a TPM with the fleet guardian's row: %v", err)
+	}
+	dst.HostSocket = ""
+	if _, err := ks.Grant(v.TPMDir(), gd.Public()); err != nil {
 		t.Fatal(err)
 	}
 	ks.Close()
