@@ -322,3 +322,82 @@ func TestVMMigrateDestinationServiceKilled(t *testing.T) {
 		t.Errorf("processes of the prepared VM left on B: %s", out)
 	}
 }
+
+// TestVMMigrateToFleetHost: a running VM whose TPM's protector has the
+// fleet guardian's row migrates, without a grant, to a host registered
+// with the key service that holds no row of it: B's pre-flight accepts
+// the fleet row, B's vTPM runs unprivileged and adopts the TPM with the
+// key the key service releases to B's host service, and the VM runs
+// there.
+func TestVMMigrateToFleetHost(t *testing.T) {
+	qemutest.SkipIfUnavailable(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	run := qemutest.ShortTempDir(t)
+	t.Setenv("XDG_RUNTIME_DIR", run)
+	accel := "tcg"
+	if qemutest.KVMAvailable() {
+		accel = "kvm"
+	}
+	t.Setenv("VTPM_ACCEL", accel)
+	img, err := qemutest.BuildImage(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	testutil.HostdBinary(t)
+	ks := newKeyService(t)
+	ks.start(t)
+	ks.ks(t, "init", "--data-dir", ks.dir, "--server", ks.url())
+
+	a, b := newHost(t, "a"), newHost(t, "b")
+	searchable(t, run, b.dir)
+	ks.register(t, b)
+	a.start(t)
+	b.start(t)
+	waitFleet(t, b)
+	a.mustVTPM(t, "host", "trust", "b", b.addr, b.certs(t))
+	b.mustVTPM(t, "host", "trust", "a", a.addr, a.certs(t))
+	b.mustVTPM(t, "host", "allow-path", img.Kernel, img.Initrd)
+
+	a.mustVTPM(t, "vm", "create", "fleetmig", "--os", "linux", "--tpm", "--disk-size", "64M", "--memory", "256M", "--cpus", "1",
+		"--kernel", img.Kernel, "--initrd", img.Initrd, "--append", "quiet rdinit=/init no_timer_check")
+	fleetPEM := filepath.Join(a.dir, "fleet.pem")
+	ks.ks(t, append([]string{"fleet-guardian", "-o", fleetPEM}, ks.args()...)...)
+	a.mustVTPM(t, "protector", "grant", "fleetmig", fleetPEM)
+	sock := filepath.Join(run, "ser.sock")
+	a.mustVTPM(t, "vm", "start", "fleetmig", "--serial-socket", sock)
+	t.Cleanup(func() {
+		a.vtpm(t, "vm", "stop", "fleetmig", "--timeout", "0")
+		b.vtpm(t, "vm", "stop", "fleetmig", "--timeout", "0")
+	})
+	bctx, bcancel := context.WithTimeout(ctx, 4*time.Minute)
+	s, err := qemutest.DialSerial(bctx, sock)
+	bcancel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	digest := strings.Repeat("5a", 32)
+	if _, err := s.Run(ctx, "tpm2_pcrextend 16:sha256="+digest); err != nil {
+		t.Fatal(err)
+	}
+
+	out := a.mustVTPM(t, "vm", "migrate", "fleetmig", "--to", "b")
+	t.Logf("vm migrate:\n%s", out)
+	if vms := a.mustVTPM(t, "vm", "list", "-a"); strings.Contains(vms, "fleetmig") {
+		t.Errorf("A still lists the migrated VM:\n%s", vms)
+	}
+	assertAdoptedUnprivileged(t, b, "fleetmig")
+	wantAll(t, "B's host service log", b.proc.Stderr.String(), "key service: released a TPM's key")
+	var vms []vm.Summary
+	if err := json.Unmarshal([]byte(b.mustVTPM(t, "vm", "list", "-a", "--json")), &vms); err != nil {
+		t.Fatal(err)
+	}
+	running := false
+	for _, v := range vms {
+		running = running || (v.Name == "fleetmig" && v.State == "running")
+	}
+	if !running {
+		t.Fatalf("VM fleetmig is not running on B: %+v", vms)
+	}
+}
