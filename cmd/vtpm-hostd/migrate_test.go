@@ -355,7 +355,8 @@ func TestVMMigrateToFleetHost(t *testing.T) {
 	a.start(t)
 	b.start(t)
 	waitFleet(t, b)
-	a.mustVTPM(t, "host", "trust", "b", b.addr, b.certs(t))
+	// register exported B's certificates already.
+	a.mustVTPM(t, "host", "trust", "b", b.addr, filepath.Join(b.dir, b.name+".pem"))
 	b.mustVTPM(t, "host", "trust", "a", a.addr, a.certs(t))
 	b.mustVTPM(t, "host", "allow-path", img.Kernel, img.Initrd)
 
