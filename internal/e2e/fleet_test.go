@@ -25,6 +25,7 @@ type fleet struct {
 	alpha []string // the environment of vtpm commands on alpha
 	sock  string
 	svc   *testutil.Proc // alpha's host service
+	ks    *testutil.Proc // the key service's one node
 }
 
 // vtpmOK runs vtpm ARGS… with env added and fails the test on error.
@@ -51,6 +52,7 @@ func startFleet(ctx context.Context, t *testing.T, dir string) *fleet {
 	if err := ks.WaitReady(listen, time.Minute); err != nil {
 		t.Fatalf("key service: %v\n%s", err, ks.Stderr)
 	}
+	f.ks = ks
 	vtpmOK(ctx, t, nil, "keyservice", "init", "--data-dir", ksDir, "--server", "https://"+listen)
 	f.admin = []string{"--bundle", filepath.Join(ksDir, "admin.json")}
 
@@ -144,6 +146,20 @@ func TestGuestUnsealsOnFleetHost(t *testing.T) {
 		t.Fatalf("unseal on alpha: %q, %v", out, err)
 	}
 	mustContain(t, "alpha's host service log", f.svc.Stderr.String(), "key service: released a TPM's key")
+
+	// The key service goes away: the running guest keeps its TPM, and a
+	// new start of the same TPM fails, naming the node it tried.
+	f.ks.Kill()
+	if out, err := vm.Run(ctx, "tpmtest unseal 0x81000010"); err != nil || strings.TrimSpace(out) != "fleet-secret" {
+		t.Fatalf("unseal on alpha with the key service down: %q, %v", out, err)
+	}
+	again := filepath.Join(dir, "again")
+	copyDir(t, state, again)
+	if _, err := qemutest.StartTPM(ctx, t, qemutest.TPMConfig{Command: []string{f.vtpm, "swtpm"}, StateDir: again, Env: f.alpha}); err == nil {
+		t.Fatal("a fleet-only TPM started on alpha with the key service down")
+	} else {
+		mustContain(t, "the refused start", err.Error(), "127.0.0.1")
+	}
 }
 
 // TestLiveMigrationToFleetHost migrates a running guest into `swtpm socket

@@ -5,7 +5,9 @@ import (
 	"context"
 	"crypto/hpke"
 	"crypto/rand"
+	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -369,7 +371,13 @@ func TestHealthCertificateExpiry(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, err = n.svc.ReleaseKey(ctx, keyservice.Identity{Name: "a", Role: keyservice.RoleHost}, prot, health, pub.PublicKey(), "r1")
+	blk, _ := pem.Decode(a.bundle.Cert)
+	cert, err := x509.ParseCertificate(blk.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	who := keyservice.Identity{Name: "a", Role: keyservice.RoleHost, Serial: cert.SerialNumber.Text(16)}
+	_, err = n.svc.ReleaseKey(ctx, who, prot, health, pub.PublicKey(), "r1")
 	var d *keyservice.DenialError
 	if !errors.As(err, &d) || d.Reason != keyservice.DenyHealthExpired {
 		t.Fatalf("expired health certificate: %v, want a %s denial", err, keyservice.DenyHealthExpired)

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -128,18 +130,41 @@ func StartTPM(ctx context.Context, t testing.TB, cfg TPMConfig) (*TPM, error) {
 
 	for {
 		if _, err := os.Stat(cfg.Socket); err == nil {
-			return p, nil
+			// vtpm makes its sockets before it opens its state: the TPM
+			// runs once the control channel answers.
+			if err := ctrlAnswers(ctx, cfg.Socket); err == nil {
+				return p, nil
+			}
 		}
 		select {
 		case <-p.exited:
 			data, _ := os.ReadFile(p.LogFile + ".out")
-			return nil, fmt.Errorf("%s exited before creating %s: %v: %s", cfg.Command[0], cfg.Socket, p.waitErr, data)
+			return nil, fmt.Errorf("%s exited before it served %s: %v: %s", cfg.Command[0], cfg.Socket, p.waitErr, data)
 		case <-ctx.Done():
 			_ = p.Stop(context.Background())
 			return nil, fmt.Errorf("wait for tpm socket %s: %w", cfg.Socket, ctx.Err())
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
+}
+
+// ctrlAnswers asks the control channel for its capabilities
+// (CMD_GET_CAPABILITY) and reads the 8-byte answer.
+func ctrlAnswers(ctx context.Context, socket string) error {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", socket)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		_ = conn.SetDeadline(dl)
+	}
+	if _, err := conn.Write([]byte{0, 0, 0, 1}); err != nil {
+		return err
+	}
+	_, err = io.ReadFull(conn, make([]byte, 8))
+	return err
 }
 
 // Stop terminates the TPM process (SIGTERM, then SIGKILL) and reaps it.
