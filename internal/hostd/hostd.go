@@ -106,6 +106,10 @@ func (s *Server) Broker() *keybroker.Broker { return s.broker }
 // Guardian is the host's own guardian, set while Run runs.
 func (s *Server) Guardian() *guardian.Guardian { return s.local }
 
+// KeySocket is the path of the key socket vTPMs of this data root ask
+// (--socket; systemd's socket unit listens on the default path).
+func (s *Server) KeySocket() string { return s.opts.Socket }
+
 // VMs is the host's VM registry.
 func (s *Server) VMs() *vm.Registry { return s.vms }
 
@@ -153,6 +157,7 @@ func New(opts Options) (*Server, error) {
 		return nil, errors.New("the host service does not open VMs' keys through the registry")
 	})
 	s.vms.Log = opts.Logger
+	s.vms.HostSocket = opts.Socket
 	s.metrics = NewMetrics(s.runningVTPMs)
 	return s, nil
 }

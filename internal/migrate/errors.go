@@ -6,6 +6,8 @@ import (
 	"strings"
 
 	"vtpm/internal/errdefs"
+	"vtpm/internal/guardian"
+	"vtpm/internal/hostsvc"
 	"vtpm/internal/keybroker"
 )
 
@@ -69,7 +71,12 @@ type PreflightError struct {
 	// Guardian is the destination's guardian ("name (fingerprint)") the
 	// protector does not admit; "" when that is not the problem.
 	Guardian string
-	Refusal  error
+	// Fleet names the rows of the protector ("name (fingerprint …)") of
+	// guardians that are no host's, such as a key service's fleet
+	// guardian: a destination registered and attested with that key
+	// service gets the key from it, without a grant.
+	Fleet   []string
+	Refusal error
 }
 
 func (e *PreflightError) Error() string {
@@ -77,6 +84,9 @@ func (e *PreflightError) Error() string {
 	fmt.Fprintf(&b, "VM %s cannot migrate to %s (nothing was started; the VM keeps running here)", e.VM, e.Host)
 	if e.Guardian != "" {
 		fmt.Fprintf(&b, ":\nthe TPM's key protector does not admit %s's guardian %s", e.Host, e.Guardian)
+		if len(e.Fleet) > 0 {
+			fmt.Fprintf(&b, "; it admits %s, which is no host's guardian (a key service's fleet guardian?)", strings.Join(e.Fleet, ", "))
+		}
 	}
 	fmt.Fprintf(&b, ":\n%v", e.Refusal)
 	return b.String()
@@ -97,6 +107,10 @@ func (e *PreflightError) Remedies() []errdefs.Remedy {
 		// owner cannot reach.
 		rs = append(rs, errdefs.Do(errdefs.ActionVMMigrateGrant, "vm", e.VM, "host", e.Host).
 			WithNote("admit %s's guardian to the TPM's key protector, as its owner, and migrate", e.Host))
+		if len(e.Fleet) > 0 {
+			rs = append(rs, errdefs.Do(errdefs.ActionKeyServiceHostAdd, "host", e.Host).On("the key service, as its admin").
+				WithNote("or, when %s is your key service's fleet guardian: register %s with the key service and attest it there, so that it gets the key from the key service", strings.Join(e.Fleet, " or "), e.Host))
+		}
 	}
 	for _, r := range errdefs.Remedies(e.Refusal) {
 		if e.Guardian != "" && !missingKeyRemedy(r) {
@@ -119,6 +133,32 @@ func missingKeyRemedy(r errdefs.Remedy) bool {
 		}
 	}
 	return true
+}
+
+// hostGuardianPrefix starts the name of every host's guardian (keybroker
+// names it "host:" and the host's name).
+const hostGuardianPrefix = "host:"
+
+// fleetRows names the rows of protector (JSON) a key service may open:
+// the row of the fleet guardian this host's service knows (dataRoot's
+// hostsvc.FleetFile), or else those of guardians that are no host's (a
+// host's guardian is named "host:NAME", a fleet guardian is not).
+func fleetRows(dataRoot string, protector []byte) []string {
+	p, err := guardian.ParseProtector(protector)
+	if err != nil {
+		return nil
+	}
+	name := func(r guardian.Row) string { return fmt.Sprintf("%s (fingerprint %s)", r.Name, r.Fingerprint) }
+	if r, ok := hostsvc.FleetRow(dataRoot, p.Rows()); ok {
+		return []string{name(r)}
+	}
+	var names []string
+	for _, r := range p.Rows() {
+		if !strings.HasPrefix(r.Name, hostGuardianPrefix) {
+			names = append(names, name(r))
+		}
+	}
+	return names
 }
 
 // missingKey reports whether err says no guardian opens the TPM's key.

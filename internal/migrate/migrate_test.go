@@ -114,6 +114,13 @@ func dialGuest(ctx context.Context, t *testing.T, name, sock string) *guest {
 // booting the test guest, and starts it.
 func bootVM(ctx context.Context, t *testing.T, h *testHost, name string) *guest {
 	t.Helper()
+	return bootVMWith(ctx, t, h, name, nil)
+}
+
+// bootVMWith is bootVM; edit, when set, changes the VM's configuration
+// before it starts.
+func bootVMWith(ctx context.Context, t *testing.T, h *testHost, name string, edit func(*vm.Config)) *guest {
+	t.Helper()
 	img, err := qemutest.BuildImage(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -126,6 +133,12 @@ func bootVM(ctx context.Context, t *testing.T, h *testHost, name string) *guest 
 	v, err := h.reg.Open(name)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if edit != nil {
+		edit(v.Config)
+		if err := v.Save(); err != nil {
+			t.Fatal(err)
+		}
 	}
 	sock := filepath.Join(h.dir, "src-"+name+".sock")
 	if _, err := h.reg.Start(ctx, v, vm.StartOptions{SerialSocket: sock, Accel: h.dst.Accel}); err != nil {
@@ -396,6 +409,90 @@ tpm2_verifysignature -c 0x80000001 -g sha256 -m /tmp/msg -s /tmp/sig`)
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }
+
+// preparing records what the destination prepared.
+type preparing struct {
+	*Local
+	inc *Incoming
+}
+
+func (p *preparing) Prepare(ctx context.Context, req *PrepareRequest) (*Incoming, error) {
+	inc, err := p.Local.Prepare(ctx, req)
+	p.inc = inc
+	return inc, err
+}
+
+// TestLiveMigrationSharedDisk migrates a guest with a disk in its bundle
+// and one outside both bundles, at a path both hosts allow: the bundle's
+// disk is mirrored over NBD, the shared one is not exported but opened in
+// place on B; what the guest wrote to it on A and then on B is in the one
+// file, and the source's markers are gone.
+func TestLiveMigrationSharedDisk(t *testing.T) {
+	ctx, a, b := setUp(t)
+	const name = "shared"
+	dir := filepath.Join(a.dir, "storage")
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	disk := filepath.Join(dir, "data.raw")
+	if err := os.WriteFile(disk, make([]byte, 16<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, h := range []*testHost{a, b} {
+		if _, err := h.reg.AllowPaths(dir); err != nil {
+			t.Fatal(err)
+		}
+	}
+	g := bootVMWith(ctx, t, a, name, func(c *vm.Config) {
+		c.Disks = append(c.Disks, vm.Disk{Path: disk, Format: "raw"})
+	})
+	onA, onB := "vtpm-shared-from-a-19c2", "vtpm-shared-from-b-7d40"
+	g.must(ctx, t, "test -b /dev/vdb")
+	g.must(ctx, t, "printf "+onA+" | dd of=/dev/vdb bs=512 seek=100 conv=fsync 2>/dev/null")
+
+	dst := &preparing{Local: b.dst}
+	res, err := (&Source{Registry: a.reg, Host: "a"}).Migrate(ctx, name, dst, Options{Grant: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stopVM(t, b, name) })
+	t.Logf("migrated: %+v; exports %v", res, dst.inc.Exports)
+	if _, ok := dst.inc.Exports[0]; !ok {
+		t.Errorf("the bundle's disk was not exported for the mirror: %v", dst.inc.Exports)
+	}
+	if e, ok := dst.inc.Exports[1]; ok {
+		t.Errorf("the shared disk was exported (%s): it is copied, not opened in place", e)
+	}
+	if left, _ := filepath.Glob(filepath.Join(dir, ".vtpm-shared-*")); len(left) > 0 {
+		t.Errorf("markers left beside the shared disk: %v", left)
+	}
+
+	gb := dialGuest(ctx, t, name+"@b", b.dst.SerialSocket(name))
+	gb.must(ctx, t, "echo 3 > /proc/sys/vm/drop_caches")
+	if got := gb.must(ctx, t, "dd if=/dev/vdb bs=512 skip=100 count=1 2>/dev/null | head -c "+itoa(len(onA))); got != onA {
+		t.Errorf("the shared disk on B at sector 100 = %q, want %q", got, onA)
+	}
+	gb.must(ctx, t, "printf "+onB+" | dd of=/dev/vdb bs=512 seek=200 conv=fsync 2>/dev/null")
+	v, err := b.reg.Open(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.reg.Stop(ctx, v, 0); err != nil {
+		t.Fatal(err)
+	}
+	data, err := os.ReadFile(disk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for off, want := range map[int]string{100: onA, 200: onB} {
+		if got := string(data[off*512 : off*512+len(want)]); got != want {
+			t.Errorf("the shared file at sector %d = %q, want %q", off, got, want)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(v.Dir, "data.raw")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("B made a copy of the shared disk in the bundle: %v", err)
+	}
+}
 
 // dying is a destination whose host service goes away at a moment the
 // test chooses: every call after that fails as an unreachable peer does.

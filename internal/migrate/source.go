@@ -85,6 +85,18 @@ type run struct {
 	wasRun   bool     // the guest ran when the migration began
 	res      Result
 	phase    string
+	specs    []*vm.IncomingSpec // made for the destination; their markers go at the end
+}
+
+// outgoingSpec describes the VM for the destination; the markers beside
+// its shared disks stay until the migration has ended.
+func (r *run) outgoingSpec(ctx context.Context) (*vm.IncomingSpec, error) {
+	spec, err := r.s.Registry.OutgoingSpec(ctx, r.v, r.q)
+	if err != nil {
+		return nil, err
+	}
+	r.specs = append(r.specs, spec)
+	return spec, nil
 }
 
 // Migrate moves running VM name to dst. On failure the VM keeps running
@@ -107,6 +119,11 @@ func (s *Source) Migrate(ctx context.Context, name string, dst Destination, o Op
 		return nil, r.fail(StepPreflight, err)
 	}
 	defer r.q.Close()
+	defer func() {
+		for _, s := range r.specs {
+			s.RemoveMarkers()
+		}
+	}()
 	spec, err := r.preflight(ctx)
 	if err != nil {
 		return nil, err
@@ -137,7 +154,7 @@ func (r *run) preflight(ctx context.Context) (*vm.IncomingSpec, error) {
 		return nil, &PreflightError{VM: r.v.Name(), Host: r.host, Refusal: errdefs.New(errdefs.ErrConflict,
 			"VM %s is already migrating (%s)", r.v.Name(), m.Status)}
 	}
-	spec, err := r.s.Registry.OutgoingSpec(ctx, r.v, r.q)
+	spec, err := r.outgoingSpec(ctx)
 	if err != nil {
 		return nil, r.fail(StepPreflight, err)
 	}
@@ -153,13 +170,14 @@ func (r *run) preflight(ctx context.Context) (*vm.IncomingSpec, error) {
 		pe := &PreflightError{VM: r.v.Name(), Host: r.host, Refusal: rep.Refusal}
 		if rep.NeedsGrant && gerr == nil {
 			pe.Guardian = fmt.Sprintf("%s (fingerprint %s)", g.Name(), g.Fingerprint())
+			pe.Fleet = fleetRows(r.s.Registry.Root, spec.Protector)
 		}
 		return nil, pe
 	}
 	if err := r.grant(g); err != nil {
 		return nil, r.fail(StepGrant, err)
 	}
-	if spec, err = r.s.Registry.OutgoingSpec(ctx, r.v, r.q); err != nil {
+	if spec, err = r.outgoingSpec(ctx); err != nil {
 		return nil, r.fail(StepPreflight, err)
 	}
 	if rep, err = r.dst.Preflight(ctx, spec); err != nil {

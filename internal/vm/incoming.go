@@ -2,6 +2,8 @@ package vm
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -20,6 +22,7 @@ import (
 	"vtpm/internal/errdefs"
 	"vtpm/internal/guardian"
 	"vtpm/internal/hostcheck"
+	"vtpm/internal/hostsvc"
 	"vtpm/internal/keybroker"
 	"vtpm/internal/qmp"
 	"vtpm/internal/sandbox"
@@ -43,14 +46,81 @@ type IncomingSpec struct {
 	// Protector is the TPM's protector.json (nil without a TPM): the
 	// destination must be able to open it to adopt the TPM.
 	Protector []byte `json:"protector,omitempty"`
+
+	// markers are the files the source made beside its shared disks.
+	markers []string
+}
+
+// RemoveMarkers removes the files OutgoingSpec made beside the shared
+// disks; the source calls it once the migration has ended, either way.
+func (s *IncomingSpec) RemoveMarkers() {
+	for _, m := range s.markers {
+		os.Remove(m)
+	}
+	s.markers = nil
 }
 
 // IncomingDisk is one disk of an IncomingSpec.
 type IncomingDisk struct {
 	Size int64 `json:"size"`
 	// Shared: the destination sees the disk at the same path (shared
-	// storage), so it is not copied.
+	// storage), so it is not copied; it opens the file in place.
 	Shared bool `json:"shared,omitempty"`
+	// Marker is the name of a file the source made beside a shared disk
+	// image for this migration: a destination that sees it beside the
+	// same path sees the same storage, not a file of its own that happens
+	// to have the disk's name. Passthrough devices have none.
+	Marker string `json:"marker,omitempty"`
+}
+
+// markerPrefix starts the name of a shared disk's marker; random hex
+// follows (markerRE).
+const markerPrefix = ".vtpm-shared-"
+
+var markerRE = regexp.MustCompile(`^\.vtpm-shared-[0-9a-f]{32}$`)
+
+// markShared makes a marker file beside disk image path, for a
+// destination to find (IncomingDisk.Marker): a name no one else has, made
+// with O_EXCL, holding the VM's name and UUID for whoever finds one left.
+func markShared(path string, c *Config) (name, file string, err error) {
+	var r [16]byte
+	if _, err := rand.Read(r[:]); err != nil {
+		return "", "", err
+	}
+	name = markerPrefix + hex.EncodeToString(r[:])
+	file = filepath.Join(filepath.Dir(path), name)
+	f, err := os.OpenFile(file, os.O_WRONLY|os.O_CREATE|os.O_EXCL|unix.O_NOFOLLOW, 0o600)
+	if err != nil {
+		return "", "", fmt.Errorf("mark disk %s as shared storage for the destination to find: %w", path, err)
+	}
+	_, err = fmt.Fprintf(f, "VM %s (%s) migrating: the destination checks it sees this storage\n", c.Name, c.UUID)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(file)
+		return "", "", err
+	}
+	return name, file, nil
+}
+
+// sharedHere checks that this host sees shared disk d as the source does:
+// the marker the source made beside it is beside it here too.
+func sharedHere(d Disk, in IncomingDisk) error {
+	if d.Passthrough {
+		return nil // a device node: there is nothing to mark beside it
+	}
+	if !markerRE.MatchString(in.Marker) {
+		return errdefs.New(errdefs.ErrInvalidArgument, "disk %s: the source sent no valid shared-storage marker (%q)", d.Path, in.Marker)
+	}
+	m := filepath.Join(filepath.Dir(d.Path), in.Marker)
+	st, err := os.Lstat(m)
+	if err != nil || !st.Mode().IsRegular() {
+		return errdefs.New(errdefs.ErrFailedPrecondition,
+			"disk %s is outside the VM's bundle, so it must be shared storage, and %s here is not the source's: the marker the source made beside it, %s, is not here",
+			d.Path, d.Path, in.Marker)
+	}
+	return nil
 }
 
 // incomingMark marks a bundle a live migration is filling: not registered,
@@ -100,11 +170,22 @@ func (h *Registry) OutgoingSpec(ctx context.Context, v *VM, q *qmp.Conn) (*Incom
 		if size < 0 {
 			return nil, fmt.Errorf("VM %s: QEMU has no drive %s for disk %s", c.Name, DiskDevice(i), d.Path)
 		}
-		spec.Disks = append(spec.Disks, IncomingDisk{Size: size, Shared: d.Passthrough || filepath.IsAbs(d.Path)})
+		in := IncomingDisk{Size: size, Shared: d.Passthrough || filepath.IsAbs(d.Path)}
+		if in.Shared && !d.Passthrough {
+			name, file, err := markShared(d.Path, c)
+			if err != nil {
+				spec.RemoveMarkers()
+				return nil, err
+			}
+			in.Marker = name
+			spec.markers = append(spec.markers, file)
+		}
+		spec.Disks = append(spec.Disks, in)
 	}
 	if c.TPMEnabled() {
 		p, err := os.ReadFile(filepath.Join(v.TPMDir(), keybroker.ProtectorFile))
 		if err != nil {
+			spec.RemoveMarkers()
 			return nil, fmt.Errorf("VM %s: the TPM's key protector: %w", c.Name, err)
 		}
 		spec.Protector = p
@@ -287,6 +368,8 @@ func (h *Registry) PreflightIncoming(ctx context.Context, spec *IncomingSpec) (*
 					add(errdefs.ErrFailedPrecondition, "disk %s is outside the VM's bundle, so it must be shared storage, and this host does not see it: %v", d.Path, err)
 				} else if d.Format == "raw" && st.Mode().IsRegular() && st.Size() != in.Size {
 					add(errdefs.ErrFailedPrecondition, "disk %s is %d bytes here and %d bytes on the source: not the same storage", d.Path, st.Size(), in.Size)
+				} else if err := sharedHere(d, in); err != nil {
+					probs = append(probs, err)
 				}
 			case in.Size <= 0 || in.Size > MaxDiskSize:
 				add(errdefs.ErrInvalidArgument, "disk %s: size %d out of range", d.Path, in.Size)
@@ -334,6 +417,16 @@ func (h *Registry) checkIncomingTPM(dir string, protector []byte) error {
 	}
 	defer k.Close()
 	o, err := k.OpenProtector(dir, p, keybroker.OpenOptions{})
+	var missing *keybroker.MissingKeyError
+	if errors.As(err, &missing) && h.HostSocket != "" {
+		if _, ok := hostsvc.FleetRow(h.Root, missing.Rows); ok {
+			// The protector has the row of the fleet guardian this
+			// host's service asks the key service for: the vTPM adopts
+			// the TPM through that service, with the key it releases
+			// then (asking here would release it twice).
+			return nil
+		}
+	}
 	if err != nil {
 		return err
 	}

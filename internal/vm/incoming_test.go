@@ -10,6 +10,8 @@ import (
 	"testing"
 
 	"vtpm/internal/errdefs"
+	"vtpm/internal/guardian"
+	"vtpm/internal/hostsvc"
 	"vtpm/internal/keybroker"
 	"vtpm/internal/qmp"
 	"vtpm/internal/testutil"
@@ -103,10 +105,39 @@ func TestPreflightIncoming(t *testing.T) {
 	ks, kd := mustKeys(t, src), mustKeys(t, dst)
 	gs, _ := ks.Local()
 	gd, _ := kd.Local()
-	if _, err := ks.Grant(v.TPMDir(), gd.Public()); err != nil {
+	if _, err := kd.Trust(gs.Public()); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := kd.Trust(gs.Public()); err != nil {
+	// A fleet host: no guardian here is admitted, but the protector has
+	// the row of the fleet guardian this host's service asks the key
+	// service for, so the TPM can be adopted with the key it releases.
+	fleet, err := guardian.New("fleet", guardian.MLKEM768X25519)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ks.Grant(v.TPMDir(), fleet.Public()); err != nil {
+		t.Fatal(err)
+	}
+	fs := good()
+	if fs.Protector, err = os.ReadFile(filepath.Join(v.TPMDir(), keybroker.ProtectorFile)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := dst.PreflightIncoming(context.Background(), fs); !errors.Is(err, errdefs.ErrPermissionDenied) {
+		t.Errorf("a protector with a fleet row, on a host that knows no fleet guardian: %v, want permission denied", err)
+	}
+	certs, err := fleet.ExportCertificates()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := hostsvc.WriteFleet(dst.Root, certs); err != nil {
+		t.Fatal(err)
+	}
+	dst.HostSocket = filepath.Join(dst.Root, "host.sock")
+	if _, err := dst.PreflightIncoming(context.Background(), fs); err != nil {
+		t.Errorf("a fleet host refuses a TPM with the fleet guardian's row: %v", err)
+	}
+	dst.HostSocket = ""
+	if _, err := ks.Grant(v.TPMDir(), gd.Public()); err != nil {
 		t.Fatal(err)
 	}
 	ks.Close()
@@ -118,11 +149,66 @@ func TestPreflightIncoming(t *testing.T) {
 	if _, err := dst.PreflightIncoming(context.Background(), s); err != nil {
 		t.Fatalf("an admitted host refuses: %v", err)
 	}
+	sharedDisk(t, src, dst, v, s)
 	if _, err := dst.Create(CreateOptions{Name: "web", OS: Linux, NoDisk: true}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := dst.PreflightIncoming(context.Background(), s); !errors.Is(err, errdefs.ErrAlreadyExists) {
 		t.Errorf("a name taken here: %v", err)
+	}
+}
+
+// sharedDisk: a disk outside the bundle, at a path both hosts allow, is
+// shared storage when the destination finds beside it the marker the
+// source made; a marker it does not see, or none, is refused as not the
+// same storage.
+func sharedDisk(t *testing.T, src, dst *Registry, v *VM, good *IncomingSpec) {
+	t.Helper()
+	dir := t.TempDir()
+	disk := filepath.Join(dir, "shared.raw")
+	if err := os.WriteFile(disk, make([]byte, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := dst.AllowPaths(dir); err != nil {
+		t.Fatal(err)
+	}
+	c := *v.Config
+	c.Disks = append(append([]Disk{}, c.Disks...), Disk{Path: disk, Format: "raw"})
+	cfg, err := json.Marshal(&c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	name, file, err := markShared(disk, &c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := &IncomingSpec{markers: []string{file}}
+	for _, tc := range []struct {
+		name   string
+		marker string
+		want   string // "" accepted
+	}{
+		{"marked", name, ""},
+		{"no marker", "", "no valid shared-storage marker"},
+		{"a marker not here", markerPrefix + strings.Repeat("0", 32), "is not the source's"},
+		{"a marker that is a path", "../" + name, "no valid shared-storage marker"},
+	} {
+		t.Run("shared disk/"+tc.name, func(t *testing.T) {
+			s := *good
+			s.Config = cfg
+			s.Disks = append(append([]IncomingDisk{}, good.Disks...), IncomingDisk{Size: 1 << 20, Shared: true, Marker: tc.marker})
+			_, err := dst.PreflightIncoming(context.Background(), &s)
+			switch {
+			case tc.want == "" && err != nil:
+				t.Fatalf("refused: %v", err)
+			case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+				t.Fatalf("got %v, want a refusal saying %q", err, tc.want)
+			}
+		})
+	}
+	out.RemoveMarkers()
+	if _, err := os.Lstat(file); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the marker is left after RemoveMarkers: %v", err)
 	}
 }
 

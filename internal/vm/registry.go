@@ -30,6 +30,12 @@ type Registry struct {
 	Exe string
 	// Log receives warnings; default slog.Default().
 	Log *slog.Logger
+	// HostSocket is the key socket of the host service serving this data
+	// root, handed to vTPM instances ($VTPM_HOST_SOCKET). A live
+	// migration's destination vTPM drops privileges like any other and
+	// adopts the arriving TPM through it; without one (no host service,
+	// a registry driven in process) that vTPM keeps root's user.
+	HostSocket string
 }
 
 // NewRegistry returns the VMs under dataRoot; keys opens its keystore.

@@ -495,10 +495,11 @@ func (h *Registry) startTPM(ctx context.Context, v *VM, r runPaths) error {
 }
 
 // startTPMFor is startTPM; adopt starts the instance of a live
-// migration's destination, on an empty state directory: it keeps root's
-// user (confined all the same) until the VM's next start, since a process
-// that dropped privileges can no longer read the keystore to open the key
-// protector arriving in the stream.
+// migration's destination, on an empty state directory. It runs as vm
+// start runs it and adopts the TPM arriving in the stream through the
+// host service (HostSocket), since a process that dropped privileges can
+// no longer read the keystore; without a host service it keeps root's
+// user (confined all the same).
 func (h *Registry) startTPMFor(ctx context.Context, v *VM, r runPaths, adopt bool) error {
 	exe := h.Exe
 	if exe == "" {
@@ -511,7 +512,8 @@ func (h *Registry) startTPMFor(ctx context.Context, v *VM, r runPaths, adopt boo
 	if err != nil {
 		return err
 	}
-	if adopt {
+	if adopt && runAs != "" && h.HostSocket == "" {
+		h.log().Warn("the vTPM of a VM received by migration runs as root: no host service to adopt its TPM through", "vm", v.Name())
 		runAs = ""
 	}
 	if err := os.MkdirAll(r.TPMRun, 0o700); err != nil {
@@ -532,6 +534,9 @@ func (h *Registry) startTPMFor(ctx context.Context, v *VM, r runPaths, adopt boo
 	// The instance opens this registry's keystore, whatever the caller's
 	// environment names.
 	cmd.Env = append(os.Environ(), "VTPM_HOME="+h.Root)
+	if h.HostSocket != "" {
+		cmd.Env = append(cmd.Env, hostsvc.SocketEnv+"="+h.HostSocket)
+	}
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		msg := strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(string(out)), "swtpm: "))

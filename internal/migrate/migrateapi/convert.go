@@ -11,7 +11,7 @@ func specToProto(s *vm.IncomingSpec) *hostv1.IncomingSpec {
 	p := &hostv1.IncomingSpec{Config: s.Config, Files: s.Files, Machine: s.Machine, Protector: s.Protector,
 		Qemu: &hostv1.QEMUVersion{Major: int32(s.QEMU.Major), Minor: int32(s.QEMU.Minor), Micro: int32(s.QEMU.Micro)}}
 	for _, d := range s.Disks {
-		p.Disks = append(p.Disks, &hostv1.IncomingDisk{Size: d.Size, Shared: d.Shared})
+		p.Disks = append(p.Disks, &hostv1.IncomingDisk{Size: d.Size, Shared: d.Shared, Marker: d.Marker})
 	}
 	return p
 }
@@ -20,7 +20,7 @@ func specFromProto(p *hostv1.IncomingSpec) *vm.IncomingSpec {
 	s := &vm.IncomingSpec{Config: p.GetConfig(), Files: p.GetFiles(), Machine: p.GetMachine(), Protector: p.GetProtector(),
 		QEMU: qmp.Version{Major: int(p.GetQemu().GetMajor()), Minor: int(p.GetQemu().GetMinor()), Micro: int(p.GetQemu().GetMicro())}}
 	for _, d := range p.GetDisks() {
-		s.Disks = append(s.Disks, vm.IncomingDisk{Size: d.GetSize(), Shared: d.GetShared()})
+		s.Disks = append(s.Disks, vm.IncomingDisk{Size: d.GetSize(), Shared: d.GetShared(), Marker: d.GetMarker()})
 	}
 	return s
 }

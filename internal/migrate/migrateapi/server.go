@@ -36,6 +36,9 @@ func Services(s *hostd.Server) []hostd.Service {
 	})
 	reg.Log = s.Logger()
 	reg.Exe = vtpmExe()
+	// The received VM's vTPM drops privileges and adopts its TPM through
+	// this service's key socket.
+	reg.HostSocket = s.KeySocket()
 	if gone, err := reg.CleanIncoming(context.Background()); err != nil || len(gone) > 0 {
 		s.Logger().Warn("removed VMs a migration into this host left half-received", "vms", gone, "err", err)
 	}

@@ -119,7 +119,10 @@ type IncomingDisk struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Size  int64                  `protobuf:"varint,1,opt,name=size,proto3" json:"size,omitempty"`
 	// shared: the destination sees the disk at the same path.
-	Shared        bool `protobuf:"varint,2,opt,name=shared,proto3" json:"shared,omitempty"`
+	Shared bool `protobuf:"varint,2,opt,name=shared,proto3" json:"shared,omitempty"`
+	// marker: the name of a file the source made beside a shared disk for
+	// this migration; the destination sees the same storage when it sees it.
+	Marker        string `protobuf:"bytes,3,opt,name=marker,proto3" json:"marker,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -166,6 +169,13 @@ func (x *IncomingDisk) GetShared() bool {
 		return x.Shared
 	}
 	return false
+}
+
+func (x *IncomingDisk) GetMarker() string {
+	if x != nil {
+		return x.Marker
+	}
+	return ""
 }
 
 type QEMUVersion struct {
@@ -964,10 +974,11 @@ const file_vtpm_host_v1_migration_proto_rawDesc = "" +
 	"\n" +
 	"FilesEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\fR\x05value:\x028\x01\":\n" +
+	"\x05value\x18\x02 \x01(\fR\x05value:\x028\x01\"R\n" +
 	"\fIncomingDisk\x12\x12\n" +
 	"\x04size\x18\x01 \x01(\x03R\x04size\x12\x16\n" +
-	"\x06shared\x18\x02 \x01(\bR\x06shared\"O\n" +
+	"\x06shared\x18\x02 \x01(\bR\x06shared\x12\x16\n" +
+	"\x06marker\x18\x03 \x01(\tR\x06marker\"O\n" +
 	"\vQEMUVersion\x12\x14\n" +
 	"\x05major\x18\x01 \x01(\x05R\x05major\x12\x14\n" +
 	"\x05minor\x18\x02 \x01(\x05R\x05minor\x12\x14\n" +
