@@ -74,10 +74,24 @@ type IncomingDisk struct {
 }
 
 // markerPrefix starts the name of a shared disk's marker; random hex
-// follows (markerRE).
+// follows (isMarker).
 const markerPrefix = ".vtpm-shared-"
 
-var markerRE = regexp.MustCompile(`^\.vtpm-shared-[0-9a-f]{32}$`)
+// isMarker reports whether name is a marker's name: the prefix and 32
+// lower-case hex digits. (Not a package-level regexp: every vTPM start
+// would compile it.)
+func isMarker(name string) bool {
+	hex, ok := strings.CutPrefix(name, markerPrefix)
+	if !ok || len(hex) != 32 {
+		return false
+	}
+	for _, c := range hex {
+		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f') {
+			return false
+		}
+	}
+	return true
+}
 
 // markShared makes a marker file beside disk image path, for a
 // destination to find (IncomingDisk.Marker): a name no one else has, made
@@ -110,7 +124,7 @@ func sharedHere(d Disk, in IncomingDisk) error {
 	if d.Passthrough {
 		return nil // a device node: there is nothing to mark beside it
 	}
-	if !markerRE.MatchString(in.Marker) {
+	if !isMarker(in.Marker) {
 		return errdefs.New(errdefs.ErrInvalidArgument, "disk %s: the source sent no valid shared-storage marker (%q)", d.Path, in.Marker)
 	}
 	m := filepath.Join(filepath.Dir(d.Path), in.Marker)
@@ -218,8 +232,6 @@ func resolvedMachine(ctx context.Context, q *qmp.Conn, c *Config) (string, error
 	return "", fmt.Errorf("VM %s: QEMU does not say what machine q35 is", c.Name)
 }
 
-var machineLineRE = regexp.MustCompile(`(?m)^(\S+)\s`)
-
 // qemuMachines lists the machine types this host's QEMU provides.
 func qemuMachines(ctx context.Context) (map[string]bool, qmp.Version, error) {
 	out, err := exec.CommandContext(ctx, hostcheck.QEMU, "-machine", "help").Output()
@@ -227,8 +239,10 @@ func qemuMachines(ctx context.Context) (map[string]bool, qmp.Version, error) {
 		return nil, qmp.Version{}, fmt.Errorf("%s -machine help: %w", hostcheck.QEMU, err)
 	}
 	ms := map[string]bool{}
-	for _, m := range machineLineRE.FindAllSubmatch(out, -1) {
-		ms[string(m[1])] = true
+	for _, line := range strings.Split(string(out), "\n") {
+		if name, _, ok := strings.Cut(line, " "); ok && name != "" {
+			ms[name] = true
+		}
 	}
 	vout, err := exec.CommandContext(ctx, hostcheck.QEMU, "--version").Output()
 	if err != nil {
