@@ -29,14 +29,15 @@ func FindQEMU() (string, error) {
 	return p, nil
 }
 
+// Compiled on first use, not at every vTPM start.
 var (
-	qemuVersionRE = regexp.MustCompile(`version (\d+)\.(\d+)`)
-	tpmEmulatorRE = regexp.MustCompile(`(?m)^\s*emulator\s`)
+	qemuVersionRE = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`version (\d+)\.(\d+)`) })
+	tpmEmulatorRE = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`(?m)^\s*emulator\s`) })
 )
 
 // parseQEMUVersion reads `qemu --version`'s major and minor.
 func parseQEMUVersion(out []byte) (major, minor int, ok bool) {
-	m := qemuVersionRE.FindSubmatch(out)
+	m := qemuVersionRE().FindSubmatch(out)
 	if m == nil {
 		return 0, 0, false
 	}
@@ -63,7 +64,7 @@ func newEnough(major, minor int) bool {
 func tpmEmulator(ctx context.Context, exe string) error {
 	// QEMU 7.2 lists the backends and exits 1: the list is what counts.
 	out, _ := exec.CommandContext(ctx, exe, "-tpmdev", "help").CombinedOutput()
-	if !tpmEmulatorRE.Match(out) {
+	if !tpmEmulatorRE().Match(out) {
 		return fmt.Errorf("-tpmdev help does not list emulator: %q", strings.TrimSpace(string(out)))
 	}
 	return nil

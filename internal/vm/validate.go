@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"unicode"
 	"unicode/utf8"
 
@@ -265,9 +266,10 @@ func checkText(s string) error {
 }
 
 // userName is a POSIX-portable user name, as useradd accepts them.
-var userName = regexp.MustCompile(`^[a-z_][a-z0-9_.-]{0,31}$|^[0-9]{1,10}$`)
+// Compiled on first use, not at every vTPM start.
+var userName = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[a-z_][a-z0-9_.-]{0,31}$|^[0-9]{1,10}$`) })
 
-func validUser(s string) bool { return userName.MatchString(s) }
+func validUser(s string) bool { return userName().MatchString(s) }
 
 func oneOf(s string, set []string) bool {
 	for _, x := range set {
