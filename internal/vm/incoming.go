@@ -266,13 +266,7 @@ type IncomingError struct {
 }
 
 func (e *IncomingError) Error() string {
-	var b strings.Builder
-	fmt.Fprintf(&b, "this host cannot receive VM %s (nothing was made here):", e.VM)
-	for _, p := range e.Problems {
-		b.WriteString("\n  - ")
-		b.WriteString(strings.ReplaceAll(p.Error(), "\n", "\n    "))
-	}
-	return b.String()
+	return listProblems(fmt.Sprintf("this host cannot receive VM %s (nothing was made here):", e.VM), e.Problems)
 }
 
 func (e *IncomingError) Unwrap() []error { return e.Problems }

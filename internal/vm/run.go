@@ -144,9 +144,14 @@ type PreflightError struct {
 }
 
 func (e *PreflightError) Error() string {
+	return listProblems(fmt.Sprintf("VM %s cannot start (nothing was started):", e.VM), e.Problems)
+}
+
+// listProblems is head followed by one indented item per problem.
+func listProblems(head string, problems []error) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "VM %s cannot start (nothing was started):", e.VM)
-	for _, p := range e.Problems {
+	b.WriteString(head)
+	for _, p := range problems {
 		b.WriteString("\n  - ")
 		b.WriteString(strings.ReplaceAll(p.Error(), "\n", "\n    "))
 	}
