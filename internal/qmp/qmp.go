@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"runtime"
 	"sync"
 	"syscall"
 
@@ -197,6 +198,12 @@ func (q *Conn) readLoop(r *bufio.Reader) {
 // Execute runs one command with args (marshalled as its "arguments"; nil
 // for none) and returns its "return" value. An error reply is an *Error.
 func (q *Conn) Execute(ctx context.Context, cmd string, args any) (json.RawMessage, error) {
+	return q.execute(ctx, cmd, args, nil)
+}
+
+// execute sends cmd, with descriptors rights (SCM_RIGHTS) on the same
+// write when there are any, and waits for its reply.
+func (q *Conn) execute(ctx context.Context, cmd string, args any, rights []byte) (json.RawMessage, error) {
 	q.mu.Lock()
 	if q.err != nil {
 		err := q.err
@@ -222,8 +229,13 @@ func (q *Conn) Execute(ctx context.Context, cmd string, args any) (json.RawMessa
 	if err != nil {
 		return nil, fmt.Errorf("QMP %s: encode arguments: %w", cmd, err)
 	}
+	msg = append(msg, '\n')
 	q.writeMu.Lock()
-	_, err = q.conn.Write(append(msg, '\n'))
+	if rights != nil {
+		_, _, err = q.conn.(*net.UnixConn).WriteMsgUnix(msg, rights, nil)
+	} else {
+		_, err = q.conn.Write(msg)
+	}
 	q.writeMu.Unlock()
 	if err != nil {
 		return nil, fmt.Errorf("QMP %s: send: %w", cmd, err)
@@ -257,54 +269,21 @@ func (q *Conn) Execute(ctx context.Context, cmd string, args any) (json.RawMessa
 // directory (TLS credentials) it could not reach by path. The session must
 // be on a unix socket; the descriptor lives while a monitor is connected.
 func (q *Conn) AddFD(ctx context.Context, f *os.File) (int, error) {
-	uc, ok := q.conn.(*net.UnixConn)
-	if !ok {
+	if _, ok := q.conn.(*net.UnixConn); !ok {
 		return 0, fmt.Errorf("QMP add-fd: the monitor is not a unix socket")
 	}
-	q.mu.Lock()
-	if q.err != nil {
-		err := q.err
-		q.mu.Unlock()
-		return 0, fmt.Errorf("QMP add-fd: %w", err)
-	}
-	q.nextID++
-	id := q.nextID
-	ch := make(chan reply, 1)
-	q.pending[id] = ch
-	q.mu.Unlock()
-	defer func() {
-		q.mu.Lock()
-		delete(q.pending, id)
-		q.mu.Unlock()
-	}()
-	msg, err := json.Marshal(map[string]any{"execute": "add-fd", "id": id})
+	ret, err := q.execute(ctx, "add-fd", nil, syscall.UnixRights(int(f.Fd())))
+	runtime.KeepAlive(f) // open until sent
 	if err != nil {
 		return 0, err
 	}
-	q.writeMu.Lock()
-	_, _, err = uc.WriteMsgUnix(append(msg, '\n'), syscall.UnixRights(int(f.Fd())), nil)
-	q.writeMu.Unlock()
-	if err != nil {
-		return 0, fmt.Errorf("QMP add-fd: send: %w", err)
+	var r struct {
+		FD int `json:"fd"`
 	}
-	select {
-	case rep := <-ch:
-		if rep.Error != nil {
-			rep.Error.Command = "add-fd"
-			return 0, rep.Error
-		}
-		var r struct {
-			FD int `json:"fd"`
-		}
-		if err := json.Unmarshal(rep.Return, &r); err != nil {
-			return 0, fmt.Errorf("decode add-fd: %w", err)
-		}
-		return r.FD, nil
-	case <-q.closed:
-		return 0, fmt.Errorf("QMP add-fd: %w", ErrClosed)
-	case <-ctx.Done():
-		return 0, fmt.Errorf("QMP add-fd: %w", ctx.Err())
+	if err := json.Unmarshal(ret, &r); err != nil {
+		return 0, fmt.Errorf("decode add-fd: %w", err)
 	}
+	return r.FD, nil
 }
 
 // WaitEvent waits for an event named name among those received from index
