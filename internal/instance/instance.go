@@ -13,6 +13,7 @@ import (
 	"os"
 	"strconv"
 	"sync"
+	"syscall"
 
 	"github.com/google/go-tpm/tpm2"
 
@@ -336,11 +337,18 @@ func (in *Instance) startup() error {
 func (in *Instance) writePid() error {
 	pid := []byte(strconv.Itoa(os.Getpid()))
 	if in.opts.PidFile != "" {
-		tmp := in.opts.PidFile + ".tmp"
-		if err := os.WriteFile(tmp, pid, 0o644); err != nil {
+		// Written into the file, not renamed over it, as swtpm does:
+		// swtpm_setup makes the file itself and watches its size through
+		// the descriptor it holds. Never through a link.
+		f, err := os.OpenFile(in.opts.PidFile, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|syscall.O_NOFOLLOW, 0o644)
+		if err != nil {
 			return fmt.Errorf("write pid file: %w", err)
 		}
-		if err := os.Rename(tmp, in.opts.PidFile); err != nil {
+		_, err = f.Write(pid)
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
 			return fmt.Errorf("write pid file: %w", err)
 		}
 	}

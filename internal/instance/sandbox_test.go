@@ -70,7 +70,14 @@ func TestInstanceIsSandboxed(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
+			// swtpm_setup makes the pid file and watches its size through
+			// its own descriptor: the pid is written into that file.
 			pidFile := filepath.Join(shortDir(t), "vtpm.pid")
+			watched, err := os.Create(pidFile)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer watched.Close()
 			p := startTPM(t, ourVtpm, tpmConfig{transport: tc.transport, args: append([]string{"--pid", "file=" + pidFile}, tc.args...)})
 			// The sockets listen before the filter is installed; an answer
 			// on the control channel comes after.
@@ -89,6 +96,9 @@ func TestInstanceIsSandboxed(t *testing.T) {
 			}
 			if b, err := os.ReadFile(pidFile); err != nil || string(b) != strconv.Itoa(p.Cmd.Process.Pid) {
 				t.Errorf("pid file: %q, %v; want %d", b, err, p.Cmd.Process.Pid)
+			}
+			if fi, err := watched.Stat(); err != nil || fi.Size() != int64(len(strconv.Itoa(p.Cmd.Process.Pid))) {
+				t.Errorf("the pid file's first descriptor sees %v, %v: the pid was not written into the file", fi.Size(), err)
 			}
 			// Re-executed inside the sandbox, the process is still the one started.
 			if st := procStatus(t, p.Cmd.Process.Pid); st["Seccomp"] != tc.wantSeccomp {
