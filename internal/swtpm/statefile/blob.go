@@ -244,14 +244,14 @@ func decodeV1(data []byte, key *Key) ([]byte, error) {
 	}
 	plain, err := cbcDecrypt(key, make([]byte, cbcIVSize), data)
 	if err != nil {
-		return nil, fmt.Errorf("decoding version 1 state file: %w", err)
+		return nil, fmt.Errorf("decoding version 1 data: %w", err)
 	}
 	if len(plain) < sha256.Size {
-		return nil, fmt.Errorf("decoding version 1 state file: too short for its hash: %w", tpmrc.TPMDecryptError)
+		return nil, fmt.Errorf("decoding version 1 data: too short for its hash: %w", tpmrc.TPMDecryptError)
 	}
 	sum := sha256.Sum256(plain[sha256.Size:])
 	if subtle.ConstantTimeCompare(sum[:], plain[:sha256.Size]) != 1 {
-		return nil, fmt.Errorf("decoding version 1 state file: hash mismatch, wrong key or corrupted data: %w", tpmrc.TPMDecryptError)
+		return nil, fmt.Errorf("decoding version 1 data: hash mismatch, wrong key or corrupted data: %w", tpmrc.TPMDecryptError)
 	}
 	return plain[sha256.Size:], nil
 }

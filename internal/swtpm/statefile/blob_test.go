@@ -313,3 +313,53 @@ func FuzzDecodeFile(f *testing.F) {
 		DecodeMigration(data, uint32(which>>2), k, keys[int(which>>4)%3])
 	})
 }
+
+// TestDecodeMigrationVersion1: a migration blob with header version 1 (as
+// swtpm 0.7.1's tests load with swtpm_ioctl --load) holds each layer as the
+// whole payload: AES-CBC(zero IV) of SHA256(data)||data under its key.
+func TestDecodeMigrationVersion1(t *testing.T) {
+	plain := testPlain(100)
+	v1 := func(key *Key, data []byte) []byte {
+		sum := sha256.Sum256(data)
+		data = append(sum[:], data...)
+		kl := len(key.Bytes)
+		pad := kl - len(data)%kl
+		data = append(data, bytes.Repeat([]byte{byte(pad)}, pad)...)
+		block, _ := aes.NewCipher(key.Bytes)
+		cipher.NewCBCEncrypter(block, make([]byte, 16)).CryptBlocks(data, data)
+		return data
+	}
+	blob := func(flags uint16, payload []byte) []byte {
+		b := append(appendHeader(nil, flags, len(payload)), payload...)
+		b[0], b[1] = 1, 1
+		return b
+	}
+	tests := []struct {
+		name            string
+		blob            []byte
+		fileKey, migKey *Key
+		wantErr         bool
+	}{
+		{"migration key", blob(FlagMigrationEncrypted, v1(key256, plain)), nil, key256, false},
+		{"migration and state keys", blob(FlagMigrationEncrypted|FlagEncrypted, v1(key256, v1(key128, plain))), key128, key256, false},
+		{"plain", blob(0, plain), nil, nil, false},
+		{"wrong migration key", blob(FlagMigrationEncrypted, v1(key256, plain)), nil, &Key{Bytes: bytes.Repeat([]byte{7}, 32)}, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := DecodeMigration(tt.blob, 0, tt.fileKey, tt.migKey)
+			if tt.wantErr {
+				if err == nil {
+					t.Fatal("DecodeMigration accepted a blob under another key")
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("DecodeMigration: %v", err)
+			}
+			if !bytes.Equal(got, plain) {
+				t.Fatalf("decoded % x..., want % x...", got[:min(8, len(got))], plain[:8])
+			}
+		})
+	}
+}

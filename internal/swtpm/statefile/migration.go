@@ -68,6 +68,9 @@ func DecodeMigration(blob []byte, stateFlags uint32, fileKey, migKey *Key) ([]by
 		return nil, nil
 	}
 
+	if h.version == 1 {
+		return decodeMigrationV1(payload, h, stateFlags, fileKey, migKey)
+	}
 	var inner []byte
 	if h.flags&FlagMigrationEncrypted != 0 {
 		if migKey == nil {
@@ -99,4 +102,31 @@ func DecodeMigration(blob []byte, stateFlags uint32, fileKey, migKey *Key) ([]by
 		return nil, fmt.Errorf("decoding migration blob: no plain data record in the inner layer: %w", tpmrc.TPMFail)
 	}
 	return bytes.Clone(plain), nil
+}
+
+// decodeMigrationV1 reads a blob of header version 1, which swtpm still
+// accepts: each layer is the whole payload, raw or (with its key)
+// AES-CBC(zero IV) of SHA256(data)||data, with no records.
+func decodeMigrationV1(payload []byte, h header, stateFlags uint32, fileKey, migKey *Key) ([]byte, error) {
+	inner := payload
+	if h.flags&FlagMigrationEncrypted != 0 {
+		if migKey == nil {
+			return nil, fmt.Errorf("decoding migration blob: it is encrypted with a migration key but none is configured; pass the source's --migration-key: %w", tpmrc.TPMKeyNotFound)
+		}
+		var err error
+		if inner, err = decodeV1(payload, migKey); err != nil {
+			return nil, fmt.Errorf("decoding migration blob's outer layer: %w", err)
+		}
+	}
+	if h.flags&FlagEncrypted != 0 || stateFlags&StateFlagEncrypted != 0 {
+		if fileKey == nil {
+			return nil, fmt.Errorf("decoding migration blob: its inner layer is encrypted with a state key but none is configured; pass the source's --key: %w", tpmrc.TPMKeyNotFound)
+		}
+		plain, err := decodeV1(inner, fileKey)
+		if err != nil {
+			return nil, fmt.Errorf("decoding migration blob's inner layer: %w", err)
+		}
+		return plain, nil
+	}
+	return bytes.Clone(inner), nil
 }
