@@ -45,7 +45,7 @@ demo: build
 	./scripts/demo.sh
 
 # vtpm and swtpm side by side (same machine, same libtpms); rewrites
-# BENCHMARKS.md in under three minutes. BENCHFLAGS="-rtt 1000 …" changes counts.
+# BENCHMARKS.md in about four minutes. BENCHFLAGS="-rtt 1000 …" changes counts.
 bench: build
 	$(GO) build -o $(BIN)/vtpm-bench ./cmd/vtpm-bench
 	$(BIN)/vtpm-bench -vtpm $(BIN)/vtpm -out BENCHMARKS.md $(BENCHFLAGS)

@@ -346,7 +346,7 @@ func (r *report) markdown(notes string) string {
 	var sb strings.Builder
 	w := func(format string, args ...any) { fmt.Fprintf(&sb, format, args...) }
 	w("# Benchmarks: vtpm against swtpm\n\n")
-	w("This file is written by `cmd/vtpm-bench`; rerun `make bench` to refresh it (under three minutes).\n")
+	w("This file is written by `cmd/vtpm-bench`; rerun `make bench` to refresh it (about four minutes).\n")
 	w("Only the notes section at the end is written by hand; it is kept across runs.\n\n")
 	w("- Date: %s\n", e.date.Format("2006-01-02 15:04 UTC"))
 	w("- Command: %s\n", r.command)
