@@ -1,14 +1,12 @@
 package hostsvc
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"io/fs"
 	"log/slog"
 	"net"
 	"os"
-	"os/signal"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -19,36 +17,6 @@ import (
 	"vtpm/internal/manufacture"
 	"vtpm/internal/paths"
 )
-
-// Run runs the host service until ctx ends or SIGTERM/SIGINT: it opens the
-// keystore of dataRoot, makes sure the host's guardian exists before the
-// first vTPM asks, and serves on the socket systemd passed, else on socket.
-func Run(ctx context.Context, socket, dataRoot string, log *slog.Logger) error {
-	cfg, err := ReadConfig(dataRoot)
-	if err != nil {
-		return err
-	}
-	b, err := keybroker.Open(dataRoot, keystore.Options{HostTPM: os.Getenv("VTPM_HOST_TPM"), Logger: log})
-	if err != nil {
-		return err
-	}
-	defer b.Close()
-	if _, err := b.Local(); err != nil {
-		return err
-	}
-	l, cleanup, err := Listen(socket)
-	if err != nil {
-		return err
-	}
-	defer cleanup()
-	if ctx == nil {
-		ctx = context.Background()
-	}
-	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
-	defer stop()
-	log.Info("host service ready", "socket", l.Addr().String(), "data_root", dataRoot, "users", cfg.Users)
-	return NewServer(b, cfg, log).Serve(ctx, l)
-}
 
 // Listen returns the socket systemd passed (LISTEN_FDS), else a new one at
 // path: world-connectable, since callers are admitted by their credentials.
