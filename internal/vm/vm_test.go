@@ -3,6 +3,7 @@ package vm
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -10,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"vtpm/internal/errdefs"
 	"vtpm/internal/hostcheck"
@@ -386,6 +388,16 @@ func TestUnregisterRefusesARunningVM(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer func() { qemu.Process.Kill(); qemu.Wait() }()
+	// Until the child has exec'd, its command line is still this test's.
+	cmdline := fmt.Sprintf("/proc/%d/cmdline", qemu.Process.Pid)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if b, _ := os.ReadFile(cmdline); bytes.Contains(b, []byte(filepath.Base(r.Dir))) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the stand-in QEMU did not start")
+		}
+	}
 	if err := os.MkdirAll(r.Dir, 0o700); err != nil {
 		t.Fatal(err)
 	}
