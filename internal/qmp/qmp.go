@@ -12,6 +12,7 @@ import (
 	"runtime"
 	"sync"
 	"syscall"
+	"time"
 
 	"vtpm/internal/errdefs"
 )
@@ -132,18 +133,30 @@ func New(ctx context.Context, conn net.Conn, log *slog.Logger) (*Conn, error) {
 	return q, nil
 }
 
-// readGreeting reads QEMU's first line, giving up when ctx ends.
+// readGreeting reads QEMU's first line, giving up when ctx ends. An ended
+// ctx interrupts the read with a past deadline, never by closing conn: the
+// caller's ctx may end right after a greeting that arrived in time (a dial
+// timeout cancelled on return), and the connection must outlive it.
 func readGreeting(ctx context.Context, conn net.Conn, r *bufio.Reader) ([]byte, error) {
-	done := make(chan struct{})
-	defer close(done)
-	go func() {
-		select {
-		case <-ctx.Done():
-			conn.Close()
-		case <-done:
+	var (
+		mu       sync.Mutex
+		finished bool
+	)
+	stop := context.AfterFunc(ctx, func() {
+		mu.Lock()
+		defer mu.Unlock()
+		if !finished {
+			_ = conn.SetReadDeadline(time.Unix(1, 0))
 		}
-	}()
+	})
 	line, err := r.ReadBytes('\n')
+	mu.Lock()
+	finished = true
+	mu.Unlock()
+	stop()
+	if derr := conn.SetReadDeadline(time.Time{}); err == nil && derr != nil {
+		err = derr
+	}
 	if err != nil {
 		if ctx.Err() != nil {
 			err = ctx.Err()
