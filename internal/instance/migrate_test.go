@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"vtpm/internal/testutil"
 )
@@ -71,7 +72,14 @@ func TestMigrationIntoEmptyDirectory(t *testing.T) {
 				if rc == 0 {
 					t.Fatalf("--load permanent into a host the protector does not admit succeeded: %q", out)
 				}
+				// The refusal is logged as the answer goes out; the copy of
+				// the process's stderr may trail it.
 				log := dst.Stderr.String()
+				for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+					if log = dst.Stderr.String(); containsAll(log, tc.wantLog) {
+						break
+					}
+				}
 				for _, want := range tc.wantLog {
 					if !strings.Contains(log, want) {
 						t.Errorf("destination log does not say %q:\n%s", want, log)
@@ -104,4 +112,13 @@ func TestMigrationIntoEmptyDirectory(t *testing.T) {
 			dst.shutdown(t)
 		})
 	}
+}
+
+func containsAll(s string, subs []string) bool {
+	for _, sub := range subs {
+		if !strings.Contains(s, sub) {
+			return false
+		}
+	}
+	return true
 }
