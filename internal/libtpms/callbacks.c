@@ -2,8 +2,7 @@
 // process global and calls these functions from inside TPMLIB_* calls, on the
 // calling thread; each one only forwards to an exported Go function.
 
-#include <libtpms/tpm_library.h>
-#include <libtpms/tpm_error.h>
+#include "engine.h"
 
 #include "_cgo_export.h"
 
@@ -58,5 +57,5 @@ TPM_RESULT vtpm_register_callbacks(void)
 		.tpm_io_init = cb_io_init,
 		.tpm_io_getlocality = cb_io_getlocality,
 	};
-	return TPMLIB_RegisterCallbacks(&cbs);
+	return vtpm_TPMLIB_RegisterCallbacks(&cbs);
 }

@@ -2,8 +2,7 @@ package libtpms
 
 /*
 #include <stdlib.h>
-#include <libtpms/tpm_library.h>
-#include <libtpms/tpm_error.h>
+#include "engine.h"
 
 TPM_RESULT vtpm_register_callbacks(void);
 */
