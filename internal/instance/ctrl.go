@@ -12,6 +12,7 @@ import (
 // handleCtrl executes one control command. The returned func, if any, runs
 // after the response has been written (CMD_SHUTDOWN exits only then).
 func (in *Instance) handleCtrl(req *swtpm.Request) (rsp []byte, after func()) {
+	in.idle.command()
 	if req.FD != nil && req.Cmd != swtpm.CmdSetDataFD {
 		req.FD.Close()
 		req.FD = nil

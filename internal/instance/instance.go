@@ -55,6 +55,8 @@ type Instance struct {
 	// an unclean VM stop does not count against dictionary-attack lockout.
 	lastShutdown bool
 
+	idle *idleTrim // gives back the code's pages while no command comes
+
 	done     chan struct{}
 	doneOnce sync.Once
 	err      error
@@ -239,6 +241,7 @@ func (in *Instance) Run(ctx context.Context) error {
 	if err := in.sandbox.Seal(); err != nil {
 		return err
 	}
+	in.idle = newIdleTrim(in.log)
 	if in.opts.Ctrl != nil {
 		if err := in.startCtrl(); err != nil {
 			return err
@@ -267,6 +270,7 @@ func (in *Instance) finish(err error) {
 }
 
 func (in *Instance) cleanup() {
+	in.idle.stop()
 	if in.tpm != nil {
 		in.stopTPM()
 		in.tpm.Close()
@@ -387,6 +391,7 @@ func responseCode(rsp []byte) (tpmrc.Code, bool) {
 
 // process runs one TPM command from the data channel.
 func (in *Instance) process(req *swtpm.DataRequest) []byte {
+	in.idle.command()
 	if req.Prefixed {
 		in.tpm.SetLocality(req.Locality)
 	}

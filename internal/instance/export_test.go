@@ -1,0 +1,4 @@
+package instance
+
+// IdleAfter is idleAfter, for the tests.
+const IdleAfter = idleAfter
