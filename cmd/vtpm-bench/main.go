@@ -59,7 +59,7 @@ func run() error {
 	flag.IntVar(&cfg.ksReleases, "ks-releases", 200, "key releases per series: 1 and -ks-hosts hosts, on 1 and 3 nodes (0 skips measurement 13)")
 	flag.IntVar(&cfg.ksHosts, "ks-hosts", 10, "hosts releasing keys at once")
 	flag.IntVar(&cfg.ksKills, "ks-kills", 1, "kill -9 recoveries of a 3-node key service, each on a fresh cluster")
-	flag.DurationVar(&cfg.settle, "settle", 500*time.Millisecond, "idle time before reading an instance's memory use")
+	flag.DurationVar(&cfg.settle, "settle", 2*time.Second, "idle time before reading an instance's memory use (vtpm gives back its code's pages after 1 s without a command)")
 	flag.Parse()
 	if flag.NArg() != 0 {
 		return fmt.Errorf("unexpected arguments %q", flag.Args())
