@@ -3,7 +3,6 @@ package main
 import (
 	"bufio"
 	"bytes"
-	"debug/elf"
 	"encoding/binary"
 	"fmt"
 	"io"
@@ -51,27 +50,6 @@ func TestNoHeavyDependencies(t *testing.T) {
 			if pkg == heavy || strings.HasPrefix(pkg, heavy+"/") {
 				t.Errorf("vtpm links %s: every vTPM start would run its initialisation (see heavyPackages)", pkg)
 			}
-		}
-	}
-}
-
-// TestEngineLoadsInBackground guards the largest share of a start that is
-// not Go's: libtpms and libcrypto, mapped and relocated by the dynamic
-// loader before main. vtpm must not need them at load time; a thread loads
-// them while the Go runtime starts (internal/libtpms/engine.c).
-func TestEngineLoadsInBackground(t *testing.T) {
-	f, err := elf.Open(testutil.Binary(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	libs, err := f.ImportedLibraries()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, lib := range libs {
-		if strings.HasPrefix(lib, "libtpms") || strings.HasPrefix(lib, "libcrypto") {
-			t.Errorf("vtpm needs %s at load time (all it needs: %v); libtpms is loaded by internal/libtpms/engine.c", lib, libs)
 		}
 	}
 }

@@ -2,7 +2,8 @@
 // process global and calls these functions from inside TPMLIB_* calls, on the
 // calling thread; each one only forwards to an exported Go function.
 
-#include "engine.h"
+#include <libtpms/tpm_library.h>
+#include <libtpms/tpm_error.h>
 
 #include "_cgo_export.h"
 
@@ -57,5 +58,5 @@ TPM_RESULT vtpm_register_callbacks(void)
 		.tpm_io_init = cb_io_init,
 		.tpm_io_getlocality = cb_io_getlocality,
 	};
-	return vtpm_TPMLIB_RegisterCallbacks(&cbs);
+	return TPMLIB_RegisterCallbacks(&cbs);
 }

@@ -2,7 +2,8 @@ package libtpms
 
 /*
 #include <stdlib.h>
-#include "engine.h"
+#include <libtpms/tpm_library.h>
+#include <libtpms/tpm_error.h>
 
 TPM_RESULT vtpm_register_callbacks(void);
 */

@@ -14,9 +14,11 @@
 package libtpms
 
 /*
-#cgo LDFLAGS: -ldl
+#cgo LDFLAGS: -ltpms
 #include <stdlib.h>
-#include "engine.h"
+#include <libtpms/tpm_library.h>
+#include <libtpms/tpm_tis.h>
+#include <libtpms/tpm_error.h>
 */
 import "C"
 
@@ -28,7 +30,6 @@ import (
 	"sync/atomic"
 	"unsafe"
 
-	"vtpm/internal/errdefs"
 	"vtpm/internal/tpmrc"
 )
 
@@ -147,16 +148,13 @@ func Open(s Storage) (*TPM, error) {
 	if active.Load() != nil {
 		return nil, errors.New("libtpms: a TPM is already open in this process; Close it first (libtpms hosts one TPM per process)")
 	}
-	if err := engine(); err != nil {
-		return nil, err
-	}
 	registerOnce.Do(func() { registerErr = registerCallbacks() })
 	if registerErr != nil {
 		return nil, registerErr
 	}
 	// TPM 1.2 is libtpms' default; choosing early makes GetState and
 	// SetState work before the first Init.
-	if err := result(C.vtpm_TPMLIB_ChooseTPMVersion(C.TPMLIB_TPM_VERSION_2)); err != nil {
+	if err := result(C.TPMLIB_ChooseTPMVersion(C.TPMLIB_TPM_VERSION_2)); err != nil {
 		return nil, fmt.Errorf("libtpms: choosing TPM 2.0: %w", err)
 	}
 	t := &TPM{storage: s}
@@ -198,10 +196,10 @@ func (t *TPM) Init() error {
 		return ErrClosed
 	}
 	t.terminate()
-	if err := result(C.vtpm_TPMLIB_ChooseTPMVersion(C.TPMLIB_TPM_VERSION_2)); err != nil {
+	if err := result(C.TPMLIB_ChooseTPMVersion(C.TPMLIB_TPM_VERSION_2)); err != nil {
 		return err
 	}
-	if err := result(C.vtpm_TPMLIB_MainInit()); err != nil {
+	if err := result(C.TPMLIB_MainInit()); err != nil {
 		// Leave libtpms stopped, so GetState reads Storage rather than the
 		// failed TPM's memory.
 		t.terminate()
@@ -223,7 +221,7 @@ func (t *TPM) Terminate() {
 }
 
 func (t *TPM) terminate() {
-	C.vtpm_TPMLIB_Terminate()
+	C.TPMLIB_Terminate()
 	t.running.Store(false)
 }
 
@@ -272,7 +270,7 @@ func (t *TPM) Process(cmd []byte) ([]byte, error) {
 	defer C.free(c)
 	rbuf, size := t.rbuf, t.rbufSize
 	var rlen C.uint32_t
-	rc := C.vtpm_TPMLIB_Process(&rbuf, &rlen, &size, (*C.uchar)(c), C.uint32_t(len(cmd)))
+	rc := C.TPMLIB_Process(&rbuf, &rlen, &size, (*C.uchar)(c), C.uint32_t(len(cmd)))
 	t.rbuf, t.rbufSize = rbuf, size
 	if err := result(rc); err != nil {
 		return nil, err
@@ -288,7 +286,7 @@ func (t *TPM) Send(cmd []byte) ([]byte, error) { return t.Process(cmd) }
 func (t *TPM) Cancel() {
 	// Deliberately lock-free: the only point is to overlap a Process.
 	if t.running.Load() {
-		C.vtpm_TPMLIB_CancelCommand()
+		C.TPMLIB_CancelCommand()
 	}
 }
 
@@ -308,7 +306,7 @@ func (t *TPM) GetState(typ StateType) ([]byte, error) {
 	defer t.mu.Unlock()
 	var buf *C.uchar
 	var n C.uint32_t
-	if err := result(C.vtpm_TPMLIB_GetState(C.enum_TPMLIB_StateType(typ), &buf, &n)); err != nil {
+	if err := result(C.TPMLIB_GetState(C.enum_TPMLIB_StateType(typ), &buf, &n)); err != nil {
 		return nil, fmt.Errorf("libtpms: getting %s state: %w", typ.Name(), err)
 	}
 	return takeBytes(buf, n), nil
@@ -339,7 +337,7 @@ func (t *TPM) SetState(typ StateType, data []byte) error {
 	}
 	c := C.CBytes(data) // libtpms copies it
 	defer C.free(c)
-	if err := result(C.vtpm_TPMLIB_SetState(C.enum_TPMLIB_StateType(typ), (*C.uchar)(c), C.uint32_t(len(data)))); err != nil {
+	if err := result(C.TPMLIB_SetState(C.enum_TPMLIB_StateType(typ), (*C.uchar)(c), C.uint32_t(len(data)))); err != nil {
 		return fmt.Errorf("libtpms: setting %s state: %w", typ.Name(), err)
 	}
 	return nil
@@ -356,7 +354,7 @@ func (t *TPM) ValidateState(types StateType) error {
 	if t.running.Load() {
 		return ErrRunning
 	}
-	return result(C.vtpm_TPMLIB_ValidateState(C.enum_TPMLIB_StateType(types), 0))
+	return result(C.TPMLIB_ValidateState(C.enum_TPMLIB_StateType(types), 0))
 }
 
 // VolatileAllStore serialises the running TPM's volatile state.
@@ -367,7 +365,7 @@ func (t *TPM) VolatileAllStore() ([]byte, error) {
 	defer t.mu.Unlock()
 	var buf *C.uchar
 	var n C.uint32_t
-	if err := result(C.vtpm_TPMLIB_VolatileAll_Store(&buf, &n)); err != nil {
+	if err := result(C.TPMLIB_VolatileAll_Store(&buf, &n)); err != nil {
 		return nil, fmt.Errorf("libtpms: storing volatile state: %w", err)
 	}
 	return takeBytes(buf, n), nil
@@ -379,7 +377,7 @@ func (t *TPM) SetBufferSize(wanted uint32) (size, min, max uint32) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	var cmin, cmax C.uint32_t
-	s := C.vtpm_TPMLIB_SetBufferSize(C.uint32_t(wanted), &cmin, &cmax)
+	s := C.TPMLIB_SetBufferSize(C.uint32_t(wanted), &cmin, &cmax)
 	return uint32(s), uint32(cmin), uint32(cmax)
 }
 
@@ -388,7 +386,7 @@ func (t *TPM) SetBufferSize(wanted uint32) (size, min, max uint32) {
 func (t *TPM) GetInfo(flags uint32) (string, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	s := C.vtpm_TPMLIB_GetInfo(C.enum_TPMLIB_InfoFlags(flags))
+	s := C.TPMLIB_GetInfo(C.enum_TPMLIB_InfoFlags(flags))
 	if s == nil {
 		return "", fmt.Errorf("libtpms: GetInfo(%#x) returned nothing (out of memory?)", flags)
 	}
@@ -403,7 +401,7 @@ func (t *TPM) Established() (bool, error) {
 	}
 	defer t.mu.Unlock()
 	var b C.TPM_BOOL
-	if err := result(C.vtpm_TPM_IO_TpmEstablished_Get(&b)); err != nil {
+	if err := result(C.TPM_IO_TpmEstablished_Get(&b)); err != nil {
 		return false, err
 	}
 	return b != 0, nil
@@ -416,7 +414,7 @@ func (t *TPM) ResetEstablished() error {
 		return err
 	}
 	defer t.mu.Unlock()
-	return result(C.vtpm_TPM_IO_TpmEstablished_Reset())
+	return result(C.TPM_IO_TpmEstablished_Reset())
 }
 
 // HashStart begins a DRTM measurement sequence (_TPM_Hash_Start); it also
@@ -426,7 +424,7 @@ func (t *TPM) HashStart() error {
 		return err
 	}
 	defer t.mu.Unlock()
-	return result(C.vtpm_TPM_IO_Hash_Start())
+	return result(C.TPM_IO_Hash_Start())
 }
 
 // HashData feeds data to the sequence started by HashStart.
@@ -443,7 +441,7 @@ func (t *TPM) HashData(b []byte) error {
 	}
 	c := C.CBytes(b)
 	defer C.free(c)
-	return result(C.vtpm_TPM_IO_Hash_Data((*C.uchar)(c), C.uint32_t(len(b))))
+	return result(C.TPM_IO_Hash_Data((*C.uchar)(c), C.uint32_t(len(b))))
 }
 
 // HashEnd ends the sequence and extends the digest into PCR 17.
@@ -452,7 +450,7 @@ func (t *TPM) HashEnd() error {
 		return err
 	}
 	defer t.mu.Unlock()
-	return result(C.vtpm_TPM_IO_Hash_End())
+	return result(C.TPM_IO_Hash_End())
 }
 
 // SetDebug sends libtpms' log to fd at the given level (0 disables it),
@@ -460,47 +458,32 @@ func (t *TPM) HashEnd() error {
 func (t *TPM) SetDebug(fd int, level uint32, prefix string) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	C.vtpm_TPMLIB_SetDebugFD(C.int(fd))
-	C.vtpm_TPMLIB_SetDebugLevel(C.uint(level))
+	C.TPMLIB_SetDebugFD(C.int(fd))
+	C.TPMLIB_SetDebugLevel(C.uint(level))
 	if prefix == "" {
-		C.vtpm_TPMLIB_SetDebugPrefix(nil)
+		C.TPMLIB_SetDebugPrefix(nil)
 		return
 	}
 	cp := C.CString(prefix) // libtpms keeps its own copy
 	defer C.free(unsafe.Pointer(cp))
-	C.vtpm_TPMLIB_SetDebugPrefix(cp)
+	C.TPMLIB_SetDebugPrefix(cp)
 }
 
 // clearCachedState drops the blobs cached by SetState. libtpms only does that
 // when the TPM version changes, so switch to 1.2 and back; it refuses while
 // a TPM is running, when nothing can be cached anyway.
 func clearCachedState() error {
-	if err := result(C.vtpm_TPMLIB_ChooseTPMVersion(C.TPMLIB_TPM_VERSION_1_2)); err != nil {
+	if err := result(C.TPMLIB_ChooseTPMVersion(C.TPMLIB_TPM_VERSION_1_2)); err != nil {
 		return fmt.Errorf("libtpms: dropping cached state (switching to TPM 1.2): %w", err)
 	}
-	if err := result(C.vtpm_TPMLIB_ChooseTPMVersion(C.TPMLIB_TPM_VERSION_2)); err != nil {
+	if err := result(C.TPMLIB_ChooseTPMVersion(C.TPMLIB_TPM_VERSION_2)); err != nil {
 		return fmt.Errorf("libtpms: switching back to TPM 2.0: %w", err)
 	}
 	return nil
 }
 
 // Version returns libtpms' version as (major<<16)|(minor<<8)|micro.
-func Version() (uint32, error) {
-	if err := engine(); err != nil {
-		return 0, err
-	}
-	return uint32(C.vtpm_TPMLIB_GetVersion()), nil
-}
-
-// engine waits for libtpms, which a thread loads while the program starts
-// (engine.c), and returns why it could not be loaded.
-func engine() error {
-	if msg := C.vtpm_engine_load(); msg != nil {
-		return errdefs.New(errdefs.ErrFailedPrecondition, "libtpms, the TPM engine, cannot be loaded: %s", C.GoString(msg)).
-			With(errdefs.Remedy{Note: "install libtpms 0.9 or later (Debian and Ubuntu: apt-get install libtpms0)"})
-	}
-	return nil
-}
+func Version() uint32 { return uint32(C.TPMLIB_GetVersion()) }
 
 // takeBytes copies a malloc'ed libtpms buffer into Go memory and frees it.
 func takeBytes(buf *C.uchar, n C.uint32_t) []byte {
