@@ -111,9 +111,6 @@ func openSealed(stateDir, dataKey, runAs string, allowRollback, adoptable bool, 
 			host.Close()
 		}
 	}()
-	if _, err := host.Local(); err != nil {
-		return nil, "", err
-	}
 	// Whether the TPM had a record is looked at before its key is opened,
 	// which records the protector's version in it.
 	var known uuid.UUID
