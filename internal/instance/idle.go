@@ -23,7 +23,7 @@ type idleTrim struct {
 	log      *slog.Logger
 	commands atomic.Uint64
 	parked   atomic.Bool
-	seen     uint64 // commands at the last check; timer goroutine only
+	seen     atomic.Uint64 // commands at the last check
 	timer    *time.Timer
 }
 
@@ -45,8 +45,8 @@ func (t *idleTrim) command() {
 }
 
 func (t *idleTrim) check() {
-	if n := t.commands.Load(); n != t.seen {
-		t.seen = n
+	if n := t.commands.Load(); n != t.seen.Load() {
+		t.seen.Store(n)
 		t.timer.Reset(idleAfter)
 		return
 	}
@@ -57,8 +57,8 @@ func (t *idleTrim) check() {
 	t.parked.Store(true)
 	// A command that came during the trim saw the timer armed and did not
 	// re-arm it; count it now.
-	if t.commands.Load() != t.seen && t.parked.CompareAndSwap(true, false) {
-		t.seen = t.commands.Load()
+	if n := t.commands.Load(); n != t.seen.Load() && t.parked.CompareAndSwap(true, false) {
+		t.seen.Store(n)
 		t.timer.Reset(idleAfter)
 	}
 }

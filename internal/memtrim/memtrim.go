@@ -62,8 +62,8 @@ func candidates(r io.Reader) ([]Mapping, error) {
 	var (
 		out     []Mapping
 		cur     Mapping
-		ok      bool // cur is a file mapping without write permission
-		anon    int64
+		ok      bool  // cur is a file mapping without write permission
+		anon    int64 // the mapping's copied bytes; -1 until read
 		haveCur bool
 	)
 	flush := func() {
@@ -83,7 +83,8 @@ func candidates(r io.Reader) ([]Mapping, error) {
 			if err1 != nil || err2 != nil {
 				return nil, fmt.Errorf("memtrim: smaps line %q", line)
 			}
-			cur, anon, haveCur = Mapping{Start: start, End: end}, 0, true
+			// Anonymous is unknown until its line is read.
+			cur, anon, haveCur = Mapping{Start: start, End: end}, -1, true
 			if len(f) >= 6 {
 				cur.Path = string(f[5])
 			}
