@@ -16,20 +16,22 @@ import (
 const idleAfter = time.Second
 
 // idleTrim unmaps an instance's code once it has been idle for idleAfter.
-// Commands only count themselves (an atomic add): the timer, armed after
-// start, re-arms itself while commands come, and parks after a trim until
-// the next command.
+// Commands only count themselves (an atomic add). One goroutine waits on
+// the timer, re-arms it while commands come, and after a trim waits until
+// a command re-arms it. It is one goroutine for the instance's life, not
+// one per timer (time.AfterFunc): starting a goroutine reads the function
+// table, which would map back a large part of what the trim gave back.
 type idleTrim struct {
 	log      *slog.Logger
 	commands atomic.Uint64
 	parked   atomic.Bool
-	seen     atomic.Uint64 // commands at the last check
 	timer    *time.Timer
+	stopped  chan struct{}
 }
 
 func newIdleTrim(log *slog.Logger) *idleTrim {
-	t := &idleTrim{log: log}
-	t.timer = time.AfterFunc(idleAfter, t.check)
+	t := &idleTrim{log: log, timer: time.NewTimer(idleAfter), stopped: make(chan struct{})}
+	go t.run()
 	return t
 }
 
@@ -44,27 +46,36 @@ func (t *idleTrim) command() {
 	}
 }
 
-func (t *idleTrim) check() {
-	if n := t.commands.Load(); n != t.seen.Load() {
-		t.seen.Store(n)
-		t.timer.Reset(idleAfter)
-		return
-	}
-	t.log.Debug("idle: giving back the pages of code", "after", idleAfter)
-	if _, err := memtrim.DropCode(); err != nil {
-		t.log.Warn("giving back the pages of idle code", "err", err)
-	}
-	t.parked.Store(true)
-	// A command that came during the trim saw the timer armed and did not
-	// re-arm it; count it now.
-	if n := t.commands.Load(); n != t.seen.Load() && t.parked.CompareAndSwap(true, false) {
-		t.seen.Store(n)
-		t.timer.Reset(idleAfter)
+func (t *idleTrim) run() {
+	var seen uint64 // commands at the last check
+	for {
+		select {
+		case <-t.timer.C:
+		case <-t.stopped:
+			return
+		}
+		if n := t.commands.Load(); n != seen {
+			seen = n
+			t.timer.Reset(idleAfter)
+			continue
+		}
+		t.log.Debug("idle: giving back the pages of code", "after", idleAfter)
+		if _, err := memtrim.DropCode(); err != nil {
+			t.log.Warn("giving back the pages of idle code", "err", err)
+		}
+		t.parked.Store(true)
+		// A command that came during the trim saw the timer armed and did
+		// not re-arm it; count it now.
+		if n := t.commands.Load(); n != seen && t.parked.CompareAndSwap(true, false) {
+			seen = n
+			t.timer.Reset(idleAfter)
+		}
 	}
 }
 
 func (t *idleTrim) stop() {
 	if t != nil {
 		t.timer.Stop()
+		close(t.stopped)
 	}
 }
