@@ -21,8 +21,8 @@ import (
 // log.
 const DefaultEventLog = "/sys/kernel/security/tpm0/binary_bios_measurements"
 
-// DefaultTPM is the host TPM used when none is named.
-const DefaultTPM = "device:/dev/tpmrm0"
+// DefaultTPM is the host TPM used when none is named: the keystore's.
+const DefaultTPM = keystore.DefaultHostTPM
 
 // PCRs are the PCRs quoted: the firmware's (PC Client PCRs 0–7).
 var PCRs = []int{0, 1, 2, 3, 4, 5, 6, 7}

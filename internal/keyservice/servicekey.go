@@ -37,6 +37,7 @@ type serviceKey struct {
 	raw     []byte
 	aead    cipher.AEAD
 	session cipher.AEAD
+	audit   []byte // the audit records' MAC key
 	path    string
 	storage string // where it is kept, for status
 	weaker  bool   // a file, not sealed to a TPM
@@ -52,6 +53,9 @@ func newServiceKey(raw []byte, path, storage string, weaker bool) (*serviceKey, 
 		return nil, err
 	}
 	if k.session, err = deriveAEAD(raw, sessionLabel); err != nil {
+		return nil, err
+	}
+	if k.audit, err = hkdf.Key(sha256.New, raw, nil, auditLabel, 32); err != nil {
 		return nil, err
 	}
 	return k, nil
@@ -180,8 +184,7 @@ func (k *serviceKey) open(name string, sealed []byte) ([]byte, error) {
 // auditMAC authenticates an audit record's hash: whoever can write etcd
 // but holds no service key cannot rewrite the chain from a record on.
 func (k *serviceKey) auditMAC(hash []byte) []byte {
-	key, _ := hkdf.Key(sha256.New, k.raw, nil, auditLabel, 32)
-	m := hmac.New(sha256.New, key)
+	m := hmac.New(sha256.New, k.audit)
 	m.Write(hash)
 	return m.Sum(nil)
 }

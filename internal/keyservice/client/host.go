@@ -97,30 +97,6 @@ func (h *Host) Attest(ctx context.Context) (notAfter time.Time, err error) {
 	return h.notAfter, nil
 }
 
-// Keep attests now and again before each health certificate ends (when
-// four fifths of its life have passed), until ctx ends: a host service
-// runs it from its start so that a VM's start never waits for an
-// attestation. A failed attestation is retried after retry; report, when
-// not nil, hears of each attempt.
-func (h *Host) Keep(ctx context.Context, retry time.Duration, report func(notAfter time.Time, err error)) {
-	for {
-		start := time.Now()
-		notAfter, err := h.Attest(ctx)
-		if report != nil && ctx.Err() == nil {
-			report(notAfter, err)
-		}
-		wait := retry
-		if err == nil {
-			wait = notAfter.Sub(start) * 4 / 5
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(wait):
-		}
-	}
-}
-
 // Health returns the current health certificate (DER) and its end; nil
 // before the first attestation.
 func (h *Host) Health() ([]byte, time.Time) {
