@@ -87,16 +87,3 @@ func CertsPEM(certs ...*x509.Certificate) []byte {
 	}
 	return out
 }
-
-// Verify checks that cert was issued by the guardian signing certificate
-// issuer and is valid now, for the host name or address a peer expects
-// ("" skips the name).
-func Verify(cert, issuer *x509.Certificate, name string) error {
-	pool := x509.NewCertPool()
-	pool.AddCert(issuer)
-	_, err := cert.Verify(x509.VerifyOptions{Roots: pool, DNSName: name, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
-	if err != nil {
-		return fmt.Errorf("hostcert: certificate of %q: %w", cert.Subject.CommonName, err)
-	}
-	return nil
-}

@@ -3,6 +3,7 @@ package hostcert
 import (
 	"crypto/tls"
 	"crypto/x509"
+	"fmt"
 	"net"
 	"testing"
 	"time"
@@ -83,4 +84,17 @@ func TestIssue(t *testing.T) {
 		t.Fatalf("read over the mutually authenticated connection: %v", err)
 	}
 	c.Close()
+}
+
+// Verify checks that cert was issued by the guardian signing certificate
+// issuer and is valid now, for the host name or address a peer expects
+// ("" skips the name).
+func Verify(cert, issuer *x509.Certificate, name string) error {
+	pool := x509.NewCertPool()
+	pool.AddCert(issuer)
+	_, err := cert.Verify(x509.VerifyOptions{Roots: pool, DNSName: name, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
+	if err != nil {
+		return fmt.Errorf("hostcert: certificate of %q: %w", cert.Subject.CommonName, err)
+	}
+	return nil
 }

@@ -100,12 +100,6 @@ func (s *Server) DataRoot() string { return s.opts.DataRoot }
 // Logger is the service's log.
 func (s *Server) Logger() *slog.Logger { return s.log }
 
-// Broker is the host's keystore and guardians, open while Run runs.
-func (s *Server) Broker() *keybroker.Broker { return s.broker }
-
-// Guardian is the host's own guardian, set while Run runs.
-func (s *Server) Guardian() *guardian.Guardian { return s.local }
-
 // KeySocket is the path of the key socket vTPMs of this data root ask
 // (--socket; systemd's socket unit listens on the default path).
 func (s *Server) KeySocket() string { return s.opts.Socket }
