@@ -185,7 +185,7 @@ func vmListCmd() *cobra.Command {
 			for _, h := range rsp.Msg.GetHosts() {
 				o := fleet.Outcome[[]fleet.VM]{Host: h.GetHost(), Err: hostErr(h.GetError(), h.GetReachable())}
 				for _, v := range h.GetVms() {
-					o.Value = append(o.Value, fleet.VM{Name: v.GetName(), UUID: v.GetUuid(), State: runState(v.GetRunning()), TPM: tpmState(v)})
+					o.Value = append(o.Value, fleet.VM{Name: v.GetName(), UUID: v.GetUuid(), State: runState(v.GetRunning()), TPM: transfersvc.TPMState(v)})
 				}
 				outs = append(outs, o)
 			}
@@ -217,16 +217,6 @@ func runState(running bool) string {
 		return "running"
 	}
 	return "stopped"
-}
-
-func tpmState(v *hostv1.VM) string {
-	switch {
-	case v.GetTpmEnabled():
-		return "enabled"
-	case v.GetTpmUuid() != "":
-		return "disabled"
-	}
-	return "none"
 }
 
 // hostErr is a host's failure as the service reported it; an unreachable

@@ -57,11 +57,20 @@ func (h *hostService) GetInfo(ctx context.Context, _ *connect.Request[hostv1.Get
 }
 
 func (h *hostService) ListVMs(ctx context.Context, _ *connect.Request[hostv1.ListVMsRequest]) (*connect.Response[hostv1.ListVMsResponse], error) {
-	list, err := h.s.vms.List(true)
+	vms, err := VMList(h.s.vms)
 	if err != nil {
 		return nil, apierr.ToConnect(err, h.s.opts.Name)
 	}
-	out := &hostv1.ListVMsResponse{}
+	return connect.NewResponse(&hostv1.ListVMsResponse{Vms: vms}), nil
+}
+
+// VMList is reg's VMs as HostService.ListVMs gives them.
+func VMList(reg *vm.Registry) ([]*hostv1.VM, error) {
+	list, err := reg.List(true)
+	if err != nil {
+		return nil, err
+	}
+	var out []*hostv1.VM
 	for _, v := range list {
 		m := &hostv1.VM{Name: v.Name, Uuid: v.UUID, Running: v.State == "running", TpmEnabled: v.TPM == "enabled"}
 		// The protector names the TPM and its owner; reading it opens no key.
@@ -71,9 +80,9 @@ func (h *hostService) ListVMs(ctx context.Context, _ *connect.Request[hostv1.Lis
 				m.TpmOwnerFingerprint = p.Owner().Fingerprint()
 			}
 		}
-		out.Vms = append(out.Vms, m)
+		out = append(out, m)
 	}
-	return connect.NewResponse(out), nil
+	return out, nil
 }
 
 type qemu struct {

@@ -10,7 +10,6 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"time"
 
 	"connectrpc.com/connect"
@@ -217,13 +216,7 @@ func (d *peerDestination) Registered(ctx context.Context, id uuid.UUID) (*transf
 	}
 	for _, v := range rsp.Msg.GetVms() {
 		if v.GetUuid() == id.String() {
-			tpm := "none"
-			if v.GetTpmEnabled() {
-				tpm = "enabled"
-			} else if v.GetTpmUuid() != "" {
-				tpm = "disabled"
-			}
-			return &transfer.Arrived{Name: v.GetName(), UUID: v.GetUuid(), TPM: tpm}, nil
+			return &transfer.Arrived{Name: v.GetName(), UUID: v.GetUuid(), TPM: TPMState(v)}, nil
 		}
 	}
 	return nil, nil
@@ -390,7 +383,7 @@ func (f *fleetService) ListVMs(ctx context.Context, req *connect.Request[hostv1.
 	}
 	outs := fleet.Run(ctx, hosts, timeoutOf(req.Msg.GetTimeoutMs()), func(ctx context.Context, host string) ([]*hostv1.VM, error) {
 		if host == f.name() {
-			return listVMs(f.s.VMs())
+			return hostd.VMList(f.s.VMs())
 		}
 		return onPeer(f.service, host, hostv1connect.NewHostServiceClient, func(c hostv1connect.HostServiceClient) ([]*hostv1.VM, error) {
 			rsp, err := c.ListVMs(ctx, connect.NewRequest(&hostv1.ListVMsRequest{}))
@@ -411,21 +404,14 @@ func (f *fleetService) ListVMs(ctx context.Context, req *connect.Request[hostv1.
 	return connect.NewResponse(rsp), nil
 }
 
-// listVMs is this host's VMs as HostService.ListVMs gives a peer's.
-func listVMs(h *vm.Registry) ([]*hostv1.VM, error) {
-	list, err := h.List(true)
-	if err != nil {
-		return nil, err
+// TPMState is a listed VM's TPM as fleet.VM and transfer.Arrived say it:
+// enabled, disabled (it has one, switched off) or none.
+func TPMState(v *hostv1.VM) string {
+	switch {
+	case v.GetTpmEnabled():
+		return "enabled"
+	case v.GetTpmUuid() != "":
+		return "disabled"
 	}
-	var out []*hostv1.VM
-	for _, v := range list {
-		m := &hostv1.VM{Name: v.Name, Uuid: v.UUID, Running: v.State == "running", TpmEnabled: v.TPM == "enabled"}
-		if v.Path != "" {
-			if p, err := keybroker.ReadProtector(filepath.Join(v.Path, vm.TPMDir)); err == nil {
-				m.TpmUuid, m.TpmOwnerFingerprint = p.TPM().String(), p.Owner().Fingerprint()
-			}
-		}
-		out = append(out, m)
-	}
-	return out, nil
+	return "none"
 }

@@ -1,7 +1,6 @@
 package vm
 
 import (
-	"encoding/json"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -170,11 +169,11 @@ func (c *Config) Passthrough() string {
 // WriteConfig writes dir/vm.json crash-safely.
 func WriteConfig(dir string, c *Config) error {
 	c.Format = configFormat
-	b, err := json.MarshalIndent(c, "", "  ")
+	b, err := MarshalConfig(c)
 	if err != nil {
 		return err
 	}
-	return atomicfile.Write(filepath.Join(dir, ConfigFile), append(b, '\n'), 0o644)
+	return atomicfile.Write(filepath.Join(dir, ConfigFile), b, 0o644)
 }
 
 // validName: names become directory names and appear in commands.

@@ -23,7 +23,6 @@ import (
 	"vtpm/internal/hostcheck"
 	"vtpm/internal/hostsvc"
 	"vtpm/internal/keybroker"
-	"vtpm/internal/qmp"
 	"vtpm/internal/sandbox"
 	"vtpm/internal/state"
 )
@@ -622,11 +621,9 @@ func (h *Registry) Stop(ctx context.Context, v *VM, timeout time.Duration) (*Sto
 		h.afterQEMU(ctx, v, r)
 		return res, nil
 	}
-	dctx, cancel := context.WithTimeout(ctx, qmpTimeout)
-	q, err := qmp.Dial(dctx, r.QMP, h.log())
-	cancel()
+	q, err := h.DialQMP(ctx, v)
 	if err != nil {
-		return nil, fmt.Errorf("VM %s: %w", v.Name(), err)
+		return nil, err
 	}
 	defer q.Close()
 	if timeout > 0 {
