@@ -136,17 +136,19 @@ func (e *Error) Remedies() []errdefs.Remedy { return e.Fix }
 // failing on its way).
 func Detailed(err error) bool {
 	var ce *connect.Error
-	if !errors.As(err, &ce) {
-		return false
-	}
+	return errors.As(err, &ce) && detailOf(ce) != nil
+}
+
+// detailOf is the ErrorDetail ce carries, or nil.
+func detailOf(ce *connect.Error) *hostv1.ErrorDetail {
 	for _, d := range ce.Details() {
-		if v, derr := d.Value(); derr == nil {
-			if _, ok := v.(*hostv1.ErrorDetail); ok {
-				return true
+		if v, err := d.Value(); err == nil {
+			if ed, ok := v.(*hostv1.ErrorDetail); ok {
+				return ed
 			}
 		}
 	}
-	return false
+	return nil
 }
 
 // FromConnect turns an error a Connect client returned into an *Error;
@@ -160,17 +162,7 @@ func FromConnect(err error, where string) error {
 		return err
 	}
 	out := &Error{Code: ce.Code(), Msg: ce.Message()}
-	var detail *hostv1.ErrorDetail
-	for _, d := range ce.Details() {
-		v, derr := d.Value()
-		if derr != nil {
-			continue
-		}
-		if ed, ok := v.(*hostv1.ErrorDetail); ok {
-			detail = ed
-			break
-		}
-	}
+	detail := detailOf(ce)
 	if detail == nil {
 		out.Kind = kindOf("", ce.Code())
 		if out.Msg == "" {

@@ -138,12 +138,8 @@ func (c Client) Reserve() (*Reservation, error) {
 		return fail(&UnavailableError{Socket: c.socket(), Err: err})
 	}
 	var a answer
-	files, err := recv(conn, &a, 0)
-	if err != nil {
+	if _, err := recv(conn, &a, 0); err != nil { // no descriptors: recv refuses any
 		return fail(&UnavailableError{Socket: c.socket(), Err: fmt.Errorf("no answer: %w", err)})
-	}
-	for _, f := range files {
-		f.Close()
 	}
 	if a.Error != nil {
 		return fail(a.Error.native())
@@ -400,12 +396,8 @@ func (c Client) Ping() (*Status, error) {
 		return nil, &UnavailableError{Socket: c.socket(), Err: err}
 	}
 	var a answer
-	files, err := recv(conn, &a, 0)
-	if err != nil {
+	if _, err := recv(conn, &a, 0); err != nil { // no descriptors: recv refuses any
 		return nil, &UnavailableError{Socket: c.socket(), Err: fmt.Errorf("no answer: %w", err)}
-	}
-	for _, f := range files {
-		f.Close()
 	}
 	if a.Error != nil {
 		return nil, a.Error.native()

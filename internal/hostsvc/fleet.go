@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"vtpm/internal/atomicfile"
 	"vtpm/internal/errdefs"
 	"vtpm/internal/guardian"
 	"vtpm/internal/keybroker"
@@ -67,11 +68,7 @@ func WriteFleet(dataRoot string, certs []byte) error {
 	if old, err := os.ReadFile(path); err == nil && string(old) == string(certs) {
 		return nil
 	}
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, certs, 0o644); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
+	return atomicfile.Write(path, certs, 0o644)
 }
 
 // releasable says whether rows include the fleet guardian's row, which the

@@ -466,11 +466,7 @@ func (s *Server) adopt(dir string, req *request, blob []byte) (*answer, *opened,
 			o.Close()
 		}
 	}()
-	mode := os.FileMode(req.Mode) & 0o777
-	if mode == 0 {
-		mode = 0o600
-	}
-	if err := seal.Adopt(dir, rec.TPM, mode); err != nil {
+	if err := seal.Adopt(dir, rec.TPM, os.FileMode(req.Mode)&0o777); err != nil { // 0: seal.Adopt's default
 		return nil, nil, err
 	}
 	if err := keybroker.WriteProtector(dir, p); err != nil {

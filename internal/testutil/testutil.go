@@ -49,28 +49,50 @@ func Binary(t testing.TB) string {
 	return filepath.Join(buildDir, "vtpm")
 }
 
-var (
-	hostdOnce sync.Once
-	hostdErr  error
-)
-
 // HostdBinary builds cmd/vtpm-hostd once per test process, beside the vtpm
 // of Binary (where vtpm looks for it first), and returns its path.
 func HostdBinary(t testing.TB) string {
 	t.Helper()
+	return besideBinary(t, "vtpm-hostd")
+}
+
+// KeyserviceBinary builds cmd/vtpm-keyservice once per test process,
+// beside the vtpm of Binary (where `vtpm keyservice …` looks for it), and
+// returns its path.
+func KeyserviceBinary(t testing.TB) string {
+	t.Helper()
+	return besideBinary(t, "vtpm-keyservice")
+}
+
+// besideBuilds builds each of vtpm's helper executables once per process.
+var besideBuilds = map[string]func() error{}
+
+var besideMu sync.Mutex
+
+// besideBinary builds ./cmd/NAME into the directory of Binary's vtpm, once
+// per test process, and returns its path.
+func besideBinary(t testing.TB, name string) string {
+	t.Helper()
 	dir := filepath.Dir(Binary(t))
-	hostdOnce.Do(func() {
-		_, file, _, _ := runtime.Caller(0)
-		cmd := exec.Command("go", "build", "-o", filepath.Join(dir, "vtpm-hostd"), "./cmd/vtpm-hostd")
-		cmd.Dir = filepath.Join(filepath.Dir(file), "..", "..")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			hostdErr = fmt.Errorf("go build ./cmd/vtpm-hostd: %v\n%s", err, out)
-		}
-	})
-	if hostdErr != nil {
-		t.Fatal(hostdErr)
+	besideMu.Lock()
+	build, ok := besideBuilds[name]
+	if !ok {
+		build = sync.OnceValue(func() error {
+			_, file, _, _ := runtime.Caller(0)
+			cmd := exec.Command("go", "build", "-o", filepath.Join(dir, name), "./cmd/"+name)
+			cmd.Dir = filepath.Join(filepath.Dir(file), "..", "..")
+			if out, err := cmd.CombinedOutput(); err != nil {
+				return fmt.Errorf("go build ./cmd/%s: %v\n%s", name, err, out)
+			}
+			return nil
+		})
+		besideBuilds[name] = build
 	}
-	return filepath.Join(dir, "vtpm-hostd")
+	besideMu.Unlock()
+	if err := build(); err != nil {
+		t.Fatal(err)
+	}
+	return filepath.Join(dir, name)
 }
 
 // Need skips the test when a peer tool is not installed.
