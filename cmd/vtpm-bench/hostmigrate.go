@@ -127,32 +127,7 @@ func (b *bench) hostMigrateOnce(tpm bool, i int) (*migrate.Result, error) {
 	dst := &migrate.Local{Registry: bb, Host: "b", IP: "127.0.0.2", Accel: accel}
 	if tpm {
 		// b may open the TPM: a's protector admits it and b trusts a.
-		kb, err := bb.Keys()
-		if err != nil {
-			return nil, err
-		}
-		gb, err := kb.Local()
-		kb.Close()
-		if err != nil {
-			return nil, err
-		}
-		ka, err := a.Keys()
-		if err != nil {
-			return nil, err
-		}
-		ga, _ := ka.Local()
-		_, err = ka.Grant(v.TPMDir(), gb.Public())
-		ka.Close()
-		if err != nil {
-			return nil, err
-		}
-		kb, err = bb.Keys()
-		if err != nil {
-			return nil, err
-		}
-		_, err = kb.Trust(ga.Public())
-		kb.Close()
-		if err != nil {
+		if err := admitEachOther(a, bb, v.TPMDir()); err != nil {
 			return nil, err
 		}
 	}

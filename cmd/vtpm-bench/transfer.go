@@ -220,12 +220,11 @@ func (b *bench) startServiceHosts(disk string) (*serviceHosts, error) {
 	sh := &serviceHosts{vtpm: vt}
 	for i, name := range []string{"a", "b"} {
 		dir := filepath.Join(b.base, "svc-"+name)
-		l, err := net.Listen("tcp", "127.0.0.1:0")
+		port, err := freePort()
 		if err != nil {
 			return nil, err
 		}
-		addr := l.Addr().String()
-		l.Close()
+		addr := fmt.Sprintf("127.0.0.1:%d", port)
 		h := &serviceHost{name: name, root: filepath.Join(dir, "root"), addr: addr, log: &bytes.Buffer{}}
 		keySock, apiSock := filepath.Join(dir, "host.sock"), filepath.Join(dir, "api.sock")
 		h.env = []string{"VTPM_HOME=" + h.root, "VTPM_HOST_TPM=none", "VTPM_HOST_SOCKET=" + keySock, "VTPM_API_SOCKET=" + apiSock}
