@@ -18,12 +18,8 @@ import (
 // must authenticate the stream). A host that cannot open it gets a
 // *MissingKeyError or an *UntrustedOwnerError.
 func (h *Broker) OpenProtector(dir string, p *guardian.Protector, opts OpenOptions) (*Opened, error) {
-	seen, err := h.ks.Generations().ProtectorVersion(p.TPM())
-	if err != nil {
+	if err := h.checkRollback(dir, p, opts); err != nil {
 		return nil, err
-	}
-	if p.Version() < seen && !opts.AllowRollback {
-		return nil, &ProtectorRollbackError{Dir: dir, TPM: p.TPM(), Version: p.Version(), Seen: seen}
 	}
 	gs, err := h.Guardians()
 	if err != nil {
@@ -65,4 +61,17 @@ func (h *Broker) OpenProtector(dir string, p *guardian.Protector, opts OpenOptio
 		return nil, &UntrustedOwnerError{Dir: dir, TPM: p.TPM(), Owner: p.Owner().Name(), OwnerFingerprint: p.Owner().Fingerprint()}
 	}
 	return opened(p.TPM(), dek, by.Name())
+}
+
+// checkRollback refuses p when this host saw a newer version of its
+// TPM's protector, unless opts.AllowRollback; dir is for the error.
+func (h *Broker) checkRollback(dir string, p *guardian.Protector, opts OpenOptions) error {
+	seen, err := h.ks.Generations().ProtectorVersion(p.TPM())
+	if err != nil {
+		return err
+	}
+	if p.Version() < seen && !opts.AllowRollback {
+		return &ProtectorRollbackError{Dir: dir, TPM: p.TPM(), Version: p.Version(), Seen: seen}
+	}
+	return nil
 }

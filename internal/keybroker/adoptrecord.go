@@ -102,16 +102,24 @@ func (h *Broker) OpenAdopted(dir string, rec *AdoptRecord, opts OpenOptions) (*O
 	if err != nil {
 		return nil, nil, err
 	}
-	mig, err := o.Key.MigrationKey()
-	if err != nil {
+	if err := rec.verifyKey(o.Key); err != nil {
 		o.Close()
-		return nil, nil, fmt.Errorf("derive the migration key of TPM %s: %w", rec.TPM, err)
-	}
-	ok := rec.Verify(mig.Bytes())
-	mig.Close()
-	if !ok {
-		o.Close()
-		return nil, nil, errdefs.New(errdefs.ErrPermissionDenied, "the vtpm record does not verify under the key its protector holds")
+		return nil, nil, err
 	}
 	return o, p, nil
+}
+
+// verifyKey checks that r verifies under the migration key derived from k,
+// so that the record belongs to the stream k's TPM sent.
+func (r *AdoptRecord) verifyKey(k *Key) error {
+	mig, err := k.MigrationKey()
+	if err != nil {
+		return fmt.Errorf("derive the migration key of TPM %s: %w", r.TPM, err)
+	}
+	ok := r.Verify(mig.Bytes())
+	mig.Close()
+	if !ok {
+		return errdefs.New(errdefs.ErrPermissionDenied, "the vtpm record does not verify under the key its protector holds")
+	}
+	return nil
 }

@@ -57,21 +57,11 @@ func (h *Broker) AdoptReleased(rec *AdoptRecord, k *Key, by string, opts OpenOpt
 	if k.TPM() != rec.TPM || !p.Holds(k.bytes()) {
 		return fail(errdefs.New(errdefs.ErrDataLoss, "the key released for TPM %s fails the key check of the protector in the stream", rec.TPM))
 	}
-	seen, err := h.ks.Generations().ProtectorVersion(p.TPM())
-	if err != nil {
+	if err := h.checkRollback("", p, opts); err != nil {
 		return fail(err)
 	}
-	if p.Version() < seen && !opts.AllowRollback {
-		return fail(&ProtectorRollbackError{TPM: p.TPM(), Version: p.Version(), Seen: seen})
-	}
-	mig, err := k.MigrationKey()
-	if err != nil {
-		return fail(fmt.Errorf("derive the migration key of TPM %s: %w", rec.TPM, err))
-	}
-	ok := rec.Verify(mig.Bytes())
-	mig.Close()
-	if !ok {
-		return fail(errdefs.New(errdefs.ErrPermissionDenied, "the vtpm record does not verify under the key its protector holds"))
+	if err := rec.verifyKey(k); err != nil {
+		return fail(err)
 	}
 	return &Opened{TPM: rec.TPM, Key: k, By: by}, p, nil
 }
