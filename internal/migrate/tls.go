@@ -2,7 +2,6 @@ package migrate
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -53,7 +52,7 @@ func addTLSCreds(ctx context.Context, q *qmp.Conn, endpoint string, id *hostcert
 		return err
 	}
 	defer f.Close()
-	fd, err := q.AddFD(ctx, f)
+	set, fd, err := q.AddFD(ctx, f)
 	if err != nil {
 		return err
 	}
@@ -62,31 +61,9 @@ func addTLSCreds(ctx context.Context, q *qmp.Conn, endpoint string, id *hostcert
 		"dir": fmt.Sprintf("/proc/self/fd/%d", fd), "verify-peer": true,
 	})
 	// Loaded (or refused): QEMU needs the directory no longer.
-	if raw, ferr := q.Execute(ctx, "query-fdsets", nil); ferr == nil {
-		removeFD(ctx, q, raw, fd)
-	}
+	q.Execute(ctx, "remove-fd", map[string]any{"fdset-id": set, "fd": fd})
 	if err != nil {
 		return fmt.Errorf("load the TLS credentials into QEMU: %w", err)
 	}
 	return nil
-}
-
-// removeFD closes fd in QEMU, found among its fd sets.
-func removeFD(ctx context.Context, q *qmp.Conn, raw []byte, fd int) {
-	var sets []struct {
-		ID  int `json:"fdset-id"`
-		FDs []struct {
-			FD int `json:"fd"`
-		} `json:"fds"`
-	}
-	if err := json.Unmarshal(raw, &sets); err != nil {
-		return
-	}
-	for _, s := range sets {
-		for _, f := range s.FDs {
-			if f.FD == fd {
-				q.Execute(ctx, "remove-fd", map[string]any{"fdset-id": s.ID, "fd": fd})
-			}
-		}
-	}
 }

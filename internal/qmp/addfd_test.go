@@ -50,15 +50,16 @@ func TestAddFDToQEMU(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	fd, err := q.AddFD(ctx, f)
+	set, fd, err := q.AddFD(ctx, f)
 	if err != nil || fd < 0 {
-		t.Fatalf("AddFD = %d, %v", fd, err)
+		t.Fatalf("AddFD = %d, %d, %v", set, fd, err)
 	}
 	raw, err := q.Execute(ctx, "query-fdsets", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	var sets []struct {
+		ID  int `json:"fdset-id"`
 		FDs []struct {
 			FD int `json:"fd"`
 		} `json:"fds"`
@@ -66,7 +67,7 @@ func TestAddFDToQEMU(t *testing.T) {
 	if err := json.Unmarshal(raw, &sets); err != nil {
 		t.Fatal(err)
 	}
-	if len(sets) != 1 || len(sets[0].FDs) != 1 || sets[0].FDs[0].FD != fd {
-		t.Fatalf("query-fdsets = %s, want one set holding fd %d", raw, fd)
+	if len(sets) != 1 || sets[0].ID != set || len(sets[0].FDs) != 1 || sets[0].FDs[0].FD != fd {
+		t.Fatalf("query-fdsets = %s, want set %d holding fd %d", raw, set, fd)
 	}
 }

@@ -277,26 +277,27 @@ func (q *Conn) execute(ctx context.Context, cmd string, args any, rights []byte)
 }
 
 // AddFD hands f to QEMU over the monitor socket (SCM_RIGHTS) into a new fd
-// set and returns the descriptor's number inside QEMU, which
+// set and returns that set and the descriptor's number inside QEMU, which
 // /proc/self/fd/N names there: how a QEMU confined as another user reads a
 // directory (TLS credentials) it could not reach by path. The session must
 // be on a unix socket; the descriptor lives while a monitor is connected.
-func (q *Conn) AddFD(ctx context.Context, f *os.File) (int, error) {
+func (q *Conn) AddFD(ctx context.Context, f *os.File) (set, fd int, err error) {
 	if _, ok := q.conn.(*net.UnixConn); !ok {
-		return 0, fmt.Errorf("QMP add-fd: the monitor is not a unix socket")
+		return 0, 0, fmt.Errorf("QMP add-fd: the monitor is not a unix socket")
 	}
 	ret, err := q.execute(ctx, "add-fd", nil, syscall.UnixRights(int(f.Fd())))
 	runtime.KeepAlive(f) // open until sent
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	var r struct {
-		FD int `json:"fd"`
+		Set int `json:"fdset-id"`
+		FD  int `json:"fd"`
 	}
 	if err := json.Unmarshal(ret, &r); err != nil {
-		return 0, fmt.Errorf("decode add-fd: %w", err)
+		return 0, 0, fmt.Errorf("decode add-fd: %w", err)
 	}
-	return r.FD, nil
+	return r.Set, r.FD, nil
 }
 
 // WaitEvent waits for an event named name among those received from index
