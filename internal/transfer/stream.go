@@ -2,6 +2,7 @@ package transfer
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"crypto/subtle"
@@ -197,7 +198,7 @@ func (s *Sender) writeFile(ctx context.Context, w *countWriter, f planned, buf [
 		}
 		in = file
 	} else {
-		in = strings.NewReader(string(f.Content))
+		in = bytes.NewReader(f.Content)
 	}
 	for _, e := range f.extents {
 		var hdr [16]byte
@@ -428,7 +429,7 @@ func Receive(ctx context.Context, r io.Reader, parent string, lim Limits, accept
 		return nil, refuse("", "manifest cut short: %v", err)
 	}
 	var m Manifest
-	dec := json.NewDecoder(strings.NewReader(string(mb)))
+	dec := json.NewDecoder(bytes.NewReader(mb))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&m); err != nil {
 		return nil, refuse("", "manifest: %v", err)
@@ -436,10 +437,7 @@ func Receive(ctx context.Context, r io.Reader, parent string, lim Limits, accept
 	if err := m.check(lim); err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(parent, 0o700); err != nil {
-		return nil, err
-	}
-	if err := checkSpace(parent, m.DataBytes()); err != nil {
+	if err := CheckSpace(parent, m.DataBytes()); err != nil {
 		return nil, err
 	}
 	if accept != nil {
