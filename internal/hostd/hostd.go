@@ -100,6 +100,12 @@ func (s *Server) DataRoot() string { return s.opts.DataRoot }
 // Logger is the service's log.
 func (s *Server) Logger() *slog.Logger { return s.log }
 
+// OpenKeys opens this host's keystore as the service's own is opened
+// (its hardware TPM, its log), for services that open keys of their own.
+func (s *Server) OpenKeys() (*keybroker.Broker, error) {
+	return keybroker.Open(s.opts.DataRoot, keystore.Options{HostTPM: s.opts.HostTPM, Logger: s.log})
+}
+
 // KeySocket is the path of the key socket vTPMs of this data root ask
 // (--socket; systemd's socket unit listens on the default path).
 func (s *Server) KeySocket() string { return s.opts.Socket }
@@ -174,7 +180,7 @@ func (s *Server) Run(ctx context.Context) (err error) {
 	if s.peers, err = readPeers(s.opts.DataRoot); err != nil {
 		return err
 	}
-	b, err := keybroker.Open(s.opts.DataRoot, keystore.Options{HostTPM: s.opts.HostTPM, Logger: s.log})
+	b, err := s.OpenKeys()
 	if err != nil {
 		return err
 	}

@@ -9,7 +9,6 @@ import (
 	"errors"
 	"io"
 	"log/slog"
-	"os"
 	"time"
 
 	"connectrpc.com/connect"
@@ -21,8 +20,6 @@ import (
 	"vtpm/internal/errdefs"
 	"vtpm/internal/fleet"
 	"vtpm/internal/hostd"
-	"vtpm/internal/keybroker"
-	"vtpm/internal/keystore"
 	"vtpm/internal/transfer"
 	"vtpm/internal/vm"
 )
@@ -49,10 +46,7 @@ func (v *service) fail(err error) error { return apierr.ToConnect(err, v.s.Name(
 // and re-keys TPMs. Each use opens the keystore anew (it takes no lock),
 // with the hardware TPM the service's own keystore uses.
 func (v *service) registry() *vm.Registry {
-	root := v.s.DataRoot()
-	h := vm.NewRegistry(root, func() (*keybroker.Broker, error) {
-		return keybroker.Open(root, keystore.Options{HostTPM: os.Getenv("VTPM_HOST_TPM"), Logger: v.log()})
-	})
+	h := vm.NewRegistry(v.s.DataRoot(), v.s.OpenKeys)
 	h.Log = v.log()
 	return h
 }

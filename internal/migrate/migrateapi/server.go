@@ -19,8 +19,6 @@ import (
 	"vtpm/api/vtpm/host/v1/hostv1connect"
 	"vtpm/internal/apierr"
 	"vtpm/internal/hostd"
-	"vtpm/internal/keybroker"
-	"vtpm/internal/keystore"
 	"vtpm/internal/migrate"
 	"vtpm/internal/vm"
 )
@@ -29,11 +27,7 @@ import (
 // with s.Register. It removes what migrations into this host left
 // half-done when the service stopped.
 func Services(s *hostd.Server) []hostd.Service {
-	root := s.DataRoot()
-	hostTPM := os.Getenv("VTPM_HOST_TPM")
-	reg := vm.NewRegistry(root, func() (*keybroker.Broker, error) {
-		return keybroker.Open(root, keystore.Options{HostTPM: hostTPM, Logger: s.Logger()})
-	})
+	reg := vm.NewRegistry(s.DataRoot(), s.OpenKeys)
 	reg.Log = s.Logger()
 	reg.Exe = vtpmExe()
 	// The received VM's vTPM drops privileges and adopts its TPM through
